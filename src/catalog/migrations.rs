@@ -1,0 +1,52 @@
+//! Versioned schema migrations, applied in order inside one transaction each; the version
+//! reached is kept in `PRAGMA user_version`.
+//!
+//! Each subsystem owns the SQL of its own tables and contributes it here under a version
+//! number of its own; a released migration is never edited, only followed by a new one.
+
+use anyhow::Context;
+use rusqlite::Connection;
+
+/// One step of the schema.
+#[derive(Debug)]
+pub struct Migration {
+    pub version: i64,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "base: binaries, paths, variants, controls, events",
+    sql: super::base::SCHEMA,
+}];
+
+pub(super) fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let newest = MIGRATIONS.last().map_or(0, |m| m.version);
+    anyhow::ensure!(
+        current <= newest,
+        "the catalog is at schema version {current}, newer than this optbin knows ({newest}); \
+         it was written by a newer optbin"
+    );
+    for m in MIGRATIONS.iter().filter(|m| m.version > current) {
+        let tx = conn.transaction()?;
+        tx.execute_batch(m.sql).with_context(|| format!("migration {} ({})", m.version, m.name))?;
+        tx.pragma_update(None, "user_version", m.version)?;
+        tx.commit()?;
+        tracing::info!(version = m.version, name = m.name, "catalog migrated");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_increase() {
+        for w in MIGRATIONS.windows(2) {
+            assert!(w[0].version < w[1].version);
+        }
+    }
+}

@@ -1,0 +1,45 @@
+//! Time behind a trait, so logic that depends on "now" (windows, ages, timeouts) is testable.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// A source of wall-clock time in whole seconds and nanoseconds since the Unix epoch.
+pub trait Clock: Send + Sync + 'static {
+    fn now(&self) -> SystemTime;
+
+    fn unix_secs(&self) -> i64 {
+        self.now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    }
+}
+
+/// The real clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+/// A clock that only moves when told to; for tests.
+#[derive(Debug, Default)]
+pub struct ManualClock {
+    secs: std::sync::atomic::AtomicI64,
+}
+
+impl ManualClock {
+    pub fn at(unix_secs: i64) -> Self {
+        Self { secs: std::sync::atomic::AtomicI64::new(unix_secs) }
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.secs.fetch_add(by.as_secs() as i64, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> SystemTime {
+        UNIX_EPOCH
+            + Duration::from_secs(self.secs.load(std::sync::atomic::Ordering::SeqCst).max(0) as u64)
+    }
+}

@@ -1,0 +1,12 @@
+//! optbin: post-link optimization (LLVM BOLT) for one ordinary Linux machine.
+//!
+//! Data flows one way on the exec path (lookup -> serving table -> handle -> read) and one
+//! way on the optimizing path (sampler -> profile -> maturity -> BOLT job -> store ->
+//! policy -> serving table). See `docs/architecture.md` for the map of modules.
+
+pub mod catalog;
+pub mod cli;
+pub mod clock;
+pub mod elf;
+pub mod error;
+pub mod identity;
