@@ -346,7 +346,9 @@ pub fn recent_events(
     let mut stmt =
         conn.prepare("SELECT at, path, kind, detail FROM events ORDER BY id DESC LIMIT ?1")?;
     let rows = stmt
-        .query_map([limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+        .query_map([limit], |r| {
+            Ok(EventRow { at: r.get(0)?, path: r.get(1)?, kind: r.get(2)?, detail: r.get(3)? })
+        })?
         .collect::<Result<_, _>>()?;
     Ok(rows)
 }
