@@ -338,11 +338,17 @@ pub fn record_event(
     Ok(())
 }
 
+/// One entry of the event log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRow {
+    pub at: i64,
+    pub path: Option<String>,
+    pub kind: String,
+    pub detail: String,
+}
+
 /// The newest events, newest first.
-pub fn recent_events(
-    conn: &Connection,
-    limit: u32,
-) -> anyhow::Result<Vec<(i64, Option<String>, String, String)>> {
+pub fn recent_events(conn: &Connection, limit: u32) -> anyhow::Result<Vec<EventRow>> {
     let mut stmt =
         conn.prepare("SELECT at, path, kind, detail FROM events ORDER BY id DESC LIMIT ?1")?;
     let rows = stmt
