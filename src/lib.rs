@@ -7,6 +7,8 @@
 pub mod catalog;
 pub mod cli;
 pub mod clock;
+pub mod config;
+pub mod control;
 pub mod elf;
 pub mod error;
 pub mod identity;

@@ -1,0 +1,187 @@
+//! The grammar of `<mount>/.optbin/control`: one command per write.
+//!
+//! ```text
+//! command := verb SP name [SP target] [NL]
+//! verb    := "pin" | "unpin" | "exclude" | "include" | "optimize" | "reset"
+//! target  := "original" | "bolted"          (only and always after `pin`)
+//! name    := a PATH-view name ("node") or an absolute path ("/usr/bin/node")
+//! ```
+//! Parsing is pure; resolving the name and carrying the command out is the daemon's.
+
+use std::fmt;
+
+/// What a `pin` holds a binary to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PinTarget {
+    Original,
+    Bolted,
+}
+
+impl PinTarget {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Original => "original",
+            Self::Bolted => "bolted",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "original" => Some(Self::Original),
+            "bolted" => Some(Self::Bolted),
+            _ => None,
+        }
+    }
+}
+
+/// A parsed control command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Always serve this binary's original (or its optimized variant, when there is one).
+    Pin { name: String, target: PinTarget },
+    /// Let the policy choose again.
+    Unpin { name: String },
+    /// Never profile, optimize or serve a variant of this binary: it reaches users as a
+    /// symlink to the original.
+    Exclude { name: String },
+    /// Undo `exclude`.
+    Include { name: String },
+    /// Build a variant now with the profile collected so far.
+    Optimize { name: String },
+    /// Forget profile, variants and measurements of this binary.
+    Reset { name: String },
+}
+
+impl Command {
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Pin { name, .. }
+            | Self::Unpin { name }
+            | Self::Exclude { name }
+            | Self::Include { name }
+            | Self::Optimize { name }
+            | Self::Reset { name } => name,
+        }
+    }
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Pin { name, target } => write!(f, "pin {name} {}", target.as_str()),
+            Self::Unpin { name } => write!(f, "unpin {name}"),
+            Self::Exclude { name } => write!(f, "exclude {name}"),
+            Self::Include { name } => write!(f, "include {name}"),
+            Self::Optimize { name } => write!(f, "optimize {name}"),
+            Self::Reset { name } => write!(f, "reset {name}"),
+        }
+    }
+}
+
+/// Why a write was not a command. The message is what `last_error` shows.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ParseError(pub String);
+
+pub const USAGE: &str = "pin NAME original|bolted | unpin NAME | exclude NAME | include NAME | \
+                         optimize NAME | reset NAME";
+
+/// Parses the bytes of one write.
+pub fn parse(bytes: &[u8]) -> Result<Command, ParseError> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|_| ParseError("the command is not UTF-8 text".into()))?;
+    let text = text.strip_suffix('\n').unwrap_or(text);
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    if text.contains('\n') {
+        return Err(ParseError("one command per write: the text holds several lines".into()));
+    }
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let Some((&verb, args)) = words.split_first() else {
+        return Err(ParseError(format!("empty command; expected one of: {USAGE}")));
+    };
+    let one_name = |verb: &str| -> Result<String, ParseError> {
+        match args {
+            [name] => Ok(name.to_string()),
+            [] => Err(ParseError(format!("`{verb}` needs a NAME"))),
+            _ => Err(ParseError(format!("`{verb}` takes one NAME, got {} words", args.len()))),
+        }
+    };
+    match verb {
+        "pin" => match args {
+            [name, target] => {
+                let target = PinTarget::parse(target).ok_or_else(|| {
+                    ParseError(format!(
+                        "`pin` target must be `original` or `bolted`, got {target:?}"
+                    ))
+                })?;
+                Ok(Command::Pin { name: name.to_string(), target })
+            }
+            _ => Err(ParseError("`pin` takes NAME and `original` or `bolted`".into())),
+        },
+        "unpin" => Ok(Command::Unpin { name: one_name(verb)? }),
+        "exclude" => Ok(Command::Exclude { name: one_name(verb)? }),
+        "include" => Ok(Command::Include { name: one_name(verb)? }),
+        "optimize" => Ok(Command::Optimize { name: one_name(verb)? }),
+        "reset" => Ok(Command::Reset { name: one_name(verb)? }),
+        other => Err(ParseError(format!("unknown command {other:?}; expected one of: {USAGE}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_verb() {
+        assert_eq!(
+            parse(b"pin node original\n").unwrap(),
+            Command::Pin { name: "node".into(), target: PinTarget::Original }
+        );
+        assert_eq!(
+            parse(b"pin /usr/bin/node bolted").unwrap(),
+            Command::Pin { name: "/usr/bin/node".into(), target: PinTarget::Bolted }
+        );
+        assert_eq!(parse(b"unpin node").unwrap(), Command::Unpin { name: "node".into() });
+        assert_eq!(
+            parse(b"  exclude   node \n").unwrap(),
+            Command::Exclude { name: "node".into() }
+        );
+        assert_eq!(parse(b"include node").unwrap(), Command::Include { name: "node".into() });
+        assert_eq!(parse(b"optimize lua").unwrap(), Command::Optimize { name: "lua".into() });
+        assert_eq!(parse(b"reset lua\r\n").unwrap(), Command::Reset { name: "lua".into() });
+    }
+
+    #[test]
+    fn display_round_trips() {
+        for text in [
+            "pin a original",
+            "pin a bolted",
+            "unpin a",
+            "exclude a",
+            "include a",
+            "optimize a",
+            "reset a",
+        ] {
+            assert_eq!(parse(text.as_bytes()).unwrap().to_string(), text);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_commands_with_a_reason() {
+        for (input, needle) in [
+            (&b""[..], "empty command"),
+            (b"\n", "empty command"),
+            (b"frobnicate x", "unknown command"),
+            (b"pin node", "`pin` takes"),
+            (b"pin node fast", "must be `original` or `bolted`"),
+            (b"exclude", "needs a NAME"),
+            (b"exclude a b", "takes one NAME"),
+            (b"exclude a\ninclude a\n", "one command per write"),
+            (b"\xff\xfe", "not UTF-8"),
+        ] {
+            let err = parse(input).unwrap_err();
+            assert!(err.0.contains(needle), "{input:?}: {err}");
+        }
+    }
+}

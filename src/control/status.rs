@@ -1,0 +1,266 @@
+//! The status report: what `.optbin/status` (for people) and `.optbin/status.json` (for
+//! programs) show. The daemon fills a [`StatusReport`]; this module only renders it.
+
+use std::fmt::Write as _;
+
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::base::{ControlRow, EventRow, VariantRow};
+use crate::elf::ElfFacts;
+
+/// Everything the status files show.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub version: String,
+    pub mountpoint: String,
+    pub state_dir: String,
+    pub daemon: DaemonStatus,
+    pub overlay: Vec<String>,
+    pub overlay_skipped: Vec<String>,
+    pub binaries: Vec<BinaryStatus>,
+    pub controls: Vec<ControlRow>,
+    /// Subsystem sections (profiler, optimizer, policy), each as its own JSON object.
+    pub subsystems: serde_json::Map<String, serde_json::Value>,
+    pub recent_events: Vec<EventRow>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DaemonStatus {
+    pub pid: u32,
+    pub started_at: i64,
+    /// How many times the serving process was restarted after a crash.
+    pub server_restarts: u32,
+    /// Whether reads and mmaps of served files go through FUSE passthrough.
+    pub passthrough: Option<bool>,
+}
+
+/// One binary the mount has seen.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BinaryStatus {
+    /// The PATH-view name (`<mount>/bin/NAME`), when this path is the one PATH finds.
+    pub name: String,
+    pub path: String,
+    pub sha256: Option<String>,
+    pub build_id: Option<String>,
+    pub size: u64,
+    /// None until the background indexer has read the file.
+    pub facts: Option<ElfFacts>,
+    pub candidate: bool,
+    /// Why it is or is not a candidate for BOLT.
+    pub candidate_reason: String,
+    /// `original` or `variant <id>`.
+    pub served: String,
+    pub served_reason: String,
+    pub pin: Option<String>,
+    pub excluded: bool,
+    pub variants: Vec<VariantRow>,
+    /// Subsystem details for this binary (profile, optimizer, policy), by subsystem name.
+    pub details: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Renders the table a person reads.
+pub fn render_text(r: &StatusReport) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "optbin {} mounted at {} (daemon pid {}, server restarts {}, passthrough {})",
+        r.version,
+        r.mountpoint,
+        r.daemon.pid,
+        r.daemon.server_restarts,
+        match r.daemon.passthrough {
+            Some(true) => "on",
+            Some(false) => "off (kernel-cached reads)",
+            None => "not yet known",
+        }
+    );
+    let _ = writeln!(out, "state: {}", r.state_dir);
+    let _ = writeln!(out, "overlay: {}", r.overlay.join(" "));
+    for s in &r.overlay_skipped {
+        let _ = writeln!(out, "  skipped: {s}");
+    }
+    for (name, section) in &r.subsystems {
+        if let Some(summary) = section.get("summary").and_then(|s| s.as_str()) {
+            let _ = writeln!(out, "{name}: {summary}");
+        }
+    }
+    let candidates = r.binaries.iter().filter(|b| b.candidate).count();
+    let optimized = r.binaries.iter().filter(|b| b.served != "original").count();
+    let _ = writeln!(
+        out,
+        "\nbinaries seen: {} ({} candidates, {} served optimized)",
+        r.binaries.len(),
+        candidates,
+        optimized
+    );
+    if !r.binaries.is_empty() {
+        let rows: Vec<[String; 6]> = r
+            .binaries
+            .iter()
+            .map(|b| {
+                [
+                    if b.name.is_empty() { "-".into() } else { b.name.clone() },
+                    b.path.clone(),
+                    b.sha256
+                        .as_deref()
+                        .map_or("(hashing)".into(), |s| s[..12.min(s.len())].to_string()),
+                    human_size(b.size),
+                    b.facts.as_ref().map_or("(reading)".into(), facts_summary),
+                    served_cell(b),
+                ]
+            })
+            .collect();
+        let header = ["NAME", "PATH", "SHA256", "SIZE", "ELF", "SERVED"];
+        let mut widths = header.map(str::len);
+        for row in &rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        let line = |cells: &[String]| {
+            let mut s = String::new();
+            for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+                if i + 1 == cells.len() {
+                    s.push_str(cell);
+                } else {
+                    let _ = write!(s, "{cell:<w$}  ");
+                }
+            }
+            s
+        };
+        let _ = writeln!(out, "{}", line(&header.map(String::from)));
+        for (row, b) in rows.iter().zip(&r.binaries) {
+            let _ = writeln!(out, "{}", line(row));
+            let _ = writeln!(
+                out,
+                "    {}: {}",
+                if b.candidate { "candidate" } else { "not a candidate" },
+                b.candidate_reason
+            );
+            let _ = writeln!(out, "    serving {}: {}", b.served, b.served_reason);
+            for (name, detail) in &b.details {
+                if let Some(summary) = detail.get("summary").and_then(|s| s.as_str()) {
+                    let _ = writeln!(out, "    {name}: {summary}");
+                }
+            }
+        }
+    }
+    if !r.controls.is_empty() {
+        let _ = writeln!(out, "\npins and exclusions:");
+        for c in &r.controls {
+            let mut what = Vec::new();
+            if let Some(p) = &c.pin {
+                what.push(format!("pinned to {p}"));
+            }
+            if c.excluded {
+                what.push("excluded".to_string());
+            }
+            let _ = writeln!(out, "  {}: {}", c.path, what.join(", "));
+        }
+    }
+    if !r.recent_events.is_empty() {
+        let _ = writeln!(out, "\nrecent events:");
+        for e in &r.recent_events {
+            let _ = writeln!(
+                out,
+                "  {} {} {}{}",
+                e.at,
+                e.kind,
+                e.path.as_deref().map(|p| format!("{p}: ")).unwrap_or_default(),
+                e.detail
+            );
+        }
+    }
+    out
+}
+
+fn served_cell(b: &BinaryStatus) -> String {
+    let mut s = b.served.clone();
+    if let Some(p) = &b.pin {
+        let _ = write!(s, " (pinned {p})");
+    }
+    if b.excluded {
+        s.push_str(" (excluded)");
+    }
+    s
+}
+
+/// `ELF pie symbols relocs .text 171K` or `stripped` and the like.
+pub fn facts_summary(f: &ElfFacts) -> String {
+    if !f.is_elf {
+        return "not ELF".into();
+    }
+    if !f.x86_64 {
+        return "ELF (not x86-64)".into();
+    }
+    let mut parts = vec![if f.pie { "pie" } else { "non-pie" }];
+    parts.push(if f.has_symbols { "symbols" } else { "stripped" });
+    parts.push(if f.has_relocs { "relocs" } else { "no-relocs" });
+    if f.bolted {
+        parts.push("bolted");
+    }
+    format!("{} .text {}", parts.join(","), human_size(f.text_size))
+}
+
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "K", "M", "G"];
+    let mut v = bytes as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes}B") } else { format!("{v:.1}{}", UNITS[unit]) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_shows_every_binary_with_reasons() {
+        let report = StatusReport {
+            version: "0.1.0".into(),
+            mountpoint: "/opt/optbin".into(),
+            overlay: vec!["/usr/bin".into()],
+            binaries: vec![BinaryStatus {
+                name: "lua".into(),
+                path: "/usr/bin/lua".into(),
+                sha256: Some("ab".repeat(32)),
+                size: 470_000,
+                facts: Some(ElfFacts {
+                    is_elf: true,
+                    x86_64: true,
+                    pie: true,
+                    has_symbols: true,
+                    text_size: 175_000,
+                    ..Default::default()
+                }),
+                candidate: true,
+                candidate_reason: "relocation mode".into(),
+                served: "original".into(),
+                served_reason: "no variant yet".into(),
+                pin: Some("original".into()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let text = render_text(&report);
+        assert!(text.contains("binaries seen: 1 (1 candidates, 0 served optimized)"), "{text}");
+        assert!(text.contains("/usr/bin/lua"));
+        assert!(text.contains("abababababab"));
+        assert!(text.contains("pie,symbols,no-relocs .text 170.9K"), "{text}");
+        assert!(text.contains("original (pinned original)"));
+        assert!(text.contains("candidate: relocation mode"));
+        let json: StatusReport =
+            serde_json::from_str(&serde_json::to_string(&report).unwrap()).unwrap();
+        assert_eq!(json.binaries[0].name, "lua");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(human_size(512), "512B");
+        assert_eq!(human_size(2048), "2.0K");
+        assert_eq!(human_size(98 * 1024 * 1024), "98.0M");
+    }
+}
