@@ -1,0 +1,8 @@
+//! The daemon: wiring of the mount, the catalog and the background tasks, and their
+//! orderly shutdown.
+
+pub mod actions;
+pub mod decision;
+pub mod indexer;
+pub mod priority;
+pub mod report;

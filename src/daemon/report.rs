@@ -1,0 +1,229 @@
+//! Builds the status report from the catalog (one read transaction) plus what the running
+//! daemon knows about itself and its subsystems.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use crate::catalog::{Catalog, base};
+use crate::config::Config;
+use crate::control::StatusSource;
+use crate::control::resolve::resolve_name;
+use crate::control::status::{BinaryStatus, DaemonStatus, StatusReport};
+use crate::daemon::decision::{Decision, decide};
+use crate::elf::ElfFacts;
+
+/// A subsystem's contribution to the status report.
+pub trait SubsystemStatus: Send + Sync {
+    /// The section name in `status.json` ("profiler", "optimizer", "policy").
+    fn name(&self) -> &'static str;
+    /// The machine-wide section; a `summary` string field is shown in the text table.
+    fn section(&self) -> serde_json::Value;
+    /// Per-binary details (a `summary` string field is shown in the text table).
+    fn binary(&self, conn: &rusqlite::Connection, binary_id: i64) -> Option<serde_json::Value>;
+}
+
+/// Whether passthrough is in use: 0 unknown, 1 on, 2 off.
+#[derive(Debug, Default)]
+pub struct PassthroughFlag(AtomicU8);
+
+impl PassthroughFlag {
+    pub fn set(&self, on: bool) {
+        self.0.store(if on { 1 } else { 2 }, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> Option<bool> {
+        match self.0.load(Ordering::Relaxed) {
+            1 => Some(true),
+            2 => Some(false),
+            _ => None,
+        }
+    }
+}
+
+pub struct Reporter {
+    pub catalog: Catalog,
+    pub config: Arc<Config>,
+    pub started_at: i64,
+    pub server_restarts: u32,
+    pub passthrough: Arc<PassthroughFlag>,
+    pub subsystems: Vec<Arc<dyn SubsystemStatus>>,
+    /// Per-binary read-only files under `.optbin/bins/` (e.g. the profile).
+    pub bin_files: Option<Arc<dyn BinFiles>>,
+}
+
+/// Files under `.optbin/bins/NAME/`.
+pub trait BinFiles: Send + Sync {
+    /// File names offered for every binary that has data (e.g. `profile.fdata`).
+    fn names(&self, conn: &rusqlite::Connection, binary_id: i64) -> Vec<&'static str>;
+    fn contents(
+        &self,
+        conn: &rusqlite::Connection,
+        binary_id: i64,
+        file: &str,
+    ) -> anyhow::Result<Option<Vec<u8>>>;
+}
+
+impl StatusSource for Reporter {
+    fn report(&self) -> anyhow::Result<StatusReport> {
+        let subsystems = self.subsystems.clone();
+        let rows = self.catalog.run_blocking(move |c| {
+            let tx = c.transaction()?;
+            let paths = base::all_paths(&tx)?;
+            let controls = base::controls(&tx)?;
+            let events = base::recent_events(&tx, 20)?;
+            let mut binaries = HashMap::new();
+            let mut variants = HashMap::new();
+            let mut details = HashMap::new();
+            for p in &paths {
+                let Some(id) = p.binary_id else { continue };
+                if binaries.contains_key(&id) {
+                    continue;
+                }
+                if let Some(b) = base::binary_by_id(&tx, id)? {
+                    binaries.insert(id, b);
+                }
+                variants.insert(id, base::variants_of(&tx, id)?);
+                let mut d = serde_json::Map::new();
+                for s in &subsystems {
+                    if let Some(v) = s.binary(&tx, id) {
+                        d.insert(s.name().to_string(), v);
+                    }
+                }
+                details.insert(id, d);
+            }
+            Ok((paths, controls, events, binaries, variants, details))
+        })?;
+        let (paths, controls, events, binaries, mut variants, mut details) = rows;
+        let cfg = &self.config;
+        let by_path: HashMap<&str, &base::ControlRow> =
+            controls.iter().map(|c| (c.path.as_str(), c)).collect();
+        let mut report = StatusReport {
+            version: env!("CARGO_PKG_VERSION").into(),
+            mountpoint: cfg.mountpoint.display().to_string(),
+            state_dir: cfg.state_dir.display().to_string(),
+            daemon: DaemonStatus {
+                pid: std::process::id(),
+                started_at: self.started_at,
+                server_restarts: self.server_restarts,
+                passthrough: self.passthrough.get(),
+            },
+            overlay: cfg.overlay.iter().map(|d| d.display().to_string()).collect(),
+            overlay_skipped: cfg
+                .overlay_skipped
+                .iter()
+                .map(|(d, why)| format!("{}: {why}", d.display()))
+                .collect(),
+            controls: controls.clone(),
+            recent_events: events,
+            ..Default::default()
+        };
+        for s in &self.subsystems {
+            report.subsystems.insert(s.name().to_string(), s.section());
+        }
+        for p in paths {
+            let binary = p.binary_id.and_then(|id| binaries.get(&id));
+            let vs = p.binary_id.and_then(|id| variants.remove(&id)).unwrap_or_default();
+            let control = by_path.get(p.path.as_str()).copied();
+            let decision = decide(control, &vs);
+            let (candidate, candidate_reason) = candidacy(
+                Path::new(&p.path),
+                binary.map(|b| &b.facts),
+                cfg,
+                matches!(decision, Decision::Excluded),
+            );
+            let name = Path::new(&p.path)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .filter(|n| {
+                    resolve_name(n, &cfg.overlay, &cfg.mountpoint)
+                        .is_ok_and(|r| r == Path::new(&p.path))
+                })
+                .unwrap_or_default();
+            report.binaries.push(BinaryStatus {
+                name,
+                path: p.path.clone(),
+                sha256: binary.map(|b| b.sha256.clone()),
+                build_id: binary.and_then(|b| b.facts.build_id.clone()),
+                size: p.key.size,
+                facts: binary.map(|b| b.facts.clone()),
+                candidate,
+                candidate_reason,
+                served: decision.served_label(),
+                served_reason: decision.why().to_string(),
+                pin: control.and_then(|c| c.pin.clone()),
+                excluded: control.is_some_and(|c| c.excluded),
+                variants: vs,
+                details: p.binary_id.and_then(|id| details.remove(&id)).unwrap_or_default(),
+            });
+        }
+        Ok(report)
+    }
+
+    fn bin_files(&self) -> Vec<String> {
+        let Some(files) = self.bin_files.clone() else { return Vec::new() };
+        let cfg = self.config.clone();
+        self.catalog
+            .run_blocking(move |c| {
+                let mut out = Vec::new();
+                for p in base::all_paths(c)? {
+                    let Some(id) = p.binary_id else { continue };
+                    let Some(name) = path_view_name(&p.path, &cfg) else { continue };
+                    for f in files.names(c, id) {
+                        out.push(format!("{name}/{f}"));
+                    }
+                }
+                Ok(out)
+            })
+            .unwrap_or_default()
+    }
+
+    fn bin_file(&self, relative: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let Some(files) = self.bin_files.clone() else { return Ok(None) };
+        let Some((name, file)) = relative.split_once('/') else { return Ok(None) };
+        let Ok(path) = resolve_name(name, &self.config.overlay, &self.config.mountpoint) else {
+            return Ok(None);
+        };
+        let file = file.to_string();
+        let path = path.to_string_lossy().into_owned();
+        self.catalog.run_blocking(move |c| {
+            let Some(id) = base::path_row(c, &path)?.and_then(|p| p.binary_id) else {
+                return Ok(None);
+            };
+            files.contents(c, id, &file)
+        })
+    }
+}
+
+/// The PATH-view name of `path`, when PATH lookup finds this very path.
+fn path_view_name(path: &str, cfg: &Config) -> Option<String> {
+    let name = Path::new(path).file_name()?.to_string_lossy().into_owned();
+    resolve_name(&name, &cfg.overlay, &cfg.mountpoint)
+        .ok()
+        .filter(|r| r == Path::new(path))
+        .map(|_| name)
+}
+
+/// Whether BOLT could work on this binary, and why (or why not).
+pub fn candidacy(
+    path: &Path,
+    facts: Option<&ElfFacts>,
+    cfg: &Config,
+    excluded: bool,
+) -> (bool, String) {
+    if excluded {
+        return (false, "excluded by the user".into());
+    }
+    if !cfg.permits(path) {
+        return (false, "left alone by the allow/deny lists of the config".into());
+    }
+    let Some(facts) = facts else { return (false, "not indexed yet".into()) };
+    // Replaced by the optimizer's applicability rules when it is wired in.
+    match (facts.is_elf && facts.x86_64, facts.has_symbols, facts.bolted) {
+        (false, _, _) => (false, "not an x86-64 ELF executable".into()),
+        (_, false, _) => (false, "stripped: no symbol table for BOLT".into()),
+        (_, _, true) => (false, "already optimized by BOLT".into()),
+        _ => (true, "has symbols".into()),
+    }
+}
