@@ -4,5 +4,7 @@
 pub mod actions;
 pub mod decision;
 pub mod indexer;
+pub mod mounts;
 pub mod priority;
 pub mod report;
+pub mod run;
