@@ -9,4 +9,6 @@ pub mod cli;
 pub mod clock;
 pub mod elf;
 pub mod error;
+pub mod fs;
+pub mod fuse;
 pub mod identity;
