@@ -58,6 +58,30 @@ pub trait Invalidator: Send + Sync {
     fn inval_entry(&self, parent: u64, name: &OsStr);
 }
 
+/// Where invalidations go: straight to the kernel from daemon threads, through a worker
+/// from request threads (the kernel may be waiting for a reply on the same directory).
+struct Invalidations {
+    direct: Arc<dyn Invalidator>,
+    queued: std::sync::mpsc::Sender<(u64, OsString)>,
+}
+
+thread_local! {
+    static IN_REQUEST: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` marked as serving a FUSE request (the adapter wraps every core call in it), so
+/// that invalidations it triggers are queued instead of sent from this thread.
+pub fn in_request<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            IN_REQUEST.with(|c| c.set(self.0));
+        }
+    }
+    let _reset = Reset(IN_REQUEST.with(|c| c.replace(true)));
+    f()
+}
+
 /// A binary the overlay has looked up (one version of it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeenBinary {
@@ -78,7 +102,7 @@ pub struct Overlay {
     events: Arc<dyn EventSink>,
     /// Set by the FUSE layer once mounted; invalidations go through a worker thread so
     /// that no request thread ever waits on the kernel (which may wait on us).
-    invalidations: Mutex<Option<std::sync::mpsc::Sender<(u64, OsString)>>>,
+    invalidations: Mutex<Option<Invalidations>>,
     last_rebuild: Mutex<Option<Instant>>,
     uid_gid: (u32, u32),
     started: SystemTime,
@@ -146,12 +170,14 @@ impl Overlay {
     /// overlay dirs are watched (inotify) so that changes underneath show at once.
     pub fn attach(self: &Arc<Self>, invalidator: Arc<dyn Invalidator>) -> anyhow::Result<()> {
         let (tx, rx) = std::sync::mpsc::channel::<(u64, OsString)>();
+        let worker = invalidator.clone();
         std::thread::Builder::new().name("optbin-inval".into()).spawn(move || {
             for (parent, name) in rx {
-                invalidator.inval_entry(parent, &name);
+                worker.inval_entry(parent, &name);
             }
         })?;
-        *self.invalidations.lock().unwrap_or_else(|e| e.into_inner()) = Some(tx);
+        *self.invalidations.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Invalidations { direct: invalidator, queued: tx });
         let dirs: Vec<PathBuf> =
             self.layout.tree.keys().filter(|p| p.as_os_str() != "/").cloned().collect();
         let mut watched = dirs;
@@ -388,8 +414,18 @@ impl Overlay {
     // ----- invalidation (inotify and serving-table changes) -----
 
     fn send_invalidation(&self, parent: u64, name: &OsStr) {
-        if let Some(tx) = self.invalidations.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            let _ = tx.send((parent, name.to_os_string()));
+        let target = self
+            .invalidations
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map(|i| (i.direct.clone(), i.queued.clone()));
+        let Some((direct, queued)) = target else { return };
+        if IN_REQUEST.with(|c| c.get()) {
+            let _ = queued.send((parent, name.to_os_string()));
+        } else {
+            // Synchronous: when `ServingTable::serve` returns, the next exec sees the change.
+            direct.inval_entry(parent, name);
         }
     }
 

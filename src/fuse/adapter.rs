@@ -65,7 +65,7 @@ impl OptbinFs {
             tracing::error!(what, "request before the overlay was set up");
             return Err(Errno::EIO);
         };
-        match catch_unwind(AssertUnwindSafe(|| f(overlay))) {
+        match catch_unwind(AssertUnwindSafe(|| crate::fs::in_request(|| f(overlay)))) {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
                 if e.errno == libc::ENOENT {

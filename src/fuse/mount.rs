@@ -73,8 +73,8 @@ pub enum MountState {
     Other(String),
 }
 
-/// Looks at the mountpoint without hanging on it (a stat of a dead FUSE mount fails fast
-/// with ENOTCONN; a live one answers).
+/// Looks at the mountpoint (a lookup on a dead FUSE mount fails fast with ENOTCONN; a
+/// live one answers).
 pub fn mount_state(mountpoint: &Path) -> anyhow::Result<MountState> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
     let entry = mountinfo.lines().rev().find_map(|line| {
@@ -86,7 +86,10 @@ pub fn mount_state(mountpoint: &Path) -> anyhow::Result<MountState> {
         (Path::new(&mount_path) == mountpoint).then_some((fstype, source))
     });
     let Some((fstype, source)) = entry else { return Ok(MountState::NotMounted) };
-    match std::fs::metadata(mountpoint) {
+    // The root's attributes may be cached by the kernel even on a dead connection, so probe
+    // a name that is never cached: a dead connection answers ENOTCONN, a live one ENOENT.
+    let probe = mountpoint.join(format!(".optbin-probe-{}", std::process::id()));
+    match std::fs::symlink_metadata(&probe) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(MountState::Stale),
         _ if fstype.starts_with("fuse") && source == FS_NAME => Ok(MountState::LiveOptbin),
         _ => Ok(MountState::Other(format!("{fstype} from {source}"))),

@@ -66,8 +66,19 @@ where
     tracing::info!(mountpoint = %mountpoint.display(), "mounted; starting the server");
 
     let signals = signal_set(&[libc::SIGTERM, libc::SIGINT, libc::SIGCHLD]);
-    // SAFETY: plain signal mask manipulation on a valid set.
-    unsafe { libc::sigprocmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
+    // SAFETY: plain signal mask manipulation on a valid set; the handler only stores to
+    // an atomic (async-signal-safe).
+    unsafe {
+        libc::sigprocmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut());
+        // Should another thread exist after all (the caller's), a stop signal delivered to
+        // it is not lost: the handler records it for the wait loop.
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = record_stop_signal as *const () as usize;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGTERM, &action, std::ptr::null_mut());
+        libc::sigaction(libc::SIGINT, &action, std::ptr::null_mut());
+    }
     let supervisor_pid = std::process::id();
     let mut crashes: VecDeque<Instant> = VecDeque::new();
     let mut generation = 0u64;
@@ -133,6 +144,12 @@ where
     }
 }
 
+static STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn record_stop_signal(sig: libc::c_int) {
+    STOP_SIGNAL.store(sig, std::sync::atomic::Ordering::SeqCst);
+}
+
 fn signal_set(signals: &[i32]) -> libc::sigset_t {
     // SAFETY: sigset_t is plain data initialized by sigemptyset.
     unsafe {
@@ -156,9 +173,13 @@ fn wait_for(pid: libc::pid_t, signals: &libc::sigset_t) -> (i32, bool) {
         if r == pid {
             return (status, stopping);
         }
-        let timeout = libc::timespec { tv_sec: 1, tv_nsec: 0 };
+        let timeout = libc::timespec { tv_sec: 0, tv_nsec: 100_000_000 };
         // SAFETY: valid set and timeout; the info struct is not needed.
-        let sig = unsafe { libc::sigtimedwait(signals, std::ptr::null_mut(), &timeout) };
+        let mut sig = unsafe { libc::sigtimedwait(signals, std::ptr::null_mut(), &timeout) };
+        let recorded = STOP_SIGNAL.swap(0, std::sync::atomic::Ordering::SeqCst);
+        if recorded != 0 {
+            sig = recorded;
+        }
         if sig == libc::SIGTERM || sig == libc::SIGINT {
             tracing::info!(sig, "stop requested; forwarding to the server");
             stopping = true;
@@ -210,7 +231,7 @@ where
         libc::sigprocmask(libc::SIG_UNBLOCK, &chld, std::ptr::null_mut());
     }
     if let Some(pid_file) = &opts.server_pid_file
-        && let Err(e) = std::fs::write(pid_file, format!("{}\n", std::process::id()))
+        && let Err(e) = write_atomically(pid_file, &format!("{}\n", std::process::id()))
     {
         tracing::warn!(path = %pid_file.display(), error = %e, "writing the server pid file");
     }
@@ -279,6 +300,13 @@ where
             3
         }
     }
+}
+
+/// Readers never see a half-written file.
+fn write_atomically(path: &std::path::Path, content: &str) -> std::io::Result<()> {
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::write(&tmp, content)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Asks the kernel to queue again the requests a dead server had read but not answered.
