@@ -326,14 +326,7 @@ impl Overlay {
                     return Err(FsError::read_only("served binaries are read-only"));
                 }
                 let file = self.open_backing(file_node)?;
-                self.events.event(FsEvent::Opened {
-                    mirror_path: file_node.mirror_path.clone(),
-                    original: file_node.original.clone(),
-                    key: file_node.key,
-                    variant_id: file_node.variant.as_ref().map(|v| v.variant_id),
-                    pid,
-                    exec: flags & FMODE_EXEC != 0,
-                });
+                self.emit_opened(file_node, flags, pid);
                 Ok(Opened::Binary { file, node: file_node.clone() })
             }
             NodeKind::ControlFile(name) => {
@@ -360,6 +353,28 @@ impl Overlay {
                 }
             }
         }
+    }
+
+    /// Records another open of a served file whose backing the adapter still holds (no
+    /// file is opened): checks the access mode and emits the `Opened` event.
+    pub fn open_again(&self, ino: u64, flags: i32, pid: u32) -> FsResult<()> {
+        let node = self.file_node(ino)?;
+        if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
+            return Err(FsError::read_only("served binaries are read-only"));
+        }
+        self.emit_opened(&node, flags, pid);
+        Ok(())
+    }
+
+    fn emit_opened(&self, node: &FileNode, flags: i32, pid: u32) {
+        self.events.event(FsEvent::Opened {
+            mirror_path: node.mirror_path.clone(),
+            original: node.original.clone(),
+            key: node.key,
+            variant_id: node.variant.as_ref().map(|v| v.variant_id),
+            pid,
+            exec: flags & FMODE_EXEC != 0,
+        });
     }
 
     /// Opens the file whose bytes `node` serves, refusing (ESTALE) if the original changed

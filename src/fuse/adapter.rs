@@ -33,15 +33,51 @@ pub struct Shared {
 }
 
 enum Handle {
-    Binary { file: Arc<File>, _backing: Option<Arc<BackingId>> },
-    Control { name: String, content: Vec<u8>, writable: bool },
+    /// `file` is None for passthrough opens served from a retained backing id (the kernel
+    /// reads the backing file itself; a read reaching us reopens the node's bytes).
+    Binary {
+        file: Option<Arc<File>>,
+        _backing: Option<Arc<BackingId>>,
+    },
+    Control {
+        name: String,
+        content: Vec<u8>,
+        writable: bool,
+    },
 }
+
+/// How many recently opened served files keep their backing id registered after their
+/// last handle closed, so that the next exec of the same binary needs no file syscalls.
+const RETAINED_BACKINGS: usize = 128;
 
 #[derive(Default)]
 struct Handles {
     open: HashMap<u64, Handle>,
     backing_by_ino: HashMap<u64, Weak<BackingId>>,
+    /// Most recently used last. A retained id pins its backing file (an old version of a
+    /// binary stays on disk until evicted), hence the small bound.
+    retained: std::collections::VecDeque<(u64, Arc<BackingId>)>,
     next: u64,
+}
+
+impl Handles {
+    fn retained(&mut self, ino: u64) -> Option<Arc<BackingId>> {
+        let pos = self.retained.iter().position(|(i, _)| *i == ino)?;
+        let entry = self.retained.remove(pos)?;
+        let id = entry.1.clone();
+        self.retained.push_back(entry);
+        Some(id)
+    }
+
+    fn retain(&mut self, ino: u64, id: Arc<BackingId>) {
+        if self.retained.iter().any(|(i, _)| *i == ino) {
+            return;
+        }
+        if self.retained.len() >= RETAINED_BACKINGS {
+            self.retained.pop_front();
+        }
+        self.retained.push_back((ino, id));
+    }
 }
 
 pub struct OptbinFs {
@@ -276,6 +312,21 @@ impl Filesystem for OptbinFs {
     }
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // Fast path: the backing of this node is still registered; its bytes are the node's.
+        if self.passthrough.load(Ordering::Relaxed) {
+            let retained = self.handles().retained(ino.0);
+            if let Some(id) = retained {
+                if let Err(e) = self.with("open", |o| o.open_again(ino.0, flags.0, req.pid())) {
+                    return reply.error(e);
+                }
+                let generation = self.shared.generation.load(Ordering::Relaxed);
+                let mut handles = self.handles();
+                let fh = Self::new_fh(&mut handles, generation);
+                handles.open.insert(fh, Handle::Binary { file: None, _backing: Some(id.clone()) });
+                drop(handles);
+                return reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id);
+            }
+        }
         let opened = match self.with("open", |o| o.open(ino.0, flags.0, req.pid())) {
             Ok(opened) => opened,
             Err(e) => return reply.error(e),
@@ -292,6 +343,7 @@ impl Filesystem for OptbinFs {
                             Ok(id) => {
                                 let id = Arc::new(id);
                                 handles.backing_by_ino.insert(ino.0, Arc::downgrade(&id));
+                                handles.retain(ino.0, id.clone());
                                 Some(id)
                             }
                             Err(e) => {
@@ -304,12 +356,20 @@ impl Filesystem for OptbinFs {
                     None
                 };
                 let fh = Self::new_fh(&mut handles, generation);
-                handles.open.insert(fh, Handle::Binary { file, _backing: backing.clone() });
+                handles
+                    .open
+                    .insert(fh, Handle::Binary { file: Some(file), _backing: backing.clone() });
                 drop(handles);
+                // Served files are read-only: no flush on close.
                 match backing {
-                    Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
+                    Some(id) => {
+                        reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id)
+                    }
                     // The bytes behind a node id never change, so the page cache may keep them.
-                    None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                    None => reply.opened(
+                        FileHandle(fh),
+                        FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+                    ),
                 }
             }
             Opened::Control { name, content, writable } => {
@@ -336,21 +396,22 @@ impl Filesystem for OptbinFs {
         let file = {
             let handles = self.handles();
             match handles.open.get(&fh.0) {
-                Some(Handle::Binary { file, .. }) => file.clone(),
+                Some(Handle::Binary { file: Some(file), .. }) => file.clone(),
                 Some(Handle::Control { content, .. }) => {
                     let start = (offset as usize).min(content.len());
                     let end = start.saturating_add(size as usize).min(content.len());
                     return reply.data(&content[start..end]);
                 }
-                None => {
+                Some(Handle::Binary { file: None, .. }) | None => {
                     drop(handles);
-                    // A handle a previous server process opened: reopen the same bytes.
+                    // A handle a previous server process opened (or a passthrough handle
+                    // whose read reached us after all): reopen the same bytes.
                     match self.with("read", |o| o.open_backing(&*o.file_node(ino.0)?)) {
                         Ok(file) => {
                             let file = Arc::new(file);
                             self.handles().open.insert(
                                 fh.0,
-                                Handle::Binary { file: file.clone(), _backing: None },
+                                Handle::Binary { file: Some(file.clone()), _backing: None },
                             );
                             file
                         }
