@@ -232,6 +232,21 @@ fn variant_switch_and_upgrade_underneath() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(300));
+    // What a profiler sees: /proc/PID/exe and the code mappings name the path in the mount
+    // (the kernel maps the backing file but shows the user's path), and the inode of
+    // /proc/PID/exe is the node id, which tells exactly which bytes the process runs.
+    let exe = std::fs::read_link(format!("/proc/{}/exe", before.id())).unwrap();
+    assert_eq!(exe, in_mount(&f.mount, &original));
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", before.id())).unwrap();
+    let mapped: Vec<&str> = maps
+        .lines()
+        .filter(|l| l.contains("prog"))
+        .map(|l| l.rsplit(' ').next().unwrap())
+        .collect();
+    assert!(!mapped.is_empty() && mapped.iter().all(|p| Path::new(p) == exe), "{mapped:?}");
+    let exe_ino = std::fs::metadata(format!("/proc/{}/exe", before.id())).unwrap().ino();
+    let running = guard.overlay().file_node(exe_ino).unwrap();
+    assert_eq!((running.original.as_path(), running.variant.as_ref()), (original.as_path(), None));
 
     // Place a variant through the core's API (a program with other output as its bytes).
     let store = f.tmp.path().join("store");
@@ -248,8 +263,20 @@ fn variant_switch_and_upgrade_underneath() {
             expected_original: key,
         }),
     );
-    let after = run(Command::new(view.join("prog")).arg("after"));
-    assert_eq!(after.stdout, "variant after\n");
+    let after = Command::new(view.join("prog"))
+        .arg("after")
+        .env("SLEEP_MS", "300")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let variant_ino = std::fs::metadata(format!("/proc/{}/exe", after.id())).unwrap().ino();
+    assert_eq!(
+        guard.overlay().file_node(variant_ino).unwrap().variant.as_ref().map(|v| v.variant_id),
+        Some(1)
+    );
+    let after = after.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&after.stdout), "variant after\n");
     assert_eq!(
         guard.overlay().original_of(&in_mount(&f.mount, &original)),
         Some((original.clone(), Some(1)))

@@ -620,6 +620,15 @@ impl Overlay {
             return Ok((self.intern_tree(&real), false));
         }
         let mirror_path = self.layout.mirror_path(&real);
+        if real.starts_with(&self.layout.mountpoint) {
+            // The mount itself seen from a synthetic dir (e.g. /opt/optbin from <mount>/opt):
+            // never stat it from here, a request thread would wait on its own mount.
+            let attr = self.link_attr(&real, None);
+            return Ok((
+                self.nodes.intern(NodeKind::Link(real.clone()), &mirror_path, attr),
+                false,
+            ));
+        }
         if !tree.is_some_and(|t| t.mirror) {
             // A sibling on the way to an overlay dir: a symlink to the real thing.
             let md = std::fs::symlink_metadata(&real)
