@@ -211,6 +211,10 @@ fn programs_behave_like_the_originals() {
         |e| matches!(e, FsEvent::Opened { original, .. } if *original == f.one.join("stripped"))
     ));
 
+    // A second mount at the same place is refused clearly.
+    let again = optbin::fuse::prepare_mountpoint(&f.mount).unwrap_err();
+    assert!(format!("{again:#}").contains("already served by a live optbin"), "{again:#}");
+
     drop(guard);
     assert!(!is_mounted(&f.mount), "mount left behind");
     drop(f.tmp);

@@ -167,3 +167,50 @@ fn node_ids_survive_a_restart_and_change_with_the_variant_and_the_original() {
     let excluded = walk(&o, &path);
     assert_eq!(excluded.attr.kind, NodeType::Symlink);
 }
+
+/// A canary-style chooser: alternates between the original and a variant on every lookup.
+struct Alternating {
+    variant: ServedVariant,
+    calls: std::sync::atomic::AtomicU64,
+}
+
+impl VariantChooser for Alternating {
+    fn choose(&self, _original: &Path, key: &FileKey) -> Choice {
+        let n = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let variant =
+            (n % 2 == 1 && self.variant.expected_original == *key).then(|| self.variant.clone());
+        Choice { variant, per_exec: true }
+    }
+}
+
+#[test]
+fn a_per_exec_chooser_gets_every_lookup_and_no_entry_caching() {
+    let f = fixture();
+    let store = f.mount.parent().unwrap().join("store-9");
+    std::fs::write(&store, b"v").unwrap();
+    let key = FileKey::of(&f.bin1.join("prog")).unwrap();
+    let chooser = Arc::new(Alternating {
+        variant: ServedVariant {
+            variant_id: 9,
+            path_in_store: store,
+            size: 1,
+            expected_original: key,
+        },
+        calls: Default::default(),
+    });
+    let config = OverlayConfig { mountpoint: f.mount.clone(), overlay_dirs: vec![f.bin1.clone()] };
+    let o = Overlay::new(
+        config,
+        ServingTable::new(),
+        Some(chooser),
+        Arc::new(StaticControl::default()),
+        Arc::new(NoEvents),
+    )
+    .unwrap();
+    let path = format!("{}/prog", rel(&f.bin1));
+    let a = walk(&o, &path);
+    let b = walk(&o, &path);
+    assert_eq!(a.entry_ttl, std::time::Duration::ZERO);
+    assert_ne!(a.attr.ino, b.attr.ino);
+    assert_eq!(walk(&o, &path).attr.ino, a.attr.ino, "the same choice is the same node");
+}
