@@ -565,13 +565,26 @@ echo "$n $fails""#,
     assert_eq!(String::from_utf8_lossy(&reader.stdout), "slow\n", "{:?}", reader.status);
     eprintln!("the interrupted request was answered {:?} after the kill", resent_at.elapsed());
 
-    // A clean stop: SIGTERM to the supervisor unmounts and exits 0.
+    // A clean stop: SIGTERM to the supervisor unmounts (lazily: a program started from the
+    // mount still runs) and exits 0; the running program finishes normally.
+    let running = Command::new(view.join("prog"))
+        .arg("still")
+        .env("SLEEP_MS", "1500")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
     let mut sup = sup;
     // SAFETY: signalling our own child.
     unsafe { libc::kill(sup.pid(), libc::SIGTERM) };
     let status = sup.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
     assert!(!is_mounted(&f.mount));
+    let running = running.wait_with_output().unwrap();
+    assert_eq!(
+        (String::from_utf8_lossy(&running.stdout).as_ref(), running.status.code()),
+        ("one still\n", Some(0))
+    );
 
     // A dead daemon (supervisor and server SIGKILLed) leaves a stale mount; the next start
     // clears it by itself.
