@@ -12,4 +12,6 @@ pub mod control;
 pub mod daemon;
 pub mod elf;
 pub mod error;
+pub mod fs;
+pub mod fuse;
 pub mod identity;

@@ -1,0 +1,185 @@
+//! Benchmark of the overlay against the original paths, measured side by side in one run
+//! (interleaved rounds, medians): exec+exit of a small served binary through
+//! `<mount>/bin`, reading a ~100 MB served file with a warm page cache, and the first exec
+//! of binaries never seen before. `OPTBIN_BENCH_QUICK=1` shrinks the counts.
+
+mod common;
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use optbin::fs::{NoEvents, Overlay, OverlayConfig, ServingTable, StaticControl};
+use optbin::fuse::{MountOptions, mount_background};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+fn exec_once(path: &Path) {
+    let status = Command::new(path).stdout(Stdio::null()).status().expect("exec");
+    assert!(status.success(), "{} failed", path.display());
+}
+
+/// Runs `n` execs of `path`, returns the time per exec in microseconds.
+fn exec_round(path: &Path, n: usize) -> f64 {
+    let start = Instant::now();
+    for _ in 0..n {
+        exec_once(path);
+    }
+    start.elapsed().as_secs_f64() * 1e6 / n as f64
+}
+
+/// Reads the whole file, returns MB/s.
+fn read_round(path: &Path, buf: &mut Vec<u8>) -> f64 {
+    buf.clear();
+    let start = Instant::now();
+    std::fs::File::open(path).unwrap().read_to_end(buf).unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    buf.len() as f64 / 1e6 / secs
+}
+
+fn timed_exec(path: &Path) -> f64 {
+    let start = Instant::now();
+    exec_once(path);
+    start.elapsed().as_secs_f64() * 1e6
+}
+
+#[test]
+fn bench_overlay() {
+    let quick = std::env::var("OPTBIN_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let (execs, big_mb, read_rounds, fresh) =
+        if quick { (200, 20, 3, 5) } else { (2000, 100, 7, 15) };
+    let rounds = 10;
+
+    let tmp = open_tempdir();
+    let root = tmp.path().canonicalize().unwrap();
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    prog(&bin.join("small"), "small", &[]);
+    // A big served file: a real program with data appended (still an ELF with symbols).
+    prog(&bin.join("big"), "big", &[]);
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new().append(true).open(bin.join("big")).unwrap();
+        let chunk = vec![0x5au8; 1 << 20];
+        for _ in 0..big_mb {
+            f.write_all(&chunk).unwrap();
+        }
+    }
+    let mount = root.join("mnt");
+    let overlay = Overlay::new(
+        OverlayConfig { mountpoint: mount.clone(), overlay_dirs: vec![bin.clone()] },
+        ServingTable::new(),
+        None,
+        Arc::new(StaticControl::default()),
+        Arc::new(NoEvents),
+    )
+    .unwrap();
+    let guard = mount_background(overlay, &MountOptions::new(&mount)).unwrap();
+    let view = mount.join("bin");
+    let mirror = |name: &str| in_mount(&mount, &bin.join(name));
+    assert!(
+        std::fs::symlink_metadata(mirror("small")).unwrap().file_type().is_file(),
+        "small is served"
+    );
+    assert!(
+        std::fs::symlink_metadata(mirror("big")).unwrap().file_type().is_file(),
+        "big is served"
+    );
+
+    // exec + exit
+    exec_once(&bin.join("small"));
+    exec_once(&view.join("small"));
+    let per_round = execs / rounds;
+    let (mut orig_exec, mut mount_exec, mut exec_ratios) = (vec![], vec![], vec![]);
+    for r in 0..rounds {
+        let (o, m) = if r % 2 == 0 {
+            let o = exec_round(&bin.join("small"), per_round);
+            (o, exec_round(&view.join("small"), per_round))
+        } else {
+            let m = exec_round(&view.join("small"), per_round);
+            (exec_round(&bin.join("small"), per_round), m)
+        };
+        orig_exec.push(o);
+        mount_exec.push(m);
+        exec_ratios.push(m / o);
+    }
+
+    // reading a big served file, page cache warm for both
+    let mut buf = Vec::with_capacity((big_mb + 1) << 20);
+    read_round(&bin.join("big"), &mut buf);
+    read_round(&view.join("big"), &mut buf);
+    let (mut orig_read, mut mount_read, mut read_ratios) = (vec![], vec![], vec![]);
+    for r in 0..read_rounds {
+        let (o, m) = if r % 2 == 0 {
+            let o = read_round(&bin.join("big"), &mut buf);
+            (o, read_round(&view.join("big"), &mut buf))
+        } else {
+            let m = read_round(&view.join("big"), &mut buf);
+            (read_round(&bin.join("big"), &mut buf), m)
+        };
+        orig_read.push(o);
+        mount_read.push(m);
+        read_ratios.push(m / o);
+    }
+    assert_eq!(std::fs::read(view.join("big")).unwrap(), std::fs::read(bin.join("big")).unwrap());
+
+    // first exec of binaries never seen before (fresh copies: new names, new inodes)
+    let (mut orig_first, mut mount_first, mut first_ratios) = (vec![], vec![], vec![]);
+    let small = std::fs::read(bin.join("small")).unwrap();
+    for i in 0..fresh {
+        let a: PathBuf = bin.join(format!("fresh-a{i}"));
+        let b: PathBuf = bin.join(format!("fresh-b{i}"));
+        for p in [&a, &b] {
+            std::fs::write(p, &small).unwrap();
+            std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+        }
+        // Let inotify's invalidations of the new names pass.
+        std::thread::sleep(Duration::from_millis(20));
+        let (o, m) = if i % 2 == 0 {
+            let o = timed_exec(&a);
+            (o, timed_exec(&view.join(format!("fresh-b{i}"))))
+        } else {
+            let m = timed_exec(&view.join(format!("fresh-b{i}")));
+            (timed_exec(&a), m)
+        };
+        orig_first.push(o);
+        mount_first.push(m);
+        first_ratios.push(m / o);
+    }
+    drop(guard);
+    assert!(!is_mounted(&mount));
+
+    println!();
+    println!(
+        "overlay benchmark ({}; medians of interleaved rounds)",
+        if quick { "quick" } else { "full" }
+    );
+    println!("| measure | original | through the mount | ratio (median of pairs) | target |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| exec+exit, {execs} execs in {rounds} rounds | {:.0} us | {:.0} us | {:.3} | <= 1.05 |",
+        median(orig_exec),
+        median(mount_exec),
+        median(exec_ratios)
+    );
+    println!(
+        "| read {big_mb} MB served file, warm cache, {read_rounds} rounds | {:.0} MB/s | {:.0} MB/s | {:.3} (throughput) | >= 0.9 |",
+        median(orig_read),
+        median(mount_read),
+        median(read_ratios)
+    );
+    println!(
+        "| first exec of an unseen binary, {fresh} binaries | {:.0} us | {:.0} us | {:.3} | - |",
+        median(orig_first),
+        median(mount_first),
+        median(first_ratios)
+    );
+}

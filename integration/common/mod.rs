@@ -1,0 +1,126 @@
+//! Helpers for real-mount tests: compiling C programs with gcc, fixture directories any
+//! user can traverse, running commands, and checking that no mount is left behind.
+#![allow(dead_code)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// A temp dir with mode 0755 (tempfile makes 0700, which `nobody` cannot traverse).
+pub fn open_tempdir() -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix("optbin-test").tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    dir
+}
+
+/// Compiles C `source` into `out` with gcc and `flags`.
+pub fn cc(source: &str, out: &Path, flags: &[&str]) {
+    let src = out.with_extension("c");
+    std::fs::write(&src, source).expect("writing C source");
+    let status = Command::new("gcc")
+        .args(["-O1", "-g0", "-o"])
+        .arg(out)
+        .arg(&src)
+        .args(flags)
+        .status()
+        .expect("running gcc");
+    assert!(status.success(), "gcc failed for {}", out.display());
+    std::fs::remove_file(&src).ok();
+}
+
+/// A program that prints `TAG` and its arguments, optionally sleeps first (env SLEEP_MS)
+/// and exits with env CODE.
+pub const PROG_C: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    const char *sleep_ms = getenv("SLEEP_MS");
+    if (sleep_ms) usleep(atoi(sleep_ms) * 1000);
+    printf("%s", TAG);
+    for (int i = 1; i < argc; i++) printf(" %s", argv[i]);
+    printf("\n");
+    const char *code = getenv("CODE");
+    return code ? atoi(code) : 0;
+}
+"#;
+
+/// Prints the file at `$(dirname /proc/self/exe)/../share/optbin-test/data.txt`.
+pub const DATA_C: &str = r#"
+#include <stdio.h>
+#include <string.h>
+#include <libgen.h>
+#include <unistd.h>
+int main(void) {
+    char exe[4096] = {0}, path[8192];
+    if (readlink("/proc/self/exe", exe, sizeof exe - 1) < 0) return 2;
+    snprintf(path, sizeof path, "%s/../share/optbin-test/data.txt", dirname(exe));
+    FILE *f = fopen(path, "r");
+    if (!f) { perror(path); return 3; }
+    char buf[256] = {0};
+    fread(buf, 1, sizeof buf - 1, f);
+    printf("%s", buf);
+    return 0;
+}
+"#;
+
+/// Prints the effective uid.
+pub const EUID_C: &str = r#"
+#include <stdio.h>
+#include <unistd.h>
+int main(void) { printf("euid=%d\n", (int)geteuid()); return 0; }
+"#;
+
+/// Prints the name it was called by (busybox-style multi-call binary).
+pub const MULTI_C: &str = r#"
+#include <stdio.h>
+#include <string.h>
+int main(int argc, char **argv) {
+    const char *slash = strrchr(argv[0], '/');
+    printf("called as %s\n", slash ? slash + 1 : argv[0]);
+    return 0;
+}
+"#;
+
+/// Compiles PROG_C with a tag.
+pub fn prog(out: &Path, tag: &str, extra: &[&str]) {
+    let define = format!("-DTAG=\"{tag}\"");
+    let mut flags = vec![define.as_str()];
+    flags.extend_from_slice(extra);
+    cc(PROG_C, out, &flags);
+}
+
+#[derive(Debug)]
+pub struct Output {
+    pub stdout: String,
+    pub stderr: String,
+    pub code: Option<i32>,
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd.output().unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    Output {
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        code: out.status.code(),
+    }
+}
+
+/// Whether `path` appears as a mount point in /proc/mounts.
+pub fn is_mounted(path: &Path) -> bool {
+    let mounts = std::fs::read_to_string("/proc/mounts").unwrap_or_default();
+    let needle = path.to_string_lossy().replace(' ', "\\040");
+    mounts.lines().any(|l| l.split(' ').nth(1) == Some(needle.as_str()))
+}
+
+/// Runs `cmd` as `nobody` (uid/gid 65534) via setpriv.
+pub fn as_nobody(program: &Path) -> Command {
+    let mut c = Command::new("setpriv");
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(program);
+    c
+}
+
+/// Path of `rel` (an absolute real path) inside the mount.
+pub fn in_mount(mount: &Path, real: &Path) -> PathBuf {
+    mount.join(real.strip_prefix("/").expect("absolute path"))
+}

@@ -1,0 +1,616 @@
+//! Real-mount tests of the overlay: programs compiled here are run through the mount and
+//! must behave exactly as the originals; variants switch without disturbing running
+//! processes; upgrades underneath are seen; the supervised mount survives its server being
+//! killed. Every mount is at a fresh temp dir and is gone at the end of each test.
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use optbin::fs::{FsEvent, Overlay, OverlayConfig, ServedVariant, ServingTable, StaticControl};
+use optbin::fuse::{MountOptions, mount_background};
+use optbin::identity::FileKey;
+
+struct Fixture {
+    tmp: tempfile::TempDir,
+    one: PathBuf,
+    two: PathBuf,
+    mount: PathBuf,
+}
+
+fn fixture() -> Fixture {
+    let tmp = open_tempdir();
+    let root = tmp.path().canonicalize().unwrap();
+    let one = root.join("one/bin");
+    let two = root.join("two/bin");
+    for d in [&one, &two, &root.join("one/share/optbin-test")] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    std::fs::write(root.join("one/share/optbin-test/data.txt"), "exe-relative data\n").unwrap();
+    prog(&one.join("prog"), "one", &["-pie", "-fPIE"]);
+    prog(&one.join("prog_nopie"), "nopie", &["-no-pie"]);
+    prog(&two.join("prog"), "two", &[]);
+    prog(&two.join("only2"), "only2", &[]);
+    cc(DATA_C, &one.join("data"), &[]);
+    cc(MULTI_C, &one.join("multi"), &[]);
+    std::os::unix::fs::symlink("multi", one.join("alias")).unwrap();
+    std::os::unix::fs::symlink(one.join("prog"), one.join("abslink")).unwrap();
+    prog(&one.join("stripped"), "stripped", &["-s"]);
+    cc(EUID_C, &one.join("suid"), &[]);
+    std::fs::set_permissions(one.join("suid"), std::fs::Permissions::from_mode(0o4755)).unwrap();
+    std::fs::write(one.join("script"), "#!/bin/sh\necho script \"$@\"\nexit 3\n").unwrap();
+    std::fs::set_permissions(one.join("script"), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mount = root.join("mnt");
+    Fixture { tmp, one, two, mount }
+}
+
+fn mount(
+    f: &Fixture,
+    serving: Arc<ServingTable>,
+) -> (optbin::fuse::MountGuard, std::sync::mpsc::Receiver<FsEvent>, Arc<StaticControl>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let control =
+        Arc::new(StaticControl::new(&[("status", "all good\n"), ("bins/prog/info", "x\n")]));
+    let overlay = Overlay::new(
+        OverlayConfig {
+            mountpoint: f.mount.clone(),
+            overlay_dirs: vec![f.one.clone(), f.two.clone()],
+        },
+        serving,
+        None,
+        control.clone(),
+        Arc::new(tx),
+    )
+    .unwrap();
+    let guard = mount_background(overlay, &MountOptions::new(&f.mount)).expect("mount");
+    (guard, rx, control)
+}
+
+fn same_run(original: &Path, through_mount: &Path, env: &[(&str, &str)]) -> Output {
+    let mut a = Command::new(original);
+    let mut b = Command::new(through_mount);
+    for c in [&mut a, &mut b] {
+        c.args(["x", "y z"]).envs(env.iter().copied());
+    }
+    let (a, b) = (run(&mut a), run(&mut b));
+    assert_eq!(
+        (&a.stdout, a.code),
+        (&b.stdout, b.code),
+        "{} vs {}",
+        original.display(),
+        through_mount.display()
+    );
+    b
+}
+
+#[test]
+fn programs_behave_like_the_originals() {
+    let f = fixture();
+    let (guard, events, control) = mount(&f, ServingTable::new());
+    let view = f.mount.join("bin");
+
+    // Output and exit codes through the PATH view equal the originals'.
+    let out = same_run(&f.one.join("prog"), &view.join("prog"), &[("CODE", "7")]);
+    assert_eq!((out.stdout.as_str(), out.code), ("one x y z\n", Some(7)), "first match wins");
+    same_run(&f.one.join("prog_nopie"), &view.join("prog_nopie"), &[]);
+    same_run(&f.two.join("only2"), &view.join("only2"), &[("CODE", "1")]);
+    let script = same_run(&f.one.join("script"), &view.join("script"), &[]);
+    assert_eq!((script.stdout.as_str(), script.code), ("script x y z\n", Some(3)));
+    same_run(&f.one.join("stripped"), &view.join("stripped"), &[]);
+    let alias = same_run(&f.one.join("alias"), &in_mount(&f.mount, &f.one.join("alias")), &[]);
+    assert_eq!(alias.stdout, "called as alias\n", "busybox-style argv[0] kept");
+    assert_eq!(run(&mut Command::new(view.join("alias"))).stdout, "called as alias\n");
+    same_run(&f.one.join("abslink"), &view.join("abslink"), &[]);
+
+    // Served ELF files are read-only regular files with the original's mode, owner, times.
+    for name in ["prog", "prog_nopie", "data", "multi"] {
+        let real = std::fs::metadata(f.one.join(name)).unwrap();
+        let served = std::fs::symlink_metadata(in_mount(&f.mount, &f.one.join(name))).unwrap();
+        assert!(served.file_type().is_file(), "{name} served as a file");
+        assert_eq!(served.mode() & 0o7777, real.mode() & 0o7555, "{name} mode");
+        assert_eq!((served.uid(), served.gid()), (real.uid(), real.gid()));
+        assert_eq!((served.mtime(), served.mtime_nsec()), (real.mtime(), real.mtime_nsec()));
+        assert_eq!(served.len(), real.len());
+        assert_eq!(
+            std::fs::read(in_mount(&f.mount, &f.one.join(name))).unwrap(),
+            std::fs::read(f.one.join(name)).unwrap()
+        );
+    }
+    // Everything else is a symlink to the original.
+    for name in ["stripped", "script", "suid"] {
+        let mirror = in_mount(&f.mount, &f.one.join(name));
+        assert!(std::fs::symlink_metadata(&mirror).unwrap().file_type().is_symlink(), "{name}");
+        assert_eq!(std::fs::read_link(&mirror).unwrap(), f.one.join(name));
+    }
+    assert_eq!(
+        std::fs::read_link(in_mount(&f.mount, &f.one.join("alias"))).unwrap(),
+        PathBuf::from("multi")
+    );
+    assert_eq!(
+        std::fs::read_link(view.join("prog")).unwrap(),
+        in_mount(&f.mount, &f.one.join("prog"))
+    );
+
+    // Resources relative to /proc/self/exe are found through the mirror's siblings.
+    let data = run(&mut Command::new(view.join("data")));
+    assert_eq!(
+        (data.stdout.as_str(), data.code),
+        ("exe-relative data\n", Some(0)),
+        "{}",
+        data.stderr
+    );
+
+    // setuid keeps working (as the original: it runs from the real path), as nobody.
+    let orig = run(&mut as_nobody(&f.one.join("suid")));
+    let through = run(&mut as_nobody(&view.join("suid")));
+    assert_eq!(orig.stdout, "euid=0\n", "{}", orig.stderr);
+    assert_eq!(through.stdout, orig.stdout);
+    // A non-root user runs served binaries (allow_other + default_permissions).
+    let nobody = run(as_nobody(&view.join("prog")).arg("n"));
+    assert_eq!((nobody.stdout.as_str(), nobody.code), ("one n\n", Some(0)), "{}", nobody.stderr);
+
+    // Read-only: writes, creates, unlinks, renames give EROFS.
+    let served = in_mount(&f.mount, &f.one.join("prog"));
+    let erofs = |r: std::io::Result<()>| r.unwrap_err().raw_os_error();
+    assert_eq!(
+        erofs(std::fs::OpenOptions::new().write(true).open(&served).map(drop)),
+        Some(libc::EROFS)
+    );
+    assert_eq!(
+        erofs(std::fs::write(in_mount(&f.mount, &f.one.join("new")), b"x")),
+        Some(libc::EROFS)
+    );
+    assert_eq!(erofs(std::fs::remove_file(&served)), Some(libc::EROFS));
+    assert_eq!(
+        erofs(std::fs::rename(&served, in_mount(&f.mount, &f.one.join("p2")))),
+        Some(libc::EROFS)
+    );
+    assert_eq!(erofs(std::fs::create_dir(view.join("d"))), Some(libc::EROFS));
+    assert_eq!(
+        erofs(std::fs::set_permissions(&served, std::fs::Permissions::from_mode(0o777))),
+        Some(libc::EROFS)
+    );
+
+    // The control directory: files (nested too), reads, one command per write.
+    let ctl = f.mount.join(".optbin");
+    assert_eq!(std::fs::read_to_string(ctl.join("status")).unwrap(), "all good\n");
+    assert_eq!(std::fs::read_to_string(ctl.join("bins/prog/info")).unwrap(), "x\n");
+    std::fs::write(ctl.join("control"), "exclude prog\n").unwrap();
+    let sh = run(Command::new("sh")
+        .arg("-c")
+        .arg(format!("echo 'pin x original' > {}", ctl.join("control").display())));
+    assert_eq!(sh.code, Some(0), "{}", sh.stderr);
+    assert_eq!(
+        control.writes().iter().map(|w| w.1.clone()).collect::<Vec<_>>(),
+        vec![b"exclude prog\n".to_vec(), b"pin x original\n".to_vec()]
+    );
+    let bad = std::fs::write(ctl.join("control"), " \n").unwrap_err();
+    assert_eq!(bad.raw_os_error(), Some(libc::EINVAL));
+    let denied = run(Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c"])
+        .arg(format!("echo x > {}", ctl.join("control").display())));
+    assert_ne!(denied.code, Some(0), "nobody may not write control");
+    assert_eq!(
+        std::fs::write(ctl.join("status"), "x").unwrap_err().raw_os_error(),
+        Some(libc::EACCES)
+    );
+
+    // Events: exec opens of served files are reported with exec=true, plain reads not.
+    let events: Vec<FsEvent> = events.try_iter().collect();
+    assert!(events.iter().any(|e| matches!(e, FsEvent::Opened { original, exec: true, variant_id: None, .. } if *original == f.one.join("prog"))));
+    assert!(events.iter().any(|e| matches!(e, FsEvent::Opened { exec: false, .. })));
+    assert!(events.iter().any(
+        |e| matches!(e, FsEvent::Seen { original, .. } if *original == f.one.join("stripped"))
+    ));
+    assert!(!events.iter().any(
+        |e| matches!(e, FsEvent::Opened { original, .. } if *original == f.one.join("stripped"))
+    ));
+
+    // A second mount at the same place is refused clearly.
+    let again = optbin::fuse::prepare_mountpoint(&f.mount).unwrap_err();
+    assert!(format!("{again:#}").contains("already served by a live optbin"), "{again:#}");
+
+    drop(guard);
+    assert!(!is_mounted(&f.mount), "mount left behind");
+    drop(f.tmp);
+}
+
+#[test]
+fn variant_switch_and_upgrade_underneath() {
+    let f = fixture();
+    let serving = ServingTable::new();
+    let (guard, _events, _control) = mount(&f, serving.clone());
+    let view = f.mount.join("bin");
+    let original = f.one.join("prog");
+
+    // A process started before the switch: it sleeps, then prints.
+    let before = Command::new(view.join("prog"))
+        .arg("before")
+        .env("SLEEP_MS", "1500")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // What a profiler sees: /proc/PID/exe and the code mappings name the path in the mount
+    // (the kernel maps the backing file but shows the user's path), and the inode of
+    // /proc/PID/exe is the node id, which tells exactly which bytes the process runs.
+    let exe = std::fs::read_link(format!("/proc/{}/exe", before.id())).unwrap();
+    assert_eq!(exe, in_mount(&f.mount, &original));
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", before.id())).unwrap();
+    let mapped: Vec<&str> = maps
+        .lines()
+        .filter(|l| l.contains("prog"))
+        .map(|l| l.rsplit(' ').next().unwrap())
+        .collect();
+    assert!(!mapped.is_empty() && mapped.iter().all(|p| Path::new(p) == exe), "{mapped:?}");
+    let exe_ino = std::fs::metadata(format!("/proc/{}/exe", before.id())).unwrap().ino();
+    let running = guard.overlay().file_node(exe_ino).unwrap();
+    assert_eq!((running.original.as_path(), running.variant.as_ref()), (original.as_path(), None));
+
+    // Place a variant through the core's API (a program with other output as its bytes).
+    let store = f.tmp.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    prog(&store.join("variant-1"), "variant", &[]);
+    let key = FileKey::of(&original).unwrap();
+    let size = std::fs::metadata(store.join("variant-1")).unwrap().len();
+    serving.serve(
+        &original,
+        Some(ServedVariant {
+            variant_id: 1,
+            path_in_store: store.join("variant-1"),
+            size,
+            expected_original: key,
+        }),
+    );
+    let after = Command::new(view.join("prog"))
+        .arg("after")
+        .env("SLEEP_MS", "300")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let variant_ino = std::fs::metadata(format!("/proc/{}/exe", after.id())).unwrap().ino();
+    assert_eq!(
+        guard.overlay().file_node(variant_ino).unwrap().variant.as_ref().map(|v| v.variant_id),
+        Some(1)
+    );
+    let after = after.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&after.stdout), "variant after\n");
+    assert_eq!(
+        guard.overlay().original_of(&in_mount(&f.mount, &original)),
+        Some((original.clone(), Some(1)))
+    );
+    let before = before.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&before.stdout),
+        "one before\n",
+        "the running process kept its bytes"
+    );
+
+    // Back to the original.
+    serving.serve(&original, None);
+    assert_eq!(run(Command::new(view.join("prog")).arg("back")).stdout, "one back\n");
+    serving.serve(
+        &original,
+        Some(ServedVariant {
+            variant_id: 1,
+            path_in_store: store.join("variant-1"),
+            size,
+            expected_original: key,
+        }),
+    );
+    assert_eq!(run(Command::new(view.join("prog")).arg("again")).stdout, "variant again\n");
+
+    // An upgrade underneath (rename over the original): the next exec sees the new
+    // original, and the variant built from the old one is no longer served.
+    let staged = f.one.join(".prog.new");
+    prog(&staged, "upgraded", &[]);
+    std::fs::rename(&staged, &original).unwrap();
+    let start = Instant::now();
+    let upgraded = run(Command::new(view.join("prog")).arg("now"));
+    assert_eq!(upgraded.stdout, "upgraded now\n", "after {:?}", start.elapsed());
+
+    // Exclusion: the binary reaches the user as a symlink and runs natively.
+    serving.set_excluded(&original, true);
+    let mirror = in_mount(&f.mount, &original);
+    assert!(std::fs::symlink_metadata(&mirror).unwrap().file_type().is_symlink());
+    assert_eq!(run(Command::new(view.join("prog")).arg("excluded")).stdout, "upgraded excluded\n");
+
+    drop(guard);
+    assert!(!is_mounted(&f.mount));
+}
+
+#[test]
+fn a_real_toolchain_works_from_the_mount() {
+    let sysroot = run(Command::new("rustc").args(["--print", "sysroot"])).stdout.trim().to_string();
+    let toolchain_bin = Path::new(&sysroot).join("bin");
+    let tmp = open_tempdir();
+    let mount = tmp.path().canonicalize().unwrap().join("mnt");
+    let overlay = Overlay::new(
+        OverlayConfig { mountpoint: mount.clone(), overlay_dirs: vec![toolchain_bin.clone()] },
+        ServingTable::new(),
+        None,
+        Arc::new(StaticControl::default()),
+        Arc::new(optbin::fs::NoEvents),
+    )
+    .unwrap();
+    let guard = mount_background(overlay, &MountOptions::new(&mount)).unwrap();
+    let canonical_bin = toolchain_bin.canonicalize().unwrap();
+    let rustc = mount.join("bin/rustc");
+    let version = run(Command::new(&rustc).arg("--version"));
+    assert_eq!(
+        version.stdout,
+        run(Command::new(toolchain_bin.join("rustc")).arg("--version")).stdout
+    );
+    // rustc finds its sysroot from librustc_driver, which the loader found at
+    // $ORIGIN/../lib: through the mirror's sibling symlink, i.e. the real directory.
+    let served_sysroot = run(Command::new(&rustc).args(["--print", "sysroot"]));
+    assert_eq!(served_sysroot.code, Some(0), "{}", served_sysroot.stderr);
+    assert_eq!(served_sysroot.stdout.trim(), sysroot);
+    // The sysroot found relative to the served exe really works: compile and run.
+    let src = tmp.path().join("hello.rs");
+    std::fs::write(&src, "fn main() { println!(\"hello from the mount\"); }").unwrap();
+    let exe = tmp.path().join("hello");
+    let built = run(Command::new(&rustc).arg(&src).arg("-o").arg(&exe).env_remove("RUSTC_WRAPPER"));
+    assert_eq!(built.code, Some(0), "{}", built.stderr);
+    assert_eq!(run(&mut Command::new(&exe)).stdout, "hello from the mount\n");
+    let cargo = run(Command::new(mount.join("bin/cargo")).arg("--version"));
+    assert_eq!(cargo.code, Some(0), "{}", cargo.stderr);
+    assert_eq!(
+        cargo.stdout,
+        run(Command::new(toolchain_bin.join("cargo")).arg("--version")).stdout
+    );
+    let served = std::fs::symlink_metadata(in_mount(&mount, &canonical_bin.join("cargo"))).unwrap();
+    assert!(served.file_type().is_file(), "cargo has symbols: served as a file");
+    drop(guard);
+    assert!(!is_mounted(&mount));
+}
+
+// ----- the supervised mount -----
+
+const SUPERVISOR_ENV: &str = "OPTBIN_TEST_SUPERVISE";
+
+/// Not a test by itself: the supervised-mount test runs this test binary again with
+/// `--ignored --exact supervisor_entry` and the environment set, so that the supervisor
+/// gets a fresh process (it forks) that the test can kill.
+#[test]
+#[ignore]
+fn supervisor_entry() {
+    let Ok(spec) = std::env::var(SUPERVISOR_ENV) else { return };
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter("optbin=info")
+        .try_init();
+    let mut parts = spec.split('\n');
+    let mountpoint = PathBuf::from(parts.next().unwrap());
+    let pid_file = PathBuf::from(parts.next().unwrap());
+    let dirs: Vec<PathBuf> = parts.map(PathBuf::from).collect();
+    let mut opts = MountOptions::new(&mountpoint);
+    opts.server_pid_file = Some(pid_file);
+    opts.max_crashes = 50;
+    let result = optbin::fuse::run_supervised(&opts, |ctx| {
+        let overlay = Overlay::new(
+            OverlayConfig { mountpoint: ctx.mountpoint.clone(), overlay_dirs: dirs.clone() },
+            ServingTable::new(),
+            None,
+            Arc::new(SlowControl(StaticControl::new(&[("status", "supervised\n")]))),
+            Arc::new(optbin::fs::NoEvents),
+        )?;
+        Ok(optbin::fuse::Served { overlay, shutdown: Box::new(|| eprintln!("shutdown hook ran")) })
+    });
+    if let Err(e) = &result {
+        eprintln!("supervisor: {e:#}");
+    }
+    std::process::exit(if result.is_ok() { 0 } else { 1 });
+}
+
+/// A control plane with a file whose read takes a while: a request in flight when the
+/// server is killed.
+struct SlowControl(StaticControl);
+
+impl optbin::fs::ControlPlane for SlowControl {
+    fn files(&self) -> Vec<optbin::fs::ControlFile> {
+        let mut files = self.0.files();
+        files.push(optbin::fs::ControlFile { name: "slow".into(), mode: 0o444, writable: false });
+        files
+    }
+    fn read(&self, name: &str) -> Result<Vec<u8>, optbin::error::FsError> {
+        if name == "slow" {
+            std::thread::sleep(Duration::from_millis(1500));
+            return Ok(b"slow\n".to_vec());
+        }
+        self.0.read(name)
+    }
+    fn write(&self, name: &str, uid: u32, data: &[u8]) -> Result<(), optbin::error::FsError> {
+        self.0.write(name, uid, data)
+    }
+}
+
+struct Supervisor {
+    child: std::process::Child,
+}
+
+impl Supervisor {
+    fn start(mount: &Path, pid_file: &Path, dirs: &[PathBuf]) -> Self {
+        let mut spec = format!("{}\n{}", mount.display(), pid_file.display());
+        for d in dirs {
+            spec.push_str(&format!("\n{}", d.display()));
+        }
+        let child = Command::new(std::env::current_exe().unwrap())
+            .args(["--ignored", "--exact", "supervisor_entry", "--nocapture", "--test-threads=1"])
+            .env(SUPERVISOR_ENV, spec)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let s = Self { child };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !(pid_file.exists()
+            && std::fs::read_to_string(mount.join(".optbin/status"))
+                .is_ok_and(|s| s == "supervised\n"))
+        {
+            assert!(Instant::now() < deadline, "the supervised mount did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn server_pid(pid_file: &Path) -> i32 {
+    std::fs::read_to_string(pid_file).unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn supervised_mount_keeps_commands_working_while_the_server_is_killed() {
+    let f = fixture();
+    let pid_file = f.tmp.path().join("server.pid");
+    let usr_bin = PathBuf::from("/usr/bin");
+    let sup = Supervisor::start(&f.mount, &pid_file, &[f.one.clone(), usr_bin]);
+    let view = f.mount.join("bin");
+    let stop = f.tmp.path().join("stop");
+    let data = f.tmp.path().join("data.txt");
+    std::fs::write(&data, "d\n").unwrap();
+
+    // Commands found through PATH (the mount first; bash's hashing off so that every
+    // command is looked up again): a served binary, an exe-relative one, coreutils.
+    let script = format!(
+        r#"set +h
+export PATH={view}:$PATH
+n=0; fails=0
+while [ ! -e {stop} ]; do
+  n=$((n+1))
+  out=$(prog a 2>&1); [ "$out" = "one a" ] || {{ fails=$((fails+1)); echo "prog: $out" >&2; }}
+  out=$(data 2>&1); [ "$out" = "exe-relative data" ] || {{ fails=$((fails+1)); echo "data: $out" >&2; }}
+  out=$(cat {data} 2>&1); [ "$out" = "d" ] || {{ fails=$((fails+1)); echo "cat: $out" >&2; }}
+  ls -d / >/dev/null 2>&1 || {{ fails=$((fails+1)); echo "ls failed" >&2; }}
+done
+echo "$n $fails""#,
+        view = view.display(),
+        stop = stop.display(),
+        data = data.display()
+    );
+    let loop_child = Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let mut kills = 0;
+    let mut restart_ms = Vec::new();
+    for _ in 0..5 {
+        let server = server_pid(&pid_file);
+        // SAFETY: killing the server process of our own supervisor.
+        assert_eq!(unsafe { libc::kill(server, libc::SIGKILL) }, 0);
+        kills += 1;
+        let killed_at = Instant::now();
+        while server_pid(&pid_file) == server {
+            assert!(killed_at.elapsed() < Duration::from_secs(10), "no restart");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        restart_ms.push(killed_at.elapsed().as_millis());
+        std::thread::sleep(Duration::from_millis(400));
+    }
+    std::fs::write(&stop, "").unwrap();
+    let out = loop_child.wait_with_output().unwrap();
+    let summary = String::from_utf8_lossy(&out.stdout);
+    let mut it = summary.split_whitespace().map(|s| s.parse::<u64>().unwrap());
+    let (iterations, failures) = (it.next().unwrap(), it.next().unwrap());
+    eprintln!(
+        "supervised mount: {kills} server kills, {iterations} loop iterations ({} commands), {failures} failed; restarts took {restart_ms:?} ms",
+        iterations * 4
+    );
+    assert!(iterations > 20, "the loop ran too little: {iterations}");
+    assert_eq!(failures, 0, "failed commands:\n{}", String::from_utf8_lossy(&out.stderr));
+
+    // A request the server had read but not answered when it died is sent again to the
+    // next server (FUSE_NOTIFY_RESEND): the reader gets its answer instead of hanging.
+    let reader = Command::new("timeout")
+        .args(["20", "cat"])
+        .arg(f.mount.join(".optbin/slow"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let server = server_pid(&pid_file);
+    // SAFETY: killing the server process of our own supervisor.
+    unsafe { libc::kill(server, libc::SIGKILL) };
+    let resent_at = Instant::now();
+    let reader = reader.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&reader.stdout), "slow\n", "{:?}", reader.status);
+    eprintln!("the interrupted request was answered {:?} after the kill", resent_at.elapsed());
+
+    // A clean stop: SIGTERM to the supervisor unmounts (lazily: a program started from the
+    // mount still runs) and exits 0; the running program finishes normally.
+    let running = Command::new(view.join("prog"))
+        .arg("still")
+        .env("SLEEP_MS", "1500")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut sup = sup;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(sup.pid(), libc::SIGTERM) };
+    let status = sup.child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(!is_mounted(&f.mount));
+    let running = running.wait_with_output().unwrap();
+    assert_eq!(
+        (String::from_utf8_lossy(&running.stdout).as_ref(), running.status.code()),
+        ("one still\n", Some(0))
+    );
+
+    // A dead daemon (supervisor and server SIGKILLed) leaves a stale mount; the next start
+    // clears it by itself.
+    let sup2 = Supervisor::start(&f.mount, &pid_file, std::slice::from_ref(&f.one));
+    let server = server_pid(&pid_file);
+    // SAFETY: signalling our own child and grandchild. The supervisor is stopped first so
+    // that it neither restarts the server nor lets it unmount cleanly (parent-death signal).
+    unsafe {
+        libc::kill(sup2.pid(), libc::SIGSTOP);
+        libc::kill(server, libc::SIGKILL);
+        libc::kill(sup2.pid(), libc::SIGKILL);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while optbin::fuse::mount_state(&f.mount).unwrap() != optbin::fuse::MountState::Stale {
+        if Instant::now() >= deadline {
+            let holders = run(Command::new("sh").arg("-c").arg("for p in /proc/[0-9]*; do ls -l $p/fd 2>/dev/null | grep -q /dev/fuse && echo \"$p $(cat $p/cmdline | tr '\\0' ' ')\"; done"));
+            panic!("expected a stale mount; /dev/fuse holders:\n{}", holders.stdout);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let dead = Command::new(view.join("prog")).output().map(drop).unwrap_err();
+    assert_eq!(dead.raw_os_error(), Some(libc::ENOTCONN), "a dead mount answers ENOTCONN");
+    drop(sup2);
+    std::fs::remove_file(&pid_file).unwrap();
+    let sup3 = Supervisor::start(&f.mount, &pid_file, std::slice::from_ref(&f.one));
+    assert_eq!(run(&mut Command::new(view.join("prog"))).stdout, "one\n");
+    drop(sup3);
+    assert!(!is_mounted(&f.mount), "mount left behind");
+}

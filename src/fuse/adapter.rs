@@ -1,0 +1,538 @@
+//! The thin `fuser::Filesystem` adapter: translates each request into an [`Overlay`] call,
+//! maps errors to errnos (logged; ENOENT at debug), keeps open handles and the FUSE
+//! passthrough backing ids, and never panics into fuser (a panic in the core becomes EIO).
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
+
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
+};
+
+use crate::error::{FsError, FsResult, errno_name};
+use crate::fs::{Attr, Invalidator, NodeType, Opened, Overlay};
+
+/// State shared between the adapter (owned by the fuser session) and whoever fills it in:
+/// the supervisor forks server processes from a session made before the overlay exists.
+#[derive(Debug, Default)]
+pub struct Shared {
+    pub overlay: OnceLock<Arc<Overlay>>,
+    /// Server process generation, in the top bits of file handles so that a restarted
+    /// server never reuses a handle number a previous one gave out.
+    pub generation: AtomicU64,
+}
+
+enum Handle {
+    /// `file` is None for passthrough opens served from a retained backing id (the kernel
+    /// reads the backing file itself; a read reaching us reopens the node's bytes).
+    Binary {
+        file: Option<Arc<File>>,
+        _backing: Option<Arc<BackingId>>,
+    },
+    Control {
+        name: String,
+        content: Vec<u8>,
+        writable: bool,
+    },
+}
+
+/// How many recently opened served files keep their backing id registered after their
+/// last handle closed, so that the next exec of the same binary needs no file syscalls.
+const RETAINED_BACKINGS: usize = 128;
+
+#[derive(Default)]
+struct Handles {
+    open: HashMap<u64, Handle>,
+    backing_by_ino: HashMap<u64, Weak<BackingId>>,
+    /// Most recently used last. A retained id pins its backing file (an old version of a
+    /// binary stays on disk until evicted), hence the small bound.
+    retained: std::collections::VecDeque<(u64, Arc<BackingId>)>,
+    next: u64,
+}
+
+impl Handles {
+    fn retained(&mut self, ino: u64) -> Option<Arc<BackingId>> {
+        let pos = self.retained.iter().position(|(i, _)| *i == ino)?;
+        let entry = self.retained.remove(pos)?;
+        let id = entry.1.clone();
+        self.retained.push_back(entry);
+        Some(id)
+    }
+
+    fn retain(&mut self, ino: u64, id: Arc<BackingId>) {
+        if self.retained.iter().any(|(i, _)| *i == ino) {
+            return;
+        }
+        if self.retained.len() >= RETAINED_BACKINGS {
+            self.retained.pop_front();
+        }
+        self.retained.push_back((ino, id));
+    }
+}
+
+pub struct OptbinFs {
+    shared: Arc<Shared>,
+    handles: Mutex<Handles>,
+    passthrough: AtomicBool,
+}
+
+impl OptbinFs {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared, handles: Mutex::default(), passthrough: AtomicBool::new(false) }
+    }
+
+    fn handles(&self) -> std::sync::MutexGuard<'_, Handles> {
+        self.handles.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Runs `f` on the overlay, turning a missing overlay or a panic into EIO.
+    fn with<T>(&self, what: &str, f: impl FnOnce(&Overlay) -> FsResult<T>) -> Result<T, Errno> {
+        let Some(overlay) = self.shared.overlay.get() else {
+            tracing::error!(what, "request before the overlay was set up");
+            return Err(Errno::EIO);
+        };
+        match catch_unwind(AssertUnwindSafe(|| crate::fs::in_request(|| f(overlay)))) {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                if e.errno == libc::ENOENT {
+                    tracing::debug!(what, error = %e, "request failed");
+                } else {
+                    tracing::warn!(what, errno = errno_name(e.errno), error = %e, "request failed");
+                }
+                Err(Errno::from_i32(e.errno))
+            }
+            Err(_) => {
+                tracing::error!(what, "panic in the overlay core: answered EIO");
+                Err(Errno::EIO)
+            }
+        }
+    }
+
+    fn new_fh(handles: &mut Handles, generation: u64) -> u64 {
+        handles.next += 1;
+        (generation << 40) | handles.next
+    }
+}
+
+fn file_attr(a: &Attr) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: a.atime,
+        mtime: a.mtime,
+        ctime: a.ctime,
+        crtime: a.ctime,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+fn file_type(k: NodeType) -> FileType {
+    match k {
+        NodeType::Directory => FileType::Directory,
+        NodeType::RegularFile => FileType::RegularFile,
+        NodeType::Symlink => FileType::Symlink,
+    }
+}
+
+/// Sends invalidations through fuser's notifier.
+pub struct NotifierInvalidator(pub fuser::Notifier);
+
+impl Invalidator for NotifierInvalidator {
+    fn inval_entry(&self, parent: u64, name: &OsStr) {
+        match self.0.inval_entry(INodeNo(parent), name) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => tracing::debug!(parent, ?name, error = %e, "inval_entry"),
+        }
+    }
+}
+
+const READ_ONLY: Errno = Errno::EROFS;
+
+impl Filesystem for OptbinFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Passthrough: reads and mmap of served files go straight to the backing file.
+        if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() {
+            // 2: the backing files may themselves live on a stacked filesystem (overlayfs).
+            if config.set_max_stack_depth(2).is_ok() {
+                self.passthrough.store(true, Ordering::SeqCst);
+            }
+        }
+        if !self.passthrough.load(Ordering::SeqCst) {
+            tracing::warn!("the kernel has no FUSE passthrough: reads are served by optbin");
+        }
+        for optional in [
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_ATOMIC_O_TRUNC,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+        ] {
+            let _ = config.add_capabilities(optional);
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.with("lookup", |o| o.lookup(parent.0, name)) {
+            Ok(e) => {
+                reply.entry_with_ttls(&e.attr_ttl, &e.entry_ttl, &file_attr(&e.attr), Generation(0))
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.with("getattr", |o| o.getattr(ino.0)) {
+            Ok((attr, ttl)) => reply.attr(&ttl, &file_attr(&attr)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<std::time::SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<std::time::SystemTime>,
+        _chgtime: Option<std::time::SystemTime>,
+        _bkuptime: Option<std::time::SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let only_truncate = size == Some(0)
+            && mode.is_none()
+            && uid.is_none()
+            && gid.is_none()
+            && atime.is_none()
+            && mtime.is_none();
+        if !only_truncate {
+            return reply.error(READ_ONLY);
+        }
+        match self.with("setattr", |o| o.setattr_truncate(ino.0)) {
+            Ok(attr) => reply.attr(&Duration::ZERO, &file_attr(&attr)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.with("readlink", |o| o.readlink(ino.0)) {
+            Ok(target) => reply.data(target.as_os_str().as_bytes()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        _r: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _d: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(READ_ONLY);
+    }
+
+    fn mkdir(&self, _r: &Request, _p: INodeNo, _n: &OsStr, _m: u32, _u: u32, reply: ReplyEntry) {
+        reply.error(READ_ONLY);
+    }
+
+    fn unlink(&self, _r: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(READ_ONLY);
+    }
+
+    fn rmdir(&self, _r: &Request, _p: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(READ_ONLY);
+    }
+
+    fn symlink(
+        &self,
+        _r: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _t: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(READ_ONLY);
+    }
+
+    fn rename(
+        &self,
+        _r: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _np: INodeNo,
+        _nn: &OsStr,
+        _f: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(READ_ONLY);
+    }
+
+    fn link(&self, _r: &Request, _i: INodeNo, _np: INodeNo, _nn: &OsStr, reply: ReplyEntry) {
+        reply.error(READ_ONLY);
+    }
+
+    fn create(
+        &self,
+        _r: &Request,
+        _p: INodeNo,
+        _n: &OsStr,
+        _m: u32,
+        _u: u32,
+        _f: i32,
+        reply: ReplyCreate,
+    ) {
+        reply.error(READ_ONLY);
+    }
+
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // Fast path: the backing of this node is still registered; its bytes are the node's.
+        if self.passthrough.load(Ordering::Relaxed) {
+            let retained = self.handles().retained(ino.0);
+            if let Some(id) = retained {
+                if let Err(e) = self.with("open", |o| o.open_again(ino.0, flags.0, req.pid())) {
+                    return reply.error(e);
+                }
+                let generation = self.shared.generation.load(Ordering::Relaxed);
+                let mut handles = self.handles();
+                let fh = Self::new_fh(&mut handles, generation);
+                handles.open.insert(fh, Handle::Binary { file: None, _backing: Some(id.clone()) });
+                drop(handles);
+                return reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id);
+            }
+        }
+        let opened = match self.with("open", |o| o.open(ino.0, flags.0, req.pid())) {
+            Ok(opened) => opened,
+            Err(e) => return reply.error(e),
+        };
+        let generation = self.shared.generation.load(Ordering::Relaxed);
+        match opened {
+            Opened::Binary { file, .. } => {
+                let file = Arc::new(file);
+                let mut handles = self.handles();
+                let backing = if self.passthrough.load(Ordering::Relaxed) {
+                    match handles.backing_by_ino.get(&ino.0).and_then(Weak::upgrade) {
+                        Some(id) => Some(id),
+                        None => match reply.open_backing(&*file) {
+                            Ok(id) => {
+                                let id = Arc::new(id);
+                                handles.backing_by_ino.insert(ino.0, Arc::downgrade(&id));
+                                handles.retain(ino.0, id.clone());
+                                Some(id)
+                            }
+                            Err(e) => {
+                                tracing::warn!(error = %e, "passthrough refused: serving reads");
+                                None
+                            }
+                        },
+                    }
+                } else {
+                    None
+                };
+                let fh = Self::new_fh(&mut handles, generation);
+                handles
+                    .open
+                    .insert(fh, Handle::Binary { file: Some(file), _backing: backing.clone() });
+                drop(handles);
+                // Served files are read-only: no flush on close.
+                match backing {
+                    Some(id) => {
+                        reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id)
+                    }
+                    // The bytes behind a node id never change, so the page cache may keep them.
+                    None => reply.opened(
+                        FileHandle(fh),
+                        FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+                    ),
+                }
+            }
+            Opened::Control { name, content, writable } => {
+                let mut handles = self.handles();
+                let fh = Self::new_fh(&mut handles, generation);
+                handles.open.insert(fh, Handle::Control { name, content, writable });
+                // Small generated files whose size is unknown in advance: no page cache.
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
+            }
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let file = {
+            let handles = self.handles();
+            match handles.open.get(&fh.0) {
+                Some(Handle::Binary { file: Some(file), .. }) => file.clone(),
+                Some(Handle::Control { content, .. }) => {
+                    let start = (offset as usize).min(content.len());
+                    let end = start.saturating_add(size as usize).min(content.len());
+                    return reply.data(&content[start..end]);
+                }
+                Some(Handle::Binary { file: None, .. }) | None => {
+                    drop(handles);
+                    // A handle a previous server process opened (or a passthrough handle
+                    // whose read reached us after all): reopen the same bytes.
+                    match self.with("read", |o| o.open_backing(&*o.file_node(ino.0)?)) {
+                        Ok(file) => {
+                            let file = Arc::new(file);
+                            self.handles().open.insert(
+                                fh.0,
+                                Handle::Binary { file: Some(file.clone()), _backing: None },
+                            );
+                            file
+                        }
+                        Err(e) => return reply.error(e),
+                    }
+                }
+            }
+        };
+        let mut buf = vec![0u8; size as usize];
+        let mut done = 0;
+        while done < buf.len() {
+            match file.read_at(&mut buf[done..], offset + done as u64) {
+                Ok(0) => break,
+                Ok(n) => done += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    let e = FsError::io(e, "reading a served file");
+                    tracing::warn!(error = %e, "read failed");
+                    return reply.error(Errno::from_i32(e.errno));
+                }
+            }
+        }
+        reply.data(&buf[..done]);
+    }
+
+    fn write(
+        &self,
+        req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _offset: u64,
+        data: &[u8],
+        _wf: WriteFlags,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        let name = match self.handles().open.get(&fh.0) {
+            Some(Handle::Control { name, writable: true, .. }) => name.clone(),
+            Some(_) => return reply.error(Errno::EBADF),
+            None => return reply.error(Errno::EBADF),
+        };
+        match self.with("write", |o| o.control_write(&name, req.uid(), data)) {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn flush(&self, _r: &Request, _i: INodeNo, _fh: FileHandle, _l: LockOwner, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        // Unknown handles (opened by a previous server process) are fine to release.
+        let handle = self.handles().open.remove(&fh.0);
+        drop(handle);
+        reply.ok();
+    }
+
+    fn fsync(&self, _r: &Request, _i: INodeNo, _fh: FileHandle, _d: bool, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let entries = match self.with("readdir", |o| o.readdir(ino.0)) {
+            Ok(e) => e,
+            Err(e) => return reply.error(e),
+        };
+        let dots = [
+            (ino.0, FileType::Directory, OsStr::new(".")),
+            (ino.0, FileType::Directory, OsStr::new("..")),
+        ];
+        let all = dots
+            .into_iter()
+            .chain(entries.iter().map(|e| (e.ino, file_type(e.kind), e.name.as_os_str())));
+        for (i, (ino, kind, name)) in all.enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn getxattr(&self, _r: &Request, _i: INodeNo, _n: &OsStr, _s: u32, reply: ReplyXattr) {
+        reply.error(Errno::ENODATA);
+    }
+
+    fn listxattr(&self, _r: &Request, _i: INodeNo, size: u32, reply: ReplyXattr) {
+        if size == 0 { reply.size(0) } else { reply.data(&[]) }
+    }
+
+    fn setxattr(
+        &self,
+        _r: &Request,
+        _i: INodeNo,
+        _n: &OsStr,
+        _v: &[u8],
+        _f: i32,
+        _p: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(READ_ONLY);
+    }
+
+    fn removexattr(&self, _r: &Request, _i: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
+        reply.error(READ_ONLY);
+    }
+}
