@@ -202,27 +202,39 @@ fn tail(path: &Path, lines: usize) -> String {
     all[all.len().saturating_sub(lines)..].join("\n")
 }
 
-/// Stops the daemon serving `mnt` (SIGTERM to the pid recorded in the mount's status), waits
-/// for the mount to go, and lazily unmounts what is left (a stale mount of a dead daemon).
+/// Unmounts `mnt`: the server sees its session end, stops its tasks and exits, and the
+/// supervisor follows. A busy mount (programs started from it still run) is detached; those
+/// programs keep running from their backing files.
 fn umount(mnt: &Path, timeout: Duration) -> anyhow::Result<ExitCode> {
-    if !crate::daemon::mounts::is_mounted(mnt)? {
-        bail!("nothing is mounted at {}", mnt.display());
+    use crate::fuse::{MountState, Unmounted};
+    match crate::fuse::mount_state(mnt)? {
+        MountState::NotMounted => bail!("nothing is mounted at {}", mnt.display()),
+        MountState::Other(what) => bail!("{} is a {what} mount, not optbin's", mnt.display()),
+        MountState::Stale | MountState::LiveOptbin => {}
     }
-    if let Some(pid) = crate::daemon::mounts::daemon_pid(mnt) {
-        // SAFETY: kill(2) with a pid we read and a constant signal.
-        if unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) } == 0 {
-            let deadline = Instant::now() + timeout;
-            while Instant::now() < deadline {
-                if !crate::daemon::mounts::is_mounted(mnt)? {
-                    println!("unmounted {} (daemon {pid} stopped)", mnt.display());
-                    return Ok(ExitCode::SUCCESS);
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            eprintln!("optbin: daemon {pid} did not stop within {timeout:?}; unmounting lazily");
+    let pid = daemon_pid(mnt);
+    let how = crate::fuse::unmount(mnt)?;
+    if let Some(pid) = pid {
+        let deadline = Instant::now() + timeout;
+        // SAFETY: kill(pid, 0) only probes whether the process exists.
+        while Instant::now() < deadline && unsafe { libc::kill(pid as libc::pid_t, 0) } == 0 {
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
-    crate::daemon::mounts::lazy_unmount(mnt)?;
-    println!("unmounted {} (lazily)", mnt.display());
+    match how {
+        Unmounted::Clean => println!("unmounted {}", mnt.display()),
+        Unmounted::Detached => println!(
+            "detached {} (programs started from it keep running until they exit)",
+            mnt.display()
+        ),
+        Unmounted::NotMounted => println!("{} was not mounted", mnt.display()),
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The pid of the process serving `mnt`, as its own status file says.
+fn daemon_pid(mnt: &Path) -> Option<u32> {
+    let text = std::fs::read(mnt.join(".optbin/status.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
+    v.get("daemon")?.get("pid")?.as_u64().map(|p| p as u32)
 }

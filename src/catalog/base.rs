@@ -209,6 +209,14 @@ pub fn controls(conn: &Connection) -> anyhow::Result<Vec<ControlRow>> {
     Ok(rows)
 }
 
+pub fn control_row(conn: &Connection, path: &str) -> anyhow::Result<Option<ControlRow>> {
+    Ok(conn
+        .query_row("SELECT path, pin, excluded FROM controls WHERE path = ?1", [path], |r| {
+            Ok(ControlRow { path: r.get(0)?, pin: r.get(1)?, excluded: r.get::<_, i64>(2)? != 0 })
+        })
+        .optional()?)
+}
+
 pub fn set_pin(conn: &Connection, path: &str, pin: Option<&str>, now: i64) -> anyhow::Result<()> {
     conn.execute(
         "INSERT INTO controls (path, pin, excluded, updated_at) VALUES (?1, ?2, 0, ?3)

@@ -19,6 +19,7 @@ pub mod status;
 use std::sync::Mutex;
 
 use crate::error::{FsError, FsResult};
+use crate::fs::{ControlFile, ControlPlane};
 pub use command::{Command, PinTarget};
 pub use status::StatusReport;
 
@@ -58,15 +59,6 @@ pub trait ControlActions: Send + Sync {
     fn apply(&self, command: &Command) -> Result<String, ActionError>;
 }
 
-/// A file of the control directory.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ControlFile {
-    /// Path relative to `.optbin/`, `/`-separated.
-    pub name: String,
-    pub mode: u32,
-    pub writable: bool,
-}
-
 /// The control directory's behaviour, independent of FUSE.
 pub struct ControlDir {
     status: Box<dyn StatusSource>,
@@ -78,6 +70,20 @@ pub const STATUS: &str = "status";
 pub const STATUS_JSON: &str = "status.json";
 pub const CONTROL: &str = "control";
 pub const LAST_ERROR: &str = "last_error";
+
+impl ControlPlane for ControlDir {
+    fn files(&self) -> Vec<ControlFile> {
+        ControlDir::files(self)
+    }
+
+    fn read(&self, name: &str) -> FsResult<Vec<u8>> {
+        ControlDir::read(self, name)
+    }
+
+    fn write(&self, name: &str, uid: u32, data: &[u8]) -> FsResult<()> {
+        ControlDir::write(self, name, uid, data)
+    }
+}
 
 impl ControlDir {
     pub fn new(status: Box<dyn StatusSource>, actions: Box<dyn ControlActions>) -> Self {

@@ -30,8 +30,6 @@ pub struct DaemonStatus {
     pub started_at: i64,
     /// How many times the serving process was restarted after a crash.
     pub server_restarts: u32,
-    /// Whether reads and mmaps of served files go through FUSE passthrough.
-    pub passthrough: Option<bool>,
 }
 
 /// One binary the mount has seen.
@@ -63,16 +61,8 @@ pub fn render_text(r: &StatusReport) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "optbin {} mounted at {} (daemon pid {}, server restarts {}, passthrough {})",
-        r.version,
-        r.mountpoint,
-        r.daemon.pid,
-        r.daemon.server_restarts,
-        match r.daemon.passthrough {
-            Some(true) => "on",
-            Some(false) => "off (kernel-cached reads)",
-            None => "not yet known",
-        }
+        "optbin {} mounted at {} (server pid {}, restarts after crashes {})",
+        r.version, r.mountpoint, r.daemon.pid, r.daemon.server_restarts
     );
     let _ = writeln!(out, "state: {}", r.state_dir);
     let _ = writeln!(out, "overlay: {}", r.overlay.join(" "));

@@ -4,7 +4,7 @@
 pub mod actions;
 pub mod decision;
 pub mod indexer;
-pub mod mounts;
 pub mod priority;
+pub mod refresh;
 pub mod report;
 pub mod run;

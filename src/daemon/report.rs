@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::catalog::{Catalog, base};
 use crate::config::Config;
@@ -24,30 +23,11 @@ pub trait SubsystemStatus: Send + Sync {
     fn binary(&self, conn: &rusqlite::Connection, binary_id: i64) -> Option<serde_json::Value>;
 }
 
-/// Whether passthrough is in use: 0 unknown, 1 on, 2 off.
-#[derive(Debug, Default)]
-pub struct PassthroughFlag(AtomicU8);
-
-impl PassthroughFlag {
-    pub fn set(&self, on: bool) {
-        self.0.store(if on { 1 } else { 2 }, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> Option<bool> {
-        match self.0.load(Ordering::Relaxed) {
-            1 => Some(true),
-            2 => Some(false),
-            _ => None,
-        }
-    }
-}
-
 pub struct Reporter {
     pub catalog: Catalog,
     pub config: Arc<Config>,
     pub started_at: i64,
     pub server_restarts: u32,
-    pub passthrough: Arc<PassthroughFlag>,
     pub subsystems: Vec<Arc<dyn SubsystemStatus>>,
     /// Per-binary read-only files under `.optbin/bins/` (e.g. the profile).
     pub bin_files: Option<Arc<dyn BinFiles>>,
@@ -107,7 +87,6 @@ impl StatusSource for Reporter {
                 pid: std::process::id(),
                 started_at: self.started_at,
                 server_restarts: self.server_restarts,
-                passthrough: self.passthrough.get(),
             },
             overlay: cfg.overlay.iter().map(|d| d.display().to_string()).collect(),
             overlay_skipped: cfg

@@ -1,8 +1,157 @@
-//! Running the daemon in the foreground: mount, serve, stop cleanly.
+//! Running the daemon: the supervisor mounts and forks the server; [`start_server`] builds
+//! everything the server needs (runtime, catalog, overlay, background tasks) in each server
+//! process, and returns the hook that stops it all.
 
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::{mpsc, watch};
+
+use crate::catalog::Catalog;
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+use crate::control::ControlDir;
+use crate::daemon::actions::Actions;
+use crate::daemon::indexer::{self, Indexed, SeenFile};
+use crate::daemon::refresh::Refresher;
+use crate::daemon::report::Reporter;
+use crate::fs::{FsEvent, Overlay, OverlayConfig, ServingTable};
+use crate::fuse::{MountOptions, ServeContext, Served};
 
 /// Mounts the overlay and serves until SIGTERM/SIGINT or an unmount from outside.
 pub fn run_foreground(cfg: Config) -> anyhow::Result<()> {
-    anyhow::bail!("not wired yet: {}", cfg.mountpoint.display())
+    create_private_dir(&cfg.state_dir)?;
+    let cfg = Arc::new(cfg);
+    let mut opts = MountOptions::new(&cfg.mountpoint);
+    opts.server_pid_file = Some(cfg.state_dir.join("server.pid"));
+    let started_at = SystemClock.unix_secs();
+    tracing::info!(
+        mountpoint = %cfg.mountpoint.display(),
+        overlay = ?cfg.overlay,
+        state_dir = %cfg.state_dir.display(),
+        "optbin starting"
+    );
+    crate::fuse::run_supervised(&opts, |ctx| start_server(cfg.clone(), ctx, started_at))
+}
+
+fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("creating the state directory {}", dir.display()))
+}
+
+/// Builds one server process's world. Runs after every (re)start of the server.
+pub fn start_server(
+    cfg: Arc<Config>,
+    ctx: ServeContext,
+    started_at: i64,
+) -> anyhow::Result<Served> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("optbin-task")
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let catalog = Catalog::open(&cfg.catalog_path())?;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    let serving = ServingTable::new();
+    let refresher = Arc::new(Refresher {
+        catalog: catalog.clone(),
+        serving: serving.clone(),
+        config: cfg.clone(),
+    });
+    refresher.refresh_all().context("loading pins, exclusions and served variants")?;
+
+    let reporter = Reporter {
+        catalog: catalog.clone(),
+        config: cfg.clone(),
+        started_at,
+        server_restarts: ctx.generation as u32,
+        subsystems: Vec::new(),
+        bin_files: None,
+    };
+    let r2 = refresher.clone();
+    let actions = Actions {
+        catalog: catalog.clone(),
+        clock: clock.clone(),
+        overlay: cfg.overlay.clone(),
+        mountpoint: cfg.mountpoint.clone(),
+        refresh: Arc::new(move |p| r2.refresh(p)),
+        hooks: None,
+    };
+    let control = Arc::new(ControlDir::new(Box::new(reporter), Box::new(actions)));
+    let (events_tx, events_rx) = mpsc::unbounded_channel::<FsEvent>();
+    let overlay = Overlay::new(
+        OverlayConfig { mountpoint: cfg.mountpoint.clone(), overlay_dirs: cfg.overlay.clone() },
+        serving,
+        None,
+        control,
+        Arc::new(events_tx),
+    )?;
+
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let (seen_tx, seen_rx) = mpsc::unbounded_channel::<SeenFile>();
+    let (indexed_tx, indexed_rx) = mpsc::unbounded_channel::<Indexed>();
+    rt.spawn(route_events(events_rx, seen_tx, shutdown.clone()));
+    rt.spawn(indexer::run_indexer(
+        catalog.clone(),
+        clock.clone(),
+        seen_rx,
+        indexed_tx,
+        shutdown.clone(),
+    ));
+    rt.spawn(refresh_indexed(indexed_rx, refresher.clone(), shutdown.clone()));
+    tracing::info!(generation = ctx.generation, "server ready");
+
+    Ok(Served {
+        overlay,
+        shutdown: Box::new(move || {
+            let _ = shutdown_tx.send(true);
+            rt.shutdown_timeout(Duration::from_secs(10));
+            tracing::info!("server stopped");
+        }),
+    })
+}
+
+/// Sends what the overlay reports to the tasks that act on it.
+async fn route_events(
+    mut events: mpsc::UnboundedReceiver<FsEvent>,
+    seen: mpsc::UnboundedSender<SeenFile>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let event = tokio::select! {
+            _ = shutdown.changed() => break,
+            e = events.recv() => match e { Some(e) => e, None => break },
+        };
+        match event {
+            FsEvent::Seen { original, key } => {
+                let _ = seen.send(SeenFile { path: original, key });
+            }
+            FsEvent::Opened { .. } => {}
+        }
+    }
+}
+
+/// A newly indexed version of a path may have variants (or lose them): re-derive what it
+/// serves.
+async fn refresh_indexed(
+    mut indexed: mpsc::UnboundedReceiver<Indexed>,
+    refresher: Arc<Refresher>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let item = tokio::select! {
+            _ = shutdown.changed() => break,
+            i = indexed.recv() => match i { Some(i) => i, None => break },
+        };
+        let r = refresher.clone();
+        let path: PathBuf = item.path;
+        let _ = tokio::task::spawn_blocking(move || r.refresh(&path)).await;
+    }
 }
