@@ -10,3 +10,4 @@ pub mod clock;
 pub mod elf;
 pub mod error;
 pub mod identity;
+pub mod profile;
