@@ -48,10 +48,26 @@ fn compile(dir: &Path) -> PathBuf {
 }
 
 fn run_work(prog: &Path, iterations: u64) -> Duration {
+    run_work_timed(prog, iterations).0
+}
+
+/// Runs the workload; returns its wall time and its own CPU time (user + system, from
+/// wait4), which other developers' load on the shared machine disturbs much less.
+fn run_work_timed(prog: &Path, iterations: u64) -> (Duration, f64) {
     let start = Instant::now();
-    let out = Command::new(prog).arg(iterations.to_string()).output().unwrap();
-    assert!(out.status.success());
-    start.elapsed()
+    let child = Command::new(prog)
+        .arg(iterations.to_string())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut status = 0;
+    // SAFETY: zeroed rusage is valid; wait4 reaps our own child by pid.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::wait4(child.id() as libc::pid_t, &mut status, 0, &mut ru) };
+    let wall = start.elapsed();
+    assert!(rc > 0 && libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    (wall, tv(ru.ru_utime) + tv(ru.ru_stime))
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -165,15 +181,20 @@ fn bench_sampling() {
     // 1. Slowdown at the default rate: interleaved pairs, alternating which goes first.
     let pairs = if quick { 4 } else { 15 };
     let (mut with, mut without, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut cpu_with, mut cpu_without, mut cpu_ratios) = (Vec::new(), Vec::new(), Vec::new());
+    let mut profiler_cpu_in_runs = 0.0;
     for i in 0..pairs {
-        let one = |sampled: bool| {
+        let mut one = |sampled: bool| {
             if sampled {
                 let s = start(&rt, &catalog, default.clone());
-                let t = run_work(&prog, iterations).as_secs_f64();
+                let cpu0 = cpu_secs_self();
+                let (t, c) = run_work_timed(&prog, iterations);
+                profiler_cpu_in_runs += cpu_secs_self() - cpu0;
                 stop(&rt, s);
-                t
+                (t.as_secs_f64(), c)
             } else {
-                run_work(&prog, iterations).as_secs_f64()
+                let (t, c) = run_work_timed(&prog, iterations);
+                (t.as_secs_f64(), c)
             }
         };
         let (a, b) = if i % 2 == 0 {
@@ -183,12 +204,17 @@ fn bench_sampling() {
             let b = one(false);
             (one(true), b)
         };
-        with.push(a);
-        without.push(b);
-        ratios.push(a / b);
+        with.push(a.0);
+        without.push(b.0);
+        ratios.push(a.0 / b.0);
+        cpu_with.push(a.1);
+        cpu_without.push(b.1);
+        cpu_ratios.push(a.1 / b.1);
     }
     let (med_with, med_without) = (median(&mut with), median(&mut without));
     let med_ratio = median(&mut ratios);
+    let (med_cpu_with, med_cpu_without) = (median(&mut cpu_with), median(&mut cpu_without));
+    let med_cpu_ratio = median(&mut cpu_ratios);
 
     // 3. Ingest rate at 10 kHz per CPU on the busy machine, default buffer.
     let high = ProfilerConfig { frequency_hz: 10_000, ..default.clone() };
@@ -223,6 +249,17 @@ fn bench_sampling() {
         med_without,
         med_with / med_without,
         med_ratio
+    );
+    println!(
+        "workload CPU time (user+sys), same pairs: sampled {:.3} s | not sampled {:.3} s | ratio of medians {:.4} | median pair ratio {:.4}",
+        med_cpu_with,
+        med_cpu_without,
+        med_cpu_with / med_cpu_without,
+        med_cpu_ratio
+    );
+    println!(
+        "profiler CPU during the sampled runs: {:.4} s over {pairs} runs of ~{med_with:.2} s",
+        profiler_cpu_in_runs
     );
     println!(
         "busy 2-core machine for {elapsed:.1} s ({busy_runs} workload runs): profiler process CPU {:.3} s = {:.2}% of one core (sampling thread alone {:.2}%) (target <= 1%); samples {} ({:.0}/s), lost records {}",
