@@ -53,6 +53,7 @@ fn run_work(prog: &Path, iterations: u64) -> Duration {
 
 /// Runs the workload; returns its wall time and its own CPU time (user + system, from
 /// wait4), which other developers' load on the shared machine disturbs much less.
+#[allow(clippy::zombie_processes)] // reaped by wait4 below, which also gives its rusage
 fn run_work_timed(prog: &Path, iterations: u64) -> (Duration, f64) {
     let start = Instant::now();
     let child = Command::new(prog)
