@@ -21,9 +21,11 @@ const HOT_C: &str = r#"
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
+/* CPU time, not wall time: the program gets the same number of samples however busy the
+   shared machine is. */
 static double now(void) {
     struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
     return t.tv_sec + t.tv_nsec / 1e9;
 }
 __attribute__((noinline)) unsigned long cold_function(unsigned long x) {
@@ -279,32 +281,33 @@ async fn instrumentation_profiles_of_two_runs_merge_and_feed_bolt() {
     for bin in BOLT_VERSIONS {
         let bolt = Path::new(bin).join("llvm-bolt");
         let instr = d.join("hot.instr");
-        let written = d.join("run.fdata");
+        // Each run writes its own file into a directory only the collector reads.
+        let runs_dir = d.join("runs");
+        std::fs::create_dir_all(&runs_dir).unwrap();
         let st = Command::new(&bolt)
             .arg(&prog)
-            .args(["-instrument", &format!("-instrumentation-file={}", written.display())])
+            .arg("-instrument")
+            .arg(format!("-instrumentation-file={}", runs_dir.join("prof.fdata").display()))
+            .arg("-instrumentation-file-append-pid")
             .arg("-o")
             .arg(&instr)
             .output()
             .unwrap();
         assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
-        let mut runs = Vec::new();
-        for (i, ms) in [50, 100].into_iter().enumerate() {
+        for ms in [50, 100] {
             run_for(&instr, ms);
-            let kept = d.join(format!("run{i}.fdata"));
-            std::fs::rename(&written, &kept).unwrap();
-            runs.push(kept);
         }
+        let mut written: Vec<PathBuf> =
+            std::fs::read_dir(&runs_dir).unwrap().map(|e| e.unwrap().path()).collect();
+        written.sort();
+        assert_eq!(written.len(), 2, "one profile per instrumented run: {written:?}");
+        let first = std::fs::read_to_string(&written[0]).unwrap();
         let before = catalog.run(move |c| profiles::instrumented_runs(c, id)).await.unwrap();
-        let files = runs.clone();
-        let added = catalog
-            .run(move |c| {
-                let refs: Vec<&Path> = files.iter().map(PathBuf::as_path).collect();
-                instrument::collect_runs(c, id, &refs, 0)
-            })
-            .await
-            .unwrap();
+        let dir_to_collect = runs_dir.clone();
+        let added =
+            catalog.run(move |c| instrument::collect_dir(c, id, &dir_to_collect, 0)).await.unwrap();
         assert_eq!(added, 2);
+        assert_eq!(std::fs::read_dir(&runs_dir).unwrap().count(), 0, "collected files removed");
         let after = catalog.run(move |c| profiles::instrumented_runs(c, id)).await.unwrap();
         assert_eq!(after, before + 2);
         // Summed by edge: main's call of hot_function ran in both runs.
@@ -316,7 +319,6 @@ async fn instrumentation_profiles_of_two_runs_merge_and_feed_bolt() {
             })
             .await
             .unwrap();
-        let first = std::fs::read_to_string(&runs[0]).unwrap();
         let edge = first
             .lines()
             .find(|l| l.contains(" 1 hot_function 0 "))
@@ -334,9 +336,6 @@ async fn instrumentation_profiles_of_two_runs_merge_and_feed_bolt() {
         std::fs::write(&merged_path, merged).unwrap();
         for check_with in BOLT_VERSIONS {
             assert_bolt_profiles_hot_function(check_with, &prog, &merged_path, &d.join("o.bolt"));
-        }
-        for f in runs {
-            let _ = std::fs::remove_file(f);
         }
         let _ = std::fs::remove_file(instr);
     }

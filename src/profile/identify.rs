@@ -21,14 +21,6 @@ pub struct Identified {
     pub symbols: Result<Arc<Symbolizer>, String>,
 }
 
-/// One binary's share of a flush, identified and symbolized.
-pub struct IdentifiedBatch {
-    pub path: String,
-    pub id: Identified,
-    /// None when refused (see `id.symbols`).
-    pub batch: WindowBatch,
-}
-
 /// Why a file's samples were dropped at identification.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Dropped {

@@ -68,6 +68,28 @@ pub fn collect_runs(
     Ok(runs.len() as u64)
 }
 
+/// Collects every `*.fdata` file in `dir` (the daemon-only directory an instrumented
+/// variant writes to, built with `-instrumentation-file=DIR/prof.fdata
+/// -instrumentation-file-append-pid`, which names each run's file `prof.fdata.<pid>.fdata`)
+/// as runs of `binary_id`, then deletes them. Returns the runs added.
+pub fn collect_dir(conn: &Connection, binary_id: i64, dir: &Path, now: i64) -> anyhow::Result<u64> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let entry = entry?;
+        let path = entry.path();
+        if entry.file_type()?.is_file() && path.extension().is_some_and(|e| e == "fdata") {
+            files.push(path);
+        }
+    }
+    files.sort();
+    let refs: Vec<&Path> = files.iter().map(|p| p.as_path()).collect();
+    let added = collect_runs(conn, binary_id, &refs, now)?;
+    for f in &files {
+        std::fs::remove_file(f).with_context(|| format!("removing {}", f.display()))?;
+    }
+    Ok(added)
+}
+
 /// Writes the merged instrumentation profile of `binary_id` as fdata.
 pub fn write_instrumented_fdata(
     conn: &Connection,

@@ -283,6 +283,9 @@ struct Writer {
     last_samples: u64,
 }
 
+/// At most this many binaries are listed in the status.
+const STATUS_BINARIES_LIMIT: usize = 1024;
+
 /// At most this many file versions stay identified in memory.
 const IDENTIFIER_CACHE_LIMIT: usize = 4096;
 
@@ -356,7 +359,8 @@ impl Writer {
                 let rotation =
                     if rotate { Some(profiles::rotate(&tx, now, &retention)?) } else { None };
                 tx.commit()?;
-                let disk = profiles::tables_disk_bytes(conn).unwrap_or(0);
+                // dbstat reads every page of the tables: only as often as rotation.
+                let disk = if rotate { profiles::tables_disk_bytes(conn).ok() } else { None };
                 Ok((ids, rotation, disk))
             })
             .await?;
@@ -374,7 +378,9 @@ impl Writer {
             s.sampler_cpu_secs = flush.thread_cpu_secs;
             s.flushes += 1;
             s.windows_dropped += rotation.map_or(0, |r| r.windows_dropped);
-            s.disk_bytes = disk;
+            if let Some(disk) = disk {
+                s.disk_bytes = disk;
+            }
             for (path, r) in identified {
                 let entry = s.binaries.entry(path.clone()).or_default();
                 match r {
@@ -395,6 +401,16 @@ impl Writer {
                             Dropped::Replaced => "file replaced since it was run".to_string(),
                         });
                     }
+                }
+            }
+            if s.binaries.len() > STATUS_BINARIES_LIMIT {
+                // Keep the status bounded: forget the binaries with the fewest samples.
+                let mut by_samples: Vec<(u64, String)> =
+                    s.binaries.iter().map(|(p, b)| (b.own_samples, p.clone())).collect();
+                by_samples.sort();
+                let excess = s.binaries.len() - STATUS_BINARIES_LIMIT;
+                for (_, path) in by_samples.into_iter().take(excess) {
+                    s.binaries.remove(&path);
                 }
             }
         });
