@@ -35,6 +35,10 @@ pub struct ProfilerConfig {
     /// How often old windows are rotated out.
     pub rotate_interval: Duration,
     pub retention: Retention,
+    /// A binary is hashed and symbolized only once it has this many samples (own text plus
+    /// outside); until then its counts wait in memory. Spares hashing every short-lived
+    /// program on the machine; counts below it at shutdown are dropped.
+    pub identify_after_samples: u64,
 }
 
 impl Default for ProfilerConfig {
@@ -46,6 +50,7 @@ impl Default for ProfilerConfig {
             window_secs: 600,
             rotate_interval: Duration::from_secs(300),
             retention: Retention::default(),
+            identify_after_samples: 50,
         }
     }
 }
@@ -122,13 +127,14 @@ pub struct Profiler {
 }
 
 /// Probes the best source, samples the whole machine and keeps profiles until `shutdown`.
+/// `status` is where the status page reads from while it runs.
 pub async fn run_profiler(
     cfg: ProfilerConfig,
     catalog: Catalog,
     resolver: Arc<dyn PathResolver>,
+    status: ProfilerStatusHandle,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let status = ProfilerStatusHandle::default();
     Profiler { config: cfg, catalog, resolver, clock: Arc::new(SystemClock), status }
         .run(shutdown)
         .await
@@ -281,6 +287,27 @@ struct Writer {
     last_rotation: Option<Instant>,
     last_flush: Instant,
     last_samples: u64,
+    /// Counts of binaries not identified yet, waiting for enough samples.
+    deferred: HashMap<BinaryFile, FileCounts>,
+    /// Binaries identified before: their counts go straight through.
+    identified_files: std::collections::HashSet<BinaryFile>,
+}
+
+/// At most this many binaries wait for identification; the smallest are dropped beyond.
+const DEFERRED_LIMIT: usize = 4096;
+
+fn merge_counts(into: &mut FileCounts, from: FileCounts) {
+    for (off, n) in from.offsets {
+        *into.offsets.entry(off).or_default() += n;
+    }
+    for (edge, (n, m)) in from.branches {
+        let e = into.branches.entry(edge).or_default();
+        e.0 += n;
+        e.1 += m;
+    }
+    into.outside += from.outside;
+    into.variant += from.variant;
+    into.new_runs += from.new_runs;
 }
 
 /// At most this many binaries are listed in the status.
@@ -301,12 +328,58 @@ impl Writer {
             last_rotation: None,
             last_flush: Instant::now(),
             last_samples: 0,
+            deferred: HashMap::new(),
+            identified_files: std::collections::HashSet::new(),
         }
+    }
+
+    /// Adds new counts to those waiting for identification and returns the ones ready:
+    /// files identified before, or with enough samples now.
+    fn ready_counts(
+        &mut self,
+        counts: HashMap<BinaryFile, FileCounts>,
+    ) -> HashMap<BinaryFile, FileCounts> {
+        for (file, c) in counts {
+            merge_counts(self.deferred.entry(file).or_default(), c);
+        }
+        let threshold = self.config.identify_after_samples;
+        let ready_files: Vec<BinaryFile> = self
+            .deferred
+            .iter()
+            .filter(|(f, c)| {
+                self.identified_files.contains(*f)
+                    || c.own_samples() + c.outside + c.variant >= threshold
+            })
+            .map(|(f, _)| f.clone())
+            .collect();
+        let mut ready = HashMap::with_capacity(ready_files.len());
+        for f in ready_files {
+            if let Some(c) = self.deferred.remove(&f) {
+                if self.identified_files.len() >= IDENTIFIER_CACHE_LIMIT {
+                    self.identified_files.clear();
+                }
+                self.identified_files.insert(f.clone());
+                ready.insert(f, c);
+            }
+        }
+        if self.deferred.len() > DEFERRED_LIMIT {
+            let mut by_size: Vec<(u64, BinaryFile)> = self
+                .deferred
+                .iter()
+                .map(|(f, c)| (c.own_samples() + c.outside + c.variant, f.clone()))
+                .collect();
+            by_size.sort();
+            let excess = self.deferred.len() - DEFERRED_LIMIT;
+            for (_, f) in by_size.into_iter().take(excess) {
+                self.deferred.remove(&f);
+            }
+        }
+        ready
     }
 
     async fn write(&mut self, flush: Flush) -> anyhow::Result<()> {
         let identifier = Arc::clone(&self.identifier);
-        let counts = flush.counts;
+        let counts = self.ready_counts(flush.counts);
         // Hashing, ELF parsing and symbolization block: keep them off the runtime.
         let identified = tokio::task::spawn_blocking(move || {
             let mut idf = identifier.lock().map_err(|_| anyhow::anyhow!("identifier poisoned"))?;
@@ -415,5 +488,143 @@ impl Writer {
             }
         });
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::os::unix::fs::MetadataExt;
+
+    use object::{Object, ObjectSegment, ObjectSymbol};
+
+    use super::*;
+    use crate::catalog::profiles;
+    use crate::clock::ManualClock;
+    use crate::identity::ContentId;
+    use crate::profile::resolve::IdentityResolver;
+    use crate::profile::sampler::SampleEvent;
+    use crate::profile::source::SourceKind;
+
+    /// Plays fixed batches, then idles.
+    struct Scripted(VecDeque<Vec<SampleEvent>>);
+
+    impl SampleSource for Scripted {
+        fn read_batch(
+            &mut self,
+            out: &mut Vec<SampleEvent>,
+            timeout: Duration,
+        ) -> anyhow::Result<()> {
+            match self.0.pop_front() {
+                Some(batch) => out.extend(batch),
+                None => std::thread::sleep(timeout.min(Duration::from_millis(10))),
+            }
+            Ok(())
+        }
+    }
+
+    /// (file offset of `main` + 1, its PT_LOAD's file offset and size) in this test binary.
+    fn main_site(exe: &std::path::Path) -> (u64, u64, u64) {
+        let bytes = std::fs::read(exe).unwrap();
+        let elf = object::File::parse(&*bytes).unwrap();
+        let main = elf.symbols().find(|s| s.name() == Ok("main")).unwrap();
+        let seg = elf
+            .segments()
+            .find(|g| main.address() >= g.address() && main.address() < g.address() + g.size())
+            .unwrap();
+        let (off, size) = seg.file_range();
+        (main.address() - seg.address() + off + 1, off, size)
+    }
+
+    fn mmap_of(pid: u32, path: &std::path::Path, base: u64, off: u64, size: u64) -> SampleEvent {
+        let md = std::fs::metadata(path).unwrap();
+        SampleEvent::Mmap {
+            time: 1,
+            pid,
+            addr: base + off,
+            len: size,
+            pgoff: off,
+            file: Some((libc::major(md.dev()), libc::minor(md.dev()), md.ino())),
+            filename: path.to_path_buf(),
+        }
+    }
+
+    fn sample(pid: u32, ip: u64) -> SampleEvent {
+        SampleEvent::Sample { time: 2, pid, tid: pid, ip, kernel: false, branches: vec![] }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn flushes_identified_symbolized_counts_and_defers_small_binaries() {
+        let exe = std::env::current_exe().unwrap();
+        let (main_off, seg_off, seg_size) = main_site(&exe);
+        let other = std::path::Path::new("/bin/sh").canonicalize().unwrap();
+        let base = 0x5555_0000_0000;
+        let mut batch = vec![
+            SampleEvent::Exec { time: 0, pid: 1_000_001 },
+            mmap_of(1_000_001, &exe, base, seg_off, seg_size),
+            SampleEvent::Exec { time: 0, pid: 1_000_002 },
+            mmap_of(1_000_002, &other, base, 0, 0x1000),
+        ];
+        batch.extend((0..120).map(|_| sample(1_000_001, base + main_off)));
+        batch.extend((0..30).map(|_| sample(1_000_001, 0x1234)));
+        batch.extend((0..10).map(|_| sample(1_000_002, base + 0x10)));
+        let catalog = Catalog::in_memory().unwrap();
+        let status = ProfilerStatusHandle::default();
+        let profiler = Profiler {
+            config: ProfilerConfig {
+                flush_interval: Duration::from_millis(50),
+                ..ProfilerConfig::default()
+            },
+            catalog: catalog.clone(),
+            resolver: Arc::new(IdentityResolver),
+            clock: Arc::new(ManualClock::at(6_000)),
+            status: status.clone(),
+        };
+        let choice = SourceChoice {
+            kind: SourceKind::CpuClock,
+            include_kernel: true,
+            reason: "test".into(),
+        };
+        let (tx, rx) = watch::channel(false);
+        let task = tokio::spawn(profiler.run_with_source(
+            Box::new(Scripted(VecDeque::from([batch]))),
+            choice,
+            rx,
+        ));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while status.snapshot().samples < 160 {
+            assert!(Instant::now() < deadline, "{:?}", status.snapshot());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tx.send(true).unwrap();
+        task.await.unwrap().unwrap();
+
+        let s = status.snapshot();
+        assert!(!s.running);
+        assert_eq!(s.samples, 160);
+        let mine = &s.binaries[&exe.display().to_string()];
+        assert_eq!((mine.own_samples, mine.outside_samples, mine.runs), (120, 30, 1));
+        assert!(!s.binaries.contains_key(&other.display().to_string()), "10 samples: deferred");
+
+        let content = ContentId::of_file(&exe).unwrap().hex();
+        let (counts, windows) = catalog
+            .run(move |c| {
+                let id: i64 =
+                    c.query_row("SELECT id FROM binaries WHERE sha256 = ?1", [content], |r| {
+                        r.get(0)
+                    })?;
+                Ok((profiles::sample_counts(c, id)?, profiles::windows(c, id)?))
+            })
+            .await
+            .unwrap();
+        assert_eq!(counts, vec![("main".to_string(), 1, 120)]);
+        assert_eq!(windows.len(), 1);
+        assert_eq!(windows[0].window_start, 6_000);
+        assert_eq!(windows[0].outside_samples, 30);
+        let binaries: i64 = catalog
+            .run(|c| Ok(c.query_row("SELECT count(*) FROM binaries", [], |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(binaries, 1, "the small binary was never hashed");
     }
 }
