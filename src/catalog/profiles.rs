@@ -46,7 +46,7 @@ CREATE TABLE profile_windows (
     PRIMARY KEY (binary_id, window_start)
 ) WITHOUT ROWID;
 CREATE TABLE profile_samples (
-    binary_id    INTEGER NOT NULL,
+    binary_id    INTEGER NOT NULL REFERENCES binaries(id) ON DELETE CASCADE,
     window_start INTEGER NOT NULL,
     function_id  INTEGER NOT NULL,
     offset       INTEGER NOT NULL,
@@ -54,7 +54,7 @@ CREATE TABLE profile_samples (
     PRIMARY KEY (binary_id, window_start, function_id, offset)
 ) WITHOUT ROWID;
 CREATE TABLE profile_branches (
-    binary_id    INTEGER NOT NULL,
+    binary_id    INTEGER NOT NULL REFERENCES binaries(id) ON DELETE CASCADE,
     window_start INTEGER NOT NULL,
     from_fn      INTEGER NOT NULL,
     from_offset  INTEGER NOT NULL,

@@ -22,7 +22,9 @@ pub mod symbolize;
 pub mod task;
 
 pub use resolve::{IdentityResolver, PathResolver, Resolved, UnderDirResolver};
-pub use summary::{ProfileSummary, profile_summary, write_fdata};
+pub use summary::{
+    ProfileKind, ProfileSummary, profile_summary, write_fdata, write_profile_for_bolt,
+};
 pub use task::{
     BinaryStatus, Profiler, ProfilerConfig, ProfilerStatus, ProfilerStatusHandle, run_profiler,
 };

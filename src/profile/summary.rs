@@ -100,6 +100,32 @@ pub fn write_fdata(conn: &Connection, binary_id: i64, out: &mut impl Write) -> a
     Ok(())
 }
 
+/// Which profile [`write_profile_for_bolt`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProfileKind {
+    /// Merged instrumentation edges: exact, complete after one run (BRIEF.md: never worse
+    /// than sampled profiles here).
+    Instrumentation,
+    /// Sampled: branch records or `no_lbr` samples.
+    Sampled,
+}
+
+/// Writes the best profile `binary_id` has for a BOLT run: its instrumentation profile if
+/// any instrumented run was merged, else its sampled profile.
+pub fn write_profile_for_bolt(
+    conn: &Connection,
+    binary_id: i64,
+    out: &mut impl Write,
+) -> anyhow::Result<ProfileKind> {
+    if profiles::instrumented_runs(conn, binary_id)? > 0 {
+        super::instrument::write_instrumented_fdata(conn, binary_id, out)?;
+        return Ok(ProfileKind::Instrumentation);
+    }
+    write_fdata(conn, binary_id, out)?;
+    Ok(ProfileKind::Sampled)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,6 +159,13 @@ mod tests {
             let mut out = Vec::new();
             write_fdata(c, id, &mut out)?;
             assert_eq!(String::from_utf8(out)?, "no_lbr cpu-clock:\n1 cold 0 10\n1 hot 10 90\n");
+            let mut out = Vec::new();
+            assert_eq!(write_profile_for_bolt(c, id, &mut out)?, ProfileKind::Sampled);
+            let edge = ("1 hot 0".to_string(), "1 hot 10".to_string(), 0, 7);
+            profiles::add_instrumented_run(c, id, &[edge], 2)?;
+            let mut out = Vec::new();
+            assert_eq!(write_profile_for_bolt(c, id, &mut out)?, ProfileKind::Instrumentation);
+            assert_eq!(String::from_utf8(out)?, "1 hot 0 1 hot 10 0 7\n");
             let err = write_fdata(c, s, &mut Vec::new()).unwrap_err();
             assert!(format!("{err:#}").contains("stripped: no .symtab"));
             assert_eq!(profile_summary(c, s, &t)?.refused.as_deref(), Some("stripped: no .symtab"));
