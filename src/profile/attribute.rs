@@ -54,8 +54,8 @@ pub struct StreamCounters {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Target {
-    Original(BinaryFile),
-    Variant(BinaryFile),
+    Original(Arc<BinaryFile>),
+    Variant(Arc<BinaryFile>),
     Ignore,
 }
 
@@ -145,7 +145,7 @@ pub struct Attributor {
     /// Exited processes are forgotten one flush later: samples from other CPUs' buffers
     /// may still name them.
     exited: Vec<u32>,
-    pending: HashMap<BinaryFile, FileCounts>,
+    pending: HashMap<Arc<BinaryFile>, FileCounts>,
     counters: StreamCounters,
 }
 
@@ -177,6 +177,9 @@ impl Attributor {
             self.processes.remove(&pid);
         }
         std::mem::take(&mut self.pending)
+            .into_iter()
+            .map(|(file, counts)| (Arc::unwrap_or_clone(file), counts))
+            .collect()
     }
 
     pub fn handle(&mut self, event: &SampleEvent) {
@@ -229,70 +232,71 @@ impl Attributor {
     }
 
     fn sample(&mut self, pid: u32, ip: u64, kernel: bool, branches: &[super::sampler::Branch]) {
-        let resolver = Arc::clone(&self.resolver);
-        let Some(p) = self.process(pid) else {
+        if self.process(pid).is_none() {
             self.counters.unattributed += 1;
             return;
-        };
-        if p.target.is_none() {
-            p.target = Some(match &p.main {
-                Some((id, path)) => match resolver.resolve(path) {
-                    Resolved::Original(orig) => {
-                        // Only a mapping of the original file itself proves which file
-                        // ran; through the mount the (dev, ino) are the mount's.
-                        let mapped = if &orig == path { *id } else { None };
-                        Target::Original(BinaryFile { path: orig, mapped })
-                    }
-                    Resolved::Variant { original } => {
-                        Target::Variant(BinaryFile { path: original, mapped: None })
-                    }
-                    Resolved::Ignore => Target::Ignore,
-                },
-                None => Target::Ignore,
-            });
         }
+        let Some(p) = self.processes.get_mut(&pid) else { return };
+        let target = match &p.target {
+            Some(t) => t,
+            None => p.target.insert(resolve_target(self.resolver.as_ref(), p.main.as_ref())),
+        };
+        let file = match target {
+            Target::Ignore => {
+                self.counters.unattributed += 1;
+                return;
+            }
+            Target::Original(file) | Target::Variant(file) => Arc::clone(file),
+        };
+        let is_variant = matches!(target, Target::Variant(_));
         let own = if kernel { None } else { p.mapping_at(ip).filter(|m| p.is_main(m)) };
-        let own_offset = own.map(|m| m.file_offset(ip));
-        let own_branches: Vec<(u64, u64, bool)> = if own.is_some() {
-            branches
-                .iter()
-                .filter_map(|b| {
-                    let from = p.mapping_at(b.from).filter(|m| p.is_main(m))?;
-                    let to = p.mapping_at(b.to).filter(|m| p.is_main(m))?;
-                    Some((from.file_offset(b.from), to.file_offset(b.to), b.mispredicted))
-                })
-                .collect()
-        } else {
-            Vec::new()
+        let Some(own) = own else {
+            if !is_variant {
+                self.pending.entry(file).or_default().outside += 1;
+            }
+            return;
         };
-        let first_run_sample = own_offset.is_some() && !p.counted;
-        if first_run_sample {
+        let offset = own.file_offset(ip);
+        let counts = self.pending.entry(file).or_default();
+        if is_variant {
+            counts.variant += 1;
+            return;
+        }
+        *counts.offsets.entry(offset).or_default() += 1;
+        if !p.counted {
             p.counted = true;
+            counts.new_runs += 1;
         }
-        let target = p.target.clone();
-        match target {
-            Some(Target::Original(file)) => {
-                let counts = self.pending.entry(file).or_default();
-                match own_offset {
-                    Some(off) => {
-                        *counts.offsets.entry(off).or_default() += 1;
-                        counts.new_runs += first_run_sample as u64;
-                        for (from, to, mispred) in own_branches {
-                            let e = counts.branches.entry((from, to)).or_default();
-                            e.0 += 1;
-                            e.1 += mispred as u64;
-                        }
-                    }
-                    None => counts.outside += 1,
-                }
+        for b in branches {
+            let from = p.mapping_at(b.from).filter(|m| p.is_main(m));
+            let to = p.mapping_at(b.to).filter(|m| p.is_main(m));
+            if let (Some(from), Some(to)) = (from, to) {
+                let e = counts.branches.entry((from.file_offset(b.from), to.file_offset(b.to)));
+                let e = e.or_default();
+                e.0 += 1;
+                e.1 += b.mispredicted as u64;
             }
-            Some(Target::Variant(file)) => {
-                if own_offset.is_some() {
-                    self.pending.entry(file).or_default().variant += 1;
-                }
-            }
-            Some(Target::Ignore) | None => self.counters.unattributed += 1,
         }
+    }
+}
+
+/// What a process's main executable stands for, asked of the resolver once per process.
+fn resolve_target(
+    resolver: &dyn PathResolver,
+    main: Option<&(Option<(u64, u64)>, PathBuf)>,
+) -> Target {
+    let Some((id, path)) = main else { return Target::Ignore };
+    match resolver.resolve(path) {
+        Resolved::Original(orig) => {
+            // Only a mapping of the original file itself proves which file ran; through
+            // the mount the (dev, ino) are the mount's.
+            let mapped = if &orig == path { *id } else { None };
+            Target::Original(Arc::new(BinaryFile { path: orig, mapped }))
+        }
+        Resolved::Variant { original } => {
+            Target::Variant(Arc::new(BinaryFile { path: original, mapped: None }))
+        }
+        Resolved::Ignore => Target::Ignore,
     }
 }
 
