@@ -413,6 +413,32 @@ mod tests {
     }
 
     #[test]
+    fn branch_stacks_keep_only_branches_inside_the_binary() {
+        use crate::profile::sampler::Branch;
+        let mut a = Attributor::new(Arc::new(IdentityResolver), Box::new(NoProc));
+        a.handle(&SampleEvent::Exec { time: 0, pid: 5 });
+        a.handle(&mmap(5, 0x40_0000, 0x1000, 0x1000, 7, "/bin/x"));
+        a.handle(&mmap(5, 0x7f00_0000, 0x1000, 0, 8, "/lib/l.so"));
+        let b = |from, to, mispredicted| Branch { from, to, mispredicted };
+        a.handle(&SampleEvent::Sample {
+            time: 0,
+            pid: 5,
+            tid: 5,
+            ip: 0x40_0010,
+            kernel: false,
+            branches: vec![
+                b(0x40_0020, 0x40_0030, true),
+                b(0x40_0020, 0x40_0030, false),
+                b(0x40_0040, 0x7f00_0000, false), // into a library: not this binary's edge
+            ],
+        });
+        let counts = a.take_counts();
+        let c = counts.values().next().unwrap();
+        assert_eq!(c.branches.len(), 1);
+        assert_eq!(c.branches[&(0x1020, 0x1030)], (2, 1));
+    }
+
+    #[test]
     fn processes_unknown_to_the_stream_are_seeded_from_proc() {
         struct OneProc;
         impl ProcReader for OneProc {
