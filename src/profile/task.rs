@@ -191,10 +191,13 @@ impl Profiler {
                 .context("starting the sampling thread")?
         };
         let mut writer = Writer::new(&self, event);
+        let mut stop_requested = false;
         let result = loop {
             tokio::select! {
-                changed = shutdown.changed() => {
+                // Once stopping, only the sampling thread's last flush is awaited.
+                changed = shutdown.changed(), if !stop_requested => {
                     if changed.is_err() || *shutdown.borrow() {
+                        stop_requested = true;
                         stop.store(true, Ordering::SeqCst);
                     }
                 }
