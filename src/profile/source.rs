@@ -7,7 +7,9 @@
 //!
 //! UNTESTED HERE: the two hardware sources. The development VM has no PMU, so only
 //! `cpu-clock` has ever run; the hardware branches are kept to [`configure`] and the
-//! branch-stack fields of the sampler.
+//! branch-stack fields of the sampler. Known gap: AMD BRS refuses frequency mode (it needs
+//! a fixed `sample_period`); on such a machine the branch probe fails and the plain-cycles
+//! source is chosen.
 
 use std::io;
 
