@@ -15,3 +15,4 @@ pub mod error;
 pub mod fs;
 pub mod fuse;
 pub mod identity;
+pub mod profile;
