@@ -10,3 +10,5 @@ pub mod clock;
 pub mod elf;
 pub mod error;
 pub mod identity;
+pub mod measure;
+pub mod policy;

@@ -8,6 +8,7 @@
 
 pub mod base;
 mod migrations;
+pub mod runs;
 
 use std::path::Path;
 use std::sync::mpsc;
