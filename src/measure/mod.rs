@@ -143,11 +143,12 @@ impl Measurer {
     /// Called by the overlay on an exec-time open: attaches counters to the pid (one
     /// perf_event_open per counter, nothing slower) and remembers what was served.
     pub fn on_exec_open(&self, event: ExecOpen) -> anyhow::Result<()> {
+        let registered_ns = monotonic_ns();
         let counters = self
             .counters
             .attach(event.pid)
             .with_context(|| format!("attaching run counters to pid {}", event.pid))?;
-        lock(&self.tracker).register(event, counters);
+        lock(&self.tracker).register(event, counters, registered_ns);
         Ok(())
     }
 
@@ -174,6 +175,14 @@ impl Drop for Measurer {
 fn lock(t: &Mutex<RunTracker>) -> std::sync::MutexGuard<'_, RunTracker> {
     // A panic while holding the lock leaves consistent data (plain map updates).
     t.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of the proc connector's timestamps.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: ts is a valid timespec; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 fn now_ms() -> i64 {

@@ -31,10 +31,10 @@ const PROC_EVENT_EXIT: u32 = 0x8000_0000;
 /// `tgid` the process id; they are equal for a process's main thread.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProcEvent {
-    /// A new task was created; a pending measurement for `child_pid` is necessarily stale
-    /// (its process died unseen and the pid was reused).
-    Fork { child_pid: i32, child_tgid: i32 },
-    /// `tgid` finished an execve; `ts_ns` is the kernel's monotonic clock.
+    /// A new task was created; if that happened after a measurement of `child_pid` was
+    /// registered, the measured process died unseen and the pid was reused.
+    Fork { child_pid: i32, child_tgid: i32, ts_ns: u64 },
+    /// `tgid` finished an execve. Every `ts_ns` is the kernel's CLOCK_MONOTONIC.
     Exec { pid: i32, tgid: i32, ts_ns: u64 },
     /// A task exited with a wait(2)-style `status`.
     Exit { pid: i32, tgid: i32, status: u32, ts_ns: u64 },
@@ -207,7 +207,7 @@ fn parse_cn_msg(m: &[u8]) -> Option<ProcEvent> {
     let d = 16;
     let i = |k: usize| u32_at(ev, d + 4 * k).map(|v| v as i32);
     match what {
-        PROC_EVENT_FORK => Some(ProcEvent::Fork { child_pid: i(2)?, child_tgid: i(3)? }),
+        PROC_EVENT_FORK => Some(ProcEvent::Fork { child_pid: i(2)?, child_tgid: i(3)?, ts_ns }),
         PROC_EVENT_EXEC => Some(ProcEvent::Exec { pid: i(0)?, tgid: i(1)?, ts_ns }),
         PROC_EVENT_EXIT => {
             Some(ProcEvent::Exit { pid: i(0)?, tgid: i(1)?, status: u32_at(ev, d + 8)?, ts_ns })
@@ -258,7 +258,7 @@ mod tests {
             vec![
                 ProcEvent::Exit { pid: 42, tgid: 42, status: 0x8b, ts_ns: 99 },
                 ProcEvent::Exec { pid: 5, tgid: 5, ts_ns: 7 },
-                ProcEvent::Fork { child_pid: 6, child_tgid: 6 },
+                ProcEvent::Fork { child_pid: 6, child_tgid: 6, ts_ns: 8 },
             ]
         );
         assert_eq!(decode_wait_status(0x8b), RunExit::Signaled(11));

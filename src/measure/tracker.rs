@@ -43,6 +43,9 @@ impl ProcessView for LiveProcesses {
 
 struct Pending {
     open: ExecOpen,
+    /// CLOCK_MONOTONIC when registered: events stamped earlier belong to an older process
+    /// (they may still sit in the socket queue when the registration happens).
+    registered_ns: u64,
     counters: Box<dyn RunCounters>,
     exec: Option<(u64, String)>,
     /// When a sweep first found the process gone without its exit having been seen.
@@ -83,10 +86,12 @@ impl RunTracker {
         self.dropped
     }
 
-    /// An exec-time open with counters attached to its pid.
-    pub fn register(&mut self, open: ExecOpen, counters: Box<dyn RunCounters>) {
+    /// An exec-time open with counters attached to its pid, registered at `registered_ns`
+    /// (CLOCK_MONOTONIC, the clock of the kernel's event timestamps).
+    pub fn register(&mut self, open: ExecOpen, counters: Box<dyn RunCounters>, registered_ns: u64) {
         let pid = open.pid;
-        self.pending.insert(pid, Pending { open, counters, exec: None, gone_since: None });
+        let p = Pending { open, registered_ns, counters, exec: None, gone_since: None };
+        self.pending.insert(pid, p);
     }
 
     /// Advances the pending measurements; returns a record when a measured run ended.
@@ -97,16 +102,18 @@ impl RunTracker {
         now_ms: i64,
     ) -> Option<RunRecord> {
         match ev {
-            ProcEvent::Fork { child_pid, .. } => {
-                // A fresh task with this id: the process we were waiting on is long gone.
-                if self.pending.remove(&child_pid).is_some() {
+            ProcEvent::Fork { child_pid, ts_ns, .. } => {
+                // A task created with this id after we registered it: the process we were
+                // waiting on is gone and the pid was reused.
+                if self.pending.get(&child_pid).is_some_and(|p| ts_ns > p.registered_ns) {
+                    self.pending.remove(&child_pid);
                     self.dropped.lost += 1;
                 }
                 None
             }
             ProcEvent::Exec { tgid, ts_ns, .. } => {
                 let p = self.pending.get_mut(&tgid)?;
-                if p.exec.is_none() {
+                if p.exec.is_none() && ts_ns >= p.registered_ns {
                     let hash =
                         procs.cmdline(tgid).map_or_else(|| UNKNOWN_CMD.into(), |c| cmd_hash(&c));
                     p.exec = Some((ts_ns, hash));
@@ -116,6 +123,9 @@ impl RunTracker {
             ProcEvent::Exit { pid, tgid, status, ts_ns } => {
                 if pid != tgid {
                     return None; // a thread, not the process
+                }
+                if self.pending.get(&pid).is_none_or(|p| ts_ns < p.registered_ns) {
+                    return None; // not ours, or an older process that had this pid
                 }
                 let mut p = self.pending.remove(&pid)?;
                 let Some((exec_ts, cmd_hash)) = p.exec.take() else {
@@ -216,7 +226,7 @@ mod tests {
         let mut procs = FakeProcs::default();
         procs.cmdlines.insert(10, b"x\0-v\0".to_vec());
         let mut t = RunTracker::new();
-        t.register(open(10, Some(7)), Box::new(FixedCounters(5_000)));
+        t.register(open(10, Some(7)), Box::new(FixedCounters(5_000)), 0);
         assert!(t.on_event(ProcEvent::Exec { pid: 10, tgid: 10, ts_ns: 100 }, &procs, 1).is_none());
         // A thread's exit is not the process's.
         assert!(
@@ -239,7 +249,7 @@ mod tests {
     fn exit_before_exec_is_a_failed_exec_not_a_run() {
         let procs = FakeProcs::default();
         let mut t = RunTracker::new();
-        t.register(open(10, None), Box::new(FixedCounters(1)));
+        t.register(open(10, None), Box::new(FixedCounters(1)), 0);
         assert!(
             t.on_event(
                 ProcEvent::Exit { pid: 10, tgid: 10, status: 127 << 8, ts_ns: 5 },
@@ -255,23 +265,45 @@ mod tests {
     fn vanished_process_is_dropped_after_grace_and_fork_reuse_drops_stale() {
         let procs = FakeProcs::default();
         let mut t = RunTracker::new();
-        t.register(open(10, None), Box::new(FixedCounters(1)));
-        t.register(open(20, None), Box::new(FixedCounters(1)));
+        t.register(open(10, None), Box::new(FixedCounters(1)), 0);
+        t.register(open(20, None), Box::new(FixedCounters(1)), 0);
         procs.dead.borrow_mut().insert(10);
         let t0 = Instant::now();
         assert_eq!(t.sweep(&procs, t0), 0);
         assert_eq!(t.sweep(&procs, t0 + LOST_GRACE), 1);
-        assert!(t.on_event(ProcEvent::Fork { child_pid: 20, child_tgid: 20 }, &procs, 0).is_none());
+        // A fork stamped before the registration is the measured process's own birth.
+        t.pending.get_mut(&20).unwrap().registered_ns = 50;
+        let fork = |ts_ns| ProcEvent::Fork { child_pid: 20, child_tgid: 20, ts_ns };
+        assert!(t.on_event(fork(40), &procs, 0).is_none());
+        assert_eq!(t.pending(), 1);
+        assert!(t.on_event(fork(60), &procs, 0).is_none());
         assert_eq!(t.pending(), 0);
         assert_eq!(t.dropped().lost, 2);
+    }
+
+    #[test]
+    fn events_older_than_the_registration_are_ignored() {
+        let procs = FakeProcs::default();
+        let mut t = RunTracker::new();
+        t.register(open(10, None), Box::new(FixedCounters(1)), 100);
+        // The previous owner of pid 10 exec'd and exited before we registered.
+        t.on_event(ProcEvent::Exec { pid: 10, tgid: 10, ts_ns: 90 }, &procs, 0);
+        assert!(
+            t.on_event(ProcEvent::Exit { pid: 10, tgid: 10, status: 0, ts_ns: 95 }, &procs, 0)
+                .is_none()
+        );
+        assert_eq!(t.pending(), 1);
+        t.on_event(ProcEvent::Exec { pid: 10, tgid: 10, ts_ns: 110 }, &procs, 0);
+        let r = t.on_event(ProcEvent::Exit { pid: 10, tgid: 10, status: 0, ts_ns: 150 }, &procs, 0);
+        assert_eq!(r.map(|r| r.wall_ns), Some(40));
     }
 
     #[test]
     fn unreadable_cmdline_is_unknown_and_second_open_replaces_first() {
         let procs = FakeProcs::default();
         let mut t = RunTracker::new();
-        t.register(open(10, Some(1)), Box::new(FixedCounters(1)));
-        t.register(open(10, Some(2)), Box::new(FixedCounters(2)));
+        t.register(open(10, Some(1)), Box::new(FixedCounters(1)), 0);
+        t.register(open(10, Some(2)), Box::new(FixedCounters(2)), 0);
         t.on_event(ProcEvent::Exec { pid: 10, tgid: 10, ts_ns: 0 }, &procs, 0);
         let r = t
             .on_event(ProcEvent::Exit { pid: 10, tgid: 10, status: 3 << 8, ts_ns: 1 }, &procs, 0)
