@@ -354,6 +354,29 @@ pub fn binaries_to_watch(conn: &Connection) -> anyhow::Result<Vec<i64>> {
     Ok(rows)
 }
 
+/// For every watched binary, a text that changes whenever its variants' states or its
+/// paths' controls change: the policy re-evaluates a binary on a rescan only then.
+pub fn watch_fingerprints(conn: &Connection) -> anyhow::Result<Vec<(i64, String)>> {
+    let mut stmt = conn.prepare(
+        "SELECT b.id,
+                COALESCE((SELECT group_concat(v.id || ':' || v.state, ',')
+                          FROM (SELECT id, state FROM variants WHERE binary_id = b.id
+                                ORDER BY id) v), '')
+                || '|' ||
+                COALESCE((SELECT group_concat(c.path || ':' || COALESCE(c.pin, '') || ':'
+                                              || c.excluded, ',')
+                          FROM (SELECT c.path, c.pin, c.excluded FROM controls c
+                                JOIN paths p ON p.path = c.path
+                                WHERE p.binary_id = b.id ORDER BY c.path) c), '')
+         FROM binaries b
+         WHERE b.id IN (SELECT binary_id FROM variants)
+            OR b.id IN (SELECT p.binary_id FROM paths p JOIN controls c ON c.path = p.path)
+         ORDER BY b.id",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
 /// Forgets the measurements, incidents and decisions of a binary (`reset NAME`).
 pub fn forget_binary(conn: &Connection, binary_id: i64) -> anyhow::Result<()> {
     conn.execute("DELETE FROM runs WHERE binary_id = ?1", [binary_id])?;
@@ -460,6 +483,13 @@ mod tests {
             )?;
             assert_eq!(decisions_of(c, bid)?[0].first_run_id, Some(7));
             assert_eq!(binaries_to_watch(c)?, vec![bid]);
+            let before = watch_fingerprints(c)?;
+            assert_eq!(before.len(), 1);
+            crate::catalog::base::set_pin(c, "/bin/x", Some("bolted"), 2)?;
+            let after = watch_fingerprints(c)?;
+            assert_ne!(before, after);
+            crate::catalog::base::set_variant_state(c, vid, "served", None)?;
+            assert_ne!(after, watch_fingerprints(c)?);
             assert_eq!(paths_of_binary(c, bid)?, vec!["/bin/x".to_string()]);
             forget_binary(c, bid)?;
             assert!(incidents_of(c, bid)?.is_empty() && decisions_of(c, bid)?.is_empty());

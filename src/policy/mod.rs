@@ -47,6 +47,9 @@ use stats::{Timed, compare, normal_quantile};
 pub const CRASH_SIGNALS: [i32; 5] =
     [libc::SIGSEGV, libc::SIGILL, libc::SIGBUS, libc::SIGFPE, libc::SIGABRT];
 
+/// Runs per arm the served variant's measured gain is computed from (the newest).
+const GAIN_RUNS_PER_ARM: usize = 200;
+
 /// The policy's knobs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -586,9 +589,10 @@ fn served_step(
     // The measured gain: every normal run since the canary started, both arms.
     let since = v.canary_from_run.or(v.served_from_run).unwrap_or(0);
     let all = || input.runs.iter().filter(|r| r.id >= since);
+    // The newest runs only: the cost is quadratic in the runs per arm.
     let gain = compare(
-        &timed(all().filter(|r| r.variant_id == Some(v.id))),
-        &timed(all().filter(|r| r.variant_id.is_none())),
+        newest(&timed(all().filter(|r| r.variant_id == Some(v.id)))),
+        newest(&timed(all().filter(|r| r.variant_id.is_none()))),
         normal_quantile(0.975),
     );
     // Drift: the latest full block of 2m exploration runs against the variant's runs of
@@ -626,6 +630,11 @@ fn served_step(
         }
     }
     (Stage::ServingOptimized { variant_id: v.id, gain }, serve)
+}
+
+/// The newest [`GAIN_RUNS_PER_ARM`] runs of an arm.
+fn newest<'a, 'b>(t: &'b [Timed<'a>]) -> &'b [Timed<'a>] {
+    &t[t.len().saturating_sub(GAIN_RUNS_PER_ARM)..]
 }
 
 /// The stage of a binary with no active variant.

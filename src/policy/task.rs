@@ -95,6 +95,7 @@ pub async fn run_policy(
     opts: PolicyTaskOptions,
 ) -> anyhow::Result<()> {
     let mut sent: HashMap<String, ServeDecision> = HashMap::new();
+    let mut fingerprints: HashMap<i64, String> = HashMap::new();
     let mut rescan = tokio::time::interval(opts.rescan_every);
     rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut rotate = tokio::time::interval(opts.rotate_every);
@@ -125,7 +126,7 @@ pub async fn run_policy(
                 }
                 ingest(&catalog, batch, &opts).await
             }
-            _ = rescan.tick() => rescan_all(&catalog, &opts).await,
+            _ = rescan.tick() => rescan_changed(&catalog, &opts, &mut fingerprints).await,
             _ = rotate.tick() => {
                 let (age, rows, now) =
                     (opts.runs_max_age.as_millis() as i64, opts.runs_max_rows, now_ms(&*opts.clock));
@@ -174,15 +175,158 @@ async fn ingest(
         .await
 }
 
-async fn rescan_all(catalog: &Catalog, opts: &PolicyTaskOptions) -> anyhow::Result<Decisions> {
+/// Re-evaluates the binaries whose variants or controls changed since the last rescan
+/// (runs are handled as they arrive): new variants enter canary, pins take effect.
+async fn rescan_changed(
+    catalog: &Catalog,
+    opts: &PolicyTaskOptions,
+    fingerprints: &mut HashMap<i64, String>,
+) -> anyhow::Result<Decisions> {
     let (cfg, pipeline, now) = (opts.config.clone(), opts.pipeline.clone(), now_ms(&*opts.clock));
-    catalog
+    let known = std::mem::take(fingerprints);
+    let (out, seen) = catalog
         .run(move |conn| {
             let mut out = Vec::new();
-            for binary_id in runs::binaries_to_watch(conn)? {
-                out.extend(reevaluate_binary(conn, binary_id, &cfg, &*pipeline, now)?);
+            for (binary_id, fp) in runs::watch_fingerprints(conn)? {
+                if known.get(&binary_id) != Some(&fp) {
+                    out.extend(reevaluate_binary(conn, binary_id, &cfg, &*pipeline, now)?);
+                }
             }
-            Ok(out)
+            // Re-read: the evaluations themselves may have changed states.
+            Ok((out, runs::watch_fingerprints(conn)?))
         })
-        .await
+        .await?;
+    fingerprints.extend(seen);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::catalog::base::{
+        NewVariant, insert_variant, set_excluded, set_pin, upsert_binary, upsert_path,
+    };
+    use crate::elf::ElfFacts;
+    use crate::identity::{ContentId, FileKey};
+    use crate::measure::RunExit;
+    use crate::policy::load::{NoPipeline, binary_status, machine_summary};
+
+    #[derive(Default)]
+    struct Sink(Mutex<Vec<(PathBuf, ServeDecision)>>);
+    impl ServingSink for Sink {
+        fn set_decision(&self, original: &Path, decision: ServeDecision) {
+            self.0.lock().unwrap().push((original.to_path_buf(), decision));
+        }
+    }
+    impl Sink {
+        fn last(&self) -> Option<ServeDecision> {
+            self.0.lock().unwrap().last().map(|x| x.1)
+        }
+    }
+
+    async fn wait_for(sink: &Sink, want: ServeDecision) {
+        for _ in 0..200 {
+            if sink.last() == Some(want) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("sink never got {want:?}: {:?}", sink.0.lock().unwrap());
+    }
+
+    fn record(binary_id: i64, variant_id: Option<i64>, cpu_ns: u64) -> RunRecord {
+        RunRecord {
+            original: PathBuf::from("/usr/bin/tool"),
+            key: FileKey { dev: 1, ino: 1, size: 1, mtime_ns: 1, ctime_ns: 1 },
+            binary_id: Some(binary_id),
+            variant_id,
+            cmd_hash: "cmd".into(),
+            task_clock_ns: cpu_ns,
+            instructions: None,
+            cycles: None,
+            wall_ns: cpu_ns,
+            exit: RunExit::Exited(0),
+            at_ms: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn canary_promotion_controls_and_summary_through_the_task() {
+        let catalog = Catalog::in_memory().unwrap();
+        let (bid, vid) = catalog
+            .run(|c| {
+                let b =
+                    upsert_binary(c, &ContentId::of_bytes(b"tool"), 1, &ElfFacts::default(), 1)?;
+                let key = FileKey { dev: 1, ino: 1, size: 1, mtime_ns: 1, ctime_ns: 1 };
+                upsert_path(c, "/usr/bin/tool", Some(b), &key, 1)?;
+                let v = insert_variant(
+                    c,
+                    &NewVariant {
+                        binary_id: b,
+                        kind: "bolt".into(),
+                        state: "ready".into(),
+                        ..Default::default()
+                    },
+                    1,
+                )?;
+                Ok((b, v))
+            })
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let sink = Arc::new(Sink::default());
+        let (stop, shutdown) = watch::channel(false);
+        let opts =
+            PolicyTaskOptions { rescan_every: Duration::from_millis(20), ..Default::default() };
+        let task = tokio::spawn(run_policy(catalog.clone(), rx, sink.clone(), shutdown, opts));
+        wait_for(&sink, ServeDecision::Split { variant_id: vid, variant_share: 0.5 }).await;
+
+        // 20 interleaved runs per arm; the variant needs 20% less CPU.
+        for i in 0..20u64 {
+            let jitter = 1_000_000 + (i * 7919 % 97) * 1_000;
+            tx.send(record(bid, None, 100 * jitter)).unwrap();
+            tx.send(record(bid, Some(vid), 80 * jitter)).unwrap();
+        }
+        wait_for(&sink, ServeDecision::Split { variant_id: vid, variant_share: 0.95 }).await;
+
+        let cfg = PolicyConfig::default();
+        let (status, summary, decisions) = catalog
+            .run(move |c| {
+                Ok((
+                    binary_status(c, bid, &cfg, &NoPipeline)?,
+                    machine_summary(c, &cfg, &NoPipeline)?,
+                    runs::decisions_of(c, bid)?,
+                ))
+            })
+            .await
+            .unwrap();
+        let actions: Vec<&str> = decisions.iter().map(|d| d.action.as_str()).collect();
+        assert_eq!(actions, ["start_canary", "promote"]);
+        assert!(status[0].stage_text.starts_with("serving optimized"), "{}", status[0].stage_text);
+        assert!(status[0].stage_text.contains("faster by 20."), "{}", status[0].stage_text);
+        assert_eq!(status[0].runs, vec![(None, 20), (Some(vid), 20)]);
+        assert_eq!(summary.binaries_optimized, 1);
+        assert_eq!(summary.cpu_saved_ns, 0, "no runs served since the promotion yet");
+
+        // Runs served after the promotion count as saved CPU time.
+        tx.send(record(bid, Some(vid), 80_000_000)).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let cfg = PolicyConfig::default();
+        let summary = catalog.run(move |c| machine_summary(c, &cfg, &NoPipeline)).await.unwrap();
+        assert!((19_000_000..=21_000_000).contains(&summary.cpu_saved_ns), "{summary:?}");
+
+        // Pins and exclusions reach the serving table on the next rescan.
+        catalog.run(|c| set_pin(c, "/usr/bin/tool", Some("original"), 2)).await.unwrap();
+        wait_for(&sink, ServeDecision::Original).await;
+        catalog.run(|c| set_pin(c, "/usr/bin/tool", Some("bolted"), 3)).await.unwrap();
+        wait_for(&sink, ServeDecision::Variant(vid)).await;
+        catalog.run(|c| set_excluded(c, "/usr/bin/tool", true, 4)).await.unwrap();
+        wait_for(&sink, ServeDecision::Original).await;
+
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+    }
 }
