@@ -200,9 +200,13 @@ async fn cpu_time_exit_codes_signals_and_command_hashes() {
     assert_eq!(r.exit, RunExit::Signaled(libc::SIGSEGV), "the killing signal, not SIGCHLD");
     assert_eq!(r.variant_id, Some(9));
 
-    let a = measured_run(&m, &mut rx, &burn, &["burn", "1", "0"], &burn, None).await;
-    let b = measured_run(&m, &mut rx, &burn, &["burn", "1", "0"], &burn, None).await;
-    let c = measured_run(&m, &mut rx, &burn, &["burn", "2", "0"], &burn, None).await;
+    // 20 ms runs: long enough for the command line to be read after the exec (a process
+    // that exits within about a millisecond may be gone first; its command is "unknown").
+    let a = measured_run(&m, &mut rx, &burn, &["burn", "20", "0"], &burn, None).await;
+    let b = measured_run(&m, &mut rx, &burn, &["burn", "20", "0"], &burn, None).await;
+    let c = measured_run(&m, &mut rx, &burn, &["burn", "21", "0"], &burn, None).await;
+    assert_ne!(a.cmd_hash, optbin::measure::cmdline::UNKNOWN_CMD);
+    assert_eq!(a.cmd_hash, cmd_hash_of_args(&["burn", "20", "0"]));
     assert_eq!(a.cmd_hash, b.cmd_hash);
     assert_ne!(a.cmd_hash, c.cmd_hash);
     assert_eq!(m.pending(), 0);

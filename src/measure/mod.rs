@@ -224,3 +224,74 @@ fn read_loop(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc as std_mpsc;
+
+    use super::counters::{CounterReading, RunCounters};
+    use super::*;
+
+    struct ChannelSource(std_mpsc::Receiver<ProcEvent>);
+    impl ProcEventSource for ChannelSource {
+        fn next_events(&mut self, out: &mut Vec<ProcEvent>) -> io::Result<()> {
+            if let Ok(ev) = self.0.recv_timeout(Duration::from_millis(20)) {
+                out.push(ev);
+            }
+            Ok(())
+        }
+    }
+
+    struct Fixed;
+    impl RunCounters for Fixed {
+        fn read(&mut self) -> io::Result<CounterReading> {
+            Ok(CounterReading { task_clock_ns: 42, instructions: Some(7), cycles: Some(9) })
+        }
+    }
+    struct FixedFactory;
+    impl CounterFactory for FixedFactory {
+        fn attach(&self, pid: i32) -> io::Result<Box<dyn RunCounters>> {
+            if pid < 0 {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(Box::new(Fixed))
+        }
+    }
+
+    struct Procs;
+    impl ProcessView for Procs {
+        fn cmdline(&self, _pid: i32) -> Option<Vec<u8>> {
+            Some(b"tool\0--fast\0".to_vec())
+        }
+        fn is_alive(&self, _pid: i32) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn measurer_turns_events_into_records_on_its_channel() {
+        let (tx, rx) = std_mpsc::channel();
+        let (m, mut records) =
+            Measurer::with_parts(Arc::new(FixedFactory), ChannelSource(rx), Procs).unwrap();
+        let open = |pid| ExecOpen {
+            pid,
+            original: PathBuf::from("/usr/bin/tool"),
+            variant_id: Some(3),
+            binary_id: Some(1),
+            key: FileKey { dev: 1, ino: 2, size: 3, mtime_ns: 4, ctime_ns: 5 },
+        };
+        assert!(m.on_exec_open(open(-1)).is_err(), "attach failures are reported");
+        m.on_exec_open(open(77)).unwrap();
+        let t0 = monotonic_ns();
+        tx.send(ProcEvent::Exec { pid: 77, tgid: 77, ts_ns: t0 + 10 }).unwrap();
+        tx.send(ProcEvent::Exit { pid: 77, tgid: 77, status: 6, ts_ns: t0 + 1_010 }).unwrap();
+        let r = records.blocking_recv().unwrap();
+        assert_eq!(r.exit, RunExit::Signaled(libc::SIGABRT));
+        assert_eq!(r.wall_ns, 1_000);
+        assert_eq!((r.task_clock_ns, r.instructions, r.cycles), (42, Some(7), Some(9)));
+        assert_eq!(r.cmd_hash, cmdline::cmd_hash_of_args(&["tool", "--fast"]));
+        assert_eq!(m.pending(), 0);
+        drop(m); // stops and joins the reader thread
+        assert!(records.blocking_recv().is_none());
+    }
+}
