@@ -12,11 +12,15 @@
 //! needed anyway (to read the new command line, and to tell a failed exec from a run), the
 //! connector gives kernel timestamps for exec and exit (the wall time of the run), and its
 //! exit status is available at exit, whereas pidfd exit information only appears once the
-//! parent has reaped the process. Lost events (socket overflow) are covered by a sweep.
+//! parent has reaped the process (checked on this 6.18 kernel: before the reap
+//! `PIDFD_GET_INFO` leaves `PIDFD_INFO_EXIT` out of the mask; after it, the status is there). Lost events (socket overflow) are covered by a sweep.
 //!
 //! Limitations: a multithreaded process whose main thread leaves early (pthread_exit) is
 //! reported when that thread exits; children that outlive the main process are not
-//! counted; an exec from a non-main thread is seen under the main thread's pid.
+//! counted; an exec from a non-main thread is lost (the kernel reports it under the main
+//! thread's pid, the overlay under the thread's); a process that exits within about a
+//! millisecond of its exec may be gone before its command line is read: its command is
+//! then [`cmdline::UNKNOWN_CMD`], one class of its own for the statistics.
 
 pub mod cmdline;
 pub mod counters;

@@ -1,5 +1,12 @@
 //! The policy's background task: stores measured runs, re-evaluates the binaries they
 //! belong to, writes the decisions to the catalog and tells the serving table.
+//!
+//! Wiring (the daemon): `let (measurer, records) = Measurer::start()?;` hand `measurer` to
+//! the overlay (it calls `on_exec_open` on exec-time opens), spawn
+//! `run_policy(catalog, records, sink, shutdown, opts)` with a [`ServingSink`] that updates
+//! the overlay's serving table, and let the overlay pick per exec with
+//! `decision.choose(random draw)`. Controls call [`reevaluate_binary`] after a change (a
+//! rescan also notices it within `rescan_every`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
