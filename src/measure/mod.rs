@@ -13,7 +13,8 @@
 //! connector gives kernel timestamps for exec and exit (the wall time of the run), and its
 //! exit status is available at exit, whereas pidfd exit information only appears once the
 //! parent has reaped the process (checked on this 6.18 kernel: before the reap
-//! `PIDFD_GET_INFO` leaves `PIDFD_INFO_EXIT` out of the mask; after it, the status is there). Lost events (socket overflow) are covered by a sweep.
+//! `PIDFD_GET_INFO` leaves `PIDFD_INFO_EXIT` out of the mask; after it, the status is
+//! there). Lost events (socket overflow) are covered by a sweep.
 //!
 //! Limitations: a multithreaded process whose main thread leaves early (pthread_exit) is
 //! reported when that thread exits; children that outlive the main process are not
