@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::load::{PipelineView, apply, controls_of, load_binary};
 use super::{PolicyConfig, ServeDecision, Stage, decide, evaluate};
-use crate::catalog::{Catalog, runs};
+use crate::catalog::{Catalog, base, runs};
 use crate::clock::Clock;
 use crate::measure::RunRecord;
 
@@ -101,7 +101,8 @@ pub async fn run_policy(
     mut shutdown: watch::Receiver<bool>,
     opts: PolicyTaskOptions,
 ) -> anyhow::Result<()> {
-    let mut sent: HashMap<String, ServeDecision> = HashMap::new();
+    // What each path was last told, and for which binary.
+    let mut sent: HashMap<String, (Option<i64>, ServeDecision)> = HashMap::new();
     let mut fingerprints: HashMap<i64, String> = HashMap::new();
     let mut rescan = tokio::time::interval(opts.rescan_every);
     rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -133,7 +134,14 @@ pub async fn run_policy(
                 }
                 ingest(&catalog, batch, &opts).await
             }
-            _ = rescan.tick() => rescan_changed(&catalog, &opts, &mut fingerprints).await,
+            _ = rescan.tick() => {
+                let serving: Vec<(String, Option<i64>)> = sent
+                    .iter()
+                    .filter(|(_, (_, d))| *d != ServeDecision::Original)
+                    .map(|(p, (b, _))| (p.clone(), *b))
+                    .collect();
+                rescan_changed(&catalog, &opts, &mut fingerprints, serving).await
+            }
             _ = rotate.tick() => {
                 let (age, rows, now) =
                     (opts.runs_max_age.as_millis() as i64, opts.runs_max_rows, now_ms(&*opts.clock));
@@ -147,11 +155,11 @@ pub async fn run_policy(
         };
         match decisions {
             Ok(list) => {
-                for (path, serve, _stage) in list {
-                    if sent.get(&path) != Some(&serve) {
+                for (path, binary_id, serve) in list {
+                    if sent.get(&path).map(|x| x.1) != Some(serve) {
                         sink.set_decision(Path::new(&path), serve);
-                        sent.insert(path, serve);
                     }
+                    sent.insert(path, (binary_id, serve));
                 }
             }
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "policy evaluation failed"),
@@ -160,7 +168,12 @@ pub async fn run_policy(
     Ok(())
 }
 
-type Decisions = Vec<(String, ServeDecision, Stage)>;
+/// (path, the binary decided for, what to serve).
+type Decisions = Vec<(String, Option<i64>, ServeDecision)>;
+
+fn tagged(binary_id: i64, list: Vec<(String, ServeDecision, Stage)>) -> Decisions {
+    list.into_iter().map(|(p, d, _)| (p, Some(binary_id), d)).collect()
+}
 
 async fn ingest(
     catalog: &Catalog,
@@ -175,7 +188,10 @@ async fn ingest(
                 stored.iter().flatten().filter_map(|s| s.binary_id).collect();
             let mut out = Vec::new();
             for binary_id in touched {
-                out.extend(reevaluate_binary(conn, binary_id, &cfg, &*pipeline, now)?);
+                out.extend(tagged(
+                    binary_id,
+                    reevaluate_binary(conn, binary_id, &cfg, &*pipeline, now)?,
+                ));
             }
             Ok(out)
         })
@@ -183,11 +199,14 @@ async fn ingest(
 }
 
 /// Re-evaluates the binaries whose variants or controls changed since the last rescan
-/// (runs are handled as they arrive): new variants enter canary, pins take effect.
+/// (runs are handled as they arrive): new variants enter canary, pins take effect. A path
+/// being served a variant whose binary is no longer the path's content (the file was
+/// replaced) or no longer has variants (reset) is sent back to the original.
 async fn rescan_changed(
     catalog: &Catalog,
     opts: &PolicyTaskOptions,
     fingerprints: &mut HashMap<i64, String>,
+    serving: Vec<(String, Option<i64>)>,
 ) -> anyhow::Result<Decisions> {
     let (cfg, pipeline, now) = (opts.config.clone(), opts.pipeline.clone(), now_ms(&*opts.clock));
     let known = std::mem::take(fingerprints);
@@ -196,11 +215,22 @@ async fn rescan_changed(
             let mut out = Vec::new();
             for (binary_id, fp) in runs::watch_fingerprints(conn)? {
                 if known.get(&binary_id) != Some(&fp) {
-                    out.extend(reevaluate_binary(conn, binary_id, &cfg, &*pipeline, now)?);
+                    out.extend(tagged(
+                        binary_id,
+                        reevaluate_binary(conn, binary_id, &cfg, &*pipeline, now)?,
+                    ));
                 }
             }
             // Re-read: the evaluations themselves may have changed states.
-            Ok((out, runs::watch_fingerprints(conn)?))
+            let seen = runs::watch_fingerprints(conn)?;
+            for (path, binary_id) in serving {
+                let current = base::path_row(conn, &path)?.and_then(|p| p.binary_id);
+                let watched = seen.iter().any(|(b, _)| Some(*b) == binary_id);
+                if current != binary_id || !watched {
+                    out.push((path, None, ServeDecision::Original));
+                }
+            }
+            Ok((out, seen))
         })
         .await?;
     fingerprints.extend(seen);
@@ -331,6 +361,21 @@ mod tests {
         catalog.run(|c| set_pin(c, "/usr/bin/tool", Some("bolted"), 3)).await.unwrap();
         wait_for(&sink, ServeDecision::Variant(vid)).await;
         catalog.run(|c| set_excluded(c, "/usr/bin/tool", true, 4)).await.unwrap();
+        wait_for(&sink, ServeDecision::Original).await;
+        catalog.run(|c| set_excluded(c, "/usr/bin/tool", false, 5)).await.unwrap();
+        wait_for(&sink, ServeDecision::Variant(vid)).await;
+
+        // The file is replaced by new content (a package upgrade): its variants no longer
+        // apply, the path goes back to the original.
+        catalog
+            .run(|c| {
+                let b =
+                    upsert_binary(c, &ContentId::of_bytes(b"tool v2"), 1, &ElfFacts::default(), 6)?;
+                let key = FileKey { dev: 1, ino: 2, size: 1, mtime_ns: 6, ctime_ns: 6 };
+                upsert_path(c, "/usr/bin/tool", Some(b), &key, 6)
+            })
+            .await
+            .unwrap();
         wait_for(&sink, ServeDecision::Original).await;
 
         stop.send(true).unwrap();
