@@ -92,6 +92,32 @@ impl PolicyConfig {
         (0..self.looks.max(1)).map(|k| m << k).collect()
     }
 
+    /// Checks the knobs are in range (for the config loader).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let share = |name: &str, v: f64| {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&v),
+                "policy.{name} must be within 0..=1, not {v}"
+            );
+            Ok(())
+        };
+        share("canary_fraction", self.canary_fraction)?;
+        share("exploration_share", self.exploration_share)?;
+        share("promote_min_gain", self.promote_min_gain)?;
+        anyhow::ensure!(
+            self.alpha > 0.0 && self.alpha < 0.5,
+            "policy.alpha must be within 0..0.5, not {}",
+            self.alpha
+        );
+        anyhow::ensure!(self.min_runs_per_arm >= 5, "policy.min_runs_per_arm must be at least 5");
+        anyhow::ensure!((1..=10).contains(&self.looks), "policy.looks must be within 1..=10");
+        anyhow::ensure!(
+            self.suspicious_exit_strikes >= 1,
+            "policy.suspicious_exit_strikes must be >= 1"
+        );
+        Ok(())
+    }
+
     /// The stated bound on false promotions of an equal-speed variant.
     pub fn false_promotion_bound(&self) -> f64 {
         self.alpha

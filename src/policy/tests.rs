@@ -180,6 +180,17 @@ fn controls_override_and_stages_render() {
 }
 
 #[test]
+fn config_validation() {
+    assert!(PolicyConfig::default().validate().is_ok());
+    assert!(PolicyConfig { canary_fraction: 1.5, ..Default::default() }.validate().is_err());
+    assert!(PolicyConfig { alpha: 0.0, ..Default::default() }.validate().is_err());
+    assert!(PolicyConfig { looks: 0, ..Default::default() }.validate().is_err());
+    let toml_text = "canary_fraction = 0.3\nmin_runs_per_arm = 30\n";
+    let parsed: PolicyConfig = toml::from_str(toml_text).unwrap();
+    assert_eq!((parsed.canary_fraction, parsed.min_runs_per_arm, parsed.looks), (0.3, 30, 5));
+}
+
+#[test]
 fn cpu_saved_estimate() {
     assert!((49..=50).contains(&cpu_saved_ns(950, 0.95)));
     assert_eq!(cpu_saved_ns(1000, 1.02), 0);
