@@ -15,4 +15,6 @@ pub mod error;
 pub mod fs;
 pub mod fuse;
 pub mod identity;
+pub mod measure;
+pub mod policy;
 pub mod profile;

@@ -26,6 +26,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "profiles: sampled windows, functions, branches, instrumentation edges",
         sql: super::profiles::SCHEMA,
     },
+    Migration {
+        version: 4,
+        name: "runs: measured runs, incidents, policy decisions",
+        sql: super::runs::SCHEMA,
+    },
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> anyhow::Result<()> {

@@ -9,6 +9,7 @@
 pub mod base;
 mod migrations;
 pub mod profiles;
+pub mod runs;
 
 use std::path::Path;
 use std::sync::mpsc;

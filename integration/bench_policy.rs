@@ -1,0 +1,84 @@
+//! Policy behaviour on synthetic runs with the noise measured on this project's VMs (one
+//! pair of runs swings +-10-30%; real gains are 3-7%): how many execs until a 5% faster
+//! variant is promoted, how often it is wrongly rejected, and how often an equal-speed
+//! variant is wrongly promoted, over many seeded trials through the real policy
+//! (`policy::sim`). Real-program timings come from the integrator's end-to-end benchmark.
+//!
+//! `OPTBIN_BENCH_QUICK=1` runs 40 trials per cell instead of 400.
+
+use optbin::policy::PolicyConfig;
+use optbin::policy::sim::{SimSpec, run_trials};
+
+#[test]
+fn bench_policy() {
+    let quick = std::env::var("OPTBIN_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let trials = if quick { 40 } else { 400 };
+    let cfg = PolicyConfig::default();
+    println!(
+        "policy: canary {:.0}%, looks at {:?} runs per arm, alpha {} (stated false-promotion \
+         bound), min gain {:.0}%; {trials} seeded trials per row; noise = log-normal sigma + 5% \
+         outliers x1.3-2, 3 commands",
+        cfg.canary_fraction * 100.0,
+        cfg.checkpoints(),
+        cfg.alpha,
+        cfg.promote_min_gain * 100.0
+    );
+    println!(
+        "{:>10} {:>7} | {:>9} {:>9} {:>9} | {:>16} {:>16}",
+        "variant",
+        "sigma",
+        "promoted",
+        "rejected",
+        "undecided",
+        "median execs to",
+        "median execs to"
+    );
+    println!(
+        "{:>10} {:>7} | {:>9} {:>9} {:>9} | {:>16} {:>16}",
+        "", "", "", "", "", "decision", "promotion"
+    );
+    let mut equal_rates = Vec::new();
+    for sigma in [0.10, 0.15, 0.25] {
+        for ratio in [0.93, 0.95, 0.97, 1.00, 1.03] {
+            let spec = SimSpec { true_ratio: ratio, noise_sigma: sigma, ..Default::default() };
+            let s = run_trials(&spec, &cfg, trials, 10_000);
+            let label = if ratio < 1.0 {
+                format!("{:.0}% faster", (1.0 - ratio) * 100.0)
+            } else if ratio > 1.0 {
+                format!("{:.0}% slower", (ratio - 1.0) * 100.0)
+            } else {
+                "equal".to_string()
+            };
+            println!(
+                "{:>10} {:>7.2} | {:>8.1}% {:>8.1}% {:>8.1}% | {:>16} {:>16}",
+                label,
+                sigma,
+                s.promotion_rate() * 100.0,
+                s.rejection_rate() * 100.0,
+                s.undecided as f64 / trials as f64 * 100.0,
+                s.median_execs_to_decision,
+                s.median_execs_to_promotion.map_or("-".into(), |e| e.to_string()),
+            );
+            if ratio == 1.0 {
+                equal_rates.push((sigma, s.promotion_rate()));
+            }
+        }
+    }
+    println!(
+        "wrong promotions on equal-speed variants: {} (bound {:.1}%)",
+        equal_rates
+            .iter()
+            .map(|(s, r)| format!("sigma {s}: {:.1}%", r * 100.0))
+            .collect::<Vec<_>>()
+            .join(", "),
+        cfg.false_promotion_bound() * 100.0
+    );
+    // A rate bound checked on finitely many trials: the count must be consistent with a
+    // true rate at or under the bound (within three standard errors of a binomial).
+    let b = cfg.false_promotion_bound();
+    let n = trials as f64;
+    let allowed = b + 3.0 * (b * (1.0 - b) / n).sqrt();
+    for (sigma, rate) in equal_rates {
+        assert!(rate <= allowed, "sigma {sigma}: wrong promotions {rate} > {allowed}");
+    }
+}

@@ -1,0 +1,500 @@
+//! Measured runs, quarantine incidents and the policy's decision log (migration 4).
+//!
+//! Runs are rotated like profiles: older than the retention age, or beyond the row cap
+//! (oldest first), they go. Incidents and decisions are small and kept (a reset of a binary
+//! forgets them with [`forget_binary`]).
+
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+
+use crate::measure::{RunExit, RunRecord};
+
+pub const SCHEMA: &str = r#"
+CREATE TABLE runs (
+    id              INTEGER PRIMARY KEY,
+    binary_id       INTEGER REFERENCES binaries(id) ON DELETE CASCADE,
+    path            TEXT NOT NULL,
+    variant_id      INTEGER REFERENCES variants(id) ON DELETE CASCADE,
+    cmd_hash        TEXT NOT NULL,
+    task_clock_ns   INTEGER NOT NULL,
+    instructions    INTEGER,
+    cycles          INTEGER,
+    wall_ns         INTEGER NOT NULL,
+    exit_code       INTEGER,
+    exit_signal     INTEGER,
+    at_ms           INTEGER NOT NULL
+);
+CREATE INDEX runs_by_binary ON runs(binary_id, id);
+CREATE INDEX runs_by_at ON runs(at_ms);
+CREATE TABLE incidents (
+    id          INTEGER PRIMARY KEY,
+    at_ms       INTEGER NOT NULL,
+    binary_id   INTEGER NOT NULL REFERENCES binaries(id) ON DELETE CASCADE,
+    variant_id  INTEGER REFERENCES variants(id) ON DELETE SET NULL,
+    run_id      INTEGER,
+    cmd_hash    TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    exit_code   INTEGER,
+    exit_signal INTEGER,
+    detail      TEXT NOT NULL
+);
+CREATE INDEX incidents_by_binary ON incidents(binary_id, id);
+CREATE TABLE policy_decisions (
+    id            INTEGER PRIMARY KEY,
+    at_ms         INTEGER NOT NULL,
+    binary_id     INTEGER NOT NULL REFERENCES binaries(id) ON DELETE CASCADE,
+    variant_id    INTEGER REFERENCES variants(id) ON DELETE CASCADE,
+    action        TEXT NOT NULL,
+    from_state    TEXT,
+    to_state      TEXT,
+    first_run_id  INTEGER,
+    detail        TEXT NOT NULL
+);
+CREATE INDEX decisions_by_binary ON policy_decisions(binary_id, id);
+"#;
+
+/// A stored run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRow {
+    pub id: i64,
+    pub binary_id: Option<i64>,
+    pub path: String,
+    pub variant_id: Option<i64>,
+    pub cmd_hash: String,
+    pub task_clock_ns: u64,
+    pub instructions: Option<u64>,
+    pub cycles: Option<u64>,
+    pub wall_ns: u64,
+    pub exit: RunExit,
+    pub at_ms: i64,
+}
+
+/// The binary a run belongs to: the one the overlay named, else the variant's, else the
+/// binary recorded for the path if the path still has the stat key the run saw.
+pub fn resolve_binary(conn: &Connection, r: &RunRecord) -> anyhow::Result<Option<i64>> {
+    if let Some(id) = r.binary_id {
+        return Ok(Some(id));
+    }
+    if let Some(v) = r.variant_id {
+        let id: Option<i64> = conn
+            .query_row("SELECT binary_id FROM variants WHERE id = ?1", [v], |row| row.get(0))
+            .optional()?;
+        if id.is_some() {
+            return Ok(id);
+        }
+    }
+    let path = r.original.to_string_lossy();
+    Ok(crate::catalog::base::path_row(conn, &path)?
+        .filter(|p| p.key == r.key)
+        .and_then(|p| p.binary_id))
+}
+
+/// Where a stored run went: its row id and the binary it was attributed to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredRun {
+    pub run_id: i64,
+    pub binary_id: Option<i64>,
+}
+
+/// Stores a batch of runs in one transaction; `None` for a run that was skipped because
+/// its variant no longer exists (the binary was reset meanwhile).
+pub fn insert_runs(
+    conn: &mut Connection,
+    records: &[RunRecord],
+) -> anyhow::Result<Vec<Option<StoredRun>>> {
+    let tx = conn.transaction()?;
+    let mut out = Vec::with_capacity(records.len());
+    {
+        let mut stmt = tx.prepare(
+            "INSERT INTO runs (binary_id, path, variant_id, cmd_hash, task_clock_ns,
+                               instructions, cycles, wall_ns, exit_code, exit_signal, at_ms)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11
+             WHERE ?3 IS NULL OR EXISTS (SELECT 1 FROM variants WHERE id = ?3)",
+        )?;
+        for r in records {
+            let binary_id = resolve_binary(&tx, r)?;
+            let (code, sig) = match r.exit {
+                RunExit::Exited(c) => (Some(c), None),
+                RunExit::Signaled(s) => (None, Some(s)),
+            };
+            let n = stmt.execute(params![
+                binary_id,
+                r.original.to_string_lossy(),
+                r.variant_id,
+                r.cmd_hash,
+                r.task_clock_ns as i64,
+                r.instructions.map(|v| v as i64),
+                r.cycles.map(|v| v as i64),
+                r.wall_ns as i64,
+                code,
+                sig,
+                r.at_ms
+            ])?;
+            out.push((n == 1).then(|| StoredRun { run_id: tx.last_insert_rowid(), binary_id }));
+        }
+    }
+    tx.commit()?;
+    Ok(out)
+}
+
+const RUN_COLUMNS: &str = "id, binary_id, path, variant_id, cmd_hash, task_clock_ns, \
+     instructions, cycles, wall_ns, exit_code, exit_signal, at_ms";
+
+fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
+    let code: Option<i32> = r.get(9)?;
+    let sig: Option<i32> = r.get(10)?;
+    Ok(RunRow {
+        id: r.get(0)?,
+        binary_id: r.get(1)?,
+        path: r.get(2)?,
+        variant_id: r.get(3)?,
+        cmd_hash: r.get(4)?,
+        task_clock_ns: r.get::<_, i64>(5)? as u64,
+        instructions: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+        cycles: r.get::<_, Option<i64>>(7)?.map(|v| v as u64),
+        wall_ns: r.get::<_, i64>(8)? as u64,
+        exit: match (code, sig) {
+            (_, Some(s)) => RunExit::Signaled(s),
+            (c, None) => RunExit::Exited(c.unwrap_or(0)),
+        },
+        at_ms: r.get(11)?,
+    })
+}
+
+/// The newest `limit` runs of a binary, oldest first.
+pub fn runs_of_binary(
+    conn: &Connection,
+    binary_id: i64,
+    limit: u32,
+) -> anyhow::Result<Vec<RunRow>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT * FROM (SELECT {RUN_COLUMNS} FROM runs WHERE binary_id = ?1
+                        ORDER BY id DESC LIMIT ?2) ORDER BY id"
+    ))?;
+    let rows = stmt.query_map(params![binary_id, limit], run_row)?.collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+/// Runs of a path (any binary), oldest first, newest `limit`.
+pub fn runs_of_path(conn: &Connection, path: &Path, limit: u32) -> anyhow::Result<Vec<RunRow>> {
+    let mut stmt = conn.prepare(&format!(
+        "SELECT * FROM (SELECT {RUN_COLUMNS} FROM runs WHERE path = ?1
+                        ORDER BY id DESC LIMIT ?2) ORDER BY id"
+    ))?;
+    let rows = stmt
+        .query_map(params![path.to_string_lossy(), limit], run_row)?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+/// The id the next run will get (runs are only ever appended).
+pub fn next_run_id(conn: &Connection) -> anyhow::Result<i64> {
+    Ok(conn.query_row("SELECT COALESCE(MAX(id), 0) + 1 FROM runs", [], |r| r.get(0))?)
+}
+
+/// Deletes runs older than `max_age_ms` and, beyond `max_rows`, the oldest. Returns how
+/// many went.
+pub fn rotate_runs(
+    conn: &Connection,
+    now_ms: i64,
+    max_age_ms: i64,
+    max_rows: u64,
+) -> anyhow::Result<usize> {
+    let old = conn.execute("DELETE FROM runs WHERE at_ms < ?1", [now_ms - max_age_ms])?;
+    let over = conn.execute(
+        "DELETE FROM runs WHERE id <= (SELECT id FROM runs ORDER BY id DESC LIMIT 1 OFFSET ?1)",
+        [max_rows as i64],
+    )?;
+    Ok(old + over)
+}
+
+/// A stored quarantine record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncidentRow {
+    pub id: i64,
+    pub at_ms: i64,
+    pub binary_id: i64,
+    pub variant_id: Option<i64>,
+    pub run_id: Option<i64>,
+    pub cmd_hash: String,
+    pub kind: String,
+    pub exit: RunExit,
+    pub detail: String,
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn insert_incident(
+    conn: &Connection,
+    at_ms: i64,
+    binary_id: i64,
+    variant_id: i64,
+    run_id: i64,
+    cmd_hash: &str,
+    kind: &str,
+    exit: RunExit,
+    detail: &str,
+) -> anyhow::Result<i64> {
+    let (code, sig) = match exit {
+        RunExit::Exited(c) => (Some(c), None),
+        RunExit::Signaled(s) => (None, Some(s)),
+    };
+    conn.execute(
+        "INSERT INTO incidents (at_ms, binary_id, variant_id, run_id, cmd_hash, kind,
+                                exit_code, exit_signal, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        params![at_ms, binary_id, variant_id, run_id, cmd_hash, kind, code, sig, detail],
+    )?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// A binary's incidents, newest first.
+pub fn incidents_of(conn: &Connection, binary_id: i64) -> anyhow::Result<Vec<IncidentRow>> {
+    let mut stmt = conn.prepare(
+        "SELECT id, at_ms, binary_id, variant_id, run_id, cmd_hash, kind, exit_code,
+                exit_signal, detail
+         FROM incidents WHERE binary_id = ?1 ORDER BY id DESC",
+    )?;
+    let rows = stmt
+        .query_map([binary_id], |r| {
+            let sig: Option<i32> = r.get(8)?;
+            Ok(IncidentRow {
+                id: r.get(0)?,
+                at_ms: r.get(1)?,
+                binary_id: r.get(2)?,
+                variant_id: r.get(3)?,
+                run_id: r.get(4)?,
+                cmd_hash: r.get(5)?,
+                kind: r.get(6)?,
+                exit: match sig {
+                    Some(s) => RunExit::Signaled(s),
+                    None => RunExit::Exited(r.get::<_, Option<i32>>(7)?.unwrap_or(0)),
+                },
+                detail: r.get(9)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+/// One entry of the policy's decision log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionRow {
+    pub at_ms: i64,
+    pub binary_id: i64,
+    pub variant_id: Option<i64>,
+    pub action: String,
+    pub from_state: Option<String>,
+    pub to_state: Option<String>,
+    pub first_run_id: Option<i64>,
+    pub detail: String,
+}
+
+pub fn record_decision(conn: &Connection, d: &DecisionRow) -> anyhow::Result<()> {
+    conn.execute(
+        "INSERT INTO policy_decisions (at_ms, binary_id, variant_id, action, from_state,
+                                       to_state, first_run_id, detail)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        params![
+            d.at_ms,
+            d.binary_id,
+            d.variant_id,
+            d.action,
+            d.from_state,
+            d.to_state,
+            d.first_run_id,
+            d.detail
+        ],
+    )?;
+    Ok(())
+}
+
+/// A binary's decisions, oldest first.
+pub fn decisions_of(conn: &Connection, binary_id: i64) -> anyhow::Result<Vec<DecisionRow>> {
+    let mut stmt = conn.prepare(
+        "SELECT at_ms, binary_id, variant_id, action, from_state, to_state, first_run_id, detail
+         FROM policy_decisions WHERE binary_id = ?1 ORDER BY id",
+    )?;
+    let rows = stmt
+        .query_map([binary_id], |r| {
+            Ok(DecisionRow {
+                at_ms: r.get(0)?,
+                binary_id: r.get(1)?,
+                variant_id: r.get(2)?,
+                action: r.get(3)?,
+                from_state: r.get(4)?,
+                to_state: r.get(5)?,
+                first_run_id: r.get(6)?,
+                detail: r.get(7)?,
+            })
+        })?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+/// The paths a binary was seen at.
+pub fn paths_of_binary(conn: &Connection, binary_id: i64) -> anyhow::Result<Vec<String>> {
+    let mut stmt = conn.prepare("SELECT path FROM paths WHERE binary_id = ?1 ORDER BY path")?;
+    let rows = stmt.query_map([binary_id], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+/// Binaries the policy must keep deciding for: those with a variant that may be served,
+/// or with a pinned or excluded path.
+pub fn binaries_to_watch(conn: &Connection) -> anyhow::Result<Vec<i64>> {
+    let mut stmt = conn.prepare(
+        "SELECT DISTINCT binary_id FROM variants
+         UNION
+         SELECT DISTINCT p.binary_id FROM paths p JOIN controls c ON c.path = p.path
+         WHERE p.binary_id IS NOT NULL
+         ORDER BY 1",
+    )?;
+    let rows = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+/// For every watched binary, a text that changes whenever its variants' states or its
+/// paths' controls change: the policy re-evaluates a binary on a rescan only then.
+pub fn watch_fingerprints(conn: &Connection) -> anyhow::Result<Vec<(i64, String)>> {
+    let mut stmt = conn.prepare(
+        "SELECT b.id,
+                COALESCE((SELECT group_concat(v.id || ':' || v.state, ',')
+                          FROM (SELECT id, state FROM variants WHERE binary_id = b.id
+                                ORDER BY id) v), '')
+                || '|' ||
+                COALESCE((SELECT group_concat(c.path || ':' || COALESCE(c.pin, '') || ':'
+                                              || c.excluded, ',')
+                          FROM (SELECT c.path, c.pin, c.excluded FROM controls c
+                                JOIN paths p ON p.path = c.path
+                                WHERE p.binary_id = b.id ORDER BY c.path) c), '')
+         FROM binaries b
+         WHERE b.id IN (SELECT binary_id FROM variants)
+            OR b.id IN (SELECT p.binary_id FROM paths p JOIN controls c ON c.path = p.path)
+         ORDER BY b.id",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
+/// Forgets the measurements, incidents and decisions of a binary (`reset NAME`).
+pub fn forget_binary(conn: &Connection, binary_id: i64) -> anyhow::Result<()> {
+    conn.execute("DELETE FROM runs WHERE binary_id = ?1", [binary_id])?;
+    conn.execute("DELETE FROM incidents WHERE binary_id = ?1", [binary_id])?;
+    conn.execute("DELETE FROM policy_decisions WHERE binary_id = ?1", [binary_id])?;
+    Ok(())
+}
+
+/// Total CPU time of a variant's runs since a run id (for "CPU time saved").
+pub fn variant_cpu_since(conn: &Connection, variant_id: i64, from_run: i64) -> anyhow::Result<u64> {
+    let ns: i64 = conn.query_row(
+        "SELECT COALESCE(SUM(task_clock_ns), 0) FROM runs WHERE variant_id = ?1 AND id >= ?2",
+        params![variant_id, from_run],
+        |r| r.get(0),
+    )?;
+    Ok(ns.max(0) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Catalog;
+    use crate::catalog::base::{NewVariant, insert_variant, upsert_binary, upsert_path};
+    use crate::elf::ElfFacts;
+    use crate::identity::{ContentId, FileKey};
+    use std::path::PathBuf;
+
+    fn record(path: &str, key: FileKey, variant: Option<i64>, exit: RunExit, at: i64) -> RunRecord {
+        RunRecord {
+            original: PathBuf::from(path),
+            key,
+            binary_id: None,
+            variant_id: variant,
+            cmd_hash: "c".into(),
+            task_clock_ns: 10,
+            instructions: None,
+            cycles: Some(5),
+            wall_ns: 20,
+            exit,
+            at_ms: at,
+        }
+    }
+
+    #[test]
+    fn runs_round_trip_resolve_and_rotate() {
+        let cat = Catalog::in_memory().unwrap();
+        cat.run_blocking(|c| {
+            let key = FileKey { dev: 1, ino: 2, size: 3, mtime_ns: 4, ctime_ns: 5 };
+            let bid = upsert_binary(c, &ContentId::of_bytes(b"x"), 1, &ElfFacts::default(), 1)?;
+            upsert_path(c, "/bin/x", Some(bid), &key, 1)?;
+            let vid = insert_variant(
+                c,
+                &NewVariant {
+                    binary_id: bid,
+                    kind: "placed".into(),
+                    state: "canary".into(),
+                    ..Default::default()
+                },
+                1,
+            )?;
+            let other_key = FileKey { ino: 9, ..key };
+            let ids = insert_runs(
+                c,
+                &[
+                    record("/bin/x", key, None, RunExit::Exited(3), 100),
+                    record("/bin/x", key, Some(vid), RunExit::Signaled(11), 200),
+                    record("/bin/x", other_key, None, RunExit::Exited(0), 300),
+                    record("/bin/x", key, Some(999), RunExit::Exited(0), 300),
+                ],
+            )?;
+            assert_eq!(ids[0].map(|x| x.binary_id), Some(Some(bid)));
+            assert_eq!(ids[1].map(|x| x.binary_id), Some(Some(bid)));
+            assert_eq!(
+                ids[2].map(|x| x.binary_id),
+                Some(None),
+                "a changed file is not that binary"
+            );
+            assert_eq!(ids[3], None, "unknown variant skipped");
+            let rows = runs_of_binary(c, bid, 100)?;
+            assert_eq!(rows.len(), 2);
+            assert_eq!(rows[0].exit, RunExit::Exited(3));
+            assert_eq!(rows[1].exit, RunExit::Signaled(11));
+            assert_eq!(rows[1].cycles, Some(5));
+            assert_eq!(next_run_id(c)?, rows[1].id + 2);
+            assert_eq!(runs_of_path(c, Path::new("/bin/x"), 100)?.len(), 3);
+            // Age: the run at 100 ms goes; cap 1: only the newest stays.
+            assert_eq!(rotate_runs(c, 1_000, 850, 10)?, 1);
+            assert_eq!(rotate_runs(c, 1_000, 10_000, 1)?, 1);
+            assert_eq!(runs_of_path(c, Path::new("/bin/x"), 100)?.len(), 1);
+            insert_incident(c, 5, bid, vid, 2, "c", "crash", RunExit::Signaled(11), "boom")?;
+            assert_eq!(incidents_of(c, bid)?[0].exit, RunExit::Signaled(11));
+            record_decision(
+                c,
+                &DecisionRow {
+                    at_ms: 1,
+                    binary_id: bid,
+                    variant_id: Some(vid),
+                    action: "start_canary".into(),
+                    from_state: Some("ready".into()),
+                    to_state: Some("canary".into()),
+                    first_run_id: Some(7),
+                    detail: "d".into(),
+                },
+            )?;
+            assert_eq!(decisions_of(c, bid)?[0].first_run_id, Some(7));
+            assert_eq!(binaries_to_watch(c)?, vec![bid]);
+            let before = watch_fingerprints(c)?;
+            assert_eq!(before.len(), 1);
+            crate::catalog::base::set_pin(c, "/bin/x", Some("bolted"), 2)?;
+            let after = watch_fingerprints(c)?;
+            assert_ne!(before, after);
+            crate::catalog::base::set_variant_state(c, vid, "served", None)?;
+            assert_ne!(after, watch_fingerprints(c)?);
+            assert_eq!(paths_of_binary(c, bid)?, vec!["/bin/x".to_string()]);
+            forget_binary(c, bid)?;
+            assert!(incidents_of(c, bid)?.is_empty() && decisions_of(c, bid)?.is_empty());
+            Ok(())
+        })
+        .unwrap();
+    }
+}

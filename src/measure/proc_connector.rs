@@ -1,0 +1,278 @@
+//! The netlink process connector: a socket on which the kernel announces every fork, exec
+//! and exit on the machine, decoded here by hand (the `proc-connector` crate misreads exits).
+//!
+//! Layout (include/uapi/linux/cn_proc.h, connector.h): each datagram holds netlink messages
+//! `nlmsghdr (16 B) | cn_msg (20 B) | proc_event`, and a `proc_event` is
+//! `what u32 | cpu u32 | timestamp_ns u64 | event_data`. In the exit event `exit_code` is a
+//! wait(2)-style status (`WIFEXITED`/`WTERMSIG` decode it) and `exit_signal` is the signal
+//! sent to the parent (SIGCHLD), NOT the signal that killed the process; it is ignored.
+//! Needs CAP_NET_ADMIN (the daemon runs as root).
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::Duration;
+
+use super::RunExit;
+
+const CN_IDX_PROC: u32 = 1;
+const CN_VAL_PROC: u32 = 1;
+const PROC_CN_MCAST_LISTEN: u32 = 1;
+const NLMSG_HDRLEN: usize = 16;
+const CN_MSG_LEN: usize = 20;
+const NLMSG_DONE: u16 = 3;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_NOOP: u16 = 1;
+
+const PROC_EVENT_FORK: u32 = 0x0000_0001;
+const PROC_EVENT_EXEC: u32 = 0x0000_0002;
+const PROC_EVENT_EXIT: u32 = 0x8000_0000;
+
+/// The process events the measurer cares about. `pid` is the kernel's task id (a thread id),
+/// `tgid` the process id; they are equal for a process's main thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcEvent {
+    /// A new task was created; if that happened after a measurement of `child_pid` was
+    /// registered, the measured process died unseen and the pid was reused.
+    Fork { child_pid: i32, child_tgid: i32, ts_ns: u64 },
+    /// `tgid` finished an execve. Every `ts_ns` is the kernel's CLOCK_MONOTONIC.
+    Exec { pid: i32, tgid: i32, ts_ns: u64 },
+    /// A task exited with a wait(2)-style `status`.
+    Exit { pid: i32, tgid: i32, status: u32, ts_ns: u64 },
+}
+
+/// Decodes a wait(2)-style status into how the process ended.
+pub fn decode_wait_status(status: u32) -> RunExit {
+    let sig = status & 0x7f;
+    if sig == 0 {
+        RunExit::Exited(((status >> 8) & 0xff) as i32)
+    } else {
+        RunExit::Signaled(sig as i32)
+    }
+}
+
+/// A subscribed proc-connector socket.
+#[derive(Debug)]
+pub struct ProcConnector {
+    fd: OwnedFd,
+    buf: Vec<u8>,
+}
+
+impl ProcConnector {
+    /// Opens, binds and subscribes; `poll_timeout` bounds how long [`Self::recv`] blocks, so
+    /// the reading thread can notice a shutdown.
+    pub fn open(poll_timeout: Duration) -> io::Result<Self> {
+        // SAFETY: plain socket(2); the returned fd is owned right below.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+                libc::NETLINK_CONNECTOR,
+            )
+        };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: raw is a fresh, valid descriptor nobody else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // A big receive buffer: every fork/exec/exit on the machine lands here, and a full
+        // buffer drops events (ENOBUFS). FORCE works as root; the plain one is the fallback.
+        let want: libc::c_int = 8 << 20;
+        if setsockopt(&fd, libc::SO_RCVBUFFORCE, &want).is_err() {
+            let _ = setsockopt(&fd, libc::SO_RCVBUF, &want);
+        }
+        let tv = libc::timeval {
+            tv_sec: poll_timeout.as_secs() as libc::time_t,
+            tv_usec: poll_timeout.subsec_micros() as libc::suseconds_t,
+        };
+        setsockopt(&fd, libc::SO_RCVTIMEO, &tv)?;
+        // SAFETY: zeroed sockaddr_nl is a valid value; fields set below.
+        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        addr.nl_pid = 0; // let the kernel pick a unique port: several listeners may coexist
+        addr.nl_groups = CN_IDX_PROC;
+        // SAFETY: addr is a properly initialised sockaddr_nl of the size passed.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let msg = listen_message();
+        // SAFETY: msg is a valid buffer of msg.len() bytes.
+        let sent = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self { fd, buf: vec![0u8; 64 * 1024] })
+    }
+
+    /// Waits (up to the poll timeout) for one datagram and appends its events to `out`.
+    /// A timeout returns Ok with nothing appended; ENOBUFS (events were dropped by the
+    /// kernel) is returned as an error of kind `OutOfMemory` so the caller can note the loss.
+    pub fn recv(&mut self, out: &mut Vec<ProcEvent>) -> io::Result<()> {
+        // SAFETY: buf is valid for buf.len() bytes.
+        let n = unsafe {
+            libc::recv(self.fd.as_raw_fd(), self.buf.as_mut_ptr().cast(), self.buf.len(), 0)
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(()),
+                Some(libc::ENOBUFS) => Err(io::Error::new(io::ErrorKind::OutOfMemory, e)),
+                _ => Err(e),
+            };
+        }
+        parse_datagram(&self.buf[..n as usize], out);
+        Ok(())
+    }
+}
+
+fn setsockopt<T>(fd: &OwnedFd, opt: libc::c_int, value: &T) -> io::Result<()> {
+    // SAFETY: value points to a live T of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// `nlmsghdr | cn_msg{id: proc, len: 4} | PROC_CN_MCAST_LISTEN` (no event filter, which
+/// every kernel with the connector understands).
+fn listen_message() -> Vec<u8> {
+    let total = NLMSG_HDRLEN + CN_MSG_LEN + 4;
+    let mut m = Vec::with_capacity(total);
+    m.extend_from_slice(&(total as u32).to_ne_bytes());
+    m.extend_from_slice(&NLMSG_DONE.to_ne_bytes());
+    m.extend_from_slice(&0u16.to_ne_bytes()); // flags
+    m.extend_from_slice(&0u32.to_ne_bytes()); // seq
+    m.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it
+    m.extend_from_slice(&CN_IDX_PROC.to_ne_bytes());
+    m.extend_from_slice(&CN_VAL_PROC.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes()); // seq
+    m.extend_from_slice(&0u32.to_ne_bytes()); // ack
+    m.extend_from_slice(&4u16.to_ne_bytes()); // len of data
+    m.extend_from_slice(&0u16.to_ne_bytes()); // flags
+    m.extend_from_slice(&PROC_CN_MCAST_LISTEN.to_ne_bytes());
+    m
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u64_at(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_ne_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// Parses every netlink message of one datagram; malformed or foreign messages are skipped.
+pub fn parse_datagram(data: &[u8], out: &mut Vec<ProcEvent>) {
+    let mut off = 0usize;
+    while off + NLMSG_HDRLEN <= data.len() {
+        let Some(len) = u32_at(data, off).map(|l| l as usize) else { break };
+        let Some(kind) = u16_at(data, off + 4) else { break };
+        if len < NLMSG_HDRLEN || off + len > data.len() {
+            break;
+        }
+        if kind != NLMSG_ERROR
+            && kind != NLMSG_NOOP
+            && let Some(ev) = parse_cn_msg(&data[off + NLMSG_HDRLEN..off + len])
+        {
+            out.push(ev);
+        }
+        off += (len + 3) & !3; // NLMSG_ALIGN
+    }
+}
+
+fn parse_cn_msg(m: &[u8]) -> Option<ProcEvent> {
+    if u32_at(m, 0)? != CN_IDX_PROC || u32_at(m, 4)? != CN_VAL_PROC {
+        return None;
+    }
+    let data_len = u16_at(m, 16)? as usize;
+    let ev = m.get(CN_MSG_LEN..CN_MSG_LEN + data_len)?;
+    let what = u32_at(ev, 0)?;
+    let ts_ns = u64_at(ev, 8)?;
+    let d = 16;
+    let i = |k: usize| u32_at(ev, d + 4 * k).map(|v| v as i32);
+    match what {
+        PROC_EVENT_FORK => Some(ProcEvent::Fork { child_pid: i(2)?, child_tgid: i(3)?, ts_ns }),
+        PROC_EVENT_EXEC => Some(ProcEvent::Exec { pid: i(0)?, tgid: i(1)?, ts_ns }),
+        PROC_EVENT_EXIT => {
+            Some(ProcEvent::Exit { pid: i(0)?, tgid: i(1)?, status: u32_at(ev, d + 8)?, ts_ns })
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(what: u32, ts: u64, fields: &[u32]) -> Vec<u8> {
+        let mut ev = Vec::new();
+        ev.extend_from_slice(&what.to_ne_bytes());
+        ev.extend_from_slice(&1u32.to_ne_bytes());
+        ev.extend_from_slice(&ts.to_ne_bytes());
+        for f in fields {
+            ev.extend_from_slice(&f.to_ne_bytes());
+        }
+        let total = NLMSG_HDRLEN + CN_MSG_LEN + ev.len();
+        let mut m = Vec::new();
+        m.extend_from_slice(&(total as u32).to_ne_bytes());
+        m.extend_from_slice(&NLMSG_DONE.to_ne_bytes());
+        m.extend_from_slice(&[0u8; 10]);
+        m.extend_from_slice(&CN_IDX_PROC.to_ne_bytes());
+        m.extend_from_slice(&CN_VAL_PROC.to_ne_bytes());
+        m.extend_from_slice(&[0u8; 8]);
+        m.extend_from_slice(&(ev.len() as u16).to_ne_bytes());
+        m.extend_from_slice(&[0u8; 2]);
+        m.extend_from_slice(&ev);
+        while m.len() % 4 != 0 {
+            m.push(0);
+        }
+        m
+    }
+
+    #[test]
+    fn decodes_exit_status_not_exit_signal() {
+        // SIGSEGV with core dump: status 0x8b; exit_signal field is SIGCHLD (17).
+        let mut d = message(PROC_EVENT_EXIT, 99, &[42, 42, 0x8b, 17, 1, 1]);
+        d.extend(message(PROC_EVENT_EXEC, 7, &[5, 5]));
+        d.extend(message(PROC_EVENT_FORK, 8, &[1, 1, 6, 6]));
+        let mut out = Vec::new();
+        parse_datagram(&d, &mut out);
+        assert_eq!(
+            out,
+            vec![
+                ProcEvent::Exit { pid: 42, tgid: 42, status: 0x8b, ts_ns: 99 },
+                ProcEvent::Exec { pid: 5, tgid: 5, ts_ns: 7 },
+                ProcEvent::Fork { child_pid: 6, child_tgid: 6, ts_ns: 8 },
+            ]
+        );
+        assert_eq!(decode_wait_status(0x8b), RunExit::Signaled(11));
+        assert_eq!(decode_wait_status(3 << 8), RunExit::Exited(3));
+        assert_eq!(decode_wait_status(0), RunExit::Exited(0));
+    }
+
+    #[test]
+    fn truncated_input_is_skipped_not_panicking() {
+        let d = message(PROC_EVENT_EXIT, 99, &[42, 42, 0x8b, 17, 1, 1]);
+        for cut in 0..d.len() {
+            let mut out = Vec::new();
+            parse_datagram(&d[..cut], &mut out);
+            assert!(out.is_empty());
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! Reading the policy's inputs from the catalog and writing its outputs back: the only
+//! place where the pure policy meets SQLite.
+
+use std::collections::HashMap;
+
+use rusqlite::Connection;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    BinaryInput, Controls, Evaluation, Pin, Pipeline, PolicyConfig, RunInput, Stage, VariantInput,
+    VariantState, cpu_saved_ns, decide, evaluate,
+};
+use crate::catalog::{base, runs};
+
+/// Runs of a binary the policy looks at (the newest; the last look needs 2 x 320).
+pub const RUNS_PER_BINARY: u32 = 4000;
+
+/// Tells the policy where the optimizing pipeline is for a binary (the profile and BOLT
+/// subsystems own that state; the integrator implements this over their tables).
+pub trait PipelineView: Send + Sync {
+    fn pipeline(&self, conn: &Connection, binary_id: i64) -> Pipeline;
+}
+
+/// A pipeline view that knows nothing: every binary without variants is "seen".
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoPipeline;
+
+impl PipelineView for NoPipeline {
+    fn pipeline(&self, _conn: &Connection, _binary_id: i64) -> Pipeline {
+        Pipeline::Seen
+    }
+}
+
+/// Loads the policy's view of one binary.
+pub fn load_binary(
+    conn: &Connection,
+    binary_id: i64,
+    pipeline: &dyn PipelineView,
+) -> anyhow::Result<BinaryInput> {
+    let decisions = runs::decisions_of(conn, binary_id)?;
+    let period_start = |variant: i64, actions: &[&str]| {
+        decisions
+            .iter()
+            .rev()
+            .find(|d| d.variant_id == Some(variant) && actions.contains(&d.action.as_str()))
+            .and_then(|d| d.first_run_id)
+    };
+    let variants = base::variants_of(conn, binary_id)?
+        .into_iter()
+        .filter_map(|v| {
+            // States the policy does not know (other subsystems' bookkeeping) are skipped.
+            let state = VariantState::parse(&v.state)?;
+            Some(VariantInput {
+                id: v.id,
+                state,
+                canary_from_run: period_start(v.id, &["start_canary", "recanary"]),
+                served_from_run: period_start(v.id, &["promote"]),
+                note: v.note,
+            })
+        })
+        .collect();
+    let runs = runs::runs_of_binary(conn, binary_id, RUNS_PER_BINARY)?
+        .into_iter()
+        .map(|r| RunInput {
+            id: r.id,
+            variant_id: r.variant_id,
+            cmd_hash: r.cmd_hash,
+            cpu_ns: r.task_clock_ns,
+            exit: r.exit,
+        })
+        .collect();
+    Ok(BinaryInput {
+        binary_id,
+        variants,
+        runs,
+        pipeline: pipeline.pipeline(conn, binary_id),
+        next_run_id: runs::next_run_id(conn)?,
+    })
+}
+
+/// The user's controls for a path (pins and exclusions live in the base `controls` table).
+pub fn controls_of(conn: &Connection, path: &str) -> anyhow::Result<Controls> {
+    let rows = base::controls(conn)?;
+    Ok(rows
+        .into_iter()
+        .find(|c| c.path == path)
+        .map(|c| Controls { pin: c.pin.as_deref().and_then(Pin::parse), excluded: c.excluded })
+        .unwrap_or_default())
+}
+
+/// Writes an evaluation's transitions and incidents (state changes, decision log, incident
+/// records, events) in one transaction.
+pub fn apply(
+    conn: &mut Connection,
+    input: &BinaryInput,
+    eval: &Evaluation,
+    now_ms: i64,
+) -> anyhow::Result<()> {
+    if eval.transitions.is_empty() && eval.incidents.is_empty() {
+        return Ok(());
+    }
+    let tx = conn.transaction()?;
+    let path = runs::paths_of_binary(&tx, input.binary_id)?.into_iter().next();
+    for inc in &eval.incidents {
+        runs::insert_incident(
+            &tx,
+            now_ms,
+            input.binary_id,
+            inc.variant_id,
+            inc.run_id,
+            &inc.cmd_hash,
+            inc.kind.as_str(),
+            inc.exit,
+            &inc.detail,
+        )?;
+    }
+    for t in &eval.transitions {
+        base::set_variant_state(&tx, t.variant_id, t.to.as_str(), Some(&t.detail))?;
+        runs::record_decision(
+            &tx,
+            &runs::DecisionRow {
+                at_ms: now_ms,
+                binary_id: input.binary_id,
+                variant_id: Some(t.variant_id),
+                action: t.action.as_str().into(),
+                from_state: Some(t.from.as_str().into()),
+                to_state: Some(t.to.as_str().into()),
+                first_run_id: t.first_run_id,
+                detail: t.detail.clone(),
+            },
+        )?;
+        base::record_event(
+            &tx,
+            now_ms / 1000,
+            path.as_deref(),
+            &format!("policy.{}", t.action.as_str()),
+            &format!("variant {}: {}", t.variant_id, t.detail),
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// What status shows for one binary.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BinaryStatus {
+    pub binary_id: i64,
+    pub path: String,
+    pub stage: Stage,
+    /// `stage` rendered as text ("serving original: slower by 2.1% ± 0.8%").
+    pub stage_text: String,
+    /// Runs per variant (`None`: the original).
+    pub runs: Vec<(Option<i64>, usize)>,
+    pub gain: Option<super::Comparison>,
+    pub last_incident: Option<String>,
+}
+
+/// Status of every path of a binary, from the catalog (no writes).
+pub fn binary_status(
+    conn: &Connection,
+    binary_id: i64,
+    cfg: &PolicyConfig,
+    pipeline: &dyn PipelineView,
+) -> anyhow::Result<Vec<BinaryStatus>> {
+    let input = load_binary(conn, binary_id, pipeline)?;
+    let eval = evaluate(&input, cfg);
+    let mut per_variant: HashMap<Option<i64>, usize> = HashMap::new();
+    for r in &input.runs {
+        *per_variant.entry(r.variant_id).or_default() += 1;
+    }
+    let mut runs: Vec<_> = per_variant.into_iter().collect();
+    runs.sort();
+    let gain = match &eval.stage {
+        Stage::ServingOptimized { gain, .. } => *gain,
+        Stage::Canary { last, .. } => *last,
+        _ => None,
+    };
+    let last_incident = runs::incidents_of(conn, binary_id)?.into_iter().next().map(|i| i.detail);
+    let mut out = Vec::new();
+    for path in runs::paths_of_binary(conn, binary_id)? {
+        let (stage, _) = decide(&eval, &controls_of(conn, &path)?);
+        out.push(BinaryStatus {
+            binary_id,
+            stage_text: stage.to_string(),
+            stage,
+            path,
+            runs: runs.clone(),
+            gain,
+            last_incident: last_incident.clone(),
+        });
+    }
+    Ok(out)
+}
+
+/// The machine summary line's numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct MachineSummary {
+    /// Binaries with a variant served.
+    pub binaries_optimized: usize,
+    /// Estimated CPU time saved so far, from the measured gains and the runs served.
+    pub cpu_saved_ns: u64,
+}
+
+/// Computes the summary over all watched binaries.
+pub fn machine_summary(
+    conn: &Connection,
+    cfg: &PolicyConfig,
+    pipeline: &dyn PipelineView,
+) -> anyhow::Result<MachineSummary> {
+    let mut s = MachineSummary::default();
+    for binary_id in runs::binaries_to_watch(conn)? {
+        let input = load_binary(conn, binary_id, pipeline)?;
+        let eval = evaluate(&input, cfg);
+        if let Stage::ServingOptimized { variant_id, gain } = eval.stage {
+            s.binaries_optimized += 1;
+            let from = input
+                .variants
+                .iter()
+                .find(|v| v.id == variant_id)
+                .and_then(|v| v.served_from_run)
+                .unwrap_or(0);
+            if let Some(g) = gain {
+                s.cpu_saved_ns +=
+                    cpu_saved_ns(runs::variant_cpu_since(conn, variant_id, from)?, g.ratio);
+            }
+        }
+    }
+    Ok(s)
+}

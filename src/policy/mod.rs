@@ -1,0 +1,801 @@
+//! The policy: which variant of a binary each exec gets, as a pure function of the
+//! catalog's state (variants, measured runs, controls) plus a random draw per exec.
+//!
+//! Life of a variant: `ready` -> `canary` (served to `canary_fraction` of execs, chosen at
+//! random, interleaved with the original so both see the same work) -> `served` (the
+//! variant gets all execs but `exploration_share`, which keeps measuring the original) or
+//! `rejected`; any state -> `quarantined` on a crash the original does not have.
+//!
+//! Promotion is decided with [`stats::compare`] at a few fixed looks: when both arms have
+//! `m, 2m, 4m, ...` runs (m = `min_runs_per_arm`, `looks` of them), using exactly the first
+//! that many runs of each arm, so re-evaluating between looks cannot change the answer.
+//! Each look tests at one-sided level `alpha / looks`; by the union bound the chance that an
+//! equal-speed variant is ever promoted is at most `alpha` (the stated false-promotion
+//! bound), and promotion also needs the estimate to show at least `promote_min_gain`. A
+//! variant that is significantly slower is rejected at any look; one not shown faster at the
+//! last look is rejected as indistinguishable. In steady state, each time `2m` more
+//! exploration runs of the original have accumulated, the last `2m` of them are compared with
+//! the variant's runs of the same period; a variant now significantly slower goes back to
+//! canary (drift reverses the decision through the same bounded procedure).
+//!
+//! Safety (evaluated first, on every run): a variant run killed by SIGSEGV, SIGILL, SIGBUS,
+//! SIGFPE or SIGABRT on a command whose original runs never died of that signal (including
+//! a command the original has not run yet: safety first) quarantines the variant at once.
+//! An exit code the original never gave for that command (when the original has runs of
+//! it) is a strike: exit codes also depend on input (grep's 1 for "no match"), so a single
+//! one is weak evidence; `suspicious_exit_strikes` strikes quarantine the variant.
+//!
+//! Controls override the measured choice per path: an excluded path always gets the
+//! original; a pin to `original` always the original; a pin to `bolted` always the best
+//! usable variant (never a quarantined one: if none is usable, the original).
+
+pub mod load;
+pub mod sim;
+pub mod stats;
+pub mod task;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::measure::RunExit;
+pub use stats::Comparison;
+use stats::{Timed, compare, normal_quantile};
+
+/// Signals that mean "the program crashed" (as opposed to being stopped by its user).
+pub const CRASH_SIGNALS: [i32; 5] =
+    [libc::SIGSEGV, libc::SIGILL, libc::SIGBUS, libc::SIGFPE, libc::SIGABRT];
+
+/// Runs per arm the served variant's measured gain is computed from (the newest).
+const GAIN_RUNS_PER_ARM: usize = 200;
+
+/// The policy's knobs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PolicyConfig {
+    /// Share of execs a canary variant gets.
+    pub canary_fraction: f64,
+    /// Runs per arm at the first look; later looks at 2x, 4x, ...
+    pub min_runs_per_arm: usize,
+    /// Number of looks; the last is at `min_runs_per_arm * 2^(looks-1)` runs per arm, after
+    /// which an undecided variant is rejected.
+    pub looks: u32,
+    /// Bound on the probability of promoting an equal-speed variant (split over the looks).
+    pub alpha: f64,
+    /// Minimum estimated gain to promote (0.02 = 2% less CPU time).
+    pub promote_min_gain: f64,
+    /// Share of execs that keep going to the original while a variant is served.
+    pub exploration_share: f64,
+    /// Suspicious exit codes that quarantine a variant.
+    pub suspicious_exit_strikes: usize,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            canary_fraction: 0.5,
+            min_runs_per_arm: 20,
+            looks: 5,
+            alpha: 0.05,
+            promote_min_gain: 0.02,
+            exploration_share: 0.05,
+            suspicious_exit_strikes: 2,
+        }
+    }
+}
+
+impl PolicyConfig {
+    /// Runs per arm at each look.
+    pub fn checkpoints(&self) -> Vec<usize> {
+        let m = self.min_runs_per_arm.max(1);
+        (0..self.looks.max(1)).map(|k| m << k).collect()
+    }
+
+    /// Checks the knobs are in range (for the config loader).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let share = |name: &str, v: f64| {
+            anyhow::ensure!(
+                (0.0..=1.0).contains(&v),
+                "policy.{name} must be within 0..=1, not {v}"
+            );
+            Ok(())
+        };
+        share("canary_fraction", self.canary_fraction)?;
+        share("exploration_share", self.exploration_share)?;
+        share("promote_min_gain", self.promote_min_gain)?;
+        anyhow::ensure!(
+            self.alpha > 0.0 && self.alpha < 0.5,
+            "policy.alpha must be within 0..0.5, not {}",
+            self.alpha
+        );
+        anyhow::ensure!(self.min_runs_per_arm >= 5, "policy.min_runs_per_arm must be at least 5");
+        anyhow::ensure!((1..=10).contains(&self.looks), "policy.looks must be within 1..=10");
+        anyhow::ensure!(
+            self.suspicious_exit_strikes >= 1,
+            "policy.suspicious_exit_strikes must be >= 1"
+        );
+        Ok(())
+    }
+
+    /// The stated bound on false promotions of an equal-speed variant.
+    pub fn false_promotion_bound(&self) -> f64 {
+        self.alpha
+    }
+
+    fn z_per_look(&self) -> f64 {
+        normal_quantile(1.0 - self.alpha / f64::from(self.looks.max(1)))
+    }
+}
+
+/// A variant's state as stored in the catalog's `variants.state`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum VariantState {
+    Ready,
+    Canary,
+    Served,
+    Rejected,
+    Quarantined,
+    Retired,
+}
+
+impl VariantState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ready => "ready",
+            Self::Canary => "canary",
+            Self::Served => "served",
+            Self::Rejected => "rejected",
+            Self::Quarantined => "quarantined",
+            Self::Retired => "retired",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "ready" => Self::Ready,
+            "canary" => Self::Canary,
+            "served" => Self::Served,
+            "rejected" => Self::Rejected,
+            "quarantined" => Self::Quarantined,
+            "retired" => Self::Retired,
+            _ => return None,
+        })
+    }
+}
+
+/// A variant as the policy sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VariantInput {
+    pub id: i64,
+    pub state: VariantState,
+    /// First run id of its current canary period (from the decision log).
+    pub canary_from_run: Option<i64>,
+    /// First run id of its current served period.
+    pub served_from_run: Option<i64>,
+    pub note: Option<String>,
+}
+
+/// A measured run as the policy sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunInput {
+    pub id: i64,
+    pub variant_id: Option<i64>,
+    pub cmd_hash: String,
+    pub cpu_ns: u64,
+    pub exit: RunExit,
+}
+
+/// Where the optimizing pipeline is for a binary (told by the profile and BOLT subsystems).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Pipeline {
+    #[default]
+    Seen,
+    Collecting,
+    Queued,
+    Optimizing,
+    BoltFailed(String),
+    NotCandidate(String),
+}
+
+/// Everything the policy needs about one binary.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BinaryInput {
+    pub binary_id: i64,
+    /// Ordered by id (oldest first).
+    pub variants: Vec<VariantInput>,
+    /// Ordered by id (oldest first).
+    pub runs: Vec<RunInput>,
+    pub pipeline: Pipeline,
+    /// The id the next stored run will get (where a new canary period starts).
+    pub next_run_id: i64,
+}
+
+/// A user's pin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pin {
+    Original,
+    Bolted,
+}
+
+impl Pin {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "original" => Some(Self::Original),
+            "bolted" => Some(Self::Bolted),
+            _ => None,
+        }
+    }
+}
+
+/// The user's controls over one path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Controls {
+    pub pin: Option<Pin>,
+    pub excluded: bool,
+}
+
+/// What a transition does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    StartCanary,
+    Promote,
+    Reject,
+    Quarantine,
+    Retire,
+    /// Drift: a served variant goes back to canary.
+    Recanary,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::StartCanary => "start_canary",
+            Self::Promote => "promote",
+            Self::Reject => "reject",
+            Self::Quarantine => "quarantine",
+            Self::Retire => "retire",
+            Self::Recanary => "recanary",
+        }
+    }
+}
+
+/// A state change the policy asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub variant_id: i64,
+    pub from: VariantState,
+    pub to: VariantState,
+    pub action: Action,
+    pub detail: String,
+    /// Where the new period starts (canary and served periods).
+    pub first_run_id: Option<i64>,
+    pub comparison: Option<Comparison>,
+}
+
+/// Why a variant was quarantined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IncidentKind {
+    Crash,
+    SuspiciousExit,
+}
+
+impl IncidentKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Crash => "crash",
+            Self::SuspiciousExit => "suspicious_exit",
+        }
+    }
+}
+
+/// A quarantine record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Incident {
+    pub variant_id: i64,
+    pub run_id: i64,
+    pub cmd_hash: String,
+    pub exit: RunExit,
+    pub kind: IncidentKind,
+    pub detail: String,
+}
+
+/// A binary's stage, as status shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Stage {
+    Seen,
+    Collecting,
+    Queued,
+    Optimizing,
+    Canary {
+        variant_id: i64,
+        variant_runs: usize,
+        original_runs: usize,
+        /// The comparison at the latest look, if one happened.
+        last: Option<Comparison>,
+    },
+    ServingOptimized {
+        variant_id: i64,
+        gain: Option<Comparison>,
+    },
+    ServingOriginal {
+        reason: String,
+    },
+    Crashed {
+        variant_id: i64,
+        detail: String,
+    },
+    BoltFailed(String),
+    NotCandidate(String),
+    Excluded,
+    Pinned {
+        pin: Pin,
+        variant_id: Option<i64>,
+    },
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Stage::Seen => f.write_str("seen"),
+            Stage::Collecting => f.write_str("collecting"),
+            Stage::Queued => f.write_str("queued"),
+            Stage::Optimizing => f.write_str("optimizing"),
+            Stage::Canary { variant_id, variant_runs, original_runs, last } => {
+                write!(
+                    f,
+                    "canary (variant {variant_id}: {variant_runs} runs vs {original_runs} original"
+                )?;
+                if let Some(c) = last {
+                    write!(f, "; so far {}", c.describe())?;
+                }
+                f.write_str(")")
+            }
+            Stage::ServingOptimized { variant_id, gain } => match gain {
+                Some(g) => write!(f, "serving optimized (variant {variant_id}, {})", g.describe()),
+                None => write!(f, "serving optimized (variant {variant_id})"),
+            },
+            Stage::ServingOriginal { reason } => write!(f, "serving original: {reason}"),
+            Stage::Crashed { variant_id, detail } => {
+                write!(f, "serving original: variant {variant_id} crashed ({detail})")
+            }
+            Stage::BoltFailed(why) => write!(f, "BOLT failed: {why}"),
+            Stage::NotCandidate(why) => write!(f, "not a candidate: {why}"),
+            Stage::Excluded => f.write_str("excluded"),
+            Stage::Pinned { pin: Pin::Original, .. } => f.write_str("pinned to the original"),
+            Stage::Pinned { pin: Pin::Bolted, variant_id: Some(v) } => {
+                write!(f, "pinned to bolted (variant {v})")
+            }
+            Stage::Pinned { pin: Pin::Bolted, variant_id: None } => {
+                f.write_str("pinned to bolted, but no usable variant: serving the original")
+            }
+        }
+    }
+}
+
+/// What the overlay serves for a path; the per-exec choice is [`ServeDecision::choose`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServeDecision {
+    Original,
+    Variant(i64),
+    /// The variant for a `variant_share` fraction of execs, the original for the rest.
+    Split {
+        variant_id: i64,
+        variant_share: f64,
+    },
+}
+
+impl ServeDecision {
+    /// The variant an exec gets (None: the original), given a uniform draw in [0, 1).
+    pub fn choose(&self, draw: f64) -> Option<i64> {
+        match *self {
+            ServeDecision::Original => None,
+            ServeDecision::Variant(v) => Some(v),
+            ServeDecision::Split { variant_id, variant_share } => {
+                (draw < variant_share).then_some(variant_id)
+            }
+        }
+    }
+}
+
+/// The outcome of evaluating one binary.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evaluation {
+    pub transitions: Vec<Transition>,
+    pub incidents: Vec<Incident>,
+    /// The stage without controls applied.
+    pub stage: Stage,
+    /// What to serve without controls applied.
+    pub serve: ServeDecision,
+    /// What a pin to `bolted` serves: the best variant that is not quarantined.
+    pub pin_target: Option<i64>,
+    /// Variant states after the transitions.
+    pub states: HashMap<i64, VariantState>,
+}
+
+/// Evaluates one binary: safety first, then the canary or steady-state decision.
+pub fn evaluate(input: &BinaryInput, cfg: &PolicyConfig) -> Evaluation {
+    let mut states: HashMap<i64, VariantState> =
+        input.variants.iter().map(|v| (v.id, v.state)).collect();
+    let mut transitions = Vec::new();
+    let incidents = safety_incidents(input, cfg);
+    for inc in &incidents {
+        let from = states[&inc.variant_id];
+        states.insert(inc.variant_id, VariantState::Quarantined);
+        transitions.push(Transition {
+            variant_id: inc.variant_id,
+            from,
+            to: VariantState::Quarantined,
+            action: Action::Quarantine,
+            detail: inc.detail.clone(),
+            first_run_id: None,
+            comparison: None,
+        });
+    }
+
+    let newest_in = |states: &HashMap<i64, VariantState>, s: VariantState| {
+        input.variants.iter().rev().find(|v| states[&v.id] == s)
+    };
+
+    // A variant in canary wins over a served one (the served one resumes if it is rejected).
+    let mut stage_serve = None;
+    if let Some(v) = newest_in(&states, VariantState::Canary) {
+        let from = v.canary_from_run.unwrap_or(0);
+        let step = canary_step(input, v, from, cfg, &mut states, &mut transitions);
+        if matches!(states[&v.id], VariantState::Canary | VariantState::Served) {
+            stage_serve = Some(step);
+        }
+    } else if let Some(v) = newest_in(&states, VariantState::Ready) {
+        states.insert(v.id, VariantState::Canary);
+        transitions.push(Transition {
+            variant_id: v.id,
+            from: VariantState::Ready,
+            to: VariantState::Canary,
+            action: Action::StartCanary,
+            detail: format!("canary: {:.0}% of execs", cfg.canary_fraction * 100.0),
+            first_run_id: Some(input.next_run_id),
+            comparison: None,
+        });
+        stage_serve = Some(canary_stage(v.id, 0, 0, None, cfg));
+    }
+    if stage_serve.is_none()
+        && let Some(v) = newest_in(&states, VariantState::Served)
+    {
+        stage_serve = Some(served_step(input, v, cfg, &mut states, &mut transitions));
+    }
+    let (stage, serve) = match stage_serve {
+        Some(s) => s,
+        None => (resting_stage(input, &states, &transitions), ServeDecision::Original),
+    };
+    let pin_target = [
+        VariantState::Served,
+        VariantState::Canary,
+        VariantState::Ready,
+        VariantState::Rejected,
+        VariantState::Retired,
+    ]
+    .iter()
+    .find_map(|s| newest_in(&states, *s).map(|v| v.id));
+    Evaluation { transitions, incidents, stage, serve, pin_target, states }
+}
+
+/// Applies a path's controls to an evaluation: the stage status shows and what to serve.
+pub fn decide(eval: &Evaluation, controls: &Controls) -> (Stage, ServeDecision) {
+    if controls.excluded {
+        return (Stage::Excluded, ServeDecision::Original);
+    }
+    match controls.pin {
+        Some(Pin::Original) => {
+            (Stage::Pinned { pin: Pin::Original, variant_id: None }, ServeDecision::Original)
+        }
+        Some(Pin::Bolted) => {
+            let serve = eval.pin_target.map_or(ServeDecision::Original, ServeDecision::Variant);
+            (Stage::Pinned { pin: Pin::Bolted, variant_id: eval.pin_target }, serve)
+        }
+        None => (eval.stage.clone(), eval.serve),
+    }
+}
+
+fn canary_stage(
+    variant_id: i64,
+    variant_runs: usize,
+    original_runs: usize,
+    last: Option<Comparison>,
+    cfg: &PolicyConfig,
+) -> (Stage, ServeDecision) {
+    (
+        Stage::Canary { variant_id, variant_runs, original_runs, last },
+        ServeDecision::Split { variant_id, variant_share: cfg.canary_fraction },
+    )
+}
+
+/// Timed runs (normal exits only: a killed run's CPU time says nothing about speed).
+fn timed<'a>(runs: impl Iterator<Item = &'a RunInput>) -> Vec<Timed<'a>> {
+    runs.filter(|r| matches!(r.exit, RunExit::Exited(_)))
+        .map(|r| Timed { cmd: &r.cmd_hash, cpu_ns: r.cpu_ns })
+        .collect()
+}
+
+fn canary_step(
+    input: &BinaryInput,
+    v: &VariantInput,
+    from_run: i64,
+    cfg: &PolicyConfig,
+    states: &mut HashMap<i64, VariantState>,
+    transitions: &mut Vec<Transition>,
+) -> (Stage, ServeDecision) {
+    let window = || input.runs.iter().filter(|r| r.id >= from_run);
+    let var = timed(window().filter(|r| r.variant_id == Some(v.id)));
+    let orig = timed(window().filter(|r| r.variant_id.is_none()));
+    let n = var.len().min(orig.len());
+    let checkpoints = cfg.checkpoints();
+    let Some(look) = checkpoints.iter().rposition(|&c| c <= n) else {
+        return canary_stage(v.id, var.len(), orig.len(), None, cfg);
+    };
+    let c = checkpoints[look];
+    let last_look = look + 1 == checkpoints.len();
+    let cmp = compare(&var[..c], &orig[..c], cfg.z_per_look());
+
+    let mut decide_to = |to: VariantState, action: Action, detail: String| {
+        states.insert(v.id, to);
+        transitions.push(Transition {
+            variant_id: v.id,
+            from: VariantState::Canary,
+            to,
+            action,
+            detail,
+            first_run_id: (to == VariantState::Served).then_some(input.next_run_id),
+            comparison: cmp,
+        });
+    };
+    match cmp {
+        Some(k) if k.high < 1.0 && k.ratio <= 1.0 - cfg.promote_min_gain => {
+            decide_to(VariantState::Served, Action::Promote, format!("promoted: {}", k.describe()));
+            let served_before: Vec<i64> = input
+                .variants
+                .iter()
+                .filter(|o| o.id != v.id && states[&o.id] == VariantState::Served)
+                .map(|o| o.id)
+                .collect();
+            for old in served_before {
+                states.insert(old, VariantState::Retired);
+                transitions.push(Transition {
+                    variant_id: old,
+                    from: VariantState::Served,
+                    to: VariantState::Retired,
+                    action: Action::Retire,
+                    detail: format!("replaced by variant {}", v.id),
+                    first_run_id: None,
+                    comparison: None,
+                });
+            }
+            (
+                Stage::ServingOptimized { variant_id: v.id, gain: cmp },
+                ServeDecision::Split {
+                    variant_id: v.id,
+                    variant_share: 1.0 - cfg.exploration_share,
+                },
+            )
+        }
+        Some(k) if k.low > 1.0 => {
+            let reason = k.describe();
+            decide_to(VariantState::Rejected, Action::Reject, reason.clone());
+            (Stage::ServingOriginal { reason }, ServeDecision::Original)
+        }
+        Some(k) if last_look => {
+            let reason =
+                format!("not faster beyond noise after {c} runs per arm: {}", k.describe());
+            decide_to(VariantState::Rejected, Action::Reject, reason.clone());
+            (Stage::ServingOriginal { reason }, ServeDecision::Original)
+        }
+        None if last_look => {
+            let reason = "no command ran on both the variant and the original".to_string();
+            decide_to(VariantState::Rejected, Action::Reject, reason.clone());
+            (Stage::ServingOriginal { reason }, ServeDecision::Original)
+        }
+        _ => canary_stage(v.id, var.len(), orig.len(), cmp, cfg),
+    }
+}
+
+fn served_step(
+    input: &BinaryInput,
+    v: &VariantInput,
+    cfg: &PolicyConfig,
+    states: &mut HashMap<i64, VariantState>,
+    transitions: &mut Vec<Transition>,
+) -> (Stage, ServeDecision) {
+    let serve =
+        ServeDecision::Split { variant_id: v.id, variant_share: 1.0 - cfg.exploration_share };
+    // The measured gain: every normal run since the canary started, both arms.
+    let since = v.canary_from_run.or(v.served_from_run).unwrap_or(0);
+    let all = || input.runs.iter().filter(|r| r.id >= since);
+    // The newest runs only: the cost is quadratic in the runs per arm.
+    let gain = compare(
+        newest(&timed(all().filter(|r| r.variant_id == Some(v.id)))),
+        newest(&timed(all().filter(|r| r.variant_id.is_none()))),
+        normal_quantile(0.975),
+    );
+    // Drift: the latest full block of 2m exploration runs against the variant's runs of
+    // the same period.
+    let served_from = v.served_from_run.unwrap_or(since);
+    let orig: Vec<&RunInput> = input
+        .runs
+        .iter()
+        .filter(|r| r.id >= served_from && r.variant_id.is_none())
+        .filter(|r| matches!(r.exit, RunExit::Exited(_)))
+        .collect();
+    let block = 2 * cfg.min_runs_per_arm.max(1);
+    let blocks = orig.len() / block;
+    if blocks > 0 {
+        let o = &orig[(blocks - 1) * block..blocks * block];
+        let (lo, hi) = (o[0].id, o[block - 1].id);
+        let var = timed(
+            input.runs.iter().filter(|r| r.variant_id == Some(v.id) && r.id >= lo && r.id <= hi),
+        );
+        let orig_t = timed(o.iter().copied());
+        if let Some(k) = compare(&var, &orig_t, cfg.z_per_look())
+            && k.low > 1.0
+        {
+            states.insert(v.id, VariantState::Canary);
+            transitions.push(Transition {
+                variant_id: v.id,
+                from: VariantState::Served,
+                to: VariantState::Canary,
+                action: Action::Recanary,
+                detail: format!("drift: now {}; measuring again", k.describe()),
+                first_run_id: Some(input.next_run_id),
+                comparison: Some(k),
+            });
+            return canary_stage(v.id, 0, 0, None, cfg);
+        }
+    }
+    (Stage::ServingOptimized { variant_id: v.id, gain }, serve)
+}
+
+/// The newest [`GAIN_RUNS_PER_ARM`] runs of an arm.
+fn newest<'a, 'b>(t: &'b [Timed<'a>]) -> &'b [Timed<'a>] {
+    &t[t.len().saturating_sub(GAIN_RUNS_PER_ARM)..]
+}
+
+/// The stage of a binary with no active variant.
+fn resting_stage(
+    input: &BinaryInput,
+    states: &HashMap<i64, VariantState>,
+    transitions: &[Transition],
+) -> Stage {
+    if matches!(input.pipeline, Pipeline::Queued | Pipeline::Optimizing) {
+        return pipeline_stage(&input.pipeline);
+    }
+    let last_outcome = input
+        .variants
+        .iter()
+        .rev()
+        .find(|v| matches!(states[&v.id], VariantState::Quarantined | VariantState::Rejected));
+    if let Some(v) = last_outcome {
+        let detail = transitions
+            .iter()
+            .rev()
+            .find(|t| t.variant_id == v.id)
+            .map(|t| t.detail.clone())
+            .or_else(|| v.note.clone())
+            .unwrap_or_default();
+        return match states[&v.id] {
+            VariantState::Quarantined => Stage::Crashed { variant_id: v.id, detail },
+            _ => Stage::ServingOriginal { reason: detail },
+        };
+    }
+    pipeline_stage(&input.pipeline)
+}
+
+fn pipeline_stage(p: &Pipeline) -> Stage {
+    match p {
+        Pipeline::Seen => Stage::Seen,
+        Pipeline::Collecting => Stage::Collecting,
+        Pipeline::Queued => Stage::Queued,
+        Pipeline::Optimizing => Stage::Optimizing,
+        Pipeline::BoltFailed(w) => Stage::BoltFailed(w.clone()),
+        Pipeline::NotCandidate(w) => Stage::NotCandidate(w.clone()),
+    }
+}
+
+/// Crash and exit-code checks of every variant not yet quarantined.
+fn safety_incidents(input: &BinaryInput, cfg: &PolicyConfig) -> Vec<Incident> {
+    #[derive(Default)]
+    struct Seen {
+        signals: HashSet<i32>,
+        codes: HashSet<i32>,
+    }
+    let mut original: HashMap<&str, Seen> = HashMap::new();
+    for r in input.runs.iter().filter(|r| r.variant_id.is_none()) {
+        let e = original.entry(&r.cmd_hash).or_default();
+        match r.exit {
+            RunExit::Exited(c) => e.codes.insert(c),
+            RunExit::Signaled(s) => e.signals.insert(s),
+        };
+    }
+    let mut out = Vec::new();
+    for v in input.variants.iter().filter(|v| v.state != VariantState::Quarantined) {
+        let mut strikes: Vec<&RunInput> = Vec::new();
+        for r in input.runs.iter().filter(|r| r.variant_id == Some(v.id)) {
+            let orig = original.get(r.cmd_hash.as_str());
+            match r.exit {
+                RunExit::Signaled(s)
+                    if CRASH_SIGNALS.contains(&s)
+                        && !orig.is_some_and(|o| o.signals.contains(&s)) =>
+                {
+                    out.push(Incident {
+                        variant_id: v.id,
+                        run_id: r.id,
+                        cmd_hash: r.cmd_hash.clone(),
+                        exit: r.exit,
+                        kind: IncidentKind::Crash,
+                        detail: format!(
+                            "killed by {} on command {}, which the original never was",
+                            signal_name(s),
+                            r.cmd_hash
+                        ),
+                    });
+                    break;
+                }
+                RunExit::Exited(c)
+                    if orig.is_some_and(|o| !o.codes.is_empty() && !o.codes.contains(&c)) =>
+                {
+                    strikes.push(r);
+                    if strikes.len() >= cfg.suspicious_exit_strikes.max(1) {
+                        out.push(Incident {
+                            variant_id: v.id,
+                            run_id: r.id,
+                            cmd_hash: r.cmd_hash.clone(),
+                            exit: r.exit,
+                            kind: IncidentKind::SuspiciousExit,
+                            detail: format!(
+                                "{} runs exited with codes the original never gave \
+                                 (last: {c} on command {})",
+                                strikes.len(),
+                                r.cmd_hash
+                            ),
+                        });
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// "SIGSEGV (11)".
+pub fn signal_name(sig: i32) -> String {
+    let name = match sig {
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGILL => "SIGILL",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGPIPE => "SIGPIPE",
+        _ => "signal",
+    };
+    format!("{name} ({sig})")
+}
+
+/// CPU time saved by a served variant: its runs took `variant_cpu_ns` in total; the
+/// original would have taken `variant_cpu_ns / ratio`. Zero when the ratio shows no gain.
+pub fn cpu_saved_ns(variant_cpu_ns: u64, ratio: f64) -> u64 {
+    if !(ratio > 0.0 && ratio < 1.0) {
+        return 0;
+    }
+    (variant_cpu_ns as f64 * (1.0 / ratio - 1.0)) as u64
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,173 @@
+//! Simulated canaries through the real policy: synthetic run times with the noise measured
+//! on this project's VMs, fed exec by exec through [`evaluate`] and
+//! [`ServeDecision::choose`]. Used by the property tests and the policy benchmark.
+//!
+//! Between two looks the policy's answer cannot change (each look uses exactly the first
+//! `m * 2^k` runs of each arm, and a simulated run never crashes), so the simulation
+//! evaluates only when an arm count reaches a look; that keeps thousands of trials cheap.
+
+use rand::rngs::Xoshiro256PlusPlus;
+use rand::{RngExt, SeedableRng};
+
+use super::{
+    BinaryInput, PolicyConfig, RunInput, ServeDecision, VariantInput, VariantState, evaluate,
+};
+use crate::measure::RunExit;
+
+/// The synthetic workload.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SimSpec {
+    /// True CPU-time ratio variant/original (0.95 = 5% faster).
+    pub true_ratio: f64,
+    /// Per-run log-normal noise (0.15: one pair of runs swings about +-20%).
+    pub noise_sigma: f64,
+    /// Share of runs hit by an outlier (x1.3 to x2: a busy neighbour on the VM).
+    pub outlier_share: f64,
+    /// Distinct commands (each with its own base time), drawn uniformly per exec.
+    pub commands: usize,
+    /// Give up (undecided) after this many execs.
+    pub max_execs: usize,
+}
+
+impl Default for SimSpec {
+    fn default() -> Self {
+        Self {
+            true_ratio: 1.0,
+            noise_sigma: 0.15,
+            outlier_share: 0.05,
+            commands: 3,
+            max_execs: 5000,
+        }
+    }
+}
+
+/// How a simulated canary ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SimOutcome {
+    Promoted { execs: usize, variant_runs: usize },
+    Rejected { execs: usize, reason: String },
+    Undecided { execs: usize },
+}
+
+fn normal(rng: &mut Xoshiro256PlusPlus) -> f64 {
+    // Box-Muller.
+    let u1: f64 = rng.random::<f64>().max(f64::MIN_POSITIVE);
+    let u2: f64 = rng.random::<f64>();
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+}
+
+/// One seeded canary from "variant ready" to promotion, rejection or `max_execs`.
+pub fn simulate_canary(spec: &SimSpec, cfg: &PolicyConfig, seed: u64) -> SimOutcome {
+    let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+    let mut input = BinaryInput {
+        binary_id: 1,
+        variants: vec![VariantInput {
+            id: 1,
+            state: VariantState::Ready,
+            canary_from_run: None,
+            served_from_run: None,
+            note: None,
+        }],
+        runs: Vec::new(),
+        next_run_id: 1,
+        ..Default::default()
+    };
+    let checkpoints = cfg.checkpoints();
+    let (mut nv, mut no) = (0usize, 0usize);
+    let mut serve = ServeDecision::Original;
+    let mut must_evaluate = true;
+    for exec in 0..spec.max_execs {
+        if must_evaluate {
+            let eval = evaluate(&input, cfg);
+            for t in &eval.transitions {
+                let v = &mut input.variants[0];
+                v.state = t.to;
+                match t.to {
+                    VariantState::Canary => v.canary_from_run = t.first_run_id,
+                    VariantState::Served => {
+                        return SimOutcome::Promoted { execs: exec, variant_runs: nv };
+                    }
+                    _ => return SimOutcome::Rejected { execs: exec, reason: t.detail.clone() },
+                }
+            }
+            serve = eval.serve;
+        }
+        let variant = serve.choose(rng.random::<f64>());
+        let cmd = rng.random_range(0..spec.commands.max(1));
+        let base = 50e6 * (1.0 + cmd as f64);
+        let mut t = base * (spec.noise_sigma * normal(&mut rng)).exp();
+        if rng.random::<f64>() < spec.outlier_share {
+            t *= rng.random_range(1.3..2.0);
+        }
+        if variant.is_some() {
+            t *= spec.true_ratio;
+            nv += 1;
+        } else {
+            no += 1;
+        }
+        input.runs.push(RunInput {
+            id: input.next_run_id,
+            variant_id: variant,
+            cmd_hash: format!("cmd{cmd}"),
+            cpu_ns: t as u64,
+            exit: RunExit::Exited(0),
+        });
+        input.next_run_id += 1;
+        let n = nv.min(no);
+        // min(nv, no) grew only if the arm that just ran was not the larger one.
+        let grew = if variant.is_some() { nv <= no } else { no <= nv };
+        must_evaluate = grew && checkpoints.contains(&n);
+    }
+    SimOutcome::Undecided { execs: spec.max_execs }
+}
+
+/// Aggregate of many seeded trials.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct TrialSummary {
+    pub trials: usize,
+    pub promoted: usize,
+    pub rejected: usize,
+    pub undecided: usize,
+    /// Median execs until a decision (promotion or rejection).
+    pub median_execs_to_decision: usize,
+    /// Median execs until promotion (over promoted trials).
+    pub median_execs_to_promotion: Option<usize>,
+}
+
+impl TrialSummary {
+    pub fn promotion_rate(&self) -> f64 {
+        self.promoted as f64 / self.trials.max(1) as f64
+    }
+
+    pub fn rejection_rate(&self) -> f64 {
+        self.rejected as f64 / self.trials.max(1) as f64
+    }
+}
+
+/// Runs `trials` canaries with seeds `seed0..seed0+trials`.
+pub fn run_trials(spec: &SimSpec, cfg: &PolicyConfig, trials: usize, seed0: u64) -> TrialSummary {
+    let mut s = TrialSummary { trials, ..Default::default() };
+    let mut decided = Vec::new();
+    let mut promoted = Vec::new();
+    for i in 0..trials {
+        match simulate_canary(spec, cfg, seed0 + i as u64) {
+            SimOutcome::Promoted { execs, .. } => {
+                s.promoted += 1;
+                decided.push(execs);
+                promoted.push(execs);
+            }
+            SimOutcome::Rejected { execs, .. } => {
+                s.rejected += 1;
+                decided.push(execs);
+            }
+            SimOutcome::Undecided { .. } => s.undecided += 1,
+        }
+    }
+    let median = |v: &mut Vec<usize>| {
+        v.sort_unstable();
+        v.get(v.len() / 2).copied()
+    };
+    s.median_execs_to_decision = median(&mut decided).unwrap_or(0);
+    s.median_execs_to_promotion = median(&mut promoted);
+    s
+}

@@ -1,0 +1,384 @@
+//! The policy's background task: stores measured runs, re-evaluates the binaries they
+//! belong to, writes the decisions to the catalog and tells the serving table.
+//!
+//! Wiring (the daemon): `let (measurer, records) = Measurer::start()?;` hand `measurer` to
+//! the overlay (it calls `on_exec_open` on exec-time opens), spawn
+//! `run_policy(catalog, records, sink, shutdown, opts)` with a [`ServingSink`] that updates
+//! the overlay's serving table, and let the overlay pick per exec with
+//! `decision.choose(random draw)`. Controls call [`reevaluate_binary`] after a change (a
+//! rescan also notices it within `rescan_every`).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use rusqlite::Connection;
+use tokio::sync::{mpsc, watch};
+
+use super::load::{PipelineView, apply, controls_of, load_binary};
+use super::{PolicyConfig, ServeDecision, Stage, decide, evaluate};
+use crate::catalog::{Catalog, base, runs};
+use crate::clock::Clock;
+use crate::measure::RunRecord;
+
+/// Where the policy's decisions go (the overlay's serving table). Called from the policy
+/// task; it must not block.
+pub trait ServingSink: Send + Sync {
+    fn set_decision(&self, original: &Path, decision: ServeDecision);
+}
+
+/// The task's settings besides the policy's own.
+#[derive(Clone)]
+pub struct PolicyTaskOptions {
+    pub config: PolicyConfig,
+    pub pipeline: Arc<dyn PipelineView>,
+    pub clock: Arc<dyn Clock>,
+    /// How often every watched binary is re-evaluated (new variants, changed controls).
+    pub rescan_every: Duration,
+    /// Runs older than this are deleted.
+    pub runs_max_age: Duration,
+    /// At most this many runs are kept (oldest go first).
+    pub runs_max_rows: u64,
+    /// How often rotation runs.
+    pub rotate_every: Duration,
+}
+
+impl std::fmt::Debug for PolicyTaskOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyTaskOptions").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl Default for PolicyTaskOptions {
+    fn default() -> Self {
+        Self {
+            config: PolicyConfig::default(),
+            pipeline: Arc::new(super::load::NoPipeline),
+            clock: Arc::new(crate::clock::SystemClock),
+            rescan_every: Duration::from_secs(2),
+            runs_max_age: Duration::from_secs(30 * 24 * 3600),
+            runs_max_rows: 500_000,
+            rotate_every: Duration::from_secs(600),
+        }
+    }
+}
+
+/// The most runs stored in one transaction.
+const BATCH: usize = 256;
+
+/// Evaluates one binary, records what changed, and returns each of its paths with what to
+/// serve and the stage. The control module calls this after a pin or exclusion changes.
+pub fn reevaluate_binary(
+    conn: &mut Connection,
+    binary_id: i64,
+    cfg: &PolicyConfig,
+    pipeline: &dyn PipelineView,
+    now_ms: i64,
+) -> anyhow::Result<Vec<(String, ServeDecision, Stage)>> {
+    let input = load_binary(conn, binary_id, pipeline)?;
+    let eval = evaluate(&input, cfg);
+    apply(conn, &input, &eval, now_ms)?;
+    let mut out = Vec::new();
+    for path in runs::paths_of_binary(conn, binary_id)? {
+        let (stage, serve) = decide(&eval, &controls_of(conn, &path)?);
+        out.push((path, serve, stage));
+    }
+    Ok(out)
+}
+
+fn now_ms(clock: &dyn Clock) -> i64 {
+    clock.now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+/// Runs until `shutdown` turns true (or the record channel closes): stores runs in batches,
+/// re-evaluates the binaries they touched, rescans every watched binary periodically,
+/// rotates old runs, and tells `sink` whenever a path's decision changes.
+pub async fn run_policy(
+    catalog: Catalog,
+    mut records: mpsc::UnboundedReceiver<RunRecord>,
+    sink: Arc<dyn ServingSink>,
+    mut shutdown: watch::Receiver<bool>,
+    opts: PolicyTaskOptions,
+) -> anyhow::Result<()> {
+    // What each path was last told, and for which binary.
+    let mut sent: HashMap<String, (Option<i64>, ServeDecision)> = HashMap::new();
+    let mut fingerprints: HashMap<i64, String> = HashMap::new();
+    let mut rescan = tokio::time::interval(opts.rescan_every);
+    rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut rotate = tokio::time::interval(opts.rotate_every);
+    rotate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut records_open = true;
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let decisions = tokio::select! {
+            changed = shutdown.changed() => {
+                if changed.is_err() {
+                    break; // the sender is gone: nobody can ask us to keep running
+                }
+                continue;
+            }
+            first = records.recv(), if records_open => {
+                let Some(first) = first else {
+                    records_open = false;
+                    continue;
+                };
+                let mut batch = vec![first];
+                while batch.len() < BATCH {
+                    match records.try_recv() {
+                        Ok(r) => batch.push(r),
+                        Err(_) => break,
+                    }
+                }
+                ingest(&catalog, batch, &opts).await
+            }
+            _ = rescan.tick() => {
+                let serving: Vec<(String, Option<i64>)> = sent
+                    .iter()
+                    .filter(|(_, (_, d))| *d != ServeDecision::Original)
+                    .map(|(p, (b, _))| (p.clone(), *b))
+                    .collect();
+                rescan_changed(&catalog, &opts, &mut fingerprints, serving).await
+            }
+            _ = rotate.tick() => {
+                let (age, rows, now) =
+                    (opts.runs_max_age.as_millis() as i64, opts.runs_max_rows, now_ms(&*opts.clock));
+                match catalog.run(move |c| runs::rotate_runs(c, now, age, rows)).await {
+                    Ok(n) if n > 0 => tracing::info!(n, "old runs rotated out"),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "rotating runs failed"),
+                }
+                continue;
+            }
+        };
+        match decisions {
+            Ok(list) => {
+                for (path, binary_id, serve) in list {
+                    if sent.get(&path).map(|x| x.1) != Some(serve) {
+                        sink.set_decision(Path::new(&path), serve);
+                    }
+                    sent.insert(path, (binary_id, serve));
+                }
+            }
+            Err(e) => tracing::warn!(error = %format!("{e:#}"), "policy evaluation failed"),
+        }
+    }
+    Ok(())
+}
+
+/// (path, the binary decided for, what to serve).
+type Decisions = Vec<(String, Option<i64>, ServeDecision)>;
+
+fn tagged(binary_id: i64, list: Vec<(String, ServeDecision, Stage)>) -> Decisions {
+    list.into_iter().map(|(p, d, _)| (p, Some(binary_id), d)).collect()
+}
+
+async fn ingest(
+    catalog: &Catalog,
+    batch: Vec<RunRecord>,
+    opts: &PolicyTaskOptions,
+) -> anyhow::Result<Decisions> {
+    let (cfg, pipeline, now) = (opts.config.clone(), opts.pipeline.clone(), now_ms(&*opts.clock));
+    catalog
+        .run(move |conn| {
+            let stored = runs::insert_runs(conn, &batch)?;
+            let touched: BTreeSet<i64> =
+                stored.iter().flatten().filter_map(|s| s.binary_id).collect();
+            let mut out = Vec::new();
+            for binary_id in touched {
+                out.extend(tagged(
+                    binary_id,
+                    reevaluate_binary(conn, binary_id, &cfg, &*pipeline, now)?,
+                ));
+            }
+            Ok(out)
+        })
+        .await
+}
+
+/// Re-evaluates the binaries whose variants or controls changed since the last rescan
+/// (runs are handled as they arrive): new variants enter canary, pins take effect. A path
+/// being served a variant whose binary is no longer the path's content (the file was
+/// replaced) or no longer has variants (reset) is sent back to the original.
+async fn rescan_changed(
+    catalog: &Catalog,
+    opts: &PolicyTaskOptions,
+    fingerprints: &mut HashMap<i64, String>,
+    serving: Vec<(String, Option<i64>)>,
+) -> anyhow::Result<Decisions> {
+    let (cfg, pipeline, now) = (opts.config.clone(), opts.pipeline.clone(), now_ms(&*opts.clock));
+    let known = std::mem::take(fingerprints);
+    let (out, seen) = catalog
+        .run(move |conn| {
+            let mut out = Vec::new();
+            for (binary_id, fp) in runs::watch_fingerprints(conn)? {
+                if known.get(&binary_id) != Some(&fp) {
+                    out.extend(tagged(
+                        binary_id,
+                        reevaluate_binary(conn, binary_id, &cfg, &*pipeline, now)?,
+                    ));
+                }
+            }
+            // Re-read: the evaluations themselves may have changed states.
+            let seen = runs::watch_fingerprints(conn)?;
+            for (path, binary_id) in serving {
+                let current = base::path_row(conn, &path)?.and_then(|p| p.binary_id);
+                let watched = seen.iter().any(|(b, _)| Some(*b) == binary_id);
+                if current != binary_id || !watched {
+                    out.push((path, None, ServeDecision::Original));
+                }
+            }
+            Ok((out, seen))
+        })
+        .await?;
+    fingerprints.extend(seen);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::catalog::base::{
+        NewVariant, insert_variant, set_excluded, set_pin, upsert_binary, upsert_path,
+    };
+    use crate::elf::ElfFacts;
+    use crate::identity::{ContentId, FileKey};
+    use crate::measure::RunExit;
+    use crate::policy::load::{NoPipeline, binary_status, machine_summary};
+
+    #[derive(Default)]
+    struct Sink(Mutex<Vec<(PathBuf, ServeDecision)>>);
+    impl ServingSink for Sink {
+        fn set_decision(&self, original: &Path, decision: ServeDecision) {
+            self.0.lock().unwrap().push((original.to_path_buf(), decision));
+        }
+    }
+    impl Sink {
+        fn last(&self) -> Option<ServeDecision> {
+            self.0.lock().unwrap().last().map(|x| x.1)
+        }
+    }
+
+    async fn wait_for(sink: &Sink, want: ServeDecision) {
+        for _ in 0..200 {
+            if sink.last() == Some(want) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("sink never got {want:?}: {:?}", sink.0.lock().unwrap());
+    }
+
+    fn record(binary_id: i64, variant_id: Option<i64>, cpu_ns: u64) -> RunRecord {
+        RunRecord {
+            original: PathBuf::from("/usr/bin/tool"),
+            key: FileKey { dev: 1, ino: 1, size: 1, mtime_ns: 1, ctime_ns: 1 },
+            binary_id: Some(binary_id),
+            variant_id,
+            cmd_hash: "cmd".into(),
+            task_clock_ns: cpu_ns,
+            instructions: None,
+            cycles: None,
+            wall_ns: cpu_ns,
+            exit: RunExit::Exited(0),
+            at_ms: 1,
+        }
+    }
+
+    #[tokio::test]
+    async fn canary_promotion_controls_and_summary_through_the_task() {
+        let catalog = Catalog::in_memory().unwrap();
+        let (bid, vid) = catalog
+            .run(|c| {
+                let b =
+                    upsert_binary(c, &ContentId::of_bytes(b"tool"), 1, &ElfFacts::default(), 1)?;
+                let key = FileKey { dev: 1, ino: 1, size: 1, mtime_ns: 1, ctime_ns: 1 };
+                upsert_path(c, "/usr/bin/tool", Some(b), &key, 1)?;
+                let v = insert_variant(
+                    c,
+                    &NewVariant {
+                        binary_id: b,
+                        kind: "bolt".into(),
+                        state: "ready".into(),
+                        ..Default::default()
+                    },
+                    1,
+                )?;
+                Ok((b, v))
+            })
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let sink = Arc::new(Sink::default());
+        let (stop, shutdown) = watch::channel(false);
+        let opts =
+            PolicyTaskOptions { rescan_every: Duration::from_millis(20), ..Default::default() };
+        let task = tokio::spawn(run_policy(catalog.clone(), rx, sink.clone(), shutdown, opts));
+        wait_for(&sink, ServeDecision::Split { variant_id: vid, variant_share: 0.5 }).await;
+
+        // 20 interleaved runs per arm; the variant needs 20% less CPU.
+        for i in 0..20u64 {
+            let jitter = 1_000_000 + (i * 7919 % 97) * 1_000;
+            tx.send(record(bid, None, 100 * jitter)).unwrap();
+            tx.send(record(bid, Some(vid), 80 * jitter)).unwrap();
+        }
+        wait_for(&sink, ServeDecision::Split { variant_id: vid, variant_share: 0.95 }).await;
+
+        let cfg = PolicyConfig::default();
+        let (status, summary, decisions) = catalog
+            .run(move |c| {
+                Ok((
+                    binary_status(c, bid, &cfg, &NoPipeline)?,
+                    machine_summary(c, &cfg, &NoPipeline)?,
+                    runs::decisions_of(c, bid)?,
+                ))
+            })
+            .await
+            .unwrap();
+        let actions: Vec<&str> = decisions.iter().map(|d| d.action.as_str()).collect();
+        assert_eq!(actions, ["start_canary", "promote"]);
+        assert!(status[0].stage_text.starts_with("serving optimized"), "{}", status[0].stage_text);
+        assert!(status[0].stage_text.contains("faster by 20."), "{}", status[0].stage_text);
+        assert_eq!(status[0].runs, vec![(None, 20), (Some(vid), 20)]);
+        assert_eq!(summary.binaries_optimized, 1);
+        assert_eq!(summary.cpu_saved_ns, 0, "no runs served since the promotion yet");
+
+        // Runs served after the promotion count as saved CPU time.
+        tx.send(record(bid, Some(vid), 80_000_000)).unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let cfg = PolicyConfig::default();
+        let summary = catalog.run(move |c| machine_summary(c, &cfg, &NoPipeline)).await.unwrap();
+        assert!((19_000_000..=21_000_000).contains(&summary.cpu_saved_ns), "{summary:?}");
+
+        // Pins and exclusions reach the serving table on the next rescan.
+        catalog.run(|c| set_pin(c, "/usr/bin/tool", Some("original"), 2)).await.unwrap();
+        wait_for(&sink, ServeDecision::Original).await;
+        catalog.run(|c| set_pin(c, "/usr/bin/tool", Some("bolted"), 3)).await.unwrap();
+        wait_for(&sink, ServeDecision::Variant(vid)).await;
+        catalog.run(|c| set_excluded(c, "/usr/bin/tool", true, 4)).await.unwrap();
+        wait_for(&sink, ServeDecision::Original).await;
+        catalog.run(|c| set_excluded(c, "/usr/bin/tool", false, 5)).await.unwrap();
+        wait_for(&sink, ServeDecision::Variant(vid)).await;
+
+        // The file is replaced by new content (a package upgrade): its variants no longer
+        // apply, the path goes back to the original.
+        catalog
+            .run(|c| {
+                let b =
+                    upsert_binary(c, &ContentId::of_bytes(b"tool v2"), 1, &ElfFacts::default(), 6)?;
+                let key = FileKey { dev: 1, ino: 2, size: 1, mtime_ns: 6, ctime_ns: 6 };
+                upsert_path(c, "/usr/bin/tool", Some(b), &key, 6)
+            })
+            .await
+            .unwrap();
+        wait_for(&sink, ServeDecision::Original).await;
+
+        stop.send(true).unwrap();
+        task.await.unwrap().unwrap();
+    }
+}

@@ -1,0 +1,326 @@
+//! Unit and property tests of the pure policy.
+
+use proptest::prelude::*;
+
+use super::sim::{SimSpec, run_trials, simulate_canary};
+use super::*;
+
+fn variant(id: i64, state: VariantState) -> VariantInput {
+    VariantInput { id, state, canary_from_run: Some(1), served_from_run: None, note: None }
+}
+
+fn run(id: i64, variant_id: Option<i64>, cmd: &str, cpu_ns: u64, exit: RunExit) -> RunInput {
+    RunInput { id, variant_id, cmd_hash: cmd.into(), cpu_ns, exit }
+}
+
+fn input(variants: Vec<VariantInput>, runs: Vec<RunInput>) -> BinaryInput {
+    let next_run_id = runs.iter().map(|r| r.id).max().unwrap_or(0) + 1;
+    BinaryInput { binary_id: 1, variants, runs, pipeline: Pipeline::Collecting, next_run_id }
+}
+
+#[test]
+fn ready_variant_enters_canary_and_is_split() {
+    let e =
+        evaluate(&input(vec![variant(4, VariantState::Ready)], vec![]), &PolicyConfig::default());
+    assert_eq!(e.transitions.len(), 1);
+    assert_eq!(e.transitions[0].action, Action::StartCanary);
+    assert_eq!(e.transitions[0].first_run_id, Some(1));
+    assert_eq!(e.serve, ServeDecision::Split { variant_id: 4, variant_share: 0.5 });
+    assert_eq!(e.serve.choose(0.49), Some(4));
+    assert_eq!(e.serve.choose(0.5), None);
+    assert!(e.stage.to_string().starts_with("canary"));
+}
+
+#[test]
+fn crash_quarantines_at_once_unless_the_original_crashes_the_same_way() {
+    let cfg = PolicyConfig::default();
+    let runs = vec![
+        run(1, None, "a", 100, RunExit::Exited(0)),
+        run(2, Some(4), "a", 100, RunExit::Signaled(libc::SIGSEGV)),
+    ];
+    let e = evaluate(&input(vec![variant(4, VariantState::Canary)], runs), &cfg);
+    assert_eq!(e.incidents.len(), 1);
+    assert_eq!(e.incidents[0].kind, IncidentKind::Crash);
+    assert_eq!(e.incidents[0].cmd_hash, "a");
+    assert_eq!(e.states[&4], VariantState::Quarantined);
+    assert_eq!(e.serve, ServeDecision::Original);
+    assert!(matches!(e.stage, Stage::Crashed { variant_id: 4, .. }), "{}", e.stage);
+    assert!(e.stage.to_string().contains("SIGSEGV (11)"), "{}", e.stage);
+    // Pinned to bolted: the quarantined variant is still not served.
+    assert_eq!(
+        decide(&e, &Controls { pin: Some(Pin::Bolted), excluded: false }).1,
+        ServeDecision::Original
+    );
+
+    // The original dies of SIGABRT on that command too: not the variant's fault.
+    let runs = vec![
+        run(1, None, "a", 100, RunExit::Signaled(libc::SIGABRT)),
+        run(2, Some(4), "a", 100, RunExit::Signaled(libc::SIGABRT)),
+        run(3, Some(4), "b", 100, RunExit::Signaled(libc::SIGPIPE)),
+    ];
+    let e = evaluate(&input(vec![variant(4, VariantState::Canary)], runs), &cfg);
+    assert!(e.incidents.is_empty());
+    assert_eq!(e.states[&4], VariantState::Canary);
+}
+
+#[test]
+fn unexpected_exit_codes_are_strikes() {
+    let cfg = PolicyConfig::default();
+    let mut runs = vec![
+        run(1, None, "a", 100, RunExit::Exited(0)),
+        run(2, None, "a", 100, RunExit::Exited(1)),
+    ];
+    runs.push(run(3, Some(4), "a", 100, RunExit::Exited(1))); // the original gives 1 too
+    runs.push(run(4, Some(4), "new", 100, RunExit::Exited(7))); // no reference for "new"
+    runs.push(run(5, Some(4), "a", 100, RunExit::Exited(2))); // strike 1
+    let e = evaluate(&input(vec![variant(4, VariantState::Canary)], runs.clone()), &cfg);
+    assert!(e.incidents.is_empty());
+    runs.push(run(6, Some(4), "a", 100, RunExit::Exited(2))); // strike 2
+    let e = evaluate(&input(vec![variant(4, VariantState::Canary)], runs), &cfg);
+    assert_eq!(e.incidents.len(), 1);
+    assert_eq!(e.incidents[0].kind, IncidentKind::SuspiciousExit);
+    assert_eq!(e.states[&4], VariantState::Quarantined);
+}
+
+/// Interleaved runs of two arms with deterministic spread.
+fn arms(n: usize, ratio: f64, variant_id: i64) -> Vec<RunInput> {
+    let mut runs = Vec::new();
+    for i in 0..n {
+        let noise = 1.0 + 0.1 * (((i * 7919) % 101) as f64 / 100.0 - 0.5);
+        let base = 1e8 * noise;
+        runs.push(run(2 * i as i64 + 1, None, "a", base as u64, RunExit::Exited(0)));
+        runs.push(run(
+            2 * i as i64 + 2,
+            Some(variant_id),
+            "a",
+            (base * ratio) as u64,
+            RunExit::Exited(0),
+        ));
+    }
+    runs
+}
+
+#[test]
+fn clear_gain_is_promoted_clear_loss_rejected_with_reason() {
+    let cfg = PolicyConfig::default();
+    let e = evaluate(&input(vec![variant(4, VariantState::Canary)], arms(20, 0.9, 4)), &cfg);
+    assert_eq!(e.states[&4], VariantState::Served, "{:?}", e.stage);
+    assert_eq!(e.transitions[0].first_run_id, Some(41));
+    assert!(
+        matches!(e.serve, ServeDecision::Split { variant_id: 4, variant_share } if (variant_share - 0.95).abs() < 1e-9)
+    );
+    assert!(e.stage.to_string().contains("faster by 10."), "{}", e.stage);
+
+    let e = evaluate(&input(vec![variant(4, VariantState::Canary)], arms(20, 1.1, 4)), &cfg);
+    assert_eq!(e.states[&4], VariantState::Rejected);
+    assert_eq!(e.serve, ServeDecision::Original);
+    let text = e.stage.to_string();
+    assert!(text.starts_with("serving original: slower by 10."), "{text}");
+    assert!(text.contains('±'), "{text}");
+
+    // Before the first look nothing is decided.
+    let e = evaluate(&input(vec![variant(4, VariantState::Canary)], arms(19, 0.5, 4)), &cfg);
+    assert!(e.transitions.is_empty());
+}
+
+#[test]
+fn rejected_canary_hands_back_to_the_served_variant_and_promotion_retires_it() {
+    let cfg = PolicyConfig::default();
+    let mut old = variant(3, VariantState::Served);
+    old.served_from_run = Some(1);
+    let e = evaluate(
+        &input(vec![old.clone(), variant(4, VariantState::Canary)], arms(20, 1.1, 4)),
+        &cfg,
+    );
+    assert_eq!(e.states[&4], VariantState::Rejected);
+    assert!(matches!(e.serve, ServeDecision::Split { variant_id: 3, .. }), "{:?}", e.serve);
+    let e = evaluate(&input(vec![old, variant(4, VariantState::Canary)], arms(20, 0.8, 4)), &cfg);
+    assert_eq!(e.states[&3], VariantState::Retired);
+    assert_eq!(e.states[&4], VariantState::Served);
+}
+
+#[test]
+fn drift_sends_a_served_variant_back_to_canary() {
+    let cfg = PolicyConfig::default();
+    let mut v = variant(4, VariantState::Served);
+    v.served_from_run = Some(1);
+    // 40 exploration runs of the original, the variant now 20% slower.
+    let e = evaluate(&input(vec![v], arms(40, 1.2, 4)), &cfg);
+    assert_eq!(e.states[&4], VariantState::Canary);
+    assert_eq!(e.transitions[0].action, Action::Recanary);
+    assert!(
+        e.transitions[0].detail.starts_with("drift: now slower"),
+        "{}",
+        e.transitions[0].detail
+    );
+}
+
+#[test]
+fn controls_override_and_stages_render() {
+    let cfg = PolicyConfig::default();
+    let mut v = variant(4, VariantState::Served);
+    v.served_from_run = Some(1);
+    let e = evaluate(&input(vec![v], arms(5, 0.9, 4)), &cfg);
+    assert!(matches!(e.stage, Stage::ServingOptimized { variant_id: 4, .. }));
+    let excluded = decide(&e, &Controls { pin: Some(Pin::Bolted), excluded: true });
+    assert_eq!(excluded, (Stage::Excluded, ServeDecision::Original));
+    assert_eq!(
+        decide(&e, &Controls { pin: Some(Pin::Original), excluded: false }).1,
+        ServeDecision::Original
+    );
+    assert_eq!(
+        decide(&e, &Controls { pin: Some(Pin::Bolted), excluded: false }).1,
+        ServeDecision::Variant(4)
+    );
+    let e = evaluate(&input(vec![], vec![]), &cfg);
+    assert_eq!(e.stage, Stage::Collecting);
+    let mut i = input(vec![], vec![]);
+    i.pipeline = Pipeline::BoltFailed("unable to get new address".into());
+    assert_eq!(evaluate(&i, &cfg).stage.to_string(), "BOLT failed: unable to get new address");
+}
+
+#[test]
+fn config_validation() {
+    assert!(PolicyConfig::default().validate().is_ok());
+    assert!(PolicyConfig { canary_fraction: 1.5, ..Default::default() }.validate().is_err());
+    assert!(PolicyConfig { alpha: 0.0, ..Default::default() }.validate().is_err());
+    assert!(PolicyConfig { looks: 0, ..Default::default() }.validate().is_err());
+    let toml_text = "canary_fraction = 0.3\nmin_runs_per_arm = 30\n";
+    let parsed: PolicyConfig = toml::from_str(toml_text).unwrap();
+    assert_eq!((parsed.canary_fraction, parsed.min_runs_per_arm, parsed.looks), (0.3, 30, 5));
+}
+
+#[test]
+fn cpu_saved_estimate() {
+    assert!((49..=50).contains(&cpu_saved_ns(950, 0.95)));
+    assert_eq!(cpu_saved_ns(1000, 1.02), 0);
+    assert_eq!(cpu_saved_ns(1000, f64::NAN), 0);
+}
+
+fn any_state() -> impl Strategy<Value = VariantState> {
+    prop_oneof![
+        Just(VariantState::Ready),
+        Just(VariantState::Canary),
+        Just(VariantState::Served),
+        Just(VariantState::Rejected),
+        Just(VariantState::Quarantined),
+        Just(VariantState::Retired),
+    ]
+}
+
+fn any_exit() -> impl Strategy<Value = RunExit> {
+    prop_oneof![
+        6 => (0..3i32).prop_map(RunExit::Exited),
+        1 => prop_oneof![Just(libc::SIGSEGV), Just(libc::SIGILL), Just(libc::SIGPIPE), Just(libc::SIGKILL)]
+            .prop_map(RunExit::Signaled),
+    ]
+}
+
+fn any_input() -> impl Strategy<Value = BinaryInput> {
+    let variants = prop::collection::vec(any_state(), 0..4);
+    let runs = prop::collection::vec(
+        (prop::option::of(0..4i64), 0..3u8, 1_000u64..2_000, any_exit()),
+        0..120,
+    );
+    (variants, runs).prop_map(|(states, runs)| {
+        let variants: Vec<VariantInput> = states
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| VariantInput {
+                id: i as i64,
+                state: s,
+                canary_from_run: Some(1),
+                served_from_run: Some(1),
+                note: None,
+            })
+            .collect();
+        let n = variants.len() as i64;
+        let runs = runs
+            .into_iter()
+            .enumerate()
+            .map(|(i, (v, c, t, e))| RunInput {
+                id: i as i64 + 1,
+                variant_id: v.filter(|v| *v < n),
+                cmd_hash: format!("c{c}"),
+                cpu_ns: t,
+                exit: e,
+            })
+            .collect();
+        input(variants, runs)
+    })
+}
+
+fn any_controls() -> impl Strategy<Value = Controls> {
+    (prop::option::of(prop_oneof![Just(Pin::Original), Just(Pin::Bolted)]), any::<bool>())
+        .prop_map(|(pin, excluded)| Controls { pin, excluded })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+
+    #[test]
+    fn never_serves_quarantined_or_excluded_and_honours_pins(
+        i in any_input(), controls in any_controls(), draw in 0.0f64..1.0
+    ) {
+        let e = evaluate(&i, &PolicyConfig::default());
+        let (_stage, serve) = decide(&e, &controls);
+        let chosen = serve.choose(draw);
+        if let Some(v) = chosen {
+            prop_assert_ne!(e.states[&v], VariantState::Quarantined);
+            // A variant that was quarantined before (stored state) never comes back either.
+            prop_assert_ne!(i.variants.iter().find(|x| x.id == v).map(|x| x.state), Some(VariantState::Quarantined));
+        }
+        if controls.excluded {
+            prop_assert_eq!(chosen, None);
+        } else {
+            match controls.pin {
+                Some(Pin::Original) => prop_assert_eq!(chosen, None),
+                Some(Pin::Bolted) => {
+                    let usable = i.variants.iter().any(|v| e.states[&v.id] != VariantState::Quarantined);
+                    prop_assert_eq!(chosen.is_some(), usable);
+                }
+                None => {}
+            }
+        }
+        // Any crash of a variant on a command the original never crashed on quarantines it.
+        for r in &i.runs {
+            if let (Some(v), RunExit::Signaled(s)) = (r.variant_id, r.exit)
+                && CRASH_SIGNALS.contains(&s)
+                && !i.runs.iter().any(|o| o.variant_id.is_none() && o.cmd_hash == r.cmd_hash && o.exit == r.exit)
+            {
+                prop_assert_eq!(e.states[&v], VariantState::Quarantined);
+            }
+        }
+    }
+
+    #[test]
+    fn converges_to_a_clearly_faster_variant(seed in any::<u64>()) {
+        let spec = SimSpec { true_ratio: 0.85, noise_sigma: 0.15, ..Default::default() };
+        let out = simulate_canary(&spec, &PolicyConfig::default(), seed);
+        prop_assert!(matches!(out, sim::SimOutcome::Promoted { .. }), "{:?}", out);
+    }
+
+    #[test]
+    fn never_promotes_a_clearly_slower_variant(seed in any::<u64>()) {
+        let spec = SimSpec { true_ratio: 1.15, noise_sigma: 0.15, ..Default::default() };
+        let out = simulate_canary(&spec, &PolicyConfig::default(), seed);
+        prop_assert!(matches!(out, sim::SimOutcome::Rejected { .. }), "{:?}", out);
+    }
+}
+
+#[test]
+fn five_percent_faster_with_fifteen_percent_noise_is_mostly_promoted() {
+    let spec = SimSpec { true_ratio: 0.95, noise_sigma: 0.15, ..Default::default() };
+    let s = run_trials(&spec, &PolicyConfig::default(), 60, 1000);
+    assert!(s.promotion_rate() >= 0.8, "{s:?}");
+}
+
+#[test]
+fn false_promotion_rate_is_under_the_stated_bound() {
+    // Equal speed, the VM's noise (15% log-normal plus 5% outliers), 3 commands.
+    let cfg = PolicyConfig::default();
+    let spec = SimSpec { true_ratio: 1.0, noise_sigma: 0.15, ..Default::default() };
+    let s = run_trials(&spec, &cfg, 1000, 7);
+    assert_eq!(s.undecided, 0, "{s:?}");
+    assert!(s.promotion_rate() <= cfg.false_promotion_bound(), "{s:?}");
+}
