@@ -4,9 +4,11 @@
 //! way on the optimizing path (sampler -> profile -> maturity -> BOLT job -> store ->
 //! policy -> serving table). See `docs/architecture.md` for the map of modules.
 
+pub mod bolt;
 pub mod catalog;
 pub mod cli;
 pub mod clock;
 pub mod elf;
 pub mod error;
 pub mod identity;
+pub mod store;

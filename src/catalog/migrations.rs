@@ -15,11 +15,18 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "base: binaries, paths, variants, controls, events",
-    sql: super::base::SCHEMA,
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "base: binaries, paths, variants, controls, events",
+        sql: super::base::SCHEMA,
+    },
+    Migration {
+        version: 3,
+        name: "bolt_jobs: BOLT attempts per binary",
+        sql: super::bolt_jobs::SCHEMA,
+    },
+];
 
 pub(super) fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
