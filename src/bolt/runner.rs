@@ -17,7 +17,7 @@ use super::sandbox::{Sandbox, SandboxCommand, SandboxLimits, Termination};
 use crate::identity::ContentId;
 
 /// How much of BOLT's output is kept for status and the catalog.
-pub const TAIL_BYTES: usize = 4096;
+pub const TAIL_BYTES: usize = 8192;
 
 /// Runs one BOLT job to its end. Synchronous: the queue calls it on a blocking thread.
 pub trait BoltRunner: Send + Sync {
@@ -103,7 +103,10 @@ impl BoltRunner for SandboxedBoltRunner {
             Termination::Cancelled => Some(FailureKind::Cancelled),
             Termination::Exited(0) if is_regular_file(&output) => None,
             Termination::Exited(0) => Some(FailureKind::ExitCode(0)),
-            _ if mentions_memory_exhaustion(&tail) => Some(FailureKind::MemoryLimit),
+            // LLVM's stack dump follows the message: look further back than the tail.
+            _ if mentions_memory_exhaustion(&ran.stdout.tail_text(64 * 1024)) => {
+                Some(FailureKind::MemoryLimit)
+            }
             Termination::Exited(n) => Some(FailureKind::ExitCode(n)),
             Termination::Signaled(s) => Some(FailureKind::Signal(s)),
         };
