@@ -9,7 +9,9 @@
 //!   file or nothing. A file never changes once published: the kernel may have its pages
 //!   cached behind a running process.
 //! - Garbage collection removes every variant the caller does not name as kept (served,
-//!   canary, being measured), and staging files left behind by a crash.
+//!   canary, being measured), and staging files left behind by a crash. Files younger
+//!   than [`GC_GRACE`] are spared: a job may have published one a moment ago and not yet
+//!   recorded it in the catalog the keep set was read from.
 
 use std::collections::HashSet;
 use std::fs::{self, File};
@@ -26,6 +28,8 @@ use crate::identity::ContentId;
 const STAGING: &str = ".staging";
 /// Staging files older than this belong to no running publish (a publish takes seconds).
 const STALE_STAGING: Duration = Duration::from_secs(3600);
+/// Published files younger than this are never collected (see the module doc).
+pub const GC_GRACE: Duration = Duration::from_secs(600);
 
 /// A handle to the store's directory.
 #[derive(Debug, Clone)]
@@ -145,11 +149,29 @@ impl VariantStore {
         self.commit(staged)
     }
 
-    /// Removes every variant not in `keep`, and stale staging files.
+    /// Removes every variant not in `keep` (older than [`GC_GRACE`]), and stale staging
+    /// files.
     pub fn gc(&self, keep: &HashSet<ContentId>) -> anyhow::Result<GcReport> {
+        self.gc_older_than(keep, GC_GRACE)
+    }
+
+    /// [`Self::gc`] with the grace period given.
+    pub fn gc_older_than(
+        &self,
+        keep: &HashSet<ContentId>,
+        grace: Duration,
+    ) -> anyhow::Result<GcReport> {
         let mut report = GcReport::default();
+        let now = SystemTime::now();
+        let young = |p: &Path| {
+            fs::metadata(p)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|m| now.duration_since(m).ok())
+                .is_none_or(|age| age < grace)
+        };
         for (content, path, size) in self.files()? {
-            if content.is_some_and(|c| keep.contains(&c)) {
+            if content.is_some_and(|c| keep.contains(&c)) || young(&path) {
                 report.kept += 1;
                 continue;
             }
@@ -157,7 +179,6 @@ impl VariantStore {
             report.removed += 1;
             report.freed_bytes += size;
         }
-        let now = SystemTime::now();
         for entry in fs::read_dir(self.root.join(STAGING))? {
             let entry = entry?;
             let md = entry.metadata()?;
@@ -283,8 +304,11 @@ mod tests {
         let old = SystemTime::now() - Duration::from_secs(7200);
         File::options().write(true).open(&stale).unwrap().set_modified(old).unwrap();
         let keep: HashSet<ContentId> = [made[1].content, made[3].content].into();
+        // Within the grace period nothing published goes (only the stale staging file).
         let report = store.gc(&keep).unwrap();
-        assert_eq!(report, GcReport { removed: 4, freed_bytes: 203, kept: 2 });
+        assert_eq!(report, GcReport { removed: 1, freed_bytes: 2, kept: 5 });
+        let report = store.gc_older_than(&keep, Duration::ZERO).unwrap();
+        assert_eq!(report, GcReport { removed: 3, freed_bytes: 201, kept: 2 });
         assert!(!made[0].path.exists() && !made[2].path.exists());
         assert!(made[1].path.exists() && made[3].path.exists());
         assert!(!stale.exists());

@@ -367,6 +367,7 @@ async fn build(shared: &Arc<Shared>, req: &OptimizeRequest) -> anyhow::Result<(u
                     Ok(id)
                 })
                 .await?;
+            collect_garbage(shared).await;
             return Ok((attempt, JobEnd::Built { variant_id, sha256: stored.0.content.hex() }));
         };
         if kind == FailureKind::Cancelled {
@@ -396,6 +397,26 @@ async fn build(shared: &Arc<Shared>, req: &OptimizeRequest) -> anyhow::Result<(u
                 ));
             }
         }
+    }
+}
+
+/// Removes stored variants the catalog no longer needs (after a build, when the store has
+/// just grown). Failures are logged: a full store is not a failed job.
+async fn collect_garbage(shared: &Arc<Shared>) {
+    let keep = match shared.deps.catalog.run(|c| bolt_jobs::variants_to_keep(c)).await {
+        Ok(k) => k,
+        Err(e) => {
+            return tracing::warn!(error = %format!("{e:#}"), "variant gc: reading the catalog");
+        }
+    };
+    let store = shared.deps.store.clone();
+    match tokio::task::spawn_blocking(move || store.gc(&keep)).await {
+        Ok(Ok(r)) if r.removed > 0 => {
+            tracing::info!(removed = r.removed, freed = r.freed_bytes, "variant gc")
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "variant gc"),
+        Err(e) => tracing::warn!(error = %e, "variant gc"),
     }
 }
 

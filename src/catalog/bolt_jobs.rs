@@ -8,6 +8,8 @@
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
+use crate::identity::ContentId;
+
 pub const SCHEMA: &str = r#"
 CREATE TABLE bolt_jobs (
     binary_id           INTEGER PRIMARY KEY REFERENCES binaries(id) ON DELETE CASCADE,
@@ -116,6 +118,21 @@ pub fn set_variant(conn: &Connection, binary_id: i64, variant_id: i64) -> anyhow
     Ok(())
 }
 
+/// Contents of variants the store must keep: every variant row not rejected or retired
+/// (ready ones are waiting to be measured; canary and served ones are in use).
+pub fn variants_to_keep(conn: &Connection) -> anyhow::Result<std::collections::HashSet<ContentId>> {
+    let mut stmt =
+        conn.prepare("SELECT sha256 FROM variants WHERE state NOT IN ('rejected', 'retired')")?;
+    let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+    let mut keep = std::collections::HashSet::new();
+    for hex in rows {
+        if let Some(id) = ContentId::parse(&hex?) {
+            keep.insert(id);
+        }
+    }
+    Ok(keep)
+}
+
 const COLUMNS: &str = "binary_id, attempts, last_outcome, failure_tail, ladder_step, flags,
     profile_samples, bolt_version, failed_until_change, wall_ms, peak_rss_kib, variant_id,
     updated_at";
@@ -163,8 +180,8 @@ mod tests {
     use super::*;
     use crate::catalog::Catalog;
     use crate::catalog::base::upsert_binary;
+    use crate::catalog::base::{NewVariant, insert_variant, set_variant_state};
     use crate::elf::ElfFacts;
-    use crate::identity::ContentId;
 
     #[test]
     fn attempts_accumulate_and_success_clears_failure() {
@@ -202,6 +219,20 @@ mod tests {
             assert!(!row.failed_until_change);
             assert_eq!(row.failure_tail, None);
             assert!(recent_failures(c, 10)?.is_empty());
+
+            let (a, b) = (ContentId::of_bytes(b"a"), ContentId::of_bytes(b"b"));
+            let v = |sha: &ContentId| NewVariant {
+                binary_id: id,
+                kind: "bolt".into(),
+                sha256: sha.hex(),
+                state: "ready".into(),
+                ..Default::default()
+            };
+            insert_variant(c, &v(&a), 14)?;
+            let vb = insert_variant(c, &v(&b), 14)?;
+            assert_eq!(variants_to_keep(c)?, [a, b].into());
+            set_variant_state(c, vb, "retired", None)?;
+            assert_eq!(variants_to_keep(c)?, [a].into());
             Ok(())
         })
         .unwrap();
