@@ -107,11 +107,18 @@ struct Rig {
 
 impl Rig {
     fn new(tool: BoltTool, limits: SandboxLimits) -> Self {
+        Self::with_bolt(BoltState::Found(tool), limits)
+    }
+
+    fn with_bolt(bolt: BoltState, limits: SandboxLimits) -> Self {
         let dir = open_tempdir();
         let catalog = Catalog::open(&dir.path().join("state/catalog.db")).unwrap();
         let store = VariantStore::open(&dir.path().join("state")).unwrap();
         let sandbox = Sandbox::new(&dir.path().join("scratch"), SandboxUser::resolve()).unwrap();
-        let runner = SandboxedBoltRunner::new(tool.clone(), sandbox.clone(), limits.clone());
+        let runner = bolt.tool().map(|tool| {
+            let r = SandboxedBoltRunner::new(tool.clone(), sandbox.clone(), limits.clone());
+            Arc::new(r) as Arc<dyn BoltRunner>
+        });
         let profiles = Arc::new(FileProfiles::default());
         let config = OptimizerConfig {
             applicability: ApplicabilityConfig { min_text_bytes: 0, min_own_text_share: 0.0 },
@@ -121,8 +128,8 @@ impl Rig {
         let deps = OptimizerDeps {
             catalog: catalog.clone(),
             store: store.clone(),
-            bolt: BoltState::Found(tool),
-            runner: Some(Arc::new(runner)),
+            bolt,
+            runner,
             sandbox,
             profiles: profiles.clone(),
             clock: Arc::new(SystemClock),
@@ -180,9 +187,11 @@ impl Rig {
         self.catalog.run(move |c| bolt_jobs::job_of(c, id)).await.unwrap().expect("a bolt_jobs row")
     }
 
-    async fn stop(self) {
+    /// Shuts the optimizer down; hands back the temp dir for checks after.
+    async fn stop(self) -> tempfile::TempDir {
         self.shutdown.send(true).unwrap();
         tokio::time::timeout(Duration::from_secs(30), self.task).await.unwrap().unwrap();
+        self.dir
     }
 }
 
@@ -490,4 +499,87 @@ fn discovery_finds_the_newest_installed_bolt() {
     assert_eq!(t.version.major, 22);
     assert_eq!(t.version.perf2bolt_no_lbr_flag(), "-ba");
     assert_eq!(tool(19).version.perf2bolt_no_lbr_flag(), "-nl");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_are_refused_or_skipped_with_their_reason() {
+    // No BOLT: a state in status, and every request refused saying so.
+    let missing =
+        BoltState::Missing { looked_in: vec!["/usr/lib/llvm-*/bin/llvm-bolt: none".into()] };
+    let rig = Rig::with_bolt(missing, SandboxLimits::default());
+    let bin = compile(rig.dir.path(), "prog", &["-Wl,--emit-relocs"]);
+    let req = rig.request(&bin, &hand_profile(rig.dir.path())).await;
+    let err = rig.handle.submit(req).unwrap_err();
+    assert!(err.to_string().contains("BOLT is not installed"), "{err}");
+    let status = rig.handle.status();
+    assert!(!status.bolt.found);
+    assert_eq!(status.bolt.looked_in.len(), 1);
+    rig.stop().await;
+
+    let rig = Rig::new(tool(22), SandboxLimits::default());
+    let fdata = hand_profile(rig.dir.path());
+    // Stripped: not a candidate, with the reason.
+    let stripped = compile(rig.dir.path(), "stripped", &["-s"]);
+    let err = rig.handle.submit(rig.request(&stripped, &fdata).await).unwrap_err();
+    assert!(err.to_string().ends_with("not a candidate: stripped (no .symtab)"), "{err}");
+    // No profile yet.
+    let bin = compile(rig.dir.path(), "prog", &["-Wl,--emit-relocs"]);
+    let mut req = rig.request(&bin, &fdata).await;
+    req.profile.samples = 0;
+    let err = rig.handle.submit(req.clone()).unwrap_err();
+    assert!(err.to_string().contains("no profile"), "{err}");
+    // Excluded by the user: queued, then skipped without running BOLT.
+    let name = req.name.clone();
+    rig.catalog.run(move |c| base::set_excluded(c, &name, true, 1)).await.unwrap();
+    req.profile.samples = 9003;
+    rig.handle.submit(req.clone()).unwrap();
+    let s = rig.settle(1).await;
+    assert!(
+        matches!(&s.recent[0].end, JobEnd::Skipped { why } if why.contains("excluded")),
+        "{:?}",
+        s.recent[0]
+    );
+    let id = req.binary_id;
+    assert!(
+        rig.catalog.run(move |c| bolt_jobs::job_of(c, id)).await.unwrap().is_none(),
+        "BOLT ran"
+    );
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_kills_a_running_job_without_blaming_the_binary() {
+    let scripts = open_tempdir();
+    let slow = fake_bolt(scripts.path(), "slow", "echo started; sleep 53.75");
+    let limits = SandboxLimits { timeout: Duration::from_secs(120), ..Default::default() };
+    let rig = Rig::new(slow, limits);
+    let bin = compile(rig.dir.path(), "prog", &["-Wl,--emit-relocs"]);
+    let req = rig.request(&bin, &hand_profile(rig.dir.path())).await;
+    let id = req.binary_id;
+    rig.handle.submit(req.clone()).unwrap();
+    let dup = rig.handle.submit(req).unwrap_err();
+    assert!(dup.to_string().contains("already queued"), "{dup}");
+    let start = Instant::now();
+    while rig.handle.status().running.first().is_none_or(|r| r.attempt == 0) {
+        assert!(start.elapsed() < Duration::from_secs(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let handle = rig.handle.clone();
+    let catalog = rig.catalog.clone();
+    let stopping = Instant::now();
+    let dir = rig.stop().await;
+    assert!(stopping.elapsed() < Duration::from_secs(5), "shutdown waited for BOLT");
+    let s = handle.status();
+    assert!(matches!(s.recent[0].end, JobEnd::Cancelled), "{:?}", s.recent);
+    assert_eq!(s.failed, 0);
+    let job = catalog.run(move |c| bolt_jobs::job_of(c, id)).await.unwrap();
+    assert!(job.is_none(), "a cancelled run was recorded as a failure: {job:?}");
+    let survivors = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+        .filter(|c| String::from_utf8_lossy(c).contains("53.75"))
+        .count();
+    assert_eq!(survivors, 0, "BOLT survived the shutdown");
+    assert_eq!(std::fs::read_dir(dir.path().join("scratch")).unwrap().count(), 0);
 }

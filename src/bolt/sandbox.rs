@@ -278,6 +278,7 @@ impl Sandbox {
         unsafe { libc::kill(-pid, libc::SIGKILL) };
         let (status, rusage) = reap(pid)?;
         let wall = started.elapsed();
+        wait_for_group_gone(pid);
         let termination = ended.unwrap_or(if libc::WIFEXITED(status) {
             Termination::Exited(libc::WEXITSTATUS(status))
         } else {
@@ -362,6 +363,20 @@ fn exited_without_reaping(pid: libc::pid_t) -> anyhow::Result<bool> {
         if e.kind() != std::io::ErrorKind::Interrupted {
             return Err(e).context("waiting for the sandboxed child");
         }
+    }
+}
+
+/// Signals are delivered asynchronously: give the rest of the group a moment to die, so
+/// that nothing of a job outlives [`Sandbox::run`] (bounded: a zombie whose new parent
+/// never reaps it still counts as a member).
+fn wait_for_group_gone(pgid: libc::pid_t) {
+    for _ in 0..50 {
+        // SAFETY: plain system calls.
+        if unsafe { libc::kill(-pgid, 0) } != 0 {
+            return;
+        }
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        std::thread::sleep(POLL);
     }
 }
 
