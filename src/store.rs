@@ -16,7 +16,7 @@
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{Read, Write};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -101,8 +101,15 @@ impl VariantStore {
     }
 
     /// Copies `src` into a staging file, hashing it; fsynced and executable.
+    /// `src` must be a regular file itself, not a symlink: BOLT's output sits in a directory
+    /// the sandbox user owns, and root must not be tricked into copying another file.
     pub fn stage(&self, src: &Path) -> anyhow::Result<Staged> {
-        let mut input = File::open(src).with_context(|| format!("opening {}", src.display()))?;
+        let mut input = File::options()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(src)
+            .with_context(|| format!("opening {}", src.display()))?;
+        anyhow::ensure!(input.metadata()?.is_file(), "{} is not a regular file", src.display());
         let mut file = tempfile::Builder::new()
             .prefix("variant-")
             .tempfile_in(self.root.join(STAGING))
@@ -285,6 +292,10 @@ mod tests {
         let v = store.commit(staged).unwrap();
         assert!(store.contains(&content));
         assert_eq!(v.size, 3 << 20);
+        // A symlink is refused, whatever it points to.
+        let link = state.path().join("link");
+        std::os::unix::fs::symlink(&src, &link).unwrap();
+        assert!(store.stage(&link).is_err());
     }
 
     #[test]
