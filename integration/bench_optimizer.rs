@@ -454,8 +454,9 @@ impl Optimizer {
     }
 }
 
-/// Builds an instrumented binary through the runner and the ladder, runs the workload on
-/// it once and returns the exact profile it wrote.
+/// Builds an instrumented binary through the runner and the ladder, runs one measured
+/// workload on it (instrumentation counts exactly: one short run is a complete profile)
+/// and returns the profile it wrote.
 fn instrumentation_profile(
     runner: &SandboxedBoltRunner,
     prog: &Program,
@@ -490,10 +491,10 @@ fn instrumentation_profile(
                     }
                 );
                 let t = Instant::now();
-                let want = output(&prog.bin, &prog.profile);
+                let want = output(&prog.bin, &prog.measure);
                 let base = t.elapsed();
                 let t = Instant::now();
-                let got = output(&instrumented, &prog.profile);
+                let got = output(&instrumented, &prog.measure);
                 println!(
                     "  instrumented run: {:.2}x the original's time, same output: {}",
                     t.elapsed().as_secs_f64() / base.as_secs_f64(),

@@ -77,10 +77,13 @@ pub struct StoreUsage {
 }
 
 impl VariantStore {
-    /// Opens (creating) `<state_dir>/variants`, root-only.
+    /// Opens (creating) `<state_dir>/variants`, root-only. The mode of `state_dir` itself
+    /// is left to its owner (the daemon).
     pub fn open(state_dir: &Path) -> anyhow::Result<Self> {
+        fs::create_dir_all(state_dir)
+            .with_context(|| format!("creating {}", state_dir.display()))?;
         let root = state_dir.join("variants");
-        for dir in [state_dir, root.as_path(), root.join(STAGING).as_path()] {
+        for dir in [root.as_path(), root.join(STAGING).as_path()] {
             make_private_dir(dir)?;
         }
         Ok(Self { root })

@@ -32,7 +32,7 @@ use crate::catalog::{base, bolt_jobs};
 use crate::clock::Clock;
 use crate::elf::ElfFacts;
 use crate::identity::ContentId;
-use crate::store::VariantStore;
+use crate::store::{StoredVariant, VariantStore};
 
 pub use super::retry_policy::RequestOrigin;
 
@@ -344,31 +344,10 @@ async fn build(shared: &Arc<Shared>, req: &OptimizeRequest) -> anyhow::Result<(u
         let now = deps.clock.unix_secs();
         let Some(kind) = tried.kind else {
             let stored = tried.stored.context("a success has a stored variant")?;
-            let variant = base::NewVariant {
-                binary_id,
-                kind: "bolt".into(),
-                sha256: stored.0.content.hex(),
-                store_path: stored.0.path.display().to_string(),
-                size: stored.0.size,
-                state: "ready".into(),
-                bolt_version: Some(version.clone()),
-                flags: Some(tried.flags.clone()),
-                profile_samples: Some(info.samples as i64),
-                note: Some(stored.1),
-            };
-            let variant_id = deps
-                .catalog
-                .run(move |c| {
-                    let tx = c.transaction()?;
-                    bolt_jobs::record_attempt(&tx, &record, now)?;
-                    let id = base::insert_variant(&tx, &variant, now)?;
-                    bolt_jobs::set_variant(&tx, binary_id, id)?;
-                    tx.commit()?;
-                    Ok(id)
-                })
-                .await?;
+            let sha256 = stored.file.content.hex();
+            let variant_id = record_variant(shared, record, stored, info.samples, now).await?;
             collect_garbage(shared).await;
-            return Ok((attempt, JobEnd::Built { variant_id, sha256: stored.0.content.hex() }));
+            return Ok((attempt, JobEnd::Built { variant_id, sha256 }));
         };
         if kind == FailureKind::Cancelled {
             return Ok((attempt, JobEnd::Cancelled));
@@ -400,6 +379,42 @@ async fn build(shared: &Arc<Shared>, req: &OptimizeRequest) -> anyhow::Result<(u
     }
 }
 
+/// Records a stored variant (kind "bolt", state "ready") and its successful attempt, in one
+/// transaction.
+async fn record_variant(
+    shared: &Arc<Shared>,
+    attempt: bolt_jobs::AttemptRecord,
+    stored: Stored,
+    profile_samples: u64,
+    now: i64,
+) -> anyhow::Result<i64> {
+    let binary_id = attempt.binary_id;
+    let variant = base::NewVariant {
+        binary_id,
+        kind: "bolt".into(),
+        sha256: stored.file.content.hex(),
+        store_path: stored.file.path.display().to_string(),
+        size: stored.file.size,
+        state: "ready".into(),
+        bolt_version: Some(attempt.bolt_version.clone()),
+        flags: Some(attempt.flags.clone()),
+        profile_samples: Some(profile_samples as i64),
+        note: Some(stored.note),
+    };
+    shared
+        .deps
+        .catalog
+        .run(move |c| {
+            let tx = c.transaction()?;
+            bolt_jobs::record_attempt(&tx, &attempt, now)?;
+            let id = base::insert_variant(&tx, &variant, now)?;
+            bolt_jobs::set_variant(&tx, binary_id, id)?;
+            tx.commit()?;
+            Ok(id)
+        })
+        .await
+}
+
 /// Removes stored variants the catalog no longer needs (after a build, when the store has
 /// just grown). Failures are logged: a full store is not a failed job.
 async fn collect_garbage(shared: &Arc<Shared>) {
@@ -428,8 +443,14 @@ struct Tried {
     flags: String,
     wall_ms: u64,
     peak_rss_kib: u64,
-    /// The stored file and the verification note.
-    stored: Option<(crate::store::StoredVariant, String)>,
+    stored: Option<Stored>,
+}
+
+/// A verified, stored output.
+struct Stored {
+    file: StoredVariant,
+    /// What verification checked, and BOLT's cost.
+    note: String,
 }
 
 /// Verifies a successful run's output and stores it; failures pass through.
@@ -476,7 +497,7 @@ async fn try_store(
                     report.checks.join(", "),
                     rss / 1024
                 );
-                Ok(Ok((store.commit(staged)?, note)))
+                Ok(Ok(Stored { file: store.commit(staged)?, note }))
             }
             Err(why) => Ok(Err(why)),
         }
