@@ -4,6 +4,7 @@
 //! way on the optimizing path (sampler -> profile -> maturity -> BOLT job -> store ->
 //! policy -> serving table). See `docs/architecture.md` for the map of modules.
 
+pub mod bolt;
 pub mod catalog;
 pub mod cli;
 pub mod clock;
@@ -18,3 +19,4 @@ pub mod identity;
 pub mod measure;
 pub mod policy;
 pub mod profile;
+pub mod store;

@@ -27,6 +27,11 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: super::profiles::SCHEMA,
     },
     Migration {
+        version: 3,
+        name: "bolt_jobs: BOLT attempts per binary",
+        sql: super::bolt_jobs::SCHEMA,
+    },
+    Migration {
         version: 4,
         name: "runs: measured runs, incidents, policy decisions",
         sql: super::runs::SCHEMA,

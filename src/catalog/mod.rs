@@ -7,6 +7,7 @@
 //! they are unit-testable against an in-memory database.
 
 pub mod base;
+pub mod bolt_jobs;
 mod migrations;
 pub mod profiles;
 pub mod runs;

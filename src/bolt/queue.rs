@@ -1,0 +1,559 @@
+//! The optimizer's job queue: a tokio task ([`run_optimizer`]) that takes build requests
+//! (matured candidates from the profile side, `optimize NAME` from the control file),
+//! runs them (one at a time by default), and for each: writes the profile, climbs the
+//! retry ladder with the [`BoltRunner`], verifies the output, stores it, and records the
+//! variant and the job in the catalog.
+//!
+//! Requests are checked when submitted ([`OptimizerHandle::submit`] answers with the reason
+//! for a refusal, which the control file turns into EINVAL); history-dependent decisions
+//! (failed until a change, re-optimization after growth, exclusion) are taken when the job
+//! starts, from the catalog.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::task::JoinSet;
+
+use super::applicability::{ApplicabilityConfig, ProfileNumbers, assess};
+use super::discover::BoltState;
+use super::job::{BoltJob, BoltOutcome, BoltPlan, FailureKind, ProfileInput};
+use super::ladder::{Next, Rung, next_rung};
+use super::retry_policy::{BuildHistory, DEFAULT_GROWTH, Decision, decide};
+use super::runner::BoltRunner;
+use super::sandbox::{Sandbox, SandboxLimits};
+use super::status::{FinishedView, JobEnd, OptimizerStatus, QueuedView, RunningView};
+use super::verify::{SmokeCommand, verify};
+use crate::catalog::Catalog;
+use crate::catalog::{base, bolt_jobs};
+use crate::clock::Clock;
+use crate::elf::ElfFacts;
+use crate::identity::ContentId;
+use crate::store::{StoredVariant, VariantStore};
+
+pub use super::retry_policy::RequestOrigin;
+
+/// Where profiles come from (the profile module implements it).
+pub trait ProfileSource: Send + Sync {
+    /// Writes the binary's profile as an fdata file (no_lbr or branch form) to `out`.
+    fn write_fdata(&self, binary_id: i64, out: &Path) -> anyhow::Result<ProfileInfo>;
+}
+
+/// What [`ProfileSource::write_fdata`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProfileInfo {
+    pub samples: u64,
+}
+
+/// A request to build a variant.
+#[derive(Debug, Clone)]
+pub struct OptimizeRequest {
+    pub binary_id: i64,
+    /// The path shown in status and events (also checked against exclusions).
+    pub name: String,
+    /// Where the original's bytes are read from.
+    pub original: PathBuf,
+    pub content: ContentId,
+    pub facts: ElfFacts,
+    pub profile: ProfileNumbers,
+    pub origin: RequestOrigin,
+    /// A command safe to run the binary with, to compare the variant's output.
+    pub smoke: Option<SmokeCommand>,
+}
+
+#[derive(Debug, Clone)]
+pub struct OptimizerConfig {
+    /// Jobs running at once.
+    pub concurrency: usize,
+    pub applicability: ApplicabilityConfig,
+    /// Limits of BOLT runs and of verification runs.
+    pub limits: SandboxLimits,
+    /// Profile growth that justifies another build.
+    pub growth: f64,
+    /// BOLT runs per job before giving up, whatever the ladder says.
+    pub max_attempts: u32,
+}
+
+impl Default for OptimizerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 1,
+            applicability: ApplicabilityConfig::default(),
+            limits: SandboxLimits::default(),
+            growth: DEFAULT_GROWTH,
+            max_attempts: 12,
+        }
+    }
+}
+
+/// What the optimizer works with.
+#[derive(Clone)]
+pub struct OptimizerDeps {
+    pub catalog: Catalog,
+    pub store: VariantStore,
+    pub bolt: BoltState,
+    /// None when BOLT is missing: every request is then refused.
+    pub runner: Option<Arc<dyn BoltRunner>>,
+    /// Runs verification checks.
+    pub sandbox: Sandbox,
+    pub profiles: Arc<dyn ProfileSource>,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Rejected(pub String);
+
+struct Shared {
+    config: OptimizerConfig,
+    deps: OptimizerDeps,
+    status: Mutex<OptimizerStatus>,
+    cancel: Arc<AtomicBool>,
+}
+
+/// The side other modules hold: submit requests, read status.
+#[derive(Clone)]
+pub struct OptimizerHandle {
+    shared: Arc<Shared>,
+    requests: mpsc::UnboundedSender<OptimizeRequest>,
+}
+
+/// The side [`run_optimizer`] consumes.
+pub struct OptimizerWorker {
+    shared: Arc<Shared>,
+    requests: mpsc::UnboundedReceiver<OptimizeRequest>,
+}
+
+/// Creates the optimizer; spawn [`run_optimizer`] with the worker.
+pub fn optimizer(
+    config: OptimizerConfig,
+    deps: OptimizerDeps,
+) -> (OptimizerHandle, OptimizerWorker) {
+    let status = Mutex::new(OptimizerStatus::new(&deps.bolt));
+    let shared =
+        Arc::new(Shared { config, deps, status, cancel: Arc::new(AtomicBool::new(false)) });
+    let (tx, rx) = mpsc::unbounded_channel();
+    (
+        OptimizerHandle { shared: shared.clone(), requests: tx },
+        OptimizerWorker { shared, requests: rx },
+    )
+}
+
+impl OptimizerHandle {
+    /// Queues a build, or says why not (no BOLT, not a candidate, no profile, already
+    /// queued).
+    pub fn submit(&self, req: OptimizeRequest) -> Result<(), Rejected> {
+        let shared = &self.shared;
+        if shared.deps.runner.is_none() {
+            return Err(Rejected("BOLT is not installed (see status)".into()));
+        }
+        if req.profile.samples == 0 {
+            return Err(Rejected(format!("{}: no profile collected yet", req.name)));
+        }
+        let verdict = assess(&req.facts, &req.profile, &shared.config.applicability);
+        if !verdict.candidate {
+            return Err(Rejected(format!("{}: {}", req.name, verdict.reason)));
+        }
+        let mut status = lock(&shared.status);
+        let busy = status
+            .queued
+            .iter()
+            .map(|q| q.binary_id)
+            .chain(status.running.iter().map(|r| r.binary_id));
+        if busy.into_iter().any(|id| id == req.binary_id) {
+            return Err(Rejected(format!("{}: already queued", req.name)));
+        }
+        status.queued.push(QueuedView { binary_id: req.binary_id, name: req.name.clone() });
+        let (id, name) = (req.binary_id, req.name.clone());
+        if self.requests.send(req).is_err() {
+            status.queued.retain(|q| q.binary_id != id);
+            return Err(Rejected(format!("{name}: the optimizer has stopped")));
+        }
+        Ok(())
+    }
+
+    pub fn status(&self) -> OptimizerStatus {
+        lock(&self.shared.status).clone()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere must not take status down with it.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The optimizer's task: runs until `shutdown` turns true, then cancels running BOLT jobs
+/// (their process groups are killed) and returns when they have ended.
+pub async fn run_optimizer(worker: OptimizerWorker, mut shutdown: watch::Receiver<bool>) {
+    let OptimizerWorker { shared, mut requests } = worker;
+    let slots = Arc::new(Semaphore::new(shared.config.concurrency.max(1)));
+    let mut running = JoinSet::new();
+    'outer: loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        tokio::select! {
+            changed = shutdown.changed() => if changed.is_err() || *shutdown.borrow() { break },
+            Some(_) = running.join_next(), if !running.is_empty() => {}
+            req = requests.recv() => {
+                let Some(req) = req else { break };
+                let permit = loop {
+                    tokio::select! {
+                        p = slots.clone().acquire_owned() => match p {
+                            Ok(p) => break p,
+                            Err(_) => break 'outer,
+                        },
+                        changed = shutdown.changed() => {
+                            if changed.is_err() || *shutdown.borrow() { break 'outer }
+                        }
+                        Some(_) = running.join_next(), if !running.is_empty() => {}
+                    }
+                };
+                let shared = shared.clone();
+                running.spawn(async move {
+                    run_job(&shared, req).await;
+                    drop(permit);
+                });
+            }
+        }
+    }
+    shared.cancel.store(true, Ordering::SeqCst);
+    while running.join_next().await.is_some() {}
+    let mut status = lock(&shared.status);
+    status.queued.clear();
+}
+
+async fn run_job(shared: &Arc<Shared>, req: OptimizeRequest) {
+    {
+        let mut status = lock(&shared.status);
+        status.queued.retain(|q| q.binary_id != req.binary_id);
+        status.running.push(RunningView {
+            binary_id: req.binary_id,
+            name: req.name.clone(),
+            attempt: 0,
+            step: "preparing".into(),
+        });
+    }
+    let (attempts, end) = match build(shared, &req).await {
+        Ok(done) => done,
+        Err(e) => {
+            let why = format!("{e:#}");
+            tracing::warn!(binary = %req.name, error = %why, "optimizer job failed");
+            (
+                0,
+                JobEnd::Failed {
+                    kind: "internal".into(),
+                    tail: String::new(),
+                    step: String::new(),
+                    why,
+                },
+            )
+        }
+    };
+    let now = shared.deps.clock.unix_secs();
+    let detail = match &end {
+        JobEnd::Built { sha256, .. } => {
+            format!("variant {} built", &sha256[..12.min(sha256.len())])
+        }
+        JobEnd::Failed { kind, why, .. } => format!("failed ({kind}): {why}"),
+        JobEnd::Skipped { why } => format!("skipped: {why}"),
+        JobEnd::Cancelled => "cancelled by shutdown".into(),
+    };
+    let name = req.name.clone();
+    shared
+        .deps
+        .catalog
+        .spawn("bolt event", move |c| base::record_event(c, now, Some(&name), "bolt", &detail));
+    lock(&shared.status).finish(FinishedView {
+        binary_id: req.binary_id,
+        name: req.name,
+        attempts,
+        end,
+    });
+}
+
+/// One job: decide, profile, ladder, verify, store, record. Returns the attempts made.
+async fn build(shared: &Arc<Shared>, req: &OptimizeRequest) -> anyhow::Result<(u32, JobEnd)> {
+    let deps = &shared.deps;
+    let runner = deps.runner.clone().context("BOLT is not installed")?;
+    let version = runner.version();
+    let (binary_id, name) = (req.binary_id, req.name.clone());
+    let (excluded, history) = deps
+        .catalog
+        .run(move |c| {
+            let excluded = base::controls(c)?.iter().any(|ctl| ctl.path == name && ctl.excluded);
+            Ok((excluded, history_of(c, binary_id)?))
+        })
+        .await?;
+    if excluded {
+        return Ok((0, JobEnd::Skipped { why: "excluded by the user".into() }));
+    }
+    let samples = req.profile.samples;
+    if let Decision::Skip(why) =
+        decide(history.as_ref(), samples, &version, req.origin, shared.config.growth)
+    {
+        return Ok((0, JobEnd::Skipped { why }));
+    }
+
+    let profile_dir = tempfile::tempdir().context("creating the profile directory")?;
+    let fdata = profile_dir.path().join("profile.fdata");
+    let profiles = deps.profiles.clone();
+    let out = fdata.clone();
+    let info = tokio::task::spawn_blocking(move || profiles.write_fdata(binary_id, &out))
+        .await?
+        .context("writing the profile")?;
+    if info.samples == 0 {
+        return Ok((0, JobEnd::Skipped { why: "the profile is empty".into() }));
+    }
+
+    let mode = assess(&req.facts, &req.profile, &shared.config.applicability).mode;
+    let mut rung = Rung::first(BoltPlan {
+        mode,
+        split_functions: true,
+        skip_funcs: vec![],
+        profile: ProfileInput::Fdata(fdata),
+    });
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
+        set_running(shared, binary_id, attempt, rung.label());
+        let job = BoltJob {
+            original: req.original.clone(),
+            expected_content: Some(req.content),
+            plan: rung.plan.clone(),
+            cancel: shared.cancel.clone(),
+        };
+        let r = runner.clone();
+        let outcome = tokio::task::spawn_blocking(move || r.run(&job)).await?;
+        let tried = try_store(shared, req, outcome).await?;
+        let record = bolt_jobs::AttemptRecord {
+            binary_id,
+            outcome: tried.kind.as_ref().map_or("ok".into(), |k| k.label()),
+            tail: tried.kind.as_ref().map(|_| tried.tail.clone()),
+            ladder_step: rung.label(),
+            flags: tried.flags.clone(),
+            profile_samples: info.samples,
+            bolt_version: version.clone(),
+            wall_ms: tried.wall_ms,
+            peak_rss_kib: tried.peak_rss_kib,
+        };
+        let now = deps.clock.unix_secs();
+        let Some(kind) = tried.kind else {
+            let stored = tried.stored.context("a success has a stored variant")?;
+            let sha256 = stored.file.content.hex();
+            let variant_id = record_variant(shared, record, stored, info.samples, now).await?;
+            collect_garbage(shared).await;
+            return Ok((attempt, JobEnd::Built { variant_id, sha256 }));
+        };
+        if kind == FailureKind::Cancelled {
+            return Ok((attempt, JobEnd::Cancelled));
+        }
+        deps.catalog.run(move |c| bolt_jobs::record_attempt(c, &record, now)).await?;
+        let next = if attempt >= shared.config.max_attempts {
+            Next::GiveUp(format!("{attempt} attempts"))
+        } else {
+            next_rung(&rung, &kind, &tried.tail)
+        };
+        match next {
+            Next::Retry(r) => rung = r,
+            Next::Abandon => return Ok((attempt, JobEnd::Cancelled)),
+            Next::GiveUp(why) => {
+                deps.catalog
+                    .run(move |c| bolt_jobs::set_failed_until_change(c, binary_id, true, now))
+                    .await?;
+                return Ok((
+                    attempt,
+                    JobEnd::Failed {
+                        kind: kind.label(),
+                        tail: tried.tail,
+                        step: rung.label(),
+                        why,
+                    },
+                ));
+            }
+        }
+    }
+}
+
+/// Records a stored variant (kind "bolt", state "ready") and its successful attempt, in one
+/// transaction.
+async fn record_variant(
+    shared: &Arc<Shared>,
+    attempt: bolt_jobs::AttemptRecord,
+    stored: Stored,
+    profile_samples: u64,
+    now: i64,
+) -> anyhow::Result<i64> {
+    let binary_id = attempt.binary_id;
+    let variant = base::NewVariant {
+        binary_id,
+        kind: "bolt".into(),
+        sha256: stored.file.content.hex(),
+        store_path: stored.file.path.display().to_string(),
+        size: stored.file.size,
+        state: "ready".into(),
+        bolt_version: Some(attempt.bolt_version.clone()),
+        flags: Some(attempt.flags.clone()),
+        profile_samples: Some(profile_samples as i64),
+        note: Some(stored.note),
+    };
+    shared
+        .deps
+        .catalog
+        .run(move |c| {
+            let tx = c.transaction()?;
+            bolt_jobs::record_attempt(&tx, &attempt, now)?;
+            let id = base::insert_variant(&tx, &variant, now)?;
+            bolt_jobs::set_variant(&tx, binary_id, id)?;
+            tx.commit()?;
+            Ok(id)
+        })
+        .await
+}
+
+/// Removes stored variants the catalog no longer needs (after a build, when the store has
+/// just grown). Failures are logged: a full store is not a failed job.
+async fn collect_garbage(shared: &Arc<Shared>) {
+    let keep = match shared.deps.catalog.run(|c| bolt_jobs::variants_to_keep(c)).await {
+        Ok(k) => k,
+        Err(e) => {
+            return tracing::warn!(error = %format!("{e:#}"), "variant gc: reading the catalog");
+        }
+    };
+    let store = shared.deps.store.clone();
+    match tokio::task::spawn_blocking(move || store.gc(&keep)).await {
+        Ok(Ok(r)) if r.removed > 0 => {
+            tracing::info!(removed = r.removed, freed = r.freed_bytes, "variant gc")
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %format!("{e:#}"), "variant gc"),
+        Err(e) => tracing::warn!(error = %e, "variant gc"),
+    }
+}
+
+/// The result of one attempt after verification and storing.
+struct Tried {
+    /// None: stored.
+    kind: Option<FailureKind>,
+    tail: String,
+    flags: String,
+    wall_ms: u64,
+    peak_rss_kib: u64,
+    stored: Option<Stored>,
+}
+
+/// A verified, stored output.
+struct Stored {
+    file: StoredVariant,
+    /// What verification checked, and BOLT's cost.
+    note: String,
+}
+
+/// Verifies a successful run's output and stores it; failures pass through.
+async fn try_store(
+    shared: &Arc<Shared>,
+    req: &OptimizeRequest,
+    outcome: BoltOutcome,
+) -> anyhow::Result<Tried> {
+    let success = match outcome {
+        BoltOutcome::Failed(f) => {
+            return Ok(Tried {
+                kind: Some(f.kind),
+                tail: f.tail,
+                flags: recorded_flags(&f.args),
+                wall_ms: f.wall.as_millis() as u64,
+                peak_rss_kib: f.peak_rss_kib,
+                stored: None,
+            });
+        }
+        BoltOutcome::Ok(s) => s,
+    };
+    let store = shared.deps.store.clone();
+    let sandbox = shared.deps.sandbox.clone();
+    let limits = shared.config.limits.clone();
+    let smoke = req.smoke.clone();
+    let mut tried = Tried {
+        kind: None,
+        tail: success.tail.clone(),
+        flags: recorded_flags(&success.args),
+        wall_ms: success.wall.as_millis() as u64,
+        peak_rss_kib: success.peak_rss_kib,
+        stored: None,
+    };
+    let (wall_ms, rss) = (tried.wall_ms, tried.peak_rss_kib);
+    let checked = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        // Verify a root-owned copy: the sandbox user can still write to the scratch output.
+        let staged = store.stage(&success.output)?;
+        let original = success.scratch.path().join("input");
+        match verify(&original, staged.path(), &success.scratch, &sandbox, &limits, smoke.as_ref())
+        {
+            Ok(report) => {
+                let note = format!(
+                    "checked: {}; BOLT took {wall_ms} ms, peak {} MiB",
+                    report.checks.join(", "),
+                    rss / 1024
+                );
+                Ok(Ok(Stored { file: store.commit(staged)?, note }))
+            }
+            Err(why) => Ok(Err(why)),
+        }
+    })
+    .await??;
+    match checked {
+        Ok(stored) => tried.stored = Some(stored),
+        Err(why) => tried.kind = Some(FailureKind::Verification(why)),
+    }
+    Ok(tried)
+}
+
+/// The flags as recorded: without the scratch paths of input, output and profile.
+fn recorded_flags(args: &[String]) -> String {
+    args.iter()
+        .skip(3)
+        .map(|a| if a.starts_with("-data=") { "-data=<profile>".to_string() } else { a.clone() })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn set_running(shared: &Shared, binary_id: i64, attempt: u32, step: String) {
+    let mut status = lock(&shared.status);
+    if let Some(r) = status.running.iter_mut().find(|r| r.binary_id == binary_id) {
+        r.attempt = attempt;
+        r.step = step;
+    }
+}
+
+/// What the catalog says about earlier builds of this content.
+fn history_of(c: &rusqlite::Connection, binary_id: i64) -> anyhow::Result<Option<BuildHistory>> {
+    let job = bolt_jobs::job_of(c, binary_id)?;
+    let variant_samples = base::variants_of(c, binary_id)?
+        .iter()
+        .filter(|v| v.kind == "bolt" && !matches!(v.state.as_str(), "rejected" | "retired"))
+        .filter_map(|v| v.profile_samples)
+        .max()
+        .map(|s| s.max(0) as u64);
+    Ok(job.map(|j| BuildHistory {
+        failed_until_change: j.failed_until_change,
+        last_attempt_samples: j.profile_samples,
+        last_bolt_version: j.bolt_version,
+        variant_samples,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recorded_flags_hide_scratch_paths() {
+        let args: Vec<String> =
+            ["/s/input", "-o", "/s/work/output", "-data=/s/profile.fdata", "-dyno-stats"]
+                .map(String::from)
+                .to_vec();
+        assert_eq!(recorded_flags(&args), "-data=<profile> -dyno-stats");
+    }
+}
