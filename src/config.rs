@@ -28,6 +28,12 @@ pub struct FileConfig {
     /// When not empty, only paths matching one of these are candidates.
     #[serde(default)]
     pub allow: Vec<String>,
+    /// `[profile]`: sampling and maturity settings (parsed by the profiler's wiring).
+    pub profile: Option<toml::Table>,
+    /// `[optimizer]`: BOLT settings (parsed by the optimizer's wiring).
+    pub optimizer: Option<toml::Table>,
+    /// `[policy]`: measurement and promotion settings (parsed by the policy's wiring).
+    pub policy: Option<toml::Table>,
 }
 
 impl FileConfig {
@@ -63,6 +69,28 @@ pub struct Config {
     pub log: String,
     pub deny: Vec<String>,
     pub allow: Vec<String>,
+    /// Raw subsystem sections; each subsystem's wiring parses and validates its own.
+    pub sections: Sections,
+}
+
+/// The subsystem sections of the config file, as written.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Sections {
+    pub profile: toml::Table,
+    pub optimizer: toml::Table,
+    pub policy: toml::Table,
+}
+
+impl Sections {
+    /// Parses a section into its settings type (unknown keys are errors when the type says
+    /// `deny_unknown_fields`).
+    pub fn parse<T: serde::de::DeserializeOwned>(
+        table: &toml::Table,
+        name: &str,
+    ) -> anyhow::Result<T> {
+        T::deserialize(toml::Value::Table(table.clone()))
+            .with_context(|| format!("in the [{name}] section of the config"))
+    }
 }
 
 /// Flags given on the command line; they win over the file.
@@ -133,6 +161,11 @@ impl Config {
             log: cli.log.or(file.log).unwrap_or_else(|| "info".into()),
             deny: file.deny,
             allow: file.allow,
+            sections: Sections {
+                profile: file.profile.unwrap_or_default(),
+                optimizer: file.optimizer.unwrap_or_default(),
+                policy: file.policy.unwrap_or_default(),
+            },
         })
     }
 
