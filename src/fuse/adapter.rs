@@ -97,6 +97,7 @@ impl OptbinFs {
 
     /// Runs `f` on the overlay, turning a missing overlay or a panic into EIO.
     fn with<T>(&self, what: &str, f: impl FnOnce(&Overlay) -> FsResult<T>) -> Result<T, Errno> {
+        raise_request_thread_priority();
         let Some(overlay) = self.shared.overlay.get() else {
             tracing::error!(what, "request before the overlay was set up");
             return Err(Errno::EIO);
@@ -121,6 +122,30 @@ impl OptbinFs {
     fn new_fh(handles: &mut Handles, generation: u64) -> u64 {
         handles.next += 1;
         (generation << 40) | handles.next
+    }
+}
+
+/// The nice value of request threads. An exec through the mount waits for one request
+/// (OPEN) to be answered: on a busy machine the wait for a CPU dominates its cost, so the
+/// threads answering get a larger share, like kernel work would. Background work of the
+/// daemon (hashing, BOLT) runs on other threads and is not affected.
+const REQUEST_THREAD_NICE: i32 = -10;
+
+thread_local! {
+    static PRIORITY_RAISED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn raise_request_thread_priority() {
+    if PRIORITY_RAISED.with(|p| p.replace(true)) {
+        return;
+    }
+    // SAFETY: gettid and setpriority on the calling thread have no memory preconditions.
+    let r = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, REQUEST_THREAD_NICE)
+    };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot raise the request thread priority");
     }
 }
 
