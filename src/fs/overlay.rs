@@ -362,6 +362,7 @@ impl Overlay {
         if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
             return Err(FsError::read_only("served binaries are read-only"));
         }
+        check_original_unchanged(&node)?;
         self.emit_opened(&node, flags, pid);
         Ok(())
     }
@@ -388,6 +389,9 @@ impl Overlay {
             .open(path)
             .map_err(|e| FsError::io(e, format!("opening {}", path.display())))?;
         let md = file.metadata().map_err(|e| FsError::io(e, format!("stat {}", path.display())))?;
+        if node.variant.is_some() {
+            check_original_unchanged(node)?;
+        }
         match &node.variant {
             None if FileKey::from_metadata(&md) != node.key => Err(FsError::new(
                 libc::ESTALE,
@@ -801,6 +805,20 @@ impl Overlay {
             uid,
             gid,
         }
+    }
+}
+
+/// ESTALE when the original of a node was replaced or changed since the node was made
+/// (an upgrade the inotify invalidation has not reached yet): the kernel then looks the
+/// path up again and gets the node of the new original. One stat per open.
+fn check_original_unchanged(node: &FileNode) -> FsResult<()> {
+    match FileKey::of(&node.original) {
+        Ok(key) if key == node.key => Ok(()),
+        Ok(_) => Err(FsError::new(
+            libc::ESTALE,
+            format!("{} changed since it was looked up", node.original.display()),
+        )),
+        Err(e) => Err(FsError::io(e, format!("stat {}", node.original.display()))),
     }
 }
 
