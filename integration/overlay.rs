@@ -374,6 +374,8 @@ fn a_real_toolchain_works_from_the_mount() {
 // ----- the supervised mount -----
 
 const SUPERVISOR_ENV: &str = "OPTBIN_TEST_SUPERVISE";
+/// Makes `supervisor_entry`'s server fail at every start.
+const BROKEN_ENV: &str = "OPTBIN_TEST_BROKEN_SERVER";
 
 /// Not a test by itself: the supervised-mount test runs this test binary again with
 /// `--ignored --exact supervisor_entry` and the environment set, so that the supervisor
@@ -393,7 +395,14 @@ fn supervisor_entry() {
     let mut opts = MountOptions::new(&mountpoint);
     opts.server_pid_file = Some(pid_file);
     opts.max_crashes = 50;
+    let broken = std::env::var_os(BROKEN_ENV).is_some();
+    if broken {
+        opts.max_crashes = 3;
+    }
     let result = optbin::fuse::run_supervised(&opts, |ctx| {
+        if broken {
+            anyhow::bail!("this server cannot start (test)");
+        }
         let overlay = Overlay::new(
             OverlayConfig { mountpoint: ctx.mountpoint.clone(), overlay_dirs: dirs.clone() },
             ServingTable::new(),
@@ -436,18 +445,23 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    fn start(mount: &Path, pid_file: &Path, dirs: &[PathBuf]) -> Self {
+    fn spawn(mount: &Path, pid_file: &Path, dirs: &[PathBuf], broken: bool) -> Self {
         let mut spec = format!("{}\n{}", mount.display(), pid_file.display());
         for d in dirs {
             spec.push_str(&format!("\n{}", d.display()));
         }
-        let child = Command::new(std::env::current_exe().unwrap())
-            .args(["--ignored", "--exact", "supervisor_entry", "--nocapture", "--test-threads=1"])
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--ignored", "--exact", "supervisor_entry", "--nocapture", "--test-threads=1"])
             .env(SUPERVISOR_ENV, spec)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let s = Self { child };
+            .stdout(Stdio::null());
+        if broken {
+            cmd.env(BROKEN_ENV, "1");
+        }
+        Self { child: cmd.spawn().unwrap() }
+    }
+
+    fn start(mount: &Path, pid_file: &Path, dirs: &[PathBuf]) -> Self {
+        let s = Self::spawn(mount, pid_file, dirs, false);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !(pid_file.exists()
             && std::fs::read_to_string(mount.join(".optbin/status"))
@@ -613,4 +627,23 @@ echo "$n $fails""#,
     assert_eq!(run(&mut Command::new(view.join("prog"))).stdout, "one\n");
     drop(sup3);
     assert!(!is_mounted(&f.mount), "mount left behind");
+}
+
+#[test]
+fn a_server_that_keeps_crashing_makes_the_supervisor_unmount_and_give_up() {
+    let f = fixture();
+    let pid_file = f.tmp.path().join("server.pid");
+    let mut sup = Supervisor::spawn(&f.mount, &pid_file, std::slice::from_ref(&f.one), true);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = sup.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the supervisor did not give up");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(1));
+    // Unmounted, so PATH lookups fall through to the next entries instead of ENOTCONN.
+    assert!(!is_mounted(&f.mount));
+    assert!(!f.mount.join("bin").exists());
 }
