@@ -59,6 +59,29 @@ fn paired_exec_rounds(
     (ta, tb, ratios)
 }
 
+/// Interleaved full reads of `a` and `b` (order alternating): MB/s of each, ratios b/a.
+fn paired_read_rounds(
+    a: &Path,
+    b: &Path,
+    rounds: usize,
+    buf: &mut Vec<u8>,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mut ta, mut tb, mut ratios) = (vec![], vec![], vec![]);
+    for r in 0..rounds {
+        let (x, y) = if r % 2 == 0 {
+            let x = read_round(a, buf);
+            (x, read_round(b, buf))
+        } else {
+            let y = read_round(b, buf);
+            (read_round(a, buf), y)
+        };
+        ta.push(x);
+        tb.push(y);
+        ratios.push(y / x);
+    }
+    (ta, tb, ratios)
+}
+
 /// Reads the whole file, returns MB/s.
 fn read_round(path: &Path, buf: &mut Vec<u8>) -> f64 {
     buf.clear();
@@ -132,19 +155,8 @@ fn bench_overlay() {
     let mut buf = Vec::with_capacity((big_mb + 1) << 20);
     read_round(&bin.join("big"), &mut buf);
     read_round(&view.join("big"), &mut buf);
-    let (mut orig_read, mut mount_read, mut read_ratios) = (vec![], vec![], vec![]);
-    for r in 0..read_rounds {
-        let (o, m) = if r % 2 == 0 {
-            let o = read_round(&bin.join("big"), &mut buf);
-            (o, read_round(&view.join("big"), &mut buf))
-        } else {
-            let m = read_round(&view.join("big"), &mut buf);
-            (read_round(&bin.join("big"), &mut buf), m)
-        };
-        orig_read.push(o);
-        mount_read.push(m);
-        read_ratios.push(m / o);
-    }
+    let (orig_read, mount_read, read_ratios) =
+        paired_read_rounds(&bin.join("big"), &view.join("big"), read_rounds, &mut buf);
     assert_eq!(std::fs::read(view.join("big")).unwrap(), std::fs::read(bin.join("big")).unwrap());
 
     // first exec of binaries never seen before (fresh copies: new names, new inodes)
@@ -174,6 +186,29 @@ fn bench_overlay() {
     drop(guard);
     assert!(!is_mounted(&mount));
 
+    // The same without passthrough (the fallback for kernels without it): why it matters.
+    let mount2 = root.join("mnt2");
+    let overlay = Overlay::new(
+        OverlayConfig { mountpoint: mount2.clone(), overlay_dirs: vec![bin.clone()] },
+        ServingTable::new(),
+        None,
+        Arc::new(StaticControl::default()),
+        Arc::new(NoEvents),
+    )
+    .unwrap();
+    let mut opts = MountOptions::new(&mount2);
+    opts.passthrough = false;
+    let guard = mount_background(overlay, &opts).unwrap();
+    let view2 = mount2.join("bin");
+    exec_once(&view2.join("small"));
+    let (_, _, fallback_exec) =
+        paired_exec_rounds(&bin.join("small"), &view2.join("small"), rounds / 2, per_round);
+    read_round(&view2.join("big"), &mut buf);
+    let (_, fallback_read_mbs, fallback_read) =
+        paired_read_rounds(&bin.join("big"), &view2.join("big"), read_rounds.div_ceil(2), &mut buf);
+    drop(guard);
+    assert!(!is_mounted(&mount2));
+
     println!();
     println!(
         "overlay benchmark ({}; medians of interleaved rounds)",
@@ -196,6 +231,16 @@ fn bench_overlay() {
         median(orig_read),
         median(mount_read),
         median(read_ratios)
+    );
+    println!(
+        "| without passthrough: exec+exit, {} execs | - | - | {:.3} | - |",
+        rounds / 2 * per_round,
+        median(fallback_exec)
+    );
+    println!(
+        "| without passthrough: read {big_mb} MB, warm cache | - | {:.0} MB/s | {:.3} (throughput) | - |",
+        median(fallback_read_mbs),
+        median(fallback_read)
     );
     println!(
         "| first exec of an unseen binary, {fresh} binaries | {:.0} us | {:.0} us | {:.3} | - |",

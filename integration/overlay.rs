@@ -53,6 +53,14 @@ fn mount(
     f: &Fixture,
     serving: Arc<ServingTable>,
 ) -> (optbin::fuse::MountGuard, std::sync::mpsc::Receiver<FsEvent>, Arc<StaticControl>) {
+    mount_with(f, serving, true)
+}
+
+fn mount_with(
+    f: &Fixture,
+    serving: Arc<ServingTable>,
+    passthrough: bool,
+) -> (optbin::fuse::MountGuard, std::sync::mpsc::Receiver<FsEvent>, Arc<StaticControl>) {
     let (tx, rx) = std::sync::mpsc::channel();
     let control =
         Arc::new(StaticControl::new(&[("status", "all good\n"), ("bins/prog/info", "x\n")]));
@@ -67,7 +75,9 @@ fn mount(
         Arc::new(tx),
     )
     .unwrap();
-    let guard = mount_background(overlay, &MountOptions::new(&f.mount)).expect("mount");
+    let mut opts = MountOptions::new(&f.mount);
+    opts.passthrough = passthrough;
+    let guard = mount_background(overlay, &opts).expect("mount");
     (guard, rx, control)
 }
 
@@ -321,6 +331,43 @@ fn variant_switch_and_upgrade_underneath() {
     assert!(std::fs::symlink_metadata(&mirror).unwrap().file_type().is_symlink());
     assert_eq!(run(Command::new(view.join("prog")).arg("excluded")).stdout, "upgraded excluded\n");
 
+    drop(guard);
+    assert!(!is_mounted(&f.mount));
+}
+
+#[test]
+fn without_passthrough_optbin_serves_the_reads() {
+    let f = fixture();
+    let serving = ServingTable::new();
+    let (guard, _events, _control) = mount_with(&f, serving.clone(), false);
+    let view = f.mount.join("bin");
+    same_run(&f.one.join("prog"), &view.join("prog"), &[("CODE", "4")]);
+    same_run(&f.one.join("prog_nopie"), &view.join("prog_nopie"), &[]);
+    assert_eq!(run(&mut Command::new(view.join("data"))).stdout, "exe-relative data\n");
+    for name in ["prog", "prog_nopie", "data", "multi"] {
+        let served = std::fs::read(in_mount(&f.mount, &f.one.join(name))).unwrap();
+        assert_eq!(served, std::fs::read(f.one.join(name)).unwrap(), "{name}");
+    }
+    // A running process keeps reading its own bytes through its handle after a switch.
+    let original = f.one.join("prog");
+    let before = Command::new(view.join("prog"))
+        .arg("before")
+        .env("SLEEP_MS", "1000")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let store = f.tmp.path().join("variant");
+    prog(&store, "variant", &[]);
+    let size = std::fs::metadata(&store).unwrap().len();
+    let key = FileKey::of(&original).unwrap();
+    serving.serve(
+        &original,
+        Some(ServedVariant { variant_id: 3, path_in_store: store, size, expected_original: key }),
+    );
+    assert_eq!(run(Command::new(view.join("prog")).arg("after")).stdout, "variant after\n");
+    let before = before.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&before.stdout), "one before\n");
     drop(guard);
     assert!(!is_mounted(&f.mount));
 }

@@ -83,12 +83,20 @@ impl Handles {
 pub struct OptbinFs {
     shared: Arc<Shared>,
     handles: Mutex<Handles>,
+    /// Whether to ask the kernel for passthrough at all.
+    want_passthrough: bool,
+    /// Whether the kernel granted it.
     passthrough: AtomicBool,
 }
 
 impl OptbinFs {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared, handles: Mutex::default(), passthrough: AtomicBool::new(false) }
+    pub fn new(shared: Arc<Shared>, want_passthrough: bool) -> Self {
+        Self {
+            shared,
+            handles: Mutex::default(),
+            want_passthrough,
+            passthrough: AtomicBool::new(false),
+        }
     }
 
     fn handles(&self) -> std::sync::MutexGuard<'_, Handles> {
@@ -195,14 +203,14 @@ const READ_ONLY: Errno = Errno::EROFS;
 impl Filesystem for OptbinFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Passthrough: reads and mmap of served files go straight to the backing file.
-        if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() {
+        if self.want_passthrough && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() {
             // 2: the backing files may themselves live on a stacked filesystem (overlayfs).
             if config.set_max_stack_depth(2).is_ok() {
                 self.passthrough.store(true, Ordering::SeqCst);
             }
         }
         if !self.passthrough.load(Ordering::SeqCst) {
-            tracing::warn!("the kernel has no FUSE passthrough: reads are served by optbin");
+            tracing::warn!("no FUSE passthrough: reads are served by optbin, kernel-cached");
         }
         for optional in [
             InitFlags::FUSE_CACHE_SYMLINKS,

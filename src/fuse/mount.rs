@@ -30,6 +30,10 @@ pub struct MountOptions {
     /// unmounts and exits nonzero.
     pub max_crashes: usize,
     pub restart_window: Duration,
+    /// Use FUSE passthrough when the kernel has it (default). Off: reads are served by
+    /// optbin (the fallback for older kernels; tests and benchmarks switch it off to
+    /// exercise that path).
+    pub passthrough: bool,
 }
 
 impl MountOptions {
@@ -40,6 +44,7 @@ impl MountOptions {
             server_pid_file: None,
             max_crashes: 5,
             restart_window: Duration::from_secs(10),
+            passthrough: true,
         }
     }
 }
@@ -262,8 +267,12 @@ pub fn mount_background(overlay: Arc<Overlay>, opts: &MountOptions) -> anyhow::R
     }
     let shared = Arc::new(Shared::default());
     let _ = shared.overlay.set(overlay.clone());
-    let session = fuser::Session::new(OptbinFs::new(shared), &mountpoint, &fuser_config(opts))
-        .with_context(|| format!("mounting {}", mountpoint.display()))?;
+    let session = fuser::Session::new(
+        OptbinFs::new(shared, opts.passthrough),
+        &mountpoint,
+        &fuser_config(opts),
+    )
+    .with_context(|| format!("mounting {}", mountpoint.display()))?;
     let notifier = session.notifier();
     let session = session.spawn().context("starting the session thread")?;
     let mut guard = MountGuard { session: Some(session), overlay: overlay.clone(), mountpoint };

@@ -60,9 +60,12 @@ where
 {
     let mountpoint = prepare_mountpoint(&opts.mountpoint)?;
     let shared = Arc::new(Shared::default());
-    let session =
-        fuser::Session::new(OptbinFs::new(shared.clone()), &mountpoint, &fuser_config(opts))
-            .with_context(|| format!("mounting {}", mountpoint.display()))?;
+    let session = fuser::Session::new(
+        OptbinFs::new(shared.clone(), opts.passthrough),
+        &mountpoint,
+        &fuser_config(opts),
+    )
+    .with_context(|| format!("mounting {}", mountpoint.display()))?;
     tracing::info!(mountpoint = %mountpoint.display(), "mounted; starting the server");
 
     let signals = signal_set(&[libc::SIGTERM, libc::SIGINT, libc::SIGCHLD]);
