@@ -345,13 +345,8 @@ impl Overlay {
                 Ok(Opened::Control { name: name.clone(), content, writable: spec.writable })
             }
             NodeKind::Link(_) => Err(FsError::new(libc::ELOOP, "open of a symlink")),
-            _ => {
-                if writing {
-                    Err(FsError::new(libc::EISDIR, "directory"))
-                } else {
-                    Err(FsError::new(libc::EISDIR, "open of a directory as a file"))
-                }
-            }
+            // Directories are opened with OPENDIR; this is a file open of one.
+            _ => Err(FsError::new(libc::EISDIR, "open of a directory as a file")),
         }
     }
 
