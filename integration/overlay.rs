@@ -433,7 +433,7 @@ fn supervisor_entry() {
     let Ok(spec) = std::env::var(SUPERVISOR_ENV) else { return };
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter("optbin=info")
+        .with_env_filter(std::env::var("OPTBIN_TEST_LOG").unwrap_or_else(|_| "optbin=warn".into()))
         .try_init();
     let mut parts = spec.split('\n');
     let mountpoint = PathBuf::from(parts.next().unwrap());
