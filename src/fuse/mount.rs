@@ -176,9 +176,10 @@ pub enum Unmounted {
     NotMounted,
 }
 
-/// Unmounts an optbin mount (`optbin umount`): a plain unmount, lazily if busy. The server
-/// notices (its session loop ends) when the unmount is clean; to stop a supervised daemon
-/// cleanly, prefer SIGTERM to the supervisor.
+/// Unmounts an optbin mount (`optbin umount`): a plain unmount, lazily if busy. After a
+/// clean unmount the server's session loop ends at once (it runs its shutdown hook and the
+/// supervisor exits 0); after a lazy one it ends when the last program started from the
+/// mount closes its files. SIGTERM to the supervisor is the prompt, clean way to stop.
 pub fn unmount(mountpoint: &Path) -> anyhow::Result<Unmounted> {
     let mountpoint = crate::fs::absolute_mountpoint(mountpoint)?;
     let c = cpath(&mountpoint)?;
