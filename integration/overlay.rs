@@ -42,6 +42,9 @@ fn fixture() -> Fixture {
     std::os::unix::fs::symlink(one.join("prog"), one.join("abslink")).unwrap();
     prog(&one.join("stripped"), "stripped", &["-s"]);
     cc(EUID_C, &one.join("suid"), &[]);
+    cc(EUID_C, &one.join("withcap"), &[]);
+    let setcap = run(Command::new("setcap").arg("cap_net_raw+ep").arg(one.join("withcap")));
+    assert_eq!(setcap.code, Some(0), "setcap: {}", setcap.stderr);
     std::fs::set_permissions(one.join("suid"), std::fs::Permissions::from_mode(0o4755)).unwrap();
     std::fs::write(one.join("script"), "#!/bin/sh\necho script \"$@\"\nexit 3\n").unwrap();
     std::fs::set_permissions(one.join("script"), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -132,7 +135,7 @@ fn programs_behave_like_the_originals() {
         );
     }
     // Everything else is a symlink to the original.
-    for name in ["stripped", "script", "suid"] {
+    for name in ["stripped", "script", "suid", "withcap"] {
         let mirror = in_mount(&f.mount, &f.one.join(name));
         assert!(std::fs::symlink_metadata(&mirror).unwrap().file_type().is_symlink(), "{name}");
         assert_eq!(std::fs::read_link(&mirror).unwrap(), f.one.join(name));
