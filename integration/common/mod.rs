@@ -2,6 +2,8 @@
 //! user can traverse, running commands, and checking that no mount is left behind.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -123,4 +125,9 @@ pub fn as_nobody(program: &Path) -> Command {
 /// Path of `rel` (an absolute real path) inside the mount.
 pub fn in_mount(mount: &Path, real: &Path) -> PathBuf {
     mount.join(real.strip_prefix("/").expect("absolute path"))
+}
+
+/// Sets the permission bits of `path`.
+pub fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
