@@ -109,7 +109,7 @@ fn pins_and_exclusions_survive_a_restart() {
 #[test]
 fn cli_status_env_and_umount() {
     let f = fixture();
-    let mut d = start(&f);
+    let d = start(&f);
     let out = run(Command::new(OPTBIN).arg("status").arg(&f.mnt));
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(out.stdout.starts_with("optbin "), "{}", out.stdout);
@@ -157,7 +157,7 @@ fn commands_keep_working_while_the_server_is_killed() {
          done; echo \"$n $fail\"",
         stop = stop.display()
     );
-    let mut child = Command::new("bash")
+    let child = Command::new("bash")
         .arg("-c")
         .arg(&script)
         .env("PATH", format!("{}:/usr/bin:/bin", d.bin().display()))

@@ -201,13 +201,12 @@ impl Drop for Daemon {
             child.kill().ok();
             child.wait().ok();
         }
-        if let Ok(pid) = std::fs::read_to_string(self.state.join("server.pid")) {
-            if let Ok(pid) = pid.trim().parse::<i32>() {
-                // Only if it is still an optbin process (the pid may have been reused).
-                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-                if comm.trim() == "optbin" {
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
+        let server = std::fs::read_to_string(self.state.join("server.pid")).ok();
+        if let Some(pid) = server.and_then(|p| p.trim().parse::<i32>().ok()) {
+            // Only if it is still an optbin process (the pid may have been reused).
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.trim() == "optbin" {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }
         if super::is_mounted(&self.mnt) {
