@@ -2,6 +2,8 @@
 //! user can traverse, running commands, and checking that no mount is left behind.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
