@@ -25,10 +25,16 @@ pub use resolver::OverlayResolver;
 pub use settings::ProfileSettings;
 pub use status::{PROFILE_FILE, ProfileFiles, ProfilerSection, binary_summary, machine_summary};
 
-/// After the profiler stops on an error, it is started again after this delay, doubled
-/// after each failure up to [`RETRY_MAX`] (perf may come back; a bug should not spin).
-const RETRY_FIRST: Duration = Duration::from_secs(10);
-const RETRY_MAX: Duration = Duration::from_secs(600);
+/// After the profiler stops on an error, it is started again after 10 s, then after twice
+/// as long after each failure, up to 10 min (perf may come back; a bug should not spin).
+const RESTART: Backoff = Backoff { first: Duration::from_secs(10), max: Duration::from_secs(600) };
+
+/// Delays between restarts of a task that keeps failing.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    first: Duration,
+    max: Duration,
+}
 
 /// The profiler as the daemon runs it.
 pub struct Profiling {
@@ -98,29 +104,42 @@ impl Profiling {
     }
 }
 
-/// Runs the profiler, restarting it with a growing delay whenever it stops on an error;
-/// returns on `shutdown`. A profiler failure never touches serving.
+/// Runs the profiler, restarting it whenever it stops on an error; returns on `shutdown`.
+/// A profiler failure never touches serving.
 async fn keep_profiling(
     settings: ProfileSettings,
     catalog: Catalog,
     resolver: Arc<OverlayResolver>,
     status: ProfilerStatusHandle,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let mut delay = RETRY_FIRST;
+    let stop = shutdown.clone();
+    run_restarting(RESTART, shutdown, move || {
+        run_profiler(
+            settings.profiler_config(),
+            catalog.clone(),
+            resolver.clone(),
+            status.clone(),
+            stop.clone(),
+        )
+    })
+    .await;
+}
+
+/// Runs `run` until `shutdown`; whenever it returns before that, runs it again after a
+/// delay growing by `backoff` (reset after a run that lasted longer than `backoff.max`).
+async fn run_restarting<F, Fut>(backoff: Backoff, mut shutdown: watch::Receiver<bool>, mut run: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let mut delay = backoff.first;
     loop {
         if *shutdown.borrow() {
             return;
         }
         let started = Instant::now();
-        let result = run_profiler(
-            settings.profiler_config(),
-            catalog.clone(),
-            resolver.clone(),
-            status.clone(),
-            shutdown.clone(),
-        )
-        .await;
+        let result = run().await;
         if *shutdown.borrow() {
             return;
         }
@@ -128,15 +147,65 @@ async fn keep_profiling(
             Ok(()) => tracing::warn!("the profiler stopped on its own"),
             Err(e) => tracing::warn!(error = %format!("{e:#}"), "the profiler stopped"),
         }
-        // A run that lasted long was healthy: start the backoff over.
-        if started.elapsed() > RETRY_MAX {
-            delay = RETRY_FIRST;
+        if started.elapsed() > backoff.max {
+            delay = backoff.first;
         }
-        tracing::info!(retry_in_secs = delay.as_secs(), "restarting the profiler later");
+        tracing::info!(retry_in_ms = delay.as_millis() as u64, "restarting the profiler later");
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             changed = shutdown.changed() => if changed.is_err() || *shutdown.borrow() { return },
         }
-        delay = (delay * 2).min(RETRY_MAX);
+        delay = (delay * 2).min(backoff.max);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_failing_run_is_restarted_with_growing_delays_until_shutdown() {
+        let (tx, rx) = watch::channel(false);
+        let starts = Arc::new(Mutex::new(Vec::<Instant>::new()));
+        let s = starts.clone();
+        let backoff = Backoff { first: Duration::from_millis(20), max: Duration::from_millis(80) };
+        let task = tokio::spawn(run_restarting(backoff, rx, move || {
+            s.lock().unwrap().push(Instant::now());
+            async { anyhow::bail!("perf went away") }
+        }));
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(1), task).await.unwrap().unwrap();
+        let starts = starts.lock().unwrap().clone();
+        let gaps: Vec<Duration> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(starts.len() >= 4 && starts.len() <= 8, "{gaps:?}");
+        // 20, 40, 80, 80, ...: each gap at least the delay owed, never above the cap.
+        for (i, gap) in gaps.iter().enumerate() {
+            let owed = Duration::from_millis((20u64 << i).min(80));
+            assert!(*gap >= owed, "gap {i}: {gap:?} < {owed:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_run_ended_by_shutdown_is_not_restarted() {
+        let (tx, rx) = watch::channel(false);
+        let runs = Arc::new(AtomicU32::new(0));
+        let r = runs.clone();
+        let stop = rx.clone();
+        let task = tokio::spawn(run_restarting(RESTART, rx, move || {
+            r.fetch_add(1, Ordering::SeqCst);
+            let mut stop = stop.clone();
+            async move {
+                let _ = stop.changed().await;
+                Ok(())
+            }
+        }));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        tx.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(1), task).await.unwrap().unwrap();
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
     }
 }

@@ -43,10 +43,7 @@ impl SubsystemStatus for ProfilerSection {
     }
 
     fn binary(&self, conn: &Connection, binary_id: i64) -> Option<Value> {
-        let known = profiles::profile_head(conn, binary_id)
-            .map(|h| h.is_some())
-            .and_then(|head| Ok(head || profiles::instrumented_runs(conn, binary_id)? > 0));
-        match known {
+        match has_any_profile(conn, binary_id) {
             Ok(false) => return None,
             Ok(true) => {}
             Err(e) => return Some(unreadable(&e)),
@@ -63,6 +60,12 @@ impl SubsystemStatus for ProfilerSection {
             Err(e) => Some(unreadable(&e)),
         }
     }
+}
+
+/// Sampled (or refused) or instrumented: something to say about this binary.
+fn has_any_profile(conn: &Connection, binary_id: i64) -> anyhow::Result<bool> {
+    Ok(profiles::profile_head(conn, binary_id)?.is_some()
+        || profiles::instrumented_runs(conn, binary_id)? > 0)
 }
 
 fn unreadable(e: &anyhow::Error) -> Value {
