@@ -85,6 +85,11 @@ impl Daemon {
             .expect("pid")
     }
 
+    /// The serving process's pid, if the supervisor has written one.
+    pub fn try_server_pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.state.join("server.pid")).ok()?.trim().parse().ok()
+    }
+
     pub fn bin(&self) -> PathBuf {
         self.mnt.join("bin")
     }
@@ -102,6 +107,12 @@ impl Daemon {
     pub fn binary(&self, path: &Path) -> Option<serde_json::Value> {
         let status = self.status_json();
         status["binaries"].as_array()?.iter().find(|b| b["path"] == path.to_str().unwrap()).cloned()
+    }
+
+    /// The status.json entry whose PATH-view name is `name`.
+    pub fn binary_named(&self, name: &str) -> Option<serde_json::Value> {
+        let status = self.status_json();
+        status["binaries"].as_array()?.iter().find(|b| b["name"] == name).cloned()
     }
 
     /// Polls `f` every 100 ms until it returns Some, or panics after `timeout` with `what`.

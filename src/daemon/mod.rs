@@ -5,6 +5,7 @@ pub mod actions;
 pub mod decision;
 pub mod indexer;
 pub mod priority;
+pub mod profiling;
 pub mod refresh;
 pub mod report;
 pub mod run;
