@@ -113,7 +113,8 @@ impl Daemon {
         }
     }
 
-    fn server_pid(&self) -> Option<i32> {
+    /// The pid of the current server process (the supervisor forks a new one after a crash).
+    pub fn server_pid(&self) -> Option<i32> {
         std::fs::read_to_string(self.state.join("server.pid")).ok()?.trim().parse().ok()
     }
 }
