@@ -8,7 +8,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::daemon::Daemon;
@@ -231,6 +231,33 @@ fn profiles_grow_mature_and_feed_bolt_through_the_daemon() {
         count("SELECT count(*) FROM binaries WHERE sha256 = ?1", &sha256_hex(&elsewhere));
     assert_eq!(outside_rows, 0, "a program outside the overlaid dirs was profiled");
     drop(db);
+
+    // A crash of the server while hot runs from the mount: the next server's profiler finds
+    // the process in /proc, where the kernel shows its mount path as `... (deleted)` once
+    // the entry was invalidated (as any serving change does: here an exclude + include),
+    // and keeps profiling it.
+    let mut long =
+        Command::new(view.join("hot")).arg("3000").stdout(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    for command in ["exclude hot", "include hot"] {
+        std::fs::write(mnt.join(".optbin/control"), command).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let deleted = std::fs::read_to_string(format!("/proc/{}/maps", long.id())).unwrap();
+    assert!(deleted.contains("/hot (deleted)"), "{deleted}");
+    let crashed = d.try_server_pid().unwrap();
+    // SAFETY: killing the server process of our own daemon.
+    assert_eq!(unsafe { libc::kill(crashed as i32, libc::SIGKILL) }, 0);
+    d.wait_for(Duration::from_secs(20), "a new server with a running profiler", |d| {
+        let running = d.status_json()["subsystems"]["profiler"]["running"] == true;
+        (d.try_server_pid() != Some(crashed) && running).then_some(())
+    });
+    let restarted = profile_of(&d, "hot").unwrap()["own_samples"].as_u64().unwrap();
+    assert!(long.wait().unwrap().success());
+    d.wait_for(Duration::from_secs(20), "samples of hot after the restart", |d| {
+        let now = profile_of(&d, "hot")?["own_samples"].as_u64()?;
+        (now >= restarted + 300).then_some(())
+    });
 
     d.stop();
     assert!(!common::is_mounted(&mnt));

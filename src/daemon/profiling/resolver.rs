@@ -12,6 +12,16 @@
 //!   through as a link to the real file) is the original itself;
 //! - anything else, and binaries the user excluded or the config's allow/deny lists leave
 //!   alone, are ignored.
+//!
+//! The kernel appends ` (deleted)` to the path of a mapping whose dentry was unhashed. Under
+//! the mount that happens all the time without any file being deleted: every entry
+//! invalidation (a binary indexed, a variant served, a change in the directory) unhashes
+//! the dentries of the programs running from it. So under the mount the suffix is dropped
+//! and the path resolved as usual. The cost: a process that started before its binary was
+//! replaced, and whose first sample comes after, is attributed to the new version (through
+//! the mount there is no inode to check). Outside the mount the suffix means the file really is gone
+//! or replaced: its samples cannot be matched to what is at the path now, so they are
+//! ignored.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -43,8 +53,23 @@ impl OverlayResolver {
     }
 }
 
+/// What the kernel appends to the path of a mapping whose dentry was unhashed.
+const DELETED_SUFFIX: &str = " (deleted)";
+
+/// `mapped` without the kernel's ` (deleted)` suffix, if it had one.
+fn strip_deleted(mapped: &Path) -> Option<&Path> {
+    use std::os::unix::ffi::OsStrExt;
+    let stem = mapped.as_os_str().as_bytes().strip_suffix(DELETED_SUFFIX.as_bytes())?;
+    Some(Path::new(std::ffi::OsStr::from_bytes(stem)))
+}
+
 impl PathResolver for OverlayResolver {
     fn resolve(&self, mapped: &Path) -> Resolved {
+        let mapped = match strip_deleted(mapped) {
+            Some(stem) if stem.starts_with(self.overlay.mountpoint()) => stem,
+            Some(_) => return Resolved::Ignore,
+            None => mapped,
+        };
         if let Some((original, variant)) = self.overlay.original_of(mapped) {
             if !self.in_overlay_dir(&original) || !self.allowed(&original) {
                 return Resolved::Ignore;
@@ -142,6 +167,18 @@ mod tests {
         assert_eq!(r(&w.bin.join("sub/prog")), Resolved::Ignore, "below, not in, the dir");
         assert_eq!(r(&w.mnt.join(".optbin/status")), Resolved::Ignore);
         assert_eq!(r(&w.mnt.join("bin/missing")), Resolved::Ignore);
+    }
+
+    #[test]
+    fn unhashed_mount_dentries_still_resolve_but_deleted_real_files_do_not() {
+        let w = world(&[]);
+        let prog = w.bin.join("prog");
+        let r = |p: PathBuf| w.resolver.resolve(&p);
+        let deleted = |p: &Path| PathBuf::from(format!("{} (deleted)", p.display()));
+        assert_eq!(r(deleted(&in_mount(&w.mnt, &prog))), Resolved::Original(prog.clone()));
+        assert_eq!(r(deleted(&prog)), Resolved::Ignore, "the real file is gone or replaced");
+        assert_eq!(strip_deleted(Path::new("/a/b")), None);
+        assert_eq!(strip_deleted(Path::new("/a/b (deleted)")), Some(Path::new("/a/b")));
     }
 
     #[test]
