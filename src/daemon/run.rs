@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::control::ControlDir;
 use crate::daemon::actions::Actions;
 use crate::daemon::indexer::{self, Indexed, SeenFile};
+use crate::daemon::optimizing::Optimizing;
 use crate::daemon::refresh::Refresher;
 use crate::daemon::report::Reporter;
 use crate::fs::{FsEvent, Overlay, OverlayConfig, ServingTable};
@@ -67,7 +68,11 @@ pub fn start_server(
     });
     refresher.refresh_all().context("loading pins, exclusions and served variants")?;
 
-    let reporter = Reporter {
+    // The optimizer (src/daemon/optimizing): BOLT, its job queue, the maturity driver, the
+    // `optimize`/`reset` commands and the "optimizer" status section.
+    let optimizing = Optimizing::new(&cfg, &catalog, clock.clone())?;
+
+    let mut reporter = Reporter {
         catalog: catalog.clone(),
         config: cfg.clone(),
         started_at,
@@ -75,6 +80,7 @@ pub fn start_server(
         subsystems: Vec::new(),
         bin_files: None,
     };
+    reporter.subsystems.push(optimizing.status());
     let r2 = refresher.clone();
     let actions = Actions {
         catalog: catalog.clone(),
@@ -82,7 +88,7 @@ pub fn start_server(
         overlay: cfg.overlay.clone(),
         mountpoint: cfg.mountpoint.clone(),
         refresh: Arc::new(move |p| r2.refresh(p)),
-        hooks: None,
+        hooks: Some(optimizing.hooks()),
     };
     let control = Arc::new(ControlDir::new(Box::new(reporter), Box::new(actions)));
     let (events_tx, events_rx) = mpsc::unbounded_channel::<FsEvent>();
@@ -106,6 +112,7 @@ pub fn start_server(
         shutdown.clone(),
     ));
     rt.spawn(refresh_indexed(indexed_rx, refresher.clone(), shutdown.clone()));
+    optimizing.spawn(rt.handle(), shutdown.clone());
     tracing::info!(generation = ctx.generation, "server ready");
 
     Ok(Served {
