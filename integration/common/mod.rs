@@ -124,3 +124,5 @@ pub fn as_nobody(program: &Path) -> Command {
 pub fn in_mount(mount: &Path, real: &Path) -> PathBuf {
     mount.join(real.strip_prefix("/").expect("absolute path"))
 }
+
+pub mod daemon_guard;
