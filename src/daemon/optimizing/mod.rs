@@ -189,3 +189,6 @@ pub fn candidacy(
     let v = candidate::verdict(facts, profile, applicability);
     (v.applicability.candidate, v.applicability.reason)
 }
+
+#[cfg(test)]
+mod tests;
