@@ -112,13 +112,17 @@ pub fn start_server(
         shutdown.clone(),
     ));
     rt.spawn(refresh_indexed(indexed_rx, refresher.clone(), shutdown.clone()));
-    optimizing.spawn(rt.handle(), shutdown.clone());
+    let optimizer_queue = optimizing.spawn(rt.handle(), shutdown.clone());
     tracing::info!(generation = ctx.generation, "server ready");
 
     Ok(Served {
         overlay,
         shutdown: Box::new(move || {
             let _ = shutdown_tx.send(true);
+            // The optimizer kills running BOLT jobs when told; give it the time to.
+            if let Some(queue) = optimizer_queue {
+                let _ = rt.block_on(tokio::time::timeout(Duration::from_secs(10), queue));
+            }
             rt.shutdown_timeout(Duration::from_secs(10));
             tracing::info!("server stopped");
         }),

@@ -64,6 +64,9 @@ pub struct Shared {
 pub struct Optimizing {
     shared: Arc<Shared>,
     worker: Mutex<Option<OptimizerWorker>>,
+    /// The scratch directory did not exist before: it is removed again at shutdown (when
+    /// empty), so a daemon that never ran a job leaves nothing behind.
+    scratch_created: bool,
 }
 
 impl Optimizing {
@@ -77,7 +80,10 @@ impl Optimizing {
         let store = VariantStore::open(&cfg.state_dir).context("opening the variant store")?;
         let bolt = discover(settings.bolt.as_deref());
         let user = SandboxUser::resolve();
-        let (sandbox, sandbox_error) = match Sandbox::new(&settings.scratch_dir, user.clone()) {
+        let scratch_created = !settings.scratch_dir.exists();
+        let sandbox = shared_dir_refused(&settings.scratch_dir)
+            .map_or_else(|| Sandbox::new(&settings.scratch_dir, user.clone()), Err);
+        let (sandbox, sandbox_error) = match sandbox {
             Ok(s) => (s, None),
             Err(e) => {
                 // Jobs cannot run; the value only fills the optimizer's dependencies.
@@ -132,7 +138,7 @@ impl Optimizing {
             bolt,
             off,
         });
-        Ok(Self { shared, worker: Mutex::new(Some(worker)) })
+        Ok(Self { shared, worker: Mutex::new(Some(worker)), scratch_created })
     }
 
     /// The "optimizer" section of `status.json` and its per-binary details.
@@ -150,16 +156,44 @@ impl Optimizing {
         Arc::new(report::OptimizerPipeline { shared: self.shared.clone() })
     }
 
-    /// Starts the job queue and the maturity driver on `rt`; both stop on `shutdown` (the
-    /// queue kills running BOLT jobs). A second call does nothing.
-    pub fn spawn(&self, rt: &tokio::runtime::Handle, shutdown: watch::Receiver<bool>) {
-        let worker = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take();
-        let Some(worker) = worker else { return };
-        rt.spawn(run_optimizer(worker, shutdown.clone()));
+    /// Starts the job queue and the maturity driver on `rt`; both stop on `shutdown`.
+    /// Returns the queue's task: await it after signalling shutdown, before the runtime
+    /// goes, so running BOLT jobs are killed and recorded as cancelled. A second call
+    /// starts nothing.
+    pub fn spawn(
+        &self,
+        rt: &tokio::runtime::Handle,
+        shutdown: watch::Receiver<bool>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let worker = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+        let scratch = self.scratch_created.then(|| self.shared.settings.scratch_dir.clone());
+        let queue_shutdown = shutdown.clone();
+        let queue = rt.spawn(async move {
+            run_optimizer(worker, queue_shutdown).await;
+            // Every job's directory is gone once the queue has stopped; a non-empty
+            // directory (someone else's files) is left alone.
+            if let Some(dir) = scratch {
+                let _ = std::fs::remove_dir(dir);
+            }
+        });
         if self.shared.off.is_none() {
             rt.spawn(driver::run_driver(self.shared.clone(), shutdown));
         }
+        Some(queue)
     }
+}
+
+/// An existing directory others may write to (`/tmp`, `/var/tmp`) is refused as the
+/// scratch root: the sandbox makes its root mode 0711, which would break it for everyone.
+fn shared_dir_refused(dir: &Path) -> Option<anyhow::Error> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir).ok()?.permissions().mode();
+    (mode & 0o002 != 0).then(|| {
+        anyhow::anyhow!(
+            "{} is writable by everyone; give optbin a directory of its own (it is made 0711)",
+            dir.display()
+        )
+    })
 }
 
 /// The applicability thresholds of `cfg` (defaults when `[optimizer]` does not parse;

@@ -116,6 +116,35 @@ fn a_scratch_dir_the_sandbox_user_cannot_reach_turns_it_off() {
 }
 
 #[test]
+fn a_scratch_dir_everyone_may_write_is_refused_and_left_untouched() {
+    let dir = open_tempdir();
+    let shared = dir.path().join("shared");
+    std::fs::create_dir(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let cfg = config(dir.path(), &format!("scratch_dir = {:?}\n", shared.display().to_string()));
+    let o = Optimizing::new(&cfg, &Catalog::in_memory().unwrap(), Arc::new(SystemClock)).unwrap();
+    let summary = o.status().section()["summary"].as_str().unwrap().to_string();
+    assert!(summary.contains("writable by everyone"), "{summary}");
+    let mode = std::fs::metadata(&shared).unwrap().permissions().mode();
+    assert_eq!(mode & 0o7777, 0o1777);
+}
+
+#[tokio::test]
+async fn the_scratch_dir_it_created_goes_at_shutdown() {
+    let dir = open_tempdir();
+    let scratch = dir.path().join("scratch");
+    let cfg = config(dir.path(), &format!("scratch_dir = {:?}\n", scratch.display().to_string()));
+    let o = Optimizing::new(&cfg, &Catalog::in_memory().unwrap(), Arc::new(SystemClock)).unwrap();
+    assert!(scratch.is_dir());
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let queue = o.spawn(&tokio::runtime::Handle::current(), shutdown.clone()).unwrap();
+    assert!(o.spawn(&tokio::runtime::Handle::current(), shutdown).is_none(), "started twice");
+    stop.send(true).unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), queue).await.unwrap().unwrap();
+    assert!(!scratch.exists(), "{} is still there", scratch.display());
+}
+
+#[test]
 fn pipeline_stages_and_reset() {
     let dir = open_tempdir();
     let scratch = dir.path().join("scratch");
