@@ -92,6 +92,8 @@ impl DaemonGuard {
             self.log_tail()
         );
         unmount_if_mounted(&self.mnt);
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        assert!(!log.contains("panicked"), "optbin panicked\n{}", self.log_tail());
     }
 }
 

@@ -121,7 +121,9 @@ pub fn start_server(
             let _ = shutdown_tx.send(true);
             // The optimizer kills running BOLT jobs when told; give it the time to.
             if let Some(queue) = optimizer_queue {
-                let _ = rt.block_on(tokio::time::timeout(Duration::from_secs(10), queue));
+                let _ = rt.block_on(async move {
+                    tokio::time::timeout(Duration::from_secs(10), queue).await
+                });
             }
             rt.shutdown_timeout(Duration::from_secs(10));
             tracing::info!("server stopped");

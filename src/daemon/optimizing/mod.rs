@@ -221,7 +221,22 @@ pub fn candidacy(
     }
     let Some(facts) = facts else { return (false, "not indexed yet".into()) };
     let v = candidate::verdict(facts, profile, applicability);
-    (v.applicability.candidate, v.applicability.reason)
+    (v.applicability.candidate, reason_only(&v.applicability.reason))
+}
+
+/// The status table prints "candidate: " or "not a candidate: " itself: the reason without
+/// the verdict ("candidate (relocation mode, ...)" -> "relocation mode, ...").
+fn reason_only(reason: &str) -> String {
+    if let Some(why) = reason.strip_prefix("not a candidate: ") {
+        return why.to_string();
+    }
+    match reason.strip_prefix("candidate ") {
+        Some(rest) => {
+            let inner = rest.strip_prefix('(').and_then(|r| r.strip_suffix(')'));
+            inner.unwrap_or(rest).to_string()
+        }
+        None => reason.to_string(),
+    }
 }
 
 #[cfg(test)]

@@ -240,3 +240,16 @@ fn pipeline_stages_and_reset() {
     let err = o.hooks().reset(&cfg.overlay[0].join("never-seen")).unwrap_err();
     assert_eq!(err.errno, libc::EINVAL);
 }
+
+#[test]
+fn status_table_reasons_drop_the_verdict_word() {
+    assert_eq!(reason_only("not a candidate: stripped (no .symtab)"), "stripped (no .symtab)");
+    assert_eq!(
+        reason_only("candidate (relocation mode, .text 171 KiB, 82% of samples in own text)"),
+        "relocation mode, .text 171 KiB, 82% of samples in own text"
+    );
+    assert_eq!(
+        reason_only("candidate by its ELF facts (x); its own-text share is unknown"),
+        "by its ELF facts (x); its own-text share is unknown"
+    );
+}
