@@ -25,10 +25,12 @@ pub mod settings;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio::sync::watch;
 
+use crate::bolt::status::OptimizerStatus;
 use crate::bolt::{
     ApplicabilityConfig, BoltRunner, BoltState, OptimizerConfig, OptimizerDeps, OptimizerHandle,
     OptimizerWorker, Sandbox, SandboxUser, SandboxedBoltRunner, discover, optimizer, run_optimizer,
@@ -58,6 +60,27 @@ pub struct Shared {
     /// Why no BOLT job can run (BOLT missing, the scratch directory unusable); None when
     /// the optimizer works.
     pub off: Option<String>,
+    /// The queue's status as last copied (see [`Shared::queue_status`]).
+    status_copy: Mutex<Option<(Instant, Arc<OptimizerStatus>)>>,
+}
+
+/// How long a copy of the queue's status serves per-binary questions.
+const STATUS_COPY_TTL: Duration = Duration::from_millis(250);
+
+impl Shared {
+    /// The queue's status, copied at most every [`STATUS_COPY_TTL`]: status pages and the
+    /// policy ask once per binary, and a copy holds up to 16 BOLT output tails.
+    pub fn queue_status(&self) -> Arc<OptimizerStatus> {
+        let mut copy = self.status_copy.lock().unwrap_or_else(|p| p.into_inner());
+        match &*copy {
+            Some((at, status)) if at.elapsed() < STATUS_COPY_TTL => status.clone(),
+            _ => {
+                let status = Arc::new(self.handle.status());
+                *copy = Some((Instant::now(), status.clone()));
+                status
+            }
+        }
+    }
 }
 
 /// The optimizer's wiring; see the module doc.
@@ -137,6 +160,7 @@ impl Optimizing {
             store,
             bolt,
             off,
+            status_copy: Mutex::new(None),
         });
         Ok(Self { shared, worker: Mutex::new(Some(worker)), scratch_created })
     }

@@ -76,8 +76,7 @@ impl SubsystemStatus for OptimizerReport {
         let profile = profile_numbers(conn, binary_id).ok()?;
         let v = verdict(&binary.facts, profile.as_ref(), &self.shared.applicability);
         let job = bolt_jobs::job_of(conn, binary_id).ok()?;
-        let status = self.shared.handle.status();
-        let queue = queue_state(&status, binary_id);
+        let queue = queue_state(&self.shared.queue_status(), binary_id);
         let history = match &job {
             None => None,
             Some(j) if j.failed_until_change => Some(format!(
@@ -173,7 +172,7 @@ impl PipelineView for OptimizerPipeline {
 
 impl OptimizerPipeline {
     fn stage(&self, conn: &Connection, binary_id: i64) -> anyhow::Result<Pipeline> {
-        let status = self.shared.handle.status();
+        let status = self.shared.queue_status();
         if status.running.iter().any(|r| r.binary_id == binary_id) {
             return Ok(Pipeline::Optimizing);
         }
