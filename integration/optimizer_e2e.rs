@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use common::daemon_guard::DaemonGuard;
+use common::daemon::Daemon;
 use optbin::bolt::perf2bolt::{perf_to_fdata, record_cpu_clock};
 use optbin::catalog::profiles::{self, WindowBatch};
 use rusqlite::{Connection, OpenFlags};
@@ -117,8 +117,8 @@ impl Fixture {
         self.dir.path().join(rel)
     }
 
-    /// Writes the config (low maturity, scratch in the temp dir) and starts the daemon.
-    fn start(&self, bolt: Option<&Path>) -> DaemonGuard {
+    /// Writes the config: low maturity, scratch in the temp dir, and `bolt` when given.
+    fn write_config(&self, bolt: Option<&Path>) {
         let bolt_line =
             bolt.map_or(String::new(), |b| format!("bolt = {:?}\n", b.display().to_string()));
         let config = format!(
@@ -128,12 +128,15 @@ impl Fixture {
             self.path("scratch").display().to_string()
         );
         std::fs::write(self.path("config.toml"), config).unwrap();
-        DaemonGuard::start(
+    }
+
+    fn start(&self) -> Daemon {
+        std::fs::create_dir_all(self.path("mnt")).unwrap();
+        Daemon::start(
             &self.path("mnt"),
             &[&self.bin],
             &self.path("state"),
-            &self.path("config.toml"),
-            &self.path("optbin.log"),
+            Some(&self.path("config.toml")),
         )
     }
 
@@ -182,7 +185,7 @@ fn idle(status: &Value) -> bool {
 
 /// Records two runs of `prog` through the mount with perf, converts them with perf2bolt and
 /// stores them as two profile windows of binary `id` (see the module doc).
-fn seed_profile(fx: &Fixture, d: &DaemonGuard, id: i64) -> u64 {
+fn seed_profile(fx: &Fixture, d: &Daemon, id: i64) -> u64 {
     let tool = optbin::bolt::discover(None);
     let tool = tool.tool().expect("BOLT is installed on this machine");
     let through_mount = d.mnt.join("bin/prog");
@@ -223,21 +226,22 @@ fn mature_profiles_become_variants_and_commands_reach_the_optimizer() {
 
     // Phase 1: a BOLT that always fails. The original stays served; status shows why.
     let fake = fx.path("fake-bolt");
-    let d = fx.start(Some(&fake));
-    let section = optimizer(&d.status()).clone();
+    fx.write_config(Some(&fake));
+    let mut d = fx.start();
+    let section = optimizer(&d.status_json()).clone();
     assert_eq!(section["bolt"]["found"], true, "{section:#}");
     assert_eq!(section["bolt"]["path"], fake.to_string_lossy().as_ref());
     let mnt_bin = d.mnt.join("bin");
     assert_eq!(run(&mnt_bin.join("prog"), QUICK), expected);
     assert_eq!(run(&mnt_bin.join("plain"), QUICK), expected);
-    let id = d.wait_for("prog to be indexed", Duration::from_secs(20), || fx.binary_id(&fx.prog));
-    d.wait_for("plain to be indexed", Duration::from_secs(20), || fx.binary_id(&fx.plain));
+    let id = d.wait_for(Duration::from_secs(20), "prog to be indexed", |_| fx.binary_id(&fx.prog));
+    d.wait_for(Duration::from_secs(20), "plain to be indexed", |_| fx.binary_id(&fx.plain));
     let seeded = seed_profile(&fx, &d, id);
     println!("seeded a profile of {seeded} samples");
 
     let failure =
-        d.wait_for("the fake BOLT's failure in status.json", Duration::from_secs(60), || {
-            let s = d.status();
+        d.wait_for(Duration::from_secs(60), "the fake BOLT's failure in status.json", |d| {
+            let s = d.status_json();
             let job = binary(&s, &fx.prog)?["details"]["optimizer"]["job"].clone();
             (job["failed_until_change"] == true && idle(&s)).then_some(s)
         });
@@ -255,12 +259,14 @@ fn mature_profiles_become_variants_and_commands_reach_the_optimizer() {
     assert!(prog_status["candidate"].as_bool().unwrap(), "{prog_status:#}");
     assert_eq!(run(&mnt_bin.join("prog"), QUICK), expected, "the original is still served");
     d.stop();
+    assert!(!d.log().contains("panicked"), "{}", d.log());
 
     // Phase 2: the real BOLT. Its version differs from the failed one's: the binary is
     // built again, without anyone asking.
-    let d = fx.start(None);
-    let status = d.wait_for("a stored BOLT variant", Duration::from_secs(60), || {
-        let s = d.status();
+    fx.write_config(None);
+    d.restart();
+    let status = d.wait_for(Duration::from_secs(60), "a stored BOLT variant", |d| {
+        let s = d.status_json();
         let has = binary(&s, &fx.prog)?["variants"].as_array()?.iter().any(|v| v["kind"] == "bolt");
         (has && idle(&s)).then_some(s)
     });
@@ -299,8 +305,8 @@ fn mature_profiles_become_variants_and_commands_reach_the_optimizer() {
     // `optimize` on the candidate queues a build now, though nothing changed.
     let built = o["built"].as_u64().unwrap();
     d.control("optimize prog").unwrap_or_else(|e| panic!("{e}: {}", d.last_error()));
-    d.wait_for("the requested build", Duration::from_secs(60), || {
-        let s = d.status();
+    d.wait_for(Duration::from_secs(60), "the requested build", |d| {
+        let s = d.status_json();
         (idle(&s) && optimizer(&s)["built"].as_u64()? > built).then_some(())
     });
 
@@ -316,7 +322,7 @@ fn mature_profiles_become_variants_and_commands_reach_the_optimizer() {
         0
     );
     assert!(count("SELECT count(*) FROM variants WHERE binary_id = ?1") >= 1);
-    let after = d.status();
+    let after = d.status_json();
     let prog_status = binary(&after, &fx.prog).unwrap();
     assert_eq!(prog_status["served"], "original");
     assert!(prog_status["details"]["optimizer"]["job"].is_null());
@@ -324,4 +330,5 @@ fn mature_profiles_become_variants_and_commands_reach_the_optimizer() {
     assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
     assert_eq!(run(&mnt_bin.join("prog"), QUICK), expected);
     d.stop();
+    assert!(!d.log().contains("panicked"), "{}", d.log());
 }

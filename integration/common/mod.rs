@@ -2,6 +2,8 @@
 //! user can traverse, running commands, and checking that no mount is left behind.
 #![allow(dead_code)]
 
+pub mod daemon;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -125,4 +127,7 @@ pub fn in_mount(mount: &Path, real: &Path) -> PathBuf {
     mount.join(real.strip_prefix("/").expect("absolute path"))
 }
 
-pub mod daemon_guard;
+/// Sets the permission bits of `path`.
+pub fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
