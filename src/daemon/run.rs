@@ -16,6 +16,7 @@ use crate::control::ControlDir;
 use crate::daemon::actions::Actions;
 use crate::daemon::indexer::{self, Indexed, SeenFile};
 use crate::daemon::profiling::Profiling;
+use crate::daemon::optimizing::Optimizing;
 use crate::daemon::refresh::Refresher;
 use crate::daemon::report::Reporter;
 use crate::fs::{FsEvent, Overlay, OverlayConfig, ServingTable};
@@ -72,7 +73,11 @@ pub fn start_server(
     // Profiler: its status and profile files now, its sampling task once the overlay exists.
     let profiling = Profiling::new(&cfg, &catalog)?;
 
-    let reporter = Reporter {
+    // The optimizer (src/daemon/optimizing): BOLT, its job queue, the maturity driver, the
+    // `optimize`/`reset` commands and the "optimizer" status section.
+    let optimizing = Optimizing::new(&cfg, &catalog, clock.clone())?;
+
+    let mut reporter = Reporter {
         catalog: catalog.clone(),
         config: cfg.clone(),
         started_at,
@@ -80,6 +85,7 @@ pub fn start_server(
         subsystems: vec![profiling.status()],
         bin_files: Some(profiling.bin_files()),
     };
+    reporter.subsystems.push(optimizing.status());
     let r2 = refresher.clone();
     let actions = Actions {
         catalog: catalog.clone(),
@@ -87,7 +93,7 @@ pub fn start_server(
         overlay: cfg.overlay.clone(),
         mountpoint: cfg.mountpoint.clone(),
         refresh: Arc::new(move |p| r2.refresh(p)),
-        hooks: None,
+        hooks: Some(optimizing.hooks()),
     };
     let control = Arc::new(ControlDir::new(Box::new(reporter), Box::new(actions)));
     let (events_tx, events_rx) = mpsc::unbounded_channel::<FsEvent>();
@@ -112,12 +118,19 @@ pub fn start_server(
     ));
     rt.spawn(refresh_indexed(indexed_rx, refresher.clone(), shutdown.clone()));
     profiling.spawn(rt.handle(), overlay.clone(), shutdown.clone());
+    let optimizer_queue = optimizing.spawn(rt.handle(), shutdown.clone());
     tracing::info!(generation = ctx.generation, "server ready");
 
     Ok(Served {
         overlay,
         shutdown: Box::new(move || {
             let _ = shutdown_tx.send(true);
+            // The optimizer kills running BOLT jobs when told; give it the time to.
+            if let Some(queue) = optimizer_queue {
+                let _ = rt.block_on(async move {
+                    tokio::time::timeout(Duration::from_secs(10), queue).await
+                });
+            }
             rt.shutdown_timeout(Duration::from_secs(10));
             tracing::info!("server stopped");
         }),
