@@ -2,8 +2,8 @@
 //! orderly shutdown.
 
 pub mod actions;
-pub mod decision;
 pub mod indexer;
+pub mod policing;
 pub mod priority;
 pub mod refresh;
 pub mod report;

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::control::ControlDir;
 use crate::daemon::actions::Actions;
 use crate::daemon::indexer::{self, Indexed, SeenFile};
+use crate::daemon::policing::Policing;
 use crate::daemon::refresh::Refresher;
 use crate::daemon::report::Reporter;
 use crate::fs::{FsEvent, Overlay, OverlayConfig, ServingTable};
@@ -60,10 +61,13 @@ pub fn start_server(
     let catalog = Catalog::open(&cfg.catalog_path())?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let serving = ServingTable::new();
+    // Measurement and the policy: the one source of serving decisions (policing.rs).
+    let policing = Arc::new(Policing::new(&cfg, &catalog, serving.clone())?);
     let refresher = Arc::new(Refresher {
         catalog: catalog.clone(),
         serving: serving.clone(),
         config: cfg.clone(),
+        policing: policing.clone(),
     });
     refresher.refresh_all().context("loading pins, exclusions and served variants")?;
 
@@ -72,7 +76,8 @@ pub fn start_server(
         config: cfg.clone(),
         started_at,
         server_restarts: ctx.generation as u32,
-        subsystems: Vec::new(),
+        subsystems: vec![policing.status()],
+        serving: serving.clone(),
         bin_files: None,
     };
     let r2 = refresher.clone();
@@ -91,7 +96,8 @@ pub fn start_server(
         serving,
         None,
         control,
-        Arc::new(events_tx),
+        // Exec-time opens get their run counters attached before the events go on.
+        policing.event_sink(Arc::new(events_tx)),
     )?;
 
     let (shutdown_tx, shutdown) = watch::channel(false);
@@ -106,6 +112,8 @@ pub fn start_server(
         shutdown.clone(),
     ));
     rt.spawn(refresh_indexed(indexed_rx, refresher.clone(), shutdown.clone()));
+    // The policy task; NoPipeline until the optimizer's pipeline view is wired in.
+    policing.spawn(rt.handle(), shutdown.clone(), Arc::new(crate::policy::load::NoPipeline));
     tracing::info!(generation = ctx.generation, "server ready");
 
     Ok(Served {
