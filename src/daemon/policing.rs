@@ -18,14 +18,18 @@
 //! version of a binary) changes what a path should get, [`Policing::refresh`] re-derives the
 //! decision from the catalog and applies it, under one lock, so the last application always
 //! reflects the newest catalog state (a decision computed before a pin can never be applied
-//! after it).
+//! after it). The policy task only reports a path when its decision differs from what it
+//! last reported; a path whose table entry was set to something else (a control command
+//! applied at once, or a state the task never evaluated) would miss the task's next change
+//! back. Such paths are marked diverged and re-derived every [`RECONCILE_EVERY`] until the
+//! table and the task agree again.
 //!
 //! Without measurement (the process connector or perf is unavailable, or `measure = false`)
 //! canaries are not run: a variant that was never measured would get execs with no crash
 //! detection. Promoted variants and pins are still served; status says why measurement is
 //! off.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -47,6 +51,10 @@ use crate::measure::{ExecOpen, Measurer, RunExit, RunRecord};
 use crate::policy::load::{NoPipeline, PipelineView, binary_status, machine_summary};
 use crate::policy::task::{PolicyTaskOptions, ServingSink, reevaluate_binary, run_policy};
 use crate::policy::{PolicyConfig, ServeDecision, Stage, VariantState};
+
+/// How often paths whose table entry differs from the policy task's last report are
+/// re-derived (see the module doc); nothing is done while there are none.
+pub const RECONCILE_EVERY: Duration = Duration::from_millis(200);
 
 /// The `[policy]` section of the config file.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -191,6 +199,10 @@ struct Inner {
     pipeline: RwLock<Arc<dyn PipelineView>>,
     /// Held from reading the catalog to writing the serving table (see the module doc).
     apply_order: Mutex<()>,
+    /// What the policy task last reported per path (it reports only changes).
+    reported: Mutex<HashMap<PathBuf, ServeDecision>>,
+    /// Paths whose applied decision differs from `reported`.
+    diverged: Mutex<HashSet<PathBuf>>,
     clock: Arc<dyn Clock>,
 }
 
@@ -253,6 +265,8 @@ impl Policing {
             measurement: Arc::new(measurement),
             pipeline: RwLock::new(Arc::new(NoPipeline)),
             apply_order: Mutex::new(()),
+            reported: Mutex::new(HashMap::new()),
+            diverged: Mutex::new(HashSet::new()),
             clock: Arc::new(SystemClock),
         });
         Self { inner, settings, records: Mutex::new(records) }
@@ -297,7 +311,7 @@ impl Policing {
     ) {
         *self.inner.pipeline.write().unwrap_or_else(|e| e.into_inner()) = pipeline.clone();
         let (runs_tx, runs_rx) = mpsc::unbounded_channel();
-        let records = self.records.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let records = lock(&self.records).take();
         if let Some(records) = records {
             rt.spawn(count_runs(
                 self.inner.measurement.clone(),
@@ -320,7 +334,7 @@ impl Policing {
             ..PolicyTaskOptions::default()
         };
         let catalog = self.inner.catalog.clone();
-        let sink = Arc::new(TableSink { paths: paths_tx });
+        let sink = Arc::new(TableSink { inner: self.inner.clone(), paths: paths_tx });
         rt.spawn(async move {
             if let Err(e) = run_policy(catalog, runs_rx, sink, shutdown, opts).await {
                 tracing::error!(error = %format!("{e:#}"), "the policy task stopped");
@@ -390,28 +404,37 @@ impl Inner {
 
     fn refresh(&self, path: &Path) {
         let _order = self.apply_order.lock().unwrap_or_else(|e| e.into_inner());
-        let target = self.derive(path).unwrap_or_else(|e| {
+        let (decision, target) = self.derive(path).unwrap_or_else(|e| {
             // Serving the original is always safe.
             tracing::warn!(path = %path.display(), error = %format!("{e:#}"), "deciding what to serve failed; serving the original");
-            Target::Original
+            (ServeDecision::Original, Target::Original)
         });
         self.apply(path, target);
+        let reported = lock(&self.reported).get(path).copied().unwrap_or(ServeDecision::Original);
+        let mut diverged = lock(&self.diverged);
+        if decision == reported {
+            diverged.remove(path);
+        } else {
+            diverged.insert(path.to_path_buf());
+        }
     }
 
-    /// The policy's current decision for `path`, translated, with its variant file checked.
-    fn derive(&self, path: &Path) -> anyhow::Result<Target> {
-        let Ok(key) = FileKey::of(path) else { return Ok(Target::Original) };
+    /// The policy's current decision for `path` and its translation, with the variant file
+    /// checked.
+    fn derive(&self, path: &Path) -> anyhow::Result<(ServeDecision, Target)> {
+        let original = (ServeDecision::Original, Target::Original);
+        let Ok(key) = FileKey::of(path) else { return Ok(original) };
         let text = path.to_string_lossy().into_owned();
         let (cfg, pipeline, now) = (self.config.clone(), self.pipeline(), self.now_ms());
         let measuring = self.measurement.is_on();
-        let target = self.catalog.run_blocking(move |c| {
-            let Some(row) = base::path_row(c, &text)? else { return Ok(Target::Original) };
+        let (decision, target) = self.catalog.run_blocking(move |c| {
+            let Some(row) = base::path_row(c, &text)? else { return Ok(original) };
             // Variants belong to content: only those of the version now at the path count.
             let Some(binary_id) = row.binary_id.filter(|_| row.key == key) else {
-                return Ok(Target::Original);
+                return Ok(original);
             };
             if base::variants_of(c, binary_id)?.is_empty() {
-                return Ok(Target::Original);
+                return Ok(original);
             }
             let decision = reevaluate_binary(c, binary_id, &cfg, &*pipeline, now)?
                 .into_iter()
@@ -419,15 +442,19 @@ impl Inner {
                 .map_or(ServeDecision::Original, |(_, d, _)| d);
             // The states after the evaluation's own transitions.
             let variants = base::variants_of(c, binary_id)?;
-            Ok(translate(decision, &variants, key, measuring))
+            Ok((decision, translate(decision, &variants, key, measuring)))
         })?;
         if let Target::Variant { variant, .. } = &target
             && let Err(e) = check_store_file(variant)
         {
             tracing::warn!(error = %format!("{e:#}"), "a variant cannot be served; serving the original");
-            return Ok(Target::Original);
+            return Ok((decision, Target::Original));
         }
-        Ok(target)
+        Ok((decision, target))
+    }
+
+    fn diverged_paths(&self) -> Vec<PathBuf> {
+        lock(&self.diverged).iter().cloned().collect()
     }
 
     fn apply(&self, path: &Path, target: Target) {
@@ -449,6 +476,11 @@ impl Inner {
             }
         }
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Plain map updates: a panic while holding the lock leaves consistent data.
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The overlay checks the size on every open (EIO on a mismatch): refuse to serve a store
@@ -512,36 +544,48 @@ impl EventSink for MeasuringEvents {
     }
 }
 
-/// Tells the applier which paths' decisions changed. The decision itself is re-derived at
-/// apply time (see the module doc), so a stale one can never win.
+/// Tells the applier which paths' decisions changed, and remembers what the policy task
+/// reported. The decision itself is re-derived at apply time (see the module doc), so a
+/// stale one can never win.
 struct TableSink {
+    inner: Arc<Inner>,
     paths: mpsc::UnboundedSender<PathBuf>,
 }
 
 impl ServingSink for TableSink {
     fn set_decision(&self, original: &Path, decision: ServeDecision) {
         tracing::debug!(path = %original.display(), ?decision, "policy decision");
+        lock(&self.inner.reported).insert(original.to_path_buf(), decision);
         // A closed channel means the server is stopping.
         let _ = self.paths.send(original.to_path_buf());
     }
 }
 
-/// Applies changed decisions to the serving table, off the async workers (catalog round
-/// trips and the kernel's invalidations block).
+/// Applies changed decisions to the serving table, and re-derives diverged paths, off the
+/// async workers (catalog round trips and the kernel's invalidations block).
 async fn apply_decisions(
     inner: Arc<Inner>,
     mut paths: mpsc::UnboundedReceiver<PathBuf>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut reconcile = tokio::time::interval(RECONCILE_EVERY);
+    reconcile.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let first = tokio::select! {
+        let mut batch = BTreeSet::new();
+        tokio::select! {
             _ = shutdown.changed() => break,
-            p = paths.recv() => match p { Some(p) => p, None => break },
-        };
+            p = paths.recv() => match p {
+                Some(p) => { batch.insert(p); }
+                None => break,
+            },
+            _ = reconcile.tick() => batch.extend(inner.diverged_paths()),
+        }
         // Paths queued meanwhile are refreshed once each.
-        let mut batch = BTreeSet::from([first]);
         while let Ok(p) = paths.try_recv() {
             batch.insert(p);
+        }
+        if batch.is_empty() {
+            continue;
         }
         let inner = inner.clone();
         let done = tokio::task::spawn_blocking(move || {
@@ -932,6 +976,48 @@ mod tests {
         let serving = ServingTable::new();
         policing(&w, &serving, true).refresh(&w.path);
         assert_eq!(serving.served_share(&w.path), None);
+    }
+
+    async fn wait_until(what: &str, ok: impl Fn() -> bool) {
+        for _ in 0..300 {
+            if ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_the_task_would_not_report_is_reconciled() {
+        let w = world("canary");
+        let serving = ServingTable::new();
+        let p = policing(&w, &serving, true);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let sink = TableSink { inner: p.inner.clone(), paths: tx };
+        // The task last reported the original (say, while the path was pinned), and that
+        // report was applied long ago.
+        sink.set_decision(&w.path, ServeDecision::Original);
+        assert_eq!(rx.try_recv().ok(), Some(w.path.clone()));
+        // A control command (unpin) applies the canary at once, behind the task's back.
+        let (inner, path) = (p.inner.clone(), w.path.clone());
+        tokio::task::spawn_blocking(move || inner.refresh(&path)).await.unwrap();
+        assert_eq!(serving.served_share(&w.path).map(|x| x.1), Some(0.5));
+        assert_eq!(p.inner.diverged_paths(), vec![w.path.clone()]);
+        // The variant is quarantined: the task's decision is the original again, equal to
+        // what it last reported, so it reports nothing. The reconciliation catches it.
+        let vid = w.variant_id;
+        w.catalog
+            .run(move |c| base::set_variant_state(c, vid, "quarantined", Some("crashed")))
+            .await
+            .unwrap();
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn(apply_decisions(p.inner.clone(), rx, shutdown));
+        wait_until("the reconciliation", || serving.served_share(&w.path).is_none()).await;
+        wait_until("the divergence to end", || p.inner.diverged_paths().is_empty()).await;
+        drop(sink);
+        stop.send(true).unwrap();
+        task.await.unwrap();
     }
 
     struct ChannelSource(std_mpsc::Receiver<ProcEvent>);
