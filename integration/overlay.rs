@@ -42,6 +42,9 @@ fn fixture() -> Fixture {
     std::os::unix::fs::symlink(one.join("prog"), one.join("abslink")).unwrap();
     prog(&one.join("stripped"), "stripped", &["-s"]);
     cc(EUID_C, &one.join("suid"), &[]);
+    cc(EUID_C, &one.join("withcap"), &[]);
+    let setcap = run(Command::new("setcap").arg("cap_net_raw+ep").arg(one.join("withcap")));
+    assert_eq!(setcap.code, Some(0), "setcap: {}", setcap.stderr);
     std::fs::set_permissions(one.join("suid"), std::fs::Permissions::from_mode(0o4755)).unwrap();
     std::fs::write(one.join("script"), "#!/bin/sh\necho script \"$@\"\nexit 3\n").unwrap();
     std::fs::set_permissions(one.join("script"), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -52,6 +55,14 @@ fn fixture() -> Fixture {
 fn mount(
     f: &Fixture,
     serving: Arc<ServingTable>,
+) -> (optbin::fuse::MountGuard, std::sync::mpsc::Receiver<FsEvent>, Arc<StaticControl>) {
+    mount_with(f, serving, true)
+}
+
+fn mount_with(
+    f: &Fixture,
+    serving: Arc<ServingTable>,
+    passthrough: bool,
 ) -> (optbin::fuse::MountGuard, std::sync::mpsc::Receiver<FsEvent>, Arc<StaticControl>) {
     let (tx, rx) = std::sync::mpsc::channel();
     let control =
@@ -67,7 +78,9 @@ fn mount(
         Arc::new(tx),
     )
     .unwrap();
-    let guard = mount_background(overlay, &MountOptions::new(&f.mount)).expect("mount");
+    let mut opts = MountOptions::new(&f.mount);
+    opts.passthrough = passthrough;
+    let guard = mount_background(overlay, &opts).expect("mount");
     (guard, rx, control)
 }
 
@@ -122,7 +135,7 @@ fn programs_behave_like_the_originals() {
         );
     }
     // Everything else is a symlink to the original.
-    for name in ["stripped", "script", "suid"] {
+    for name in ["stripped", "script", "suid", "withcap"] {
         let mirror = in_mount(&f.mount, &f.one.join(name));
         assert!(std::fs::symlink_metadata(&mirror).unwrap().file_type().is_symlink(), "{name}");
         assert_eq!(std::fs::read_link(&mirror).unwrap(), f.one.join(name));
@@ -326,6 +339,43 @@ fn variant_switch_and_upgrade_underneath() {
 }
 
 #[test]
+fn without_passthrough_optbin_serves_the_reads() {
+    let f = fixture();
+    let serving = ServingTable::new();
+    let (guard, _events, _control) = mount_with(&f, serving.clone(), false);
+    let view = f.mount.join("bin");
+    same_run(&f.one.join("prog"), &view.join("prog"), &[("CODE", "4")]);
+    same_run(&f.one.join("prog_nopie"), &view.join("prog_nopie"), &[]);
+    assert_eq!(run(&mut Command::new(view.join("data"))).stdout, "exe-relative data\n");
+    for name in ["prog", "prog_nopie", "data", "multi"] {
+        let served = std::fs::read(in_mount(&f.mount, &f.one.join(name))).unwrap();
+        assert_eq!(served, std::fs::read(f.one.join(name)).unwrap(), "{name}");
+    }
+    // A running process keeps reading its own bytes through its handle after a switch.
+    let original = f.one.join("prog");
+    let before = Command::new(view.join("prog"))
+        .arg("before")
+        .env("SLEEP_MS", "1000")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let store = f.tmp.path().join("variant");
+    prog(&store, "variant", &[]);
+    let size = std::fs::metadata(&store).unwrap().len();
+    let key = FileKey::of(&original).unwrap();
+    serving.serve(
+        &original,
+        Some(ServedVariant { variant_id: 3, path_in_store: store, size, expected_original: key }),
+    );
+    assert_eq!(run(Command::new(view.join("prog")).arg("after")).stdout, "variant after\n");
+    let before = before.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&before.stdout), "one before\n");
+    drop(guard);
+    assert!(!is_mounted(&f.mount));
+}
+
+#[test]
 fn a_real_toolchain_works_from_the_mount() {
     let sysroot = run(Command::new("rustc").args(["--print", "sysroot"])).stdout.trim().to_string();
     let toolchain_bin = Path::new(&sysroot).join("bin");
@@ -374,6 +424,8 @@ fn a_real_toolchain_works_from_the_mount() {
 // ----- the supervised mount -----
 
 const SUPERVISOR_ENV: &str = "OPTBIN_TEST_SUPERVISE";
+/// Makes `supervisor_entry`'s server fail at every start.
+const BROKEN_ENV: &str = "OPTBIN_TEST_BROKEN_SERVER";
 
 /// Not a test by itself: the supervised-mount test runs this test binary again with
 /// `--ignored --exact supervisor_entry` and the environment set, so that the supervisor
@@ -384,7 +436,7 @@ fn supervisor_entry() {
     let Ok(spec) = std::env::var(SUPERVISOR_ENV) else { return };
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter("optbin=info")
+        .with_env_filter(std::env::var("OPTBIN_TEST_LOG").unwrap_or_else(|_| "optbin=warn".into()))
         .try_init();
     let mut parts = spec.split('\n');
     let mountpoint = PathBuf::from(parts.next().unwrap());
@@ -393,7 +445,14 @@ fn supervisor_entry() {
     let mut opts = MountOptions::new(&mountpoint);
     opts.server_pid_file = Some(pid_file);
     opts.max_crashes = 50;
+    let broken = std::env::var_os(BROKEN_ENV).is_some();
+    if broken {
+        opts.max_crashes = 3;
+    }
     let result = optbin::fuse::run_supervised(&opts, |ctx| {
+        if broken {
+            anyhow::bail!("this server cannot start (test)");
+        }
         let overlay = Overlay::new(
             OverlayConfig { mountpoint: ctx.mountpoint.clone(), overlay_dirs: dirs.clone() },
             ServingTable::new(),
@@ -436,18 +495,23 @@ struct Supervisor {
 }
 
 impl Supervisor {
-    fn start(mount: &Path, pid_file: &Path, dirs: &[PathBuf]) -> Self {
+    fn spawn(mount: &Path, pid_file: &Path, dirs: &[PathBuf], broken: bool) -> Self {
         let mut spec = format!("{}\n{}", mount.display(), pid_file.display());
         for d in dirs {
             spec.push_str(&format!("\n{}", d.display()));
         }
-        let child = Command::new(std::env::current_exe().unwrap())
-            .args(["--ignored", "--exact", "supervisor_entry", "--nocapture", "--test-threads=1"])
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args(["--ignored", "--exact", "supervisor_entry", "--nocapture", "--test-threads=1"])
             .env(SUPERVISOR_ENV, spec)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let s = Self { child };
+            .stdout(Stdio::null());
+        if broken {
+            cmd.env(BROKEN_ENV, "1");
+        }
+        Self { child: cmd.spawn().unwrap() }
+    }
+
+    fn start(mount: &Path, pid_file: &Path, dirs: &[PathBuf]) -> Self {
+        let s = Self::spawn(mount, pid_file, dirs, false);
         let deadline = Instant::now() + Duration::from_secs(20);
         while !(pid_file.exists()
             && std::fs::read_to_string(mount.join(".optbin/status"))
@@ -613,4 +677,23 @@ echo "$n $fails""#,
     assert_eq!(run(&mut Command::new(view.join("prog"))).stdout, "one\n");
     drop(sup3);
     assert!(!is_mounted(&f.mount), "mount left behind");
+}
+
+#[test]
+fn a_server_that_keeps_crashing_makes_the_supervisor_unmount_and_give_up() {
+    let f = fixture();
+    let pid_file = f.tmp.path().join("server.pid");
+    let mut sup = Supervisor::spawn(&f.mount, &pid_file, std::slice::from_ref(&f.one), true);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = sup.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the supervisor did not give up");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(1));
+    // Unmounted, so PATH lookups fall through to the next entries instead of ENOTCONN.
+    assert!(!is_mounted(&f.mount));
+    assert!(!f.mount.join("bin").exists());
 }

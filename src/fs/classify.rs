@@ -78,6 +78,11 @@ impl Classifier {
         if !ft.is_file() || md.mode() & (libc::S_ISUID | libc::S_ISGID) != 0 {
             return Ok(Classified { presentation: Presentation::LinkToReal, newly_seen: None, md });
         }
+        // File capabilities (e.g. cap_net_raw on ping) are ignored on a nosuid mount, and
+        // the overlay does not present xattrs: such files run from the real path, too.
+        if has_file_capabilities(real) {
+            return Ok(Classified { presentation: Presentation::LinkToReal, newly_seen: None, md });
+        }
         let key = FileKey::from_metadata(&md);
         let (sniffed, newly_seen) = match self.cached(real, &key) {
             Some(s) => (s, None),
@@ -130,6 +135,16 @@ impl Classifier {
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
     }
+}
+
+fn has_file_capabilities(real: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(real.as_os_str().as_bytes()) else { return false };
+    // SAFETY: valid C strings; a null buffer of size 0 only asks for the value's size.
+    let size = unsafe {
+        libc::lgetxattr(path.as_ptr(), c"security.capability".as_ptr(), std::ptr::null_mut(), 0)
+    };
+    size > 0
 }
 
 fn sniff_file(real: &Path) -> io::Result<(Metadata, Sniffed)> {

@@ -49,7 +49,9 @@
 mod classify;
 mod control;
 mod events;
+mod invalidate;
 mod layout;
+mod namespace;
 pub mod node;
 mod overlay;
 mod serving;
@@ -58,13 +60,14 @@ mod watch;
 pub use classify::{Classifier, Presentation, Sniffed};
 pub use control::{ControlFile, ControlPlane, StaticControl};
 pub use events::{EventSink, FsEvent, NoEvents};
+pub use invalidate::in_request;
 pub use layout::{
     CONTROL_DIR, Layout, OverlayConfig, OverlayDir, PATH_VIEW, absolute_mountpoint,
     canonicalize_outside,
 };
 pub use node::{Attr, FileNode, NodeType};
 pub use overlay::{
-    DirEntry, Entry, FMODE_EXEC, Invalidator, LONG_TTL, Opened, Overlay, SeenBinary, in_request,
+    DirEntry, Entry, FMODE_EXEC, Invalidator, LONG_TTL, Opened, Overlay, SeenBinary,
 };
 pub use serving::{Choice, ServedVariant, ServingTable, TableChooser, VariantChooser};
 

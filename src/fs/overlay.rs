@@ -1,22 +1,18 @@
-//! The overlay core: the mount's namespace (root, PATH view, mirrors, control directory),
-//! its nodes and the operations the FUSE adapter delegates to. No FUSE types here, so all of
-//! it is testable without a mount.
+//! The overlay core's front: the [`Overlay`] type, the queries the daemon makes and the
+//! operations the FUSE adapter delegates to. No FUSE types here, so all of it is testable
+//! without a mount. What names resolve to lives in `namespace.rs`, invalidations in
+//! `invalidate.rs`.
 
-use std::collections::{BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};
-use std::fs::{File, Metadata};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use crate::error::{FsError, FsResult};
-use crate::fs::classify::{Classifier, Presentation};
+use crate::fs::classify::Classifier;
 use crate::fs::layout::{CONTROL_DIR, Layout, OverlayConfig, PATH_VIEW};
-use crate::fs::node::{
-    Attr, CONTROL_ROOT_ID, FileNode, Node, NodeKind, NodeTable, NodeType, PATH_VIEW_ID, ROOT_ID,
-};
+use crate::fs::node::{Attr, FileNode, NodeKind, NodeTable, NodeType};
 use crate::fs::{ControlPlane, EventSink, FsEvent, ServingTable, TableChooser, VariantChooser};
 use crate::identity::FileKey;
 
@@ -26,7 +22,7 @@ pub const LONG_TTL: Duration = Duration::from_secs(300);
 /// The `__FMODE_EXEC` bit of open flags: the kernel's open for execve.
 pub const FMODE_EXEC: i32 = 0x20;
 /// A miss on an unknown node id rebuilds the node table at most this often.
-const REBUILD_INTERVAL: Duration = Duration::from_secs(1);
+pub(super) const REBUILD_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A looked-up entry: its attributes and how long the kernel may cache them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,30 +54,6 @@ pub trait Invalidator: Send + Sync {
     fn inval_entry(&self, parent: u64, name: &OsStr);
 }
 
-/// Where invalidations go: straight to the kernel from daemon threads, through a worker
-/// from request threads (the kernel may be waiting for a reply on the same directory).
-struct Invalidations {
-    direct: Arc<dyn Invalidator>,
-    queued: std::sync::mpsc::Sender<(u64, OsString)>,
-}
-
-thread_local! {
-    static IN_REQUEST: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Runs `f` marked as serving a FUSE request (the adapter wraps every core call in it), so
-/// that invalidations it triggers are queued instead of sent from this thread.
-pub fn in_request<T>(f: impl FnOnce() -> T) -> T {
-    struct Reset(bool);
-    impl Drop for Reset {
-        fn drop(&mut self) {
-            IN_REQUEST.with(|c| c.set(self.0));
-        }
-    }
-    let _reset = Reset(IN_REQUEST.with(|c| c.replace(true)));
-    f()
-}
-
 /// A binary the overlay has looked up (one version of it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SeenBinary {
@@ -93,20 +65,20 @@ pub struct SeenBinary {
 
 /// The overlay. Shared (`Arc`) between the FUSE request threads and the daemon.
 pub struct Overlay {
-    layout: Layout,
-    nodes: NodeTable,
-    classifier: Classifier,
-    serving: Arc<ServingTable>,
-    chooser: Arc<dyn VariantChooser>,
-    control: Arc<dyn ControlPlane>,
-    events: Arc<dyn EventSink>,
+    pub(super) layout: Layout,
+    pub(super) nodes: NodeTable,
+    pub(super) classifier: Classifier,
+    pub(super) serving: Arc<ServingTable>,
+    pub(super) chooser: Arc<dyn VariantChooser>,
+    pub(super) control: Arc<dyn ControlPlane>,
+    pub(super) events: Arc<dyn EventSink>,
     /// Set by the FUSE layer once mounted; invalidations go through a worker thread so
     /// that no request thread ever waits on the kernel (which may wait on us).
-    invalidations: Mutex<Option<Invalidations>>,
-    last_rebuild: Mutex<Option<Instant>>,
-    uid_gid: (u32, u32),
-    started: SystemTime,
-    watch: RwLock<Option<crate::fs::watch::Watcher>>,
+    pub(super) invalidations: Mutex<Option<crate::fs::invalidate::Invalidations>>,
+    pub(super) last_rebuild: Mutex<Option<Instant>>,
+    pub(super) uid_gid: (u32, u32),
+    pub(super) started: SystemTime,
+    pub(super) watch: RwLock<Option<crate::fs::watch::Watcher>>,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -177,7 +149,7 @@ impl Overlay {
             }
         })?;
         *self.invalidations.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(Invalidations { direct: invalidator, queued: tx });
+            Some(crate::fs::invalidate::Invalidations { direct: invalidator, queued: tx });
         let dirs: Vec<PathBuf> =
             self.layout.tree.keys().filter(|p| p.as_os_str() != "/").cloned().collect();
         let mut watched = dirs;
@@ -345,13 +317,8 @@ impl Overlay {
                 Ok(Opened::Control { name: name.clone(), content, writable: spec.writable })
             }
             NodeKind::Link(_) => Err(FsError::new(libc::ELOOP, "open of a symlink")),
-            _ => {
-                if writing {
-                    Err(FsError::new(libc::EISDIR, "directory"))
-                } else {
-                    Err(FsError::new(libc::EISDIR, "open of a directory as a file"))
-                }
-            }
+            // Directories are opened with OPENDIR; this is a file open of one.
+            _ => Err(FsError::new(libc::EISDIR, "open of a directory as a file")),
         }
     }
 
@@ -362,6 +329,7 @@ impl Overlay {
         if flags & libc::O_ACCMODE != libc::O_RDONLY || flags & libc::O_TRUNC != 0 {
             return Err(FsError::read_only("served binaries are read-only"));
         }
+        check_original_unchanged(&node)?;
         self.emit_opened(&node, flags, pid);
         Ok(())
     }
@@ -388,6 +356,9 @@ impl Overlay {
             .open(path)
             .map_err(|e| FsError::io(e, format!("opening {}", path.display())))?;
         let md = file.metadata().map_err(|e| FsError::io(e, format!("stat {}", path.display())))?;
+        if node.variant.is_some() {
+            check_original_unchanged(node)?;
+        }
         match &node.variant {
             None if FileKey::from_metadata(&md) != node.key => Err(FsError::new(
                 libc::ESTALE,
@@ -425,390 +396,19 @@ impl Overlay {
         }
         Err(FsError::read_only("the overlay is read-only"))
     }
-
-    // ----- invalidation (inotify and serving-table changes) -----
-
-    fn send_invalidation(&self, parent: u64, name: &OsStr) {
-        let target = self
-            .invalidations
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .map(|i| (i.direct.clone(), i.queued.clone()));
-        let Some((direct, queued)) = target else { return };
-        if IN_REQUEST.with(|c| c.get()) {
-            let _ = queued.send((parent, name.to_os_string()));
-        } else {
-            // Synchronous: when `ServingTable::serve` returns, the next exec sees the change.
-            direct.inval_entry(parent, name);
-        }
-    }
-
-    /// Something changed in real directory `dir` (name `name`, or everything if None).
-    pub(crate) fn invalidate_real(&self, dir: &Path, name: Option<&OsStr>) {
-        let names: Vec<OsString> = match name {
-            Some(n) => vec![n.to_os_string()],
-            None => std::fs::read_dir(dir)
-                .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.file_name())).collect())
-                .unwrap_or_default(),
-        };
-        let tree_ino = self.tree_ino(dir);
-        let in_path_view = self.layout.dirs.iter().any(|d| d.path == dir);
-        for n in &names {
-            if let Some(ino) = tree_ino {
-                self.send_invalidation(ino, n);
-            }
-            if in_path_view {
-                self.send_invalidation(PATH_VIEW_ID, n);
-            }
-        }
-    }
-
-    fn invalidate_original(&self, original: &Path) {
-        if let (Some(dir), Some(name)) = (original.parent(), original.file_name()) {
-            self.invalidate_real(dir, Some(name));
-        }
-    }
-
-    fn tree_ino(&self, real: &Path) -> Option<u64> {
-        self.layout.tree.contains_key(real).then(|| self.intern_tree(real).attr.ino)
-    }
-
-    // ----- namespace -----
-
-    fn intern_fixed(&self) {
-        let dir = self.synthetic_dir_attr(None);
-        self.nodes.intern(NodeKind::Root, &self.layout.mountpoint, dir);
-        self.nodes.intern(NodeKind::PathView, &self.layout.mountpoint.join(PATH_VIEW), dir);
-        self.nodes.intern(
-            NodeKind::ControlDir(String::new()),
-            &self.layout.mountpoint.join(CONTROL_DIR),
-            dir,
-        );
-    }
-
-    fn node(&self, ino: u64) -> FsResult<Arc<Node>> {
-        if let Some(n) = self.nodes.get(ino) {
-            return Ok(n);
-        }
-        // An id from a previous server process: rebuild what the namespace holds now.
-        let due = {
-            let mut last = self.last_rebuild.lock().unwrap_or_else(|e| e.into_inner());
-            let due = last.is_none_or(|t| t.elapsed() >= REBUILD_INTERVAL);
-            if due {
-                *last = Some(Instant::now());
-            }
-            due
-        };
-        if due {
-            self.rebuild();
-            if let Some(n) = self.nodes.get(ino) {
-                return Ok(n);
-            }
-        }
-        Err(FsError::new(libc::ESTALE, format!("unknown node id {ino:#x}")))
-    }
-
-    /// Interns every node the namespace can currently produce, including the known variants
-    /// of every served file, so that ids handed out by a previous server process resolve.
-    pub fn rebuild(&self) {
-        let started = Instant::now();
-        let before = self.nodes.len();
-        let mut stack = vec![ROOT_ID, PATH_VIEW_ID, CONTROL_ROOT_ID];
-        let mut visited = HashSet::new();
-        while let Some(ino) = stack.pop() {
-            if !visited.insert(ino) {
-                continue;
-            }
-            let Some(node) = self.nodes.get(ino) else { continue };
-            let Ok(entries) = self.readdir_known(&node) else { continue };
-            for e in entries {
-                if e.kind == NodeType::Directory {
-                    stack.push(e.ino);
-                }
-            }
-        }
-        tracing::info!(
-            nodes = self.nodes.len(),
-            new = self.nodes.len() - before,
-            took_ms = started.elapsed().as_millis() as u64,
-            "rebuilt the node table"
-        );
-    }
-
-    fn readdir_known(&self, node: &Node) -> FsResult<Vec<DirEntry>> {
-        let entries = self.readdir(node.attr.ino)?;
-        if let NodeKind::Tree(real) = &node.kind
-            && self.layout.is_mirror_dir(real)
-        {
-            for e in &entries {
-                self.intern_known_variants(&real.join(&e.name));
-            }
-        }
-        Ok(entries)
-    }
-
-    fn intern_known_variants(&self, original: &Path) {
-        let variants = self.serving.known_variants(original);
-        if variants.is_empty() {
-            return;
-        }
-        let Ok(md) = std::fs::metadata(original) else { return };
-        let key = FileKey::from_metadata(&md);
-        // The original itself is a possible node too (served before the switch).
-        self.intern_file(original, key, &md, None);
-        for v in variants.into_iter().filter(|v| v.expected_original == key) {
-            self.intern_file(original, key, &md, Some(v));
-        }
-    }
-
-    fn lookup_root(&self, name: &OsStr) -> FsResult<Arc<Node>> {
-        if name == PATH_VIEW {
-            return self.node(PATH_VIEW_ID);
-        }
-        if name == CONTROL_DIR {
-            return self.node(CONTROL_ROOT_ID);
-        }
-        if self.layout.tree[Path::new("/")].on_the_way.contains(name) {
-            return Ok(self.intern_tree(&Path::new("/").join(name)));
-        }
-        Err(FsError::not_found(format!("/{}", name.to_string_lossy())))
-    }
-
-    fn intern_tree(&self, real: &Path) -> Arc<Node> {
-        let md = std::fs::metadata(real).ok();
-        let attr = self.synthetic_dir_attr(md.as_ref());
-        self.nodes.intern(NodeKind::Tree(real.to_path_buf()), &self.layout.mirror_path(real), attr)
-    }
-
-    /// The first overlay dir holding `name` as something PATH would run: a non-directory
-    /// with an execute bit (following symlinks), as bash's lookup does.
-    fn first_match(&self, name: &OsStr) -> Option<(PathBuf, bool)> {
-        if name.is_empty() || name.as_bytes().contains(&b'/') || name == "." || name == ".." {
-            return None;
-        }
-        self.layout.dirs.iter().find_map(|d| {
-            let md = std::fs::metadata(d.path.join(name)).ok()?;
-            (!md.is_dir() && md.permissions().mode() & 0o111 != 0)
-                .then(|| (d.path.clone(), d.mirrored))
-        })
-    }
-
-    fn lookup_path_view(&self, name: &OsStr) -> FsResult<Arc<Node>> {
-        let Some((dir, mirrored)) = self.first_match(name) else {
-            return Err(FsError::not_found(format!("bin/{}", name.to_string_lossy())));
-        };
-        let real = dir.join(name);
-        let target = if mirrored { self.layout.mirror_path(&real) } else { real.clone() };
-        let md = std::fs::symlink_metadata(&real).ok();
-        let attr = self.link_attr(&target, md.as_ref());
-        Ok(self.nodes.intern(
-            NodeKind::Link(target),
-            &self.layout.mountpoint.join(PATH_VIEW).join(name),
-            attr,
-        ))
-    }
-
-    /// Returns the node and whether its choice is made per exec.
-    fn lookup_tree(&self, dir: &Path, name: &OsStr) -> FsResult<(Arc<Node>, bool)> {
-        if name.is_empty() || name.as_bytes().contains(&b'/') {
-            return Err(FsError::new(libc::EINVAL, "bad name"));
-        }
-        let real = dir.join(name);
-        let tree = self.layout.tree.get(dir);
-        if tree.is_some_and(|t| t.on_the_way.contains(name)) {
-            return Ok((self.intern_tree(&real), false));
-        }
-        let mirror_path = self.layout.mirror_path(&real);
-        if real.starts_with(&self.layout.mountpoint) {
-            // The mount itself seen from a synthetic dir (e.g. /opt/optbin from <mount>/opt):
-            // never stat it from here, a request thread would wait on its own mount.
-            let attr = self.link_attr(&real, None);
-            return Ok((
-                self.nodes.intern(NodeKind::Link(real.clone()), &mirror_path, attr),
-                false,
-            ));
-        }
-        if !tree.is_some_and(|t| t.mirror) {
-            // A sibling on the way to an overlay dir: a symlink to the real thing.
-            let md = std::fs::symlink_metadata(&real)
-                .map_err(|e| FsError::io(e, format!("{}", real.display())))?;
-            let attr = self.link_attr(&real, Some(&md));
-            return Ok((
-                self.nodes.intern(NodeKind::Link(real.clone()), &mirror_path, attr),
-                false,
-            ));
-        }
-        let excluded = self.serving.is_excluded(&real);
-        let classified = self
-            .classifier
-            .classify(&real, excluded)
-            .map_err(|e| FsError::io(e, format!("{}", real.display())))?;
-        if let Some(key) = classified.newly_seen {
-            self.events.event(FsEvent::Seen { original: real.clone(), key });
-        }
-        match classified.presentation {
-            Presentation::VerbatimLink(target) => {
-                let attr = self.link_attr(&target, Some(&classified.md));
-                Ok((self.nodes.intern(NodeKind::Link(target), &mirror_path, attr), false))
-            }
-            Presentation::LinkToReal => {
-                let attr = self.link_attr(&real, Some(&classified.md));
-                Ok((self.nodes.intern(NodeKind::Link(real.clone()), &mirror_path, attr), false))
-            }
-            Presentation::Served { key, md } => {
-                let choice = self.chooser.choose(&real, &key);
-                let variant = choice.variant.filter(|v| v.expected_original == key);
-                Ok((self.intern_file(&real, key, &md, variant), choice.per_exec))
-            }
-        }
-    }
-
-    fn intern_file(
-        &self,
-        real: &Path,
-        key: FileKey,
-        md: &Metadata,
-        variant: Option<crate::fs::ServedVariant>,
-    ) -> Arc<Node> {
-        let mirror_path = self.layout.mirror_path(real);
-        let size = variant.as_ref().map_or(md.len(), |v| v.size);
-        let attr = Attr {
-            ino: 0,
-            size,
-            blocks: size.div_ceil(512),
-            atime: time(md.atime(), md.atime_nsec()),
-            mtime: time(md.mtime(), md.mtime_nsec()),
-            ctime: time(md.ctime(), md.ctime_nsec()),
-            kind: NodeType::RegularFile,
-            perm: (md.mode() & 0o7777 & !0o222) as u16,
-            nlink: 1,
-            uid: md.uid(),
-            gid: md.gid(),
-        };
-        let node = FileNode {
-            original: real.to_path_buf(),
-            mirror_path: mirror_path.clone(),
-            key,
-            variant,
-        };
-        self.nodes.intern(NodeKind::File(Arc::new(node)), &mirror_path, attr)
-    }
-
-    fn path_view_names(&self) -> Vec<OsString> {
-        let mut names: Vec<OsString> = Vec::new();
-        for d in &self.layout.dirs {
-            if let Ok(rd) = std::fs::read_dir(&d.path) {
-                names.extend(rd.filter_map(|e| e.ok().map(|e| e.file_name())));
-            }
-        }
-        names.sort();
-        names.dedup();
-        names
-    }
-
-    /// The children of a control directory: name -> Some(file name) for files, None for dirs.
-    fn control_children(&self, prefix: &str) -> BTreeMap<OsString, Option<String>> {
-        let mut out = BTreeMap::new();
-        for f in self.control.files() {
-            let rest = if prefix.is_empty() {
-                Some(f.name.as_str())
-            } else {
-                f.name.strip_prefix(prefix).and_then(|r| r.strip_prefix('/'))
-            };
-            let Some(rest) = rest else { continue };
-            match rest.split_once('/') {
-                None if !rest.is_empty() => {
-                    out.insert(OsString::from(rest), Some(f.name.clone()));
-                }
-                Some((dir, _)) if !dir.is_empty() => {
-                    out.entry(OsString::from(dir)).or_insert(None);
-                }
-                _ => {}
-            }
-        }
-        out
-    }
-
-    fn lookup_control(&self, prefix: &str, name: &OsStr) -> FsResult<Arc<Node>> {
-        let children = self.control_children(prefix);
-        let Some(child) = children.get(name) else {
-            return Err(FsError::not_found(format!(
-                "{CONTROL_DIR}/{prefix}/{}",
-                name.to_string_lossy()
-            )));
-        };
-        let name = name.to_string_lossy();
-        let path = if prefix.is_empty() { name.to_string() } else { format!("{prefix}/{name}") };
-        let mirror = self.layout.mountpoint.join(CONTROL_DIR).join(&path);
-        match child {
-            None => Ok(self.nodes.intern(
-                NodeKind::ControlDir(path),
-                &mirror,
-                self.synthetic_dir_attr(None),
-            )),
-            Some(file) => {
-                let mode = self
-                    .control
-                    .files()
-                    .into_iter()
-                    .find(|f| f.name == *file)
-                    .map_or(0o444, |f| f.mode);
-                let attr = Attr {
-                    kind: NodeType::RegularFile,
-                    perm: mode & 0o777,
-                    nlink: 1,
-                    uid: 0,
-                    gid: 0,
-                    ..self.synthetic_dir_attr(None)
-                };
-                Ok(self.nodes.intern(NodeKind::ControlFile(file.clone()), &mirror, attr))
-            }
-        }
-    }
-
-    fn synthetic_dir_attr(&self, real: Option<&Metadata>) -> Attr {
-        let (uid, gid) = real.map_or(self.uid_gid, |m| (m.uid(), m.gid()));
-        let t = real.map_or(self.started, |m| time(m.mtime(), m.mtime_nsec()));
-        Attr {
-            ino: 0,
-            size: 0,
-            blocks: 0,
-            atime: t,
-            mtime: t,
-            ctime: t,
-            kind: NodeType::Directory,
-            perm: 0o555,
-            nlink: 2,
-            uid,
-            gid,
-        }
-    }
-
-    fn link_attr(&self, target: &Path, md: Option<&Metadata>) -> Attr {
-        let t = md.map_or(self.started, |m| time(m.mtime(), m.mtime_nsec()));
-        let (uid, gid) = md.map_or(self.uid_gid, |m| (m.uid(), m.gid()));
-        Attr {
-            ino: 0,
-            size: target.as_os_str().len() as u64,
-            blocks: 0,
-            atime: t,
-            mtime: t,
-            ctime: t,
-            kind: NodeType::Symlink,
-            perm: 0o777,
-            nlink: 1,
-            uid,
-            gid,
-        }
-    }
 }
 
-fn time(secs: i64, nsecs: i64) -> SystemTime {
-    if secs >= 0 {
-        UNIX_EPOCH + Duration::new(secs as u64, nsecs as u32)
-    } else {
-        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+/// ESTALE when the original of a node was replaced or changed since the node was made
+/// (an upgrade the inotify invalidation has not reached yet): the kernel then looks the
+/// path up again and gets the node of the new original. One stat per open.
+fn check_original_unchanged(node: &FileNode) -> FsResult<()> {
+    match FileKey::of(&node.original) {
+        Ok(key) if key == node.key => Ok(()),
+        Ok(_) => Err(FsError::new(
+            libc::ESTALE,
+            format!("{} changed since it was looked up", node.original.display()),
+        )),
+        Err(e) => Err(FsError::io(e, format!("stat {}", node.original.display()))),
     }
 }
 

@@ -83,12 +83,20 @@ impl Handles {
 pub struct OptbinFs {
     shared: Arc<Shared>,
     handles: Mutex<Handles>,
+    /// Whether to ask the kernel for passthrough at all.
+    want_passthrough: bool,
+    /// Whether the kernel granted it.
     passthrough: AtomicBool,
 }
 
 impl OptbinFs {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        Self { shared, handles: Mutex::default(), passthrough: AtomicBool::new(false) }
+    pub fn new(shared: Arc<Shared>, want_passthrough: bool) -> Self {
+        Self {
+            shared,
+            handles: Mutex::default(),
+            want_passthrough,
+            passthrough: AtomicBool::new(false),
+        }
     }
 
     fn handles(&self) -> std::sync::MutexGuard<'_, Handles> {
@@ -97,6 +105,7 @@ impl OptbinFs {
 
     /// Runs `f` on the overlay, turning a missing overlay or a panic into EIO.
     fn with<T>(&self, what: &str, f: impl FnOnce(&Overlay) -> FsResult<T>) -> Result<T, Errno> {
+        raise_request_thread_priority();
         let Some(overlay) = self.shared.overlay.get() else {
             tracing::error!(what, "request before the overlay was set up");
             return Err(Errno::EIO);
@@ -121,6 +130,30 @@ impl OptbinFs {
     fn new_fh(handles: &mut Handles, generation: u64) -> u64 {
         handles.next += 1;
         (generation << 40) | handles.next
+    }
+}
+
+/// The nice value of request threads. An exec through the mount waits for one request
+/// (OPEN) to be answered: on a busy machine the wait for a CPU dominates its cost, so the
+/// threads answering get a larger share, like kernel work would. Background work of the
+/// daemon (hashing, BOLT) runs on other threads and is not affected.
+const REQUEST_THREAD_NICE: i32 = -10;
+
+thread_local! {
+    static PRIORITY_RAISED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+fn raise_request_thread_priority() {
+    if PRIORITY_RAISED.with(|p| p.replace(true)) {
+        return;
+    }
+    // SAFETY: gettid and setpriority on the calling thread have no memory preconditions.
+    let r = unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, REQUEST_THREAD_NICE)
+    };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot raise the request thread priority");
     }
 }
 
@@ -170,14 +203,14 @@ const READ_ONLY: Errno = Errno::EROFS;
 impl Filesystem for OptbinFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         // Passthrough: reads and mmap of served files go straight to the backing file.
-        if config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() {
+        if self.want_passthrough && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok() {
             // 2: the backing files may themselves live on a stacked filesystem (overlayfs).
             if config.set_max_stack_depth(2).is_ok() {
                 self.passthrough.store(true, Ordering::SeqCst);
             }
         }
         if !self.passthrough.load(Ordering::SeqCst) {
-            tracing::warn!("the kernel has no FUSE passthrough: reads are served by optbin");
+            tracing::warn!("no FUSE passthrough: reads are served by optbin, kernel-cached");
         }
         for optional in [
             InitFlags::FUSE_CACHE_SYMLINKS,

@@ -30,6 +30,10 @@ pub struct MountOptions {
     /// unmounts and exits nonzero.
     pub max_crashes: usize,
     pub restart_window: Duration,
+    /// Use FUSE passthrough when the kernel has it (default). Off: reads are served by
+    /// optbin (the fallback for older kernels; tests and benchmarks switch it off to
+    /// exercise that path).
+    pub passthrough: bool,
 }
 
 impl MountOptions {
@@ -40,6 +44,7 @@ impl MountOptions {
             server_pid_file: None,
             max_crashes: 5,
             restart_window: Duration::from_secs(10),
+            passthrough: true,
         }
     }
 }
@@ -171,9 +176,10 @@ pub enum Unmounted {
     NotMounted,
 }
 
-/// Unmounts an optbin mount (`optbin umount`): a plain unmount, lazily if busy. The server
-/// notices (its session loop ends) when the unmount is clean; to stop a supervised daemon
-/// cleanly, prefer SIGTERM to the supervisor.
+/// Unmounts an optbin mount (`optbin umount`): a plain unmount, lazily if busy. After a
+/// clean unmount the server's session loop ends at once (it runs its shutdown hook and the
+/// supervisor exits 0); after a lazy one it ends when the last program started from the
+/// mount closes its files. SIGTERM to the supervisor is the prompt, clean way to stop.
 pub fn unmount(mountpoint: &Path) -> anyhow::Result<Unmounted> {
     let mountpoint = crate::fs::absolute_mountpoint(mountpoint)?;
     let c = cpath(&mountpoint)?;
@@ -262,8 +268,12 @@ pub fn mount_background(overlay: Arc<Overlay>, opts: &MountOptions) -> anyhow::R
     }
     let shared = Arc::new(Shared::default());
     let _ = shared.overlay.set(overlay.clone());
-    let session = fuser::Session::new(OptbinFs::new(shared), &mountpoint, &fuser_config(opts))
-        .with_context(|| format!("mounting {}", mountpoint.display()))?;
+    let session = fuser::Session::new(
+        OptbinFs::new(shared, opts.passthrough),
+        &mountpoint,
+        &fuser_config(opts),
+    )
+    .with_context(|| format!("mounting {}", mountpoint.display()))?;
     let notifier = session.notifier();
     let session = session.spawn().context("starting the session thread")?;
     let mut guard = MountGuard { session: Some(session), overlay: overlay.clone(), mountpoint };

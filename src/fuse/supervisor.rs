@@ -14,6 +14,12 @@
 //!    requests the dead server had read but not answered. Node ids are derived from what
 //!    nodes are, so the new server understands the ids the kernel holds.
 //!
+//! The supervisor makes itself the last candidate of the OOM killer (it is tiny, and its fd
+//! is what keeps the mount alive); the server gets the default score back.
+//!
+//! Not covered: SIGKILL of the supervisor itself (or of the whole service at once) leaves a
+//! dead mount answering ENOTCONN until the next start clears it ([`prepare_mountpoint`]).
+//!
 //! SIGTERM/SIGINT to the supervisor are forwarded to the server, which unmounts (lazily if
 //! programs from the mount still run), runs the caller's shutdown hook and exits 0; the
 //! supervisor then exits 0. Too many crashes in a row (see [`MountOptions`]) make the
@@ -60,10 +66,14 @@ where
 {
     let mountpoint = prepare_mountpoint(&opts.mountpoint)?;
     let shared = Arc::new(Shared::default());
-    let session =
-        fuser::Session::new(OptbinFs::new(shared.clone()), &mountpoint, &fuser_config(opts))
-            .with_context(|| format!("mounting {}", mountpoint.display()))?;
+    let session = fuser::Session::new(
+        OptbinFs::new(shared.clone(), opts.passthrough),
+        &mountpoint,
+        &fuser_config(opts),
+    )
+    .with_context(|| format!("mounting {}", mountpoint.display()))?;
     tracing::info!(mountpoint = %mountpoint.display(), "mounted; starting the server");
+    set_oom_score_adj(-1000);
 
     let signals = signal_set(&[libc::SIGTERM, libc::SIGINT, libc::SIGCHLD]);
     // SAFETY: plain signal mask manipulation on a valid set; the handler only stores to
@@ -230,6 +240,7 @@ where
         let chld = signal_set(&[libc::SIGCHLD]);
         libc::sigprocmask(libc::SIG_UNBLOCK, &chld, std::ptr::null_mut());
     }
+    set_oom_score_adj(0);
     if let Some(pid_file) = &opts.server_pid_file
         && let Err(e) = write_atomically(pid_file, &format!("{}\n", std::process::id()))
     {
@@ -299,6 +310,12 @@ where
             tracing::error!(error = %e, "the session loop failed");
             3
         }
+    }
+}
+
+fn set_oom_score_adj(score: i32) {
+    if let Err(e) = std::fs::write("/proc/self/oom_score_adj", score.to_string()) {
+        tracing::debug!(error = %e, score, "cannot set oom_score_adj");
     }
 }
 
