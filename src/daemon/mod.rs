@@ -2,9 +2,9 @@
 //! orderly shutdown.
 
 pub mod actions;
-pub mod decision;
 pub mod indexer;
 pub mod optimizing;
+pub mod policing;
 pub mod priority;
 pub mod profiling;
 pub mod refresh;

@@ -1,24 +1,27 @@
 //! Keeps the overlay's serving table in line with the catalog: after anything that can
-//! change what a path should serve (a control command, a new or promoted variant, a new
-//! version of the original), [`Refresher::refresh`] re-derives the decision and applies it.
+//! change what a path should serve (a control command, a new version of the original),
+//! [`Refresher::refresh`] applies the exclusions (the user's and the config's deny/allow
+//! lists) and has the policy re-derive what the path serves ([`Policing::refresh`]).
 
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::catalog::{Catalog, base};
 use crate::config::Config;
-use crate::daemon::decision::{Decision, decide};
-use crate::fs::{ServedVariant, ServingTable};
+use crate::daemon::policing::Policing;
+use crate::fs::ServingTable;
 use crate::identity::FileKey;
 
 pub struct Refresher {
     pub catalog: Catalog,
     pub serving: Arc<ServingTable>,
     pub config: Arc<Config>,
+    /// The one source of serving decisions.
+    pub policing: Arc<Policing>,
 }
 
 impl Refresher {
-    /// Re-derives and applies what `path` serves. Blocking (one catalog round trip): call it
+    /// Re-derives and applies what `path` serves. Blocking (catalog round trips): call it
     /// from plain threads or `spawn_blocking`.
     pub fn refresh(&self, path: &Path) {
         if let Err(e) = self.try_refresh(path) {
@@ -29,38 +32,15 @@ impl Refresher {
     }
 
     fn try_refresh(&self, path: &Path) -> anyhow::Result<()> {
-        let Ok(key) = FileKey::of(path) else {
+        if FileKey::of(path).is_err() {
             self.serving.serve(path, None);
             return Ok(());
-        };
+        }
         let text = path.to_string_lossy().into_owned();
-        let (control, variants) = self.catalog.run_blocking(move |c| {
-            let control = base::control_row(c, &text)?;
-            // Variants belong to content: only those of the version now at the path count.
-            let variants = match base::path_row(c, &text)? {
-                Some(row) if row.key == key => match row.binary_id {
-                    Some(id) => base::variants_of(c, id)?,
-                    None => Vec::new(),
-                },
-                _ => Vec::new(),
-            };
-            Ok((control, variants))
-        })?;
-        let decision = decide(control.as_ref(), &variants);
-        let excluded = matches!(decision, Decision::Excluded) || !self.config.permits(path);
+        let control = self.catalog.run_blocking(move |c| base::control_row(c, &text))?;
+        let excluded = control.is_some_and(|c| c.excluded) || !self.config.permits(path);
         self.serving.set_excluded(path, excluded);
-        let served = match &decision {
-            Decision::Variant { variant_id, .. } if !excluded => {
-                variants.iter().find(|v| v.id == *variant_id).map(|v| ServedVariant {
-                    variant_id: v.id,
-                    path_in_store: v.store_path.clone().into(),
-                    size: v.size,
-                    expected_original: key,
-                })
-            }
-            _ => None,
-        };
-        self.serving.serve(path, served);
+        self.policing.refresh(path);
         Ok(())
     }
 

@@ -10,8 +10,9 @@ use crate::config::Config;
 use crate::control::StatusSource;
 use crate::control::resolve::resolve_name;
 use crate::control::status::{BinaryStatus, DaemonStatus, StatusReport};
-use crate::daemon::decision::{Decision, decide};
 use crate::daemon::optimizing;
+use crate::fs::ServingTable;
+use crate::identity::FileKey;
 
 /// A subsystem's contribution to the status report.
 pub trait SubsystemStatus: Send + Sync {
@@ -21,6 +22,16 @@ pub trait SubsystemStatus: Send + Sync {
     fn section(&self) -> serde_json::Value;
     /// Per-binary details (a `summary` string field is shown in the text table).
     fn binary(&self, conn: &rusqlite::Connection, binary_id: i64) -> Option<serde_json::Value>;
+    /// Why `path` (holding content `binary_id`) is served what it is, when this subsystem
+    /// decides that (the policy does).
+    fn served_reason(
+        &self,
+        _conn: &rusqlite::Connection,
+        _binary_id: i64,
+        _path: &str,
+    ) -> Option<String> {
+        None
+    }
 }
 
 pub struct Reporter {
@@ -29,6 +40,8 @@ pub struct Reporter {
     pub started_at: i64,
     pub server_restarts: u32,
     pub subsystems: Vec<Arc<dyn SubsystemStatus>>,
+    /// What the mount serves now (status shows it, not what the catalog would suggest).
+    pub serving: Arc<ServingTable>,
     /// Per-binary read-only files under `.optbin/bins/` (e.g. the profile).
     pub bin_files: Option<Arc<dyn BinFiles>>,
 }
@@ -57,8 +70,12 @@ impl StatusSource for Reporter {
             let mut variants = HashMap::new();
             let mut details = HashMap::new();
             let mut profiled = HashMap::new();
+            let mut reasons = HashMap::new();
             for p in &paths {
                 let Some(id) = p.binary_id else { continue };
+                if let Some(r) = subsystems.iter().find_map(|s| s.served_reason(&tx, id, &p.path)) {
+                    reasons.insert(p.path.clone(), r);
+                }
                 if binaries.contains_key(&id) {
                     continue;
                 }
@@ -77,9 +94,10 @@ impl StatusSource for Reporter {
                 }
                 details.insert(id, d);
             }
-            Ok((paths, controls, events, binaries, variants, details, profiled))
+            Ok((paths, controls, events, binaries, variants, details, profiled, reasons))
         })?;
-        let (paths, controls, events, binaries, mut variants, mut details, profiled) = rows;
+        let (paths, controls, events, binaries, mut variants, mut details, profiled, mut reasons) =
+            rows;
         let applicability = optimizing::applicability_of(&self.config);
         let cfg = &self.config;
         let by_path: HashMap<&str, &base::ControlRow> =
@@ -110,15 +128,27 @@ impl StatusSource for Reporter {
             let binary = p.binary_id.and_then(|id| binaries.get(&id));
             let vs = p.binary_id.and_then(|id| variants.remove(&id)).unwrap_or_default();
             let control = by_path.get(p.path.as_str()).copied();
-            let decision = decide(control, &vs);
+            let excluded = control.is_some_and(|c| c.excluded);
             let (candidate, candidate_reason) = optimizing::candidacy(
                 Path::new(&p.path),
                 binary.map(|b| &b.facts),
                 p.binary_id.and_then(|id| profiled.get(&id)),
                 cfg,
                 &applicability,
-                matches!(decision, Decision::Excluded),
+                excluded,
             );
+            let served = served_label(&self.serving, Path::new(&p.path));
+            let served_reason = if excluded {
+                "excluded by the user".to_string()
+            } else if !cfg.permits(Path::new(&p.path)) {
+                "left alone by the allow/deny lists of the config".to_string()
+            } else if let Some(r) = reasons.remove(&p.path) {
+                r
+            } else if p.binary_id.is_none() {
+                "not indexed yet".to_string()
+            } else {
+                "no variant yet".to_string()
+            };
             let name = Path::new(&p.path)
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -136,10 +166,10 @@ impl StatusSource for Reporter {
                 facts: binary.map(|b| b.facts.clone()),
                 candidate,
                 candidate_reason,
-                served: decision.served_label(),
-                served_reason: decision.why().to_string(),
+                served,
+                served_reason,
                 pin: control.and_then(|c| c.pin.clone()),
-                excluded: control.is_some_and(|c| c.excluded),
+                excluded,
                 variants: vs,
                 details: p.binary_id.and_then(|id| details.remove(&id)).unwrap_or_default(),
             });
@@ -179,6 +209,25 @@ impl StatusSource for Reporter {
             };
             files.contents(c, id, &file)
         })
+    }
+}
+
+/// What the serving table serves for `path` now: `original (link)` (excluded),
+/// `original`, `variant N`, or `variant N for P% of execs` (a canary, or a served variant
+/// that leaves the rest to the original to keep measuring it).
+fn served_label(serving: &ServingTable, path: &Path) -> String {
+    if serving.is_excluded(path) {
+        return "original (link)".into();
+    }
+    let key = FileKey::of(path).ok();
+    match serving.served_share(path) {
+        Some((v, share)) if Some(v.expected_original) == key && share >= 1.0 => {
+            format!("variant {}", v.variant_id)
+        }
+        Some((v, share)) if Some(v.expected_original) == key && share > 0.0 => {
+            format!("variant {} for {:.0}% of execs", v.variant_id, share * 100.0)
+        }
+        _ => "original".into(),
     }
 }
 

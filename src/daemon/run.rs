@@ -17,6 +17,7 @@ use crate::daemon::actions::Actions;
 use crate::daemon::indexer::{self, Indexed, SeenFile};
 use crate::daemon::profiling::Profiling;
 use crate::daemon::optimizing::Optimizing;
+use crate::daemon::policing::Policing;
 use crate::daemon::refresh::Refresher;
 use crate::daemon::report::Reporter;
 use crate::fs::{FsEvent, Overlay, OverlayConfig, ServingTable};
@@ -64,10 +65,13 @@ pub fn start_server(
     let catalog = Catalog::open(&cfg.catalog_path())?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let serving = ServingTable::new();
+    // Measurement and the policy: the one source of serving decisions (policing.rs).
+    let policing = Arc::new(Policing::new(&cfg, &catalog, serving.clone())?);
     let refresher = Arc::new(Refresher {
         catalog: catalog.clone(),
         serving: serving.clone(),
         config: cfg.clone(),
+        policing: policing.clone(),
     });
     refresher.refresh_all().context("loading pins, exclusions and served variants")?;
     // Profiler: its status and profile files now, its sampling task once the overlay exists.
@@ -82,7 +86,8 @@ pub fn start_server(
         config: cfg.clone(),
         started_at,
         server_restarts: ctx.generation as u32,
-        subsystems: vec![profiling.status()],
+        subsystems: vec![profiling.status(), policing.status()],
+        serving: serving.clone(),
         bin_files: Some(profiling.bin_files()),
     };
     reporter.subsystems.push(optimizing.status());
@@ -102,7 +107,8 @@ pub fn start_server(
         serving,
         None,
         control,
-        Arc::new(events_tx),
+        // Exec-time opens get their run counters attached before the events go on.
+        policing.event_sink(Arc::new(events_tx)),
     )?;
 
     let (shutdown_tx, shutdown) = watch::channel(false);
@@ -119,6 +125,8 @@ pub fn start_server(
     rt.spawn(refresh_indexed(indexed_rx, refresher.clone(), shutdown.clone()));
     profiling.spawn(rt.handle(), overlay.clone(), shutdown.clone());
     let optimizer_queue = optimizing.spawn(rt.handle(), shutdown.clone());
+    // The policy task, with the optimizer's view of each binary's pipeline stage.
+    policing.spawn(rt.handle(), shutdown.clone(), optimizing.pipeline_view());
     tracing::info!(generation = ctx.generation, "server ready");
 
     Ok(Served {

@@ -4,6 +4,11 @@
 //! so it is an in-memory map behind a lock: no SQLite and no hashing on the exec path. Every
 //! change notifies the subscribers (the overlay), which invalidate the kernel's cached entries
 //! so that the next exec looks the binary up again and gets a new inode.
+//!
+//! A served variant has a share of execs: 1.0 serves it to every exec; a share below 1.0
+//! (a canary, or a promoted variant that leaves some execs to the original to keep measuring
+//! it) is drawn per lookup, uniformly at random, and the choice is marked per exec so the
+//! kernel asks again for the next exec.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -43,9 +48,17 @@ pub trait VariantChooser: Send + Sync {
 /// Called with the original path whose serving changed.
 type Subscriber = Box<dyn Fn(&Path) + Send + Sync>;
 
+/// A variant configured for an original, with the share of execs it gets.
+#[derive(Debug, Clone, PartialEq)]
+struct ServedShare {
+    variant: ServedVariant,
+    /// Within 0..=1: the probability that one exec gets the variant.
+    share: f64,
+}
+
 #[derive(Default)]
 struct Table {
-    served: HashMap<PathBuf, ServedVariant>,
+    served: HashMap<PathBuf, ServedShare>,
     /// Every variant the table was told about, served now or before: after a restart of the
     /// server process the kernel may still hold their node ids, which must stay resolvable.
     known: HashMap<PathBuf, Vec<ServedVariant>>,
@@ -82,24 +95,31 @@ impl ServingTable {
         self.table.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Serves `variant` for `original` from now on (`None`: the original). The kernel's
-    /// cached entries for it are invalidated, so the next exec gets the new inode; running
-    /// processes keep the inode they have.
+    /// Serves `variant` for `original` to every exec from now on (`None`: the original).
+    /// The kernel's cached entries for it are invalidated, so the next exec gets the new
+    /// inode; running processes keep the inode they have.
     pub fn serve(&self, original: &Path, variant: Option<ServedVariant>) {
+        match variant {
+            Some(v) => self.serve_share(original, v, 1.0),
+            None => {
+                self.write().served.remove(original);
+                self.notify(original);
+            }
+        }
+    }
+
+    /// Serves `variant` for `original` to a `share` of execs (clamped to 0..=1; NaN counts
+    /// as 0), the original to the rest, each exec drawn at random. A share of 1.0 is
+    /// [`ServingTable::serve`].
+    pub fn serve_share(&self, original: &Path, variant: ServedVariant, share: f64) {
+        let share = if share.is_nan() { 0.0 } else { share.clamp(0.0, 1.0) };
         {
             let mut t = self.write();
-            match variant {
-                Some(v) => {
-                    let known = t.known.entry(original.to_path_buf()).or_default();
-                    if !known.contains(&v) {
-                        known.push(v.clone());
-                    }
-                    t.served.insert(original.to_path_buf(), v);
-                }
-                None => {
-                    t.served.remove(original);
-                }
+            let known = t.known.entry(original.to_path_buf()).or_default();
+            if !known.contains(&variant) {
+                known.push(variant.clone());
             }
+            t.served.insert(original.to_path_buf(), ServedShare { variant, share });
         }
         self.notify(original);
     }
@@ -137,7 +157,29 @@ impl ServingTable {
     /// The variant configured for `original`, if any (whether or not it is still valid for
     /// the file currently there).
     pub fn served(&self, original: &Path) -> Option<ServedVariant> {
-        self.read().served.get(original).cloned()
+        self.read().served.get(original).map(|s| s.variant.clone())
+    }
+
+    /// The variant configured for `original` with its share of execs (within 0..=1).
+    pub fn served_share(&self, original: &Path) -> Option<(ServedVariant, f64)> {
+        self.read().served.get(original).map(|s| (s.variant.clone(), s.share))
+    }
+
+    /// What one lookup of `original`, whose file now has `key`, gets for a uniform `draw`
+    /// in [0, 1): the variant only while the original is the one it was built from; a
+    /// share strictly between 0 and 1 is a per-exec choice.
+    pub fn choice(&self, original: &Path, key: &FileKey, draw: f64) -> Choice {
+        let t = self.read();
+        let Some(s) = t.served.get(original).filter(|s| s.variant.expected_original == *key) else {
+            return Choice::default();
+        };
+        if s.share >= 1.0 {
+            Choice { variant: Some(s.variant.clone()), per_exec: false }
+        } else if s.share <= 0.0 {
+            Choice::default()
+        } else {
+            Choice { variant: (draw < s.share).then(|| s.variant.clone()), per_exec: true }
+        }
     }
 
     /// All variants ever configured for `original`.
@@ -169,14 +211,13 @@ impl ServingTable {
 }
 
 /// The default chooser: what the serving table says, valid only for the original it was
-/// built from.
+/// built from, with a fresh uniform draw per lookup for shared entries.
 #[derive(Debug)]
 pub struct TableChooser(pub Arc<ServingTable>);
 
 impl VariantChooser for TableChooser {
     fn choose(&self, original: &Path, key: &FileKey) -> Choice {
-        let variant = self.0.served(original).filter(|v| v.expected_original == *key);
-        Choice { variant, per_exec: false }
+        self.0.choice(original, key, rand::random::<f64>())
     }
 }
 
@@ -215,5 +256,64 @@ mod tests {
         table.set_excluded(original, true);
         assert!(table.is_excluded(original));
         assert_eq!(changed.lock().unwrap().len(), 3, "serve, unserve, exclude (once)");
+    }
+
+    fn variant(id: i64, original: FileKey) -> ServedVariant {
+        ServedVariant {
+            variant_id: id,
+            path_in_store: format!("/store/{id}").into(),
+            size: 3,
+            expected_original: original,
+        }
+    }
+
+    #[test]
+    fn a_share_below_one_is_drawn_per_exec_and_only_for_its_original() {
+        let table = ServingTable::new();
+        let original = Path::new("/usr/bin/x");
+        let v = variant(7, key(1));
+        table.serve_share(original, v.clone(), 0.25);
+        assert_eq!(table.served_share(original).map(|s| s.1), Some(0.25));
+        assert_eq!(table.served(original), Some(v.clone()), "served() still names the variant");
+        let hit = table.choice(original, &key(1), 0.1);
+        assert_eq!(hit, Choice { variant: Some(v.clone()), per_exec: true });
+        let miss = table.choice(original, &key(1), 0.25);
+        assert_eq!(miss, Choice { variant: None, per_exec: true });
+        // An upgrade underneath: the original, and no reason to ask again per exec.
+        assert_eq!(table.choice(original, &key(2), 0.1), Choice::default());
+
+        // Full and empty shares are fixed choices the kernel may cache.
+        table.serve_share(original, v.clone(), 1.0);
+        assert_eq!(
+            table.choice(original, &key(1), 0.999),
+            Choice { variant: Some(v.clone()), per_exec: false }
+        );
+        table.serve_share(original, v.clone(), 0.0);
+        assert_eq!(table.choice(original, &key(1), 0.0), Choice::default());
+        table.serve_share(original, v.clone(), f64::NAN);
+        assert_eq!(table.served_share(original).map(|s| s.1), Some(0.0));
+        table.serve_share(original, v.clone(), 7.0);
+        assert_eq!(table.served_share(original).map(|s| s.1), Some(1.0));
+        // serve() is a full share.
+        table.serve(original, Some(variant(8, key(1))));
+        assert_eq!(table.served_share(original).map(|s| s.1), Some(1.0));
+        assert_eq!(table.known_variants(original).len(), 2);
+    }
+
+    #[test]
+    fn the_table_chooser_splits_lookups_by_the_share() {
+        let table = ServingTable::new();
+        let original = Path::new("/usr/bin/x");
+        table.serve_share(original, variant(7, key(1)), 0.3);
+        let chooser = TableChooser(table.clone());
+        let n = 4000;
+        let mut hits = 0;
+        for _ in 0..n {
+            let c = chooser.choose(original, &key(1));
+            assert!(c.per_exec);
+            hits += usize::from(c.variant.is_some());
+        }
+        // Binomial(4000, 0.3): mean 1200, sd 29; 6 sd either side.
+        assert!((1026..=1374).contains(&hits), "{hits} of {n} lookups got the variant");
     }
 }

@@ -1,0 +1,232 @@
+//! The policy and measurement in the real daemon, end to end: a gcc-built program is
+//! overlaid; a variant (a second build of it that segfaults on one argument) is placed
+//! through the catalog and the store as a `ready` BOLT variant; the daemon runs it as a
+//! canary (execs split between variant and original, each run measured with real perf
+//! counters and the kernel's process connector), quarantines it at its first crash and
+//! serves the original from then on. Pins and exclusions through the control file override
+//! the policy. Only the variant's origin is staged (it is not built by BOLT).
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::os::unix::process::ExitStatusExt;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use optbin::catalog::base::{NewVariant, insert_variant};
+use optbin::store::VariantStore;
+
+/// Prints its TAG and first argument; built with -DCRASH_ON it segfaults on `crash`.
+const TOOL_C: &str = r#"
+#include <stdio.h>
+#include <string.h>
+int main(int argc, char **argv) {
+    const char *arg = argc > 1 ? argv[1] : "";
+#ifdef CRASH_ON
+    if (strcmp(arg, "crash") == 0) {
+        volatile int *nowhere = 0;
+        *nowhere = 1;
+    }
+#endif
+    printf("%s %s\n", TAG, arg);
+    return 0;
+}
+"#;
+
+const CONFIG: &str = r#"
+[policy]
+canary_share = 0.5
+min_runs = 10
+rescan_ms = 100
+"#;
+
+struct Runs {
+    variant: usize,
+    original: usize,
+}
+
+/// Runs `tool ARG` through the mount `n` times; counts whose output each run had.
+fn run_tool(daemon: &Daemon, arg: &str, n: usize) -> Runs {
+    let mut runs = Runs { variant: 0, original: 0 };
+    for _ in 0..n {
+        let out = run(Command::new(daemon.mount.join("bin/tool")).arg(arg));
+        assert_eq!(out.code, Some(0), "{out:?}");
+        match out.stdout.as_str().strip_suffix(&format!(" {arg}\n")) {
+            Some("variant") => runs.variant += 1,
+            Some("original") => runs.original += 1,
+            _ => panic!("unexpected output {out:?}"),
+        }
+    }
+    runs
+}
+
+/// Runs per variant from the policy's status (`None`: the original).
+fn status_runs(binary: &serde_json::Value) -> (u64, u64) {
+    let mut original = 0;
+    let mut variant = 0;
+    for r in binary["details"]["policy"]["runs"].as_array().into_iter().flatten() {
+        let n = r["runs"].as_u64().unwrap_or(0);
+        if r["variant"].is_null() { original += n } else { variant += n }
+    }
+    (original, variant)
+}
+
+fn stage(binary: &serde_json::Value) -> String {
+    binary["details"]["policy"]["stage_text"].as_str().unwrap_or_default().to_string()
+}
+
+/// Places `file` as a `ready` BOLT variant of the binary with `sha256`, the way the
+/// optimizer records its output: published in the state dir's store, a row in the catalog.
+fn place_variant(state: &Path, sha256: &str, file: &Path) -> i64 {
+    let stored = VariantStore::open(state).unwrap().publish(file).unwrap();
+    let conn = rusqlite::Connection::open(state.join("catalog.db")).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    let binary_id: i64 = conn
+        .query_row("SELECT id FROM binaries WHERE sha256 = ?1", [sha256], |r| r.get(0))
+        .unwrap();
+    let variant = NewVariant {
+        binary_id,
+        kind: "bolt".into(),
+        sha256: stored.content.hex(),
+        store_path: stored.path.to_string_lossy().into_owned(),
+        size: stored.size,
+        state: "ready".into(),
+        note: Some("placed by policy_e2e".into()),
+        ..Default::default()
+    };
+    insert_variant(&conn, &variant, 1).unwrap()
+}
+
+#[test]
+fn canary_split_quarantine_on_crash_pins_and_exclusion() {
+    let started = Instant::now();
+    let tmp = open_tempdir();
+    let root = tmp.path().canonicalize().unwrap();
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let tool = bin.join("tool");
+    cc(TOOL_C, &tool, &["-DTAG=\"original\""]);
+    let variant_file = root.join("tool.variant");
+    cc(TOOL_C, &variant_file, &["-DTAG=\"variant\"", "-DCRASH_ON"]);
+
+    let daemon = Daemon::start(&root, std::slice::from_ref(&bin), CONFIG);
+    let status = daemon.status();
+    assert_eq!(status["subsystems"]["policy"]["measurement"]["on"], true, "{status:#}");
+
+    // A lookup through the mount makes the daemon index the binary.
+    std::fs::metadata(daemon.mount.join("bin/tool")).unwrap();
+    let b = daemon.wait_binary(&tool, 20, "the binary to be indexed", |b| b["sha256"].is_string());
+    let sha256 = b["sha256"].as_str().unwrap().to_string();
+    assert_eq!(b["served"], "original");
+
+    // The variant enters canary: half of the execs, drawn per exec.
+    let vid = place_variant(&daemon.state, &sha256, &variant_file);
+    let canary = format!("variant {vid} for 50% of execs");
+    let b = daemon.wait_binary(&tool, 20, "the canary", |b| b["served"] == canary.as_str());
+    assert!(stage(&b).starts_with("canary"), "{b:#}");
+    assert_eq!(b["variants"][0]["state"], "canary");
+
+    let split = run_tool(&daemon, "hello", 16);
+    assert!(split.variant > 0 && split.original > 0, "16 execs all went one way");
+    // Every run was measured and attributed to what it ran.
+    let b = daemon.wait_binary(&tool, 20, "16 measured runs", |b| {
+        let (o, v) = status_runs(b);
+        o + v >= 16
+    });
+    assert_eq!(
+        status_runs(&b),
+        (split.original as u64, split.variant as u64),
+        "runs per variant in status vs what the runs printed: {b:#}"
+    );
+    assert!(stage(&b).contains(&format!("variant {vid}: {} runs", split.variant)), "{}", stage(&b));
+
+    // A pin to the original overrides the canary at once; unpinning resumes it.
+    daemon.control("pin tool original");
+    let pinned = run_tool(&daemon, "hello", 10);
+    assert_eq!((pinned.variant, pinned.original), (0, 10));
+    let b = daemon.binary(&tool).unwrap();
+    assert_eq!(b["served"], "original");
+    assert_eq!(b["served_reason"], "pinned to the original");
+    assert_eq!(b["pin"], "original");
+    daemon.control("unpin tool");
+    let b = daemon.binary(&tool).unwrap();
+    assert_eq!(b["served"], format!("variant {vid} for 50% of execs"), "{b:#}");
+
+    // The variant's first crash quarantines it: no strikes, no minimum number of runs.
+    let mut crashed = false;
+    for _ in 0..40 {
+        let out = Command::new(daemon.mount.join("bin/tool")).arg("crash").output().unwrap();
+        if out.status.signal() == Some(libc::SIGSEGV) {
+            crashed = true;
+            break;
+        }
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "original crash\n");
+    }
+    assert!(crashed, "40 execs never reached the variant");
+    let b = daemon.wait_binary(&tool, 20, "the quarantine", |b| {
+        b["variants"][0]["state"] == "quarantined" && b["served"] == "original"
+    });
+    let incident = b["details"]["policy"]["last_incident"].as_str().unwrap_or_default();
+    assert!(incident.contains("SIGSEGV (11)"), "{b:#}");
+    assert!(stage(&b).contains(&format!("variant {vid} crashed")), "{}", stage(&b));
+    let after = run_tool(&daemon, "crash", 20);
+    assert_eq!((after.variant, after.original), (0, 20), "the original serves every exec now");
+
+    // The catalog (read-only) holds one incident and one crashed run of the variant.
+    let conn = rusqlite::Connection::open_with_flags(
+        daemon.state.join("catalog.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    let count = |sql: &str| -> i64 { conn.query_row(sql, [vid], |r| r.get(0)).unwrap() };
+    assert_eq!(
+        count("SELECT count(*) FROM incidents WHERE variant_id = ?1 AND exit_signal = 11"),
+        1
+    );
+    assert_eq!(count("SELECT count(*) FROM runs WHERE variant_id = ?1 AND exit_signal = 11"), 1);
+    assert_eq!(
+        count("SELECT count(*) FROM runs WHERE variant_id = ?1 AND exit_signal IS NULL"),
+        split.variant as i64
+    );
+
+    // A pin to bolted never brings back a quarantined variant.
+    daemon.control("pin tool bolted");
+    let b = daemon.binary(&tool).unwrap();
+    assert_eq!(b["served"], "original", "{b:#}");
+    daemon.control("unpin tool");
+
+    // Excluded: the entry becomes a symlink to the original, which still runs.
+    daemon.control("exclude tool");
+    let entry = in_mount(&daemon.mount, &tool);
+    let md = std::fs::symlink_metadata(&entry).unwrap();
+    assert!(md.file_type().is_symlink(), "{} is not a symlink", entry.display());
+    assert_eq!(std::fs::read_link(&entry).unwrap(), tool);
+    assert_eq!(run_tool(&daemon, "hello", 3).original, 3);
+    let b = daemon.binary(&tool).unwrap();
+    assert_eq!(
+        (b["served"].as_str(), b["excluded"].as_bool()),
+        (Some("original (link)"), Some(true))
+    );
+
+    // Every exec through the mount was measured (the excluded runs above ran natively).
+    let through_mount = 16 + 10 + 1 + 20;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = daemon.status();
+        let measurement = &status["subsystems"]["policy"]["measurement"];
+        if measurement["runs_measured"].as_u64().unwrap_or(0) >= through_mount {
+            assert_eq!(measurement["dropped"]["not_attached"], 0, "{measurement:#}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "runs went unmeasured: {measurement:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = std::fs::read_to_string(daemon.mount.join(".optbin/status")).unwrap();
+    assert!(text.contains("policy: measuring runs"), "{text}");
+    eprintln!("{text}");
+    daemon.stop();
+    eprintln!("policy_e2e took {:.1} s", started.elapsed().as_secs_f64());
+}
