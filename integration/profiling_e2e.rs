@@ -116,7 +116,7 @@ fn profiles_grow_mature_and_feed_bolt_through_the_daemon() {
     // One run through the mount: a profile appears and is still collecting.
     run_ok(&view.join("hot"), 400);
     let first = d.wait_for(Duration::from_secs(20), "a first profile of hot", |d| {
-        profile_of(&d, "hot").filter(|p| p["own_samples"].as_u64() > Some(0))
+        profile_of(d, "hot").filter(|p| p["own_samples"].as_u64() > Some(0))
     });
     let first_samples = first["own_samples"].as_u64().unwrap();
     assert_eq!(first["runs"], 1, "{first}");
@@ -136,7 +136,7 @@ fn profiles_grow_mature_and_feed_bolt_through_the_daemon() {
     run_ok(&elsewhere, 400);
 
     let mature = d.wait_for(Duration::from_secs(30), "the profile of hot to mature", |d| {
-        profile_of(&d, "hot").filter(|p| p["maturity"]["mature"] == true && p["runs"] == 5)
+        profile_of(d, "hot").filter(|p| p["maturity"]["mature"] == true && p["runs"] == 5)
     });
     let samples = mature["own_samples"].as_u64().unwrap();
     assert!(samples > first_samples, "samples grew: {first_samples} -> {samples}");
@@ -153,7 +153,7 @@ fn profiles_grow_mature_and_feed_bolt_through_the_daemon() {
 
     // The stripped binary was seen and sampled, and says why it gets no profile.
     let refused = d.wait_for(Duration::from_secs(20), "the stripped binary's refusal", |d| {
-        profile_of(&d, "stripped_hot").filter(|p| !p["refused"].is_null())
+        profile_of(d, "stripped_hot").filter(|p| !p["refused"].is_null())
     });
     assert!(refused["refused"].as_str().unwrap().contains("stripped"), "{refused}");
     assert!(refused["summary"].as_str().unwrap().starts_with("no profile: stripped"), "{refused}");
@@ -255,7 +255,7 @@ fn profiles_grow_mature_and_feed_bolt_through_the_daemon() {
     let restarted = profile_of(&d, "hot").unwrap()["own_samples"].as_u64().unwrap();
     assert!(long.wait().unwrap().success());
     d.wait_for(Duration::from_secs(20), "samples of hot after the restart", |d| {
-        let now = profile_of(&d, "hot")?["own_samples"].as_u64()?;
+        let now = profile_of(d, "hot")?["own_samples"].as_u64()?;
         (now >= restarted + 300).then_some(())
     });
 
