@@ -252,6 +252,22 @@ fn policy_events(state: &Path, path: &Path) -> Vec<String> {
     .unwrap()
 }
 
+/// One run; returns the inode of the executable the kernel mapped (read from the child's
+/// /proc/PID/maps while it runs): through the mount, the original and each variant have
+/// their own inode, so this tells which arm of a canary the exec got.
+fn run_arm(bin: &Path, args: &[String]) -> u64 {
+    let mut child = Command::new(bin).args(args).stdout(Stdio::null()).spawn().unwrap();
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", child.id())).unwrap_or_default();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{} {args:?}: {status}", bin.display());
+    // "addr perms offset dev inode path": the first mapping is the executable.
+    maps.lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(4))
+        .and_then(|i| i.parse().ok())
+        .unwrap_or(0)
+}
+
 fn run_quiet(bin: &Path, args: &[String]) {
     let out = Command::new(bin).args(args).stdout(Stdio::null()).output().unwrap();
     assert!(out.status.success(), "{} {args:?}: {out:?}", bin.display());
@@ -490,7 +506,7 @@ fn equal_speed_trials(plan: &Plan, lua: &Program, root: &Path, report: &mut Vec<
         std::fs::write(&file, &bytes).unwrap();
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
         let served = daemon.bin().join(&name);
-        run_quiet(&served, &args);
+        let original_inode = run_arm(&served, &args);
         let sha = daemon.wait_for(Duration::from_secs(30), "the trial binary indexed", |d| {
             d.binary_named(&name)?["sha256"].as_str().map(String::from)
         });
@@ -498,8 +514,10 @@ fn equal_speed_trials(plan: &Plan, lua: &Program, root: &Path, report: &mut Vec<
         std::fs::copy(&file, &copy).unwrap();
         let vid = place_variant(&state, &sha, &copy);
         let mut execs = 0;
+        // Which arm each exec got (true: the variant), in order.
+        let mut arms: Vec<bool> = Vec::new();
         let end = loop {
-            run_quiet(&served, &args);
+            arms.push(run_arm(&served, &args) != original_inode);
             execs += 1;
             let b = daemon.binary_named(&name).unwrap_or(Value::Null);
             match stage_key(&b).as_deref() {
@@ -518,7 +536,14 @@ fn equal_speed_trials(plan: &Plan, lua: &Program, root: &Path, report: &mut Vec<
                 _ => {}
             }
         };
-        report.push(format!("  trial {trial} (variant {vid}): {execs} execs, {end}"));
+        let to_variant = arms.iter().filter(|a| **a).count();
+        let same_as_previous = arms.windows(2).filter(|w| w[0] == w[1]).count();
+        report.push(format!(
+            "  trial {trial} (variant {vid}): {execs} execs ({to_variant} to the variant, {:.0}%; \
+             {:.0}% got the same arm as the exec before), {end}",
+            100.0 * to_variant as f64 / execs as f64,
+            100.0 * same_as_previous as f64 / (execs.max(2) - 1) as f64
+        ));
         for e in policy_events(&state, &file) {
             report.push(format!("    {e}"));
         }
