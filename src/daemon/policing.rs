@@ -702,8 +702,8 @@ impl SubsystemStatus for PolicyStatus {
             .runs
             .iter()
             .map(|(v, n)| match v {
-                None => format!("original {n}"),
-                Some(id) => format!("variant {id} {n}"),
+                None => format!("original: {n}"),
+                Some(id) => format!("variant {id}: {n}"),
             })
             .collect();
         let stage_text = self.stage_text(&first.stage, &first.stage_text);
@@ -1015,9 +1015,9 @@ mod tests {
         let task = tokio::spawn(apply_decisions(p.inner.clone(), rx, shutdown));
         wait_until("the reconciliation", || serving.served_share(&w.path).is_none()).await;
         wait_until("the divergence to end", || p.inner.diverged_paths().is_empty()).await;
-        drop(sink);
         stop.send(true).unwrap();
         task.await.unwrap();
+        drop(sink);
     }
 
     struct ChannelSource(std_mpsc::Receiver<ProcEvent>);
