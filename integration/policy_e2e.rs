@@ -10,13 +10,10 @@
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
-use optbin::catalog::base::{NewVariant, insert_variant};
-use optbin::store::VariantStore;
 
 /// Prints its TAG and first argument; built with -DCRASH_ON it segfaults on `crash`.
 const TOOL_C: &str = r#"
@@ -77,28 +74,6 @@ fn stage(binary: &serde_json::Value) -> String {
     binary["details"]["policy"]["stage_text"].as_str().unwrap_or_default().to_string()
 }
 
-/// Places `file` as a `ready` BOLT variant of the binary with `sha256`, the way the
-/// optimizer records its output: published in the state dir's store, a row in the catalog.
-fn place_variant(state: &Path, sha256: &str, file: &Path) -> i64 {
-    let stored = VariantStore::open(state).unwrap().publish(file).unwrap();
-    let conn = rusqlite::Connection::open(state.join("catalog.db")).unwrap();
-    conn.busy_timeout(Duration::from_secs(10)).unwrap();
-    let binary_id: i64 = conn
-        .query_row("SELECT id FROM binaries WHERE sha256 = ?1", [sha256], |r| r.get(0))
-        .unwrap();
-    let variant = NewVariant {
-        binary_id,
-        kind: "bolt".into(),
-        sha256: stored.content.hex(),
-        store_path: stored.path.to_string_lossy().into_owned(),
-        size: stored.size,
-        state: "ready".into(),
-        note: Some("placed by policy_e2e".into()),
-        ..Default::default()
-    };
-    insert_variant(&conn, &variant, 1).unwrap()
-}
-
 #[test]
 fn canary_split_quarantine_on_crash_pins_and_exclusion() {
     let started = Instant::now();
@@ -122,7 +97,7 @@ fn canary_split_quarantine_on_crash_pins_and_exclusion() {
     assert_eq!(b["served"], "original");
 
     // The variant enters canary: half of the execs, drawn per exec.
-    let vid = place_variant(&daemon.state, &sha256, &variant_file);
+    let vid = place_variant(&daemon.state, &sha256, &variant_file, "ready");
     let canary = format!("variant {vid} for 50% of execs");
     let b = daemon.wait_binary(&tool, 20, "the canary", |b| b["served"] == canary.as_str());
     assert!(stage(&b).starts_with("canary"), "{b:#}");

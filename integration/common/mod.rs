@@ -251,3 +251,26 @@ impl Drop for Daemon {
         }
     }
 }
+
+/// Places `file` as a BOLT variant in `state` (e.g. `ready`) of the binary with `sha256` in
+/// the daemon's state dir, the way the optimizer records its output: published in the
+/// store, a row in the catalog (written while the daemon runs; SQLite serializes writers).
+pub fn place_variant(state_dir: &Path, sha256: &str, file: &Path, state: &str) -> i64 {
+    let stored = optbin::store::VariantStore::open(state_dir).unwrap().publish(file).unwrap();
+    let conn = rusqlite::Connection::open(state_dir.join("catalog.db")).unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    let binary_id: i64 = conn
+        .query_row("SELECT id FROM binaries WHERE sha256 = ?1", [sha256], |r| r.get(0))
+        .unwrap();
+    let variant = optbin::catalog::base::NewVariant {
+        binary_id,
+        kind: "bolt".into(),
+        sha256: stored.content.hex(),
+        store_path: stored.path.to_string_lossy().into_owned(),
+        size: stored.size,
+        state: state.into(),
+        note: Some("placed by a test".into()),
+        ..Default::default()
+    };
+    optbin::catalog::base::insert_variant(&conn, &variant, 1).unwrap()
+}
