@@ -60,6 +60,9 @@ use crate::policy::{PolicyConfig, ServeDecision, VariantState};
 /// re-derived (see the module doc); nothing is done while there are none.
 pub const RECONCILE_EVERY: Duration = Duration::from_millis(200);
 
+/// How long measured runs that ended normally are held to reach the policy as one batch.
+pub const HAND_OVER_EVERY: Duration = Duration::from_millis(100);
+
 /// The measurer (if it runs) and what became of the runs it saw.
 struct Measurement {
     measurer: Option<Measurer>,
@@ -519,25 +522,43 @@ async fn apply_decisions(
     }
 }
 
-/// Counts the measurer's records for status on their way to the policy task.
+/// Counts the measurer's records for status on their way to the policy task, and hands
+/// them over in bursts: the task stores and re-evaluates per batch of what is queued, and
+/// one evaluation reads up to thousands of runs of the binary, so a record per exec would
+/// cost an evaluation per exec. A run killed by a signal goes at once, with what is held:
+/// a crash quarantines without waiting.
 async fn count_runs(
     measurement: Arc<Measurement>,
     mut records: mpsc::UnboundedReceiver<RunRecord>,
     to_policy: mpsc::UnboundedSender<RunRecord>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut flush = tokio::time::interval(HAND_OVER_EVERY);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut held: Vec<RunRecord> = Vec::new();
     loop {
-        let record = tokio::select! {
+        let urgent = tokio::select! {
             _ = shutdown.changed() => break,
-            r = records.recv() => match r { Some(r) => r, None => break },
+            r = records.recv() => match r {
+                Some(record) => {
+                    measurement.measured.fetch_add(1, Ordering::Relaxed);
+                    let killed = matches!(record.exit, RunExit::Signaled(_));
+                    if killed {
+                        measurement.killed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    held.push(record);
+                    killed
+                }
+                None => break,
+            },
+            _ = flush.tick() => true,
         };
-        measurement.measured.fetch_add(1, Ordering::Relaxed);
-        if matches!(record.exit, RunExit::Signaled(_)) {
-            measurement.killed.fetch_add(1, Ordering::Relaxed);
-        }
-        if to_policy.send(record).is_err() {
+        if urgent && held.drain(..).any(|r| to_policy.send(r).is_err()) {
             break;
         }
+    }
+    for r in held {
+        let _ = to_policy.send(r);
     }
 }
 
