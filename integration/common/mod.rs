@@ -126,3 +126,8 @@ pub fn as_nobody(program: &Path) -> Command {
 pub fn in_mount(mount: &Path, real: &Path) -> PathBuf {
     mount.join(real.strip_prefix("/").expect("absolute path"))
 }
+
+/// Sets the permission bits of `path`.
+pub fn chmod(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+}
