@@ -260,6 +260,7 @@ fn mature_profiles_become_variants_and_commands_reach_the_optimizer() {
     assert_eq!(run(&mnt_bin.join("prog"), QUICK), expected, "the original is still served");
     d.stop();
     assert!(!d.log().contains("panicked"), "{}", d.log());
+    assert!(!fx.path("scratch").exists(), "the scratch root the jobs created outlived the daemon");
 
     // Phase 2: the real BOLT. Its version differs from the failed one's: the binary is
     // built again, without anyone asking.
@@ -331,4 +332,5 @@ fn mature_profiles_become_variants_and_commands_reach_the_optimizer() {
     assert_eq!(run(&mnt_bin.join("prog"), QUICK), expected);
     d.stop();
     assert!(!d.log().contains("panicked"), "{}", d.log());
+    assert!(!fx.path("scratch").exists(), "the scratch root the jobs created outlived the daemon");
 }
