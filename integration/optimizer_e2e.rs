@@ -306,6 +306,10 @@ fn mature_profiles_become_variants_and_commands_reach_the_optimizer() {
     // `optimize` on the candidate queues a build now, though nothing changed.
     let built = o["built"].as_u64().unwrap();
     d.control("optimize prog").unwrap_or_else(|e| panic!("{e}: {}", d.last_error()));
+    // BOLT takes far longer than the next write: the job is still queued or running.
+    let err = d.control("reset prog").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+    assert!(d.last_error().contains("queued or running"), "{}", d.last_error());
     d.wait_for(Duration::from_secs(60), "the requested build", |d| {
         let s = d.status_json();
         (idle(&s) && optimizer(&s)["built"].as_u64()? > built).then_some(())
