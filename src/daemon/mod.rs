@@ -6,6 +6,7 @@ pub mod decision;
 pub mod indexer;
 pub mod optimizing;
 pub mod priority;
+pub mod profiling;
 pub mod refresh;
 pub mod report;
 pub mod run;

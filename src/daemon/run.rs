@@ -16,6 +16,7 @@ use crate::control::ControlDir;
 use crate::daemon::actions::Actions;
 use crate::daemon::indexer::{self, Indexed, SeenFile};
 use crate::daemon::optimizing::Optimizing;
+use crate::daemon::profiling::Profiling;
 use crate::daemon::refresh::Refresher;
 use crate::daemon::report::Reporter;
 use crate::fs::{FsEvent, Overlay, OverlayConfig, ServingTable};
@@ -24,6 +25,8 @@ use crate::fuse::{MountOptions, ServeContext, Served};
 /// Mounts the overlay and serves until SIGTERM/SIGINT or an unmount from outside.
 pub fn run_foreground(cfg: Config) -> anyhow::Result<()> {
     create_private_dir(&cfg.state_dir)?;
+    // A bad [profile] fails here, before mounting, rather than in every server start.
+    crate::daemon::profiling::ProfileSettings::from_table(&cfg.sections.profile)?;
     let cfg = Arc::new(cfg);
     let mut opts = MountOptions::new(&cfg.mountpoint);
     opts.server_pid_file = Some(cfg.state_dir.join("server.pid"));
@@ -67,20 +70,21 @@ pub fn start_server(
         config: cfg.clone(),
     });
     refresher.refresh_all().context("loading pins, exclusions and served variants")?;
+    // Profiler: its status and profile files now, its sampling task once the overlay exists.
+    let profiling = Profiling::new(&cfg, &catalog)?;
 
     // The optimizer (src/daemon/optimizing): BOLT, its job queue, the maturity driver, the
     // `optimize`/`reset` commands and the "optimizer" status section.
     let optimizing = Optimizing::new(&cfg, &catalog, clock.clone())?;
 
-    let mut reporter = Reporter {
+    let reporter = Reporter {
         catalog: catalog.clone(),
         config: cfg.clone(),
         started_at,
         server_restarts: ctx.generation as u32,
-        subsystems: Vec::new(),
-        bin_files: None,
+        subsystems: vec![profiling.status(), optimizing.status()],
+        bin_files: Some(profiling.bin_files()),
     };
-    reporter.subsystems.push(optimizing.status());
     let r2 = refresher.clone();
     let actions = Actions {
         catalog: catalog.clone(),
@@ -112,6 +116,7 @@ pub fn start_server(
         shutdown.clone(),
     ));
     rt.spawn(refresh_indexed(indexed_rx, refresher.clone(), shutdown.clone()));
+    profiling.spawn(rt.handle(), overlay.clone(), shutdown.clone());
     let optimizer_queue = optimizing.spawn(rt.handle(), shutdown.clone());
     tracing::info!(generation = ctx.generation, "server ready");
 
