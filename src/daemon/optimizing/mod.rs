@@ -54,7 +54,6 @@ pub struct Shared {
     pub thresholds: MaturityThresholds,
     pub applicability: ApplicabilityConfig,
     pub catalog: Catalog,
-    pub clock: Arc<dyn Clock>,
     pub handle: OptimizerHandle,
     pub store: VariantStore,
     pub bolt: BoltState,
@@ -95,9 +94,9 @@ pub struct Optimizing {
 
 impl Optimizing {
     /// Reads `[optimizer]` (and the maturity thresholds of `[profile]`), finds BOLT, opens
-    /// the variant store and checks the scratch directory (created by the first job). A missing BOLT or an unusable scratch
-    /// directory turn the optimizer off with the reason in status; bad settings and an
-    /// unusable store are errors.
+    /// the variant store and checks the scratch directory (the first job creates it). A
+    /// missing BOLT or an unusable scratch directory turn the optimizer off with the reason
+    /// in status; bad settings and an unusable store are errors.
     pub fn new(cfg: &Config, catalog: &Catalog, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         let settings = OptimizerSettings::from_config(cfg)?;
         let thresholds = settings::maturity_thresholds(cfg)?;
@@ -139,7 +138,7 @@ impl Optimizing {
             runner,
             sandbox,
             profiles: Arc::new(profiles::CatalogProfiles { catalog: catalog.clone() }),
-            clock: clock.clone(),
+            clock,
         };
         let (handle, worker) = optimizer(config, deps);
         let shared = Arc::new(Shared {
@@ -148,7 +147,6 @@ impl Optimizing {
             thresholds,
             applicability,
             catalog: catalog.clone(),
-            clock,
             handle,
             store,
             bolt,
