@@ -4,6 +4,7 @@
 pub mod actions;
 pub mod decision;
 pub mod indexer;
+pub mod optimizing;
 pub mod priority;
 pub mod profiling;
 pub mod refresh;

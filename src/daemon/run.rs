@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::control::ControlDir;
 use crate::daemon::actions::Actions;
 use crate::daemon::indexer::{self, Indexed, SeenFile};
+use crate::daemon::optimizing::Optimizing;
 use crate::daemon::profiling::Profiling;
 use crate::daemon::refresh::Refresher;
 use crate::daemon::report::Reporter;
@@ -72,12 +73,16 @@ pub fn start_server(
     // Profiler: its status and profile files now, its sampling task once the overlay exists.
     let profiling = Profiling::new(&cfg, &catalog)?;
 
+    // The optimizer (src/daemon/optimizing): BOLT, its job queue, the maturity driver, the
+    // `optimize`/`reset` commands and the "optimizer" status section.
+    let optimizing = Optimizing::new(&cfg, &catalog, clock.clone())?;
+
     let reporter = Reporter {
         catalog: catalog.clone(),
         config: cfg.clone(),
         started_at,
         server_restarts: ctx.generation as u32,
-        subsystems: vec![profiling.status()],
+        subsystems: vec![profiling.status(), optimizing.status()],
         bin_files: Some(profiling.bin_files()),
     };
     let r2 = refresher.clone();
@@ -87,7 +92,7 @@ pub fn start_server(
         overlay: cfg.overlay.clone(),
         mountpoint: cfg.mountpoint.clone(),
         refresh: Arc::new(move |p| r2.refresh(p)),
-        hooks: None,
+        hooks: Some(optimizing.hooks()),
     };
     let control = Arc::new(ControlDir::new(Box::new(reporter), Box::new(actions)));
     let (events_tx, events_rx) = mpsc::unbounded_channel::<FsEvent>();
@@ -112,12 +117,19 @@ pub fn start_server(
     ));
     rt.spawn(refresh_indexed(indexed_rx, refresher.clone(), shutdown.clone()));
     profiling.spawn(rt.handle(), overlay.clone(), shutdown.clone());
+    let optimizer_queue = optimizing.spawn(rt.handle(), shutdown.clone());
     tracing::info!(generation = ctx.generation, "server ready");
 
     Ok(Served {
         overlay,
         shutdown: Box::new(move || {
             let _ = shutdown_tx.send(true);
+            // The optimizer kills running BOLT jobs when told; give it the time to.
+            if let Some(queue) = optimizer_queue {
+                let _ = rt.block_on(async move {
+                    tokio::time::timeout(Duration::from_secs(10), queue).await
+                });
+            }
             rt.shutdown_timeout(Duration::from_secs(10));
             tracing::info!("server stopped");
         }),
