@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use common::daemon::Daemon;
 use common::*;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -36,9 +37,9 @@ fn daemon(root: &Path, config: &str) -> (Daemon, PathBuf) {
     std::fs::create_dir_all(root.join("bin")).unwrap();
     let tool = root.join("bin/tool");
     prog(&tool, "bench", &[]);
-    let d = Daemon::start(root, &[root.join("bin")], config);
-    std::fs::metadata(d.mount.join("bin/tool")).unwrap();
-    d.wait_binary(&tool, 20, "indexing", |b| b["sha256"].is_string());
+    let d = start_daemon(root, &root.join("bin"), config);
+    std::fs::metadata(d.mnt.join("bin/tool")).unwrap();
+    wait_binary(&d, &tool, 20, "indexing", |b| b["sha256"].is_string());
     (d, tool)
 }
 
@@ -58,9 +59,9 @@ fn bench_policing() {
     std::fs::copy(&split_tool, &copy).unwrap();
     let vid = place_variant(&split.state, &sha, &copy, "served");
     let want = format!("variant {vid} for 95% of execs");
-    split.wait_binary(&split_tool, 20, "the served variant", |b| b["served"] == want.as_str());
+    wait_binary(&split, &split_tool, 20, "the served variant", |b| b["served"] == want.as_str());
 
-    let paths = [&off, &off, &on, &split].map(|d| d.mount.join("bin/tool"));
+    let paths = [&off, &off, &on, &split].map(|d| d.mnt.join("bin/tool"));
     let mut times: [Vec<f64>; 4] = Default::default();
     let (mut aa, mut measured, mut per_exec) = (vec![], vec![], vec![]);
     for r in 0..rounds {
@@ -77,7 +78,7 @@ fn bench_policing() {
         measured.push(t[2] / t[0]);
         per_exec.push(t[3] / t[2]);
     }
-    let status = on.status();
+    let status = on.status_json();
     let runs = status["subsystems"]["policy"]["measurement"]["runs_measured"].as_u64().unwrap();
     println!(
         "policing benchmark ({}; {rounds} interleaved rounds of {per_round} execs, medians)",
@@ -105,7 +106,7 @@ fn bench_policing() {
     );
     println!("runs recorded by the measuring daemon: {runs}");
     assert!(runs > 0, "the measuring daemon measured nothing");
-    for d in [off, on, split] {
+    for mut d in [off, on, split] {
         d.stop();
     }
 }

@@ -13,6 +13,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::daemon::Daemon;
 use common::*;
 
 /// Prints its TAG and first argument; built with -DCRASH_ON it segfaults on `crash`.
@@ -50,7 +51,7 @@ struct Runs {
 fn run_tool(daemon: &Daemon, arg: &str, n: usize) -> Runs {
     let mut runs = Runs { variant: 0, original: 0 };
     for _ in 0..n {
-        let out = run(Command::new(daemon.mount.join("bin/tool")).arg(arg));
+        let out = run(Command::new(daemon.mnt.join("bin/tool")).arg(arg));
         assert_eq!(out.code, Some(0), "{out:?}");
         match out.stdout.as_str().strip_suffix(&format!(" {arg}\n")) {
             Some("variant") => runs.variant += 1,
@@ -88,20 +89,21 @@ fn canary_split_quarantine_on_crash_pins_and_exclusion() {
     let variant_file = root.join("tool.variant");
     cc(TOOL_C, &variant_file, &["-DTAG=\"variant\"", "-DCRASH_ON"]);
 
-    let daemon = Daemon::start(&root, std::slice::from_ref(&bin), CONFIG);
-    let status = daemon.status();
+    let mut daemon = start_daemon(&root, &bin, CONFIG);
+    let status = daemon.status_json();
     assert_eq!(status["subsystems"]["policy"]["measurement"]["on"], true, "{status:#}");
 
     // A lookup through the mount makes the daemon index the binary.
-    std::fs::metadata(daemon.mount.join("bin/tool")).unwrap();
-    let b = daemon.wait_binary(&tool, 20, "the binary to be indexed", |b| b["sha256"].is_string());
+    std::fs::metadata(daemon.mnt.join("bin/tool")).unwrap();
+    let b =
+        wait_binary(&daemon, &tool, 20, "the binary to be indexed", |b| b["sha256"].is_string());
     let sha256 = b["sha256"].as_str().unwrap().to_string();
     assert_eq!(b["served"], "original");
 
     // The variant enters canary: half of the execs, drawn per exec.
     let vid = place_variant(&daemon.state, &sha256, &variant_file, "ready");
     let canary = format!("variant {vid} for 50% of execs");
-    let b = daemon.wait_binary(&tool, 20, "the canary", |b| b["served"] == canary.as_str());
+    let b = wait_binary(&daemon, &tool, 20, "the canary", |b| b["served"] == canary.as_str());
     assert!(stage(&b).starts_with("canary"), "{b:#}");
     assert_eq!(b["variants"][0]["state"], "canary");
 
@@ -110,10 +112,10 @@ fn canary_split_quarantine_on_crash_pins_and_exclusion() {
         split.variant > 0 && split.original > 0,
         "20 execs all went one way: {} to the variant; log:\n{}",
         split.variant,
-        daemon.log_text()
+        daemon.log()
     );
     // Every run was measured and attributed to what it ran.
-    let b = daemon.wait_binary(&tool, 20, "20 measured runs", |b| {
+    let b = wait_binary(&daemon, &tool, 20, "20 measured runs", |b| {
         let (o, v) = status_runs(b);
         o + v >= 20
     });
@@ -125,21 +127,21 @@ fn canary_split_quarantine_on_crash_pins_and_exclusion() {
     assert!(stage(&b).contains(&format!("variant {vid}: {} runs", split.variant)), "{}", stage(&b));
 
     // A pin to the original overrides the canary at once; unpinning resumes it.
-    daemon.control("pin tool original");
+    daemon.control("pin tool original").unwrap();
     let pinned = run_tool(&daemon, "hello", 10);
     assert_eq!((pinned.variant, pinned.original), (0, 10));
     let b = daemon.binary(&tool).unwrap();
     assert_eq!(b["served"], "original");
     assert_eq!(b["served_reason"], "pinned to the original");
     assert_eq!(b["pin"], "original");
-    daemon.control("unpin tool");
+    daemon.control("unpin tool").unwrap();
     let b = daemon.binary(&tool).unwrap();
     assert_eq!(b["served"], format!("variant {vid} for 50% of execs"), "{b:#}");
 
     // The variant's first crash quarantines it: no strikes, no minimum number of runs.
     let mut crashed = false;
     for _ in 0..40 {
-        let out = Command::new(daemon.mount.join("bin/tool")).arg("crash").output().unwrap();
+        let out = Command::new(daemon.mnt.join("bin/tool")).arg("crash").output().unwrap();
         if out.status.signal() == Some(libc::SIGSEGV) {
             crashed = true;
             break;
@@ -147,7 +149,7 @@ fn canary_split_quarantine_on_crash_pins_and_exclusion() {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "original crash\n");
     }
     assert!(crashed, "40 execs never reached the variant");
-    let b = daemon.wait_binary(&tool, 20, "the quarantine", |b| {
+    let b = wait_binary(&daemon, &tool, 20, "the quarantine", |b| {
         b["variants"][0]["state"] == "quarantined" && b["served"] == "original"
     });
     let incident = b["details"]["policy"]["last_incident"].as_str().unwrap_or_default();
@@ -175,21 +177,16 @@ fn canary_split_quarantine_on_crash_pins_and_exclusion() {
     );
 
     // A pin to bolted never brings back a quarantined variant.
-    daemon.control("pin tool bolted");
+    daemon.control("pin tool bolted").unwrap();
     let b = daemon.binary(&tool).unwrap();
     assert_eq!(b["served"], "original", "{b:#}");
-    daemon.control("unpin tool");
+    daemon.control("unpin tool").unwrap();
 
     // Excluded: the entry becomes a symlink to the original, which still runs.
-    daemon.control("exclude tool");
-    let entry = in_mount(&daemon.mount, &tool);
-    // A control write is a FUSE request: the kernel's cached entry is invalidated by a
-    // worker right after it, not within it.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !std::fs::symlink_metadata(&entry).unwrap().file_type().is_symlink() {
-        assert!(Instant::now() < deadline, "{} is not a symlink", entry.display());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    daemon.control("exclude tool").unwrap();
+    let entry = in_mount(&daemon.mnt, &tool);
+    let md = std::fs::symlink_metadata(&entry).unwrap();
+    assert!(md.file_type().is_symlink(), "{} is not a symlink", entry.display());
     assert_eq!(std::fs::read_link(&entry).unwrap(), tool);
     assert_eq!(run_tool(&daemon, "hello", 3).original, 3);
     let b = daemon.binary(&tool).unwrap();
@@ -202,7 +199,7 @@ fn canary_split_quarantine_on_crash_pins_and_exclusion() {
     let through_mount = 20 + 10 + 1 + 20;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let status = daemon.status();
+        let status = daemon.status_json();
         let measurement = &status["subsystems"]["policy"]["measurement"];
         if measurement["runs_measured"].as_u64().unwrap_or(0) >= through_mount {
             assert_eq!(measurement["dropped"]["not_attached"], 0, "{measurement:#}");
@@ -211,7 +208,7 @@ fn canary_split_quarantine_on_crash_pins_and_exclusion() {
         assert!(Instant::now() < deadline, "runs went unmeasured: {measurement:#}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let text = std::fs::read_to_string(daemon.mount.join(".optbin/status")).unwrap();
+    let text = std::fs::read_to_string(daemon.mnt.join(".optbin/status")).unwrap();
     assert!(text.contains("policy: measuring runs"), "{text}");
     eprintln!("{text}");
     daemon.stop();

@@ -118,6 +118,12 @@ pub fn set_variant(conn: &Connection, binary_id: i64, variant_id: i64) -> anyhow
     Ok(())
 }
 
+/// Forgets a binary's BOLT history (`reset NAME`).
+pub fn forget(conn: &Connection, binary_id: i64) -> anyhow::Result<()> {
+    conn.execute("DELETE FROM bolt_jobs WHERE binary_id = ?1", [binary_id])?;
+    Ok(())
+}
+
 /// Contents of variants the store must keep: every variant row not rejected or retired
 /// (ready ones are waiting to be measured; canary and served ones are in use).
 pub fn variants_to_keep(conn: &Connection) -> anyhow::Result<std::collections::HashSet<ContentId>> {

@@ -498,6 +498,23 @@ pub fn add_instrumented_run(
     Ok(())
 }
 
+/// Forgets everything profiled for a binary: sampled windows, functions, branches, the
+/// refusal mark and the instrumentation profile (`reset NAME`).
+pub fn forget(conn: &Connection, binary_id: i64) -> anyhow::Result<()> {
+    for table in [
+        "profile_samples",
+        "profile_branches",
+        "profile_windows",
+        "profile_functions",
+        "profile_binaries",
+        "instr_edges",
+        "instr_profiles",
+    ] {
+        conn.execute(&format!("DELETE FROM {table} WHERE binary_id = ?1"), [binary_id])?;
+    }
+    Ok(())
+}
+
 /// How many instrumented runs were merged into a binary's instrumentation profile.
 pub fn instrumented_runs(conn: &Connection, binary_id: i64) -> anyhow::Result<u64> {
     let runs: Option<i64> = conn

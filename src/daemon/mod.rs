@@ -3,8 +3,10 @@
 
 pub mod actions;
 pub mod indexer;
+pub mod optimizing;
 pub mod policing;
 pub mod priority;
+pub mod profiling;
 pub mod refresh;
 pub mod report;
 pub mod run;

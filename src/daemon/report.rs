@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::control::StatusSource;
 use crate::control::resolve::resolve_name;
 use crate::control::status::{BinaryStatus, DaemonStatus, StatusReport};
-use crate::elf::ElfFacts;
+use crate::daemon::optimizing;
 use crate::fs::ServingTable;
 use crate::identity::FileKey;
 
@@ -70,6 +70,7 @@ impl StatusSource for Reporter {
             let mut variants = HashMap::new();
             let mut details = HashMap::new();
             let mut reasons = HashMap::new();
+            let mut profiled = HashMap::new();
             for p in &paths {
                 let Some(id) = p.binary_id else { continue };
                 if let Some(r) = subsystems.iter().find_map(|s| s.served_reason(&tx, id, &p.path)) {
@@ -82,6 +83,9 @@ impl StatusSource for Reporter {
                     binaries.insert(id, b);
                 }
                 variants.insert(id, base::variants_of(&tx, id)?);
+                if let Some(numbers) = optimizing::candidate::profile_numbers(&tx, id)? {
+                    profiled.insert(id, numbers);
+                }
                 let mut d = serde_json::Map::new();
                 for s in &subsystems {
                     if let Some(v) = s.binary(&tx, id) {
@@ -90,9 +94,11 @@ impl StatusSource for Reporter {
                 }
                 details.insert(id, d);
             }
-            Ok((paths, controls, events, binaries, variants, details, reasons))
+            Ok((paths, controls, events, binaries, variants, details, profiled, reasons))
         })?;
-        let (paths, controls, events, binaries, mut variants, mut details, mut reasons) = rows;
+        let (paths, controls, events, binaries, mut variants, mut details, profiled, mut reasons) =
+            rows;
+        let applicability = optimizing::applicability_of(&self.config);
         let cfg = &self.config;
         let by_path: HashMap<&str, &base::ControlRow> =
             controls.iter().map(|c| (c.path.as_str(), c)).collect();
@@ -123,8 +129,14 @@ impl StatusSource for Reporter {
             let vs = p.binary_id.and_then(|id| variants.remove(&id)).unwrap_or_default();
             let control = by_path.get(p.path.as_str()).copied();
             let excluded = control.is_some_and(|c| c.excluded);
-            let (candidate, candidate_reason) =
-                candidacy(Path::new(&p.path), binary.map(|b| &b.facts), cfg, excluded);
+            let (candidate, candidate_reason) = optimizing::candidacy(
+                Path::new(&p.path),
+                binary.map(|b| &b.facts),
+                p.binary_id.and_then(|id| profiled.get(&id)),
+                cfg,
+                &applicability,
+                excluded,
+            );
             let served = served_label(&self.serving, Path::new(&p.path));
             let served_reason = if excluded {
                 "excluded by the user".to_string()
@@ -226,27 +238,4 @@ fn path_view_name(path: &str, cfg: &Config) -> Option<String> {
         .ok()
         .filter(|r| r == Path::new(path))
         .map(|_| name)
-}
-
-/// Whether BOLT could work on this binary, and why (or why not).
-pub fn candidacy(
-    path: &Path,
-    facts: Option<&ElfFacts>,
-    cfg: &Config,
-    excluded: bool,
-) -> (bool, String) {
-    if excluded {
-        return (false, "excluded by the user".into());
-    }
-    if !cfg.permits(path) {
-        return (false, "left alone by the allow/deny lists of the config".into());
-    }
-    let Some(facts) = facts else { return (false, "not indexed yet".into()) };
-    // Replaced by the optimizer's applicability rules when it is wired in.
-    match (facts.is_elf && facts.x86_64, facts.has_symbols, facts.bolted) {
-        (false, _, _) => (false, "not an x86-64 ELF executable".into()),
-        (_, false, _) => (false, "stripped: no symbol table for BOLT".into()),
-        (_, _, true) => (false, "already optimized by BOLT".into()),
-        _ => (true, "has symbols".into()),
-    }
 }

@@ -15,7 +15,9 @@ use crate::config::Config;
 use crate::control::ControlDir;
 use crate::daemon::actions::Actions;
 use crate::daemon::indexer::{self, Indexed, SeenFile};
+use crate::daemon::optimizing::Optimizing;
 use crate::daemon::policing::Policing;
+use crate::daemon::profiling::Profiling;
 use crate::daemon::refresh::Refresher;
 use crate::daemon::report::Reporter;
 use crate::fs::{FsEvent, Overlay, OverlayConfig, ServingTable};
@@ -24,6 +26,8 @@ use crate::fuse::{MountOptions, ServeContext, Served};
 /// Mounts the overlay and serves until SIGTERM/SIGINT or an unmount from outside.
 pub fn run_foreground(cfg: Config) -> anyhow::Result<()> {
     create_private_dir(&cfg.state_dir)?;
+    // A bad [profile] fails here, before mounting, rather than in every server start.
+    crate::daemon::profiling::ProfileSettings::from_table(&cfg.sections.profile)?;
     let cfg = Arc::new(cfg);
     let mut opts = MountOptions::new(&cfg.mountpoint);
     opts.server_pid_file = Some(cfg.state_dir.join("server.pid"));
@@ -70,15 +74,21 @@ pub fn start_server(
         policing: policing.clone(),
     });
     refresher.refresh_all().context("loading pins, exclusions and served variants")?;
+    // Profiler: its status and profile files now, its sampling task once the overlay exists.
+    let profiling = Profiling::new(&cfg, &catalog)?;
+
+    // The optimizer (src/daemon/optimizing): BOLT, its job queue, the maturity driver, the
+    // `optimize`/`reset` commands and the "optimizer" status section.
+    let optimizing = Optimizing::new(&cfg, &catalog, clock.clone())?;
 
     let reporter = Reporter {
         catalog: catalog.clone(),
         config: cfg.clone(),
         started_at,
         server_restarts: ctx.generation as u32,
-        subsystems: vec![policing.status()],
+        subsystems: vec![profiling.status(), optimizing.status(), policing.status()],
         serving: serving.clone(),
-        bin_files: None,
+        bin_files: Some(profiling.bin_files()),
     };
     let r2 = refresher.clone();
     let actions = Actions {
@@ -87,7 +97,7 @@ pub fn start_server(
         overlay: cfg.overlay.clone(),
         mountpoint: cfg.mountpoint.clone(),
         refresh: Arc::new(move |p| r2.refresh(p)),
-        hooks: None,
+        hooks: Some(optimizing.hooks()),
     };
     let control = Arc::new(ControlDir::new(Box::new(reporter), Box::new(actions)));
     let (events_tx, events_rx) = mpsc::unbounded_channel::<FsEvent>();
@@ -112,14 +122,22 @@ pub fn start_server(
         shutdown.clone(),
     ));
     rt.spawn(refresh_indexed(indexed_rx, refresher.clone(), shutdown.clone()));
-    // The policy task; NoPipeline until the optimizer's pipeline view is wired in.
-    policing.spawn(rt.handle(), shutdown.clone(), Arc::new(crate::policy::load::NoPipeline));
+    profiling.spawn(rt.handle(), overlay.clone(), shutdown.clone());
+    let optimizer_queue = optimizing.spawn(rt.handle(), shutdown.clone());
+    // The policy task, told where the optimizing pipeline is per binary.
+    policing.spawn(rt.handle(), shutdown.clone(), optimizing.pipeline_view());
     tracing::info!(generation = ctx.generation, "server ready");
 
     Ok(Served {
         overlay,
         shutdown: Box::new(move || {
             let _ = shutdown_tx.send(true);
+            // The optimizer kills running BOLT jobs when told; give it the time to.
+            if let Some(queue) = optimizer_queue {
+                let _ = rt.block_on(async move {
+                    tokio::time::timeout(Duration::from_secs(10), queue).await
+                });
+            }
             rt.shutdown_timeout(Duration::from_secs(10));
             tracing::info!("server stopped");
         }),

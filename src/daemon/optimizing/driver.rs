@@ -1,0 +1,241 @@
+//! The maturity driver: every `check_interval_secs`, looks at each binary now at a path of
+//! the overlaid directories and submits a build (origin `Matured`) for those that are not
+//! excluded or denied, whose profile is mature, that BOLT applies to, and that the retry
+//! policy lets through (so an unchanged profile is not offered again every few seconds).
+//! The queue checks again when the job starts; a refusal at submission is normal (already
+//! queued) and only logged at debug level.
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rusqlite::Connection;
+use tokio::sync::watch;
+
+use super::Shared;
+use super::candidate::{build_history, current_binary, profile_numbers, verdict};
+use crate::bolt::retry_policy::{DEFAULT_GROWTH, Decision, decide};
+use crate::bolt::{ApplicabilityConfig, OptimizeRequest, ProfileNumbers, RequestOrigin};
+use crate::catalog::base;
+use crate::identity::{ContentId, FileKey};
+use crate::profile::maturity::MaturityThresholds;
+use crate::profile::profile_summary;
+
+/// Runs until `shutdown`.
+pub async fn run_driver(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(shared.settings.check_interval());
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    break;
+                }
+            }
+            _ = tick.tick() => match submit_matured(&shared).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(n, "matured profiles queued for BOLT"),
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "looking for matured profiles failed"),
+            },
+        }
+    }
+}
+
+/// The judging inputs that do not change between binaries.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub thresholds: MaturityThresholds,
+    pub applicability: ApplicabilityConfig,
+    /// The BOLT version jobs would run with ("22.1.8").
+    pub bolt_version: String,
+}
+
+/// One scan: submits every binary due for a build; returns how many were queued.
+async fn submit_matured(shared: &Arc<Shared>) -> anyhow::Result<usize> {
+    let rows = shared.catalog.run(|c| base::all_paths(c)).await?;
+    let cfg = shared.config.clone();
+    // Stat outside the catalog thread: only content still at its path counts.
+    let current: Vec<(PathBuf, FileKey)> = tokio::task::spawn_blocking(move || {
+        rows.into_iter()
+            .filter(|r| r.binary_id.is_some())
+            .map(|r| (PathBuf::from(r.path), r.key))
+            .filter(|(p, _)| p.parent().is_some_and(|d| cfg.overlay.iter().any(|o| o == d)))
+            .filter(|(p, _)| cfg.permits(p))
+            .filter(|(p, key)| FileKey::of(p).is_ok_and(|now| now == *key))
+            .collect()
+    })
+    .await?;
+    let rules = Rules {
+        thresholds: shared.thresholds,
+        applicability: shared.applicability.clone(),
+        bolt_version: shared.bolt.tool().map(|t| t.version.to_string()).unwrap_or_default(),
+    };
+    let requests = shared
+        .catalog
+        .run(move |c| {
+            let mut seen = HashSet::new();
+            let mut out = Vec::new();
+            for (path, key) in current {
+                if let Some(req) = matured_request(c, &path, &key, &rules)?
+                    && seen.insert(req.binary_id)
+                {
+                    out.push(req);
+                }
+            }
+            Ok(out)
+        })
+        .await?;
+    let mut queued = 0;
+    for req in requests {
+        let name = req.name.clone();
+        match shared.handle.submit(req) {
+            Ok(()) => queued += 1,
+            Err(why) => tracing::debug!(binary = %name, reason = %why, "matured build not queued"),
+        }
+    }
+    Ok(queued)
+}
+
+/// The build request for the binary at `path` (whose file has `key` now), when it is due
+/// one: not excluded, mature, a candidate, and allowed by the retry policy.
+pub fn matured_request(
+    conn: &Connection,
+    path: &Path,
+    key: &FileKey,
+    rules: &Rules,
+) -> anyhow::Result<Option<OptimizeRequest>> {
+    let Some(binary) = current_binary(conn, path, key)? else { return Ok(None) };
+    if base::control_row(conn, &path.to_string_lossy())?.is_some_and(|c| c.excluded) {
+        return Ok(None);
+    }
+    // Cheap first: most binaries have far too few samples for the full maturity check.
+    if profile_numbers(conn, binary.id)?.is_none_or(|p| p.samples < rules.thresholds.min_samples) {
+        return Ok(None);
+    }
+    let summary = profile_summary(conn, binary.id, &rules.thresholds)?;
+    if !summary.maturity.mature {
+        return Ok(None);
+    }
+    let numbers = ProfileNumbers {
+        samples: summary.own_samples,
+        own_text_share: summary.own_share.unwrap_or(0.0),
+        front_end: None,
+    };
+    if !verdict(&binary.facts, Some(&numbers), &rules.applicability).applicability.candidate {
+        return Ok(None);
+    }
+    let history = build_history(conn, binary.id)?;
+    let due = decide(
+        history.as_ref(),
+        numbers.samples,
+        &rules.bolt_version,
+        RequestOrigin::Matured,
+        DEFAULT_GROWTH,
+    );
+    if let Decision::Skip(_) = due {
+        return Ok(None);
+    }
+    let Some(content) = ContentId::parse(&binary.sha256) else {
+        anyhow::bail!("binary {} has a malformed sha256 in the catalog", binary.id);
+    };
+    Ok(Some(OptimizeRequest {
+        binary_id: binary.id,
+        name: path.to_string_lossy().into_owned(),
+        original: path.to_path_buf(),
+        content,
+        facts: binary.facts,
+        profile: numbers,
+        origin: RequestOrigin::Matured,
+        // optbin knows no command that is safe to run an arbitrary program with.
+        smoke: None,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::{Catalog, bolt_jobs, profiles};
+    use crate::elf::ElfFacts;
+
+    fn facts() -> ElfFacts {
+        ElfFacts {
+            is_elf: true,
+            x86_64: true,
+            pie: true,
+            has_symbols: true,
+            function_symbols: 10,
+            has_relocs: true,
+            text_size: 8 * 1024,
+            bolted: false,
+            build_id: None,
+        }
+    }
+
+    fn window(c: &Connection, id: i64, start: i64, own: u64) -> anyhow::Result<()> {
+        let batch = profiles::WindowBatch {
+            samples: vec![("hot".into(), 0x10, own * 9 / 10), ("warm".into(), 0, own / 10)],
+            own_samples: own,
+            outside_samples: own / 10,
+            new_runs: 1,
+            ..Default::default()
+        };
+        profiles::add_window(c, id, start, "cpu-clock", &batch, start)
+    }
+
+    #[test]
+    fn only_mature_candidates_the_retry_policy_allows_are_requested() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tool");
+        std::fs::write(&path, b"tool").unwrap();
+        let key = FileKey::of(&path).unwrap();
+        let rules = Rules {
+            thresholds: MaturityThresholds { min_samples: 500, min_runs: 2, min_stability: 0.5 },
+            applicability: ApplicabilityConfig { min_text_bytes: 1024, min_own_text_share: 0.3 },
+            bolt_version: "22.1.8".into(),
+        };
+        let catalog = Catalog::in_memory().unwrap();
+        let text = path.to_string_lossy().into_owned();
+        catalog
+            .run_blocking(move |c| {
+                let content = ContentId::of_bytes(b"tool");
+                let id = base::upsert_binary(c, &content, 4, &facts(), 1)?;
+                let due = |c: &Connection| matured_request(c, Path::new(&text), &key, &rules);
+                assert!(due(c)?.is_none(), "not indexed at this path yet");
+                base::upsert_path(c, &text, Some(id), &key, 1)?;
+                window(c, id, 0, 400)?;
+                assert!(due(c)?.is_none(), "one window, too few samples and runs");
+                window(c, id, 600, 400)?;
+                let req = due(c)?.expect("mature now");
+                assert_eq!(req.binary_id, id);
+                assert_eq!(req.origin, RequestOrigin::Matured);
+                assert_eq!(req.profile.samples, 800);
+                assert!((req.profile.own_text_share - 800.0 / 880.0).abs() < 1e-9);
+
+                base::set_excluded(c, &text, true, 2)?;
+                assert!(due(c)?.is_none(), "excluded");
+                base::set_excluded(c, &text, false, 3)?;
+
+                let failed = bolt_jobs::AttemptRecord {
+                    binary_id: id,
+                    outcome: "exit 1".into(),
+                    profile_samples: 800,
+                    bolt_version: "22.1.8".into(),
+                    ..Default::default()
+                };
+                bolt_jobs::record_attempt(c, &failed, 4)?;
+                bolt_jobs::set_failed_until_change(c, id, true, 4)?;
+                assert!(due(c)?.is_none(), "failed until a change");
+                window(c, id, 1200, 900)?;
+                assert!(due(c)?.is_some(), "the profile doubled");
+
+                let stripped = ElfFacts { has_symbols: false, ..facts() };
+                let other = base::upsert_binary(c, &ContentId::of_bytes(b"s"), 4, &stripped, 1)?;
+                base::upsert_path(c, &text, Some(other), &key, 5)?;
+                window(c, other, 0, 900)?;
+                window(c, other, 600, 900)?;
+                assert!(due(c)?.is_none(), "not a candidate");
+                Ok(())
+            })
+            .unwrap();
+    }
+}

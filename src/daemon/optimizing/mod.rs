@@ -1,0 +1,243 @@
+//! The optimizer in the running daemon: finds BOLT, builds the job queue over the catalog,
+//! the variant store and a sandbox, and connects it to the rest:
+//! - [`driver`]: a task that submits binaries whose profile matured;
+//! - [`hooks`]: the `optimize NAME` and `reset NAME` control commands;
+//! - [`report`]: the "optimizer" status section and per-binary details, and the
+//!   pipeline stage the policy shows;
+//! - [`profiles`]: the profiles BOLT gets, written from the catalog;
+//! - [`candidate`]: per-binary readings (current content, profile numbers, history,
+//!   applicability) shared by all of the above and by the status report.
+//!
+//! Two phases, like the daemon: [`Optimizing::new`] builds everything the control plane
+//! needs (status, hooks; requests submitted meanwhile wait in the queue), and
+//! [`Optimizing::spawn`] starts the tasks once the runtime serves.
+//!
+//! New variants are stored in state `ready`; the policy task picks them up as canaries on
+//! its periodic rescan (a new variant changes its binary's watch fingerprint), so nothing
+//! here has to tell it.
+
+pub mod candidate;
+pub mod driver;
+pub mod hooks;
+pub mod profiles;
+pub mod report;
+pub mod scratch;
+pub mod settings;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+use crate::bolt::status::OptimizerStatus;
+use crate::bolt::{
+    ApplicabilityConfig, BoltRunner, BoltState, OptimizerConfig, OptimizerDeps, OptimizerHandle,
+    OptimizerWorker, Sandbox, SandboxUser, SandboxedBoltRunner, discover, optimizer, run_optimizer,
+};
+use crate::catalog::Catalog;
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::daemon::actions::CommandHooks;
+use crate::daemon::report::SubsystemStatus;
+use crate::elf::ElfFacts;
+use crate::policy::load::PipelineView;
+use crate::profile::maturity::MaturityThresholds;
+use crate::store::VariantStore;
+pub use settings::OptimizerSettings;
+
+/// What every part of the wiring shares.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub settings: OptimizerSettings,
+    pub thresholds: MaturityThresholds,
+    pub applicability: ApplicabilityConfig,
+    pub catalog: Catalog,
+    pub handle: OptimizerHandle,
+    pub store: VariantStore,
+    pub bolt: BoltState,
+    /// Why no BOLT job can run (BOLT missing, the scratch directory unusable); None when
+    /// the optimizer works.
+    pub off: Option<String>,
+    /// The queue's status as last copied (see [`Shared::queue_status`]).
+    status_copy: Mutex<Option<(Instant, Arc<OptimizerStatus>)>>,
+}
+
+/// How long a copy of the queue's status serves per-binary questions.
+const STATUS_COPY_TTL: Duration = Duration::from_millis(250);
+
+impl Shared {
+    /// The queue's status, copied at most every [`STATUS_COPY_TTL`]: status pages and the
+    /// policy ask once per binary, and a copy holds up to 16 BOLT output tails.
+    pub fn queue_status(&self) -> Arc<OptimizerStatus> {
+        let mut copy = self.status_copy.lock().unwrap_or_else(|p| p.into_inner());
+        match &*copy {
+            Some((at, status)) if at.elapsed() < STATUS_COPY_TTL => status.clone(),
+            _ => {
+                let status = Arc::new(self.handle.status());
+                *copy = Some((Instant::now(), status.clone()));
+                status
+            }
+        }
+    }
+}
+
+/// The optimizer's wiring; see the module doc.
+pub struct Optimizing {
+    shared: Arc<Shared>,
+    worker: Mutex<Option<OptimizerWorker>>,
+    /// The scratch directory did not exist at start-up: if a job created it, it is removed
+    /// again at shutdown (when empty).
+    scratch_created: bool,
+}
+
+impl Optimizing {
+    /// Reads `[optimizer]` (and the maturity thresholds of `[profile]`), finds BOLT, opens
+    /// the variant store and checks the scratch directory (the first job creates it). A
+    /// missing BOLT or an unusable scratch directory turn the optimizer off with the reason
+    /// in status; bad settings and an unusable store are errors.
+    pub fn new(cfg: &Config, catalog: &Catalog, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        let settings = OptimizerSettings::from_config(cfg)?;
+        let thresholds = settings::maturity_thresholds(cfg)?;
+        let store = VariantStore::open(&cfg.state_dir).context("opening the variant store")?;
+        let bolt = discover(settings.bolt.as_deref());
+        let sandbox =
+            Sandbox { user: SandboxUser::resolve(), scratch_root: settings.scratch_dir.clone() };
+        let scratch_created = !sandbox.scratch_root.exists();
+        let sandbox_error = scratch::check_scratch_root(&sandbox)
+            .err()
+            .map(|e| format!("the scratch directory is unusable: {e:#}"));
+        let off = match (&bolt, sandbox_error) {
+            (BoltState::Missing { looked_in }, _) => {
+                Some(format!("BOLT is not installed (looked in: {})", looked_in.join("; ")))
+            }
+            (_, Some(why)) => Some(why),
+            _ => None,
+        };
+        let runner = match (bolt.tool(), &off) {
+            (Some(tool), None) => Some(Arc::new(scratch::ScratchOnDemand {
+                runner: SandboxedBoltRunner::new(tool.clone(), sandbox.clone(), settings.limits()),
+            }) as Arc<dyn BoltRunner>),
+            _ => None,
+        };
+        if let Some(why) = &off {
+            tracing::warn!(reason = %why, "the optimizer is off");
+        }
+        let applicability = settings.applicability();
+        let config = OptimizerConfig {
+            concurrency: settings.concurrency,
+            applicability: applicability.clone(),
+            limits: settings.limits(),
+            ..OptimizerConfig::default()
+        };
+        let deps = OptimizerDeps {
+            catalog: catalog.clone(),
+            store: store.clone(),
+            bolt: bolt.clone(),
+            runner,
+            sandbox,
+            profiles: Arc::new(profiles::CatalogProfiles { catalog: catalog.clone() }),
+            clock,
+        };
+        let (handle, worker) = optimizer(config, deps);
+        let shared = Arc::new(Shared {
+            config: Arc::new(cfg.clone()),
+            settings,
+            thresholds,
+            applicability,
+            catalog: catalog.clone(),
+            handle,
+            store,
+            bolt,
+            off,
+            status_copy: Mutex::new(None),
+        });
+        Ok(Self { shared, worker: Mutex::new(Some(worker)), scratch_created })
+    }
+
+    /// The "optimizer" section of `status.json` and its per-binary details.
+    pub fn status(&self) -> Arc<dyn SubsystemStatus> {
+        Arc::new(report::OptimizerReport { shared: self.shared.clone() })
+    }
+
+    /// `optimize NAME` and `reset NAME`.
+    pub fn hooks(&self) -> Arc<dyn CommandHooks> {
+        Arc::new(hooks::OptimizerHooks { shared: self.shared.clone() })
+    }
+
+    /// Where each binary is in the optimizing pipeline, for the policy's stage display.
+    pub fn pipeline_view(&self) -> Arc<dyn PipelineView> {
+        Arc::new(report::OptimizerPipeline { shared: self.shared.clone() })
+    }
+
+    /// Starts the job queue and the maturity driver on `rt`; both stop on `shutdown`.
+    /// Returns the queue's task: await it after signalling shutdown, before the runtime
+    /// goes, so running BOLT jobs are killed and recorded as cancelled. A second call
+    /// starts nothing.
+    pub fn spawn(
+        &self,
+        rt: &tokio::runtime::Handle,
+        shutdown: watch::Receiver<bool>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        let worker = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+        let scratch = self.scratch_created.then(|| self.shared.settings.scratch_dir.clone());
+        let queue_shutdown = shutdown.clone();
+        let queue = rt.spawn(async move {
+            run_optimizer(worker, queue_shutdown).await;
+            if let Some(dir) = scratch {
+                scratch::remove_if_empty(&dir);
+            }
+        });
+        if self.shared.off.is_none() {
+            rt.spawn(driver::run_driver(self.shared.clone(), shutdown));
+        }
+        Some(queue)
+    }
+}
+
+/// The applicability thresholds of `cfg` (defaults when `[optimizer]` does not parse;
+/// [`Optimizing::new`] refuses such a config before anything asks).
+pub fn applicability_of(cfg: &Config) -> ApplicabilityConfig {
+    OptimizerSettings::from_config(cfg).map(|s| s.applicability()).unwrap_or_default()
+}
+
+/// Whether BOLT could work on this binary, and why (or why not), for the status table:
+/// the user's exclusion and the allow/deny lists first, then the optimizer's rules, with
+/// the profile's own-text share when known.
+pub fn candidacy(
+    path: &Path,
+    facts: Option<&ElfFacts>,
+    profile: Option<&crate::bolt::ProfileNumbers>,
+    cfg: &Config,
+    applicability: &ApplicabilityConfig,
+    excluded: bool,
+) -> (bool, String) {
+    if excluded {
+        return (false, "excluded by the user".into());
+    }
+    if !cfg.permits(path) {
+        return (false, "left alone by the allow/deny lists of the config".into());
+    }
+    let Some(facts) = facts else { return (false, "not indexed yet".into()) };
+    let v = candidate::verdict(facts, profile, applicability);
+    (v.applicability.candidate, reason_only(&v.applicability.reason))
+}
+
+/// The status table prints "candidate: " or "not a candidate: " itself: the reason without
+/// the verdict ("candidate (relocation mode, ...)" -> "relocation mode, ...").
+fn reason_only(reason: &str) -> String {
+    if let Some(why) = reason.strip_prefix("not a candidate: ") {
+        return why.to_string();
+    }
+    match reason.strip_prefix("candidate ") {
+        Some(rest) => {
+            let inner = rest.strip_prefix('(').and_then(|r| r.strip_suffix(')'));
+            inner.unwrap_or(rest).to_string()
+        }
+        None => reason.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests;

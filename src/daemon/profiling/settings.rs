@@ -1,0 +1,194 @@
+//! The `[profile]` section of the config file: sampling, maturity and retention settings,
+//! validated and turned into the profiler's own types.
+
+use std::time::Duration;
+
+use anyhow::bail;
+use serde::{Deserialize, Serialize};
+
+use crate::catalog::profiles::Retention;
+use crate::profile::ProfilerConfig;
+use crate::profile::maturity::MaturityThresholds;
+
+/// `[profile]` as written in the config file; every key is optional (see `docs/config.md`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProfileSettings {
+    /// Whether the daemon samples at all. Without it no profile grows and nothing matures.
+    pub enabled: bool,
+    /// Samples per second per CPU (continuous profilers use 19-100 Hz).
+    pub frequency_hz: u64,
+    /// Ring buffer per CPU, KiB (rounded up to a power of two pages).
+    pub buffer_kib: u64,
+    /// Seconds between writes of the gathered counts to the catalog.
+    pub flush_secs: u64,
+    /// Length of one profile window, seconds; maturity compares recent windows with older ones.
+    pub window_secs: u64,
+    /// Seconds between retention passes (dropping windows that are too old or too big).
+    pub rotate_secs: u64,
+    /// A binary is hashed and symbolized only once it has this many samples.
+    pub identify_after_samples: u64,
+    /// Maturity: samples in the binary's own code before BOLT may use the profile.
+    pub min_samples: u64,
+    /// Maturity: separate processes (runs) the samples must come from.
+    pub min_runs: u64,
+    /// Maturity: agreement (0..1) of the recent hot functions with the older ones.
+    pub min_stability: f64,
+    /// Windows older than this many days are dropped.
+    pub retention_days: u64,
+    /// Per binary: the oldest windows are dropped while its profile exceeds this many MiB.
+    pub max_mib_per_binary: u64,
+    /// All binaries: the oldest windows are dropped while all profiles exceed this many MiB.
+    pub max_mib_total: u64,
+}
+
+impl Default for ProfileSettings {
+    fn default() -> Self {
+        let p = ProfilerConfig::default();
+        let t = MaturityThresholds::default();
+        let r = Retention::default();
+        Self {
+            enabled: true,
+            frequency_hz: p.frequency_hz,
+            buffer_kib: (p.buffer_bytes >> 10) as u64,
+            flush_secs: p.flush_interval.as_secs(),
+            window_secs: p.window_secs as u64,
+            rotate_secs: p.rotate_interval.as_secs(),
+            identify_after_samples: p.identify_after_samples,
+            min_samples: t.min_samples,
+            min_runs: t.min_runs,
+            min_stability: t.min_stability,
+            retention_days: (r.max_age_secs / 86_400) as u64,
+            max_mib_per_binary: r.max_bytes_per_binary >> 20,
+            max_mib_total: r.max_bytes_total >> 20,
+        }
+    }
+}
+
+const DAY_SECS: u64 = 86_400;
+
+impl ProfileSettings {
+    /// Parses and validates the raw `[profile]` table; errors name the offending key.
+    pub fn from_table(table: &toml::Table) -> anyhow::Result<Self> {
+        let s: Self = crate::config::Sections::parse(table, "profile")?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    /// Checks every value is in a range the profiler can work with.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let in_range = |key: &str, v: u64, lo: u64, hi: u64| -> anyhow::Result<()> {
+            if v < lo || v > hi {
+                bail!("[profile] {key} = {v} is out of range: it must be within {lo}..={hi}");
+            }
+            Ok(())
+        };
+        // perf throttles far below its own cap; beyond 10 kHz sampling costs more than it tells.
+        in_range("frequency_hz", self.frequency_hz, 1, 10_000)?;
+        in_range("buffer_kib", self.buffer_kib, 4, 64 << 10)?;
+        in_range("flush_secs", self.flush_secs, 1, 3_600)?;
+        in_range("window_secs", self.window_secs, 1, 7 * DAY_SECS)?;
+        in_range("rotate_secs", self.rotate_secs, 1, DAY_SECS)?;
+        in_range("retention_days", self.retention_days, 1, 3_650)?;
+        in_range("max_mib_per_binary", self.max_mib_per_binary, 1, 1 << 20)?;
+        in_range("max_mib_total", self.max_mib_total, 1, 1 << 20)?;
+        if !(0.0..=1.0).contains(&self.min_stability) {
+            bail!(
+                "[profile] min_stability = {} is out of range: it must be within 0.0..=1.0",
+                self.min_stability
+            );
+        }
+        Ok(())
+    }
+
+    /// The profiler's settings.
+    pub fn profiler_config(&self) -> ProfilerConfig {
+        ProfilerConfig {
+            frequency_hz: self.frequency_hz,
+            buffer_bytes: (self.buffer_kib << 10) as usize,
+            flush_interval: Duration::from_secs(self.flush_secs),
+            window_secs: self.window_secs as i64,
+            rotate_interval: Duration::from_secs(self.rotate_secs),
+            retention: Retention {
+                max_age_secs: (self.retention_days * DAY_SECS) as i64,
+                max_bytes_per_binary: self.max_mib_per_binary << 20,
+                max_bytes_total: self.max_mib_total << 20,
+            },
+            identify_after_samples: self.identify_after_samples,
+        }
+    }
+
+    pub fn thresholds(&self) -> MaturityThresholds {
+        MaturityThresholds {
+            min_samples: self.min_samples,
+            min_runs: self.min_runs,
+            min_stability: self.min_stability,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> anyhow::Result<ProfileSettings> {
+        ProfileSettings::from_table(&toml::from_str::<toml::Table>(text)?)
+    }
+
+    #[test]
+    fn defaults_are_the_profilers_own() {
+        let s = parse("").unwrap();
+        assert_eq!(s, ProfileSettings::default());
+        let p = s.profiler_config();
+        let d = ProfilerConfig::default();
+        assert_eq!(
+            (p.frequency_hz, p.buffer_bytes, p.flush_interval, p.window_secs, p.retention),
+            (d.frequency_hz, d.buffer_bytes, d.flush_interval, d.window_secs, d.retention)
+        );
+        assert_eq!((p.rotate_interval, p.identify_after_samples), (d.rotate_interval, 50));
+        assert_eq!(s.thresholds(), MaturityThresholds::default());
+        assert_eq!(s.thresholds().min_samples, 100_000);
+    }
+
+    #[test]
+    fn keys_reach_the_profiler() {
+        let s = parse(
+            "frequency_hz = 499\nwindow_secs = 2\nflush_secs = 1\nmin_samples = 300\n\
+             min_runs = 2\nmin_stability = 0.5\nretention_days = 2\nmax_mib_per_binary = 3\n\
+             max_mib_total = 7\nbuffer_kib = 64\nrotate_secs = 9\nidentify_after_samples = 5",
+        )
+        .unwrap();
+        let p = s.profiler_config();
+        assert_eq!((p.frequency_hz, p.window_secs, p.flush_interval.as_secs()), (499, 2, 1));
+        assert_eq!((p.buffer_bytes, p.rotate_interval.as_secs()), (64 << 10, 9));
+        assert_eq!(p.identify_after_samples, 5);
+        assert_eq!(
+            p.retention,
+            Retention {
+                max_age_secs: 2 * 86_400,
+                max_bytes_per_binary: 3 << 20,
+                max_bytes_total: 7 << 20
+            }
+        );
+        assert_eq!(
+            s.thresholds(),
+            MaturityThresholds { min_samples: 300, min_runs: 2, min_stability: 0.5 }
+        );
+    }
+
+    #[test]
+    fn errors_name_the_bad_key() {
+        for (text, key) in [
+            ("frequncy_hz = 5", "frequncy_hz"),
+            ("frequency_hz = 0", "frequency_hz"),
+            ("window_secs = 0", "window_secs"),
+            ("min_stability = 1.5", "min_stability"),
+            ("min_samples = \"many\"", "min_samples"),
+            ("min_runs = -1", "min_runs"),
+        ] {
+            let err = format!("{:#}", parse(text).unwrap_err());
+            assert!(err.contains(key), "{text:?}: {err}");
+            assert!(err.contains("profile"), "{text:?}: {err}");
+        }
+    }
+}
