@@ -5,23 +5,18 @@
 //! show; `optimize` and `reset` work through `.optbin/control`; a BOLT that fails leaves
 //! the original served and its output's tail in status.json.
 //!
-//! The profile: this branch's daemon has no sampler wired in (another module does that),
-//! so the test records the program's runs through the mount with `perf record -e
-//! cpu-clock`, converts them with the installed `perf2bolt`, and writes them into the
-//! catalog as two profile windows of one run each, the way the profiler stores them. When
-//! the daemon does sample (status.json has a "profiler" section), its windows add up with
-//! these.
+//! The profile comes from the daemon's own sampler (`[profile]` set to mature after a few
+//! short runs): the test only runs the program through the mount until status.json shows
+//! what it waits for.
 
 #[path = "common/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use common::daemon::Daemon;
-use optbin::bolt::perf2bolt::{perf_to_fdata, record_cpu_clock};
-use optbin::catalog::profiles::{self, WindowBatch};
 use rusqlite::{Connection, OpenFlags};
 use serde_json::Value;
 
@@ -122,7 +117,8 @@ impl Fixture {
         let bolt_line =
             bolt.map_or(String::new(), |b| format!("bolt = {:?}\n", b.display().to_string()));
         let config = format!(
-            "[profile]\nmin_samples = 500\nmin_runs = 2\nmin_stability = 0.5\n\n\
+            "[profile]\nfrequency_hz = 499\nflush_secs = 1\nwindow_secs = 2\n\
+             identify_after_samples = 20\nmin_samples = 500\nmin_runs = 2\nmin_stability = 0.5\n\n\
              [optimizer]\nscratch_dir = {:?}\nmin_text_bytes = 1024\ncheck_interval_secs = 1\n\
              timeout_secs = 120\n{bolt_line}",
             self.path("scratch").display().to_string()
@@ -183,40 +179,18 @@ fn idle(status: &Value) -> bool {
         && o["running"].as_array().is_some_and(|r| r.is_empty())
 }
 
-/// Records two runs of `prog` through the mount with perf, converts them with perf2bolt and
-/// stores them as two profile windows of binary `id` (see the module doc).
-fn seed_profile(fx: &Fixture, d: &Daemon, id: i64) -> u64 {
-    let tool = optbin::bolt::discover(None);
-    let tool = tool.tool().expect("BOLT is installed on this machine");
-    let through_mount = d.mnt.join("bin/prog");
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
-    let mut conn = Connection::open(fx.path("state/catalog.db")).unwrap();
-    conn.busy_timeout(Duration::from_secs(10)).unwrap();
-    let mut total = 0;
-    for (i, start) in [now - 1200, now - 600].into_iter().enumerate() {
-        let perf = fx.path(&format!("run{i}.perf"));
-        record_cpu_clock(&through_mount, &[WORK], &perf).unwrap();
-        let fdata = fx.path(&format!("run{i}.fdata"));
-        perf_to_fdata(tool, &fx.prog, &perf, &fdata).unwrap();
-        let samples: Vec<(String, u64, u64)> = std::fs::read_to_string(&fdata)
-            .unwrap()
-            .lines()
-            .filter(|l| !l.starts_with("no_lbr"))
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                let [_, name, off, count] = f[..] else { return None };
-                Some((name.to_string(), u64::from_str_radix(off, 16).ok()?, count.parse().ok()?))
-            })
-            .collect();
-        let own: u64 = samples.iter().map(|s| s.2).sum();
-        assert!(own > 300, "perf2bolt attributed only {own} samples to prog");
-        total += own;
-        let batch = WindowBatch { samples, own_samples: own, new_runs: 1, ..Default::default() };
-        let tx = conn.transaction().unwrap();
-        profiles::add_window(&tx, id, start, "cpu-clock", &batch, now).unwrap();
-        tx.commit().unwrap();
-    }
-    total
+/// Runs `prog` through the mount (feeding the daemon's sampler) until `done` answers.
+fn drive_until<T>(
+    d: &Daemon,
+    what: &str,
+    timeout: Duration,
+    mut done: impl FnMut(&Value) -> Option<T>,
+) -> T {
+    let prog = d.bin().join("prog");
+    d.wait_for(timeout, what, |d| {
+        run(&prog, WORK);
+        done(&d.status_json())
+    })
 }
 
 #[test]
@@ -236,15 +210,10 @@ fn mature_profiles_become_variants_and_commands_reach_the_optimizer() {
     assert_eq!(run(&mnt_bin.join("plain"), QUICK), expected);
     let id = d.wait_for(Duration::from_secs(20), "prog to be indexed", |_| fx.binary_id(&fx.prog));
     d.wait_for(Duration::from_secs(20), "plain to be indexed", |_| fx.binary_id(&fx.plain));
-    let seeded = seed_profile(&fx, &d, id);
-    println!("seeded a profile of {seeded} samples");
-
-    let failure =
-        d.wait_for(Duration::from_secs(60), "the fake BOLT's failure in status.json", |d| {
-            let s = d.status_json();
-            let job = binary(&s, &fx.prog)?["details"]["optimizer"]["job"].clone();
-            (job["failed_until_change"] == true && idle(&s)).then_some(s)
-        });
+    let failure = drive_until(&d, "the fake BOLT's failure", Duration::from_secs(60), |s| {
+        let job = binary(s, &fx.prog)?["details"]["optimizer"]["job"].clone();
+        (job["failed_until_change"] == true && idle(s)).then(|| s.clone())
+    });
     let o = optimizer(&failure);
     println!("after the fake BOLT: {}", o["summary"]);
     let listed = &o["failures"][0]["job"];
@@ -260,15 +229,15 @@ fn mature_profiles_become_variants_and_commands_reach_the_optimizer() {
     assert_eq!(run(&mnt_bin.join("prog"), QUICK), expected, "the original is still served");
     d.stop();
     assert!(!d.log().contains("panicked"), "{}", d.log());
+    assert!(!fx.path("scratch").exists(), "the scratch root the jobs created outlived the daemon");
 
     // Phase 2: the real BOLT. Its version differs from the failed one's: the binary is
     // built again, without anyone asking.
     fx.write_config(None);
     d.restart();
-    let status = d.wait_for(Duration::from_secs(60), "a stored BOLT variant", |d| {
-        let s = d.status_json();
-        let has = binary(&s, &fx.prog)?["variants"].as_array()?.iter().any(|v| v["kind"] == "bolt");
-        (has && idle(&s)).then_some(s)
+    let status = drive_until(&d, "a stored BOLT variant", Duration::from_secs(60), |s| {
+        let has = binary(s, &fx.prog)?["variants"].as_array()?.iter().any(|v| v["kind"] == "bolt");
+        (has && idle(s)).then(|| s.clone())
     });
     let o = optimizer(&status);
     println!("with the real BOLT: {}", o["summary"]);
@@ -305,6 +274,10 @@ fn mature_profiles_become_variants_and_commands_reach_the_optimizer() {
     // `optimize` on the candidate queues a build now, though nothing changed.
     let built = o["built"].as_u64().unwrap();
     d.control("optimize prog").unwrap_or_else(|e| panic!("{e}: {}", d.last_error()));
+    // BOLT takes far longer than the next write: the job is still queued or running.
+    let err = d.control("reset prog").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+    assert!(d.last_error().contains("queued or running"), "{}", d.last_error());
     d.wait_for(Duration::from_secs(60), "the requested build", |d| {
         let s = d.status_json();
         (idle(&s) && optimizer(&s)["built"].as_u64()? > built).then_some(())
@@ -331,4 +304,5 @@ fn mature_profiles_become_variants_and_commands_reach_the_optimizer() {
     assert_eq!(run(&mnt_bin.join("prog"), QUICK), expected);
     d.stop();
     assert!(!d.log().contains("panicked"), "{}", d.log());
+    assert!(!fx.path("scratch").exists(), "the scratch root the jobs created outlived the daemon");
 }

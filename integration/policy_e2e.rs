@@ -10,13 +10,11 @@
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use common::daemon::Daemon;
 use common::*;
-use optbin::catalog::base::{NewVariant, insert_variant};
-use optbin::store::VariantStore;
 
 /// Prints its TAG and first argument; built with -DCRASH_ON it segfaults on `crash`.
 const TOOL_C: &str = r#"
@@ -35,10 +33,12 @@ int main(int argc, char **argv) {
 }
 "#;
 
+/// Fast rescans; `min_runs` above the 20 execs each arm can get before the crash, so the
+/// canary stays undecided by speed until then (the quarantine needs no minimum of runs).
 const CONFIG: &str = r#"
 [policy]
 canary_share = 0.5
-min_runs = 10
+min_runs = 25
 rescan_ms = 100
 "#;
 
@@ -51,7 +51,7 @@ struct Runs {
 fn run_tool(daemon: &Daemon, arg: &str, n: usize) -> Runs {
     let mut runs = Runs { variant: 0, original: 0 };
     for _ in 0..n {
-        let out = run(Command::new(daemon.mount.join("bin/tool")).arg(arg));
+        let out = run(Command::new(daemon.mnt.join("bin/tool")).arg(arg));
         assert_eq!(out.code, Some(0), "{out:?}");
         match out.stdout.as_str().strip_suffix(&format!(" {arg}\n")) {
             Some("variant") => runs.variant += 1,
@@ -77,28 +77,6 @@ fn stage(binary: &serde_json::Value) -> String {
     binary["details"]["policy"]["stage_text"].as_str().unwrap_or_default().to_string()
 }
 
-/// Places `file` as a `ready` BOLT variant of the binary with `sha256`, the way the
-/// optimizer records its output: published in the state dir's store, a row in the catalog.
-fn place_variant(state: &Path, sha256: &str, file: &Path) -> i64 {
-    let stored = VariantStore::open(state).unwrap().publish(file).unwrap();
-    let conn = rusqlite::Connection::open(state.join("catalog.db")).unwrap();
-    conn.busy_timeout(Duration::from_secs(10)).unwrap();
-    let binary_id: i64 = conn
-        .query_row("SELECT id FROM binaries WHERE sha256 = ?1", [sha256], |r| r.get(0))
-        .unwrap();
-    let variant = NewVariant {
-        binary_id,
-        kind: "bolt".into(),
-        sha256: stored.content.hex(),
-        store_path: stored.path.to_string_lossy().into_owned(),
-        size: stored.size,
-        state: "ready".into(),
-        note: Some("placed by policy_e2e".into()),
-        ..Default::default()
-    };
-    insert_variant(&conn, &variant, 1).unwrap()
-}
-
 #[test]
 fn canary_split_quarantine_on_crash_pins_and_exclusion() {
     let started = Instant::now();
@@ -111,29 +89,35 @@ fn canary_split_quarantine_on_crash_pins_and_exclusion() {
     let variant_file = root.join("tool.variant");
     cc(TOOL_C, &variant_file, &["-DTAG=\"variant\"", "-DCRASH_ON"]);
 
-    let daemon = Daemon::start(&root, std::slice::from_ref(&bin), CONFIG);
-    let status = daemon.status();
+    let mut daemon = start_daemon(&root, &bin, CONFIG);
+    let status = daemon.status_json();
     assert_eq!(status["subsystems"]["policy"]["measurement"]["on"], true, "{status:#}");
 
     // A lookup through the mount makes the daemon index the binary.
-    std::fs::metadata(daemon.mount.join("bin/tool")).unwrap();
-    let b = daemon.wait_binary(&tool, 20, "the binary to be indexed", |b| b["sha256"].is_string());
+    std::fs::metadata(daemon.mnt.join("bin/tool")).unwrap();
+    let b =
+        wait_binary(&daemon, &tool, 20, "the binary to be indexed", |b| b["sha256"].is_string());
     let sha256 = b["sha256"].as_str().unwrap().to_string();
     assert_eq!(b["served"], "original");
 
     // The variant enters canary: half of the execs, drawn per exec.
-    let vid = place_variant(&daemon.state, &sha256, &variant_file);
+    let vid = place_variant(&daemon.state, &sha256, &variant_file, "ready");
     let canary = format!("variant {vid} for 50% of execs");
-    let b = daemon.wait_binary(&tool, 20, "the canary", |b| b["served"] == canary.as_str());
+    let b = wait_binary(&daemon, &tool, 20, "the canary", |b| b["served"] == canary.as_str());
     assert!(stage(&b).starts_with("canary"), "{b:#}");
     assert_eq!(b["variants"][0]["state"], "canary");
 
-    let split = run_tool(&daemon, "hello", 16);
-    assert!(split.variant > 0 && split.original > 0, "16 execs all went one way");
+    let split = run_tool(&daemon, "hello", 20);
+    assert!(
+        split.variant > 0 && split.original > 0,
+        "20 execs all went one way: {} to the variant; log:\n{}",
+        split.variant,
+        daemon.log()
+    );
     // Every run was measured and attributed to what it ran.
-    let b = daemon.wait_binary(&tool, 20, "16 measured runs", |b| {
+    let b = wait_binary(&daemon, &tool, 20, "20 measured runs", |b| {
         let (o, v) = status_runs(b);
-        o + v >= 16
+        o + v >= 20
     });
     assert_eq!(
         status_runs(&b),
@@ -143,21 +127,21 @@ fn canary_split_quarantine_on_crash_pins_and_exclusion() {
     assert!(stage(&b).contains(&format!("variant {vid}: {} runs", split.variant)), "{}", stage(&b));
 
     // A pin to the original overrides the canary at once; unpinning resumes it.
-    daemon.control("pin tool original");
+    daemon.control("pin tool original").unwrap();
     let pinned = run_tool(&daemon, "hello", 10);
     assert_eq!((pinned.variant, pinned.original), (0, 10));
     let b = daemon.binary(&tool).unwrap();
     assert_eq!(b["served"], "original");
     assert_eq!(b["served_reason"], "pinned to the original");
     assert_eq!(b["pin"], "original");
-    daemon.control("unpin tool");
+    daemon.control("unpin tool").unwrap();
     let b = daemon.binary(&tool).unwrap();
     assert_eq!(b["served"], format!("variant {vid} for 50% of execs"), "{b:#}");
 
     // The variant's first crash quarantines it: no strikes, no minimum number of runs.
     let mut crashed = false;
     for _ in 0..40 {
-        let out = Command::new(daemon.mount.join("bin/tool")).arg("crash").output().unwrap();
+        let out = Command::new(daemon.mnt.join("bin/tool")).arg("crash").output().unwrap();
         if out.status.signal() == Some(libc::SIGSEGV) {
             crashed = true;
             break;
@@ -165,7 +149,7 @@ fn canary_split_quarantine_on_crash_pins_and_exclusion() {
         assert_eq!(String::from_utf8_lossy(&out.stdout), "original crash\n");
     }
     assert!(crashed, "40 execs never reached the variant");
-    let b = daemon.wait_binary(&tool, 20, "the quarantine", |b| {
+    let b = wait_binary(&daemon, &tool, 20, "the quarantine", |b| {
         b["variants"][0]["state"] == "quarantined" && b["served"] == "original"
     });
     let incident = b["details"]["policy"]["last_incident"].as_str().unwrap_or_default();
@@ -193,14 +177,14 @@ fn canary_split_quarantine_on_crash_pins_and_exclusion() {
     );
 
     // A pin to bolted never brings back a quarantined variant.
-    daemon.control("pin tool bolted");
+    daemon.control("pin tool bolted").unwrap();
     let b = daemon.binary(&tool).unwrap();
     assert_eq!(b["served"], "original", "{b:#}");
-    daemon.control("unpin tool");
+    daemon.control("unpin tool").unwrap();
 
     // Excluded: the entry becomes a symlink to the original, which still runs.
-    daemon.control("exclude tool");
-    let entry = in_mount(&daemon.mount, &tool);
+    daemon.control("exclude tool").unwrap();
+    let entry = in_mount(&daemon.mnt, &tool);
     let md = std::fs::symlink_metadata(&entry).unwrap();
     assert!(md.file_type().is_symlink(), "{} is not a symlink", entry.display());
     assert_eq!(std::fs::read_link(&entry).unwrap(), tool);
@@ -212,10 +196,10 @@ fn canary_split_quarantine_on_crash_pins_and_exclusion() {
     );
 
     // Every exec through the mount was measured (the excluded runs above ran natively).
-    let through_mount = 16 + 10 + 1 + 20;
+    let through_mount = 20 + 10 + 1 + 20;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let status = daemon.status();
+        let status = daemon.status_json();
         let measurement = &status["subsystems"]["policy"]["measurement"];
         if measurement["runs_measured"].as_u64().unwrap_or(0) >= through_mount {
             assert_eq!(measurement["dropped"]["not_attached"], 0, "{measurement:#}");
@@ -224,7 +208,7 @@ fn canary_split_quarantine_on_crash_pins_and_exclusion() {
         assert!(Instant::now() < deadline, "runs went unmeasured: {measurement:#}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let text = std::fs::read_to_string(daemon.mount.join(".optbin/status")).unwrap();
+    let text = std::fs::read_to_string(daemon.mnt.join(".optbin/status")).unwrap();
     assert!(text.contains("policy: measuring runs"), "{text}");
     eprintln!("{text}");
     daemon.stop();

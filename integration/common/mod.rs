@@ -132,129 +132,43 @@ pub fn chmod(path: &Path, mode: u32) {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
 }
 
-/// The real daemon (`optbin mount ... --foreground`) as a child process on temp dirs. Drop
-/// stops it with SIGTERM (SIGKILL after 10 s) and detaches the mount if it is still there,
-/// so nothing is left behind even when a test panics.
-pub struct Daemon {
-    child: Option<std::process::Child>,
-    pub mount: PathBuf,
-    pub state: PathBuf,
-    /// The daemon's stderr (its log), shown when a test fails.
-    pub log: PathBuf,
+/// Places `file` as a BOLT variant in `state` (e.g. `ready`) of the binary with `sha256` in
+/// the daemon's state dir, the way the optimizer records its output: published in the
+/// store, a row in the catalog (written while the daemon runs; SQLite serializes writers).
+pub fn place_variant(state_dir: &Path, sha256: &str, file: &Path, state: &str) -> i64 {
+    let stored = optbin::store::VariantStore::open(state_dir).unwrap().publish(file).unwrap();
+    let conn = rusqlite::Connection::open(state_dir.join("catalog.db")).unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    let binary_id: i64 = conn
+        .query_row("SELECT id FROM binaries WHERE sha256 = ?1", [sha256], |r| r.get(0))
+        .unwrap();
+    let variant = optbin::catalog::base::NewVariant {
+        binary_id,
+        kind: "bolt".into(),
+        sha256: stored.content.hex(),
+        store_path: stored.path.to_string_lossy().into_owned(),
+        size: stored.size,
+        state: state.into(),
+        note: Some("placed by a test".into()),
+        ..Default::default()
+    };
+    optbin::catalog::base::insert_variant(&conn, &variant, 1).unwrap()
 }
 
-impl Daemon {
-    /// Starts the daemon over `overlay` with `config` (TOML text) and waits until its
-    /// status file answers.
-    pub fn start(root: &Path, overlay: &[PathBuf], config: &str) -> Self {
-        let (mount, state) = (root.join("mnt"), root.join("state"));
-        let config_file = root.join("config.toml");
-        std::fs::write(&config_file, config).expect("writing the config");
-        let log = root.join("daemon.log");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_optbin"));
-        cmd.arg("mount").arg(&mount).arg("--state-dir").arg(&state);
-        for d in overlay {
-            cmd.arg("--overlay").arg(d);
-        }
-        cmd.arg("--config").arg(&config_file).arg("--foreground");
-        cmd.stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("creating the log"));
-        let child = cmd.spawn().expect("starting optbin");
-        let d = Self { child: Some(child), mount, state, log };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        while d.try_status().is_none() {
-            if std::time::Instant::now() > deadline {
-                panic!("the daemon did not come up; its log:\n{}", d.log_text());
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        d
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn try_status(&self) -> Option<serde_json::Value> {
-        let text = std::fs::read_to_string(self.mount.join(".optbin/status.json")).ok()?;
-        serde_json::from_str(&text).ok()
-    }
-
-    /// `.optbin/status.json`, parsed.
-    pub fn status(&self) -> serde_json::Value {
-        self.try_status().unwrap_or_else(|| panic!("no status; log:\n{}", self.log_text()))
-    }
-
-    /// The status entry of the binary at `path` (real path).
-    pub fn binary(&self, path: &Path) -> Option<serde_json::Value> {
-        let status = self.status();
-        status["binaries"].as_array()?.iter().find(|b| b["path"].as_str() == path.to_str()).cloned()
-    }
-
-    /// Polls the binary's status entry until `ok` holds; panics with the entry and the log
-    /// after `secs`.
-    pub fn wait_binary(
-        &self,
-        path: &Path,
-        secs: u64,
-        what: &str,
-        ok: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-        loop {
-            let b = self.binary(path);
-            if let Some(b) = b.as_ref().filter(|b| ok(b)) {
-                return b.clone();
-            }
-            if std::time::Instant::now() > deadline {
-                panic!(
-                    "timed out waiting for {what}; status entry: {}\nlog:\n{}",
-                    serde_json::to_string_pretty(&b).unwrap_or_default(),
-                    self.log_text()
-                );
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    }
-
-    /// Writes one command to `.optbin/control`.
-    pub fn control(&self, command: &str) {
-        std::fs::write(self.mount.join(".optbin/control"), command)
-            .unwrap_or_else(|e| panic!("control {command:?}: {e}; log:\n{}", self.log_text()));
-    }
-
-    /// SIGTERM, then waits for the daemon to exit and the mount to go.
-    pub fn stop(mut self) {
-        let code = self.terminate();
-        assert_eq!(code, Some(0), "the daemon did not stop cleanly; log:\n{}", self.log_text());
-        assert!(!is_mounted(&self.mount), "the mount is still there after the daemon stopped");
-    }
-
-    fn terminate(&mut self) -> Option<i32> {
-        let mut child = self.child.take()?;
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(status)) = child.try_wait() {
-                return status.code();
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        None
-    }
+/// Starts the real daemon over `overlay` on `root`'s `mnt` and `state`, with `config`.
+pub fn start_daemon(root: &Path, overlay: &Path, config: &str) -> daemon::Daemon {
+    let config_file = root.join("config.toml");
+    std::fs::write(&config_file, config).expect("writing the config");
+    daemon::Daemon::start(&root.join("mnt"), &[overlay], &root.join("state"), Some(&config_file))
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.terminate();
-        if is_mounted(&self.mount)
-            && let Ok(c) = std::ffi::CString::new(self.mount.to_string_lossy().as_bytes())
-        {
-            // SAFETY: a valid C string.
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
-    }
+/// Polls the status entry of the binary at `path` until `ok` holds; panics after `secs`.
+pub fn wait_binary(
+    d: &daemon::Daemon,
+    path: &Path,
+    secs: u64,
+    what: &str,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    d.wait_for(std::time::Duration::from_secs(secs), what, |d| d.binary(path).filter(|b| ok(b)))
 }

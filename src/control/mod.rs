@@ -154,7 +154,7 @@ impl ControlDir {
         }
         let result = command::parse(data)
             .map_err(|e| ActionError::invalid(e.0))
-            .and_then(|cmd| self.actions.apply(&cmd).map(|done| (cmd, done)));
+            .and_then(|cmd| self.apply_off_request_thread(&cmd).map(|done| (cmd, done)));
         match result {
             Ok((cmd, done)) => {
                 tracing::info!(command = %cmd, "control: {done}");
@@ -168,6 +168,23 @@ impl ControlDir {
                 Err(FsError::new(e.errno, e.message))
             }
         }
+    }
+
+    /// Carries the command out on a thread of its own. Invalidations caused from a FUSE
+    /// request thread are queued (the kernel may be waiting on that thread); from any other
+    /// thread they reach the kernel before the call returns. So when `echo 'exclude x' >
+    /// control` returns, the next exec of `x` already sees the change.
+    fn apply_off_request_thread(&self, cmd: &Command) -> Result<String, ActionError> {
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("optbin-control".into())
+                .spawn_scoped(scope, || self.actions.apply(cmd))
+                .map_err(|e| ActionError::io(format!("starting a control thread: {e}")))?
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(ActionError::io("the command panicked (a bug; see the log)"))
+                })
+        })
     }
 
     fn set_last_error(&self, text: String) {

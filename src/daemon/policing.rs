@@ -36,109 +36,32 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::Context;
-use serde::Deserialize;
-use serde_json::json;
 use tokio::sync::{mpsc, watch};
+
+mod settings;
+mod status;
+
+pub use settings::PolicySettings;
+use status::PolicyStatus;
 
 use crate::catalog::Catalog;
 use crate::catalog::base::{self, VariantRow};
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, Sections};
+use crate::config::Config;
 use crate::daemon::report::SubsystemStatus;
 use crate::fs::{EventSink, FsEvent, ServedVariant, ServingTable};
 use crate::identity::FileKey;
 use crate::measure::{ExecOpen, Measurer, RunExit, RunRecord};
-use crate::policy::load::{NoPipeline, PipelineView, binary_status, machine_summary};
+use crate::policy::load::{NoPipeline, PipelineView};
 use crate::policy::task::{PolicyTaskOptions, ServingSink, reevaluate_binary, run_policy};
-use crate::policy::{PolicyConfig, ServeDecision, Stage, VariantState};
+use crate::policy::{PolicyConfig, ServeDecision, VariantState};
 
 /// How often paths whose table entry differs from the policy task's last report are
 /// re-derived (see the module doc); nothing is done while there are none.
 pub const RECONCILE_EVERY: Duration = Duration::from_millis(200);
 
-/// The `[policy]` section of the config file.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct PolicySettings {
-    /// Measure runs of served binaries (per-exec CPU time and exit status). Without
-    /// measurement no canary is run.
-    pub measure: bool,
-    /// Share of execs a canary variant gets (0..=1).
-    pub canary_share: f64,
-    /// Runs per arm (variant and original) at the first look (>= 5); later looks at 2x,
-    /// 4x, ... of it.
-    pub min_runs: usize,
-    /// Number of looks (1..=10); a variant not shown faster at the last is rejected.
-    pub looks: u32,
-    /// Bound on the chance of promoting a variant that is not faster (0..0.5).
-    pub alpha: f64,
-    /// Smallest estimated gain that promotes a variant (0.02 = 2% less CPU time).
-    pub promote_min_gain: f64,
-    /// Share of execs that keep going to the original while a variant is served (0..=1).
-    pub exploration_share: f64,
-    /// Runs exiting with a code the original never gave that quarantine a variant (>= 1).
-    pub suspicious_exit_strikes: usize,
-    /// How often every watched binary is checked for new variants and changed controls.
-    pub rescan_ms: u64,
-    /// Measured runs older than this are deleted.
-    pub runs_max_age_days: u64,
-    /// At most this many measured runs are kept, machine-wide (oldest go first).
-    pub runs_max_rows: u64,
-}
-
-impl Default for PolicySettings {
-    fn default() -> Self {
-        let p = PolicyConfig::default();
-        let t = PolicyTaskOptions::default();
-        Self {
-            measure: true,
-            canary_share: p.canary_fraction,
-            min_runs: p.min_runs_per_arm,
-            looks: p.looks,
-            alpha: p.alpha,
-            promote_min_gain: p.promote_min_gain,
-            exploration_share: p.exploration_share,
-            suspicious_exit_strikes: p.suspicious_exit_strikes,
-            rescan_ms: t.rescan_every.as_millis() as u64,
-            runs_max_age_days: t.runs_max_age.as_secs() / 86_400,
-            runs_max_rows: t.runs_max_rows,
-        }
-    }
-}
-
-impl PolicySettings {
-    /// Parses and validates the raw `[policy]` table.
-    pub fn from_table(table: &toml::Table) -> anyhow::Result<Self> {
-        let s: Self = Sections::parse(table, "policy")?;
-        s.policy_config().validate().context("in the [policy] section of the config")?;
-        anyhow::ensure!(
-            s.rescan_ms >= 10,
-            "in the [policy] section of the config: policy.rescan_ms must be at least 10"
-        );
-        anyhow::ensure!(
-            s.runs_max_age_days >= 1,
-            "in the [policy] section of the config: policy.runs_max_age_days must be at least 1"
-        );
-        anyhow::ensure!(
-            s.runs_max_rows >= 1000,
-            "in the [policy] section of the config: policy.runs_max_rows must be at least 1000"
-        );
-        Ok(s)
-    }
-
-    /// The policy's own knobs.
-    pub fn policy_config(&self) -> PolicyConfig {
-        PolicyConfig {
-            canary_fraction: self.canary_share,
-            min_runs_per_arm: self.min_runs,
-            looks: self.looks,
-            alpha: self.alpha,
-            promote_min_gain: self.promote_min_gain,
-            exploration_share: self.exploration_share,
-            suspicious_exit_strikes: self.suspicious_exit_strikes,
-        }
-    }
-}
+/// How long measured runs that ended normally are held to reach the policy as one batch.
+pub const HAND_OVER_EVERY: Duration = Duration::from_millis(100);
 
 /// The measurer (if it runs) and what became of the runs it saw.
 struct Measurement {
@@ -599,164 +522,43 @@ async fn apply_decisions(
     }
 }
 
-/// Counts the measurer's records for status on their way to the policy task.
+/// Counts the measurer's records for status on their way to the policy task, and hands
+/// them over in bursts: the task stores and re-evaluates per batch of what is queued, and
+/// one evaluation reads up to thousands of runs of the binary, so a record per exec would
+/// cost an evaluation per exec. A run killed by a signal goes at once, with what is held:
+/// a crash quarantines without waiting.
 async fn count_runs(
     measurement: Arc<Measurement>,
     mut records: mpsc::UnboundedReceiver<RunRecord>,
     to_policy: mpsc::UnboundedSender<RunRecord>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut flush = tokio::time::interval(HAND_OVER_EVERY);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut held: Vec<RunRecord> = Vec::new();
     loop {
-        let record = tokio::select! {
+        let urgent = tokio::select! {
             _ = shutdown.changed() => break,
-            r = records.recv() => match r { Some(r) => r, None => break },
+            r = records.recv() => match r {
+                Some(record) => {
+                    measurement.measured.fetch_add(1, Ordering::Relaxed);
+                    let killed = matches!(record.exit, RunExit::Signaled(_));
+                    if killed {
+                        measurement.killed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    held.push(record);
+                    killed
+                }
+                None => break,
+            },
+            _ = flush.tick() => true,
         };
-        measurement.measured.fetch_add(1, Ordering::Relaxed);
-        if matches!(record.exit, RunExit::Signaled(_)) {
-            measurement.killed.fetch_add(1, Ordering::Relaxed);
-        }
-        if to_policy.send(record).is_err() {
+        if urgent && held.drain(..).any(|r| to_policy.send(r).is_err()) {
             break;
         }
     }
-}
-
-/// The "policy" status section.
-struct PolicyStatus {
-    inner: Arc<Inner>,
-}
-
-impl PolicyStatus {
-    fn measurement_json(&self) -> (serde_json::Value, String) {
-        let m = &self.inner.measurement;
-        let measured = m.measured.load(Ordering::Relaxed);
-        let killed = m.killed.load(Ordering::Relaxed);
-        let not_attached = m.not_attached.load(Ordering::Relaxed);
-        let (pending, dropped) = match &m.measurer {
-            Some(x) => (x.pending(), x.dropped()),
-            None => (0, Default::default()),
-        };
-        let json = json!({
-            "on": m.is_on(),
-            "why_off": m.off,
-            "runs_measured": measured,
-            "runs_killed_by_signal": killed,
-            "pending": pending,
-            "dropped": {
-                "not_attached": not_attached,
-                "exec_failed": dropped.exec_failed,
-                "lost": dropped.lost,
-                "unreadable": dropped.unreadable,
-            },
-        });
-        let lost = not_attached + dropped.lost + dropped.unreadable;
-        let text = match &m.off {
-            None => format!("measuring runs ({measured} measured since start, {lost} lost)"),
-            Some(why) => format!("measurement off, no canaries ({why})"),
-        };
-        (json, text)
-    }
-}
-
-impl SubsystemStatus for PolicyStatus {
-    fn name(&self) -> &'static str {
-        "policy"
-    }
-
-    fn section(&self) -> serde_json::Value {
-        let (measurement, measurement_text) = self.measurement_json();
-        let (cfg, pipeline) = (self.inner.config.clone(), self.inner.pipeline());
-        let summary =
-            self.inner.catalog.run_blocking(move |c| machine_summary(c, &cfg, &*pipeline));
-        let (machine, machine_text) = match summary {
-            Ok(s) => (
-                json!({
-                    "binaries_optimized": s.binaries_optimized,
-                    "cpu_saved_ns": s.cpu_saved_ns,
-                }),
-                format!(
-                    "{} binar{} served optimized, {:.1} s CPU time saved",
-                    s.binaries_optimized,
-                    if s.binaries_optimized == 1 { "y" } else { "ies" },
-                    s.cpu_saved_ns as f64 / 1e9
-                ),
-            ),
-            Err(e) => (json!({ "error": format!("{e:#}") }), "summary unavailable".into()),
-        };
-        json!({
-            "measurement": measurement,
-            "machine": machine,
-            "config": self.inner.config,
-            "summary": format!("{measurement_text}; {machine_text}"),
-        })
-    }
-
-    fn binary(&self, conn: &rusqlite::Connection, binary_id: i64) -> Option<serde_json::Value> {
-        let statuses = binary_status(conn, binary_id, &self.inner.config, &*self.inner.pipeline())
-            .map_err(|e| tracing::warn!(binary_id, error = %format!("{e:#}"), "policy status"))
-            .ok()?;
-        let first = statuses.first()?;
-        let runs: Vec<serde_json::Value> =
-            first.runs.iter().map(|(v, n)| json!({ "variant": v, "runs": n })).collect();
-        let runs_text: Vec<String> = first
-            .runs
-            .iter()
-            .map(|(v, n)| match v {
-                None => format!("original {n}"),
-                Some(id) => format!("variant {id} {n}"),
-            })
-            .collect();
-        let stage_text = self.stage_text(&first.stage, &first.stage_text);
-        let mut summary = stage_text.clone();
-        if !runs_text.is_empty() {
-            summary.push_str(&format!("; runs: {}", runs_text.join(", ")));
-        }
-        if let Some(i) = &first.last_incident {
-            summary.push_str(&format!("; last incident: {i}"));
-        }
-        Some(json!({
-            "stage": first.stage,
-            "stage_text": stage_text,
-            "runs": runs,
-            "gain": first.gain.map(|g| json!({
-                "ratio": g.ratio,
-                "low": g.low,
-                "high": g.high,
-                "variant_runs": g.variant_runs,
-                "original_runs": g.original_runs,
-                "text": g.describe(),
-            })),
-            "last_incident": first.last_incident,
-            "paths": statuses.iter().map(|s| json!({
-                "path": s.path,
-                "stage_text": self.stage_text(&s.stage, &s.stage_text),
-            })).collect::<Vec<_>>(),
-            "summary": summary,
-        }))
-    }
-
-    fn served_reason(
-        &self,
-        conn: &rusqlite::Connection,
-        binary_id: i64,
-        path: &str,
-    ) -> Option<String> {
-        let statuses =
-            binary_status(conn, binary_id, &self.inner.config, &*self.inner.pipeline()).ok()?;
-        let s = statuses.into_iter().find(|s| s.path == path)?;
-        Some(self.stage_text(&s.stage, &s.stage_text))
-    }
-}
-
-impl PolicyStatus {
-    /// The policy's stage text, honest about canaries that do not run without measurement.
-    fn stage_text(&self, stage: &Stage, text: &str) -> String {
-        match (stage, &self.inner.measurement.off) {
-            (Stage::Canary { .. }, Some(why)) => {
-                format!("{text}; not run: measurement is off ({why})")
-            }
-            _ => text.to_string(),
-        }
+    for r in held {
+        let _ = to_policy.send(r);
     }
 }
 
@@ -774,32 +576,6 @@ mod tests {
     use crate::measure::counters::{CounterFactory, CounterReading, RunCounters};
     use crate::measure::proc_connector::ProcEvent;
     use crate::measure::tracker::ProcessView;
-
-    fn table(text: &str) -> toml::Table {
-        toml::from_str(text).unwrap()
-    }
-
-    #[test]
-    fn settings_default_to_the_policys_defaults_and_name_bad_keys() {
-        let s = PolicySettings::from_table(&toml::Table::new()).unwrap();
-        assert_eq!(s.policy_config(), PolicyConfig::default());
-        assert!(s.measure);
-        let s = PolicySettings::from_table(&table("canary_share = 0.25\nmin_runs = 6")).unwrap();
-        assert_eq!(s.policy_config().canary_fraction, 0.25);
-        assert_eq!(s.policy_config().min_runs_per_arm, 6);
-
-        let err = PolicySettings::from_table(&table("canary_shares = 0.2")).unwrap_err();
-        let text = format!("{err:#}");
-        assert!(text.contains("canary_shares") && text.contains("[policy]"), "{text}");
-        let err = PolicySettings::from_table(&table("canary_share = 1.5")).unwrap_err();
-        assert!(format!("{err:#}").contains("canary_fraction"), "{err:#}");
-        let err = PolicySettings::from_table(&table("min_runs = 2")).unwrap_err();
-        assert!(format!("{err:#}").contains("min_runs"), "{err:#}");
-        let err = PolicySettings::from_table(&table("rescan_ms = 1")).unwrap_err();
-        assert!(format!("{err:#}").contains("rescan_ms"), "{err:#}");
-        let err = PolicySettings::from_table(&table("min_runs = \"x\"")).unwrap_err();
-        assert!(format!("{err:#}").contains("min_runs"), "{err:#}");
-    }
 
     fn row(id: i64, state: &str) -> VariantRow {
         VariantRow {
@@ -1015,9 +791,9 @@ mod tests {
         let task = tokio::spawn(apply_decisions(p.inner.clone(), rx, shutdown));
         wait_until("the reconciliation", || serving.served_share(&w.path).is_none()).await;
         wait_until("the divergence to end", || p.inner.diverged_paths().is_empty()).await;
-        drop(sink);
         stop.send(true).unwrap();
         task.await.unwrap();
+        drop(sink);
     }
 
     struct ChannelSource(std_mpsc::Receiver<ProcEvent>);

@@ -69,8 +69,8 @@ impl StatusSource for Reporter {
             let mut binaries = HashMap::new();
             let mut variants = HashMap::new();
             let mut details = HashMap::new();
-            let mut profiled = HashMap::new();
             let mut reasons = HashMap::new();
+            let mut profiled = HashMap::new();
             for p in &paths {
                 let Some(id) = p.binary_id else { continue };
                 if let Some(r) = subsystems.iter().find_map(|s| s.served_reason(&tx, id, &p.path)) {

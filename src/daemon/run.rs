@@ -81,16 +81,15 @@ pub fn start_server(
     // `optimize`/`reset` commands and the "optimizer" status section.
     let optimizing = Optimizing::new(&cfg, &catalog, clock.clone())?;
 
-    let mut reporter = Reporter {
+    let reporter = Reporter {
         catalog: catalog.clone(),
         config: cfg.clone(),
         started_at,
         server_restarts: ctx.generation as u32,
-        subsystems: vec![profiling.status(), policing.status()],
+        subsystems: vec![profiling.status(), optimizing.status(), policing.status()],
         serving: serving.clone(),
         bin_files: Some(profiling.bin_files()),
     };
-    reporter.subsystems.push(optimizing.status());
     let r2 = refresher.clone();
     let actions = Actions {
         catalog: catalog.clone(),
@@ -125,7 +124,7 @@ pub fn start_server(
     rt.spawn(refresh_indexed(indexed_rx, refresher.clone(), shutdown.clone()));
     profiling.spawn(rt.handle(), overlay.clone(), shutdown.clone());
     let optimizer_queue = optimizing.spawn(rt.handle(), shutdown.clone());
-    // The policy task, with the optimizer's view of each binary's pipeline stage.
+    // The policy task, told where the optimizing pipeline is per binary.
     policing.spawn(rt.handle(), shutdown.clone(), optimizing.pipeline_view());
     tracing::info!(generation = ctx.generation, "server ready");
 

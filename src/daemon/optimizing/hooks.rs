@@ -94,6 +94,17 @@ impl CommandHooks for OptimizerHooks {
     fn reset(&self, path: &Path) -> Result<String, ActionError> {
         let (binary, _, _) = self.indexed(path)?;
         let id = binary.id;
+        // A job that ends after the reset would record its variant and history again.
+        let status = self.shared.handle.status();
+        if status.queued.iter().any(|q| q.binary_id == id)
+            || status.running.iter().any(|r| r.binary_id == id)
+        {
+            return Err(ActionError::invalid(format!(
+                "{}: a BOLT job for it is queued or running; reset it when the job has ended \
+                 (see status)",
+                path.display()
+            )));
+        }
         let retired = self
             .shared
             .catalog

@@ -21,6 +21,7 @@ pub mod driver;
 pub mod hooks;
 pub mod profiles;
 pub mod report;
+pub mod scratch;
 pub mod settings;
 
 use std::path::Path;
@@ -53,7 +54,6 @@ pub struct Shared {
     pub thresholds: MaturityThresholds,
     pub applicability: ApplicabilityConfig,
     pub catalog: Catalog,
-    pub clock: Arc<dyn Clock>,
     pub handle: OptimizerHandle,
     pub store: VariantStore,
     pub bolt: BoltState,
@@ -87,33 +87,27 @@ impl Shared {
 pub struct Optimizing {
     shared: Arc<Shared>,
     worker: Mutex<Option<OptimizerWorker>>,
-    /// The scratch directory did not exist before: it is removed again at shutdown (when
-    /// empty), so a daemon that never ran a job leaves nothing behind.
+    /// The scratch directory did not exist at start-up: if a job created it, it is removed
+    /// again at shutdown (when empty).
     scratch_created: bool,
 }
 
 impl Optimizing {
     /// Reads `[optimizer]` (and the maturity thresholds of `[profile]`), finds BOLT, opens
-    /// the variant store and prepares the sandbox. A missing BOLT or an unusable scratch
-    /// directory turn the optimizer off with the reason in status; bad settings and an
-    /// unusable store are errors.
+    /// the variant store and checks the scratch directory (the first job creates it). A
+    /// missing BOLT or an unusable scratch directory turn the optimizer off with the reason
+    /// in status; bad settings and an unusable store are errors.
     pub fn new(cfg: &Config, catalog: &Catalog, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
         let settings = OptimizerSettings::from_config(cfg)?;
         let thresholds = settings::maturity_thresholds(cfg)?;
         let store = VariantStore::open(&cfg.state_dir).context("opening the variant store")?;
         let bolt = discover(settings.bolt.as_deref());
-        let user = SandboxUser::resolve();
-        let scratch_created = !settings.scratch_dir.exists();
-        let sandbox = shared_dir_refused(&settings.scratch_dir)
-            .map_or_else(|| Sandbox::new(&settings.scratch_dir, user.clone()), Err);
-        let (sandbox, sandbox_error) = match sandbox {
-            Ok(s) => (s, None),
-            Err(e) => {
-                // Jobs cannot run; the value only fills the optimizer's dependencies.
-                let unusable = Sandbox { user, scratch_root: settings.scratch_dir.clone() };
-                (unusable, Some(format!("the scratch directory is unusable: {e:#}")))
-            }
-        };
+        let sandbox =
+            Sandbox { user: SandboxUser::resolve(), scratch_root: settings.scratch_dir.clone() };
+        let scratch_created = !sandbox.scratch_root.exists();
+        let sandbox_error = scratch::check_scratch_root(&sandbox)
+            .err()
+            .map(|e| format!("the scratch directory is unusable: {e:#}"));
         let off = match (&bolt, sandbox_error) {
             (BoltState::Missing { looked_in }, _) => {
                 Some(format!("BOLT is not installed (looked in: {})", looked_in.join("; ")))
@@ -122,11 +116,9 @@ impl Optimizing {
             _ => None,
         };
         let runner = match (bolt.tool(), &off) {
-            (Some(tool), None) => Some(Arc::new(SandboxedBoltRunner::new(
-                tool.clone(),
-                sandbox.clone(),
-                settings.limits(),
-            )) as Arc<dyn BoltRunner>),
+            (Some(tool), None) => Some(Arc::new(scratch::ScratchOnDemand {
+                runner: SandboxedBoltRunner::new(tool.clone(), sandbox.clone(), settings.limits()),
+            }) as Arc<dyn BoltRunner>),
             _ => None,
         };
         if let Some(why) = &off {
@@ -146,7 +138,7 @@ impl Optimizing {
             runner,
             sandbox,
             profiles: Arc::new(profiles::CatalogProfiles { catalog: catalog.clone() }),
-            clock: clock.clone(),
+            clock,
         };
         let (handle, worker) = optimizer(config, deps);
         let shared = Arc::new(Shared {
@@ -155,7 +147,6 @@ impl Optimizing {
             thresholds,
             applicability,
             catalog: catalog.clone(),
-            clock,
             handle,
             store,
             bolt,
@@ -194,10 +185,8 @@ impl Optimizing {
         let queue_shutdown = shutdown.clone();
         let queue = rt.spawn(async move {
             run_optimizer(worker, queue_shutdown).await;
-            // Every job's directory is gone once the queue has stopped; a non-empty
-            // directory (someone else's files) is left alone.
             if let Some(dir) = scratch {
-                let _ = std::fs::remove_dir(dir);
+                scratch::remove_if_empty(&dir);
             }
         });
         if self.shared.off.is_none() {
@@ -205,19 +194,6 @@ impl Optimizing {
         }
         Some(queue)
     }
-}
-
-/// An existing directory others may write to (`/tmp`, `/var/tmp`) is refused as the
-/// scratch root: the sandbox makes its root mode 0711, which would break it for everyone.
-fn shared_dir_refused(dir: &Path) -> Option<anyhow::Error> {
-    use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(dir).ok()?.permissions().mode();
-    (mode & 0o002 != 0).then(|| {
-        anyhow::anyhow!(
-            "{} is writable by everyone; give optbin a directory of its own (it is made 0711)",
-            dir.display()
-        )
-    })
 }
 
 /// The applicability thresholds of `cfg` (defaults when `[optimizer]` does not parse;

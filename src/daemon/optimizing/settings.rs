@@ -1,5 +1,5 @@
 //! The `[optimizer]` section of the config file ([`OptimizerSettings`]), and the maturity
-//! thresholds this module reads from the `[profile]` section.
+//! thresholds of the `[profile]` section (parsed by the profiler's settings type).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bolt::{ApplicabilityConfig, SandboxLimits};
 use crate::config::{Config, Sections};
+use crate::daemon::profiling::ProfileSettings;
 use crate::profile::maturity::MaturityThresholds;
 
 /// Where BOLT's scratch directories go by default. Every directory above it must be
@@ -114,25 +115,10 @@ impl OptimizerSettings {
     }
 }
 
-/// The maturity keys of `[profile]`. The profiler's wiring owns that section and validates
-/// it (unknown keys included); this reads only the thresholds, with the profile module's
-/// defaults, so both sides judge maturity alike.
-#[derive(Debug, Default, Deserialize)]
-struct ProfileMaturityKeys {
-    min_samples: Option<u64>,
-    min_runs: Option<u64>,
-    min_stability: Option<f64>,
-}
-
-/// The maturity thresholds from `[profile]` (`min_samples`, `min_runs`, `min_stability`).
+/// The maturity thresholds of `[profile]`, read with the profiler's own settings type so
+/// both sides judge maturity alike.
 pub fn maturity_thresholds(cfg: &Config) -> anyhow::Result<MaturityThresholds> {
-    let keys: ProfileMaturityKeys = Sections::parse(&cfg.sections.profile, "profile")?;
-    let d = MaturityThresholds::default();
-    Ok(MaturityThresholds {
-        min_samples: keys.min_samples.unwrap_or(d.min_samples),
-        min_runs: keys.min_runs.unwrap_or(d.min_runs),
-        min_stability: keys.min_stability.unwrap_or(d.min_stability),
-    })
+    Ok(ProfileSettings::from_table(&cfg.sections.profile)?.thresholds())
 }
 
 #[cfg(test)]
@@ -187,7 +173,7 @@ mod tests {
     }
 
     #[test]
-    fn maturity_comes_from_the_profile_section_and_ignores_its_other_keys() {
+    fn maturity_comes_from_the_profile_section() {
         let t = maturity_thresholds(&config("[profile]\nmin_samples = 500\nfrequency_hz = 99\n"))
             .unwrap();
         assert_eq!(t.min_samples, 500);

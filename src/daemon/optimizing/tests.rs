@@ -130,18 +130,19 @@ fn a_scratch_dir_everyone_may_write_is_refused_and_left_untouched() {
 }
 
 #[tokio::test]
-async fn the_scratch_dir_it_created_goes_at_shutdown() {
+async fn the_scratch_dir_waits_for_the_first_job() {
     let dir = open_tempdir();
     let scratch = dir.path().join("scratch");
     let cfg = config(dir.path(), &format!("scratch_dir = {:?}\n", scratch.display().to_string()));
     let o = Optimizing::new(&cfg, &Catalog::in_memory().unwrap(), Arc::new(SystemClock)).unwrap();
-    assert!(scratch.is_dir());
+    assert!(o.shared.off.is_none(), "{:?}", o.shared.off);
+    assert!(!scratch.exists(), "created before any job needed it");
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let queue = o.spawn(&tokio::runtime::Handle::current(), shutdown.clone()).unwrap();
     assert!(o.spawn(&tokio::runtime::Handle::current(), shutdown).is_none(), "started twice");
     stop.send(true).unwrap();
     tokio::time::timeout(std::time::Duration::from_secs(10), queue).await.unwrap().unwrap();
-    assert!(!scratch.exists(), "{} is still there", scratch.display());
+    assert!(!scratch.exists());
 }
 
 #[test]

@@ -1,0 +1,152 @@
+//! The "policy" section of the status report: whether runs are measured (and why not), what
+//! became of them, the machine summary, and per binary the policy's stage, runs per
+//! variant, measured gain and last incident.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use serde_json::json;
+
+use super::Inner;
+use crate::daemon::report::SubsystemStatus;
+use crate::policy::Stage;
+use crate::policy::load::{binary_status, machine_summary};
+
+/// The "policy" status section.
+pub(super) struct PolicyStatus {
+    pub(super) inner: Arc<Inner>,
+}
+
+impl PolicyStatus {
+    fn measurement_json(&self) -> (serde_json::Value, String) {
+        let m = &self.inner.measurement;
+        let measured = m.measured.load(Ordering::Relaxed);
+        let killed = m.killed.load(Ordering::Relaxed);
+        let not_attached = m.not_attached.load(Ordering::Relaxed);
+        let (pending, dropped) = match &m.measurer {
+            Some(x) => (x.pending(), x.dropped()),
+            None => (0, Default::default()),
+        };
+        let json = json!({
+            "on": m.is_on(),
+            "why_off": m.off,
+            "runs_measured": measured,
+            "runs_killed_by_signal": killed,
+            "pending": pending,
+            "dropped": {
+                "not_attached": not_attached,
+                "exec_failed": dropped.exec_failed,
+                "lost": dropped.lost,
+                "unreadable": dropped.unreadable,
+            },
+        });
+        let lost = not_attached + dropped.lost + dropped.unreadable;
+        let text = match &m.off {
+            None => format!("measuring runs ({measured} measured since start, {lost} lost)"),
+            Some(why) => format!("measurement off, no canaries ({why})"),
+        };
+        (json, text)
+    }
+}
+
+impl SubsystemStatus for PolicyStatus {
+    fn name(&self) -> &'static str {
+        "policy"
+    }
+
+    fn section(&self) -> serde_json::Value {
+        let (measurement, measurement_text) = self.measurement_json();
+        let (cfg, pipeline) = (self.inner.config.clone(), self.inner.pipeline());
+        let summary =
+            self.inner.catalog.run_blocking(move |c| machine_summary(c, &cfg, &*pipeline));
+        let (machine, machine_text) = match summary {
+            Ok(s) => (
+                json!({
+                    "binaries_optimized": s.binaries_optimized,
+                    "cpu_saved_ns": s.cpu_saved_ns,
+                }),
+                format!(
+                    "{} binar{} served optimized, {:.1} s CPU time saved",
+                    s.binaries_optimized,
+                    if s.binaries_optimized == 1 { "y" } else { "ies" },
+                    s.cpu_saved_ns as f64 / 1e9
+                ),
+            ),
+            Err(e) => (json!({ "error": format!("{e:#}") }), "summary unavailable".into()),
+        };
+        json!({
+            "measurement": measurement,
+            "machine": machine,
+            "config": self.inner.config,
+            "summary": format!("{measurement_text}; {machine_text}"),
+        })
+    }
+
+    fn binary(&self, conn: &rusqlite::Connection, binary_id: i64) -> Option<serde_json::Value> {
+        let statuses = binary_status(conn, binary_id, &self.inner.config, &*self.inner.pipeline())
+            .map_err(|e| tracing::warn!(binary_id, error = %format!("{e:#}"), "policy status"))
+            .ok()?;
+        let first = statuses.first()?;
+        let runs: Vec<serde_json::Value> =
+            first.runs.iter().map(|(v, n)| json!({ "variant": v, "runs": n })).collect();
+        let runs_text: Vec<String> = first
+            .runs
+            .iter()
+            .map(|(v, n)| match v {
+                None => format!("original: {n}"),
+                Some(id) => format!("variant {id}: {n}"),
+            })
+            .collect();
+        let stage_text = self.stage_text(&first.stage, &first.stage_text);
+        let mut summary = stage_text.clone();
+        if !runs_text.is_empty() {
+            summary.push_str(&format!("; runs: {}", runs_text.join(", ")));
+        }
+        if let Some(i) = &first.last_incident {
+            summary.push_str(&format!("; last incident: {i}"));
+        }
+        Some(json!({
+            "stage": first.stage,
+            "stage_text": stage_text,
+            "runs": runs,
+            "gain": first.gain.map(|g| json!({
+                "ratio": g.ratio,
+                "low": g.low,
+                "high": g.high,
+                "variant_runs": g.variant_runs,
+                "original_runs": g.original_runs,
+                "text": g.describe(),
+            })),
+            "last_incident": first.last_incident,
+            "paths": statuses.iter().map(|s| json!({
+                "path": s.path,
+                "stage_text": self.stage_text(&s.stage, &s.stage_text),
+            })).collect::<Vec<_>>(),
+            "summary": summary,
+        }))
+    }
+
+    fn served_reason(
+        &self,
+        conn: &rusqlite::Connection,
+        binary_id: i64,
+        path: &str,
+    ) -> Option<String> {
+        let statuses =
+            binary_status(conn, binary_id, &self.inner.config, &*self.inner.pipeline()).ok()?;
+        let s = statuses.into_iter().find(|s| s.path == path)?;
+        Some(self.stage_text(&s.stage, &s.stage_text))
+    }
+}
+
+impl PolicyStatus {
+    /// The policy's stage text, honest about canaries that do not run without measurement.
+    fn stage_text(&self, stage: &Stage, text: &str) -> String {
+        match (stage, &self.inner.measurement.off) {
+            (Stage::Canary { .. }, Some(why)) => {
+                format!("{text}; not run: measurement is off ({why})")
+            }
+            _ => text.to_string(),
+        }
+    }
+}
