@@ -231,6 +231,28 @@ fn decided(b: &Value) -> bool {
     }
 }
 
+/// The daemon's measured runs of the binary at `path`, in order: (ran the variant, task-clock
+/// seconds).
+fn measured_runs(state: &Path, path: &Path) -> Vec<(bool, f64)> {
+    let conn = rusqlite::Connection::open_with_flags(
+        state.join("catalog.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    let mut stmt = conn
+        .prepare(
+            "SELECT variant_id IS NOT NULL, task_clock_ns FROM runs WHERE path = ?1 ORDER BY id",
+        )
+        .unwrap();
+    stmt.query_map([path.to_string_lossy()], |r| {
+        Ok((r.get::<_, bool>(0)?, r.get::<_, i64>(1)? as f64 / 1e9))
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
 /// The policy's decisions about the binary at `path`, in order, from the catalog (read-only).
 fn policy_events(state: &Path, path: &Path) -> Vec<String> {
     let conn = rusqlite::Connection::open_with_flags(
@@ -250,22 +272,6 @@ fn policy_events(state: &Path, path: &Path) -> Vec<String> {
     .unwrap()
     .collect::<Result<_, _>>()
     .unwrap()
-}
-
-/// One run; returns the inode of the executable the kernel mapped (read from the child's
-/// /proc/PID/maps while it runs): through the mount, the original and each variant have
-/// their own inode, so this tells which arm of a canary the exec got.
-fn run_arm(bin: &Path, args: &[String]) -> u64 {
-    let mut child = Command::new(bin).args(args).stdout(Stdio::null()).spawn().unwrap();
-    let maps = std::fs::read_to_string(format!("/proc/{}/maps", child.id())).unwrap_or_default();
-    let status = child.wait().unwrap();
-    assert!(status.success(), "{} {args:?}: {status}", bin.display());
-    // "addr perms offset dev inode path": the first mapping is the executable.
-    maps.lines()
-        .next()
-        .and_then(|l| l.split_whitespace().nth(4))
-        .and_then(|i| i.parse().ok())
-        .unwrap_or(0)
 }
 
 fn run_quiet(bin: &Path, args: &[String]) {
@@ -506,7 +512,7 @@ fn equal_speed_trials(plan: &Plan, lua: &Program, root: &Path, report: &mut Vec<
         std::fs::write(&file, &bytes).unwrap();
         std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o755)).unwrap();
         let served = daemon.bin().join(&name);
-        let original_inode = run_arm(&served, &args);
+        run_quiet(&served, &args);
         let sha = daemon.wait_for(Duration::from_secs(30), "the trial binary indexed", |d| {
             d.binary_named(&name)?["sha256"].as_str().map(String::from)
         });
@@ -514,10 +520,11 @@ fn equal_speed_trials(plan: &Plan, lua: &Program, root: &Path, report: &mut Vec<
         std::fs::copy(&file, &copy).unwrap();
         let vid = place_variant(&state, &sha, &copy);
         let mut execs = 0;
-        // Which arm each exec got (true: the variant), in order.
-        let mut arms: Vec<bool> = Vec::new();
+        // CPU time (user + sys from wait4) of each exec, in order, to set beside what the
+        // daemon measured for it.
+        let mut cpu: Vec<f64> = Vec::new();
         let end = loop {
-            arms.push(run_arm(&served, &args) != original_inode);
+            cpu.push(programs::time_run(&served, &args).1);
             execs += 1;
             let b = daemon.binary_named(&name).unwrap_or(Value::Null);
             match stage_key(&b).as_deref() {
@@ -536,13 +543,33 @@ fn equal_speed_trials(plan: &Plan, lua: &Program, root: &Path, report: &mut Vec<
                 _ => {}
             }
         };
+        // The daemon's measured runs of this binary (the last `execs` are the loop's), with
+        // the arm each got: the share, how often an exec got the same arm as the one before
+        // (independent 50% draws: 50%), and per arm the median CPU time the daemon measured
+        // (task-clock) and the one wait4 gave here, as ratios variant/original.
+        std::thread::sleep(Duration::from_millis(500)); // the daemon stores runs in bursts
+        let rows = measured_runs(&state, &file);
+        let rows = &rows[rows.len().saturating_sub(execs)..];
+        let arms: Vec<bool> = rows.iter().map(|r| r.0).collect();
         let to_variant = arms.iter().filter(|a| **a).count();
         let same_as_previous = arms.windows(2).filter(|w| w[0] == w[1]).count();
+        let mine = &cpu[cpu.len() - rows.len()..];
+        let ratio = |xs: Vec<(bool, f64)>| {
+            let med = |arm: bool| {
+                let mut v: Vec<f64> = xs.iter().filter(|x| x.0 == arm).map(|x| x.1).collect();
+                v.sort_by(f64::total_cmp);
+                v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+            };
+            med(true) / med(false)
+        };
+        let daemon_ratio = ratio(rows.iter().map(|r| (r.0, r.1)).collect());
+        let wait4_ratio = ratio(arms.iter().copied().zip(mine.iter().copied()).collect());
         report.push(format!(
-            "  trial {trial} (variant {vid}): {execs} execs ({to_variant} to the variant, {:.0}%; \
-             {:.0}% got the same arm as the exec before), {end}",
-            100.0 * to_variant as f64 / execs as f64,
-            100.0 * same_as_previous as f64 / (execs.max(2) - 1) as f64
+            "  trial {trial} (variant {vid}): {execs} execs, {} measured, {to_variant} to the \
+             variant; {:.0}% got the same arm as the exec before; median CPU variant/original: \
+             {daemon_ratio:.3} measured by the daemon, {wait4_ratio:.3} by wait4; {end}",
+            rows.len(),
+            100.0 * same_as_previous as f64 / (rows.len().max(2) - 1) as f64
         ));
         for e in policy_events(&state, &file) {
             report.push(format!("    {e}"));
