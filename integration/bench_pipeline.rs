@@ -8,12 +8,18 @@
 //! - BOLT's time and peak memory (the optimizer's `bolt_jobs` row in status);
 //! - the served result side by side: interleaved pairs of (run through the mount, serving
 //!   what the policy chose) and (the original file run directly), median ratio of CPU and
-//!   wall time with the IQR; the stored variant against the original for reference; and an
-//!   A/A control (the original against itself) for the noise floor;
+//!   wall time with the IQR, measured after a restart of the daemon without the profiler (so
+//!   no rebuild from the growing profile starts a new canary meanwhile); the stored variant
+//!   against the original for reference; the mount pinned to the original (the cost of the
+//!   mount and of measuring each exec); and an A/A control (the original against itself);
 //! - how often the policy promotes an equal-speed variant: real canaries of a variant that
 //!   is a byte-identical copy of a fresh binary (placed as a `ready` BOLT variant through
 //!   the store and the catalog, under a second daemon that does not profile), next to the
-//!   policy's own simulation (`optbin::policy::sim`) with the same settings.
+//!   policy's own simulation (`optbin::policy::sim`) with the same settings; per trial the
+//!   arm shares, how often an exec got the same arm as the one before, and the per-arm
+//!   median CPU time as the daemon measured it (runs table) and as wait4 saw it.
+//!
+//! Run: `OPTBIN_BENCH_QUICK=1 cargo test --release --test bench_pipeline -- --nocapture`.
 //!
 //! `OPTBIN_BENCH_QUICK=1`: Lua only, smaller maturity threshold and policy looks, 7 pairs,
 //! 3 equal-speed trials (a few minutes). Full mode: Lua and SQLite, 100k samples to
@@ -289,8 +295,9 @@ fn ratio_line(label: &str, (wall, cpu): (Vec<f64>, Vec<f64>)) -> String {
     format!("  {label:<44} cpu {}  wall {}  ({n} pairs)", stats(cpu), stats(wall))
 }
 
-/// One program through the whole pipeline; returns its table rows.
-fn pipeline(plan: &Plan, prog: &Program, root: &Path, report: &mut Vec<String>) {
+/// One program through the whole pipeline, its table rows appended to `report`; returns
+/// whether the daemon built a variant from the profile it collected.
+fn pipeline(plan: &Plan, prog: &Program, root: &Path, report: &mut Vec<String>) -> bool {
     let overlay = root.join(format!("{}-bin", prog.name));
     std::fs::create_dir_all(&overlay).unwrap();
     let name = format!("{}-bench", prog.name);
@@ -338,6 +345,7 @@ fn pipeline(plan: &Plan, prog: &Program, root: &Path, report: &mut Vec<String>) 
     let total_runs = runs.load(Ordering::SeqCst);
     let total_secs = t0.elapsed().as_secs_f64();
     let milestones = poller.finish();
+    let built = milestones.iter().any(|m| m.what == "variant stored");
 
     report.push(format!("{name}: pipeline through the mount ({} per run)", prog.measure.join(" ")));
     for m in &milestones {
@@ -453,6 +461,7 @@ fn pipeline(plan: &Plan, prog: &Program, root: &Path, report: &mut Vec<String>) 
         ));
     }
     daemon.stop();
+    built
 }
 
 /// Places `file` as a `ready` BOLT variant of the binary with `sha256`: published in the
@@ -615,11 +624,15 @@ fn bench_pipeline() {
         plan.policy_looks
     );
     let mut report = Vec::new();
+    let mut not_built = Vec::new();
     for prog in &programs {
-        pipeline(&plan, prog, &root, &mut report);
+        if !pipeline(&plan, prog, &root, &mut report) {
+            not_built.push(prog.name);
+        }
         report.push(String::new());
     }
     equal_speed_trials(&plan, &programs[0], &root, &mut report);
     let mut out = std::io::stdout().lock();
     writeln!(out, "\n{}\ntotal {:.0} s", report.join("\n"), t0.elapsed().as_secs_f64()).unwrap();
+    assert!(not_built.is_empty(), "the daemon built no variant of {not_built:?} (see above)");
 }
