@@ -214,3 +214,48 @@ fn canary_split_quarantine_on_crash_pins_and_exclusion() {
     daemon.stop();
     eprintln!("policy_e2e took {:.1} s", started.elapsed().as_secs_f64());
 }
+
+#[test]
+fn a_bad_policy_section_stops_the_daemon_before_it_mounts() {
+    let tmp = open_tempdir();
+    let root = tmp.path().canonicalize().unwrap();
+    let (bin, mnt) = (root.join("bin"), root.join("mnt"));
+    std::fs::create_dir_all(&bin).unwrap();
+    let config = root.join("config.toml");
+    std::fs::write(&config, "[policy]\ncanary_shares = 0.5\n").unwrap();
+    let mut child = Command::new(common::daemon::OPTBIN)
+        .arg("mount")
+        .arg(&mnt)
+        .arg("--foreground")
+        .arg("--overlay")
+        .arg(&bin)
+        .arg("--state-dir")
+        .arg(root.join("state"))
+        .arg("--config")
+        .arg(&config)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            // It must not have mounted: clean up whatever it did before failing.
+            child.kill().ok();
+            child.wait().ok();
+            let c = std::ffi::CString::new(mnt.to_str().unwrap()).unwrap();
+            // SAFETY: a valid C string.
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            panic!("optbin kept running with a bad [policy] section");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success());
+    assert!(stderr.contains("canary_shares") && stderr.contains("[policy]"), "{stderr}");
+    assert!(!is_mounted(&mnt));
+}

@@ -26,8 +26,10 @@ use crate::fuse::{MountOptions, ServeContext, Served};
 /// Mounts the overlay and serves until SIGTERM/SIGINT or an unmount from outside.
 pub fn run_foreground(cfg: Config) -> anyhow::Result<()> {
     create_private_dir(&cfg.state_dir)?;
-    // A bad [profile] fails here, before mounting, rather than in every server start.
+    // A bad [profile] or [policy] fails here, before mounting, rather than in every server
+    // start.
     crate::daemon::profiling::ProfileSettings::from_table(&cfg.sections.profile)?;
+    crate::daemon::policing::PolicySettings::from_table(&cfg.sections.policy)?;
     let cfg = Arc::new(cfg);
     let mut opts = MountOptions::new(&cfg.mountpoint);
     opts.server_pid_file = Some(cfg.state_dir.join("server.pid"));

@@ -120,9 +120,12 @@ impl ServingTable {
         match variant {
             Some(v) => self.serve_share(original, v, 1.0),
             None => {
-                self.write().served.remove(original);
-                self.forget_draw(original);
-                self.notify(original);
+                // Unchanged serving must not invalidate: every invalidation makes the kernel
+                // look the name up again and renames running programs' exe "(deleted)".
+                if self.write().served.remove(original).is_some() {
+                    self.forget_draw(original);
+                    self.notify(original);
+                }
             }
         }
     }
@@ -132,16 +135,19 @@ impl ServingTable {
     /// [`ServingTable::serve`].
     pub fn serve_share(&self, original: &Path, variant: ServedVariant, share: f64) {
         let share = if share.is_nan() { 0.0 } else { share.clamp(0.0, 1.0) };
-        {
+        let changed = {
             let mut t = self.write();
             let known = t.known.entry(original.to_path_buf()).or_default();
             if !known.contains(&variant) {
                 known.push(variant.clone());
             }
-            t.served.insert(original.to_path_buf(), ServedShare { variant, share });
+            let entry = ServedShare { variant, share };
+            t.served.insert(original.to_path_buf(), entry.clone()) != Some(entry)
+        };
+        if changed {
+            self.forget_draw(original);
+            self.notify(original);
         }
-        self.forget_draw(original);
-        self.notify(original);
     }
 
     /// Records a variant that exists (served before, e.g. by a previous server process) so
@@ -318,8 +324,11 @@ mod tests {
         let t1 = t0 + DRAW_REUSE;
         let miss = table.choice(original, &key(1), 0.25, t1);
         assert_eq!(miss, Choice { variant: None, per_exec: true });
-        // A change of the entry forgets the draw.
+        // Serving the same again changes nothing (no invalidation, the draw stands)...
         table.serve_share(original, v.clone(), 0.25);
+        assert_eq!(table.choice(original, &key(1), 0.1, t1), miss);
+        // ...a change of the entry forgets the draw.
+        table.serve_share(original, v.clone(), 0.3);
         assert_eq!(table.choice(original, &key(1), 0.1, t1), hit);
         // An upgrade underneath: the original, and no reason to ask again per exec.
         let t2 = t1 + DRAW_REUSE;
