@@ -434,11 +434,13 @@ impl Inner {
                 && target == Target::Original
                 && crate::policy::load::controls_of(c, &text)?.pin.is_none()
             {
-                let v = variants.into_iter().find(|v| {
-                    !crate::policy::load::is_policed_kind(&v.kind) && v.state == "ready"
-                });
+                let v = variants
+                    .into_iter()
+                    .find(|v| !crate::policy::load::is_policed_kind(&v.kind) && v.state == "ready");
                 match v {
-                    Some(v) => Some((v, crate::catalog::profiles::instrumented_runs(c, binary_id)?)),
+                    Some(v) => {
+                        Some((v, crate::catalog::profiles::instrumented_runs(c, binary_id)?))
+                    }
                     None => None,
                 }
             } else {

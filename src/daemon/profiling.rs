@@ -73,10 +73,7 @@ impl Profiling {
             status: self.status.clone(),
             thresholds: self.thresholds(),
             disk_caps: (retention.max_bytes_per_binary, retention.max_bytes_total),
-            instrumented_runs_needed: self
-                .settings
-                .instrumentation_budget()
-                .map(|b| b.max_runs),
+            instrumented_runs_needed: self.settings.instrumentation_budget().map(|b| b.max_runs),
         })
     }
 

@@ -254,7 +254,8 @@ mod tests {
         let catalog = Catalog::in_memory().unwrap();
         catalog
             .run_blocking(|c| {
-                let id = base::upsert_binary(c, &ContentId::of_bytes(b"b"), 1, &ElfFacts::default(), 0)?;
+                let id =
+                    base::upsert_binary(c, &ContentId::of_bytes(b"b"), 1, &ElfFacts::default(), 0)?;
                 let variant = |kind: &str, sha: &[u8]| base::NewVariant {
                     binary_id: id,
                     kind: kind.into(),

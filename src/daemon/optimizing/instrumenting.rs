@@ -61,10 +61,9 @@ impl InstrumentSetup {
     /// None when `[profile] instrumentation` is off.
     pub fn from_config(cfg: &Config) -> anyhow::Result<Option<Self>> {
         let settings = ProfileSettings::from_table(&cfg.sections.profile)?;
-        Ok(settings.instrumentation_budget().map(|budget| Self {
-            budget,
-            root: settings.instrumentation_dir(&cfg.state_dir),
-        }))
+        Ok(settings
+            .instrumentation_budget()
+            .map(|budget| Self { budget, root: settings.instrumentation_dir(&cfg.state_dir) }))
     }
 
     /// Where the instrumented variant of the binary with this sha256 writes its profiles.
@@ -311,7 +310,8 @@ pub fn due_binary(
     if base::control_row(c, &path.to_string_lossy())?.is_some_and(|ctl| ctl.excluded) {
         return Ok(None);
     }
-    if !binary.facts.has_relocs || !verdict(&binary.facts, None, applicability).applicability.candidate
+    if !binary.facts.has_relocs
+        || !verdict(&binary.facts, None, applicability).applicability.candidate
     {
         return Ok(None);
     }

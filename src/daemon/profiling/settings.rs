@@ -237,7 +237,10 @@ mod tests {
     fn instrumentation_is_off_by_default_and_configurable() {
         let s = parse("").unwrap();
         assert_eq!(s.instrumentation_budget(), None);
-        assert_eq!(s.instrumentation_dir(Path::new("/var/lib/optbin")), Path::new("/var/lib/optbin.instr"));
+        assert_eq!(
+            s.instrumentation_dir(Path::new("/var/lib/optbin")),
+            Path::new("/var/lib/optbin.instr")
+        );
         let s = parse(
             "instrumentation = \"on\"\ninstrument_first_runs = 1\ninstrument_one_in = 2\n\
              instrument_max_runs = 3\ninstrumentation_dir = \"/srv/instr\"",

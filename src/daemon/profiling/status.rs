@@ -59,7 +59,10 @@ impl SubsystemStatus for ProfilerSection {
                 let mut v = serde_json::to_value(&s).unwrap_or_else(|_| json!({}));
                 if let Value::Object(map) = &mut v {
                     map.insert("summary".into(), Value::String(summary));
-                    map.insert("instrumented_runs_needed".into(), json!(self.instrumented_runs_needed));
+                    map.insert(
+                        "instrumented_runs_needed".into(),
+                        json!(self.instrumented_runs_needed),
+                    );
                 }
                 Some(v)
             }
