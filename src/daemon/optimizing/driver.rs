@@ -244,6 +244,38 @@ mod tests {
     }
 
     #[test]
+    fn a_complete_instrumentation_profile_is_mature_without_samples() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tool");
+        std::fs::write(&path, b"tool").unwrap();
+        let key = FileKey::of(&path).unwrap();
+        let mut rules = Rules {
+            thresholds: MaturityThresholds { min_samples: 500, min_runs: 2, min_stability: 0.5 },
+            applicability: ApplicabilityConfig { min_text_bytes: 1024, min_own_text_share: 0.3 },
+            bolt_version: "22.1.8".into(),
+            instrumented_runs_needed: Some(2),
+        };
+        let catalog = Catalog::in_memory().unwrap();
+        let text = path.to_string_lossy().into_owned();
+        catalog
+            .run_blocking(move |c| {
+                let id = base::upsert_binary(c, &ContentId::of_bytes(b"tool"), 4, &facts(), 1)?;
+                base::upsert_path(c, &text, Some(id), &key, 1)?;
+                let due = |c: &Connection, r: &Rules| matured_request(c, Path::new(&text), &key, r);
+                let edge = ("1 main 1a".to_string(), "1 main 2b".to_string(), 0u64, 40u64);
+                profiles::add_instrumented_run(c, id, std::slice::from_ref(&edge), 1)?;
+                assert!(due(c, &rules)?.is_none(), "one instrumented run of two");
+                profiles::add_instrumented_run(c, id, &[edge], 2)?;
+                let req = due(c, &rules)?.expect("complete");
+                assert_eq!((req.profile.samples, req.profile.own_text_share), (80, 1.0));
+                rules.instrumented_runs_needed = None;
+                assert!(due(c, &rules)?.is_none(), "instrumentation off: samples decide");
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
     fn only_mature_candidates_the_retry_policy_allows_are_requested() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tool");

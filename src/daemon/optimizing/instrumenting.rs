@@ -400,3 +400,73 @@ fn merge_files(c: &Connection, binary_id: i64, files: &[PathBuf], now: i64) -> u
 fn unix_now() -> i64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bolt::ApplicabilityConfig;
+    use crate::catalog::Catalog;
+    use crate::elf::ElfFacts;
+
+    fn facts(has_relocs: bool) -> ElfFacts {
+        ElfFacts {
+            is_elf: true,
+            x86_64: true,
+            pie: true,
+            has_symbols: true,
+            function_symbols: 10,
+            has_relocs,
+            text_size: 8 * 1024,
+            bolted: false,
+            build_id: None,
+        }
+    }
+
+    #[test]
+    fn due_for_instrumentation_when_relocatable_ran_and_not_yet_instrumented() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tool");
+        std::fs::write(&path, b"tool").unwrap();
+        let key = FileKey::of(&path).unwrap();
+        let text = path.to_string_lossy().into_owned();
+        let cfg = ApplicabilityConfig { min_text_bytes: 1024, min_own_text_share: 0.3 };
+        Catalog::in_memory()
+            .unwrap()
+            .run_blocking(move |c| {
+                let due = |c: &Connection| {
+                    due_binary(c, Path::new(&text), &key, &cfg, 2).map(|b| b.map(|b| b.id))
+                };
+                let plain =
+                    base::upsert_binary(c, &ContentId::of_bytes(b"p"), 4, &facts(false), 1)?;
+                base::upsert_path(c, &text, Some(plain), &key, 1)?;
+                let batch = profiles::WindowBatch {
+                    samples: vec![("hot".into(), 0, 10)],
+                    own_samples: 10,
+                    new_runs: 1,
+                    ..Default::default()
+                };
+                profiles::add_window(c, plain, 0, "cpu-clock", &batch, 1)?;
+                assert_eq!(due(c)?, None, "no relocations: -instrument cannot work");
+
+                let id = base::upsert_binary(c, &ContentId::of_bytes(b"r"), 4, &facts(true), 1)?;
+                base::upsert_path(c, &text, Some(id), &key, 2)?;
+                assert_eq!(due(c)?, None, "never ran");
+                profiles::add_window(c, id, 0, "cpu-clock", &batch, 2)?;
+                assert_eq!(due(c)?, Some(id));
+                base::set_excluded(c, &text, true, 3)?;
+                assert_eq!(due(c)?, None, "excluded");
+                base::set_excluded(c, &text, false, 4)?;
+                let v = base::NewVariant {
+                    binary_id: id,
+                    kind: KIND.into(),
+                    sha256: ContentId::of_bytes(b"v").hex(),
+                    state: "retired".into(),
+                    ..Default::default()
+                };
+                base::insert_variant(c, &v, 5)?;
+                assert_eq!(due(c)?, None, "instrumented once already");
+                Ok(())
+            })
+            .unwrap();
+    }
+}
