@@ -77,6 +77,13 @@ impl Profiling {
         })
     }
 
+    /// Whether the sampler runs on hardware branch stacks now (instrumentation mode is for
+    /// machines without them).
+    pub fn branch_stacks(&self) -> Arc<dyn Fn() -> bool + Send + Sync> {
+        let status = self.status.clone();
+        Arc::new(move || status.snapshot().source.as_ref().is_some_and(|s| s.kind.has_branches()))
+    }
+
     /// `.optbin/bins/NAME/profile.fdata` for binaries with a sampled profile.
     pub fn bin_files(&self) -> Arc<dyn BinFiles> {
         Arc::new(ProfileFiles)

@@ -28,11 +28,11 @@ use crate::profile::profile_summary;
 pub async fn run_driver(
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
-    refresh: super::instrumenting::Refresh,
+    hooks: super::instrumenting::Hooks,
 ) {
     let mut tick = tokio::time::interval(shared.settings.check_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut instrumenter = super::instrumenting::Instrumenter::new(refresh, shutdown.clone());
+    let mut instrumenter = super::instrumenting::Instrumenter::new(hooks, shutdown.clone());
     loop {
         tokio::select! {
             changed = shutdown.changed() => {

@@ -39,6 +39,23 @@ use crate::profile::instrument::{InstrumentationBudget, collect_runs};
 /// Re-derives what a path serves (blocking: called on a blocking thread).
 pub type Refresh = Arc<dyn Fn(&Path) + Send + Sync>;
 
+/// What instrumentation mode needs from the rest of the daemon.
+#[derive(Clone)]
+pub struct Hooks {
+    /// Called when an instrumented variant appears or is done.
+    pub refresh: Refresh,
+    /// Whether the profiler samples hardware branch stacks: its profiles are then good
+    /// enough, and no instrumented variant is built (collection goes on).
+    pub branch_stacks: Arc<dyn Fn() -> bool + Send + Sync>,
+}
+
+impl Hooks {
+    /// Hooks that refresh nothing and see no branch stacks (tests).
+    pub fn none() -> Self {
+        Self { refresh: Arc::new(|_: &Path| {}), branch_stacks: Arc::new(|| false) }
+    }
+}
+
 /// The name of the instrumented binary's readable copy in its profile directory.
 const BINARY_COPY: &str = "instrumented.bin";
 
@@ -75,6 +92,7 @@ impl InstrumentSetup {
 /// The driver's instrumentation state.
 pub struct Instrumenter {
     refresh: Refresh,
+    branch_stacks: Arc<dyn Fn() -> bool + Send + Sync>,
     /// Binaries whose instrumented build failed in this server process (not retried
     /// until the daemon restarts: a failure usually repeats).
     failed: HashSet<i64>,
@@ -83,7 +101,7 @@ pub struct Instrumenter {
 }
 
 impl Instrumenter {
-    pub fn new(refresh: Refresh, mut shutdown: watch::Receiver<bool>) -> Self {
+    pub fn new(hooks: Hooks, mut shutdown: watch::Receiver<bool>) -> Self {
         let cancel = Arc::new(AtomicBool::new(false));
         let c = cancel.clone();
         tokio::spawn(async move {
@@ -94,7 +112,12 @@ impl Instrumenter {
             }
             c.store(true, Ordering::SeqCst);
         });
-        Self { refresh, failed: HashSet::new(), cancel }
+        Self {
+            refresh: hooks.refresh,
+            branch_stacks: hooks.branch_stacks,
+            failed: HashSet::new(),
+            cancel,
+        }
     }
 
     /// Collects, retires, and builds at most one instrumented variant (see the module doc).
@@ -104,6 +127,9 @@ impl Instrumenter {
         let retired = self.collect(shared, &setup, &current).await?;
         for path in retired {
             self.refresh_path(path).await;
+        }
+        if (self.branch_stacks)() {
+            return Ok(());
         }
         // BOLT one job at a time: wait for an idle queue.
         let status = shared.queue_status();

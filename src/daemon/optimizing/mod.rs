@@ -184,8 +184,9 @@ impl Optimizing {
     }
 
     /// Starts the job queue and the maturity driver on `rt`; both stop on `shutdown`.
-    /// `refresh` re-derives what a path serves (blocking); the driver calls it when an
-    /// instrumented variant appears or has collected its runs.
+    /// `instrument` connects instrumentation mode: what to refresh when an instrumented
+    /// variant appears or has collected its runs, and whether the profiler has branch
+    /// stacks (then no instrumented variant is built).
     /// Returns the queue's task: await it after signalling shutdown, before the runtime
     /// goes, so running BOLT jobs are killed and recorded as cancelled. A second call
     /// starts nothing.
@@ -193,7 +194,7 @@ impl Optimizing {
         &self,
         rt: &tokio::runtime::Handle,
         shutdown: watch::Receiver<bool>,
-        refresh: instrumenting::Refresh,
+        instrument: instrumenting::Hooks,
     ) -> Option<tokio::task::JoinHandle<()>> {
         let worker = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take()?;
         let scratch = self.scratch_created.then(|| self.shared.settings.scratch_dir.clone());
@@ -205,7 +206,7 @@ impl Optimizing {
             }
         });
         if self.shared.off.is_none() {
-            rt.spawn(driver::run_driver(self.shared.clone(), shutdown, refresh));
+            rt.spawn(driver::run_driver(self.shared.clone(), shutdown, instrument));
         }
         Some(queue)
     }

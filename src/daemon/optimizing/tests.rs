@@ -138,11 +138,11 @@ async fn the_scratch_dir_waits_for_the_first_job() {
     assert!(o.shared.off.is_none(), "{:?}", o.shared.off);
     assert!(!scratch.exists(), "created before any job needed it");
     let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let refresh: instrumenting::Refresh = Arc::new(|_: &Path| {});
+    let hooks = instrumenting::Hooks::none();
     let queue =
-        o.spawn(&tokio::runtime::Handle::current(), shutdown.clone(), refresh.clone()).unwrap();
+        o.spawn(&tokio::runtime::Handle::current(), shutdown.clone(), hooks.clone()).unwrap();
     assert!(
-        o.spawn(&tokio::runtime::Handle::current(), shutdown, refresh).is_none(),
+        o.spawn(&tokio::runtime::Handle::current(), shutdown, hooks).is_none(),
         "started twice"
     );
     stop.send(true).unwrap();
