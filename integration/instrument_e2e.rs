@@ -156,6 +156,21 @@ fn instrumentation_mode_collects_a_profile_through_the_mount_and_bolt_uses_it() 
         .query_row("SELECT COUNT(*) FROM runs WHERE variant_id = ?1", [instr_id], |r| r.get(0))
         .unwrap();
     assert!(served_instrumented > 0, "execs got the instrumented variant");
+    assert!(served_instrumented <= 2 * MAX_RUNS, "bounded: {served_instrumented} runs");
+    // Retired: no more execs get it (measured runs are recorded within ~100 ms).
+    for _ in 0..4 {
+        run();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after: i64 = c
+        .query_row("SELECT COUNT(*) FROM runs WHERE variant_id = ?1", [instr_id], |r| r.get(0))
+        .unwrap();
+    assert_eq!(after, served_instrumented, "the retired instrumented variant is not served");
+    eprintln!(
+        "{runs} runs through the mount; {served_instrumented} measured runs of the instrumented \
+         variant; {} instrumented runs collected; variants {v:?}",
+        instrumented_runs(&state, &prog)
+    );
     let (outcome, flags): (String, String) = c
         .query_row(
             "SELECT j.last_outcome, j.flags FROM bolt_jobs j JOIN paths p ON p.binary_id = j.binary_id
