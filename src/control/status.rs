@@ -75,13 +75,15 @@ pub fn render_text(r: &StatusReport) -> String {
         }
     }
     let candidates = r.binaries.iter().filter(|b| b.candidate).count();
-    let optimized = r.binaries.iter().filter(|b| b.served != "original").count();
+    let in_stage =
+        |stage: &str| r.binaries.iter().filter(|b| policy_stage(b) == Some(stage)).count();
     let _ = writeln!(
         out,
-        "\nbinaries seen: {} ({} candidates, {} served optimized)",
+        "\nbinaries seen: {} ({} candidates, {} in canary, {} served optimized)",
         r.binaries.len(),
         candidates,
-        optimized
+        in_stage("canary"),
+        in_stage("serving_optimized"),
     );
     if !r.binaries.is_empty() {
         let rows: Vec<[String; 6]> = r
@@ -129,7 +131,11 @@ pub fn render_text(r: &StatusReport) -> String {
             );
             let _ = writeln!(out, "    serving {}: {}", b.served, b.served_reason);
             for (name, detail) in &b.details {
-                if let Some(summary) = detail.get("summary").and_then(|s| s.as_str()) {
+                let Some(summary) = detail.get("summary").and_then(|s| s.as_str()) else {
+                    continue;
+                };
+                // A subsystem that only repeats the verdict above adds nothing.
+                if summary != b.candidate_reason && summary != b.served_reason {
                     let _ = writeln!(out, "    {name}: {summary}");
                 }
             }
@@ -162,6 +168,13 @@ pub fn render_text(r: &StatusReport) -> String {
         }
     }
     out
+}
+
+/// The policy's stage name of a binary (`canary`, `serving_optimized`, ...), when known.
+fn policy_stage(b: &BinaryStatus) -> Option<&str> {
+    let stage = b.details.get("policy")?.get("stage")?;
+    // Unit stages serialize as strings, the others as `{ "name": {...} }`.
+    stage.as_str().or_else(|| stage.as_object()?.keys().next().map(String::as_str))
 }
 
 fn served_cell(b: &BinaryStatus) -> String {
@@ -236,7 +249,10 @@ mod tests {
             ..Default::default()
         };
         let text = render_text(&report);
-        assert!(text.contains("binaries seen: 1 (1 candidates, 0 served optimized)"), "{text}");
+        assert!(
+            text.contains("binaries seen: 1 (1 candidates, 0 in canary, 0 served optimized)"),
+            "{text}"
+        );
         assert!(text.contains("/usr/bin/lua"));
         assert!(text.contains("abababababab"));
         assert!(text.contains("pie,symbols,no-relocs .text 170.9K"), "{text}");

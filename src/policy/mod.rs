@@ -365,6 +365,8 @@ impl fmt::Display for Stage {
                 write!(f, "serving original: variant {variant_id} crashed ({detail})")
             }
             Stage::BoltFailed(why) => write!(f, "BOLT failed: {why}"),
+            // The optimizer's reasons already say "not a candidate: ...".
+            Stage::NotCandidate(why) if why.starts_with("not a candidate") => f.write_str(why),
             Stage::NotCandidate(why) => write!(f, "not a candidate: {why}"),
             Stage::Excluded => f.write_str("excluded"),
             Stage::Pinned { pin: Pin::Original, .. } => f.write_str("pinned to the original"),
