@@ -10,6 +10,9 @@
 //!    needs them), run at least once, whose instrumentation profile is not complete and
 //!    which has no instrumented variant yet.
 //!
+//! A measured run of the instrumented variant killed by a crash signal rejects it at once
+//! (the policy, which would otherwise quarantine a crashing variant, never sees it).
+//!
 //! Serving the variant to a bounded share of execs is the policy wiring's
 //! (`crate::daemon::policing`); the policy itself never sees such variants
 //! (`crate::policy::load::is_policed_kind`).
@@ -212,6 +215,14 @@ impl Instrumenter {
             let done = shared
                 .catalog
                 .run(move |c| {
+                    // The policy never sees these runs: a crash is caught here, and the
+                    // variant is not served again.
+                    if let Some(signal) = crash_of(c, binary_id, variant_id)? {
+                        let note = format!("an instrumented run crashed (signal {signal})");
+                        base::set_variant_state(c, variant_id, "rejected", Some(&note))?;
+                        base::record_event(c, now, None, "instrument", &note)?;
+                        return Ok(true);
+                    }
                     let added = merge_files(c, binary_id, &files, now);
                     let collected = profiles::instrumented_runs(c, binary_id)?;
                     if added > 0 {
@@ -378,6 +389,18 @@ fn publish_binary_copy(stored: &Path, copy: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The crash signal of a measured run of the instrumented variant `variant_id`, if one
+/// crashed (the signals the policy calls crashes).
+fn crash_of(c: &Connection, binary_id: i64, variant_id: i64) -> anyhow::Result<Option<i32>> {
+    let runs = runs::runs_of_binary(c, binary_id, crate::policy::load::RUNS_PER_BINARY)?;
+    Ok(runs.iter().filter(|r| r.variant_id == Some(variant_id)).find_map(|r| match r.exit {
+        crate::measure::RunExit::Signaled(s) if crate::policy::CRASH_SIGNALS.contains(&s) => {
+            Some(s)
+        }
+        _ => None,
+    }))
+}
+
 /// The `*.fdata` regular files in `dir` (none when it does not exist).
 fn profile_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let entries = match std::fs::read_dir(dir) {
@@ -491,6 +514,38 @@ mod tests {
                 };
                 base::insert_variant(c, &v, 5)?;
                 assert_eq!(due(c)?, None, "instrumented once already");
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn a_crash_of_an_instrumented_run_is_found_and_user_signals_are_not_crashes() {
+        Catalog::in_memory()
+            .unwrap()
+            .run_blocking(|c| {
+                let id = base::upsert_binary(c, &ContentId::of_bytes(b"r"), 4, &facts(true), 1)?;
+                let v = base::NewVariant {
+                    binary_id: id,
+                    kind: KIND.into(),
+                    sha256: ContentId::of_bytes(b"v").hex(),
+                    state: "ready".into(),
+                    ..Default::default()
+                };
+                let vid = base::insert_variant(c, &v, 1)?;
+                let run = |variant: Option<i64>, signal: Option<i32>| {
+                    c.execute(
+                        "INSERT INTO runs (binary_id, path, variant_id, cmd_hash, task_clock_ns,
+                                           wall_ns, exit_signal, at_ms)
+                         VALUES (?1, '/bin/r', ?2, 'h', 1, 1, ?3, 1)",
+                        rusqlite::params![id, variant, signal],
+                    )
+                };
+                run(None, Some(libc::SIGSEGV))?;
+                run(Some(vid), Some(libc::SIGINT))?;
+                assert_eq!(crash_of(c, id, vid)?, None, "the original's crash, a user's ^C");
+                run(Some(vid), Some(libc::SIGABRT))?;
+                assert_eq!(crash_of(c, id, vid)?, Some(libc::SIGABRT));
                 Ok(())
             })
             .unwrap();
