@@ -173,7 +173,11 @@ fn instrumentation_profile(
         mode: BoltMode::Relocations,
         split_functions: false,
         skip_funcs: vec![],
-        profile: ProfileInput::Instrument { profile_file: profile_file.clone(), append_pid: false },
+        profile: ProfileInput::Instrument {
+            profile_file: profile_file.clone(),
+            append_pid: false,
+            binpath: None,
+        },
     });
     for _ in 0..4 {
         let job = BoltJob {

@@ -38,11 +38,14 @@ pub fn bolt_args(
 ) -> Vec<String> {
     let mut args = vec![input.display().to_string(), "-o".into(), output.display().to_string()];
     match &plan.profile {
-        ProfileInput::Instrument { profile_file, append_pid } => {
+        ProfileInput::Instrument { profile_file, append_pid, binpath } => {
             args.push("-instrument".into());
             args.push(format!("-instrumentation-file={}", profile_file.display()));
             if *append_pid {
                 args.push("-instrumentation-file-append-pid".into());
+            }
+            if let Some(bin) = binpath {
+                args.push(format!("-instrumentation-binpath={}", bin.display()));
             }
         }
         ProfileInput::Fdata(original) => {
@@ -120,13 +123,14 @@ mod tests {
             profile: ProfileInput::Instrument {
                 profile_file: PathBuf::from("/var/lib/optbin/instr/x.fdata"),
                 append_pid: true,
+                binpath: Some(PathBuf::from("/var/lib/optbin/instr/x.bin")),
             },
         };
         let args = bolt_args(&p, Path::new("in"), Path::new("out"), None);
         assert_eq!(
             args.join(" "),
             "in -o out -instrument -instrumentation-file=/var/lib/optbin/instr/x.fdata \
-             -instrumentation-file-append-pid"
+             -instrumentation-file-append-pid -instrumentation-binpath=/var/lib/optbin/instr/x.bin"
         );
     }
 }

@@ -19,7 +19,12 @@ pub enum ProfileInput {
     Fdata(PathBuf),
     /// Build an instrumented binary that writes its profile to `profile_file` at exit
     /// (see [`super::flags`] for the directory this must be in).
-    Instrument { profile_file: PathBuf, append_pid: bool },
+    ///
+    /// `binpath`: where the runtime reads the instrumented binary itself from at exit
+    /// (`-instrumentation-binpath`). Without it the runtime reads `/proc/self/map_files`,
+    /// which only root may: a run by any other user aborts with "failed to open binary
+    /// path".
+    Instrument { profile_file: PathBuf, append_pid: bool, binpath: Option<PathBuf> },
 }
 
 /// The flags-level choices of one attempt; the ladder moves between these.

@@ -55,6 +55,7 @@ use crate::measure::{ExecOpen, Measurer, RunExit, RunRecord};
 use crate::policy::load::{NoPipeline, PipelineView};
 use crate::policy::task::{PolicyTaskOptions, ServingSink, reevaluate_binary, run_policy};
 use crate::policy::{PolicyConfig, ServeDecision, VariantState};
+use crate::profile::instrument::InstrumentationBudget;
 
 /// How often paths whose table entry differs from the policy task's last report are
 /// re-derived (see the module doc); nothing is done while there are none.
@@ -112,6 +113,56 @@ impl Measurement {
     }
 }
 
+/// Instrumentation mode's serving (`[profile] instrumentation = "on"`): a path whose policy
+/// decision is the original, with no pin, and whose binary has a `ready` instrumented
+/// variant, gets that variant for the share of execs [`instrument_share`] says. Execs that
+/// got it are counted here from the overlay's exec-time opens (in memory: a restarted
+/// server starts counting again; the collected runs in the catalog still cap it).
+#[derive(Default)]
+struct InstrServing {
+    budget: Mutex<Option<InstrumentationBudget>>,
+    /// Execs served per instrumented variant id (those this process decided to serve).
+    served: Mutex<HashMap<i64, u64>>,
+    /// Paths whose share changes (a count crossed a limit): re-derived on the next
+    /// reconciliation tick.
+    recheck: Mutex<HashSet<PathBuf>>,
+}
+
+impl InstrServing {
+    fn budget(&self) -> Option<InstrumentationBudget> {
+        *lock(&self.budget)
+    }
+
+    /// Counts an exec of `variant_id` if it is an instrumented variant being served.
+    fn on_exec(&self, original: &Path, variant_id: i64) {
+        let Some(b) = self.budget() else { return };
+        let mut served = lock(&self.served);
+        let Some(n) = served.get_mut(&variant_id) else { return };
+        *n += 1;
+        if *n == b.first_runs || *n >= b.max_runs.saturating_mul(2) {
+            lock(&self.recheck).insert(original.to_path_buf());
+        }
+    }
+}
+
+/// The share of execs an instrumented variant gets after `served` execs got it and
+/// `collected` instrumented runs were merged: every exec for the first N, then 1 in K, and
+/// none once the profile is complete (`collected >= max_runs`) or twice `max_runs` execs
+/// got it (runs that wrote no profile, killed or exec'ing something else, are not retried
+/// forever).
+pub fn instrument_share(b: &InstrumentationBudget, served: u64, collected: u64) -> f64 {
+    if collected >= b.max_runs || served >= b.max_runs.saturating_mul(2) {
+        return 0.0;
+    }
+    if served < b.first_runs {
+        1.0
+    } else if b.then_one_in == 0 {
+        0.0
+    } else {
+        1.0 / b.then_one_in as f64
+    }
+}
+
 /// Shared by the status object, the event sink, the tasks and control commands.
 struct Inner {
     catalog: Catalog,
@@ -127,6 +178,7 @@ struct Inner {
     /// Paths whose applied decision differs from `reported`.
     diverged: Mutex<HashSet<PathBuf>>,
     clock: Arc<dyn Clock>,
+    instr: Arc<InstrServing>,
 }
 
 /// The policy and measurement, wired into one server process.
@@ -167,7 +219,10 @@ impl Policing {
         if let Err(why) = &measured {
             tracing::warn!(why = %why, "runs are not measured: no canary will be run");
         }
-        Ok(Self::with_measurer(settings, catalog, serving, measured))
+        let this = Self::with_measurer(settings, catalog, serving, measured);
+        let profile = crate::daemon::profiling::ProfileSettings::from_table(&cfg.sections.profile)?;
+        *lock(&this.inner.instr.budget) = profile.instrumentation_budget();
+        Ok(this)
     }
 
     /// Assembles the wiring around a given measurer (or the reason there is none).
@@ -191,6 +246,7 @@ impl Policing {
             reported: Mutex::new(HashMap::new()),
             diverged: Mutex::new(HashSet::new()),
             clock: Arc::new(SystemClock),
+            instr: Arc::new(InstrServing::default()),
         });
         Self { inner, settings, records: Mutex::new(records) }
     }
@@ -213,7 +269,11 @@ impl Policing {
     /// Wraps the overlay's event sink: exec-time opens get their run counters attached
     /// (synchronously, before the exec completes), then every event goes on to `next`.
     pub fn event_sink(&self, next: Arc<dyn EventSink>) -> Arc<dyn EventSink> {
-        Arc::new(MeasuringEvents { measurement: self.inner.measurement.clone(), next })
+        Arc::new(MeasuringEvents {
+            measurement: self.inner.measurement.clone(),
+            instr: self.inner.instr.clone(),
+            next,
+        })
     }
 
     /// Re-derives what `path` serves from the catalog (re-evaluating its binary, so that a
@@ -350,7 +410,9 @@ impl Inner {
         let text = path.to_string_lossy().into_owned();
         let (cfg, pipeline, now) = (self.config.clone(), self.pipeline(), self.now_ms());
         let measuring = self.measurement.is_on();
-        let (decision, target) = self.catalog.run_blocking(move |c| {
+        let instrumenting = self.instr.budget().is_some();
+        let original = (original.0, original.1, None);
+        let (decision, target, instrumented) = self.catalog.run_blocking(move |c| {
             let Some(row) = base::path_row(c, &text)? else { return Ok(original) };
             // Variants belong to content: only those of the version now at the path count.
             let Some(binary_id) = row.binary_id.filter(|_| row.key == key) else {
@@ -365,8 +427,31 @@ impl Inner {
                 .map_or(ServeDecision::Original, |(_, d, _)| d);
             // The states after the evaluation's own transitions.
             let variants = base::variants_of(c, binary_id)?;
-            Ok((decision, translate(decision, &variants, key, measuring)))
+            let target = translate(decision, &variants, key, measuring);
+            // Instrumentation only where the policy serves the original and nothing is
+            // pinned (a pin to the original means exactly the original).
+            let instrumented = if instrumenting
+                && target == Target::Original
+                && crate::policy::load::controls_of(c, &text)?.pin.is_none()
+            {
+                let v = variants
+                    .into_iter()
+                    .find(|v| !crate::policy::load::is_policed_kind(&v.kind) && v.state == "ready");
+                match v {
+                    Some(v) => {
+                        Some((v, crate::catalog::profiles::instrumented_runs(c, binary_id)?))
+                    }
+                    None => None,
+                }
+            } else {
+                None
+            };
+            Ok((decision, target, instrumented))
         })?;
+        let target = match instrumented {
+            Some((row, collected)) => self.instrumented_target(&row, key, collected),
+            None => target,
+        };
         if let Target::Variant { variant, .. } = &target
             && let Err(e) = check_store_file(variant)
         {
@@ -376,8 +461,30 @@ impl Inner {
         Ok((decision, target))
     }
 
+    /// The serving of an instrumented variant (see [`InstrServing`]); registers it so that
+    /// its execs are counted.
+    fn instrumented_target(&self, row: &VariantRow, key: FileKey, collected: u64) -> Target {
+        let Some(budget) = self.instr.budget() else { return Target::Original };
+        let served = *lock(&self.instr.served).entry(row.id).or_insert(0);
+        let share = instrument_share(&budget, served, collected);
+        if share <= 0.0 {
+            return Target::Original;
+        }
+        Target::Variant {
+            variant: ServedVariant {
+                variant_id: row.id,
+                path_in_store: PathBuf::from(&row.store_path),
+                size: row.size,
+                expected_original: key,
+            },
+            share,
+        }
+    }
+
     fn diverged_paths(&self) -> Vec<PathBuf> {
-        lock(&self.diverged).iter().cloned().collect()
+        let mut paths: Vec<PathBuf> = lock(&self.diverged).iter().cloned().collect();
+        paths.extend(lock(&self.instr.recheck).drain());
+        paths
     }
 
     fn apply(&self, path: &Path, target: Target) {
@@ -448,6 +555,7 @@ fn raise_open_files_limit() -> anyhow::Result<u64> {
 /// The overlay's event sink with measurement in front (see the module doc).
 struct MeasuringEvents {
     measurement: Arc<Measurement>,
+    instr: Arc<InstrServing>,
     next: Arc<dyn EventSink>,
 }
 
@@ -462,6 +570,9 @@ impl EventSink for MeasuringEvents {
                 binary_id: None,
                 key: *key,
             });
+            if let Some(v) = variant_id {
+                self.instr.on_exec(original, *v);
+            }
         }
         self.next.event(event);
     }
@@ -631,6 +742,19 @@ mod tests {
             share_of(&translate(ServeDecision::Variant(3), &rows, key(), false)),
             Some((3, 1.0))
         );
+    }
+
+    #[test]
+    fn instrumented_share_first_n_then_one_in_k_until_complete() {
+        let b = InstrumentationBudget { first_runs: 2, then_one_in: 4, max_runs: 5 };
+        assert_eq!(instrument_share(&b, 0, 0), 1.0);
+        assert_eq!(instrument_share(&b, 1, 0), 1.0);
+        assert_eq!(instrument_share(&b, 2, 0), 0.25);
+        assert_eq!(instrument_share(&b, 9, 4), 0.25);
+        assert_eq!(instrument_share(&b, 3, 5), 0.0, "complete");
+        assert_eq!(instrument_share(&b, 10, 1), 0.0, "twice the runs served, few written");
+        let never_after = InstrumentationBudget { then_one_in: 0, ..b };
+        assert_eq!(instrument_share(&never_after, 2, 0), 0.0);
     }
 
     /// A catalog with one binary at a real file, and a real variant file in a store dir.

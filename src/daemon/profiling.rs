@@ -73,7 +73,15 @@ impl Profiling {
             status: self.status.clone(),
             thresholds: self.thresholds(),
             disk_caps: (retention.max_bytes_per_binary, retention.max_bytes_total),
+            instrumented_runs_needed: self.settings.instrumentation_budget().map(|b| b.max_runs),
         })
+    }
+
+    /// Whether the sampler runs on hardware branch stacks now (instrumentation mode is for
+    /// machines without them).
+    pub fn branch_stacks(&self) -> Arc<dyn Fn() -> bool + Send + Sync> {
+        let status = self.status.clone();
+        Arc::new(move || status.snapshot().source.as_ref().is_some_and(|s| s.kind.has_branches()))
     }
 
     /// `.optbin/bins/NAME/profile.fdata` for binaries with a sampled profile.

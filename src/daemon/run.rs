@@ -125,7 +125,15 @@ pub fn start_server(
     ));
     rt.spawn(refresh_indexed(indexed_rx, refresher.clone(), shutdown.clone()));
     profiling.spawn(rt.handle(), overlay.clone(), shutdown.clone());
-    let optimizer_queue = optimizing.spawn(rt.handle(), shutdown.clone());
+    // Instrumented variants (instrumentation mode) change what a path serves when built
+    // and when done: the optimizer re-derives it through the refresher. None are built
+    // while the profiler samples branch stacks.
+    let r3 = refresher.clone();
+    let instrument = crate::daemon::optimizing::instrumenting::Hooks {
+        refresh: Arc::new(move |p| r3.refresh(p)),
+        branch_stacks: profiling.branch_stacks(),
+    };
+    let optimizer_queue = optimizing.spawn(rt.handle(), shutdown.clone(), instrument);
     // The policy task, told where the optimizing pipeline is per binary.
     policing.spawn(rt.handle(), shutdown.clone(), optimizing.pipeline_view());
     tracing::info!(generation = ctx.generation, "server ready");

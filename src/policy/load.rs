@@ -31,6 +31,13 @@ impl PipelineView for NoPipeline {
     }
 }
 
+/// Whether the policy judges and serves variants of this kind: BOLT builds and variants
+/// placed by hand, not the instrumented variants that only collect a profile (their
+/// serving is the instrumentation budget's, see `crate::daemon::policing`).
+pub fn is_policed_kind(kind: &str) -> bool {
+    kind != "instrumented"
+}
+
 /// Loads the policy's view of one binary.
 pub fn load_binary(
     conn: &Connection,
@@ -45,8 +52,14 @@ pub fn load_binary(
             .find(|d| d.variant_id == Some(variant) && actions.contains(&d.action.as_str()))
             .and_then(|d| d.first_run_id)
     };
-    let variants = base::variants_of(conn, binary_id)?
+    let rows = base::variants_of(conn, binary_id)?;
+    // Instrumented variants only collect a profile: never canaries, never served as
+    // optimized, and their (slower) runs are no one's evidence.
+    let not_policed: std::collections::HashSet<i64> =
+        rows.iter().filter(|v| !is_policed_kind(&v.kind)).map(|v| v.id).collect();
+    let variants = rows
         .into_iter()
+        .filter(|v| is_policed_kind(&v.kind))
         .filter_map(|v| {
             // States the policy does not know (other subsystems' bookkeeping) are skipped.
             let state = VariantState::parse(&v.state)?;
@@ -61,6 +74,7 @@ pub fn load_binary(
         .collect();
     let runs = runs::runs_of_binary(conn, binary_id, RUNS_PER_BINARY)?
         .into_iter()
+        .filter(|r| r.variant_id.is_none_or(|v| !not_policed.contains(&v)))
         .map(|r| RunInput {
             id: r.id,
             variant_id: r.variant_id,
@@ -226,4 +240,55 @@ pub fn machine_summary(
         }
     }
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Catalog;
+    use crate::elf::ElfFacts;
+    use crate::identity::ContentId;
+
+    #[test]
+    fn instrumented_variants_and_their_runs_are_invisible_to_the_policy() {
+        let catalog = Catalog::in_memory().unwrap();
+        catalog
+            .run_blocking(|c| {
+                let id =
+                    base::upsert_binary(c, &ContentId::of_bytes(b"b"), 1, &ElfFacts::default(), 0)?;
+                let variant = |kind: &str, sha: &[u8]| base::NewVariant {
+                    binary_id: id,
+                    kind: kind.into(),
+                    sha256: ContentId::of_bytes(sha).hex(),
+                    store_path: "/store/x".into(),
+                    size: 1,
+                    state: "ready".into(),
+                    ..Default::default()
+                };
+                let bolt = base::insert_variant(c, &variant("bolt", b"1"), 1)?;
+                let instr = base::insert_variant(c, &variant("instrumented", b"2"), 1)?;
+                let placed = base::insert_variant(c, &variant("placed", b"3"), 1)?;
+                for v in [None, Some(bolt), Some(instr), Some(instr)] {
+                    c.execute(
+                        "INSERT INTO runs (binary_id, path, variant_id, cmd_hash, task_clock_ns,
+                                           wall_ns, exit_code, at_ms)
+                         VALUES (?1, '/bin/b', ?2, 'h', 1000, 2000, 0, 5)",
+                        rusqlite::params![id, v],
+                    )?;
+                }
+                let input = load_binary(c, id, &NoPipeline)?;
+                let ids: Vec<i64> = input.variants.iter().map(|v| v.id).collect();
+                assert_eq!(ids, vec![bolt, placed]);
+                let runs: Vec<Option<i64>> = input.runs.iter().map(|r| r.variant_id).collect();
+                assert_eq!(runs, vec![None, Some(bolt)]);
+                let eval = evaluate(&input, &PolicyConfig::default());
+                assert!(
+                    eval.transitions.iter().all(|t| t.variant_id != instr),
+                    "{:?}",
+                    eval.transitions
+                );
+                Ok(())
+            })
+            .unwrap();
+    }
 }

@@ -21,10 +21,18 @@ use crate::identity::{ContentId, FileKey};
 use crate::profile::maturity::MaturityThresholds;
 use crate::profile::profile_summary;
 
-/// Runs until `shutdown`.
-pub async fn run_driver(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+/// Runs until `shutdown`. With instrumentation on, each tick also collects instrumented
+/// runs and builds at most one instrumented variant (inline: while it builds, no BOLT
+/// build is submitted, so BOLT still runs one job at a time unless a user's `optimize`
+/// arrives meanwhile).
+pub async fn run_driver(
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    hooks: super::instrumenting::Hooks,
+) {
     let mut tick = tokio::time::interval(shared.settings.check_interval());
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut instrumenter = super::instrumenting::Instrumenter::new(hooks, shutdown.clone());
     loop {
         tokio::select! {
             changed = shutdown.changed() => {
@@ -32,11 +40,18 @@ pub async fn run_driver(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
                     break;
                 }
             }
-            _ = tick.tick() => match submit_matured(&shared).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(n, "matured profiles queued for BOLT"),
-                Err(e) => tracing::warn!(error = %format!("{e:#}"), "looking for matured profiles failed"),
-            },
+            _ = tick.tick() => {
+                match submit_matured(&shared).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(n, "matured profiles queued for BOLT"),
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "looking for matured profiles failed"),
+                }
+                if shared.instrumentation.is_some()
+                    && let Err(e) = instrumenter.tick(&shared).await
+                {
+                    tracing::warn!(error = %format!("{e:#}"), "instrumentation pass failed");
+                }
+            }
         }
     }
 }
@@ -48,10 +63,15 @@ pub struct Rules {
     pub applicability: ApplicabilityConfig,
     /// The BOLT version jobs would run with ("22.1.8").
     pub bolt_version: String,
+    /// With instrumentation on: the instrumented runs that make an instrumentation profile
+    /// complete. Such a profile is mature whatever the sampled one says (the maturity
+    /// measure of `crate::profile::maturity` only looks at samples).
+    pub instrumented_runs_needed: Option<u64>,
 }
 
-/// One scan: submits every binary due for a build; returns how many were queued.
-async fn submit_matured(shared: &Arc<Shared>) -> anyhow::Result<usize> {
+/// The indexed binaries at paths of the overlaid directories that the config permits and
+/// that still hold the content indexed (stat outside the catalog thread).
+pub async fn current_paths(shared: &Shared) -> anyhow::Result<Vec<(PathBuf, FileKey)>> {
     let rows = shared.catalog.run(|c| base::all_paths(c)).await?;
     let cfg = shared.config.clone();
     // Stat outside the catalog thread: only content still at its path counts.
@@ -65,10 +85,17 @@ async fn submit_matured(shared: &Arc<Shared>) -> anyhow::Result<usize> {
             .collect()
     })
     .await?;
+    Ok(current)
+}
+
+/// One scan: submits every binary due for a build; returns how many were queued.
+async fn submit_matured(shared: &Arc<Shared>) -> anyhow::Result<usize> {
+    let current = current_paths(shared).await?;
     let rules = Rules {
         thresholds: shared.thresholds,
         applicability: shared.applicability.clone(),
         bolt_version: shared.bolt.tool().map(|t| t.version.to_string()).unwrap_or_default(),
+        instrumented_runs_needed: shared.instrumentation.as_ref().map(|i| i.budget.max_runs),
     };
     let requests = shared
         .catalog
@@ -108,18 +135,26 @@ pub fn matured_request(
     if base::control_row(conn, &path.to_string_lossy())?.is_some_and(|c| c.excluded) {
         return Ok(None);
     }
-    // Cheap first: most binaries have far too few samples for the full maturity check.
-    if profile_numbers(conn, binary.id)?.is_none_or(|p| p.samples < rules.thresholds.min_samples) {
-        return Ok(None);
-    }
-    let summary = profile_summary(conn, binary.id, &rules.thresholds)?;
-    if !summary.maturity.mature {
-        return Ok(None);
-    }
-    let numbers = ProfileNumbers {
-        samples: summary.own_samples,
-        own_text_share: summary.own_share.unwrap_or(0.0),
-        front_end: None,
+    let numbers = match instrumented_numbers(conn, binary.id, rules)? {
+        Some(numbers) => numbers,
+        None => {
+            // Cheap first: most binaries have far too few samples for the full maturity
+            // check.
+            if profile_numbers(conn, binary.id)?
+                .is_none_or(|p| p.samples < rules.thresholds.min_samples)
+            {
+                return Ok(None);
+            }
+            let summary = profile_summary(conn, binary.id, &rules.thresholds)?;
+            if !summary.maturity.mature {
+                return Ok(None);
+            }
+            ProfileNumbers {
+                samples: summary.own_samples,
+                own_text_share: summary.own_share.unwrap_or(0.0),
+                front_end: None,
+            }
+        }
     };
     if !verdict(&binary.facts, Some(&numbers), &rules.applicability).applicability.candidate {
         return Ok(None);
@@ -148,6 +183,32 @@ pub fn matured_request(
         origin: RequestOrigin::Matured,
         // optbin knows no command that is safe to run an arbitrary program with.
         smoke: None,
+    }))
+}
+
+/// The profile's numbers when its instrumentation profile is complete (instrumentation on
+/// and enough instrumented runs merged), else None. The count is what the BOLT job will
+/// record: the sampled own-text samples if there are any, else the edge executions of the
+/// instrumentation profile (as [`super::profiles::CatalogProfiles`] counts them); the
+/// own-text share is unknown without samples and taken as whole.
+fn instrumented_numbers(
+    conn: &Connection,
+    binary_id: i64,
+    rules: &Rules,
+) -> anyhow::Result<Option<ProfileNumbers>> {
+    let Some(needed) = rules.instrumented_runs_needed else { return Ok(None) };
+    if crate::catalog::profiles::instrumented_runs(conn, binary_id)? < needed {
+        return Ok(None);
+    }
+    if let Some(sampled) = profile_numbers(conn, binary_id)? {
+        return Ok(Some(sampled));
+    }
+    let edges: u64 =
+        crate::catalog::profiles::instrumented_edges(conn, binary_id)?.iter().map(|e| e.3).sum();
+    Ok((edges > 0).then_some(ProfileNumbers {
+        samples: edges,
+        own_text_share: 1.0,
+        front_end: None,
     }))
 }
 
@@ -183,6 +244,38 @@ mod tests {
     }
 
     #[test]
+    fn a_complete_instrumentation_profile_is_mature_without_samples() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tool");
+        std::fs::write(&path, b"tool").unwrap();
+        let key = FileKey::of(&path).unwrap();
+        let mut rules = Rules {
+            thresholds: MaturityThresholds { min_samples: 500, min_runs: 2, min_stability: 0.5 },
+            applicability: ApplicabilityConfig { min_text_bytes: 1024, min_own_text_share: 0.3 },
+            bolt_version: "22.1.8".into(),
+            instrumented_runs_needed: Some(2),
+        };
+        let catalog = Catalog::in_memory().unwrap();
+        let text = path.to_string_lossy().into_owned();
+        catalog
+            .run_blocking(move |c| {
+                let id = base::upsert_binary(c, &ContentId::of_bytes(b"tool"), 4, &facts(), 1)?;
+                base::upsert_path(c, &text, Some(id), &key, 1)?;
+                let due = |c: &Connection, r: &Rules| matured_request(c, Path::new(&text), &key, r);
+                let edge = ("1 main 1a".to_string(), "1 main 2b".to_string(), 0u64, 40u64);
+                profiles::add_instrumented_run(c, id, std::slice::from_ref(&edge), 1)?;
+                assert!(due(c, &rules)?.is_none(), "one instrumented run of two");
+                profiles::add_instrumented_run(c, id, &[edge], 2)?;
+                let req = due(c, &rules)?.expect("complete");
+                assert_eq!((req.profile.samples, req.profile.own_text_share), (80, 1.0));
+                rules.instrumented_runs_needed = None;
+                assert!(due(c, &rules)?.is_none(), "instrumentation off: samples decide");
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
     fn only_mature_candidates_the_retry_policy_allows_are_requested() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tool");
@@ -192,6 +285,7 @@ mod tests {
             thresholds: MaturityThresholds { min_samples: 500, min_runs: 2, min_stability: 0.5 },
             applicability: ApplicabilityConfig { min_text_bytes: 1024, min_own_text_share: 0.3 },
             bolt_version: "22.1.8".into(),
+            instrumented_runs_needed: None,
         };
         let catalog = Catalog::in_memory().unwrap();
         let text = path.to_string_lossy().into_owned();

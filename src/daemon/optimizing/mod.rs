@@ -19,6 +19,7 @@
 pub mod candidate;
 pub mod driver;
 pub mod hooks;
+pub mod instrumenting;
 pub mod profiles;
 pub mod report;
 pub mod scratch;
@@ -60,6 +61,13 @@ pub struct Shared {
     /// Why no BOLT job can run (BOLT missing, the scratch directory unusable); None when
     /// the optimizer works.
     pub off: Option<String>,
+    /// Instrumentation mode's budget and directory; None when off.
+    pub instrumentation: Option<instrumenting::InstrumentSetup>,
+    /// The runner BOLT jobs use (None when the optimizer is off): instrumented builds go
+    /// through it too.
+    pub runner: Option<Arc<dyn BoltRunner>>,
+    /// Verification runs of instrumented builds.
+    pub sandbox: Sandbox,
     /// The queue's status as last copied (see [`Shared::queue_status`]).
     status_copy: Mutex<Option<(Instant, Arc<OptimizerStatus>)>>,
 }
@@ -131,12 +139,13 @@ impl Optimizing {
             limits: settings.limits(),
             ..OptimizerConfig::default()
         };
+        let instrumentation = instrumenting::InstrumentSetup::from_config(cfg)?;
         let deps = OptimizerDeps {
             catalog: catalog.clone(),
             store: store.clone(),
             bolt: bolt.clone(),
-            runner,
-            sandbox,
+            runner: runner.clone(),
+            sandbox: sandbox.clone(),
             profiles: Arc::new(profiles::CatalogProfiles { catalog: catalog.clone() }),
             clock,
         };
@@ -151,6 +160,9 @@ impl Optimizing {
             store,
             bolt,
             off,
+            instrumentation,
+            runner,
+            sandbox,
             status_copy: Mutex::new(None),
         });
         Ok(Self { shared, worker: Mutex::new(Some(worker)), scratch_created })
@@ -172,6 +184,9 @@ impl Optimizing {
     }
 
     /// Starts the job queue and the maturity driver on `rt`; both stop on `shutdown`.
+    /// `instrument` connects instrumentation mode: what to refresh when an instrumented
+    /// variant appears or has collected its runs, and whether the profiler has branch
+    /// stacks (then no instrumented variant is built).
     /// Returns the queue's task: await it after signalling shutdown, before the runtime
     /// goes, so running BOLT jobs are killed and recorded as cancelled. A second call
     /// starts nothing.
@@ -179,6 +194,7 @@ impl Optimizing {
         &self,
         rt: &tokio::runtime::Handle,
         shutdown: watch::Receiver<bool>,
+        instrument: instrumenting::Hooks,
     ) -> Option<tokio::task::JoinHandle<()>> {
         let worker = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take()?;
         let scratch = self.scratch_created.then(|| self.shared.settings.scratch_dir.clone());
@@ -190,7 +206,7 @@ impl Optimizing {
             }
         });
         if self.shared.off.is_none() {
-            rt.spawn(driver::run_driver(self.shared.clone(), shutdown));
+            rt.spawn(driver::run_driver(self.shared.clone(), shutdown, instrument));
         }
         Some(queue)
     }

@@ -138,8 +138,13 @@ async fn the_scratch_dir_waits_for_the_first_job() {
     assert!(o.shared.off.is_none(), "{:?}", o.shared.off);
     assert!(!scratch.exists(), "created before any job needed it");
     let (stop, shutdown) = tokio::sync::watch::channel(false);
-    let queue = o.spawn(&tokio::runtime::Handle::current(), shutdown.clone()).unwrap();
-    assert!(o.spawn(&tokio::runtime::Handle::current(), shutdown).is_none(), "started twice");
+    let hooks = instrumenting::Hooks::none();
+    let queue =
+        o.spawn(&tokio::runtime::Handle::current(), shutdown.clone(), hooks.clone()).unwrap();
+    assert!(
+        o.spawn(&tokio::runtime::Handle::current(), shutdown, hooks).is_none(),
+        "started twice"
+    );
     stop.send(true).unwrap();
     tokio::time::timeout(std::time::Duration::from_secs(10), queue).await.unwrap().unwrap();
     assert!(!scratch.exists());

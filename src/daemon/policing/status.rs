@@ -18,6 +18,19 @@ pub(super) struct PolicyStatus {
 }
 
 impl PolicyStatus {
+    /// While an instrumented variant is served for `path` (instrumentation mode), says so:
+    /// the policy's own stage would claim the original.
+    fn instrumenting_reason(&self, path: &std::path::Path) -> Option<String> {
+        let (variant, share) = self.inner.serving.served_share(path)?;
+        let served = *super::lock(&self.inner.instr.served).get(&variant.variant_id)?;
+        Some(format!(
+            "instrumented variant {} for {:.0}% of execs (collecting its profile; {served} \
+             execs got it so far)",
+            variant.variant_id,
+            share * 100.0
+        ))
+    }
+
     fn measurement_json(&self) -> (serde_json::Value, String) {
         let m = &self.inner.measurement;
         let measured = m.measured.load(Ordering::Relaxed);
@@ -132,6 +145,9 @@ impl SubsystemStatus for PolicyStatus {
         binary_id: i64,
         path: &str,
     ) -> Option<String> {
+        if let Some(text) = self.instrumenting_reason(std::path::Path::new(path)) {
+            return Some(text);
+        }
         let statuses =
             binary_status(conn, binary_id, &self.inner.config, &*self.inner.pipeline()).ok()?;
         let s = statuses.into_iter().find(|s| s.path == path)?;

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::catalog::profiles::Retention;
 use crate::profile::ProfilerConfig;
+use crate::profile::instrument::InstrumentationBudget;
 use crate::profile::maturity::MaturityThresholds;
 
 /// `[profile]` as written in the config file; every key is optional (see `docs/config.md`).
@@ -40,6 +41,20 @@ pub struct ProfileSettings {
     pub max_mib_per_binary: u64,
     /// All binaries: the oldest windows are dropped while all profiles exceed this many MiB.
     pub max_mib_total: u64,
+    /// Instrumentation mode: `"off"` (default) or `"on"`. When on, and the profiler has no
+    /// hardware branch stacks, binaries with relocations get a BOLT-instrumented variant
+    /// served to a bounded share of their execs; the exact profile those runs write is
+    /// merged into the catalog and BOLT uses it (see `docs/config.md`).
+    pub instrumentation: String,
+    /// Instrumentation budget: the first N execs after the instrumented variant exists get it...
+    pub instrument_first_runs: u64,
+    /// ...then 1 exec in K (0: none after the first N)...
+    pub instrument_one_in: u64,
+    /// ...until this many instrumented runs were collected; the profile is then complete.
+    pub instrument_max_runs: u64,
+    /// Where instrumented runs write their profiles; default `<state_dir>.instr` (outside
+    /// the 0700 state directory, which other users cannot enter).
+    pub instrumentation_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ProfileSettings {
@@ -47,6 +62,7 @@ impl Default for ProfileSettings {
         let p = ProfilerConfig::default();
         let t = MaturityThresholds::default();
         let r = Retention::default();
+        let b = InstrumentationBudget::default();
         Self {
             enabled: true,
             frequency_hz: p.frequency_hz,
@@ -61,6 +77,11 @@ impl Default for ProfileSettings {
             retention_days: (r.max_age_secs / 86_400) as u64,
             max_mib_per_binary: r.max_bytes_per_binary >> 20,
             max_mib_total: r.max_bytes_total >> 20,
+            instrumentation: "off".into(),
+            instrument_first_runs: b.first_runs,
+            instrument_one_in: b.then_one_in,
+            instrument_max_runs: b.max_runs,
+            instrumentation_dir: None,
         }
     }
 }
@@ -92,6 +113,18 @@ impl ProfileSettings {
         in_range("retention_days", self.retention_days, 1, 3_650)?;
         in_range("max_mib_per_binary", self.max_mib_per_binary, 1, 1 << 20)?;
         in_range("max_mib_total", self.max_mib_total, 1, 1 << 20)?;
+        if !matches!(self.instrumentation.as_str(), "off" | "on") {
+            bail!(
+                "[profile] instrumentation = {:?} is not one of \"off\", \"on\"",
+                self.instrumentation
+            );
+        }
+        in_range("instrument_max_runs", self.instrument_max_runs, 1, 1_000_000)?;
+        if let Some(dir) = &self.instrumentation_dir
+            && !dir.is_absolute()
+        {
+            bail!("[profile] instrumentation_dir = {:?} must be an absolute path", dir);
+        }
         if !(0.0..=1.0).contains(&self.min_stability) {
             bail!(
                 "[profile] min_stability = {} is out of range: it must be within 0.0..=1.0",
@@ -118,6 +151,28 @@ impl ProfileSettings {
         }
     }
 
+    /// The instrumentation budget when `instrumentation = "on"`, else None.
+    pub fn instrumentation_budget(&self) -> Option<InstrumentationBudget> {
+        (self.instrumentation == "on").then_some(InstrumentationBudget {
+            first_runs: self.instrument_first_runs,
+            then_one_in: self.instrument_one_in,
+            max_runs: self.instrument_max_runs,
+        })
+    }
+
+    /// Where instrumented runs write their profiles: the configured directory, else
+    /// `<state_dir>.instr`. Not inside the state directory: that one is 0700 (it holds the
+    /// catalog and the variant store), and an instrumented program run by any user must be
+    /// able to create its profile file; the directory itself is root-owned 1733 (see
+    /// `crate::bolt::flags`).
+    pub fn instrumentation_dir(&self, state_dir: &std::path::Path) -> std::path::PathBuf {
+        self.instrumentation_dir.clone().unwrap_or_else(|| {
+            let mut name = state_dir.as_os_str().to_owned();
+            name.push(".instr");
+            std::path::PathBuf::from(name)
+        })
+    }
+
     pub fn thresholds(&self) -> MaturityThresholds {
         MaturityThresholds {
             min_samples: self.min_samples,
@@ -129,6 +184,8 @@ impl ProfileSettings {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     fn parse(text: &str) -> anyhow::Result<ProfileSettings> {
@@ -177,6 +234,26 @@ mod tests {
     }
 
     #[test]
+    fn instrumentation_is_off_by_default_and_configurable() {
+        let s = parse("").unwrap();
+        assert_eq!(s.instrumentation_budget(), None);
+        assert_eq!(
+            s.instrumentation_dir(Path::new("/var/lib/optbin")),
+            Path::new("/var/lib/optbin.instr")
+        );
+        let s = parse(
+            "instrumentation = \"on\"\ninstrument_first_runs = 1\ninstrument_one_in = 2\n\
+             instrument_max_runs = 3\ninstrumentation_dir = \"/srv/instr\"",
+        )
+        .unwrap();
+        assert_eq!(
+            s.instrumentation_budget(),
+            Some(InstrumentationBudget { first_runs: 1, then_one_in: 2, max_runs: 3 })
+        );
+        assert_eq!(s.instrumentation_dir(Path::new("/x")), Path::new("/srv/instr"));
+    }
+
+    #[test]
     fn errors_name_the_bad_key() {
         for (text, key) in [
             ("frequncy_hz = 5", "frequncy_hz"),
@@ -185,6 +262,9 @@ mod tests {
             ("min_stability = 1.5", "min_stability"),
             ("min_samples = \"many\"", "min_samples"),
             ("min_runs = -1", "min_runs"),
+            ("instrumentation = \"maybe\"", "instrumentation"),
+            ("instrument_max_runs = 0", "instrument_max_runs"),
+            ("instrumentation_dir = \"rel\"", "instrumentation_dir"),
         ] {
             let err = format!("{:#}", parse(text).unwrap_err());
             assert!(err.contains(key), "{text:?}: {err}");

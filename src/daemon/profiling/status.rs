@@ -19,6 +19,8 @@ pub struct ProfilerSection {
     pub thresholds: MaturityThresholds,
     /// The disk caps of the profile tables, bytes (per binary, total).
     pub disk_caps: (u64, u64),
+    /// Instrumentation mode: the instrumented runs a complete profile needs (None: off).
+    pub instrumented_runs_needed: Option<u64>,
 }
 
 impl SubsystemStatus for ProfilerSection {
@@ -50,10 +52,17 @@ impl SubsystemStatus for ProfilerSection {
         }
         match crate::profile::profile_summary(conn, binary_id, &self.thresholds) {
             Ok(s) => {
-                let summary = binary_summary(&s);
+                let mut summary = binary_summary(&s);
+                if let Some(needed) = self.instrumented_runs_needed {
+                    summary = instrumented_progress(summary, s.instrumented_runs, needed);
+                }
                 let mut v = serde_json::to_value(&s).unwrap_or_else(|_| json!({}));
                 if let Value::Object(map) = &mut v {
                     map.insert("summary".into(), Value::String(summary));
+                    map.insert(
+                        "instrumented_runs_needed".into(),
+                        json!(self.instrumented_runs_needed),
+                    );
                 }
                 Some(v)
             }
@@ -123,6 +132,14 @@ pub fn binary_summary(s: &ProfileSummary) -> String {
         text.push_str(&format!("; {} instrumented runs", group(s.instrumented_runs)));
     }
     text
+}
+
+/// With instrumentation on, the runs say how far the instrumentation profile is:
+/// `...; instrumented runs: 2/10` instead of `...; 2 instrumented runs`.
+fn instrumented_progress(summary: String, runs: u64, needed: u64) -> String {
+    let plain = format!("; {} instrumented runs", group(runs));
+    let base = summary.strip_suffix(&plain).unwrap_or(&summary);
+    format!("{base}; instrumented runs: {}/{}", group(runs), group(needed))
 }
 
 /// 1234567 -> "1.2 MB" (decimal units, as `df -H`).
@@ -249,6 +266,15 @@ mod tests {
     }
 
     #[test]
+    fn instrumented_progress_replaces_the_plain_count() {
+        assert_eq!(
+            instrumented_progress("collecting 5/9 samples; 2 instrumented runs".into(), 2, 10),
+            "collecting 5/9 samples; instrumented runs: 2/10"
+        );
+        assert_eq!(instrumented_progress("x".into(), 0, 4), "x; instrumented runs: 0/4");
+    }
+
+    #[test]
     fn per_binary_summary_from_the_catalog() {
         let (cat, [sampled, stripped, unknown]) = catalog();
         let section = ProfilerSection {
@@ -256,6 +282,7 @@ mod tests {
             status: ProfilerStatusHandle::default(),
             thresholds: MaturityThresholds { min_samples: 150, min_runs: 3, min_stability: 0.8 },
             disk_caps: (1, 2),
+            instrumented_runs_needed: None,
         };
         let (a, b, c) = cat
             .run_blocking(move |c| {

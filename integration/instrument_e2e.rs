@@ -1,0 +1,194 @@
+//! Instrumentation mode in the real daemon, end to end: with `[profile] instrumentation =
+//! "on"` and a small budget, a gcc-built program (symbols, PIE, `-Wl,--emit-relocs`) run
+//! through `<mnt>/bin` gets an instrumented variant built by the real `llvm-bolt
+//! -instrument`; the mount serves it to some execs (their outputs equal the original's);
+//! the profiles those runs write into the instrumentation directory are collected into the
+//! catalog; status says `instrumented runs: n/M`; and once the budget's runs are in, a BOLT
+//! variant is built from the instrumentation profile. Sampling is set to never mature, so
+//! the BOLT build can only come from the instrumentation profile.
+
+#[path = "common/mod.rs"]
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::daemon::Daemon;
+use rusqlite::{Connection, OpenFlags};
+
+const PROGRAM: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+__attribute__((noinline)) unsigned long step_a(unsigned long s, unsigned long i) { return (i % 7 == 3) ? s * 31 + i : s ^ (i * 3); }
+__attribute__((noinline)) unsigned long step_b(unsigned long s, unsigned long i) { return (s << 1 | s >> 63) + (i & 0xff); }
+__attribute__((noinline)) unsigned long step_c(unsigned long s, unsigned long i) {
+    switch (i & 7) { case 0: return s * 31 + i; case 1: return s ^ 0x5555; case 2: return s + (i >> 3);
+    case 3: return s - i; case 4: return s * 7; case 5: return s | (i << 7); case 6: return s & ~i; default: return s + 1; }
+}
+__attribute__((noinline)) unsigned long hot_loop(unsigned long n) {
+    unsigned long s = 1;
+    for (unsigned long i = 0; i < n; i++) {
+        s = step_a(s, i);
+        if (i & 1) s = step_b(s, i); else s = step_c(s, i);
+    }
+    return s;
+}
+int main(int argc, char **argv) {
+    unsigned long n = argc > 1 ? strtoul(argv[1], 0, 10) : 1000;
+    printf("result %lu\n", hot_loop(n));
+    return 0;
+}
+"#;
+
+const ARG: &str = "200000";
+const MAX_RUNS: i64 = 3;
+
+fn catalog(state: &Path) -> Connection {
+    let c = Connection::open_with_flags(
+        state.join("catalog.db"),
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    c
+}
+
+/// (kind, state, id) of every variant of the binary at `path`.
+fn variants(state: &Path, path: &Path) -> Vec<(String, String, i64)> {
+    let c = catalog(state);
+    let mut stmt = c
+        .prepare(
+            "SELECT v.kind, v.state, v.id FROM variants v JOIN paths p ON p.binary_id = v.binary_id
+             WHERE p.path = ?1 ORDER BY v.id",
+        )
+        .unwrap();
+    stmt.query_map([path.to_string_lossy()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+fn instrumented_runs(state: &Path, path: &Path) -> i64 {
+    catalog(state)
+        .query_row(
+            "SELECT i.runs FROM instr_profiles i JOIN paths p ON p.binary_id = i.binary_id
+             WHERE p.path = ?1",
+            [path.to_string_lossy()],
+            |r| r.get(0),
+        )
+        .unwrap_or(0)
+}
+
+fn output(cmd: &mut Command) -> String {
+    let out = common::run(cmd);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    out.stdout
+}
+
+#[test]
+fn instrumentation_mode_collects_a_profile_through_the_mount_and_bolt_uses_it() {
+    let dir = common::open_tempdir();
+    let bin = std::fs::canonicalize(dir.path()).unwrap().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let prog = bin.join("prog");
+    common::cc(PROGRAM, &prog, &["-fPIE", "-pie", "-Wl,--emit-relocs"]);
+    let expected = output(Command::new(&prog).arg(ARG));
+    let instr_dir: PathBuf = dir.path().join("instr");
+    let config = format!(
+        "[profile]\nflush_secs = 1\nwindow_secs = 2\nidentify_after_samples = 5\n\
+         min_samples = 100000000\ninstrumentation = \"on\"\ninstrument_first_runs = 2\n\
+         instrument_one_in = 2\ninstrument_max_runs = {MAX_RUNS}\ninstrumentation_dir = {:?}\n\n\
+         [optimizer]\nscratch_dir = {:?}\nmin_text_bytes = 256\ncheck_interval_secs = 1\n\
+         timeout_secs = 120\n",
+        instr_dir.display().to_string(),
+        dir.path().join("scratch").display().to_string(),
+    );
+    std::fs::write(dir.path().join("config.toml"), config).unwrap();
+    std::fs::create_dir(dir.path().join("mnt")).unwrap();
+    let state = dir.path().join("state");
+    let d = Daemon::start(
+        &dir.path().join("mnt"),
+        &[&bin],
+        &state,
+        Some(&dir.path().join("config.toml")),
+    );
+    let through_mount = d.bin().join("prog");
+    let mut runs = 0;
+    let mut run = || {
+        runs += 1;
+        let got = output(Command::new(&through_mount).arg(ARG));
+        assert_eq!(got, expected, "run {runs} through the mount");
+    };
+
+    // Run until the instrumented variant exists.
+    let instr_id = d.wait_for(Duration::from_secs(40), "an instrumented variant", |_| {
+        run();
+        variants(&state, &prog).into_iter().find(|v| v.0 == "instrumented").map(|v| v.2)
+    });
+    let mode = std::fs::metadata(&instr_dir).unwrap().permissions().mode();
+    assert_eq!(mode & 0o7777, 0o1733, "the instrumentation dir is root-owned 1733");
+    // A run as another user through the mount works too (whichever variant it gets)...
+    assert_eq!(output(common::as_nobody(&through_mount).arg(ARG)), expected);
+    // ...and so does the instrumented variant itself: it reads its own file from the
+    // readable copy (`-instrumentation-binpath`), not from /proc/self/map_files (root only).
+    let store_path: String = catalog(&state)
+        .query_row("SELECT store_path FROM variants WHERE id = ?1", [instr_id], |r| r.get(0))
+        .unwrap();
+    let copy = dir.path().join("instrumented-copy");
+    std::fs::copy(&store_path, &copy).unwrap();
+    common::chmod(&copy, 0o755);
+    assert_eq!(output(common::as_nobody(&copy).arg(ARG)), expected, "instrumented, as nobody");
+
+    // Its runs write profiles the daemon collects; then BOLT builds from them.
+    d.wait_for(Duration::from_secs(40), "the instrumentation profile and a BOLT variant", |_| {
+        run();
+        let v = variants(&state, &prog);
+        let bolt = v.iter().any(|v| v.0 == "bolt");
+        (instrumented_runs(&state, &prog) >= MAX_RUNS && bolt).then_some(())
+    });
+    let v = variants(&state, &prog);
+    let instr = v.iter().find(|v| v.2 == instr_id).unwrap();
+    assert_eq!(instr.1, "retired", "done collecting: {v:?}");
+    let c = catalog(&state);
+    let served_instrumented: i64 = c
+        .query_row("SELECT COUNT(*) FROM runs WHERE variant_id = ?1", [instr_id], |r| r.get(0))
+        .unwrap();
+    assert!(served_instrumented > 0, "execs got the instrumented variant");
+    assert!(served_instrumented <= 2 * MAX_RUNS, "bounded: {served_instrumented} runs");
+    // Retired: no more execs get it (measured runs are recorded within ~100 ms).
+    for _ in 0..4 {
+        run();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let after: i64 = c
+        .query_row("SELECT COUNT(*) FROM runs WHERE variant_id = ?1", [instr_id], |r| r.get(0))
+        .unwrap();
+    assert_eq!(after, served_instrumented, "the retired instrumented variant is not served");
+    eprintln!(
+        "{runs} runs through the mount; {served_instrumented} measured runs of the instrumented \
+         variant; {} instrumented runs collected; variants {v:?}",
+        instrumented_runs(&state, &prog)
+    );
+    let (outcome, flags): (String, String) = c
+        .query_row(
+            "SELECT j.last_outcome, j.flags FROM bolt_jobs j JOIN paths p ON p.binary_id = j.binary_id
+             WHERE p.path = ?1",
+            [prog.to_string_lossy()],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(outcome, "ok");
+    assert!(flags.contains("-data=<profile>") && !flags.contains("-instrument"), "{flags}");
+    let status = d.status_text();
+    let progress = status
+        .split("instrumented runs: ")
+        .nth(1)
+        .and_then(|rest| rest.split(|ch: char| !ch.is_ascii_digit() && ch != '/').next())
+        .unwrap_or_else(|| panic!("no instrumented runs in status:\n{status}"));
+    let (n, m) = progress.split_once('/').unwrap();
+    assert!(n.parse::<i64>().unwrap() >= MAX_RUNS && m == MAX_RUNS.to_string(), "{progress}");
+    drop(d);
+    assert!(!common::is_mounted(&dir.path().join("mnt")));
+}
