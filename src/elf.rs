@@ -136,6 +136,24 @@ impl ElfFacts {
 }
 
 #[cfg(test)]
+impl ElfFacts {
+    /// A PIE x86-64 executable with symbols and no BOLT note, for tests.
+    pub fn for_tests(text_size: u64, has_relocs: bool) -> Self {
+        Self {
+            is_elf: true,
+            x86_64: true,
+            pie: true,
+            has_symbols: true,
+            function_symbols: 10,
+            has_relocs,
+            text_size,
+            bolted: false,
+            build_id: None,
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -160,17 +160,7 @@ mod tests {
     use super::*;
 
     fn facts() -> ElfFacts {
-        ElfFacts {
-            is_elf: true,
-            x86_64: true,
-            pie: true,
-            has_symbols: true,
-            function_symbols: 900,
-            has_relocs: true,
-            text_size: 171 * 1024,
-            bolted: false,
-            build_id: None,
-        }
+        ElfFacts { function_symbols: 900, ..ElfFacts::for_tests(171 * 1024, true) }
     }
 
     fn profile(share: f64) -> ProfileNumbers {

@@ -219,17 +219,7 @@ mod tests {
     use crate::elf::ElfFacts;
 
     fn facts() -> ElfFacts {
-        ElfFacts {
-            is_elf: true,
-            x86_64: true,
-            pie: true,
-            has_symbols: true,
-            function_symbols: 10,
-            has_relocs: true,
-            text_size: 8 * 1024,
-            bolted: false,
-            build_id: None,
-        }
+        ElfFacts::for_tests(8 * 1024, true)
     }
 
     fn window(c: &Connection, id: i64, start: i64, own: u64) -> anyhow::Result<()> {

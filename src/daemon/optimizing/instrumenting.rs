@@ -458,17 +458,7 @@ mod tests {
     use crate::elf::ElfFacts;
 
     fn facts(has_relocs: bool) -> ElfFacts {
-        ElfFacts {
-            is_elf: true,
-            x86_64: true,
-            pie: true,
-            has_symbols: true,
-            function_symbols: 10,
-            has_relocs,
-            text_size: 8 * 1024,
-            bolted: false,
-            build_id: None,
-        }
+        ElfFacts::for_tests(8 * 1024, has_relocs)
     }
 
     #[test]
