@@ -11,10 +11,9 @@
 //! the BOLT version (default: the newest installed). Built programs are cached in cargo's
 //! target tmp dir.
 
-use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use optbin::bolt::applicability::ApplicabilityConfig;
@@ -24,9 +23,9 @@ use optbin::bolt::queue::OptimizerDeps;
 use optbin::bolt::status::JobEnd;
 use optbin::bolt::{
     BoltJob, BoltMode, BoltOutcome, BoltPlan, BoltRunner, BoltState, BoltTool, OptimizeRequest,
-    OptimizerConfig, OptimizerHandle, ProfileInfo, ProfileInput, ProfileNumbers, ProfileSource,
-    RequestOrigin, Sandbox, SandboxLimits, SandboxUser, SandboxedBoltRunner, SmokeCommand,
-    discover, optimizer, run_optimizer,
+    OptimizerConfig, OptimizerHandle, ProfileInput, ProfileNumbers, RequestOrigin, Sandbox,
+    SandboxLimits, SandboxUser, SandboxedBoltRunner, SmokeCommand, discover, optimizer,
+    run_optimizer,
 };
 use optbin::catalog::{Catalog, base, bolt_jobs};
 use optbin::clock::SystemClock;
@@ -39,17 +38,9 @@ use tokio::sync::watch;
 mod programs;
 use programs::{Program, build_lua, build_sqlite, measure, output, quick, summary};
 
-#[derive(Default)]
-struct FileProfiles(Mutex<HashMap<i64, PathBuf>>);
-
-impl ProfileSource for FileProfiles {
-    fn write_fdata(&self, binary_id: i64, out: &Path) -> anyhow::Result<ProfileInfo> {
-        let src = self.0.lock().unwrap().get(&binary_id).cloned();
-        let src = src.ok_or_else(|| anyhow::anyhow!("no profile for {binary_id}"))?;
-        std::fs::copy(&src, out)?;
-        Ok(ProfileInfo { samples: fdata_samples(&std::fs::read_to_string(out)?) })
-    }
-}
+#[path = "common/file_profiles.rs"]
+mod file_profiles;
+use file_profiles::FileProfiles;
 
 struct Optimizer {
     runner: SandboxedBoltRunner,

@@ -2,11 +2,10 @@
 //! and `perf2bolt`), real BOLT (19 and 22), the real sandbox, store and catalog; forced
 //! failures through fake BOLT executables written by the tests.
 
-use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use optbin::bolt::applicability::ApplicabilityConfig;
@@ -16,9 +15,8 @@ use optbin::bolt::sandbox::SandboxLimits;
 use optbin::bolt::status::JobEnd;
 use optbin::bolt::{
     BoltJob, BoltMode, BoltOutcome, BoltPlan, BoltRunner, BoltState, BoltTool, BoltVersion,
-    OptimizeRequest, OptimizerConfig, OptimizerHandle, ProfileInfo, ProfileInput, ProfileNumbers,
-    ProfileSource, RequestOrigin, Sandbox, SandboxUser, SandboxedBoltRunner, SmokeCommand,
-    discover, optimizer, run_optimizer,
+    OptimizeRequest, OptimizerConfig, OptimizerHandle, ProfileInput, ProfileNumbers, RequestOrigin,
+    Sandbox, SandboxUser, SandboxedBoltRunner, SmokeCommand, discover, optimizer, run_optimizer,
 };
 use optbin::catalog::{Catalog, base, bolt_jobs};
 use optbin::clock::SystemClock;
@@ -82,18 +80,9 @@ fn tool(major: u32) -> BoltTool {
     BoltTool::probe(&path).unwrap_or_else(|e| panic!("bolt-{major} is installed here: {e}"))
 }
 
-/// Profiles written by the tests (real perf2bolt output, or hand-written no_lbr fdata).
-#[derive(Default)]
-struct FileProfiles(Mutex<HashMap<i64, PathBuf>>);
-
-impl ProfileSource for FileProfiles {
-    fn write_fdata(&self, binary_id: i64, out: &Path) -> anyhow::Result<ProfileInfo> {
-        let src = self.0.lock().unwrap().get(&binary_id).cloned();
-        let src = src.ok_or_else(|| anyhow::anyhow!("no profile for {binary_id}"))?;
-        std::fs::copy(&src, out)?;
-        Ok(ProfileInfo { samples: fdata_samples(&std::fs::read_to_string(out)?) })
-    }
-}
+#[path = "common/file_profiles.rs"]
+mod file_profiles;
+use file_profiles::FileProfiles;
 
 struct Rig {
     dir: tempfile::TempDir,
