@@ -17,11 +17,13 @@ fn bench_policy() {
     println!(
         "policy: canary {:.0}%, looks at {:?} runs per arm, alpha {} (stated false-promotion \
          bound), min gain {:.0}%; {trials} seeded trials per row; noise = log-normal sigma + 5% \
-         outliers x1.3-2, 3 commands",
+         outliers x1.3-2 + a load shared by both arms (AR(1) log, sd {}, phi {}), 3 commands",
         cfg.canary_fraction * 100.0,
         cfg.checkpoints(),
         cfg.alpha,
-        cfg.promote_min_gain * 100.0
+        cfg.promote_min_gain * 100.0,
+        SimSpec::default().load_sigma,
+        SimSpec::default().load_phi
     );
     println!(
         "{:>10} {:>7} | {:>9} {:>9} {:>9} | {:>16} {:>16}",

@@ -161,7 +161,8 @@ pub struct BinaryStatus {
     pub binary_id: i64,
     pub path: String,
     pub stage: Stage,
-    /// `stage` rendered as text ("serving original: slower by 2.1% ± 0.8%").
+    /// `stage` rendered as text
+    /// ("serving original: slower by 2.1% (interval 1.3%..2.9% slower)").
     pub stage_text: String,
     /// Runs per variant (`None`: the original).
     pub runs: Vec<(Option<i64>, usize)>,

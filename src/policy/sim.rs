@@ -1,10 +1,11 @@
 //! Simulated canaries through the real policy: synthetic run times with the noise measured
-//! on this project's VMs, fed exec by exec through [`evaluate`] and
+//! on this project's VMs (per-run noise, outliers, and a slowly wandering load shared by
+//! both arms), fed exec by exec through [`evaluate`] and
 //! [`ServeDecision::choose`]. Used by the property tests and the policy benchmark.
 //!
 //! Between two looks the policy's answer cannot change (each look uses exactly the first
-//! `m * 2^k` runs of each arm, and a simulated run never crashes), so the simulation
-//! evaluates only when an arm count reaches a look; that keeps thousands of trials cheap.
+//! `m * 2^k` time-adjacent pairs, and a simulated run never crashes), so the simulation
+//! evaluates only when the pair count reaches a look; that keeps thousands of trials cheap.
 
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
@@ -21,6 +22,12 @@ pub struct SimSpec {
     pub true_ratio: f64,
     /// Per-run log-normal noise (0.15: one pair of runs swings about +-20%).
     pub noise_sigma: f64,
+    /// Time-correlated load shared by both arms: the stationary standard deviation of an
+    /// AR(1) log load factor that multiplies every run's time (0.2: the machine's speed
+    /// wanders over about +-20%, as measured on the 2-core VM when other builds run).
+    pub load_sigma: f64,
+    /// The load's AR(1) coefficient per exec (0.98: a burst lasts tens of execs).
+    pub load_phi: f64,
     /// Share of runs hit by an outlier (x1.3 to x2: a busy neighbour on the VM).
     pub outlier_share: f64,
     /// Distinct commands (each with its own base time), drawn uniformly per exec.
@@ -34,6 +41,8 @@ impl Default for SimSpec {
         Self {
             true_ratio: 1.0,
             noise_sigma: 0.15,
+            load_sigma: 0.2,
+            load_phi: 0.98,
             outlier_share: 0.05,
             commands: 3,
             max_execs: 5000,
@@ -73,7 +82,12 @@ pub fn simulate_canary(spec: &SimSpec, cfg: &PolicyConfig, seed: u64) -> SimOutc
         ..Default::default()
     };
     let checkpoints = cfg.checkpoints();
-    let (mut nv, mut no) = (0usize, 0usize);
+    let mut nv = 0usize;
+    // The waiting run's arm per command (true: variant), mirroring `pair_in_exec_order`
+    // to know when the pair count reaches a look.
+    let mut waiting: Vec<Option<bool>> = vec![None; spec.commands.max(1)];
+    let mut pairs = 0usize;
+    let mut load = spec.load_sigma * normal(&mut rng);
     let mut serve = ServeDecision::Original;
     let mut must_evaluate = true;
     for exec in 0..spec.max_execs {
@@ -95,15 +109,15 @@ pub fn simulate_canary(spec: &SimSpec, cfg: &PolicyConfig, seed: u64) -> SimOutc
         let variant = serve.choose(rng.random::<f64>());
         let cmd = rng.random_range(0..spec.commands.max(1));
         let base = 50e6 * (1.0 + cmd as f64);
-        let mut t = base * (spec.noise_sigma * normal(&mut rng)).exp();
+        let phi = spec.load_phi.clamp(0.0, 1.0);
+        load = phi * load + (1.0 - phi * phi).sqrt() * spec.load_sigma * normal(&mut rng);
+        let mut t = base * (load + spec.noise_sigma * normal(&mut rng)).exp();
         if rng.random::<f64>() < spec.outlier_share {
             t *= rng.random_range(1.3..2.0);
         }
         if variant.is_some() {
             t *= spec.true_ratio;
             nv += 1;
-        } else {
-            no += 1;
         }
         input.runs.push(RunInput {
             id: input.next_run_id,
@@ -113,10 +127,13 @@ pub fn simulate_canary(spec: &SimSpec, cfg: &PolicyConfig, seed: u64) -> SimOutc
             exit: RunExit::Exited(0),
         });
         input.next_run_id += 1;
-        let n = nv.min(no);
-        // min(nv, no) grew only if the arm that just ran was not the larger one.
-        let grew = if variant.is_some() { nv <= no } else { no <= nv };
-        must_evaluate = grew && checkpoints.contains(&n);
+        let is_variant = variant.is_some();
+        let paired = waiting[cmd] == Some(!is_variant);
+        waiting[cmd] = if paired { None } else { Some(is_variant) };
+        if paired {
+            pairs += 1;
+        }
+        must_evaluate = paired && checkpoints.contains(&pairs);
     }
     SimOutcome::Undecided { execs: spec.max_execs }
 }

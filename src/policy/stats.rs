@@ -1,21 +1,33 @@
-//! Pure statistics for "is the variant faster than the original?": a Hodges-Lehmann
-//! estimate of the CPU-time ratio with a distribution-free (Moses / Mann-Whitney) interval,
-//! stratified by command so that only runs of the same command line are compared.
+//! Pure statistics for "is the variant faster than the original?".
 //!
-//! Why this and not a bootstrap of the median ratio: on log times the Hodges-Lehmann shift
-//! is about 1.5x as efficient as a difference of medians (asymptotic relative efficiency
-//! 0.955 vs 0.637 under normal noise), so it needs about two thirds of the runs for the same
-//! interval width; its interval comes from the rank distribution, so its coverage holds
-//! for any continuous noise shape (heavy tails included) without resampling, and it is
+//! [`paired_compare`] (the canary's test): time-adjacent pairs of a variant run and an
+//! original run of the same command; a one-sample Hodges-Lehmann estimate of the paired
+//! log-ratio with a Wilcoxon signed-rank interval. A load shared by a pair's two runs
+//! cancels, so time-correlated noise (load bursts, drift) on a shared machine cannot pass
+//! for a difference, which two independent samples cannot guarantee.
+//!
+//! [`compare`] (two independent samples, for the served stage's gain and drift checks, where
+//! the original gets too few execs to pair): a Hodges-Lehmann estimate of the CPU-time
+//! ratio with a distribution-free (Moses / Mann-Whitney) interval, stratified by command so
+//! that only runs of the same command line are compared.
+//!
+//! Why Hodges-Lehmann and not a bootstrap of the median ratio: on log times it is about 1.5x
+//! as efficient as a difference of medians (asymptotic relative efficiency 0.955 vs 0.637
+//! under normal noise), so it needs about two thirds of the runs for the same interval
+//! width; its interval comes from the rank distribution, so its coverage holds for any
+//! continuous noise shape (heavy tails included) without resampling, and it is
 //! deterministic (no random source to seed). Medians of small bootstrap samples also
-//! under-cover. The cost is O(N log N) in the N matched pairs (at most 320 x 320 here).
+//! under-cover. The cost is O(N log N) in the N pairwise differences or Walsh averages
+//! (at most 320 x 320 here).
 //!
-//! Stratification: the pairwise differences `log v - log o` are formed only between runs
-//! of the same command; the statistic is the sum of the per-command Mann-Whitney U
-//! (van Elteren without weights), whose null mean and variance are sums over commands.
-//! The interval at one-sided level `a` on each side is
+//! Stratification in [`compare`]: the pairwise differences `log v - log o` are formed only
+//! between runs of the same command; the statistic is the sum of the per-command
+//! Mann-Whitney U (van Elteren without weights), whose null mean and variance are sums over
+//! commands. The interval at one-sided level `a` on each side is
 //! `[D(C+1), D(N-C)]` with `C = floor(N/2 - z(1-a) * sqrt(Var) - 1/2)`: under equal speed the
-//! probability that its upper end falls below 0 (a false "faster") is at most `a`.
+//! probability that its upper end falls below 0 (a false "faster") is at most `a`. The
+//! paired interval is the same construction over the Walsh averages with the signed-rank
+//! variance `n(n+1)(2n+1)/24`.
 
 use std::collections::HashMap;
 
@@ -46,16 +58,28 @@ impl Comparison {
         (self.ratio - 1.0) * 100.0
     }
 
-    /// Half the interval's width in percent points (for "slower by 2.1% ± 0.8%").
-    pub fn half_width_percent(&self) -> f64 {
-        if self.high.is_finite() { (self.high - self.low) / 2.0 * 100.0 } else { f64::INFINITY }
-    }
-
-    /// "faster by 4.2% ± 1.9%" / "slower by 2.1% ± 0.8%".
+    /// "faster by 4.6% (95% interval 0.3%..8.8% faster)": the interval's own ends, since
+    /// a ratio interval is asymmetric around its estimate (half its width misleads).
     pub fn describe(&self) -> String {
         let c = self.change_percent();
         let word = if c < 0.0 { "faster" } else { "slower" };
-        format!("{word} by {:.1}% ± {:.1}%", c.abs(), self.half_width_percent())
+        format!("{word} by {:.1}% (interval {})", c.abs(), self.describe_interval())
+    }
+
+    /// The interval as changes: "0.3%..8.8% faster", "2.0% faster..1.1% slower",
+    /// "unbounded" when too few runs bound it.
+    pub fn describe_interval(&self) -> String {
+        if !self.high.is_finite() || self.low <= 0.0 {
+            return "unbounded".to_string();
+        }
+        let (lo, hi) = ((self.low - 1.0) * 100.0, (self.high - 1.0) * 100.0);
+        if hi < 0.0 {
+            format!("{:.1}%..{:.1}% faster", -hi, -lo)
+        } else if lo > 0.0 {
+            format!("{:.1}%..{:.1}% slower", lo, hi)
+        } else {
+            format!("{:.1}% faster..{:.1}% slower", -lo, hi)
+        }
     }
 }
 
@@ -103,6 +127,45 @@ pub fn compare(variant: &[Timed<'_>], original: &[Timed<'_>], z: f64) -> Option<
         (diffs[c].exp(), diffs[n - 1 - c].exp())
     };
     Some(Comparison { ratio: hl.exp(), low, high, variant_runs: nv, original_runs: no, commands })
+}
+
+/// Compares time-adjacent pairs `(variant run, original run)` of the same command: a
+/// one-sample Hodges-Lehmann estimate of the paired log-ratio `ln v - ln o` (median of the
+/// Walsh averages) with the Wilcoxon signed-rank interval (normal approximation with
+/// continuity correction; `z` as in [`compare`]).
+///
+/// Why pairs: on a shared machine the noise is correlated in time (load bursts, slow
+/// drifts); two arms' runs treated as independent samples turn a burst that hit one arm's
+/// runs more than the other's into a "difference". A pair's two runs are adjacent in time,
+/// so a load shared by both cancels in the pair's log-ratio, and the signed-rank interval
+/// needs only that each pair's difference is symmetric about the true shift (which random
+/// arm assignment gives). `None` without pairs.
+pub fn paired_compare(pairs: &[(Timed<'_>, Timed<'_>)], z: f64) -> Option<Comparison> {
+    if pairs.is_empty() {
+        return None;
+    }
+    let d: Vec<f64> = pairs.iter().map(|(v, o)| log_time(v.cpu_ns) - log_time(o.cpu_ns)).collect();
+    let n = d.len();
+    let mut walsh = Vec::with_capacity(n * (n + 1) / 2);
+    for i in 0..n {
+        for j in i..n {
+            walsh.push((d[i] + d[j]) / 2.0);
+        }
+    }
+    walsh.sort_by(f64::total_cmp);
+    let m = walsh.len();
+    let hl = median_sorted(&walsh);
+    let nf = n as f64;
+    let var = nf * (nf + 1.0) * (2.0 * nf + 1.0) / 24.0;
+    let c = (m as f64 / 2.0 - z * var.sqrt() - 0.5).floor();
+    let (low, high) = if c < 0.0 {
+        (0.0, f64::INFINITY)
+    } else {
+        let c = (c as usize).min((m - 1) / 2);
+        (walsh[c].exp(), walsh[m - 1 - c].exp())
+    };
+    let commands = pairs.iter().map(|(v, _)| v.cmd).collect::<std::collections::HashSet<_>>().len();
+    Some(Comparison { ratio: hl.exp(), low, high, variant_runs: n, original_runs: n, commands })
 }
 
 fn log_time(ns: u64) -> f64 {
@@ -202,6 +265,78 @@ mod tests {
         assert!((c.ratio - 1.0).abs() < 1e-9);
         assert_eq!((c.commands, c.variant_runs, c.original_runs), (2, 8, 8));
         assert!(compare(&arm("x", &[1]), &arm("y", &[1]), 1.0).is_none());
+    }
+
+    fn pairs<'a>(cmd: &'a str, v: &[f64], o: &[f64]) -> Vec<(Timed<'a>, Timed<'a>)> {
+        let t = |x: f64| Timed { cmd, cpu_ns: x as u64 };
+        v.iter().zip(o).map(|(&a, &b)| (t(a), t(b))).collect()
+    }
+
+    /// A deterministic stand-in for noise: a scrambled sequence in -0.5..0.5.
+    fn jitter(i: usize, salt: usize) -> f64 {
+        ((i * 7919 + salt * 104_729) % 1009) as f64 / 1009.0 - 0.5
+    }
+
+    #[test]
+    fn paired_symmetric_noise_covers_one() {
+        // Each pair's two runs get independent noise of the same shape: no difference.
+        let o: Vec<f64> = (0..60).map(|i| 1e8 * (0.2 * jitter(i, 1)).exp()).collect();
+        let v: Vec<f64> = (0..60).map(|i| 1e8 * (0.2 * jitter(i, 2)).exp()).collect();
+        let c = paired_compare(&pairs("a", &v, &o), 1.96).unwrap();
+        assert!(c.low < 1.0 && 1.0 < c.high, "{c:?}");
+        assert_eq!((c.variant_runs, c.original_runs, c.commands), (60, 60, 1));
+    }
+
+    #[test]
+    fn paired_constant_gain_is_found_and_excludes_one() {
+        let o: Vec<f64> = (0..40).map(|i| 1e8 * (0.3 * jitter(i, 1)).exp()).collect();
+        let v: Vec<f64> =
+            o.iter().enumerate().map(|(i, &t)| t * 0.95 * (0.02 * jitter(i, 3)).exp()).collect();
+        let c = paired_compare(&pairs("a", &v, &o), 2.326).unwrap();
+        assert!((c.ratio - 0.95).abs() < 0.01, "{c:?}");
+        assert!(c.low < c.ratio && c.ratio < c.high && c.high < 1.0, "{c:?}");
+        assert!(c.describe().starts_with("faster by 5."), "{}", c.describe());
+    }
+
+    #[test]
+    fn drift_shared_by_both_arms_is_not_a_difference() {
+        // A slow drift (the machine getting 3x busier over the window) multiplies both runs
+        // of each pair. Unpaired, the variant's runs happen to sit late in the window (as
+        // when one arm's runs cluster in a burst) and look far slower; paired, the drift
+        // cancels and the interval covers 1.
+        let n = 80;
+        let drift = |i: usize| (i as f64 / n as f64 * 3f64.ln()).exp();
+        let o: Vec<f64> = (0..n).map(|i| 1e8 * drift(i) * (0.1 * jitter(i, 1)).exp()).collect();
+        let v: Vec<f64> = (0..n).map(|i| 1e8 * drift(i) * (0.1 * jitter(i, 2)).exp()).collect();
+        let c = paired_compare(&pairs("a", &v, &o), 2.326).unwrap();
+        assert!(c.low < 1.0 && 1.0 < c.high, "{c:?}");
+        // The same runs compared as independent samples, the variant's taken from the later
+        // half of the window: a large false "slower".
+        let late: Vec<f64> = v[n / 2..].to_vec();
+        let early: Vec<f64> = o[..n / 2].to_vec();
+        let u = compare(&arm("a", &to_ns(&late)), &arm("a", &to_ns(&early)), 2.326).unwrap();
+        assert!(u.low > 1.0, "{u:?}");
+    }
+
+    fn to_ns(x: &[f64]) -> Vec<u64> {
+        x.iter().map(|&t| t as u64).collect()
+    }
+
+    #[test]
+    fn interval_is_described_by_its_ends() {
+        let c = Comparison {
+            ratio: 0.954,
+            low: 0.912,
+            high: 0.997,
+            variant_runs: 20,
+            original_runs: 20,
+            commands: 1,
+        };
+        assert_eq!(c.describe(), "faster by 4.6% (interval 0.3%..8.8% faster)");
+        let c = Comparison { ratio: 1.01, low: 0.98, high: 1.04, ..c };
+        assert_eq!(c.describe(), "slower by 1.0% (interval 2.0% faster..4.0% slower)");
+        let c = Comparison { ratio: 1.1, low: 0.0, high: f64::INFINITY, ..c };
+        assert_eq!(c.describe(), "slower by 10.0% (interval unbounded)");
     }
 
     #[test]
