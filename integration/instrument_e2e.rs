@@ -156,7 +156,9 @@ fn instrumentation_mode_collects_a_profile_through_the_mount_and_bolt_uses_it() 
         .query_row("SELECT COUNT(*) FROM runs WHERE variant_id = ?1", [instr_id], |r| r.get(0))
         .unwrap();
     assert!(served_instrumented > 0, "execs got the instrumented variant");
-    assert!(served_instrumented <= 2 * MAX_RUNS, "bounded: {served_instrumented} runs");
+    // The cut-off is applied asynchronously (an exec-open past the budget queues a re-check of
+    // the path), so under load an exec or two racing with it may still get the variant.
+    assert!(served_instrumented <= 2 * MAX_RUNS + 2, "bounded: {served_instrumented} runs");
     // Retired: no more execs get it (measured runs are recorded within ~100 ms).
     for _ in 0..4 {
         run();
