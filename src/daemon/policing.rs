@@ -683,7 +683,6 @@ mod tests {
     use crate::catalog::base::{NewVariant, insert_variant, set_pin, upsert_binary, upsert_path};
     use crate::elf::ElfFacts;
     use crate::identity::ContentId;
-    use crate::measure::ProcEventSource;
     use crate::measure::counters::{CounterFactory, CounterReading, RunCounters};
     use crate::measure::proc_connector::ProcEvent;
     use crate::measure::tracker::ProcessView;
@@ -920,15 +919,7 @@ mod tests {
         drop(sink);
     }
 
-    struct ChannelSource(std_mpsc::Receiver<ProcEvent>);
-    impl ProcEventSource for ChannelSource {
-        fn next_events(&mut self, out: &mut Vec<ProcEvent>) -> io::Result<()> {
-            if let Ok(ev) = self.0.recv_timeout(Duration::from_millis(20)) {
-                out.push(ev);
-            }
-            Ok(())
-        }
-    }
+    use crate::measure::fakes::ChannelSource;
     struct Zero;
     impl RunCounters for Zero {
         fn read(&mut self) -> io::Result<CounterReading> {

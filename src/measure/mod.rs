@@ -24,6 +24,8 @@
 //! reader thread's real-time priority, see `raise_priority`): its command is then
 //! [`cmdline::UNKNOWN_CMD`], one class of its own for the statistics.
 
+#[cfg(test)]
+pub(crate) mod fakes;
 pub mod cmdline;
 pub mod counters;
 pub mod proc_connector;
@@ -259,15 +261,7 @@ mod tests {
     use super::counters::{CounterReading, RunCounters};
     use super::*;
 
-    struct ChannelSource(std_mpsc::Receiver<ProcEvent>);
-    impl ProcEventSource for ChannelSource {
-        fn next_events(&mut self, out: &mut Vec<ProcEvent>) -> io::Result<()> {
-            if let Ok(ev) = self.0.recv_timeout(Duration::from_millis(20)) {
-                out.push(ev);
-            }
-            Ok(())
-        }
-    }
+    use crate::measure::fakes::ChannelSource;
 
     struct Fixed;
     impl RunCounters for Fixed {
