@@ -24,10 +24,10 @@
 //! reader thread's real-time priority, see `raise_priority`): its command is then
 //! [`cmdline::UNKNOWN_CMD`], one class of its own for the statistics.
 
-#[cfg(test)]
-pub(crate) mod fakes;
 pub mod cmdline;
 pub mod counters;
+#[cfg(test)]
+pub(crate) mod fakes;
 pub mod proc_connector;
 pub mod tracker;
 
