@@ -267,13 +267,7 @@ async fn bench_optimizer() {
         );
         if let Some(v) = opt.build(prog, &fdata, RequestOrigin::Matured).await {
             built += 1;
-            let variant = PathBuf::from(&v.store_path);
-            assert_eq!(
-                output(&variant, &prog.measure),
-                output(&prog.bin, &prog.measure),
-                "{}: outputs differ",
-                prog.name
-            );
+            let variant = same_output(prog, &v.store_path);
             println!(
                 "  variant {} KiB (original {} KiB)",
                 v.size / 1024,
@@ -291,8 +285,7 @@ async fn bench_optimizer() {
             println!(" sampled profile, BOLT {}:", t19.version);
             let opt19 = Optimizer::start(&t19, work.path());
             if let Some(v) = opt19.build(prog, &fdata, RequestOrigin::Matured).await {
-                let variant = PathBuf::from(&v.store_path);
-                assert_eq!(output(&variant, &prog.measure), output(&prog.bin, &prog.measure));
+                let variant = same_output(prog, &v.store_path);
                 println!("  {}", summary(measure(&prog.bin, &variant, &prog.measure, pairs)));
             }
             opt19.stop().await;
@@ -304,13 +297,7 @@ async fn bench_optimizer() {
             && let Some(v) = opt.build(prog, &instr, RequestOrigin::User).await
         {
             built += 1;
-            let variant = PathBuf::from(&v.store_path);
-            assert_eq!(
-                output(&variant, &prog.measure),
-                output(&prog.bin, &prog.measure),
-                "{}: outputs differ",
-                prog.name
-            );
+            let variant = same_output(prog, &v.store_path);
             println!("  {}", summary(measure(&prog.bin, &variant, &prog.measure, pairs)));
         }
 
@@ -323,4 +310,16 @@ async fn bench_optimizer() {
     }
     opt.stop().await;
     assert!(built >= 2, "the optimizer built {built} variants; expected at least one per program");
+}
+
+/// The stored variant at `store_path`, after checking it prints what the original prints.
+fn same_output(prog: &Program, store_path: &str) -> PathBuf {
+    let variant = PathBuf::from(store_path);
+    assert_eq!(
+        output(&variant, &prog.measure),
+        output(&prog.bin, &prog.measure),
+        "{}: outputs differ",
+        prog.name
+    );
+    variant
 }

@@ -240,12 +240,7 @@ fn decided(b: &Value) -> bool {
 /// The daemon's measured runs of the binary at `path`, in order: (ran the variant, task-clock
 /// seconds).
 fn measured_runs(state: &Path, path: &Path) -> Vec<(bool, f64)> {
-    let conn = rusqlite::Connection::open_with_flags(
-        state.join("catalog.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    let conn = common::daemon::catalog_read_only(state);
     let mut stmt = conn
         .prepare(
             "SELECT variant_id IS NOT NULL, task_clock_ns FROM runs WHERE path = ?1 ORDER BY id",
@@ -261,12 +256,7 @@ fn measured_runs(state: &Path, path: &Path) -> Vec<(bool, f64)> {
 
 /// The policy's decisions about the binary at `path`, in order, from the catalog (read-only).
 fn policy_events(state: &Path, path: &Path) -> Vec<String> {
-    let conn = rusqlite::Connection::open_with_flags(
-        state.join("catalog.db"),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .unwrap();
-    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    let conn = common::daemon::catalog_read_only(state);
     let mut stmt = conn
         .prepare(
             "SELECT kind, detail FROM events WHERE path = ?1 AND kind LIKE 'policy.%' ORDER BY id",

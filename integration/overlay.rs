@@ -242,12 +242,7 @@ fn variant_switch_and_upgrade_underneath() {
     let original = f.one.join("prog");
 
     // A process started before the switch: it sleeps, then prints.
-    let before = Command::new(view.join("prog"))
-        .arg("before")
-        .env("SLEEP_MS", "1500")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let before = spawn_sleeping(&view.join("prog"), 1500);
     std::thread::sleep(Duration::from_millis(300));
     // What a profiler sees: /proc/PID/exe and the code mappings name the path in the mount
     // (the kernel maps the backing file but shows the user's path), and the inode of
@@ -353,12 +348,7 @@ fn without_passthrough_optbin_serves_the_reads() {
     }
     // A running process keeps reading its own bytes through its handle after a switch.
     let original = f.one.join("prog");
-    let before = Command::new(view.join("prog"))
-        .arg("before")
-        .env("SLEEP_MS", "1000")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let before = spawn_sleeping(&view.join("prog"), 1000);
     std::thread::sleep(Duration::from_millis(200));
     let store = f.tmp.path().join("variant");
     prog(&store, "variant", &[]);
@@ -696,4 +686,15 @@ fn a_server_that_keeps_crashing_makes_the_supervisor_unmount_and_give_up() {
     // Unmounted, so PATH lookups fall through to the next entries instead of ENOTCONN.
     assert!(!is_mounted(&f.mount));
     assert!(!f.mount.join("bin").exists());
+}
+
+/// Starts `prog before` (a test program) that sleeps `ms` before printing, with its output
+/// captured: a process that runs across a switch of the served variant.
+fn spawn_sleeping(prog: &std::path::Path, ms: u32) -> std::process::Child {
+    Command::new(prog)
+        .arg("before")
+        .env("SLEEP_MS", ms.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("starting the sleeping program")
 }

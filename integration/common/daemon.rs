@@ -231,3 +231,14 @@ pub fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
 }
+
+/// The daemon's catalog under `state`, opened read-only (the daemon keeps writing).
+pub fn catalog_read_only(state: &Path) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open_with_flags(
+        state.join("catalog.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("opening the catalog read-only");
+    conn.busy_timeout(Duration::from_secs(10)).expect("busy timeout");
+    conn
+}
