@@ -24,6 +24,10 @@
 //! `OPTBIN_BENCH_QUICK=1`: Lua only, smaller maturity threshold and policy looks, 7 pairs,
 //! 3 equal-speed trials (a few minutes). Full mode: Lua and SQLite, 100k samples to
 //! mature, 21 pairs, 8 trials.
+//!
+//! `OPTBIN_BENCH_AA_TRIALS=N`: only the equal-speed canaries, N of them, with the policy's
+//! default settings (what a user gets; each trial takes up to `2 * 20 * 2^4 * 3` execs, so
+//! this is a long run kept out of the test suite).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -59,10 +63,22 @@ struct Plan {
     budget: Duration,
     pairs: usize,
     equal_speed_trials: usize,
+    /// Only the equal-speed trials (`OPTBIN_BENCH_AA_TRIALS`), with the default policy.
+    aa_only: bool,
 }
 
 impl Plan {
     fn new() -> Self {
+        if let Some(n) = std::env::var("OPTBIN_BENCH_AA_TRIALS").ok().and_then(|v| v.parse().ok()) {
+            let policy = PolicyConfig::default();
+            return Plan {
+                policy_min_runs: policy.min_runs_per_arm,
+                policy_looks: policy.looks,
+                equal_speed_trials: n,
+                aa_only: true,
+                ..Self::full()
+            };
+        }
         if quick() {
             Plan {
                 frequency_hz: 4000,
@@ -72,17 +88,23 @@ impl Plan {
                 budget: Duration::from_secs(150),
                 pairs: 7,
                 equal_speed_trials: 3,
+                aa_only: false,
             }
         } else {
-            Plan {
-                frequency_hz: 4000,
-                min_samples: 100_000,
-                policy_min_runs: 10,
-                policy_looks: 4,
-                budget: Duration::from_secs(600),
-                pairs: 21,
-                equal_speed_trials: 8,
-            }
+            Self::full()
+        }
+    }
+
+    fn full() -> Self {
+        Plan {
+            frequency_hz: 4000,
+            min_samples: 100_000,
+            policy_min_runs: 10,
+            policy_looks: 4,
+            budget: Duration::from_secs(600),
+            pairs: 21,
+            equal_speed_trials: 8,
+            aa_only: false,
         }
     }
 
@@ -601,6 +623,12 @@ fn bench_pipeline() {
     let root = tmp.path().canonicalize().unwrap();
     let t0 = Instant::now();
     let mut programs = vec![build_lua(&cache, &root)];
+    if plan.aa_only {
+        let mut report = Vec::new();
+        equal_speed_trials(&plan, &programs[0], &root, &mut report);
+        println!("\n{}\ntotal {:.0} s", report.join("\n"), t0.elapsed().as_secs_f64());
+        return;
+    }
     if !quick() {
         programs.push(build_sqlite(&cache));
     }

@@ -2,12 +2,13 @@
 //! pair of runs swings +-10-30%; real gains are 3-7%): how many execs until a 5% faster
 //! variant is promoted, how often it is wrongly rejected, and how often an equal-speed
 //! variant is wrongly promoted, over many seeded trials through the real policy
-//! (`policy::sim`). Real-program timings come from the integrator's end-to-end benchmark.
+//! (`policy::sim`); then the steady state: how often the drift check sends an equal-speed
+//! served variant back to canary, and how fast it catches one that became slower. Real-program timings come from the integrator's end-to-end benchmark.
 //!
 //! `OPTBIN_BENCH_QUICK=1` runs 40 trials per cell instead of 400.
 
 use optbin::policy::PolicyConfig;
-use optbin::policy::sim::{SimSpec, run_trials};
+use optbin::policy::sim::{SimSpec, run_trials, simulate_served};
 
 #[test]
 fn bench_policy() {
@@ -82,5 +83,42 @@ fn bench_policy() {
     let allowed = b + 3.0 * (b * (1.0 - b) / n).sqrt();
     for (sigma, rate) in equal_rates {
         assert!(rate <= allowed, "sigma {sigma}: wrong promotions {rate} > {allowed}");
+    }
+    served_drift(&cfg, trials);
+}
+
+/// The served stage: a variant served from the first exec, 5 drift blocks of execs long.
+fn served_drift(cfg: &PolicyConfig, trials: usize) {
+    let block_execs = (2.0 * cfg.min_runs_per_arm as f64 / cfg.exploration_share).round() as usize;
+    println!(
+        "served: {:.0}% of execs keep going to the original; a drift block is {} pairs \
+         (about {block_execs} execs), tested at one-sided {:.1}%; {trials} trials of {} execs",
+        cfg.exploration_share * 100.0,
+        2 * cfg.min_runs_per_arm,
+        100.0 * cfg.alpha / f64::from(cfg.looks),
+        5 * block_execs
+    );
+    for ratio in [1.00, 1.05, 1.10, 1.20] {
+        let spec = SimSpec { true_ratio: ratio, max_execs: 5 * block_execs, ..Default::default() };
+        let mut caught: Vec<usize> =
+            (0..trials as u64).filter_map(|s| simulate_served(&spec, cfg, 50_000 + s)).collect();
+        caught.sort_unstable();
+        let label = if ratio == 1.0 {
+            "equal".to_string()
+        } else {
+            format!("{:.0}% slower", (ratio - 1.0) * 100.0)
+        };
+        println!(
+            "{label:>10} | back to canary in {:>5.1}% of trials, median after {} execs",
+            100.0 * caught.len() as f64 / trials as f64,
+            caught.get(caught.len() / 2).map_or("-".into(), |e| e.to_string())
+        );
+        if ratio == 1.0 {
+            // Five blocks at 1% each: at most about 5%, with the same binomial slack.
+            let b = 5.0 * cfg.alpha / f64::from(cfg.looks);
+            let allowed = b + 3.0 * (b * (1.0 - b) / trials as f64).sqrt();
+            let rate = caught.len() as f64 / trials as f64;
+            assert!(rate <= allowed, "equal speed sent back to canary: {rate} > {allowed}");
+        }
     }
 }

@@ -16,10 +16,14 @@
 //! equal-speed variant is ever promoted is at most `alpha` (the stated false-promotion
 //! bound), and promotion also needs the estimate to show at least `promote_min_gain`. A
 //! variant that is significantly slower is rejected at any look; one not shown faster at the
-//! last look is rejected as indistinguishable. In steady state, each time `2m` more
-//! exploration runs of the original have accumulated, the last `2m` of them are compared with
-//! the variant's runs of the same period; a variant now significantly slower goes back to
-//! canary (drift reverses the decision through the same bounded procedure).
+//! last look is rejected as indistinguishable. In steady state each exploration run of the
+//! original pairs with the variant's run next to it in exec order; each time `2m` more such
+//! pairs have accumulated, that block is tested like a look, and a variant now
+//! significantly slower goes back to canary (drift reverses the decision through the same
+//! bounded procedure). A block of an equal-speed variant sends it back with probability at
+//! most `alpha / looks`: a false alarm costs one more canary, never a wrong promotion.
+//! The gain status shows is the paired estimate over the newest pairs since the canary
+//! started.
 //!
 //! Safety (evaluated first, on every run): a variant run killed by SIGSEGV, SIGILL, SIGBUS,
 //! SIGFPE or SIGABRT on a command whose original runs never died of that signal (including
@@ -44,14 +48,15 @@ use serde::{Deserialize, Serialize};
 
 use crate::measure::RunExit;
 pub use stats::Comparison;
-use stats::{Timed, compare, normal_quantile, paired_compare};
+use stats::{Timed, normal_quantile, paired_compare};
 
 /// Signals that mean "the program crashed" (as opposed to being stopped by its user).
 pub const CRASH_SIGNALS: [i32; 5] =
     [libc::SIGSEGV, libc::SIGILL, libc::SIGBUS, libc::SIGFPE, libc::SIGABRT];
 
-/// Runs per arm the served variant's measured gain is computed from (the newest).
-const GAIN_RUNS_PER_ARM: usize = 200;
+/// Pairs the served variant's measured gain is computed from (the newest; the estimate's
+/// cost is quadratic in them).
+const GAIN_PAIRS: usize = 200;
 
 /// The policy's knobs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -657,55 +662,39 @@ fn served_step(
 ) -> (Stage, ServeDecision) {
     let serve =
         ServeDecision::Split { variant_id: v.id, variant_share: 1.0 - cfg.exploration_share };
-    // The measured gain: every normal run since the canary started, both arms.
+    // The measured gain: the newest time-adjacent pairs since the canary started (the
+    // canary's pairs, then each exploration run of the original with its neighbour).
     let since = v.canary_from_run.or(v.served_from_run).unwrap_or(0);
-    let all = || input.runs.iter().filter(|r| r.id >= since);
-    // The newest runs only: the cost is quadratic in the runs per arm.
-    let gain = compare(
-        newest(&timed(all().filter(|r| r.variant_id == Some(v.id)))),
-        newest(&timed(all().filter(|r| r.variant_id.is_none()))),
-        normal_quantile(0.975),
-    );
-    // Drift: the latest full block of 2m exploration runs against the variant's runs of
-    // the same period.
+    let pairs = pair_in_exec_order(input.runs.iter().filter(|r| r.id >= since), v.id);
+    let gain = paired_compare(newest(&pairs), normal_quantile(0.975));
+    // Drift: the latest full block of 2m pairs of the served period, tested like a look.
     let served_from = v.served_from_run.unwrap_or(since);
-    let orig: Vec<&RunInput> = input
-        .runs
-        .iter()
-        .filter(|r| r.id >= served_from && r.variant_id.is_none())
-        .filter(|r| matches!(r.exit, RunExit::Exited(_)))
-        .collect();
+    let served_pairs = pair_in_exec_order(input.runs.iter().filter(|r| r.id >= served_from), v.id);
     let block = 2 * cfg.min_runs_per_arm.max(1);
-    let blocks = orig.len() / block;
-    if blocks > 0 {
-        let o = &orig[(blocks - 1) * block..blocks * block];
-        let (lo, hi) = (o[0].id, o[block - 1].id);
-        let var = timed(
-            input.runs.iter().filter(|r| r.variant_id == Some(v.id) && r.id >= lo && r.id <= hi),
-        );
-        let orig_t = timed(o.iter().copied());
-        if let Some(k) = compare(&var, &orig_t, cfg.z_per_look())
-            && k.low > 1.0
-        {
-            states.insert(v.id, VariantState::Canary);
-            transitions.push(Transition {
-                variant_id: v.id,
-                from: VariantState::Served,
-                to: VariantState::Canary,
-                action: Action::Recanary,
-                detail: format!("drift: now {}; measuring again", k.describe()),
-                first_run_id: Some(input.next_run_id),
-                comparison: Some(k),
-            });
-            return canary_stage(v.id, 0, 0, None, cfg);
-        }
+    let blocks = served_pairs.len() / block;
+    if blocks > 0
+        && let Some(k) =
+            paired_compare(&served_pairs[(blocks - 1) * block..blocks * block], cfg.z_per_look())
+        && k.low > 1.0
+    {
+        states.insert(v.id, VariantState::Canary);
+        transitions.push(Transition {
+            variant_id: v.id,
+            from: VariantState::Served,
+            to: VariantState::Canary,
+            action: Action::Recanary,
+            detail: format!("drift: now {}; measuring again", k.describe()),
+            first_run_id: Some(input.next_run_id),
+            comparison: Some(k),
+        });
+        return canary_stage(v.id, 0, 0, None, cfg);
     }
     (Stage::ServingOptimized { variant_id: v.id, gain }, serve)
 }
 
-/// The newest [`GAIN_RUNS_PER_ARM`] runs of an arm.
-fn newest<'a, 'b>(t: &'b [Timed<'a>]) -> &'b [Timed<'a>] {
-    &t[t.len().saturating_sub(GAIN_RUNS_PER_ARM)..]
+/// The newest [`GAIN_PAIRS`] pairs.
+fn newest<'a, 'b>(t: &'b [(Timed<'a>, Timed<'a>)]) -> &'b [(Timed<'a>, Timed<'a>)] {
+    &t[t.len().saturating_sub(GAIN_PAIRS)..]
 }
 
 /// The stage of a binary with no active variant.

@@ -1,4 +1,4 @@
-//! Simulated canaries through the real policy: synthetic run times with the noise measured
+//! Simulated canaries and steady states through the real policy: synthetic run times with the noise measured
 //! on this project's VMs (per-run noise, outliers, and a slowly wandering load shared by
 //! both arms), fed exec by exec through [`evaluate`] and
 //! [`ServeDecision::choose`]. Used by the property tests and the policy benchmark.
@@ -65,29 +65,79 @@ fn normal(rng: &mut Xoshiro256PlusPlus) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
-/// One seeded canary from "variant ready" to promotion, rejection or `max_execs`.
-pub fn simulate_canary(spec: &SimSpec, cfg: &PolicyConfig, seed: u64) -> SimOutcome {
-    let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
-    let mut input = BinaryInput {
+/// The synthetic machine: draws the arm of each exec from a [`ServeDecision`], times the
+/// run, appends it to the input, and counts the time-adjacent pairs the way
+/// [`super::pair_in_exec_order`] forms them (to know when a look or a block is due).
+struct Machine {
+    spec: SimSpec,
+    rng: Xoshiro256PlusPlus,
+    load: f64,
+    /// The waiting run's arm per command (true: variant).
+    waiting: Vec<Option<bool>>,
+    pairs: usize,
+}
+
+impl Machine {
+    fn new(spec: &SimSpec, seed: u64) -> Self {
+        let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
+        let load = spec.load_sigma * normal(&mut rng);
+        Self { spec: *spec, rng, load, waiting: vec![None; spec.commands.max(1)], pairs: 0 }
+    }
+
+    /// Runs one exec; returns whether it completed a pair.
+    fn exec(&mut self, serve: &ServeDecision, input: &mut BinaryInput) -> bool {
+        let spec = &self.spec;
+        let rng = &mut self.rng;
+        let variant = serve.choose(rng.random::<f64>());
+        let cmd = rng.random_range(0..spec.commands.max(1));
+        let base = 50e6 * (1.0 + cmd as f64);
+        let phi = spec.load_phi.clamp(0.0, 1.0);
+        self.load = phi * self.load + (1.0 - phi * phi).sqrt() * spec.load_sigma * normal(rng);
+        let mut t = base * (self.load + spec.noise_sigma * normal(rng)).exp();
+        if rng.random::<f64>() < spec.outlier_share {
+            t *= rng.random_range(1.3..2.0);
+        }
+        if variant.is_some() {
+            t *= spec.true_ratio;
+        }
+        input.runs.push(RunInput {
+            id: input.next_run_id,
+            variant_id: variant,
+            cmd_hash: format!("cmd{cmd}"),
+            cpu_ns: t as u64,
+            exit: RunExit::Exited(0),
+        });
+        input.next_run_id += 1;
+        let is_variant = variant.is_some();
+        let paired = self.waiting[cmd] == Some(!is_variant);
+        self.waiting[cmd] = if paired { None } else { Some(is_variant) };
+        self.pairs += usize::from(paired);
+        paired
+    }
+}
+
+fn one_variant(state: VariantState, from_run: Option<i64>) -> BinaryInput {
+    BinaryInput {
         binary_id: 1,
         variants: vec![VariantInput {
             id: 1,
-            state: VariantState::Ready,
-            canary_from_run: None,
-            served_from_run: None,
+            state,
+            canary_from_run: from_run,
+            served_from_run: from_run,
             note: None,
         }],
         runs: Vec::new(),
         next_run_id: 1,
         ..Default::default()
-    };
+    }
+}
+
+/// One seeded canary from "variant ready" to promotion, rejection or `max_execs`.
+pub fn simulate_canary(spec: &SimSpec, cfg: &PolicyConfig, seed: u64) -> SimOutcome {
+    let mut machine = Machine::new(spec, seed);
+    let mut input = one_variant(VariantState::Ready, None);
     let checkpoints = cfg.checkpoints();
     let mut nv = 0usize;
-    // The waiting run's arm per command (true: variant), mirroring `pair_in_exec_order`
-    // to know when the pair count reaches a look.
-    let mut waiting: Vec<Option<bool>> = vec![None; spec.commands.max(1)];
-    let mut pairs = 0usize;
-    let mut load = spec.load_sigma * normal(&mut rng);
     let mut serve = ServeDecision::Original;
     let mut must_evaluate = true;
     for exec in 0..spec.max_execs {
@@ -106,36 +156,31 @@ pub fn simulate_canary(spec: &SimSpec, cfg: &PolicyConfig, seed: u64) -> SimOutc
             }
             serve = eval.serve;
         }
-        let variant = serve.choose(rng.random::<f64>());
-        let cmd = rng.random_range(0..spec.commands.max(1));
-        let base = 50e6 * (1.0 + cmd as f64);
-        let phi = spec.load_phi.clamp(0.0, 1.0);
-        load = phi * load + (1.0 - phi * phi).sqrt() * spec.load_sigma * normal(&mut rng);
-        let mut t = base * (load + spec.noise_sigma * normal(&mut rng)).exp();
-        if rng.random::<f64>() < spec.outlier_share {
-            t *= rng.random_range(1.3..2.0);
-        }
-        if variant.is_some() {
-            t *= spec.true_ratio;
-            nv += 1;
-        }
-        input.runs.push(RunInput {
-            id: input.next_run_id,
-            variant_id: variant,
-            cmd_hash: format!("cmd{cmd}"),
-            cpu_ns: t as u64,
-            exit: RunExit::Exited(0),
-        });
-        input.next_run_id += 1;
-        let is_variant = variant.is_some();
-        let paired = waiting[cmd] == Some(!is_variant);
-        waiting[cmd] = if paired { None } else { Some(is_variant) };
-        if paired {
-            pairs += 1;
-        }
-        must_evaluate = paired && checkpoints.contains(&pairs);
+        let paired = machine.exec(&serve, &mut input);
+        nv += usize::from(input.runs.last().is_some_and(|r| r.variant_id.is_some()));
+        must_evaluate = paired && checkpoints.contains(&machine.pairs);
     }
     SimOutcome::Undecided { execs: spec.max_execs }
+}
+
+/// One seeded steady state: a variant served from the first exec (the original gets the
+/// exploration share), run for `spec.max_execs` execs; returns the exec at which the
+/// drift check sent it back to canary, if it did. The policy is evaluated whenever a drift
+/// block (`2 * min_runs_per_arm` pairs) completes: in between its answer cannot change.
+pub fn simulate_served(spec: &SimSpec, cfg: &PolicyConfig, seed: u64) -> Option<usize> {
+    let mut machine = Machine::new(spec, seed);
+    let mut input = one_variant(VariantState::Served, Some(1));
+    let block = 2 * cfg.min_runs_per_arm.max(1);
+    let serve = evaluate(&input, cfg).serve;
+    for exec in 0..spec.max_execs {
+        if machine.exec(&serve, &mut input) && machine.pairs % block == 0 {
+            let eval = evaluate(&input, cfg);
+            if eval.transitions.iter().any(|t| t.to == VariantState::Canary) {
+                return Some(exec + 1);
+            }
+        }
+    }
+    None
 }
 
 /// Aggregate of many seeded trials.

@@ -2,7 +2,7 @@
 
 use proptest::prelude::*;
 
-use super::sim::{SimSpec, run_trials, simulate_canary};
+use super::sim::{SimSpec, run_trials, simulate_canary, simulate_served};
 use super::*;
 
 fn variant(id: i64, state: VariantState) -> VariantInput {
@@ -333,6 +333,40 @@ fn false_promotion_rate_is_under_the_bound_without_correlated_load() {
     let spec = SimSpec { true_ratio: 1.0, load_sigma: 0.0, ..Default::default() };
     let s = run_trials(&spec, &cfg, 1000, 7);
     assert!(s.promotion_rate() <= cfg.false_promotion_bound(), "{s:?}");
+}
+
+#[test]
+fn served_equal_speed_variant_rarely_goes_back_to_canary() {
+    // Steady state with the VM's noise and load: each drift block (40 pairs, about 800
+    // execs at the 5% exploration share) of an equal-speed variant sends it back with
+    // probability at most alpha / looks = 1%; over 5 blocks at most about 5%.
+    let cfg = PolicyConfig::default();
+    let spec = SimSpec { true_ratio: 1.0, max_execs: 4_200, ..Default::default() };
+    let trials = 300;
+    let back = (0..trials).filter(|&s| simulate_served(&spec, &cfg, 100 + s).is_some()).count();
+    assert!((back as f64) / (trials as f64) <= 0.06, "{back}/{trials} went back to canary");
+}
+
+#[test]
+fn served_variant_that_became_slower_goes_back_to_canary() {
+    // A served variant now 15% slower is caught within two drift blocks in most trials.
+    let cfg = PolicyConfig::default();
+    let spec = SimSpec { true_ratio: 1.15, max_execs: 1_700, ..Default::default() };
+    let trials = 100;
+    let caught = (0..trials).filter(|&s| simulate_served(&spec, &cfg, 7 + s).is_some()).count();
+    assert!(caught >= 80, "{caught}/{trials} caught");
+}
+
+#[test]
+fn served_gain_is_the_paired_estimate_since_the_canary() {
+    let cfg = PolicyConfig::default();
+    let mut v = variant(4, VariantState::Served);
+    v.served_from_run = Some(41);
+    // 20 canary pairs, then 30 more adjacent pairs: 10% faster throughout.
+    let e = evaluate(&input(vec![v], arms(50, 0.9, 4)), &cfg);
+    let Stage::ServingOptimized { gain: Some(g), .. } = e.stage else { panic!("{:?}", e.stage) };
+    assert_eq!(g.variant_runs, 50);
+    assert!((g.ratio - 0.9).abs() < 0.01 && g.high < 1.0, "{g:?}");
 }
 
 #[test]
