@@ -173,7 +173,7 @@ pub fn simulate_served(spec: &SimSpec, cfg: &PolicyConfig, seed: u64) -> Option<
     let block = 2 * cfg.min_runs_per_arm.max(1);
     let serve = evaluate(&input, cfg).serve;
     for exec in 0..spec.max_execs {
-        if machine.exec(&serve, &mut input) && machine.pairs % block == 0 {
+        if machine.exec(&serve, &mut input) && machine.pairs.is_multiple_of(block) {
             let eval = evaluate(&input, cfg);
             if eval.transitions.iter().any(|t| t.to == VariantState::Canary) {
                 return Some(exec + 1);
