@@ -17,6 +17,7 @@
 pub mod applicability;
 pub mod discover;
 pub mod flags;
+pub mod history;
 pub mod job;
 pub mod ladder;
 pub mod perf2bolt;

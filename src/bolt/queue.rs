@@ -22,7 +22,7 @@ use super::applicability::{ApplicabilityConfig, ProfileNumbers, assess};
 use super::discover::BoltState;
 use super::job::{BoltJob, BoltOutcome, BoltPlan, FailureKind, ProfileInput};
 use super::ladder::{Next, Rung, next_rung};
-use super::retry_policy::{BuildHistory, DEFAULT_GROWTH, Decision, decide};
+use super::retry_policy::{DEFAULT_GROWTH, Decision, decide};
 use super::runner::BoltRunner;
 use super::sandbox::{Sandbox, SandboxLimits};
 use super::status::{FinishedView, JobEnd, OptimizerStatus, QueuedView, RunningView};
@@ -286,7 +286,7 @@ async fn build(shared: &Arc<Shared>, req: &OptimizeRequest) -> anyhow::Result<(u
         .catalog
         .run(move |c| {
             let excluded = base::controls(c)?.iter().any(|ctl| ctl.path == name && ctl.excluded);
-            Ok((excluded, history_of(c, binary_id)?))
+            Ok((excluded, super::history::build_history(c, binary_id)?))
         })
         .await?;
     if excluded {
@@ -525,23 +525,6 @@ fn set_running(shared: &Shared, binary_id: i64, attempt: u32, step: String) {
         r.attempt = attempt;
         r.step = step;
     }
-}
-
-/// What the catalog says about earlier builds of this content.
-fn history_of(c: &rusqlite::Connection, binary_id: i64) -> anyhow::Result<Option<BuildHistory>> {
-    let job = bolt_jobs::job_of(c, binary_id)?;
-    let variant_samples = base::variants_of(c, binary_id)?
-        .iter()
-        .filter(|v| v.kind == "bolt" && !matches!(v.state.as_str(), "rejected" | "retired"))
-        .filter_map(|v| v.profile_samples)
-        .max()
-        .map(|s| s.max(0) as u64);
-    Ok(job.map(|j| BuildHistory {
-        failed_until_change: j.failed_until_change,
-        last_attempt_samples: j.profile_samples,
-        last_bolt_version: j.bolt_version,
-        variant_samples,
-    }))
 }
 
 #[cfg(test)]

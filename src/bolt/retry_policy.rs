@@ -1,6 +1,11 @@
 //! Whether a binary should be built now (pure): not again after the ladder gave up, until
-//! its content, its profile (grown by [`DEFAULT_GROWTH`]x) or the BOLT version changed; and
-//! re-built when the profile grew that much since the last variant.
+//! its content, its profile (grown by [`DEFAULT_GROWTH`]x) or the BOLT version changed; not
+//! while a variant of it is being measured (a new build would start a new canary and cut
+//! the running one short); and re-built when the profile grew that much since the last
+//! variant was built *and* since the policy's last decision on one. The second base
+//! matters because the profile keeps growing during a canary (the original's runs are
+//! sampled): measured from the build alone it has often doubled by the time of the
+//! decision, and a rebuild would send the binary straight into another canary.
 //!
 //! History is kept per binary *content* (the catalog's `binaries` row is one sha256), so a
 //! changed content arrives here with no history at all.
@@ -26,8 +31,13 @@ pub struct BuildHistory {
     /// Profile samples at the last attempt.
     pub last_attempt_samples: u64,
     pub last_bolt_version: String,
-    /// Profile samples of the newest BOLT variant still kept, if any.
+    /// The largest profile a BOLT variant not retired was built from, if any.
     pub variant_samples: Option<u64>,
+    /// A BOLT variant that is ready or in canary (the policy is measuring it).
+    pub measuring: Option<i64>,
+    /// Profile samples at the policy's newest decision on a BOLT variant (promote, reject,
+    /// quarantine).
+    pub decided_samples: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,12 +73,25 @@ pub fn decide(
             h.last_attempt_samples as f64 * growth
         ));
     }
+    if let Some(v) = h.measuring {
+        return Decision::Skip(format!(
+            "variant {v} is being measured; a rebuild waits for the policy's decision"
+        ));
+    }
     if let Some(built) = h.variant_samples
         && !grown(built)
     {
         return Decision::Skip(format!(
             "a variant built from {built} samples exists; the profile ({samples}) has not \
              grown {growth}x"
+        ));
+    }
+    if let Some(decided) = h.decided_samples
+        && !grown(decided)
+    {
+        return Decision::Skip(format!(
+            "the policy decided on a variant at {decided} samples; the profile ({samples}) \
+             has not grown {growth}x since"
         ));
     }
     Decision::Build
@@ -83,7 +106,7 @@ mod tests {
             failed_until_change: true,
             last_attempt_samples: samples,
             last_bolt_version: "22.1.8".into(),
-            variant_samples: None,
+            ..Default::default()
         }
     }
 
@@ -111,6 +134,7 @@ mod tests {
             last_attempt_samples: 20_000,
             last_bolt_version: "22.1.8".into(),
             variant_samples: Some(20_000),
+            ..Default::default()
         };
         let skip = decide(Some(&h), 30_000, "22.1.8", RequestOrigin::Matured, 2.0);
         assert!(matches!(skip, Decision::Skip(ref why) if why.contains("20000")), "{skip:?}");
@@ -123,5 +147,26 @@ mod tests {
             decide(Some(&no_variant), 100, "22.1.8", RequestOrigin::Matured, 2.0),
             Decision::Build
         );
+    }
+
+    #[test]
+    fn no_rebuild_while_a_variant_is_measured_nor_before_growth_since_the_decision() {
+        let h = BuildHistory {
+            last_attempt_samples: 20_000,
+            last_bolt_version: "22.1.8".into(),
+            variant_samples: Some(20_000),
+            measuring: Some(4),
+            ..Default::default()
+        };
+        let d = |h: &BuildHistory, samples, origin| decide(Some(h), samples, "22.1.8", origin, 2.0);
+        let skip = d(&h, 90_000, RequestOrigin::Matured);
+        assert!(matches!(skip, Decision::Skip(ref why) if why.contains("variant 4")), "{skip:?}");
+        assert_eq!(d(&h, 90_000, RequestOrigin::User), Decision::Build);
+        // Decided at 45,000 samples (the profile grew during the canary): 90,000 is due,
+        // 60,000 is not, although both are more than twice the build's 20,000.
+        let decided = BuildHistory { measuring: None, decided_samples: Some(45_000), ..h };
+        let skip = d(&decided, 60_000, RequestOrigin::Matured);
+        assert!(matches!(skip, Decision::Skip(ref why) if why.contains("45000")), "{skip:?}");
+        assert_eq!(d(&decided, 90_000, RequestOrigin::Matured), Decision::Build);
     }
 }

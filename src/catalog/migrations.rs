@@ -36,6 +36,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "runs: measured runs, incidents, policy decisions",
         sql: super::runs::SCHEMA,
     },
+    Migration {
+        version: 5,
+        name: "policy_decisions.profile_samples: the profile's size at each decision",
+        sql: super::runs::SCHEMA_DECISION_SAMPLES,
+    },
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> anyhow::Result<()> {

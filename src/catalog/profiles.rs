@@ -272,6 +272,17 @@ pub fn windows(conn: &Connection, binary_id: i64) -> anyhow::Result<Vec<WindowTo
     Ok(rows)
 }
 
+/// The binary's own-text samples over all its windows (what the profile's size means for
+/// maturity and rebuilds).
+pub fn own_samples(conn: &Connection, binary_id: i64) -> anyhow::Result<u64> {
+    let n: i64 = conn.query_row(
+        "SELECT COALESCE(SUM(own_samples), 0) FROM profile_windows WHERE binary_id = ?1",
+        [binary_id],
+        |r| r.get(0),
+    )?;
+    Ok(n.max(0) as u64)
+}
+
 /// Samples per (function, offset) summed over all windows, ordered by function and offset.
 pub fn sample_counts(conn: &Connection, binary_id: i64) -> anyhow::Result<Vec<(String, u64, u64)>> {
     let mut stmt = conn.prepare_cached(
@@ -576,6 +587,8 @@ mod tests {
             assert_eq!(w.len(), 2);
             assert_eq!((w[0].own_samples, w[0].runs, w[0].outside_samples), (8, 2, 6));
             assert_eq!(w[1].own_samples, 5);
+            assert_eq!(own_samples(c, id)?, 13);
+            assert_eq!(own_samples(c, id + 1)?, 0);
             assert!(disk_bytes(c, id)? > 0);
             assert!(tables_disk_bytes(c)? > 0);
             Ok(())

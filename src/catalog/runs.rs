@@ -55,6 +55,13 @@ CREATE TABLE policy_decisions (
 CREATE INDEX decisions_by_binary ON policy_decisions(binary_id, id);
 "#;
 
+/// Migration 5: the binary's own-text profile samples when a decision was taken, so that a
+/// rebuild counts the profile's growth from the decision on (the profile grows during the
+/// canary, and a rebuild right after it would start a new canary at once).
+pub const SCHEMA_DECISION_SAMPLES: &str = r#"
+ALTER TABLE policy_decisions ADD COLUMN profile_samples INTEGER;
+"#;
+
 /// A stored run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunRow {
@@ -289,13 +296,15 @@ pub struct DecisionRow {
     pub to_state: Option<String>,
     pub first_run_id: Option<i64>,
     pub detail: String,
+    /// The binary's own-text profile samples at the decision.
+    pub profile_samples: Option<i64>,
 }
 
 pub fn record_decision(conn: &Connection, d: &DecisionRow) -> anyhow::Result<()> {
     conn.execute(
         "INSERT INTO policy_decisions (at_ms, binary_id, variant_id, action, from_state,
-                                       to_state, first_run_id, detail)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                                       to_state, first_run_id, detail, profile_samples)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         params![
             d.at_ms,
             d.binary_id,
@@ -304,7 +313,8 @@ pub fn record_decision(conn: &Connection, d: &DecisionRow) -> anyhow::Result<()>
             d.from_state,
             d.to_state,
             d.first_run_id,
-            d.detail
+            d.detail,
+            d.profile_samples
         ],
     )?;
     Ok(())
@@ -313,7 +323,8 @@ pub fn record_decision(conn: &Connection, d: &DecisionRow) -> anyhow::Result<()>
 /// A binary's decisions, oldest first.
 pub fn decisions_of(conn: &Connection, binary_id: i64) -> anyhow::Result<Vec<DecisionRow>> {
     let mut stmt = conn.prepare(
-        "SELECT at_ms, binary_id, variant_id, action, from_state, to_state, first_run_id, detail
+        "SELECT at_ms, binary_id, variant_id, action, from_state, to_state, first_run_id, detail,
+                profile_samples
          FROM policy_decisions WHERE binary_id = ?1 ORDER BY id",
     )?;
     let rows = stmt
@@ -327,6 +338,7 @@ pub fn decisions_of(conn: &Connection, binary_id: i64) -> anyhow::Result<Vec<Dec
                 to_state: r.get(5)?,
                 first_run_id: r.get(6)?,
                 detail: r.get(7)?,
+                profile_samples: r.get(8)?,
             })
         })?
         .collect::<Result<_, _>>()?;
@@ -479,9 +491,11 @@ mod tests {
                     to_state: Some("canary".into()),
                     first_run_id: Some(7),
                     detail: "d".into(),
+                    profile_samples: Some(1234),
                 },
             )?;
             assert_eq!(decisions_of(c, bid)?[0].first_run_id, Some(7));
+            assert_eq!(decisions_of(c, bid)?[0].profile_samples, Some(1234));
             assert_eq!(binaries_to_watch(c)?, vec![bid]);
             let before = watch_fingerprints(c)?;
             assert_eq!(before.len(), 1);

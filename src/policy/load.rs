@@ -115,6 +115,7 @@ pub fn apply(
     }
     let tx = conn.transaction()?;
     let path = runs::paths_of_binary(&tx, input.binary_id)?.into_iter().next();
+    let profile_samples = crate::catalog::profiles::own_samples(&tx, input.binary_id)? as i64;
     for inc in &eval.incidents {
         runs::insert_incident(
             &tx,
@@ -141,6 +142,7 @@ pub fn apply(
                 to_state: Some(t.to.as_str().into()),
                 first_run_id: t.first_run_id,
                 detail: t.detail.clone(),
+                profile_samples: Some(profile_samples),
             },
         )?;
         base::record_event(

@@ -7,9 +7,8 @@ use std::path::Path;
 use rusqlite::Connection;
 use serde::Serialize;
 
-use crate::bolt::retry_policy::BuildHistory;
 use crate::bolt::{Applicability, ApplicabilityConfig, ProfileNumbers, assess};
-use crate::catalog::{base, bolt_jobs, profiles};
+use crate::catalog::{base, profiles};
 use crate::elf::ElfFacts;
 use crate::identity::FileKey;
 
@@ -42,24 +41,6 @@ pub fn profile_numbers(
         samples: own,
         own_text_share: own as f64 / (own + outside) as f64,
         front_end: None,
-    }))
-}
-
-/// What the catalog remembers of earlier BOLT builds of this content (the same reading as
-/// the optimizer's queue makes when a job starts).
-pub fn build_history(conn: &Connection, binary_id: i64) -> anyhow::Result<Option<BuildHistory>> {
-    let Some(job) = bolt_jobs::job_of(conn, binary_id)? else { return Ok(None) };
-    let variant_samples = base::variants_of(conn, binary_id)?
-        .iter()
-        .filter(|v| v.kind == "bolt" && !matches!(v.state.as_str(), "rejected" | "retired"))
-        .filter_map(|v| v.profile_samples)
-        .max()
-        .map(|s| s.max(0) as u64);
-    Ok(Some(BuildHistory {
-        failed_until_change: job.failed_until_change,
-        last_attempt_samples: job.profile_samples,
-        last_bolt_version: job.bolt_version,
-        variant_samples,
     }))
 }
 

@@ -13,7 +13,8 @@ use rusqlite::Connection;
 use tokio::sync::watch;
 
 use super::Shared;
-use super::candidate::{build_history, current_binary, profile_numbers, verdict};
+use super::candidate::{current_binary, profile_numbers, verdict};
+use crate::bolt::history::build_history;
 use crate::bolt::retry_policy::{DEFAULT_GROWTH, Decision, decide};
 use crate::bolt::{ApplicabilityConfig, OptimizeRequest, ProfileNumbers, RequestOrigin};
 use crate::catalog::base;

@@ -218,6 +218,7 @@ fn pipeline_stages_and_reset() {
                     to_state: None,
                     first_run_id: None,
                     detail: "x".into(),
+                    profile_samples: None,
                 },
             )?;
             Ok(())
