@@ -290,9 +290,11 @@ fn variant_switch_and_upgrade_underneath() {
     let after = after.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&after.stdout), "variant after\n");
     assert_eq!(
-        guard.overlay().original_of(&in_mount(&f.mount, &original)),
-        Some((original.clone(), Some(1)))
+        guard.overlay().original_of(&in_mount(&f.mount, &original), None).map(|m| m.variant),
+        Some(Some(1))
     );
+    let by_node = guard.overlay().original_of(&in_mount(&f.mount, &original), Some(variant_ino));
+    assert_eq!(by_node.map(|m| (m.original, m.variant)), Some((original.clone(), Some(1))));
     let before = before.wait_with_output().unwrap();
     assert_eq!(
         String::from_utf8_lossy(&before.stdout),

@@ -67,7 +67,7 @@ pub use layout::{
 };
 pub use node::{Attr, FileNode, NodeType};
 pub use overlay::{
-    DirEntry, Entry, FMODE_EXEC, Invalidator, LONG_TTL, Opened, Overlay, SeenBinary,
+    DirEntry, Entry, FMODE_EXEC, Invalidator, LONG_TTL, MappedOriginal, Opened, Overlay, SeenBinary,
 };
 pub use serving::{Choice, ServedVariant, ServingTable, TableChooser, VariantChooser};
 

@@ -63,6 +63,18 @@ pub struct SeenBinary {
     pub optimizable: bool,
 }
 
+/// What a mapped file stands for ([`Overlay::original_of`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MappedOriginal {
+    /// The original's real path.
+    pub original: PathBuf,
+    /// The variant served in its place, if the file is one.
+    pub variant: Option<i64>,
+    /// The (dev, ino) of the original's version the file was served for, when the mount's
+    /// node id told it (a process of a version since replaced then says so).
+    pub version: Option<(u64, u64)>,
+}
+
 /// The overlay. Shared (`Arc`) between the FUSE request threads and the daemon.
 pub struct Overlay {
     pub(super) layout: Layout,
@@ -193,21 +205,42 @@ impl Overlay {
         self.first_match(OsStr::new(name)).map(|(dir, _)| dir.join(name))
     }
 
-    /// Maps a path as seen in `/proc/PID/maps` or perf mmap events back to the original
-    /// and the variant served there: a mount path (`<mount>/usr/bin/x`, `<mount>/bin/x`),
-    /// or a variant store path (with FUSE passthrough the kernel maps the backing file).
-    /// For a mount path, the variant is what the current lookup serves.
-    pub fn original_of(&self, path: &Path) -> Option<(PathBuf, Option<i64>)> {
+    /// Maps a file as seen in `/proc/PID/maps` or perf mmap events (its path and the inode
+    /// number the kernel gave) back to the original and the variant it is: a variant store
+    /// path (FUSE passthrough may show the backing file), or a mount path (`<mount>/usr/bin/x`,
+    /// `<mount>/bin/x`). Under the mount the inode number is the node id, which names one
+    /// (original version, variant) pair: what the process was really served, even while
+    /// execs are split between the original and a canary. Without a known node id the
+    /// serving table answers when it serves one thing to every exec; for a split it cannot
+    /// tell, and the answer is None (its samples would land in the wrong profile).
+    pub fn original_of(&self, path: &Path, ino: Option<u64>) -> Option<MappedOriginal> {
         if let Some((original, variant)) = self.serving.original_of_store_path(path) {
-            return Some((original, Some(variant)));
+            return Some(MappedOriginal { original, variant: Some(variant), version: None });
         }
         if !path.starts_with(&self.layout.mountpoint) {
             return None;
         }
+        if let Some(node) = ino.and_then(|ino| self.file_node(ino).ok()) {
+            return Some(MappedOriginal {
+                original: node.original.clone(),
+                variant: node.variant.as_ref().map(|v| v.variant_id),
+                version: Some((node.key.dev, node.key.ino)),
+            });
+        }
         let real = self.resolve_name(path.to_str()?)?;
         let key = FileKey::of(&real).ok()?;
-        let variant = self.chooser.choose(&real, &key).variant.map(|v| v.variant_id);
-        Some((real, variant))
+        let variant = match self.serving.served_share(&real) {
+            Some((v, share)) if v.expected_original == key && share > 0.0 => {
+                // Split between the variant and the original: which one this process got
+                // is not known.
+                if share < 1.0 {
+                    return None;
+                }
+                Some(v.variant_id)
+            }
+            _ => None,
+        };
+        Some(MappedOriginal { original: real, variant, version: None })
     }
 
     /// Every binary version the overlay has looked up (x86-64 ELF files).

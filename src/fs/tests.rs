@@ -100,7 +100,8 @@ fn namespace_classifies_and_points_the_path_view_at_the_first_match() {
     assert_eq!(o.resolve_name("prog"), Some(f.bin1.join("prog")));
     assert_eq!(o.resolve_name("only2"), Some(f.bin2.join("only2")));
     let mount_path = f.mount.join(rel(&f.bin2)).join("prog");
-    assert_eq!(o.original_of(&mount_path), Some((f.bin2.join("prog"), None)));
+    let mapped = o.original_of(&mount_path, None).unwrap();
+    assert_eq!((mapped.original, mapped.variant), (f.bin2.join("prog"), None));
     assert_eq!(o.seen_binaries().len(), 1);
 
     let status = o.lookup(crate::fs::node::CONTROL_ROOT_ID, OsStr::new("status")).unwrap();
@@ -142,7 +143,18 @@ fn node_ids_survive_a_restart_and_change_with_the_variant_and_the_original() {
         Opened::Binary { node, .. } => assert!(node.variant.is_none()),
         other => panic!("{other:?}"),
     }
-    assert_eq!(o.original_of(&store), Some((f.bin1.join("prog"), Some(7))));
+    let mapped = o.original_of(&store, None).unwrap();
+    assert_eq!((mapped.original, mapped.variant), (f.bin1.join("prog"), Some(7)));
+
+    // Execs split between the two: the node id a mapping carries says which one a process
+    // got; without it there is no telling.
+    serving.serve_share(&f.bin1.join("prog"), variant.clone(), 0.5);
+    let mount_path = f.mount.join(&path);
+    let by_node = |ino| o.original_of(&mount_path, Some(ino)).unwrap();
+    assert_eq!(by_node(switched.attr.ino).variant, Some(7));
+    assert_eq!(by_node(original.attr.ino).variant, None);
+    assert_eq!(by_node(original.attr.ino).version, Some((key.dev, key.ino)));
+    assert_eq!(o.original_of(&mount_path, None), None);
 
     // A new process (restart) resolves both ids without having handed them out.
     let (o2, _rx2) = overlay(&f, serving.clone());

@@ -286,11 +286,12 @@ fn resolve_target(
     main: Option<&(Option<(u64, u64)>, PathBuf)>,
 ) -> Target {
     let Some((id, path)) = main else { return Target::Ignore };
-    match resolver.resolve(path) {
-        Resolved::Original(orig) => {
-            // Only a mapping of the original file itself proves which file ran; through
-            // the mount the (dev, ino) are the mount's.
-            let mapped = if &orig == path { *id } else { None };
+    match resolver.resolve(path, *id) {
+        Resolved::Original { path: orig, version } => {
+            // Which version of the original ran: what the resolver knows, else the mapping's
+            // (dev, ino) when the original file itself was mapped (through the mount they
+            // are the mount's).
+            let mapped = version.or(if &orig == path { *id } else { None });
             Target::Original(Arc::new(BinaryFile { path: orig, mapped }))
         }
         Resolved::Variant { original } => {
@@ -315,14 +316,14 @@ mod tests {
 
     struct MountResolver;
     impl PathResolver for MountResolver {
-        fn resolve(&self, mapped: &Path) -> Resolved {
+        fn resolve(&self, mapped: &Path, _file: Option<(u64, u64)>) -> Resolved {
             let s = mapped.to_str().unwrap();
             if let Some(rest) = s.strip_prefix("/mnt/variant") {
                 Resolved::Variant { original: rest.into() }
             } else if let Some(rest) = s.strip_prefix("/mnt") {
-                Resolved::Original(rest.into())
+                Resolved::original(rest)
             } else {
-                Resolved::Original(mapped.into())
+                Resolved::original(mapped)
             }
         }
     }

@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 /// What a mapped file stands for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Resolved {
-    /// The original binary at this path: its samples enter its profile.
-    Original(PathBuf),
+    /// The original binary at this path: its samples enter its profile. `version` is the
+    /// (dev, ino) of the original's file the process runs, when the resolver knows it (so a
+    /// process of a version since replaced is not counted for the new one).
+    Original { path: PathBuf, version: Option<(u64, u64)> },
     /// A variant served in place of the original at this path: its addresses differ, so
     /// its samples are only counted (as variant samples of the original).
     Variant { original: PathBuf },
@@ -16,9 +18,17 @@ pub enum Resolved {
     Ignore,
 }
 
-/// Maps the filename of a process's executable mapping to what it stands for.
+impl Resolved {
+    /// The original at `path`, version unknown.
+    pub fn original(path: impl Into<PathBuf>) -> Self {
+        Resolved::Original { path: path.into(), version: None }
+    }
+}
+
+/// Maps a process's executable mapping to what it stands for: its filename and the (dev,
+/// ino) the kernel gave for it, when it gave them.
 pub trait PathResolver: Send + Sync {
-    fn resolve(&self, mapped: &Path) -> Resolved;
+    fn resolve(&self, mapped: &Path, file: Option<(u64, u64)>) -> Resolved;
 }
 
 /// Every file is its own original; for machines without the mount, and tests.
@@ -26,8 +36,8 @@ pub trait PathResolver: Send + Sync {
 pub struct IdentityResolver;
 
 impl PathResolver for IdentityResolver {
-    fn resolve(&self, mapped: &Path) -> Resolved {
-        Resolved::Original(mapped.to_path_buf())
+    fn resolve(&self, mapped: &Path, _file: Option<(u64, u64)>) -> Resolved {
+        Resolved::original(mapped)
     }
 }
 
@@ -39,12 +49,8 @@ pub struct UnderDirResolver {
 }
 
 impl PathResolver for UnderDirResolver {
-    fn resolve(&self, mapped: &Path) -> Resolved {
-        if mapped.starts_with(&self.dir) {
-            Resolved::Original(mapped.to_path_buf())
-        } else {
-            Resolved::Ignore
-        }
+    fn resolve(&self, mapped: &Path, _file: Option<(u64, u64)>) -> Resolved {
+        if mapped.starts_with(&self.dir) { Resolved::original(mapped) } else { Resolved::Ignore }
     }
 }
 
@@ -55,8 +61,8 @@ mod tests {
     #[test]
     fn under_dir_filters() {
         let r = UnderDirResolver { dir: "/tmp/t".into() };
-        assert_eq!(r.resolve(Path::new("/tmp/t/a")), Resolved::Original("/tmp/t/a".into()));
-        assert_eq!(r.resolve(Path::new("/tmp/tx/a")), Resolved::Ignore);
-        assert_eq!(IdentityResolver.resolve(Path::new("/x")), Resolved::Original("/x".into()));
+        assert_eq!(r.resolve(Path::new("/tmp/t/a"), None), Resolved::original("/tmp/t/a"));
+        assert_eq!(r.resolve(Path::new("/tmp/tx/a"), None), Resolved::Ignore);
+        assert_eq!(IdentityResolver.resolve(Path::new("/x"), None), Resolved::original("/x"));
     }
 }

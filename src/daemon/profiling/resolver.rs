@@ -4,8 +4,11 @@
 //! Only binaries in the overlaid directories can ever be served optimized, so only they are
 //! profiled (this also spares hashing every other program on the machine):
 //! - a path under the mountpoint (the program was started through the mount) maps back to
-//!   its original with [`Overlay::original_of`]; when the overlay serves a variant there,
-//!   the samples are a variant's (other addresses), counted but kept out of the profile;
+//!   its original with [`Overlay::original_of`], by the mapping's inode number, which is the
+//!   mount's node id and names exactly what the process was served: the original (and which
+//!   version of it), or a variant, whose samples (other addresses) are counted but kept out
+//!   of the profile. While execs are split between a canary and the original this is the
+//!   only way to tell; a mapping whose node the server does not know is then ignored;
 //! - a variant's file in the store (FUSE passthrough may show the backing file) is a
 //!   variant of the original the serving table names;
 //! - a file directly in an overlaid directory (started without the mount, or passed
@@ -17,17 +20,16 @@
 //! the mount that happens all the time without any file being deleted: every entry
 //! invalidation (a binary indexed, a variant served, a change in the directory) unhashes
 //! the dentries of the programs running from it. So under the mount the suffix is dropped
-//! and the path resolved as usual. The cost: a process that started before its binary was
-//! replaced, and whose first sample comes after, is attributed to the new version (through
-//! the mount there is no inode to check). Outside the mount the suffix means the file really is gone
-//! or replaced: its samples cannot be matched to what is at the path now, so they are
-//! ignored.
+//! and the path resolved as usual; the node id still tells which version of the original
+//! the process runs, so a process of a version since replaced is not counted for the new
+//! one. Outside the mount the suffix means the file really is gone or replaced: its samples
+//! cannot be matched to what is at the path now, so they are ignored.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::config::Config;
-use crate::fs::Overlay;
+use crate::fs::{MappedOriginal, Overlay};
 use crate::profile::{PathResolver, Resolved};
 
 /// A [`PathResolver`] over the running overlay.
@@ -64,19 +66,23 @@ fn strip_deleted(mapped: &Path) -> Option<&Path> {
 }
 
 impl PathResolver for OverlayResolver {
-    fn resolve(&self, mapped: &Path) -> Resolved {
+    fn resolve(&self, mapped: &Path, file: Option<(u64, u64)>) -> Resolved {
         let mapped = match strip_deleted(mapped) {
             Some(stem) if stem.starts_with(self.overlay.mountpoint()) => stem,
             Some(_) => return Resolved::Ignore,
             None => mapped,
         };
-        if let Some((original, variant)) = self.overlay.original_of(mapped) {
+        let in_mount = mapped.starts_with(self.overlay.mountpoint());
+        let node_id = file.filter(|_| in_mount).map(|(_, ino)| ino);
+        if let Some(MappedOriginal { original, variant, version }) =
+            self.overlay.original_of(mapped, node_id)
+        {
             if !self.in_overlay_dir(&original) || !self.allowed(&original) {
                 return Resolved::Ignore;
             }
             return match variant {
                 Some(_) => Resolved::Variant { original },
-                None => Resolved::Original(original),
+                None => Resolved::Original { path: original, version },
             };
         }
         // Unknown files of the mount, and of the state directory (variants the serving
@@ -88,7 +94,7 @@ impl PathResolver for OverlayResolver {
             return Resolved::Ignore;
         }
         if self.in_overlay_dir(mapped) && self.allowed(mapped) {
-            return Resolved::Original(mapped.to_path_buf());
+            return Resolved::Original { path: mapped.to_path_buf(), version: file };
         }
         Resolved::Ignore
     }
@@ -159,10 +165,16 @@ mod tests {
     fn originals_are_binaries_of_the_overlaid_dirs_reached_either_way() {
         let w = world(&[]);
         let prog = w.bin.join("prog");
-        let r = |p: &Path| w.resolver.resolve(p);
-        assert_eq!(r(&in_mount(&w.mnt, &prog)), Resolved::Original(prog.clone()));
-        assert_eq!(r(&w.mnt.join("bin/prog")), Resolved::Original(prog.clone()));
-        assert_eq!(r(&prog), Resolved::Original(prog.clone()), "started without the mount");
+        let r = |p: &Path| w.resolver.resolve(p, None);
+        assert_eq!(r(&in_mount(&w.mnt, &prog)), Resolved::original(&prog));
+        assert_eq!(r(&w.mnt.join("bin/prog")), Resolved::original(&prog));
+        assert_eq!(r(&prog), Resolved::original(&prog), "started without the mount");
+        let key = FileKey::of(&prog).unwrap();
+        assert_eq!(
+            w.resolver.resolve(&prog, Some((key.dev, key.ino))),
+            Resolved::Original { path: prog.clone(), version: Some((key.dev, key.ino)) },
+            "the mapping's (dev, ino) name the version"
+        );
         assert_eq!(r(Path::new("/usr/bin/env")), Resolved::Ignore, "not overlaid");
         assert_eq!(r(&w.bin.join("sub/prog")), Resolved::Ignore, "below, not in, the dir");
         assert_eq!(r(&w.mnt.join(".optbin/status")), Resolved::Ignore);
@@ -173,9 +185,9 @@ mod tests {
     fn unhashed_mount_dentries_still_resolve_but_deleted_real_files_do_not() {
         let w = world(&[]);
         let prog = w.bin.join("prog");
-        let r = |p: PathBuf| w.resolver.resolve(&p);
+        let r = |p: PathBuf| w.resolver.resolve(&p, None);
         let deleted = |p: &Path| PathBuf::from(format!("{} (deleted)", p.display()));
-        assert_eq!(r(deleted(&in_mount(&w.mnt, &prog))), Resolved::Original(prog.clone()));
+        assert_eq!(r(deleted(&in_mount(&w.mnt, &prog))), Resolved::original(&prog));
         assert_eq!(r(deleted(&prog)), Resolved::Ignore, "the real file is gone or replaced");
         assert_eq!(strip_deleted(Path::new("/a/b")), None);
         assert_eq!(strip_deleted(Path::new("/a/b (deleted)")), Some(Path::new("/a/b")));
@@ -195,18 +207,18 @@ mod tests {
             expected_original: FileKey::of(&prog).unwrap(),
         };
         w.serving.serve(&prog, Some(variant));
-        let r = |p: &Path| w.resolver.resolve(p);
+        let r = |p: &Path| w.resolver.resolve(p, None);
         let as_variant = Resolved::Variant { original: prog.clone() };
         assert_eq!(r(&in_mount(&w.mnt, &prog)), as_variant, "the mount serves the variant");
         assert_eq!(r(&stored), as_variant, "the backing file of a passthrough mapping");
-        assert_eq!(r(&prog), Resolved::Original(prog.clone()), "the real file is the original");
+        assert_eq!(r(&prog), Resolved::original(&prog), "the real file is the original");
         assert_eq!(r(&w.state.join("variants/cd/cdef")), Resolved::Ignore, "unknown variant");
     }
 
     #[test]
     fn exclusions_and_deny_lists_are_ignored() {
         let w = world(&["/**/denied"]);
-        let r = |p: &Path| w.resolver.resolve(p);
+        let r = |p: &Path| w.resolver.resolve(p, None);
         for name in ["excluded", "denied"] {
             let real = w.bin.join(name);
             assert_eq!(r(&real), Resolved::Ignore, "{name}");
