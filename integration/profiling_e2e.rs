@@ -2,7 +2,9 @@
 //! grow per-binary profiles that status.json reports, mature under the configured
 //! thresholds, and come out as `.optbin/bins/NAME/profile.fdata` that llvm-bolt accepts;
 //! a stripped binary shows why it gets no profile, and programs outside the overlaid
-//! directories are never profiled.
+//! directories are never profiled. While execs are split between the original and a
+//! canary, each process's samples go where it really ran: a variant built with its hot
+//! function where the original has padding leaves no sample in that padding.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -267,4 +269,100 @@ fn profiles_grow_mature_and_feed_bolt_through_the_daemon() {
 
     // SIGTERM: a clean exit, and the mount is gone.
     d.stop();
+}
+
+/// Two builds of one program whose hot function sits at different addresses: by default
+/// 32 KiB of never-run padding (`cold_pad`) come first and `hot_loop` after; with
+/// `-DHOT_FIRST`, `hot_loop` comes first, where the default build has `cold_pad`. Prints
+/// `TAG` so a run says which build it was.
+const LAYOUT_C: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#define HOT __attribute__((noinline)) unsigned long hot_loop(unsigned long x, unsigned long n) { \
+    for (unsigned long i = 0; i < n; i++) { x = x * 6364136223846793005UL + 1; x ^= x >> 17; } \
+    return x; }
+#ifdef HOT_FIRST
+HOT
+#endif
+__attribute__((noinline, used)) void cold_pad(void) { __asm__ volatile(".fill 32768, 1, 0x90"); }
+#ifndef HOT_FIRST
+HOT
+#endif
+static double cpu_ms(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+    return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
+}
+int main(int argc, char **argv) {
+    double until = cpu_ms() + (argc > 1 ? atof(argv[1]) : 100);
+    unsigned long x = 1;
+    while (cpu_ms() < until) x = hot_loop(x, 200000);
+    printf("%s %lu\n", TAG, x & 1);
+    return 0;
+}
+"#;
+
+/// Address of `name` in the ELF `file` (from `nm`).
+fn symbol_address(file: &Path, name: &str) -> u64 {
+    let out = common::run(Command::new("nm").arg(file));
+    let line = out.stdout.lines().find(|l| l.ends_with(&format!(" {name}"))).unwrap();
+    u64::from_str_radix(line.split_whitespace().next().unwrap(), 16).unwrap()
+}
+
+#[test]
+fn a_canarys_samples_stay_out_of_the_originals_profile() {
+    let tmp = common::open_tempdir();
+    let root = tmp.path().canonicalize().unwrap();
+    let bin = root.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let flags = ["-fno-toplevel-reorder", "-no-pie"];
+    let prog = bin.join("layout");
+    common::cc(LAYOUT_C, &prog, &[&flags[..], &["-DTAG=\"original\""]].concat());
+    let variant = root.join("layout.variant");
+    common::cc(LAYOUT_C, &variant, &[&flags[..], &["-DTAG=\"variant\"", "-DHOT_FIRST"]].concat());
+    // The premise: the variant's hot code lies inside the original's padding, so a variant
+    // process counted as the original would put samples into `cold_pad`.
+    let (pad, hot_v) = (symbol_address(&prog, "cold_pad"), symbol_address(&variant, "hot_loop"));
+    assert!(pad <= hot_v && hot_v + 64 < pad + 32768, "cold_pad {pad:#x}, hot_loop {hot_v:#x}");
+
+    let config = root.join("config.toml");
+    std::fs::write(&config, CONFIG).unwrap();
+    let d = Daemon::start(&root.join("mnt"), &[&bin], &root.join("state"), Some(&config));
+    std::fs::metadata(d.bin().join("layout")).unwrap();
+    let sha256 = d.wait_for(Duration::from_secs(20), "the binary indexed", |d| {
+        d.binary(&prog)?["sha256"].as_str().map(String::from)
+    });
+    let vid = common::place_variant(&d.state, &sha256, &variant, "ready");
+    let canary = format!("variant {vid} for 50% of execs");
+    d.wait_for(Duration::from_secs(20), "the canary", |d| {
+        (d.binary(&prog)?["served"] == canary.as_str()).then_some(())
+    });
+
+    // Execs split at random between the two builds, each burning 250 ms in hot_loop.
+    let (mut to_variant, mut to_original) = (0, 0);
+    for _ in 0..16 {
+        let out = common::run(Command::new(d.bin().join("layout")).arg("250"));
+        assert_eq!(out.code, Some(0), "{out:?}");
+        match out.stdout.split_whitespace().next() {
+            Some("variant") => to_variant += 1,
+            Some("original") => to_original += 1,
+            other => panic!("unexpected output {other:?}"),
+        }
+    }
+    assert!(to_variant >= 2 && to_original >= 2, "{to_variant} variant, {to_original} original");
+
+    // The original's profile holds the original's runs and only them: its hot function,
+    // nothing in the padding; the variant's samples are counted beside it.
+    let profile = d.wait_for(Duration::from_secs(30), "the original's runs profiled", |d| {
+        profile_of(d, &prog).filter(|p| p["runs"].as_u64() >= Some(to_original))
+    });
+    let functions: Vec<&str> =
+        profile["hot_functions"].as_array().unwrap().iter().filter_map(|f| f[0].as_str()).collect();
+    assert_eq!(functions.first(), Some(&"hot_loop"), "{profile}");
+    assert!(!functions.contains(&"cold_pad"), "a variant's samples in the profile: {profile}");
+    assert_eq!(profile["runs"].as_u64(), Some(to_original), "{profile}");
+    let fdata = std::fs::read_to_string(d.mnt.join(".optbin/bins/layout/profile.fdata")).unwrap();
+    assert!(!fdata.contains(" cold_pad "), "{fdata}");
+    assert!(profile["variant_samples"].as_u64() > Some(0), "{profile}");
 }
