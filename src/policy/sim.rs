@@ -65,12 +65,15 @@ fn normal(rng: &mut Xoshiro256PlusPlus) -> f64 {
     (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
-/// The synthetic machine: draws the arm of each exec from a [`ServeDecision`], times the
+/// The synthetic machine: draws the arm of each exec from a [`ServeDecision`] the way the
+/// serving table does (antithetic pairs of draws, see `crate::fs::serving`), times the
 /// run, appends it to the input, and counts the time-adjacent pairs the way
 /// [`super::pair_in_exec_order`] forms them (to know when a look or a block is due).
 struct Machine {
     spec: SimSpec,
     rng: Xoshiro256PlusPlus,
+    /// The antithetic draw owed to the next exec.
+    owed: Option<f64>,
     load: f64,
     /// The waiting run's arm per command (true: variant).
     waiting: Vec<Option<bool>>,
@@ -81,14 +84,29 @@ impl Machine {
     fn new(spec: &SimSpec, seed: u64) -> Self {
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
         let load = spec.load_sigma * normal(&mut rng);
-        Self { spec: *spec, rng, load, waiting: vec![None; spec.commands.max(1)], pairs: 0 }
+        Self {
+            spec: *spec,
+            rng,
+            owed: None,
+            load,
+            waiting: vec![None; spec.commands.max(1)],
+            pairs: 0,
+        }
     }
 
     /// Runs one exec; returns whether it completed a pair.
     fn exec(&mut self, serve: &ServeDecision, input: &mut BinaryInput) -> bool {
         let spec = &self.spec;
         let rng = &mut self.rng;
-        let variant = serve.choose(rng.random::<f64>());
+        let u = match self.owed.take() {
+            Some(u) => u,
+            None => {
+                let u = rng.random::<f64>();
+                self.owed = Some(1.0 - u);
+                u
+            }
+        };
+        let variant = serve.choose(u);
         let cmd = rng.random_range(0..spec.commands.max(1));
         let base = 50e6 * (1.0 + cmd as f64);
         let phi = spec.load_phi.clamp(0.0, 1.0);
@@ -153,6 +171,10 @@ pub fn simulate_canary(spec: &SimSpec, cfg: &PolicyConfig, seed: u64) -> SimOutc
                     }
                     _ => return SimOutcome::Rejected { execs: exec, reason: t.detail.clone() },
                 }
+            }
+            if eval.serve != serve {
+                // The serving table forgets its draws when an entry changes.
+                machine.owed = None;
             }
             serve = eval.serve;
         }
