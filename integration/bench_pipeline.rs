@@ -566,8 +566,9 @@ fn equal_speed_trials(plan: &Plan, lua: &Program, root: &Path, report: &mut Vec<
         };
         // The daemon's measured runs of this binary (the last `execs` are the loop's), with
         // the arm each got: the share, how often an exec got the same arm as the one before
-        // (antithetic pairs of draws: about 25%, never within a pair), and per arm the median CPU time the daemon measured
-        // (task-clock) and the one wait4 gave here, as ratios variant/original.
+        // (antithetic pairs of draws: about 25%, never within a pair), and per arm the
+        // median CPU time the daemon measured (task-clock) and the one wait4 gave here, as
+        // ratios variant/original.
         std::thread::sleep(Duration::from_millis(500)); // the daemon stores runs in bursts
         let rows = measured_runs(&state, &file);
         let rows = &rows[rows.len().saturating_sub(execs)..];
