@@ -9,6 +9,8 @@
 //! short runs): the test only runs the program through the mount until status.json shows
 //! what it waits for.
 
+#[path = "common/branchy.rs"]
+mod branchy;
 #[path = "common/mod.rs"]
 mod common;
 
@@ -19,57 +21,6 @@ use std::time::Duration;
 use common::daemon::Daemon;
 use rusqlite::{Connection, OpenFlags};
 use serde_json::Value;
-
-/// A hot loop over a few functions; prints a result that depends on all of them.
-const PROGRAM: &str = r#"
-#include <stdio.h>
-#include <stdlib.h>
-static unsigned long mix(unsigned long x) { x ^= x >> 13; x *= 0x9E3779B97F4A7C15UL; return x ^ (x >> 29); }
-__attribute__((noinline)) unsigned long step_a(unsigned long s, unsigned long i) { return (i % 7 == 3) ? s + mix(i) : s ^ (i * 3); }
-__attribute__((noinline)) unsigned long step_b(unsigned long s, unsigned long i) { return (s << 1 | s >> 63) + (i & 0xff); }
-__attribute__((noinline)) unsigned long step_c(unsigned long s, unsigned long i) {
-    switch (i & 7) { case 0: return s * 31 + i; case 1: return s ^ 0x5555; case 2: return s + (i >> 3);
-    case 3: return s - i; case 4: return mix(s); case 5: return s | (i << 7); case 6: return s & ~i; default: return s + 1; }
-}
-__attribute__((noinline)) unsigned long step_d(unsigned long s, unsigned long i) {
-    switch ((i >> 3) & 7) { case 0: return s * 17 + (i ^ 0x33); case 1: return s ^ (s >> 7); case 2: return s + mix(i >> 5);
-    case 3: return (s << 3) - i; case 4: return s ^ mix(s + i); case 5: return s | (i << 11); case 6: return s & (~i | 0xf0f0); default: return s + 3; }
-}
-__attribute__((noinline)) unsigned long step_e(unsigned long s, unsigned long i) {
-    unsigned long t = s;
-    for (int k = 0; k < 3; k++) { t = (t ^ (i + k)) * 0x100000001B3UL; if (t & 0x10) t += mix(t); else t -= k; }
-    return t;
-}
-__attribute__((noinline)) unsigned long step_f(unsigned long s, unsigned long i) {
-    switch ((i >> 6) & 7) { case 0: return s + 0x1234567; case 1: return s * 5 - (i >> 2); case 2: return s ^ (i * 0x9E37);
-    case 3: return s + (s >> 11); case 4: return s - mix(i); case 5: return s ^ (s << 13); case 6: return s + i * i; default: return s ^ 0xabcdef; }
-}
-__attribute__((noinline)) unsigned long hot_loop(unsigned long n) {
-    unsigned long s = 1;
-    for (unsigned long i = 0; i < n; i++) {
-        s = step_a(s, i);
-        if (i & 1) s = step_b(s, i); else s = step_c(s, i);
-        if ((i & 3) == 2) s = step_d(s, i);
-        if ((i & 15) == 5) s = step_e(s, i);
-        if ((i & 7) == 1) s = step_f(s, i);
-    }
-    return s;
-}
-__attribute__((noinline)) int usage(const char *why) { fprintf(stderr, "usage: prog N (%s)\n", why); return 2; }
-__attribute__((noinline)) unsigned long checksum(const char *text) { unsigned long h = 5381; while (*text) h = h * 33 + (unsigned char)*text++; return h; }
-int main(int argc, char **argv) {
-    if (argc < 2) return usage("missing N");
-    char *end; unsigned long n = strtoul(argv[1], &end, 10);
-    if (*end || n == 0) return usage("N must be a positive number");
-    printf("result %lu check %lu\n", hot_loop(n), checksum(argv[1]));
-    return 0;
-}
-"#;
-
-/// Iterations of a profiled run (~0.3 s here).
-const WORK: &str = "30000000";
-/// Iterations of a quick check run.
-const QUICK: &str = "300000";
 
 /// A BOLT that reports a version and fails every run with a recognisable message.
 const FAKE_BOLT: &str = "#!/bin/sh
@@ -97,9 +48,9 @@ impl Fixture {
         std::fs::create_dir(&bin).unwrap();
         let bin = std::fs::canonicalize(&bin).unwrap();
         let prog = bin.join("prog");
-        common::cc(PROGRAM, &prog, &["-fPIE", "-pie", "-Wl,--emit-relocs"]);
+        common::cc(branchy::PROGRAM, &prog, &["-fPIE", "-pie", "-Wl,--emit-relocs"]);
         let plain = bin.join("plain");
-        common::cc(PROGRAM, &plain, &["-fPIE", "-pie"]);
+        common::cc(branchy::PROGRAM, &plain, &["-fPIE", "-pie"]);
         assert!(Command::new("strip").arg(&plain).status().unwrap().success());
         let fake = dir.path().join("fake-bolt");
         std::fs::write(&fake, FAKE_BOLT).unwrap();
@@ -188,7 +139,7 @@ fn drive_until<T>(
 ) -> T {
     let prog = d.bin().join("prog");
     d.wait_for(timeout, what, |d| {
-        run(&prog, WORK);
+        run(&prog, branchy::WORK);
         done(&d.status_json())
     })
 }
@@ -196,7 +147,7 @@ fn drive_until<T>(
 #[test]
 fn mature_profiles_become_variants_and_commands_reach_the_optimizer() {
     let fx = Fixture::new();
-    let expected = run(&fx.prog, QUICK);
+    let expected = run(&fx.prog, branchy::QUICK);
 
     // Phase 1: a BOLT that always fails. The original stays served; status shows why.
     let fake = fx.path("fake-bolt");
@@ -206,8 +157,8 @@ fn mature_profiles_become_variants_and_commands_reach_the_optimizer() {
     assert_eq!(section["bolt"]["found"], true, "{section:#}");
     assert_eq!(section["bolt"]["path"], fake.to_string_lossy().as_ref());
     let mnt_bin = d.mnt.join("bin");
-    assert_eq!(run(&mnt_bin.join("prog"), QUICK), expected);
-    assert_eq!(run(&mnt_bin.join("plain"), QUICK), expected);
+    assert_eq!(run(&mnt_bin.join("prog"), branchy::QUICK), expected);
+    assert_eq!(run(&mnt_bin.join("plain"), branchy::QUICK), expected);
     let id = d.wait_for(Duration::from_secs(20), "prog to be indexed", |_| fx.binary_id(&fx.prog));
     d.wait_for(Duration::from_secs(20), "plain to be indexed", |_| fx.binary_id(&fx.plain));
     let failure = drive_until(&d, "the fake BOLT's failure", Duration::from_secs(60), |s| {
@@ -226,7 +177,11 @@ fn mature_profiles_become_variants_and_commands_reach_the_optimizer() {
     assert_eq!(prog_status["served"], "original");
     assert!(prog_status["variants"].as_array().unwrap().is_empty());
     assert!(prog_status["candidate"].as_bool().unwrap(), "{prog_status:#}");
-    assert_eq!(run(&mnt_bin.join("prog"), QUICK), expected, "the original is still served");
+    assert_eq!(
+        run(&mnt_bin.join("prog"), branchy::QUICK),
+        expected,
+        "the original is still served"
+    );
     d.stop();
     assert!(!d.log().contains("panicked"), "{}", d.log());
     assert!(!fx.path("scratch").exists(), "the scratch root the jobs created outlived the daemon");
@@ -256,7 +211,7 @@ fn mature_profiles_become_variants_and_commands_reach_the_optimizer() {
     assert_eq!(bolt_version, version);
     let variant = PathBuf::from(&store_path);
     assert!(variant.is_file(), "{store_path}");
-    assert_eq!(run(&variant, QUICK), expected, "the variant behaves like the original");
+    assert_eq!(run(&variant, branchy::QUICK), expected, "the variant behaves like the original");
     assert_eq!(run(&variant, "12345"), run(&fx.prog, "12345"));
     let details = &binary(&status, &fx.prog).unwrap()["details"]["optimizer"];
     assert_eq!(details["job"]["last_outcome"], "ok", "{details:#}");
@@ -301,7 +256,7 @@ fn mature_profiles_become_variants_and_commands_reach_the_optimizer() {
     assert!(prog_status["details"]["optimizer"]["job"].is_null());
     let err = d.control("reset nosuchprogram").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
-    assert_eq!(run(&mnt_bin.join("prog"), QUICK), expected);
+    assert_eq!(run(&mnt_bin.join("prog"), branchy::QUICK), expected);
     d.stop();
     assert!(!d.log().contains("panicked"), "{}", d.log());
     assert!(!fx.path("scratch").exists(), "the scratch root the jobs created outlived the daemon");

@@ -10,6 +10,8 @@ use serde_json::{Value, json};
 
 use super::Shared;
 use super::candidate::{profile_numbers, verdict};
+use crate::bolt::history::build_history;
+use crate::bolt::retry_policy::{DEFAULT_GROWTH, Decision, RequestOrigin, decide};
 use crate::bolt::status::{JobEnd, OptimizerStatus};
 use crate::bolt::{ProfileNumbers, assess};
 use crate::catalog::{base, bolt_jobs, runs};
@@ -205,7 +207,19 @@ impl OptimizerPipeline {
         if !summary.maturity.mature {
             return Ok(Pipeline::Collecting);
         }
-        Ok(Pipeline::Seen)
+        // Mature: due for a build (the driver queues it at its next tick) unless the retry
+        // policy holds it back (a variant is being measured, or was decided on and the
+        // profile has not grown since); then the policy's stage says why.
+        let bolt_version = self.shared.bolt.tool().map(|t| t.version.to_string());
+        let history = build_history(conn, binary_id)?;
+        let due = decide(
+            history.as_ref(),
+            summary.own_samples,
+            bolt_version.as_deref().unwrap_or_default(),
+            RequestOrigin::Matured,
+            DEFAULT_GROWTH,
+        );
+        Ok(if due == Decision::Build { Pipeline::Queued } else { Pipeline::Seen })
     }
 }
 
