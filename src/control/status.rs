@@ -129,7 +129,12 @@ pub fn render_text(r: &StatusReport) -> String {
                 if b.candidate { "candidate" } else { "not a candidate" },
                 b.candidate_reason
             );
-            let _ = writeln!(out, "    serving {}: {}", b.served, b.served_reason);
+            // The policy's stage text may itself start with what is served.
+            let reason = b
+                .served_reason
+                .strip_prefix(&format!("serving {}: ", b.served))
+                .unwrap_or(&b.served_reason);
+            let _ = writeln!(out, "    serving {}: {reason}", b.served);
             for (name, detail) in &b.details {
                 let Some(summary) = detail.get("summary").and_then(|s| s.as_str()) else {
                     continue;
@@ -160,7 +165,7 @@ pub fn render_text(r: &StatusReport) -> String {
             let _ = writeln!(
                 out,
                 "  {} {} {}{}",
-                e.at,
+                utc_time(e.at),
                 e.kind,
                 e.path.as_deref().map(|p| format!("{p}: ")).unwrap_or_default(),
                 e.detail
@@ -168,6 +173,12 @@ pub fn render_text(r: &StatusReport) -> String {
         }
     }
     out
+}
+
+/// `secs` since the epoch as UTC, to the second: `2026-11-22T09:40:52Z`.
+fn utc_time(secs: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 /// The policy's stage name of a binary (`canary`, `serving_optimized`, ...), when known.
@@ -242,7 +253,8 @@ mod tests {
                 candidate: true,
                 candidate_reason: "relocation mode".into(),
                 served: "original".into(),
-                served_reason: "no variant yet".into(),
+                served_reason: "serving original: slower by 2.1% (interval 1.3%..2.9% slower)"
+                    .into(),
                 pin: Some("original".into()),
                 ..Default::default()
             }],
@@ -257,10 +269,20 @@ mod tests {
         assert!(text.contains("abababababab"));
         assert!(text.contains("pie,symbols,no-relocs .text 170.9K"), "{text}");
         assert!(text.contains("original (pinned original)"));
+        assert!(
+            text.contains("    serving original: slower by 2.1% (interval 1.3%..2.9% slower)\n"),
+            "{text}"
+        );
         assert!(text.contains("candidate: relocation mode"));
         let json: StatusReport =
             serde_json::from_str(&serde_json::to_string(&report).unwrap()).unwrap();
         assert_eq!(json.binaries[0].name, "lua");
+    }
+
+    #[test]
+    fn event_times_read_as_utc() {
+        assert_eq!(utc_time(1_795_340_452), "2026-11-22T09:40:52Z");
+        assert_eq!(utc_time(-5), "1970-01-01T00:00:00Z");
     }
 
     #[test]
