@@ -84,7 +84,47 @@ fn bench_policy() {
     for (sigma, rate) in equal_rates {
         assert!(rate <= allowed, "sigma {sigma}: wrong promotions {rate} > {allowed}");
     }
+    unique_commands(&cfg, trials);
     served_drift(&cfg, trials);
+}
+
+/// Canaries of a binary whose every run is a new command (each costing differently, sigma
+/// 0.3 around one unit): no pair by command ever forms, and the decision is the final look
+/// across commands after the variant's run budget.
+fn unique_commands(cfg: &PolicyConfig, trials: usize) {
+    println!(
+        "every run a new command (per-command cost sigma 0.3, noise sigma 0.15): decided at \
+         the final look across commands after {} variant runs",
+        optbin::policy::canary_run_budget(cfg)
+    );
+    for ratio in [0.90, 0.95, 1.00] {
+        let spec = SimSpec {
+            true_ratio: ratio,
+            commands: 1 << 40,
+            command_sigma: 0.3,
+            max_execs: 4000,
+            ..Default::default()
+        };
+        let s = run_trials(&spec, cfg, trials, 20_000);
+        let label = if ratio < 1.0 {
+            format!("{:.0}% faster", (1.0 - ratio) * 100.0)
+        } else {
+            "equal".to_string()
+        };
+        println!(
+            "{label:>10} | promoted {:>5.1}%, rejected {:>5.1}%, undecided {:>4.1}%, median {} \
+             execs to a decision",
+            s.promotion_rate() * 100.0,
+            s.rejection_rate() * 100.0,
+            s.undecided as f64 / trials as f64 * 100.0,
+            s.median_execs_to_decision
+        );
+        if ratio == 1.0 {
+            let b = cfg.false_promotion_bound();
+            let allowed = b + 3.0 * (b * (1.0 - b) / trials as f64).sqrt();
+            assert!(s.promotion_rate() <= allowed, "unique commands: {s:?}");
+        }
+    }
 }
 
 /// The served stage: a variant served from the first exec, 5 drift blocks of execs long.
@@ -92,10 +132,10 @@ fn served_drift(cfg: &PolicyConfig, trials: usize) {
     let block_execs = (2.0 * cfg.min_runs_per_arm as f64 / cfg.exploration_share).round() as usize;
     println!(
         "served: {:.0}% of execs keep going to the original; a drift block is {} pairs \
-         (about {block_execs} execs), tested at one-sided {:.1}%; {trials} trials of {} execs",
+         (about {block_execs} execs), tested at one-sided {:.2}%; {trials} trials of {} execs",
         cfg.exploration_share * 100.0,
         2 * cfg.min_runs_per_arm,
-        100.0 * cfg.alpha / f64::from(cfg.looks),
+        100.0 * cfg.level_per_look(),
         5 * block_execs
     );
     for ratio in [1.00, 1.05, 1.10, 1.20] {
@@ -114,8 +154,8 @@ fn served_drift(cfg: &PolicyConfig, trials: usize) {
             caught.get(caught.len() / 2).map_or("-".into(), |e| e.to_string())
         );
         if ratio == 1.0 {
-            // Five blocks at 1% each: at most about 5%, with the same binomial slack.
-            let b = 5.0 * cfg.alpha / f64::from(cfg.looks);
+            // Five blocks at the per-look level each, with the same binomial slack.
+            let b = 5.0 * cfg.level_per_look();
             let allowed = b + 3.0 * (b * (1.0 - b) / trials as f64).sqrt();
             let rate = caught.len() as f64 / trials as f64;
             assert!(rate <= allowed, "equal speed sent back to canary: {rate} > {allowed}");

@@ -12,7 +12,11 @@
 //! cancels the load both its runs saw) at a few fixed looks: when there are `m, 2m, 4m, ...`
 //! pairs (m = `min_runs_per_arm`, `looks` of them), using exactly the first that many pairs,
 //! so re-evaluating between looks cannot change the answer.
-//! Each look tests at one-sided level `alpha / looks`; by the union bound the chance that an
+//! Each look tests at one-sided level `alpha / (looks + 1)`; the extra share is for one more
+//! look a canary may need: when the variant has had [`canary_run_budget`] runs and the
+//! looks by command have not decided (its commands rarely repeat, so few runs pair), the
+//! runs up to that budget are paired adjacent in exec order whatever their commands and
+//! looked at once, promoting or rejecting. By the union bound the chance that an
 //! equal-speed variant is ever promoted is at most `alpha` (the stated false-promotion
 //! bound), and promotion also needs the estimate to show at least `promote_min_gain`. A
 //! variant that is significantly slower is rejected at any look; one not shown faster at the
@@ -21,7 +25,7 @@
 //! pairs have accumulated, that block is tested like a look, and a variant now
 //! significantly slower goes back to canary (drift reverses the decision through the same
 //! bounded procedure). A block of an equal-speed variant sends it back with probability at
-//! most `alpha / looks`: a false alarm costs one more canary, never a wrong promotion.
+//! most `alpha / (looks + 1)`: a false alarm costs one more canary, never a wrong promotion.
 //! The gain status shows is the paired estimate over the newest pairs since the canary
 //! started.
 //!
@@ -131,8 +135,14 @@ impl PolicyConfig {
         self.alpha
     }
 
+    /// The one-sided level of each test: `alpha` split over the looks and the final
+    /// across-commands look of a canary whose commands rarely repeat.
+    pub fn level_per_look(&self) -> f64 {
+        self.alpha / f64::from(self.looks.max(1) + 1)
+    }
+
     fn z_per_look(&self) -> f64 {
-        normal_quantile(1.0 - self.alpha / f64::from(self.looks.max(1)))
+        normal_quantile(1.0 - self.level_per_look())
     }
 }
 
@@ -549,6 +559,7 @@ fn timed<'a>(runs: impl Iterator<Item = &'a RunInput>) -> Vec<Timed<'a>> {
 pub fn pair_in_exec_order<'a>(
     runs: impl Iterator<Item = &'a RunInput>,
     variant_id: i64,
+    by: PairBy,
 ) -> Vec<(Timed<'a>, Timed<'a>)> {
     let mut sorted: Vec<&RunInput> = runs
         .filter(|r| r.variant_id.is_none() || r.variant_id == Some(variant_id))
@@ -561,15 +572,35 @@ pub fn pair_in_exec_order<'a>(
     for r in sorted {
         let t = Timed { cmd: &r.cmd_hash, cpu_ns: r.cpu_ns };
         let is_variant = r.variant_id.is_some();
-        match waiting.remove(r.cmd_hash.as_str()) {
+        let key = match by {
+            PairBy::Command => r.cmd_hash.as_str(),
+            PairBy::Nothing => "",
+        };
+        match waiting.remove(key) {
             Some((w, true)) if !is_variant => pairs.push((w, t)),
             Some((w, false)) if is_variant => pairs.push((t, w)),
             _ => {
-                waiting.insert(&r.cmd_hash, (t, is_variant));
+                waiting.insert(key, (t, is_variant));
             }
         }
     }
     pairs
+}
+
+/// What two runs must share to be paired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairBy {
+    /// The command (the usual pairing: like with like).
+    Command,
+    /// Nothing: adjacent runs whatever their commands (a canary's final look when commands
+    /// rarely repeat).
+    Nothing,
+}
+
+/// The variant runs after which a canary that has not reached its last look by command
+/// gets one final look across commands: twice the last look's pairs.
+pub fn canary_run_budget(cfg: &PolicyConfig) -> usize {
+    2 * cfg.checkpoints().last().copied().unwrap_or(1)
 }
 
 fn canary_step(
@@ -583,16 +614,29 @@ fn canary_step(
     let window = || input.runs.iter().filter(|r| r.id >= from_run);
     let var_runs = timed(window().filter(|r| r.variant_id == Some(v.id))).len();
     let orig_runs = timed(window().filter(|r| r.variant_id.is_none())).len();
-    let pairs = pair_in_exec_order(window(), v.id);
+    let pairs = pair_in_exec_order(window(), v.id, PairBy::Command);
     let checkpoints = cfg.checkpoints();
-    let Some(look) = checkpoints.iter().rposition(|&c| c <= pairs.len()) else {
-        return canary_stage(v.id, var_runs, orig_runs, None, cfg);
+    let look = checkpoints.iter().rposition(|&c| c <= pairs.len());
+    let by_command = look.map(|look| {
+        let c = checkpoints[look];
+        (c, look + 1 == checkpoints.len(), paired_compare(&pairs[..c], cfg.z_per_look()))
+    });
+    let verdict = match by_command {
+        Some((_, _, Some(k))) if promotes(&k, cfg) => Some(Verdict::Promote(k)),
+        Some((_, _, Some(k))) if k.low > 1.0 => Some(Verdict::Reject(k, k.describe())),
+        Some((c, true, Some(k))) => Some(Verdict::Reject(
+            k,
+            format!("not faster beyond noise after {c} runs per arm: {}", k.describe()),
+        )),
+        _ => None,
     };
-    let c = checkpoints[look];
-    let last_look = look + 1 == checkpoints.len();
-    let cmp = paired_compare(&pairs[..c], cfg.z_per_look());
+    let verdict = verdict.or_else(|| budget_look(input, v, from_run, pairs.len(), cfg));
+    let Some(verdict) = verdict else {
+        let last = by_command.and_then(|(_, _, k)| k);
+        return canary_stage(v.id, var_runs, orig_runs, last, cfg);
+    };
 
-    let mut decide_to = |to: VariantState, action: Action, detail: String| {
+    let mut decide_to = |to: VariantState, action: Action, detail: String, k: Comparison| {
         states.insert(v.id, to);
         transitions.push(Transition {
             variant_id: v.id,
@@ -601,12 +645,17 @@ fn canary_step(
             action,
             detail,
             first_run_id: (to == VariantState::Served).then_some(input.next_run_id),
-            comparison: cmp,
+            comparison: Some(k),
         });
     };
-    match cmp {
-        Some(k) if k.high < 1.0 && k.ratio <= 1.0 - cfg.promote_min_gain => {
-            decide_to(VariantState::Served, Action::Promote, format!("promoted: {}", k.describe()));
+    match verdict {
+        Verdict::Promote(k) => {
+            decide_to(
+                VariantState::Served,
+                Action::Promote,
+                format!("promoted: {}", k.describe()),
+                k,
+            );
             let served_before: Vec<i64> = input
                 .variants
                 .iter()
@@ -626,31 +675,72 @@ fn canary_step(
                 });
             }
             (
-                Stage::ServingOptimized { variant_id: v.id, gain: cmp },
+                Stage::ServingOptimized { variant_id: v.id, gain: Some(k) },
                 ServeDecision::Split {
                     variant_id: v.id,
                     variant_share: 1.0 - cfg.exploration_share,
                 },
             )
         }
-        Some(k) if k.low > 1.0 => {
-            let reason = k.describe();
-            decide_to(VariantState::Rejected, Action::Reject, reason.clone());
+        Verdict::Reject(k, reason) => {
+            decide_to(VariantState::Rejected, Action::Reject, reason.clone(), k);
             (Stage::ServingOriginal { reason }, ServeDecision::Original)
         }
-        Some(k) if last_look => {
-            let reason =
-                format!("not faster beyond noise after {c} runs per arm: {}", k.describe());
-            decide_to(VariantState::Rejected, Action::Reject, reason.clone());
-            (Stage::ServingOriginal { reason }, ServeDecision::Original)
-        }
-        None if last_look => {
-            let reason = "no command ran on both the variant and the original".to_string();
-            decide_to(VariantState::Rejected, Action::Reject, reason.clone());
-            (Stage::ServingOriginal { reason }, ServeDecision::Original)
-        }
-        _ => canary_stage(v.id, var_runs, orig_runs, cmp, cfg),
     }
+}
+
+/// What a look decided.
+enum Verdict {
+    Promote(Comparison),
+    /// With the reason status shows.
+    Reject(Comparison, String),
+}
+
+/// Faster beyond the noise, by at least `promote_min_gain`.
+fn promotes(k: &Comparison, cfg: &PolicyConfig) -> bool {
+    k.high < 1.0 && k.ratio <= 1.0 - cfg.promote_min_gain
+}
+
+/// The final look of a canary whose commands rarely repeat: once the variant has had
+/// [`canary_run_budget`] runs and the looks by command have not decided, the runs up to
+/// that budget are paired adjacent in exec order whatever their commands, and compared at
+/// the same level as a look. Valid because the arms are assigned at random per exec, so a
+/// pair's two commands are exchangeable; noisier, because different commands cost
+/// differently. Promoted if faster beyond the noise, else rejected: a variant not shown
+/// faster is not served.
+fn budget_look(
+    input: &BinaryInput,
+    v: &VariantInput,
+    from_run: i64,
+    pairs_by_command: usize,
+    cfg: &PolicyConfig,
+) -> Option<Verdict> {
+    let budget = canary_run_budget(cfg);
+    let mut variant_runs = 0;
+    // The id of the variant's budget-th timed run: the look uses exactly the runs up to it,
+    // so evaluating it again later gives the same answer.
+    let end = input
+        .runs
+        .iter()
+        .filter(|r| r.id >= from_run && r.variant_id == Some(v.id))
+        .filter(|r| matches!(r.exit, RunExit::Exited(_)))
+        .find(|_| {
+            variant_runs += 1;
+            variant_runs == budget
+        })?
+        .id;
+    let upto = || input.runs.iter().filter(|r| r.id >= from_run && r.id <= end);
+    let pairs = pair_in_exec_order(upto(), v.id, PairBy::Nothing);
+    let k = paired_compare(&pairs, cfg.z_per_look())?;
+    if promotes(&k, cfg) {
+        return Some(Verdict::Promote(k));
+    }
+    let reason = format!(
+        "commands rarely repeat ({pairs_by_command} runs paired by command in {budget} \
+         variant runs); across commands: {}",
+        k.describe()
+    );
+    Some(Verdict::Reject(k, reason))
 }
 
 fn served_step(
@@ -665,11 +755,16 @@ fn served_step(
     // The measured gain: the newest time-adjacent pairs since the canary started (the
     // canary's pairs, then each exploration run of the original with its neighbour).
     let since = v.canary_from_run.or(v.served_from_run).unwrap_or(0);
-    let pairs = pair_in_exec_order(input.runs.iter().filter(|r| r.id >= since), v.id);
+    let pairs =
+        pair_in_exec_order(input.runs.iter().filter(|r| r.id >= since), v.id, PairBy::Command);
     let gain = paired_compare(newest(&pairs), normal_quantile(0.975));
     // Drift: the latest full block of 2m pairs of the served period, tested like a look.
     let served_from = v.served_from_run.unwrap_or(since);
-    let served_pairs = pair_in_exec_order(input.runs.iter().filter(|r| r.id >= served_from), v.id);
+    let served_pairs = pair_in_exec_order(
+        input.runs.iter().filter(|r| r.id >= served_from),
+        v.id,
+        PairBy::Command,
+    );
     let block = 2 * cfg.min_runs_per_arm.max(1);
     let blocks = served_pairs.len() / block;
     if blocks > 0

@@ -4,8 +4,12 @@
 //! [`ServeDecision::choose`]. Used by the property tests and the policy benchmark.
 //!
 //! Between two looks the policy's answer cannot change (each look uses exactly the first
-//! `m * 2^k` time-adjacent pairs, and a simulated run never crashes), so the simulation
-//! evaluates only when the pair count reaches a look; that keeps thousands of trials cheap.
+//! `m * 2^k` time-adjacent pairs, the final across-commands look exactly the runs up to the
+//! variant's budget-th, and a simulated run never crashes), so the simulation evaluates only
+//! when the pair count reaches a look or the variant its run budget; that keeps thousands
+//! of trials cheap.
+
+use std::collections::HashMap;
 
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
@@ -32,6 +36,10 @@ pub struct SimSpec {
     pub outlier_share: f64,
     /// Distinct commands (each with its own base time), drawn uniformly per exec.
     pub commands: usize,
+    /// 0: command `c` costs `c + 1` units. Above 0: each command's cost is log-normal with
+    /// this sigma around one unit (many commands that each cost differently, as the files a
+    /// compiler is run on; with a huge `commands` almost every run is a new command).
+    pub command_sigma: f64,
     /// Give up (undecided) after this many execs.
     pub max_execs: usize,
 }
@@ -45,6 +53,7 @@ impl Default for SimSpec {
             load_phi: 0.98,
             outlier_share: 0.05,
             commands: 3,
+            command_sigma: 0.0,
             max_execs: 5000,
         }
     }
@@ -76,7 +85,7 @@ struct Machine {
     owed: Option<f64>,
     load: f64,
     /// The waiting run's arm per command (true: variant).
-    waiting: Vec<Option<bool>>,
+    waiting: HashMap<usize, bool>,
     pairs: usize,
 }
 
@@ -84,14 +93,7 @@ impl Machine {
     fn new(spec: &SimSpec, seed: u64) -> Self {
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
         let load = spec.load_sigma * normal(&mut rng);
-        Self {
-            spec: *spec,
-            rng,
-            owed: None,
-            load,
-            waiting: vec![None; spec.commands.max(1)],
-            pairs: 0,
-        }
+        Self { spec: *spec, rng, owed: None, load, waiting: HashMap::new(), pairs: 0 }
     }
 
     /// Runs one exec; returns whether it completed a pair.
@@ -108,7 +110,13 @@ impl Machine {
         };
         let variant = serve.choose(u);
         let cmd = rng.random_range(0..spec.commands.max(1));
-        let base = 50e6 * (1.0 + cmd as f64);
+        let base = if spec.command_sigma > 0.0 {
+            // A fixed cost per command, from a hash of it: no table for huge command counts.
+            let mut h = Xoshiro256PlusPlus::seed_from_u64(cmd as u64 ^ 0x9E37_79B9_7F4A_7C15);
+            50e6 * (spec.command_sigma * normal(&mut h)).exp()
+        } else {
+            50e6 * (1.0 + cmd as f64)
+        };
         let phi = spec.load_phi.clamp(0.0, 1.0);
         self.load = phi * self.load + (1.0 - phi * phi).sqrt() * spec.load_sigma * normal(rng);
         let mut t = base * (self.load + spec.noise_sigma * normal(rng)).exp();
@@ -127,8 +135,12 @@ impl Machine {
         });
         input.next_run_id += 1;
         let is_variant = variant.is_some();
-        let paired = self.waiting[cmd] == Some(!is_variant);
-        self.waiting[cmd] = if paired { None } else { Some(is_variant) };
+        let paired = self.waiting.get(&cmd) == Some(&!is_variant);
+        if paired {
+            self.waiting.remove(&cmd);
+        } else {
+            self.waiting.insert(cmd, is_variant);
+        }
         self.pairs += usize::from(paired);
         paired
     }
@@ -155,6 +167,7 @@ pub fn simulate_canary(spec: &SimSpec, cfg: &PolicyConfig, seed: u64) -> SimOutc
     let mut machine = Machine::new(spec, seed);
     let mut input = one_variant(VariantState::Ready, None);
     let checkpoints = cfg.checkpoints();
+    let budget = super::canary_run_budget(cfg);
     let mut nv = 0usize;
     let mut serve = ServeDecision::Original;
     let mut must_evaluate = true;
@@ -179,8 +192,10 @@ pub fn simulate_canary(spec: &SimSpec, cfg: &PolicyConfig, seed: u64) -> SimOutc
             serve = eval.serve;
         }
         let paired = machine.exec(&serve, &mut input);
-        nv += usize::from(input.runs.last().is_some_and(|r| r.variant_id.is_some()));
-        must_evaluate = paired && checkpoints.contains(&machine.pairs);
+        let to_variant = input.runs.last().is_some_and(|r| r.variant_id.is_some());
+        nv += usize::from(to_variant);
+        must_evaluate =
+            (paired && checkpoints.contains(&machine.pairs)) || (to_variant && nv == budget);
     }
     SimOutcome::Undecided { execs: spec.max_execs }
 }

@@ -339,7 +339,7 @@ fn false_promotion_rate_is_under_the_bound_without_correlated_load() {
 fn served_equal_speed_variant_rarely_goes_back_to_canary() {
     // Steady state with the VM's noise and load: each drift block (40 pairs, about 800
     // execs at the 5% exploration share) of an equal-speed variant sends it back with
-    // probability at most alpha / looks = 1%; over 5 blocks at most about 5%.
+    // probability at most alpha / (looks + 1) = 0.83%; over 5 blocks at most about 4.2%.
     let cfg = PolicyConfig::default();
     let spec = SimSpec { true_ratio: 1.0, max_execs: 4_200, ..Default::default() };
     let trials = 300;
@@ -370,6 +370,59 @@ fn served_gain_is_the_paired_estimate_since_the_canary() {
 }
 
 #[test]
+fn a_canary_whose_commands_never_repeat_gets_a_final_look_across_commands() {
+    let cfg = PolicyConfig::default();
+    let budget = canary_run_budget(&cfg);
+    assert_eq!(budget, 640);
+    // Every run a new command (a compiler on ever other files), each costing differently;
+    // the variant 10% faster.
+    let runs = |ratio: f64, n: usize| -> Vec<RunInput> {
+        (0..2 * n)
+            .map(|i| {
+                // Both runs of an exec pair cost about the same, each pair differently; the
+                // arm order within a pair alternates, and so does the sign of the noise.
+                let pair = i / 2;
+                let cost = 1e8 * (1.0 + 0.3 * (((pair * 7919) % 101) as f64 / 100.0 - 0.5));
+                let variant = (i % 2 == 1) != (pair % 3 == 0);
+                let noise = if (pair % 2 == 0) == variant { 1.02 } else { 0.98 };
+                let cpu = if variant { cost * ratio * noise } else { cost * noise };
+                run(
+                    i as i64 + 1,
+                    variant.then_some(4),
+                    &format!("c{i}"),
+                    cpu as u64,
+                    RunExit::Exited(0),
+                )
+            })
+            .collect()
+    };
+    let e = evaluate(&input(vec![variant(4, VariantState::Canary)], runs(0.9, budget - 1)), &cfg);
+    assert!(e.transitions.is_empty(), "no pair by command, budget not reached: {:?}", e.stage);
+    let e = evaluate(&input(vec![variant(4, VariantState::Canary)], runs(0.9, budget)), &cfg);
+    assert_eq!(e.states[&4], VariantState::Served, "{}", e.stage);
+    let e = evaluate(&input(vec![variant(4, VariantState::Canary)], runs(1.0, budget + 50)), &cfg);
+    assert_eq!(e.states[&4], VariantState::Rejected);
+    let text = e.stage.to_string();
+    assert!(text.contains("commands rarely repeat (0 runs paired by command"), "{text}");
+    // The look used exactly the runs up to the budget: the answer does not change later.
+    let later =
+        evaluate(&input(vec![variant(4, VariantState::Canary)], runs(1.0, budget + 400)), &cfg);
+    assert_eq!(later.stage, e.stage);
+}
+
+#[test]
+fn unique_commands_keep_the_false_promotion_bound_and_find_a_clear_gain() {
+    let cfg = PolicyConfig::default();
+    let spec =
+        SimSpec { commands: 1 << 40, command_sigma: 0.3, max_execs: 2000, ..Default::default() };
+    let equal = run_trials(&spec, &cfg, 300, 11);
+    assert_eq!(equal.undecided, 0, "{equal:?}");
+    assert!(equal.promotion_rate() <= cfg.false_promotion_bound(), "{equal:?}");
+    let faster = run_trials(&SimSpec { true_ratio: 0.85, ..spec }, &cfg, 100, 11);
+    assert!(faster.promotion_rate() >= 0.8, "{faster:?}");
+}
+
+#[test]
 fn pairs_are_adjacent_runs_of_one_command() {
     let ok = RunExit::Exited(0);
     let runs = [
@@ -381,7 +434,7 @@ fn pairs_are_adjacent_runs_of_one_command() {
         run(6, Some(4), "b", 21, RunExit::Signaled(libc::SIGKILL)), // not timed
         run(7, Some(4), "b", 22, ok), // pairs with run 3
     ];
-    let pairs = pair_in_exec_order(runs.iter(), 4);
+    let pairs = pair_in_exec_order(runs.iter(), 4, PairBy::Command);
     let ns: Vec<(u64, u64)> = pairs.iter().map(|(v, o)| (v.cpu_ns, o.cpu_ns)).collect();
     assert_eq!(ns, vec![(11, 12), (22, 20)]);
 }
