@@ -17,11 +17,20 @@ use common::daemon::Daemon;
 use sha2::Digest;
 
 /// Burns `argv[1]` milliseconds of CPU time in `hot_loop`, so every run gives the sampler
-/// the same amount of work whatever else the machine runs.
+/// the same amount of work whatever else the machine runs; prints `TAG` ("done"). With
+/// `-DPAD_BEFORE` (or `-DPAD_AFTER`) 32 KiB of never-run padding, `cold_pad`, come before
+/// (after) `hot_loop` (with `-fno-toplevel-reorder`, functions stay in source order).
 const HOT_C: &str = r#"
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
+#ifndef TAG
+#define TAG "done"
+#endif
+#define PAD __attribute__((noinline, used)) void cold_pad(void) { __asm__ volatile(".fill 32768, 1, 0x90"); }
+#ifdef PAD_BEFORE
+PAD
+#endif
 __attribute__((noinline)) unsigned long hot_loop(unsigned long x, unsigned long n) {
     for (unsigned long i = 0; i < n; i++) {
         x = x * 6364136223846793005UL + 1442695040888963407UL;
@@ -29,6 +38,9 @@ __attribute__((noinline)) unsigned long hot_loop(unsigned long x, unsigned long 
     }
     return x;
 }
+#ifdef PAD_AFTER
+PAD
+#endif
 static double cpu_ms(void) {
     struct timespec t;
     clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
@@ -38,7 +50,7 @@ int main(int argc, char **argv) {
     double until = cpu_ms() + (argc > 1 ? atof(argv[1]) : 100);
     unsigned long x = SEED;
     while (cpu_ms() < until) x = hot_loop(x, 200000);
-    printf("done %lu\n", x & 1);
+    printf("%s %lu\n", TAG, x & 1);
     return 0;
 }
 "#;
@@ -271,38 +283,6 @@ fn profiles_grow_mature_and_feed_bolt_through_the_daemon() {
     d.stop();
 }
 
-/// Two builds of one program whose hot function sits at different addresses: by default
-/// 32 KiB of never-run padding (`cold_pad`) come first and `hot_loop` after; with
-/// `-DHOT_FIRST`, `hot_loop` comes first, where the default build has `cold_pad`. Prints
-/// `TAG` so a run says which build it was.
-const LAYOUT_C: &str = r#"
-#include <stdio.h>
-#include <stdlib.h>
-#include <time.h>
-#define HOT __attribute__((noinline)) unsigned long hot_loop(unsigned long x, unsigned long n) { \
-    for (unsigned long i = 0; i < n; i++) { x = x * 6364136223846793005UL + 1; x ^= x >> 17; } \
-    return x; }
-#ifdef HOT_FIRST
-HOT
-#endif
-__attribute__((noinline, used)) void cold_pad(void) { __asm__ volatile(".fill 32768, 1, 0x90"); }
-#ifndef HOT_FIRST
-HOT
-#endif
-static double cpu_ms(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
-    return t.tv_sec * 1e3 + t.tv_nsec / 1e6;
-}
-int main(int argc, char **argv) {
-    double until = cpu_ms() + (argc > 1 ? atof(argv[1]) : 100);
-    unsigned long x = 1;
-    while (cpu_ms() < until) x = hot_loop(x, 200000);
-    printf("%s %lu\n", TAG, x & 1);
-    return 0;
-}
-"#;
-
 /// Address of `name` in the ELF `file` (from `nm`).
 fn symbol_address(file: &Path, name: &str) -> u64 {
     let out = common::run(Command::new("nm").arg(file));
@@ -316,11 +296,13 @@ fn a_canarys_samples_stay_out_of_the_originals_profile() {
     let root = tmp.path().canonicalize().unwrap();
     let bin = root.join("bin");
     std::fs::create_dir(&bin).unwrap();
-    let flags = ["-fno-toplevel-reorder", "-no-pie"];
+    // Two builds whose hot function sits at different addresses: the original has the
+    // padding first, the variant its hot loop first, where the original has padding.
+    let flags = ["-fno-toplevel-reorder", "-no-pie", "-DSEED=1"];
     let prog = bin.join("layout");
-    common::cc(LAYOUT_C, &prog, &[&flags[..], &["-DTAG=\"original\""]].concat());
+    common::cc(HOT_C, &prog, &[&flags[..], &["-DTAG=\"original\"", "-DPAD_BEFORE"]].concat());
     let variant = root.join("layout.variant");
-    common::cc(LAYOUT_C, &variant, &[&flags[..], &["-DTAG=\"variant\"", "-DHOT_FIRST"]].concat());
+    common::cc(HOT_C, &variant, &[&flags[..], &["-DTAG=\"variant\"", "-DPAD_AFTER"]].concat());
     // The premise: the variant's hot code lies inside the original's padding, so a variant
     // process counted as the original would put samples into `cold_pad`.
     let (pad, hot_v) = (symbol_address(&prog, "cold_pad"), symbol_address(&variant, "hot_loop"));
