@@ -5,7 +5,8 @@
 //! original on those same runs (measured by the proc connector and task-clock) and decided:
 //! serving optimized, or serving the original with the measured reason. Every stage shows
 //! in status.json on the way, every run prints what the original prints, and the catalog
-//! holds the job, the variant, the measured runs of both arms and the decision.
+//! holds the job, the variant, the measured runs of both arms and the decision. Excluding it
+//! then stops both serving and profiling.
 //!
 //! Settings are small so that the loop closes in about a minute: maturity at 1,500 samples
 //! (999 Hz), looks at 8, 16 and 32 pairs.
@@ -165,4 +166,20 @@ fn a_program_run_through_the_mount_is_profiled_optimized_canaried_and_decided() 
     for _ in 0..3 {
         assert_eq!(run(&served), expected);
     }
+
+    // Excluded: served as a link to the original, and no longer profiled (its runs, native
+    // now, add no sample).
+    let samples =
+        |d: &Daemon| d.binary(&prog).unwrap()["details"]["profiler"]["own_samples"].as_u64();
+    d.control("exclude prog").unwrap();
+    std::thread::sleep(Duration::from_secs(2)); // samples already taken reach the catalog
+    let before = samples(&d);
+    assert!(before.is_some_and(|n| n >= 1500), "{before:?}");
+    for _ in 0..5 {
+        assert_eq!(run(&served), expected);
+    }
+    std::thread::sleep(Duration::from_secs(3)); // flush_secs = 1
+    let b = d.binary(&prog).unwrap();
+    assert_eq!(b["served"], "original (link)", "{b:#}");
+    assert_eq!(samples(&d), before, "an excluded binary was profiled");
 }
