@@ -23,11 +23,10 @@
 //!
 //! `OPTBIN_BENCH_QUICK=1`: Lua only, smaller maturity threshold and policy looks, 7 pairs,
 //! 3 equal-speed trials (a few minutes). Full mode: Lua and SQLite, 100k samples to
-//! mature, 21 pairs, 8 trials.
+//! mature, the policy's default settings, 21 pairs, 8 trials (about half an hour).
 //!
 //! `OPTBIN_BENCH_AA_TRIALS=N`: only the equal-speed canaries, N of them, with the policy's
-//! default settings (what a user gets; each trial takes up to `2 * 20 * 2^4 * 3` execs, so
-//! this is a long run kept out of the test suite).
+//! default settings (an equal-speed canary mostly runs to the last look, 320 pairs).
 
 #[path = "common/mod.rs"]
 mod common;
@@ -95,12 +94,14 @@ impl Plan {
         }
     }
 
+    /// Full mode: the policy's default settings (what a user gets).
     fn full() -> Self {
+        let policy = PolicyConfig::default();
         Plan {
             frequency_hz: 4000,
             min_samples: 100_000,
-            policy_min_runs: 10,
-            policy_looks: 4,
+            policy_min_runs: policy.min_runs_per_arm,
+            policy_looks: policy.looks,
             budget: Duration::from_secs(600),
             pairs: 21,
             equal_speed_trials: 8,
