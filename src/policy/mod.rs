@@ -696,9 +696,15 @@ enum Verdict {
     Reject(Comparison, String),
 }
 
-/// Faster beyond the noise, by at least `promote_min_gain`.
+/// The fewest pairs a promotion is made on, whatever `min_runs_per_arm` says. Two
+/// byte-identical files can differ by 1-2% for as long as their pages stay cached (see
+/// docs/policy.md); over a few pairs such an offset plus noise easily shows as a 2% gain
+/// (real equal-speed canaries were promoted at 10 pairs, none of 40 with looks from 20).
+pub const MIN_PAIRS_TO_PROMOTE: usize = 20;
+
+/// Faster beyond the noise, by at least `promote_min_gain`, on enough pairs.
 fn promotes(k: &Comparison, cfg: &PolicyConfig) -> bool {
-    k.high < 1.0 && k.ratio <= 1.0 - cfg.promote_min_gain
+    k.high < 1.0 && k.ratio <= 1.0 - cfg.promote_min_gain && k.variant_runs >= MIN_PAIRS_TO_PROMOTE
 }
 
 /// The final look of a canary whose commands rarely repeat: once the variant has had

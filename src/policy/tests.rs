@@ -423,6 +423,20 @@ fn unique_commands_keep_the_false_promotion_bound_and_find_a_clear_gain() {
 }
 
 #[test]
+fn a_promotion_needs_twenty_pairs_whatever_the_looks() {
+    let cfg = PolicyConfig { min_runs_per_arm: 5, looks: 3, ..Default::default() };
+    let canary = || vec![variant(4, VariantState::Canary)];
+    // 20% faster: clear at 10 pairs, but too few pairs to promote on; clearly slower is
+    // rejected at once.
+    let e = evaluate(&input(canary(), arms(10, 0.8, 4)), &cfg);
+    assert_eq!(e.states[&4], VariantState::Canary, "{}", e.stage);
+    let e = evaluate(&input(canary(), arms(10, 1.25, 4)), &cfg);
+    assert_eq!(e.states[&4], VariantState::Rejected, "{}", e.stage);
+    let e = evaluate(&input(canary(), arms(20, 0.8, 4)), &cfg);
+    assert_eq!(e.states[&4], VariantState::Served, "{}", e.stage);
+}
+
+#[test]
 fn pairs_are_adjacent_runs_of_one_command() {
     let ok = RunExit::Exited(0);
     let runs = [
