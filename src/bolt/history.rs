@@ -50,13 +50,7 @@ mod tests {
     };
 
     fn grow_profile(c: &Connection, id: i64, start: i64, own: u64) -> anyhow::Result<()> {
-        let batch = profiles::WindowBatch {
-            samples: vec![("hot".into(), 0, own)],
-            own_samples: own,
-            new_runs: 1,
-            ..Default::default()
-        };
-        profiles::add_window(c, id, start, "cpu-clock", &batch, start)
+        profiles::add_test_window(c, id, start, own, 0)
     }
 
     #[test]

@@ -272,6 +272,26 @@ pub fn windows(conn: &Connection, binary_id: i64) -> anyhow::Result<Vec<WindowTo
     Ok(rows)
 }
 
+/// Adds a window of `own` own-text samples (90% in `hot`, 10% in `warm`) and `outside`
+/// samples elsewhere, one new run: the profile tests elsewhere need only its size.
+#[cfg(test)]
+pub fn add_test_window(
+    conn: &Connection,
+    binary_id: i64,
+    start: i64,
+    own: u64,
+    outside: u64,
+) -> anyhow::Result<()> {
+    let batch = WindowBatch {
+        samples: vec![("hot".into(), 0x10, own * 9 / 10), ("warm".into(), 0, own - own * 9 / 10)],
+        own_samples: own,
+        outside_samples: outside,
+        new_runs: 1,
+        ..Default::default()
+    };
+    add_window(conn, binary_id, start, "cpu-clock", &batch, start)
+}
+
 /// The binary's own-text samples over all its windows (what the profile's size means for
 /// maturity and rebuilds).
 pub fn own_samples(conn: &Connection, binary_id: i64) -> anyhow::Result<u64> {

@@ -722,7 +722,6 @@ fn budget_look(
     cfg: &PolicyConfig,
 ) -> Option<Verdict> {
     let budget = canary_run_budget(cfg);
-    let mut variant_runs = 0;
     // The id of the variant's budget-th timed run: the look uses exactly the runs up to it,
     // so evaluating it again later gives the same answer.
     let end = input
@@ -730,10 +729,7 @@ fn budget_look(
         .iter()
         .filter(|r| r.id >= from_run && r.variant_id == Some(v.id))
         .filter(|r| matches!(r.exit, RunExit::Exited(_)))
-        .find(|_| {
-            variant_runs += 1;
-            variant_runs == budget
-        })?
+        .nth(budget - 1)?
         .id;
     let upto = || input.runs.iter().filter(|r| r.id >= from_run && r.id <= end);
     let pairs = pair_in_exec_order(upto(), v.id, PairBy::Nothing);

@@ -224,14 +224,7 @@ mod tests {
     }
 
     fn window(c: &Connection, id: i64, start: i64, own: u64) -> anyhow::Result<()> {
-        let batch = profiles::WindowBatch {
-            samples: vec![("hot".into(), 0x10, own * 9 / 10), ("warm".into(), 0, own / 10)],
-            own_samples: own,
-            outside_samples: own / 10,
-            new_runs: 1,
-            ..Default::default()
-        };
-        profiles::add_window(c, id, start, "cpu-clock", &batch, start)
+        profiles::add_test_window(c, id, start, own, own / 10)
     }
 
     #[test]
