@@ -34,6 +34,8 @@ pub struct FileConfig {
     pub optimizer: Option<toml::Table>,
     /// `[policy]`: measurement and promotion settings (parsed by the policy's wiring).
     pub policy: Option<toml::Table>,
+    /// `[train]`: training commands (parsed by `train::TrainSettings`).
+    pub train: Option<toml::Table>,
 }
 
 impl FileConfig {
@@ -79,6 +81,7 @@ pub struct Sections {
     pub profile: toml::Table,
     pub optimizer: toml::Table,
     pub policy: toml::Table,
+    pub train: toml::Table,
 }
 
 impl Sections {
@@ -165,6 +168,7 @@ impl Config {
                 profile: file.profile.unwrap_or_default(),
                 optimizer: file.optimizer.unwrap_or_default(),
                 policy: file.policy.unwrap_or_default(),
+                train: file.train.unwrap_or_default(),
             },
         })
     }

@@ -30,6 +30,7 @@ pub fn run_foreground(cfg: Config) -> anyhow::Result<()> {
     // start.
     crate::daemon::profiling::ProfileSettings::from_table(&cfg.sections.profile)?;
     crate::daemon::policing::PolicySettings::from_table(&cfg.sections.policy)?;
+    crate::train::TrainSettings::from_table(&cfg.sections.train)?;
     let cfg = Arc::new(cfg);
     let mut opts = MountOptions::new(&cfg.mountpoint);
     opts.server_pid_file = Some(cfg.state_dir.join("server.pid"));
@@ -83,12 +84,23 @@ pub fn start_server(
     // `optimize`/`reset` commands and the "optimizer" status section.
     let optimizing = Optimizing::new(&cfg, &catalog, clock.clone())?;
 
+    // Training commands (src/train): run through the mount when the machine is idle.
+    let trainer = crate::train::Trainer::new(
+        crate::train::TrainSettings::from_table(&cfg.sections.train)?,
+        cfg.mountpoint.clone(),
+        cfg.overlay.clone(),
+    );
     let reporter = Reporter {
         catalog: catalog.clone(),
         config: cfg.clone(),
         started_at,
         server_restarts: ctx.generation as u32,
-        subsystems: vec![profiling.status(), optimizing.status(), policing.status()],
+        subsystems: vec![
+            profiling.status(),
+            optimizing.status(),
+            policing.status(),
+            trainer.status(),
+        ],
         serving: serving.clone(),
         bin_files: Some(Arc::new(crate::daemon::report::BinFilesSet(vec![
             profiling.bin_files(),
@@ -103,6 +115,7 @@ pub fn start_server(
         mountpoint: cfg.mountpoint.clone(),
         refresh: Arc::new(move |p| r2.refresh(p)),
         hooks: Some(optimizing.hooks()),
+        train: Some(trainer.clone()),
     };
     let control = Arc::new(ControlDir::new(Box::new(reporter), Box::new(actions)));
     let (events_tx, events_rx) = mpsc::unbounded_channel::<FsEvent>();
@@ -139,6 +152,7 @@ pub fn start_server(
     let optimizer_queue = optimizing.spawn(rt.handle(), shutdown.clone(), instrument);
     // The policy task, told where the optimizing pipeline is per binary.
     policing.spawn(rt.handle(), shutdown.clone(), optimizing.pipeline_view());
+    trainer.spawn(rt.handle(), shutdown.clone());
     tracing::info!(generation = ctx.generation, "server ready");
 
     Ok(Served {
