@@ -1,7 +1,7 @@
 //! Training commands: `/etc/optbin/train.d/*.toml` ([`file`]) run by the daemon through the
 //! mount ([`run`]) when the machine is idle, so a binary's profile matures and its canary
-//! gets runs before its first real use. `echo 'train NAME' > .optbin/control` runs NAME's
-//! commands now.
+//! gets runs before its first real use. `echo 'train NAME' > .optbin/control` runs one
+//! round of NAME's commands now.
 //!
 //! Runs go through the mount as ordinary execs: the profiler samples them and the policy
 //! measures them like any other run. A command runs only while its binary still needs runs
@@ -250,7 +250,8 @@ impl Trainer {
         });
     }
 
-    /// `train NAME`: runs NAME's commands now, once each, in the background.
+    /// `train NAME`: runs one round of NAME's commands now (each `runs` times), in the
+    /// background.
     pub fn train_now(self: &Arc<Self>, path: &Path) -> Result<String, ActionError> {
         let commands: Vec<TrainCommand> = self
             .reload()
@@ -277,7 +278,9 @@ impl Trainer {
             .name("optbin-train".into())
             .spawn(move || {
                 for c in commands {
-                    me.run_one(&c, &original);
+                    for _ in 0..c.runs {
+                        me.run_one(&c, &original);
+                    }
                 }
             })
             .map_err(|e| ActionError::io(format!("starting a training thread: {e}")))?;
