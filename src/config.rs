@@ -34,6 +34,9 @@ pub struct FileConfig {
     pub optimizer: Option<toml::Table>,
     /// `[policy]`: measurement and promotion settings (parsed by the policy's wiring).
     pub policy: Option<toml::Table>,
+    /// `[warm]`: keeping hot binaries in the page cache.
+    #[serde(default)]
+    pub warm: crate::warm::Settings,
 }
 
 impl FileConfig {
@@ -71,6 +74,8 @@ pub struct Config {
     pub allow: Vec<String>,
     /// Raw subsystem sections; each subsystem's wiring parses and validates its own.
     pub sections: Sections,
+    /// `[warm]`, validated.
+    pub warm: crate::warm::Settings,
 }
 
 /// The subsystem sections of the config file, as written.
@@ -153,6 +158,7 @@ impl Config {
                 bail!("allow/deny patterns must be absolute path patterns, got {pattern:?}");
             }
         }
+        file.warm.validate()?;
         Ok(Self {
             mountpoint,
             state_dir,
@@ -166,6 +172,7 @@ impl Config {
                 optimizer: file.optimizer.unwrap_or_default(),
                 policy: file.policy.unwrap_or_default(),
             },
+            warm: file.warm,
         })
     }
 

@@ -20,3 +20,4 @@ pub mod measure;
 pub mod policy;
 pub mod profile;
 pub mod store;
+pub mod warm;

@@ -82,13 +82,20 @@ pub fn start_server(
     // The optimizer (src/daemon/optimizing): BOLT, its job queue, the maturity driver, the
     // `optimize`/`reset` commands and the "optimizer" status section.
     let optimizing = Optimizing::new(&cfg, &catalog, clock.clone())?;
+    // Keeping hot binaries warm (src/warm): fed every exec, stopped with the server.
+    let warmer = crate::daemon::warming::start(&cfg)?;
 
     let reporter = Reporter {
         catalog: catalog.clone(),
         config: cfg.clone(),
         started_at,
         server_restarts: ctx.generation as u32,
-        subsystems: vec![profiling.status(), optimizing.status(), policing.status()],
+        subsystems: vec![
+            profiling.status(),
+            optimizing.status(),
+            policing.status(),
+            Arc::new(crate::daemon::warming::WarmSection(warmer.clone())),
+        ],
         serving: serving.clone(),
         bin_files: Some(profiling.bin_files()),
     };
@@ -115,7 +122,7 @@ pub fn start_server(
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (seen_tx, seen_rx) = mpsc::unbounded_channel::<SeenFile>();
     let (indexed_tx, indexed_rx) = mpsc::unbounded_channel::<Indexed>();
-    rt.spawn(route_events(events_rx, seen_tx, shutdown.clone()));
+    rt.spawn(route_events(events_rx, seen_tx, warmer.clone(), shutdown.clone()));
     rt.spawn(indexer::run_indexer(
         catalog.clone(),
         clock.clone(),
@@ -149,6 +156,7 @@ pub fn start_server(
                 });
             }
             rt.shutdown_timeout(Duration::from_secs(10));
+            warmer.stop();
             tracing::info!("server stopped");
         }),
     })
@@ -158,6 +166,7 @@ pub fn start_server(
 async fn route_events(
     mut events: mpsc::UnboundedReceiver<FsEvent>,
     seen: mpsc::UnboundedSender<SeenFile>,
+    warmer: Arc<crate::warm::Warmer>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -169,6 +178,7 @@ async fn route_events(
             FsEvent::Seen { original, key } => {
                 let _ = seen.send(SeenFile { path: original, key });
             }
+            FsEvent::Opened { backing, pid, exec: true, .. } => warmer.note_exec(backing, pid),
             FsEvent::Opened { .. } => {}
         }
     }

@@ -371,6 +371,7 @@ impl Overlay {
         self.events.event(FsEvent::Opened {
             mirror_path: node.mirror_path.clone(),
             original: node.original.clone(),
+            backing: node.backing_path().to_path_buf(),
             key: node.key,
             variant_id: node.variant.as_ref().map(|v| v.variant_id),
             pid,
