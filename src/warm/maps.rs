@@ -1,5 +1,7 @@
-//! The regular files a process maps (its binary and shared libraries), from
-//! `/proc/PID/maps`.
+//! The files a binary's processes map: its shared libraries as the system's dynamic loader
+//! resolves them (`ld.so --list`, which maps the libraries and exits without running any of
+//! the program's or the libraries' code), and the regular files a live process maps, from
+//! `/proc/PID/maps` (which also shows what it `dlopen`ed).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -44,6 +46,75 @@ pub fn of_process(pid: u32, exclude: &Path) -> BTreeSet<PathBuf> {
     }
 }
 
+/// The system's dynamic loader, the only one optbin asks: a binary's own `PT_INTERP` is
+/// the binary's choice and is never run.
+pub const SYSTEM_LOADER: &str = "/lib64/ld-linux-x86-64.so.2";
+
+/// The shared libraries `binary` needs, as the system loader resolves them with the
+/// daemon's environment (not a user's `LD_LIBRARY_PATH`). Empty for static binaries,
+/// binaries for another loader, or when the loader fails or takes over 5 s.
+pub fn needed_libraries(binary: &Path) -> BTreeSet<PathBuf> {
+    let Ok(data) = std::fs::read(binary) else { return BTreeSet::new() };
+    let Ok(file) = object::File::parse(&*data) else { return BTreeSet::new() };
+    if interpreter(&file).as_deref() != Some(SYSTEM_LOADER) {
+        return BTreeSet::new();
+    }
+    let Ok(mut child) = std::process::Command::new(SYSTEM_LOADER)
+        .arg("--list")
+        .arg(binary)
+        .env_clear()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    else {
+        return BTreeSet::new();
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return BTreeSet::new();
+            }
+        }
+    }
+    let mut out = String::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        use std::io::Read;
+        let _ = stdout.read_to_string(&mut out);
+    }
+    // One name per file: the loader names itself by its symlink, /proc/PID/maps by the
+    // real path.
+    parse_loader_list(&out).into_iter().map(|p| std::fs::canonicalize(&p).unwrap_or(p)).collect()
+}
+
+fn interpreter(file: &object::File<'_>) -> Option<String> {
+    use object::{Object, ObjectSection};
+    let interp = file.section_by_name(".interp")?.data().ok()?;
+    let end = interp.iter().position(|&b| b == 0).unwrap_or(interp.len());
+    Some(String::from_utf8_lossy(&interp[..end]).into_owned())
+}
+
+/// Paths in `ld.so --list` output (`libc.so.6 => /lib/.../libc.so.6 (0x...)`, or a bare
+/// absolute path for the loader itself; `linux-vdso.so.1 (0x...)` and `not found` are
+/// skipped).
+pub fn parse_loader_list(text: &str) -> BTreeSet<PathBuf> {
+    text.lines()
+        .filter_map(|line| {
+            let line = line.trim();
+            let target = line.split_once("=>").map_or(line, |(_, t)| t.trim());
+            let path = target.split(" (0x").next()?.trim();
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,6 +132,26 @@ mod tests {
         let files = mapped_files(maps, Path::new("/opt/optbin"));
         let files: Vec<_> = files.iter().map(|p| p.to_str().unwrap()).collect();
         assert_eq!(files, ["/tmp/a file with spaces", "/usr/lib/x86_64-linux-gnu/libc.so.6"]);
+    }
+
+    #[test]
+    fn loader_lists_are_parsed() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\tlibgone.so => not found\n\t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
+        let libs: Vec<_> = parse_loader_list(text).into_iter().collect();
+        assert_eq!(
+            libs,
+            [PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"), PathBuf::from(SYSTEM_LOADER)]
+        );
+    }
+
+    #[test]
+    fn the_loader_names_libc_for_a_dynamic_binary_and_nothing_for_a_script() {
+        let ls = needed_libraries(Path::new("/usr/bin/ls"));
+        assert!(ls.iter().any(|p| p.to_string_lossy().contains("libc.so")), "{ls:?}");
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("s");
+        std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
+        assert!(needed_libraries(&script).is_empty());
     }
 
     #[test]

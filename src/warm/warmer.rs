@@ -291,7 +291,14 @@ impl State {
         let t = self.now_secs();
         let mut files: BTreeSet<PathBuf> = BTreeSet::new();
         for p in due {
-            let libs = maps::of_process(p.pid, &self.env.mountpoint);
+            let mut libs = maps::of_process(p.pid, &self.env.mountpoint);
+            libs.remove(&p.file);
+            if !self.libraries.contains_key(&p.file) {
+                // Most runs are over before the capture: ask the loader once per file.
+                libs.extend(maps::needed_libraries(&p.file));
+            } else {
+                libs.extend(self.libraries[&p.file].iter().cloned());
+            }
             if !libs.is_empty() {
                 let known = self.libraries.entry(p.file.clone()).or_default();
                 for lib in libs.difference(known) {
