@@ -206,6 +206,9 @@ struct State {
     working_sets: HashMap<PathBuf, PageSet>,
     /// The files each binary's processes mapped (its libraries), from earlier captures.
     libraries: HashMap<PathBuf, BTreeSet<PathBuf>>,
+    /// Pages asked back at the previous check, per file: still missing now means still in
+    /// flight, and is not counted again.
+    requested: HashMap<PathBuf, PageSet>,
     pending: Vec<Pending>,
 }
 
@@ -230,6 +233,7 @@ impl State {
             started: Instant::now(),
             working_sets: HashMap::new(),
             libraries: HashMap::new(),
+            requested: HashMap::new(),
             pending: Vec::new(),
         }
     }
@@ -344,6 +348,7 @@ impl State {
         for gone in self.heat.forget_colder_than(t, self.settings.min_heat / 16.0) {
             self.working_sets.remove(&gone);
             self.libraries.remove(&gone);
+            self.requested.remove(&gone);
             let _ = self.cache.lock(&gone, &[]);
         }
         let pressure = pressure::read(&self.env.psi_path);
@@ -389,13 +394,21 @@ impl State {
             };
             let ws = &self.working_sets[&path];
             let missing = ws.missing_from(&resident);
-            let missing_pages: usize = missing.iter().map(|r| r.len()).sum();
+            let mut asked = PageSet::empty(ws.pages());
+            for page in missing.iter().flat_map(|r| r.clone()) {
+                asked.insert(page);
+            }
+            let new_pages = match self.requested.get(&path) {
+                Some(before) => asked.count() - asked.intersection_count(before),
+                None => asked.count(),
+            };
             if !missing.is_empty() {
                 match self.cache.fetch(&path, &missing) {
-                    Ok(()) => reread += missing_pages as u64,
+                    Ok(()) => reread += new_pages as u64,
                     Err(e) => self.note_error(format!("reading back {}: {e}", path.display())),
                 }
             }
+            self.requested.insert(path.clone(), asked);
             let mut locked_bytes = 0;
             if self.settings.lock_bytes() > 0 && ws_bytes <= lock_left {
                 let runs = ws.missing_from(&PageSet::empty(ws.pages()));
