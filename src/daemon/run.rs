@@ -97,7 +97,10 @@ pub fn start_server(
             Arc::new(crate::daemon::warming::WarmSection(warmer.clone())),
         ],
         serving: serving.clone(),
-        bin_files: Some(profiling.bin_files()),
+        bin_files: Some(Arc::new(crate::daemon::report::BinFilesSet(vec![
+            profiling.bin_files(),
+            Arc::new(crate::bench::VariantFiles),
+        ]))),
     };
     let r2 = refresher.clone();
     let actions = Actions {
