@@ -513,11 +513,11 @@ fn hand_variants(b: &Bench, dir: &Path, report: &mut Vec<String>) -> Vec<(String
         }
     }
     let perf = dir.join(format!("{}.perf", b.name));
-    let script = format!("for i in 1 2 3 4 5; do \"$0\" \"$@\" >/dev/null || exit 1; done");
+    let script = "for i in 1 2 3 4 5; do \"$0\" \"$@\" >/dev/null || exit 1; done";
     let st = Command::new("perf")
         .args(["record", "-q", "-e", "cpu-clock", "-F", "20000", "-o"])
         .arg(&perf)
-        .args(["--", "sh", "-c", &script])
+        .args(["--", "sh", "-c", script])
         .arg(&b.bin)
         .args(&b.train)
         .stdout(Stdio::null())
