@@ -867,10 +867,6 @@ fn bench_pipeline() {
     let mut benches = vec![lua_bench(&cache, &root)];
     if !quick() {
         benches.push(build_sqlite2(&cache, &root));
-        match ripgrep_bench(&cache) {
-            Some(rg) => benches.push(rg),
-            None => println!("ripgrep could not be built: the no-gain case is skipped"),
-        }
     }
     println!(
         "\nbench_pipeline ({} mode): default configuration, BOLT {}",
@@ -879,12 +875,22 @@ fn bench_pipeline() {
     );
     let mut report = Vec::new();
     let mut served = Vec::new();
-    for b in &benches {
-        if pipeline(b, &root, rounds, &mut report) {
+    let mut run = |b: &Bench, report: &mut Vec<String>| {
+        if pipeline(b, &root, rounds, report) {
             served.push(b.name);
         }
         report.push(String::new());
         println!("{}", report.join("\n"));
+    };
+    for b in &benches {
+        run(b, &mut report);
+    }
+    // ripgrep last: building it the first time takes long.
+    if !quick() {
+        match ripgrep_bench(&cache) {
+            Some(rg) => run(&rg, &mut report),
+            None => report.push("ripgrep could not be built: the no-gain case was skipped".into()),
+        }
     }
     println!(
         "\n==== bench_pipeline summary ====\n{}\nserved a variant: {served:?}\ntotal {:.0} min",
