@@ -64,6 +64,8 @@ enum Cmd {
         #[command(subcommand)]
         command: crate::fleet::cli::FleetCommand,
     },
+    /// Benchmark a binary's original against its variant (see `optbin bench --help`).
+    Bench(crate::bench::BenchArgs),
     /// Print what `<mount>/.optbin/status` shows.
     Status {
         /// The mountpoint [default: /opt/optbin].
@@ -109,6 +111,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Fleet { config, command } => crate::fleet::cli::run(config.as_deref(), command),
+        Cmd::Bench(args) => crate::bench::main(args),
         Cmd::Status { mountpoint, json } => {
             let mnt = mountpoint_or_default(mountpoint);
             let file = mnt.join(".optbin").join(if json { "status.json" } else { "status" });
