@@ -19,7 +19,7 @@
 //!   arm shares, how often an exec got the same arm as the one before, and the per-arm
 //!   median CPU time as the daemon measured it (runs table) and as wait4 saw it.
 //!
-//! Run: `OPTBIN_BENCH_QUICK=1 cargo test --release --test bench_pipeline -- --nocapture`.
+//! Run: `OPTBIN_BENCH_QUICK=1 cargo bench --bench bench_pipeline` (or `integration/bench.sh bench_pipeline` for the full mode).
 //!
 //! `OPTBIN_BENCH_QUICK=1`: Lua only, smaller maturity threshold and policy looks, 7 pairs,
 //! 3 equal-speed trials (a few minutes). Full mode: Lua and SQLite, 100k samples to
@@ -27,6 +27,9 @@
 //!
 //! `OPTBIN_BENCH_AA_TRIALS=N`: only the equal-speed canaries, N of them, with the policy's
 //! default settings (an equal-speed canary mostly runs to the last look, 320 pairs).
+
+#[path = "common/bench.rs"]
+mod bench;
 
 #[path = "common/mod.rs"]
 mod common;
@@ -615,7 +618,10 @@ fn equal_speed_trials(plan: &Plan, lua: &Program, root: &Path, report: &mut Vec<
     daemon.stop();
 }
 
-#[test]
+fn main() {
+    bench::run("bench_pipeline", bench_pipeline);
+}
+
 fn bench_pipeline() {
     let plan = Plan::new();
     let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-optimizer");
