@@ -116,7 +116,7 @@ fn bench_policing() {
     // A bound that noise never reaches (the A/A control shows it within a few percent) but
     // a measurement gone wrong does (e.g. an exec waiting for the daemon).
     let measured_ratio = median(measured_for_assert);
-    assert!(measured_ratio < 1.5, "a measured exec costs {measured_ratio:.3}x an unmeasured one");
+    assert!(measured_ratio < 2.0, "a measured exec costs {measured_ratio:.3}x an unmeasured one");
     for mut d in [off, on, split] {
         d.stop();
     }
