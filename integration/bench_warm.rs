@@ -8,6 +8,9 @@
 //! warming costs: pages read back per drop and bytes kept resident.
 //! `OPTBIN_BENCH_QUICK=1` runs 2 pairs, else 8.
 
+#[path = "common/bench.rs"]
+mod bench;
+
 mod common;
 
 use std::path::Path;
@@ -56,8 +59,11 @@ fn warm_field(d: &Daemon, key: &str) -> u64 {
 }
 
 fn main() {
-    let quick = std::env::var_os("OPTBIN_BENCH_QUICK").is_some_and(|v| v != "0");
-    let pairs = if quick { 2 } else { 8 };
+    bench::run("bench_warm", warm_on_vs_off);
+}
+
+fn warm_on_vs_off() {
+    let pairs = if bench::quick() { 2 } else { 8 };
     let dir = common::open_tempdir();
     let over = dir.path().join("bin");
     std::fs::create_dir_all(&over).unwrap();

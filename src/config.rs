@@ -37,6 +37,8 @@ pub struct FileConfig {
     /// `[warm]`: keeping hot binaries in the page cache.
     #[serde(default)]
     pub warm: crate::warm::Settings,
+    /// `[fleet]`: sharing profiles and verdicts through Redis; absent = this machine alone.
+    pub fleet: Option<crate::fleet::FleetSettings>,
 }
 
 impl FileConfig {
@@ -76,6 +78,7 @@ pub struct Config {
     pub sections: Sections,
     /// `[warm]`, validated.
     pub warm: crate::warm::Settings,
+    pub fleet: Option<crate::fleet::FleetSettings>,
 }
 
 /// The subsystem sections of the config file, as written.
@@ -173,6 +176,7 @@ impl Config {
                 policy: file.policy.unwrap_or_default(),
             },
             warm: file.warm,
+            fleet: file.fleet,
         })
     }
 
