@@ -34,6 +34,8 @@ pub struct FileConfig {
     pub optimizer: Option<toml::Table>,
     /// `[policy]`: measurement and promotion settings (parsed by the policy's wiring).
     pub policy: Option<toml::Table>,
+    /// `[supervisor]`: crash limit and safe mode.
+    pub supervisor: Option<crate::fuse::SupervisorSettings>,
 }
 
 impl FileConfig {
@@ -71,6 +73,7 @@ pub struct Config {
     pub allow: Vec<String>,
     /// Raw subsystem sections; each subsystem's wiring parses and validates its own.
     pub sections: Sections,
+    pub supervisor: crate::fuse::SupervisorSettings,
 }
 
 /// The subsystem sections of the config file, as written.
@@ -166,6 +169,7 @@ impl Config {
                 optimizer: file.optimizer.unwrap_or_default(),
                 policy: file.policy.unwrap_or_default(),
             },
+            supervisor: file.supervisor.unwrap_or_default(),
         })
     }
 

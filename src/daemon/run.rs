@@ -25,7 +25,9 @@ use crate::fuse::{MountOptions, ServeContext, Served};
 
 /// Mounts the overlay and serves until SIGTERM/SIGINT or an unmount from outside.
 pub fn run_foreground(cfg: Config) -> anyhow::Result<()> {
-    create_private_dir(&cfg.state_dir)?;
+    crate::cli::create_private_dir(&cfg.state_dir)?;
+    // A bad catalog is reported as what it is, before mounting.
+    crate::catalog::health::check(&cfg.catalog_path())?;
     // A bad [profile] or [policy] fails here, before mounting, rather than in every server
     // start.
     crate::daemon::profiling::ProfileSettings::from_table(&cfg.sections.profile)?;
@@ -33,6 +35,8 @@ pub fn run_foreground(cfg: Config) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let mut opts = MountOptions::new(&cfg.mountpoint);
     opts.server_pid_file = Some(cfg.state_dir.join("server.pid"));
+    opts.overlay_dirs = cfg.overlay.clone();
+    cfg.supervisor.apply(&mut opts);
     let started_at = SystemClock.unix_secs();
     tracing::info!(
         mountpoint = %cfg.mountpoint.display(),
@@ -41,15 +45,6 @@ pub fn run_foreground(cfg: Config) -> anyhow::Result<()> {
         "optbin starting"
     );
     crate::fuse::run_supervised(&opts, |ctx| start_server(cfg.clone(), ctx, started_at))
-}
-
-fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating the state directory {}", dir.display()))
 }
 
 /// Builds one server process's world. Runs after every (re)start of the server.
@@ -149,6 +144,11 @@ pub fn start_server(
                 });
             }
             rt.shutdown_timeout(Duration::from_secs(10));
+            match catalog.checkpoint() {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!("the catalog checkpoint at stop was incomplete"),
+                Err(e) => tracing::warn!(error = format!("{e:#}"), "checkpointing the catalog"),
+            }
             tracing::info!("server stopped");
         }),
     })
