@@ -610,3 +610,43 @@ fn commands_keep_working_while_the_whole_service_is_killed() {
     }
     assert!(!is_mounted(&f.mnt));
 }
+
+/// Unmounts a tmpfs on drop.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let c = std::ffi::CString::new(self.0.to_str().unwrap()).unwrap();
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// With the state directory full, runs that were measured but could not be stored are
+/// counted and shown, instead of "0 lost".
+#[test]
+fn runs_that_cannot_be_recorded_are_counted() {
+    let f = fixture();
+    std::fs::create_dir_all(&f.state).unwrap();
+    let out =
+        run(Command::new("mount").args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"]).arg(&f.state));
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let _tmpfs = Tmpfs(f.state.clone());
+    let d = start(&f);
+    assert_eq!(run(Command::new(d.bin().join("hello")).arg("x")).stdout, "hello x\n");
+    // Fill the state directory's filesystem.
+    {
+        use std::io::Write;
+        let mut fill = std::fs::File::create(f.state.join("fill")).unwrap();
+        let chunk = vec![0u8; 1 << 16];
+        while fill.write_all(&chunk).is_ok() {}
+    }
+    let text = d.wait_for(Duration::from_secs(30), "unrecorded runs in status", |d| {
+        let _ = run(Command::new(d.bin().join("hello")).arg("y"));
+        let text = d.status_text();
+        text.contains("not recorded").then_some(text)
+    });
+    let line = text.lines().find(|l| l.contains("not recorded")).unwrap();
+    println!("{}", line.trim());
+    assert!(!line.contains(" 0 measured but not recorded"), "{line}");
+    drop(d);
+}

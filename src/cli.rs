@@ -162,19 +162,48 @@ fn quiet_on_closed_pipe() {
 
 fn init_logging(filter: &str) {
     use std::io::IsTerminal;
+    use tracing_subscriber::prelude::*;
     let mut filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
     // fuser logs every request it has no handler for at warn ("[Not Implemented] ioctl",
     // getxattr, ...): requests any user can make as often as they like (every terminal
-    // probe of a served file is an ioctl), so they would grow the log without bound.
+    // probe of a served file is an ioctl).
     if !filter.contains("fuser") {
         filter.push_str(",fuser=error");
     }
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+    let lines = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // Colour codes only for a terminal, never into a log file.
         .with_ansi(std::io::stderr().is_terminal())
+        .with_filter(tracing_subscriber::filter::filter_fn(rate_limit()));
+    let _ = tracing_subscriber::registry()
+        .with(tracing_subscriber::EnvFilter::new(filter))
+        .with(lines)
         .try_init();
+}
+
+/// At most this many lines a minute from any one log statement at info level or above.
+const LINES_PER_MINUTE: u32 = 20;
+
+/// Many log lines follow from requests any user can make as often as they like (a refused
+/// write, a failed request, a rejected command): none of them may grow the log without
+/// bound. Debug and trace lines, asked for explicitly, are not limited.
+fn rate_limit() -> impl Fn(&tracing::Metadata<'_>) -> bool {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    let seen: Mutex<HashMap<tracing::callsite::Identifier, (Instant, u32)>> = Mutex::default();
+    move |meta| {
+        if !meta.is_event() || *meta.level() > tracing::Level::INFO {
+            return true;
+        }
+        let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let (since, count) = seen.entry(meta.callsite()).or_insert((now, 0));
+        if now.duration_since(*since) >= Duration::from_secs(60) {
+            (*since, *count) = (now, 0);
+        }
+        *count += 1;
+        *count <= LINES_PER_MINUTE
+    }
 }
 
 /// The state directory holds which binaries every user ran and when: root's only (0700),
@@ -327,4 +356,49 @@ fn daemon_pid(mnt: &Path) -> Option<u32> {
     let text = std::fs::read(mnt.join(".optbin/status.json")).ok()?;
     let v: serde_json::Value = serde_json::from_slice(&text).ok()?;
     v.get("daemon")?.get("pid")?.as_u64().map(|p| p as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A writer into a shared buffer, for reading back what was logged.
+    #[derive(Clone, Default)]
+    struct Buffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Buffer {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_repeated_warning_is_rate_limited_and_debug_lines_are_not() {
+        use tracing_subscriber::prelude::*;
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let layer = tracing_subscriber::fmt::layer()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_filter(tracing_subscriber::filter::filter_fn(rate_limit()));
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_subscriber::EnvFilter::new("debug"))
+            .with(layer);
+        tracing::subscriber::with_default(subscriber, || {
+            for i in 0..100 {
+                tracing::warn!(i, "request failed");
+            }
+            for i in 0..100 {
+                tracing::debug!(i, "asked for");
+            }
+        });
+        let text = String::from_utf8(buffer.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(text.matches("request failed").count(), LINES_PER_MINUTE as usize);
+        assert_eq!(text.matches("asked for").count(), 100);
+        assert!(!text.contains('\u{1b}'));
+    }
 }
