@@ -68,6 +68,8 @@ enum Cmd {
         #[arg(last = true, required = true)]
         command: Vec<std::ffi::OsString>,
     },
+    /// Benchmark a binary's original against its variant (see `optbin bench --help`).
+    Bench(crate::bench::BenchArgs),
     /// Print what `<mount>/.optbin/status` shows.
     Status {
         /// The mountpoint [default: /opt/optbin].
@@ -117,6 +119,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("case \":$PATH:\" in *:{bin}:*) ;; *) export PATH={bin}:\"$PATH\" ;; esac");
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Bench(args) => crate::bench::main(args),
         Cmd::Status { mountpoint, json } => {
             quiet_on_closed_pipe();
             let mnt = mountpoint_or_default(mountpoint);
