@@ -177,7 +177,7 @@ fn init_logging(filter: &str) {
         .with_writer(std::io::stderr)
         // Colour codes only for a terminal, never into a log file.
         .with_ansi(std::io::stderr().is_terminal())
-        .with_filter(tracing_subscriber::filter::filter_fn(rate_limit()));
+        .with_filter(RateLimit::default());
     let _ = tracing_subscriber::registry()
         .with(tracing_subscriber::EnvFilter::new(filter))
         .with(lines)
@@ -190,15 +190,22 @@ const LINES_PER_MINUTE: u32 = 20;
 /// Many log lines follow from requests any user can make as often as they like (a refused
 /// write, a failed request, a rejected command): none of them may grow the log without
 /// bound. Debug and trace lines, asked for explicitly, are not limited.
-fn rate_limit() -> impl Fn(&tracing::Metadata<'_>) -> bool {
-    use std::collections::HashMap;
-    use std::sync::Mutex;
-    let seen: Mutex<HashMap<tracing::callsite::Identifier, (Instant, u32)>> = Mutex::default();
-    move |meta| {
+#[derive(Default)]
+struct RateLimit {
+    seen:
+        std::sync::Mutex<std::collections::HashMap<tracing::callsite::Identifier, (Instant, u32)>>,
+}
+
+impl<S> tracing_subscriber::layer::Filter<S> for RateLimit {
+    fn enabled(
+        &self,
+        meta: &tracing::Metadata<'_>,
+        _: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
         if !meta.is_event() || *meta.level() > tracing::Level::INFO {
             return true;
         }
-        let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
         let (since, count) = seen.entry(meta.callsite()).or_insert((now, 0));
         if now.duration_since(*since) >= Duration::from_secs(60) {
@@ -206,6 +213,14 @@ fn rate_limit() -> impl Fn(&tracing::Metadata<'_>) -> bool {
         }
         *count += 1;
         *count <= LINES_PER_MINUTE
+    }
+
+    /// Asked every time (the answer changes with the count), never cached per callsite.
+    fn callsite_enabled(
+        &self,
+        _: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        tracing::subscriber::Interest::sometimes()
     }
 }
 
@@ -387,7 +402,7 @@ mod tests {
         let layer = tracing_subscriber::fmt::layer()
             .with_writer(move || writer.clone())
             .with_ansi(false)
-            .with_filter(tracing_subscriber::filter::filter_fn(rate_limit()));
+            .with_filter(RateLimit::default());
         let subscriber = tracing_subscriber::registry()
             .with(tracing_subscriber::EnvFilter::new("debug"))
             .with(layer);
