@@ -36,6 +36,8 @@ pub struct FileConfig {
     pub policy: Option<toml::Table>,
     /// `[supervisor]`: crash limit and safe mode.
     pub supervisor: Option<crate::fuse::SupervisorSettings>,
+    /// `[fleet]`: sharing profiles and verdicts through Redis; absent = this machine alone.
+    pub fleet: Option<crate::fleet::FleetSettings>,
 }
 
 impl FileConfig {
@@ -74,6 +76,7 @@ pub struct Config {
     /// Raw subsystem sections; each subsystem's wiring parses and validates its own.
     pub sections: Sections,
     pub supervisor: crate::fuse::SupervisorSettings,
+    pub fleet: Option<crate::fleet::FleetSettings>,
 }
 
 /// The subsystem sections of the config file, as written.
@@ -170,6 +173,7 @@ impl Config {
                 policy: file.policy.unwrap_or_default(),
             },
             supervisor: file.supervisor.unwrap_or_default(),
+            fleet: file.fleet,
         })
     }
 
