@@ -34,6 +34,8 @@ pub struct FileConfig {
     pub optimizer: Option<toml::Table>,
     /// `[policy]`: measurement and promotion settings (parsed by the policy's wiring).
     pub policy: Option<toml::Table>,
+    /// `[metrics]`: the Prometheus HTTP endpoint (`crate::observe`).
+    pub metrics: Option<crate::observe::MetricsSettings>,
 }
 
 impl FileConfig {
@@ -71,6 +73,7 @@ pub struct Config {
     pub allow: Vec<String>,
     /// Raw subsystem sections; each subsystem's wiring parses and validates its own.
     pub sections: Sections,
+    pub metrics: crate::observe::MetricsSettings,
 }
 
 /// The subsystem sections of the config file, as written.
@@ -165,6 +168,11 @@ impl Config {
                 profile: file.profile.unwrap_or_default(),
                 optimizer: file.optimizer.unwrap_or_default(),
                 policy: file.policy.unwrap_or_default(),
+            },
+            metrics: {
+                let m = file.metrics.unwrap_or_default();
+                m.validate()?;
+                m
             },
         })
     }

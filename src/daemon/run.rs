@@ -22,6 +22,7 @@ use crate::daemon::refresh::Refresher;
 use crate::daemon::report::Reporter;
 use crate::fs::{FsEvent, Overlay, OverlayConfig, ServingTable};
 use crate::fuse::{MountOptions, ServeContext, Served};
+use crate::observe::SharedStatus;
 
 /// Mounts the overlay and serves until SIGTERM/SIGINT or an unmount from outside.
 pub fn run_foreground(cfg: Config) -> anyhow::Result<()> {
@@ -83,12 +84,20 @@ pub fn start_server(
     // `optimize`/`reset` commands and the "optimizer" status section.
     let optimizing = Optimizing::new(&cfg, &catalog, clock.clone())?;
 
+    // Pictures, the host's USE summary, metrics and the HTML report (src/observe).
+    let observe =
+        crate::observe::Observe::new(&cfg.metrics, &cfg.mountpoint, &catalog, profiling.stacks());
     let reporter = Reporter {
         catalog: catalog.clone(),
         config: cfg.clone(),
         started_at,
         server_restarts: ctx.generation as u32,
-        subsystems: vec![profiling.status(), optimizing.status(), policing.status()],
+        subsystems: vec![
+            profiling.status(),
+            optimizing.status(),
+            policing.status(),
+            observe.status(),
+        ],
         serving: serving.clone(),
         bin_files: Some(profiling.bin_files()),
     };
@@ -101,7 +110,11 @@ pub fn start_server(
         refresh: Arc::new(move |p| r2.refresh(p)),
         hooks: Some(optimizing.hooks()),
     };
-    let control = Arc::new(ControlDir::new(Box::new(reporter), Box::new(actions)));
+    let reporter: Arc<dyn crate::control::StatusSource> = Arc::new(reporter);
+    let control = Arc::new(
+        ControlDir::new(Box::new(SharedStatus(reporter.clone())), Box::new(actions))
+            .with_files(observe.files()),
+    );
     let (events_tx, events_rx) = mpsc::unbounded_channel::<FsEvent>();
     let overlay = Overlay::new(
         OverlayConfig { mountpoint: cfg.mountpoint.clone(), overlay_dirs: cfg.overlay.clone() },
@@ -125,6 +138,7 @@ pub fn start_server(
     ));
     rt.spawn(refresh_indexed(indexed_rx, refresher.clone(), shutdown.clone()));
     profiling.spawn(rt.handle(), overlay.clone(), shutdown.clone());
+    observe.spawn(rt.handle(), reporter, shutdown.clone());
     // Instrumented variants (instrumentation mode) change what a path serves when built
     // and when done: the optimizer re-derives it through the refresher. None are built
     // while the profiler samples branch stacks.
