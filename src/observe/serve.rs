@@ -286,7 +286,7 @@ impl Renderer {
             &format!("{total} samples; {}", flame::unwinding_note(&all)),
             &machine,
         );
-        files.insert(FLAME.into(), to_rendered(FLAME, machine_svg.map(|v| v)));
+        files.insert(FLAME.into(), to_rendered(FLAME, machine_svg));
 
         // Per binary.
         let mut per_binary: HashMap<&Path, BinaryStacks> = HashMap::new();
