@@ -99,7 +99,10 @@ pub fn start_server(
             observe.status(),
         ],
         serving: serving.clone(),
-        bin_files: Some(profiling.bin_files()),
+        bin_files: Some(Arc::new(crate::daemon::report::BinFilesSet(vec![
+            profiling.bin_files(),
+            Arc::new(crate::bench::VariantFiles),
+        ]))),
     };
     let r2 = refresher.clone();
     let actions = Actions {
