@@ -460,7 +460,7 @@ pub fn top_resident(limit: usize) -> TopResident {
             Some((name, pid, rss))
         })
         .collect();
-    all.sort_by(|a, b| b.2.cmp(&a.2));
+    all.sort_by_key(|p| std::cmp::Reverse(p.2));
     all.truncate(limit);
     all
 }

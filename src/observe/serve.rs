@@ -307,7 +307,7 @@ impl Renderer {
             }
         }
         let mut ranked: Vec<(&Path, BinaryStacks)> = per_binary.into_iter().collect();
-        ranked.sort_by(|a, b| b.1.samples.cmp(&a.1.samples));
+        ranked.sort_by_key(|b| std::cmp::Reverse(b.1.samples));
         ranked.truncate(BINARIES_LIMIT);
         let mut sections = Vec::new();
         for (path, b) in &ranked {
