@@ -29,6 +29,8 @@ const ITERATIONS: &str = "10000000";
 fn config(scratch: &Path) -> String {
     format!(
         r#"[profile]
+# This test follows the sampled path (instrumentation is tested in instrument_e2e).
+instrumentation = "off"
 frequency_hz = 999
 flush_secs = 1
 window_secs = 2
