@@ -18,11 +18,15 @@
 //! - for a program BOLT does not speed up (ripgrep built with `--emit-relocs`): what was
 //!   served and that it is not slower.
 //!
-//! Run: `cargo test --release --test bench_pipeline -- --nocapture` (about an hour).
+//! Run: `integration/bench.sh bench_pipeline` (full mode, about an hour; or
+//! `cargo bench --bench bench_pipeline`).
 //! `OPTBIN_BENCH_QUICK=1`: Lua only, 15 rounds. `OPTBIN_BENCH_ROUNDS=N` sets the rounds.
 //!
 //! `OPTBIN_BENCH_AA_TRIALS=N`: only equal-speed canaries (a byte-identical copy placed as a
 //! variant), N of them, with the policy's default settings, next to the policy's simulation.
+
+#[path = "common/bench.rs"]
+mod bench;
 
 #[path = "common/mod.rs"]
 mod common;
@@ -839,7 +843,10 @@ fn equal_speed_trials(plan: &AaPlan, lua: &Program, root: &Path, report: &mut Ve
     daemon.stop();
 }
 
-#[test]
+fn main() {
+    bench::run("bench_pipeline", bench_pipeline);
+}
+
 fn bench_pipeline() {
     let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-optimizer");
     std::fs::create_dir_all(&cache).unwrap();

@@ -159,11 +159,19 @@ fn instrumentation_mode_collects_a_profile_through_the_mount_and_bolt_uses_it() 
     // The cut-off is applied asynchronously (an exec-open past the budget queues a re-check of
     // the path), so under load an exec or two racing with it may still get the variant.
     assert!(served_instrumented <= 2 * MAX_RUNS + 2, "bounded: {served_instrumented} runs");
-    // Retired: no more execs get it (measured runs are recorded within ~100 ms).
+    // Retired: no more execs get it. Proof that the daemon had its chance: these four
+    // runs are recorded (with whatever they were served), and none with the variant.
+    let last_run: i64 =
+        c.query_row("SELECT COALESCE(MAX(id), 0) FROM runs", [], |r| r.get(0)).unwrap();
     for _ in 0..4 {
         run();
     }
-    std::thread::sleep(Duration::from_millis(500));
+    d.wait_for(Duration::from_secs(20), "the last four runs to be recorded", |_| {
+        let recorded: i64 = c
+            .query_row("SELECT COUNT(*) FROM runs WHERE id > ?1", [last_run], |r| r.get(0))
+            .unwrap();
+        (recorded >= 4).then_some(())
+    });
     let after: i64 = c
         .query_row("SELECT COUNT(*) FROM runs WHERE variant_id = ?1", [instr_id], |r| r.get(0))
         .unwrap();
