@@ -36,6 +36,8 @@ pub struct FileConfig {
     pub policy: Option<toml::Table>,
     /// `[metrics]`: the Prometheus HTTP endpoint (`crate::observe`).
     pub metrics: Option<crate::observe::MetricsSettings>,
+    /// `[fleet]`: sharing profiles and verdicts through Redis; absent = this machine alone.
+    pub fleet: Option<crate::fleet::FleetSettings>,
 }
 
 impl FileConfig {
@@ -74,6 +76,7 @@ pub struct Config {
     /// Raw subsystem sections; each subsystem's wiring parses and validates its own.
     pub sections: Sections,
     pub metrics: crate::observe::MetricsSettings,
+    pub fleet: Option<crate::fleet::FleetSettings>,
 }
 
 /// The subsystem sections of the config file, as written.
@@ -174,6 +177,7 @@ impl Config {
                 m.validate()?;
                 m
             },
+            fleet: file.fleet,
         })
     }
 
