@@ -56,6 +56,14 @@ enum Cmd {
         /// The mountpoint [default: /opt/optbin].
         mountpoint: Option<PathBuf>,
     },
+    /// What the fleet (the Redis of `[fleet]`) knows: status, list, profile NAME.
+    Fleet {
+        /// Config file [default: /etc/optbin/config.toml].
+        #[arg(long, value_name = "FILE", global = true)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: crate::fleet::cli::FleetCommand,
+    },
     /// Benchmark a binary's original against its variant (see `optbin bench --help`).
     Bench(crate::bench::BenchArgs),
     /// Print what `<mount>/.optbin/status` shows.
@@ -102,6 +110,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("case \":$PATH:\" in *:{bin}:*) ;; *) export PATH={bin}:\"$PATH\" ;; esac");
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Fleet { config, command } => crate::fleet::cli::run(config.as_deref(), command),
         Cmd::Bench(args) => crate::bench::main(args),
         Cmd::Status { mountpoint, json } => {
             let mnt = mountpoint_or_default(mountpoint);

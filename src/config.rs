@@ -34,6 +34,8 @@ pub struct FileConfig {
     pub optimizer: Option<toml::Table>,
     /// `[policy]`: measurement and promotion settings (parsed by the policy's wiring).
     pub policy: Option<toml::Table>,
+    /// `[fleet]`: sharing profiles and verdicts through Redis; absent = this machine alone.
+    pub fleet: Option<crate::fleet::FleetSettings>,
 }
 
 impl FileConfig {
@@ -71,6 +73,7 @@ pub struct Config {
     pub allow: Vec<String>,
     /// Raw subsystem sections; each subsystem's wiring parses and validates its own.
     pub sections: Sections,
+    pub fleet: Option<crate::fleet::FleetSettings>,
 }
 
 /// The subsystem sections of the config file, as written.
@@ -166,6 +169,7 @@ impl Config {
                 optimizer: file.optimizer.unwrap_or_default(),
                 policy: file.policy.unwrap_or_default(),
             },
+            fleet: file.fleet,
         })
     }
 

@@ -14,6 +14,7 @@ pub mod control;
 pub mod daemon;
 pub mod elf;
 pub mod error;
+pub mod fleet;
 pub mod fs;
 pub mod fuse;
 pub mod identity;

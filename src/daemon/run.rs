@@ -20,6 +20,7 @@ use crate::daemon::policing::Policing;
 use crate::daemon::profiling::Profiling;
 use crate::daemon::refresh::Refresher;
 use crate::daemon::report::Reporter;
+use crate::fleet::daemon::Fleet;
 use crate::fs::{FsEvent, Overlay, OverlayConfig, ServingTable};
 use crate::fuse::{MountOptions, ServeContext, Served};
 
@@ -30,6 +31,8 @@ pub fn run_foreground(cfg: Config) -> anyhow::Result<()> {
     // start.
     crate::daemon::profiling::ProfileSettings::from_table(&cfg.sections.profile)?;
     crate::daemon::policing::PolicySettings::from_table(&cfg.sections.policy)?;
+    // A bad [fleet] or an unsafe credentials file refuses the start with the reason.
+    crate::fleet::daemon::Fleet::new(cfg.fleet.as_ref())?;
     let cfg = Arc::new(cfg);
     let mut opts = MountOptions::new(&cfg.mountpoint);
     opts.server_pid_file = Some(cfg.state_dir.join("server.pid"));
@@ -82,13 +85,20 @@ pub fn start_server(
     // The optimizer (src/daemon/optimizing): BOLT, its job queue, the maturity driver, the
     // `optimize`/`reset` commands and the "optimizer" status section.
     let optimizing = Optimizing::new(&cfg, &catalog, clock.clone())?;
+    // Fleet sharing (src/fleet), when `[fleet]` is set: profiles and verdicts via Redis.
+    let fleet = Fleet::new(cfg.fleet.as_ref())?;
+    if let Some(f) = &fleet {
+        optimizing.use_fleet(f.view.clone());
+    }
+    let mut subsystems = vec![profiling.status(), optimizing.status(), policing.status()];
+    subsystems.extend(fleet.as_ref().map(|f| f.status()));
 
     let reporter = Reporter {
         catalog: catalog.clone(),
         config: cfg.clone(),
         started_at,
         server_restarts: ctx.generation as u32,
-        subsystems: vec![profiling.status(), optimizing.status(), policing.status()],
+        subsystems,
         serving: serving.clone(),
         bin_files: Some(Arc::new(crate::daemon::report::BinFilesSet(vec![
             profiling.bin_files(),
@@ -138,7 +148,22 @@ pub fn start_server(
     };
     let optimizer_queue = optimizing.spawn(rt.handle(), shutdown.clone(), instrument);
     // The policy task, told where the optimizing pipeline is per binary.
-    policing.spawn(rt.handle(), shutdown.clone(), optimizing.pipeline_view());
+    let pipeline = optimizing.pipeline_view();
+    let pipeline = match &fleet {
+        Some(f) => f.pipeline(pipeline),
+        None => pipeline,
+    };
+    policing.spawn(rt.handle(), shutdown.clone(), pipeline);
+    if let Some(f) = &fleet {
+        let r4 = refresher.clone();
+        f.spawn(
+            rt.handle(),
+            catalog.clone(),
+            clock.clone(),
+            Arc::new(move |p| r4.refresh(p)),
+            shutdown.clone(),
+        );
+    }
     tracing::info!(generation = ctx.generation, "server ready");
 
     Ok(Served {
