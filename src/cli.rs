@@ -86,6 +86,23 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The host's USE summary (utilization, saturation, errors of CPU, memory, disks,
+    /// network, task and file tables), measured now over one second, or over a past period
+    /// from the daemon's history (`--since 1h`), with a hint where a threshold was crossed.
+    Use {
+        /// Summarize the history of this last period instead (e.g. `30m`, `1h`, `2d`).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        since: Option<Duration>,
+        /// Where the daemon keeps its catalog [default: the config file's, or /var/lib/optbin].
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Config file [default: /etc/optbin/config.toml, when it exists].
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Print JSON instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -147,6 +164,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     format!("reading {} (is optbin mounted at {}?)", file.display(), mnt.display())
                 }),
             }
+        }
+        Cmd::Use { since, state_dir, config, json } => {
+            let state_dir = match state_dir {
+                Some(d) => d,
+                None => FileConfig::load(config.as_deref())?
+                    .state_dir
+                    .unwrap_or_else(|| PathBuf::from(config::DEFAULT_STATE_DIR)),
+            };
+            print!("{}", crate::observe::use_command(since, &state_dir, json)?);
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

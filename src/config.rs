@@ -36,6 +36,8 @@ pub struct FileConfig {
     pub policy: Option<toml::Table>,
     /// `[supervisor]`: crash limit and safe mode.
     pub supervisor: Option<crate::fuse::SupervisorSettings>,
+    /// `[metrics]`: the Prometheus HTTP endpoint (`crate::observe`).
+    pub metrics: Option<crate::observe::MetricsSettings>,
     /// `[fleet]`: sharing profiles and verdicts through Redis; absent = this machine alone.
     pub fleet: Option<crate::fleet::FleetSettings>,
 }
@@ -76,6 +78,7 @@ pub struct Config {
     /// Raw subsystem sections; each subsystem's wiring parses and validates its own.
     pub sections: Sections,
     pub supervisor: crate::fuse::SupervisorSettings,
+    pub metrics: crate::observe::MetricsSettings,
     pub fleet: Option<crate::fleet::FleetSettings>,
 }
 
@@ -173,6 +176,11 @@ impl Config {
                 policy: file.policy.unwrap_or_default(),
             },
             supervisor: file.supervisor.unwrap_or_default(),
+            metrics: {
+                let m = file.metrics.unwrap_or_default();
+                m.validate()?;
+                m
+            },
             fleet: file.fleet,
         })
     }

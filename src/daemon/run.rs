@@ -23,6 +23,7 @@ use crate::daemon::report::Reporter;
 use crate::fleet::daemon::Fleet;
 use crate::fs::{FsEvent, Overlay, OverlayConfig, ServingTable};
 use crate::fuse::{MountOptions, ServeContext, Served};
+use crate::observe::SharedStatus;
 
 /// Mounts the overlay and serves until SIGTERM/SIGINT or an unmount from outside.
 pub fn run_foreground(cfg: Config) -> anyhow::Result<()> {
@@ -88,6 +89,10 @@ pub fn start_server(
     let mut subsystems = vec![profiling.status(), optimizing.status(), policing.status()];
     subsystems.extend(fleet.as_ref().map(|f| f.status()));
 
+    // Pictures, the host's USE summary, metrics and the HTML report (src/observe).
+    let observe =
+        crate::observe::Observe::new(&cfg.metrics, &cfg.mountpoint, &catalog, profiling.stacks());
+    subsystems.push(observe.status());
     let reporter = Reporter {
         catalog: catalog.clone(),
         config: cfg.clone(),
@@ -109,7 +114,11 @@ pub fn start_server(
         refresh: Arc::new(move |p| r2.refresh(p)),
         hooks: Some(optimizing.hooks()),
     };
-    let control = Arc::new(ControlDir::new(Box::new(reporter), Box::new(actions)));
+    let reporter: Arc<dyn crate::control::StatusSource> = Arc::new(reporter);
+    let control = Arc::new(
+        ControlDir::new(Box::new(SharedStatus(reporter.clone())), Box::new(actions))
+            .with_files(observe.files()),
+    );
     let (events_tx, events_rx) = mpsc::unbounded_channel::<FsEvent>();
     let overlay = Overlay::new(
         OverlayConfig { mountpoint: cfg.mountpoint.clone(), overlay_dirs: cfg.overlay.clone() },
@@ -133,6 +142,7 @@ pub fn start_server(
     ));
     rt.spawn(refresh_indexed(indexed_rx, refresher.clone(), shutdown.clone()));
     profiling.spawn(rt.handle(), overlay.clone(), shutdown.clone());
+    observe.spawn(rt.handle(), reporter, shutdown.clone());
     // Instrumented variants (instrumentation mode) change what a path serves when built
     // and when done: the optimizer re-derives it through the refresher. None are built
     // while the profiler samples branch stacks.
