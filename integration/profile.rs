@@ -99,6 +99,7 @@ impl Running {
             resolver: Arc::new(UnderDirResolver { dir: dir.to_path_buf() }),
             clock,
             status: status.clone(),
+            stacks: optbin::profile::stacks::StackStore::default(),
         };
         let (shutdown, rx) = watch::channel(false);
         let task = tokio::spawn(profiler.run(rx));

@@ -37,6 +37,10 @@ pub struct FileConfig {
     /// `[warm]`: keeping hot binaries in the page cache.
     #[serde(default)]
     pub warm: crate::warm::Settings,
+    /// `[supervisor]`: crash limit and safe mode.
+    pub supervisor: Option<crate::fuse::SupervisorSettings>,
+    /// `[metrics]`: the Prometheus HTTP endpoint (`crate::observe`).
+    pub metrics: Option<crate::observe::MetricsSettings>,
     /// `[fleet]`: sharing profiles and verdicts through Redis; absent = this machine alone.
     pub fleet: Option<crate::fleet::FleetSettings>,
 }
@@ -78,6 +82,8 @@ pub struct Config {
     pub sections: Sections,
     /// `[warm]`, validated.
     pub warm: crate::warm::Settings,
+    pub supervisor: crate::fuse::SupervisorSettings,
+    pub metrics: crate::observe::MetricsSettings,
     pub fleet: Option<crate::fleet::FleetSettings>,
 }
 
@@ -176,6 +182,12 @@ impl Config {
                 policy: file.policy.unwrap_or_default(),
             },
             warm: file.warm,
+            supervisor: file.supervisor.unwrap_or_default(),
+            metrics: {
+                let m = file.metrics.unwrap_or_default();
+                m.validate()?;
+                m
+            },
             fleet: file.fleet,
         })
     }

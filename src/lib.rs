@@ -19,6 +19,7 @@ pub mod fs;
 pub mod fuse;
 pub mod identity;
 pub mod measure;
+pub mod observe;
 pub mod policy;
 pub mod profile;
 pub mod store;

@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::daemon::report::{BinFiles, SubsystemStatus};
 use crate::fs::Overlay;
 use crate::profile::maturity::MaturityThresholds;
+use crate::profile::stacks::StackStore;
 use crate::profile::{ProfilerStatusHandle, run_profiler};
 
 pub use resolver::OverlayResolver;
@@ -42,6 +43,7 @@ pub struct Profiling {
     config: Arc<Config>,
     catalog: Catalog,
     status: ProfilerStatusHandle,
+    stacks: StackStore,
 }
 
 impl Profiling {
@@ -53,7 +55,18 @@ impl Profiling {
             config: Arc::new(cfg.clone()),
             catalog: catalog.clone(),
             status: ProfilerStatusHandle::default(),
+            stacks: StackStore::default(),
         })
+    }
+
+    /// The recent call stacks the profiler samples (for `crate::observe`).
+    pub fn stacks(&self) -> StackStore {
+        self.stacks.clone()
+    }
+
+    /// The profiler's live status (for `crate::observe`'s metrics).
+    pub fn status_handle(&self) -> ProfilerStatusHandle {
+        self.status.clone()
     }
 
     pub fn settings(&self) -> &ProfileSettings {
@@ -107,6 +120,7 @@ impl Profiling {
             self.catalog.clone(),
             resolver,
             self.status.clone(),
+            self.stacks.clone(),
             shutdown,
         ));
     }
@@ -119,6 +133,7 @@ async fn keep_profiling(
     catalog: Catalog,
     resolver: Arc<OverlayResolver>,
     status: ProfilerStatusHandle,
+    stacks: StackStore,
     shutdown: watch::Receiver<bool>,
 ) {
     let stop = shutdown.clone();
@@ -128,6 +143,7 @@ async fn keep_profiling(
             catalog.clone(),
             resolver.clone(),
             status.clone(),
+            stacks.clone(),
             stop.clone(),
         )
     })

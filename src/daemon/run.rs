@@ -23,10 +23,13 @@ use crate::daemon::report::Reporter;
 use crate::fleet::daemon::Fleet;
 use crate::fs::{FsEvent, Overlay, OverlayConfig, ServingTable};
 use crate::fuse::{MountOptions, ServeContext, Served};
+use crate::observe::SharedStatus;
 
 /// Mounts the overlay and serves until SIGTERM/SIGINT or an unmount from outside.
 pub fn run_foreground(cfg: Config) -> anyhow::Result<()> {
-    create_private_dir(&cfg.state_dir)?;
+    crate::cli::create_private_dir(&cfg.state_dir)?;
+    // A bad catalog is reported as what it is, before mounting.
+    crate::catalog::health::check(&cfg.catalog_path())?;
     // A bad [profile] or [policy] fails here, before mounting, rather than in every server
     // start.
     crate::daemon::profiling::ProfileSettings::from_table(&cfg.sections.profile)?;
@@ -36,6 +39,8 @@ pub fn run_foreground(cfg: Config) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
     let mut opts = MountOptions::new(&cfg.mountpoint);
     opts.server_pid_file = Some(cfg.state_dir.join("server.pid"));
+    opts.overlay_dirs = cfg.overlay.clone();
+    cfg.supervisor.apply(&mut opts);
     let started_at = SystemClock.unix_secs();
     tracing::info!(
         mountpoint = %cfg.mountpoint.display(),
@@ -44,15 +49,6 @@ pub fn run_foreground(cfg: Config) -> anyhow::Result<()> {
         "optbin starting"
     );
     crate::fuse::run_supervised(&opts, |ctx| start_server(cfg.clone(), ctx, started_at))
-}
-
-fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating the state directory {}", dir.display()))
 }
 
 /// Builds one server process's world. Runs after every (re)start of the server.
@@ -96,6 +92,10 @@ pub fn start_server(
     subsystems.push(Arc::new(crate::daemon::warming::WarmSection(warmer.clone())));
     subsystems.extend(fleet.as_ref().map(|f| f.status()));
 
+    // Pictures, the host's USE summary, metrics and the HTML report (src/observe).
+    let observe =
+        crate::observe::Observe::new(&cfg.metrics, &cfg.mountpoint, &catalog, profiling.stacks());
+    subsystems.push(observe.status());
     let reporter = Reporter {
         catalog: catalog.clone(),
         config: cfg.clone(),
@@ -117,7 +117,11 @@ pub fn start_server(
         refresh: Arc::new(move |p| r2.refresh(p)),
         hooks: Some(optimizing.hooks()),
     };
-    let control = Arc::new(ControlDir::new(Box::new(reporter), Box::new(actions)));
+    let reporter: Arc<dyn crate::control::StatusSource> = Arc::new(reporter);
+    let control = Arc::new(
+        ControlDir::new(Box::new(SharedStatus(reporter.clone())), Box::new(actions))
+            .with_files(observe.files()),
+    );
     let (events_tx, events_rx) = mpsc::unbounded_channel::<FsEvent>();
     let overlay = Overlay::new(
         OverlayConfig { mountpoint: cfg.mountpoint.clone(), overlay_dirs: cfg.overlay.clone() },
@@ -141,6 +145,7 @@ pub fn start_server(
     ));
     rt.spawn(refresh_indexed(indexed_rx, refresher.clone(), shutdown.clone()));
     profiling.spawn(rt.handle(), overlay.clone(), shutdown.clone());
+    observe.spawn(rt.handle(), reporter, shutdown.clone());
     // Instrumented variants (instrumentation mode) change what a path serves when built
     // and when done: the optimizer re-derives it through the refresher. None are built
     // while the profiler samples branch stacks.
@@ -181,6 +186,11 @@ pub fn start_server(
             }
             rt.shutdown_timeout(Duration::from_secs(10));
             warmer.stop();
+            match catalog.checkpoint() {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!("the catalog checkpoint at stop was incomplete"),
+                Err(e) => tracing::warn!(error = format!("{e:#}"), "checkpointing the catalog"),
+            }
             tracing::info!("server stopped");
         }),
     })

@@ -183,7 +183,10 @@ async fn ingest(
     let (cfg, pipeline, now) = (opts.config.clone(), opts.pipeline.clone(), now_ms(&*opts.clock));
     catalog
         .run(move |conn| {
-            let stored = runs::insert_runs(conn, &batch)?;
+            let stored = runs::insert_runs(conn, &batch).inspect_err(|_| {
+                crate::measure::RUNS_NOT_RECORDED
+                    .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            })?;
             let touched: BTreeSet<i64> =
                 stored.iter().flatten().filter_map(|s| s.binary_id).collect();
             let mut out = Vec::new();
