@@ -877,7 +877,8 @@ fn a_running_program_keeps_its_bytes_when_the_original_is_written_in_place() {
     assert_eq!(finish_waiter(child, out), ("AAAA\n".into(), Some(0)));
 
     let mnt = root.join("mnt");
-    let (guard, _events) = mount_dirs(&mnt, &[bin.clone()], Some(root.join("originals")));
+    let (guard, _events) =
+        mount_dirs(&mnt, std::slice::from_ref(&bin), Some(root.join("originals")));
     let through = in_mount(&mnt, &original);
     assert!(std::fs::symlink_metadata(&through).unwrap().file_type().is_file(), "served");
     let run_through = || {
@@ -937,7 +938,7 @@ fn relative_links_that_climb_above_the_mirror_resolve() {
     // Through the real `/bin` (not the mount's PATH view, which has no `env`).
     std::os::unix::fs::symlink(format!("{up}bin/env"), bin.join("climb_bin")).unwrap();
     let mnt = root.join("mnt");
-    let (guard, _events) = mount_dirs(&mnt, &[bin.clone()], None);
+    let (guard, _events) = mount_dirs(&mnt, std::slice::from_ref(&bin), None);
     for name in ["climb", "climb_bin"] {
         let native = run(Command::new(bin.join(name)).args(["echo", "hi"]));
         assert_eq!((native.stdout.as_str(), native.code), ("hi\n", Some(0)));
@@ -966,7 +967,7 @@ fn a_listing_is_a_stable_snapshot_and_announces_nothing() {
         chmod(&bin.join(name(i)), 0o755);
     }
     let mnt = root.join("mnt");
-    let (guard, events) = mount_dirs(&mnt, &[bin.clone()], None);
+    let (guard, events) = mount_dirs(&mnt, std::slice::from_ref(&bin), None);
     let mirror = in_mount(&mnt, &bin);
     let mut listing = std::fs::read_dir(&mirror).unwrap();
     let mut seen = vec![listing.next().unwrap().unwrap().file_name().into_string().unwrap()];
@@ -992,7 +993,7 @@ fn a_listing_is_a_stable_snapshot_and_announces_nothing() {
     // it; a plain listing must not. Check the plain listing alone on a fresh mount.
     drop(guard);
     drop(events);
-    let (guard, events) = mount_dirs(&mnt, &[bin.clone()], None);
+    let (guard, events) = mount_dirs(&mnt, std::slice::from_ref(&bin), None);
     std::fs::read_dir(&mirror).unwrap().for_each(drop);
     std::fs::read_dir(mnt.join("bin")).unwrap().for_each(drop);
     assert_eq!(announced(&events), 0, "a listing announced a binary");
