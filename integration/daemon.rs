@@ -150,13 +150,27 @@ fn commands_keep_working_while_the_server_is_killed() {
     let f = fixture();
     let d = start(&f);
     let stop = f.state.with_extension("stop");
+    let progress = f.state.with_extension("progress");
     let script = format!(
         "n=0; fail=0; while [ ! -e {stop} ]; do \
            out=$(hello $n 2>&1); [ \"$out\" = \"hello $n\" ] || {{ fail=$((fail+1)); echo \"FAIL $n: $out\" >&2; }}; \
            script x >/dev/null || fail=$((fail+1)); n=$((n+1)); \
+           echo $n > {progress}.new && mv {progress}.new {progress}; \
          done; echo \"$n $fail\"",
-        stop = stop.display()
+        stop = stop.display(),
+        progress = progress.display()
     );
+    // Iterations the loop has completed (it writes the count after each one).
+    let iterations =
+        || std::fs::read_to_string(&progress).ok().and_then(|s| s.trim().parse::<u64>().ok());
+    // Each server (the first and each restarted one) serves a few iterations before the
+    // next kill, and the last one before the loop stops.
+    let served_more = |d: &Daemon, more: u64| {
+        let target = iterations().unwrap_or(0) + more;
+        d.wait_for(Duration::from_secs(30), "the command loop to go on", |_| {
+            (iterations()? >= target).then_some(())
+        });
+    };
     let child = Command::new("bash")
         .arg("-c")
         .arg(&script)
@@ -167,7 +181,7 @@ fn commands_keep_working_while_the_server_is_killed() {
         .unwrap();
     let mut killed = Vec::new();
     for _ in 0..4 {
-        std::thread::sleep(Duration::from_millis(500));
+        served_more(&d, 6);
         let pid = d.server_pid();
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         killed.push(pid);
@@ -175,7 +189,7 @@ fn commands_keep_working_while_the_server_is_killed() {
             (d.server_pid() != pid).then_some(())
         });
     }
-    std::thread::sleep(Duration::from_millis(400));
+    served_more(&d, 6);
     std::fs::write(&stop, b"").unwrap();
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

@@ -242,9 +242,8 @@ fn variant_switch_and_upgrade_underneath() {
     let view = f.mount.join("bin");
     let original = f.one.join("prog");
 
-    // A process started before the switch: it sleeps, then prints.
-    let before = spawn_sleeping(&view.join("prog"), 1500);
-    std::thread::sleep(Duration::from_millis(300));
+    // A process started before the switch, held until the switch is done, then prints.
+    let before = Held::spawn(Command::new(view.join("prog")).arg("before"));
     // What a profiler sees: /proc/PID/exe and the code mappings name the path in the mount
     // (the kernel maps the backing file but shows the user's path), and the inode of
     // /proc/PID/exe is the node id, which tells exactly which bytes the process runs.
@@ -276,32 +275,20 @@ fn variant_switch_and_upgrade_underneath() {
             expected_original: key,
         }),
     );
-    let after = Command::new(view.join("prog"))
-        .arg("after")
-        .env("SLEEP_MS", "300")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    let after = Held::spawn(Command::new(view.join("prog")).arg("after"));
     let variant_ino = std::fs::metadata(format!("/proc/{}/exe", after.id())).unwrap().ino();
     assert_eq!(
         guard.overlay().file_node(variant_ino).unwrap().variant.as_ref().map(|v| v.variant_id),
         Some(1)
     );
-    let after = after.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&after.stdout), "variant after\n");
+    assert_eq!(after.release().stdout, "variant after\n");
     assert_eq!(
         guard.overlay().original_of(&in_mount(&f.mount, &original), None).map(|m| m.variant),
         Some(Some(1))
     );
     let by_node = guard.overlay().original_of(&in_mount(&f.mount, &original), Some(variant_ino));
     assert_eq!(by_node.map(|m| (m.original, m.variant)), Some((original.clone(), Some(1))));
-    let before = before.wait_with_output().unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&before.stdout),
-        "one before\n",
-        "the running process kept its bytes"
-    );
+    assert_eq!(before.release().stdout, "one before\n", "the running process kept its bytes");
 
     // Back to the original.
     serving.serve(&original, None);
@@ -351,8 +338,7 @@ fn without_passthrough_optbin_serves_the_reads() {
     }
     // A running process keeps reading its own bytes through its handle after a switch.
     let original = f.one.join("prog");
-    let before = spawn_sleeping(&view.join("prog"), 1000);
-    std::thread::sleep(Duration::from_millis(200));
+    let before = Held::spawn(Command::new(view.join("prog")).arg("before"));
     let store = f.tmp.path().join("variant");
     prog(&store, "variant", &[]);
     let size = std::fs::metadata(&store).unwrap().len();
@@ -362,8 +348,7 @@ fn without_passthrough_optbin_serves_the_reads() {
         Some(ServedVariant { variant_id: 3, path_in_store: store, size, expected_original: key }),
     );
     assert_eq!(run(Command::new(view.join("prog")).arg("after")).stdout, "variant after\n");
-    let before = before.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&before.stdout), "one before\n");
+    assert_eq!(before.release().stdout, "one before\n");
     drop(guard);
     assert!(!is_mounted(&f.mount));
 }
@@ -481,6 +466,11 @@ impl optbin::fs::ControlPlane for SlowControl {
     }
     fn read(&self, name: &str) -> Result<Vec<u8>, optbin::error::FsError> {
         if name == "slow" {
+            // Tells the test that this request is in flight in the server (beside the pid
+            // file, see `Supervisor::spawn`), then takes its time.
+            if let Some(marker) = std::env::var_os(SLOW_MARKER_ENV) {
+                std::fs::write(marker, b"").ok();
+            }
             std::thread::sleep(Duration::from_millis(1500));
             return Ok(b"slow\n".to_vec());
         }
@@ -508,6 +498,7 @@ impl Supervisor {
         if broken {
             cmd.env(BROKEN_ENV, "1");
         }
+        cmd.env(SLOW_MARKER_ENV, slow_marker(pid_file));
         Self { child: cmd.spawn().unwrap() }
     }
 
@@ -545,6 +536,34 @@ impl Drop for Supervisor {
     }
 }
 
+/// The file a supervised server's `slow` control file touches when a read of it begins.
+const SLOW_MARKER_ENV: &str = "OPTBIN_TEST_SLOW_MARKER";
+
+fn slow_marker(pid_file: &Path) -> PathBuf {
+    pid_file.with_file_name("slow-read-started")
+}
+
+/// Waits until the command loop of the supervised test, which writes its iteration count
+/// to `progress` after each iteration, has completed `n` iterations.
+fn wait_loop_iterations(progress: &Path, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let done = std::fs::read_to_string(progress)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if done >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the command loop stopped at {done} iterations");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn loop_iterations(progress: &Path) -> u64 {
+    std::fs::read_to_string(progress).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+}
+
 fn server_pid(pid_file: &Path) -> i32 {
     std::fs::read_to_string(pid_file).unwrap().trim().parse().unwrap()
 }
@@ -557,6 +576,7 @@ fn supervised_mount_keeps_commands_working_while_the_server_is_killed() {
     let sup = Supervisor::start(&f.mount, &pid_file, &[f.one.clone(), usr_bin]);
     let view = f.mount.join("bin");
     let stop = f.tmp.path().join("stop");
+    let progress = f.tmp.path().join("progress");
     let data = f.tmp.path().join("data.txt");
     std::fs::write(&data, "d\n").unwrap();
 
@@ -572,10 +592,12 @@ while [ ! -e {stop} ]; do
   out=$(data 2>&1); [ "$out" = "exe-relative data" ] || {{ fails=$((fails+1)); echo "data: $out" >&2; }}
   out=$(cat {data} 2>&1); [ "$out" = "d" ] || {{ fails=$((fails+1)); echo "cat: $out" >&2; }}
   ls -d / >/dev/null 2>&1 || {{ fails=$((fails+1)); echo "ls failed" >&2; }}
+  echo $n > {progress}.new && mv {progress}.new {progress}
 done
 echo "$n $fails""#,
         view = view.display(),
         stop = stop.display(),
+        progress = progress.display(),
         data = data.display()
     );
     let loop_child = Command::new("bash")
@@ -585,7 +607,9 @@ echo "$n $fails""#,
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // Killed only while commands are running through the mount, and each new server
+    // serves a few loop iterations before the next kill.
+    wait_loop_iterations(&progress, 3);
     let mut kills = 0;
     let mut restart_ms = Vec::new();
     for _ in 0..5 {
@@ -599,7 +623,7 @@ echo "$n $fails""#,
             std::thread::sleep(Duration::from_millis(5));
         }
         restart_ms.push(killed_at.elapsed().as_millis());
-        std::thread::sleep(Duration::from_millis(400));
+        wait_loop_iterations(&progress, loop_iterations(&progress) + 5);
     }
     std::fs::write(&stop, "").unwrap();
     let out = loop_child.wait_with_output().unwrap();
@@ -621,7 +645,12 @@ echo "$n $fails""#,
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let marker = slow_marker(&pid_file);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "the slow read never reached the server");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let server = server_pid(&pid_file);
     // SAFETY: killing the server process of our own supervisor.
     unsafe { libc::kill(server, libc::SIGKILL) };
@@ -632,24 +661,15 @@ echo "$n $fails""#,
 
     // A clean stop: SIGTERM to the supervisor unmounts (lazily: a program started from the
     // mount still runs) and exits 0; the running program finishes normally.
-    let running = Command::new(view.join("prog"))
-        .arg("still")
-        .env("SLEEP_MS", "1500")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let running = Held::spawn(Command::new(view.join("prog")).arg("still"));
     let mut sup = sup;
     // SAFETY: signalling our own child.
     unsafe { libc::kill(sup.pid(), libc::SIGTERM) };
     let status = sup.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
     assert!(!is_mounted(&f.mount));
-    let running = running.wait_with_output().unwrap();
-    assert_eq!(
-        (String::from_utf8_lossy(&running.stdout).as_ref(), running.status.code()),
-        ("one still\n", Some(0))
-    );
+    let running = running.release();
+    assert_eq!((running.stdout.as_str(), running.code), ("one still\n", Some(0)));
 
     // A dead daemon (supervisor and server SIGKILLed) leaves a stale mount; the next start
     // clears it by itself.
@@ -697,17 +717,6 @@ fn a_server_that_keeps_crashing_makes_the_supervisor_unmount_and_give_up() {
     // Unmounted, so PATH lookups fall through to the next entries instead of ENOTCONN.
     assert!(!is_mounted(&f.mount));
     assert!(!f.mount.join("bin").exists());
-}
-
-/// Starts `prog before` (a test program) that sleeps `ms` before printing, with its output
-/// captured: a process that runs across a switch of the served variant.
-fn spawn_sleeping(prog: &std::path::Path, ms: u32) -> std::process::Child {
-    Command::new(prog)
-        .arg("before")
-        .env("SLEEP_MS", ms.to_string())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starting the sleeping program")
 }
 
 /// Mounts `dirs` at `mount` with an empty serving table; copies of originals in `originals`.
