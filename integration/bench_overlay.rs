@@ -128,7 +128,11 @@ fn bench_overlay() {
     }
     let mount = root.join("mnt");
     let overlay = Overlay::new(
-        OverlayConfig { mountpoint: mount.clone(), overlay_dirs: vec![bin.clone()] },
+        OverlayConfig {
+            mountpoint: mount.clone(),
+            overlay_dirs: vec![bin.clone()],
+            originals: None,
+        },
         ServingTable::new(),
         None,
         Arc::new(StaticControl::default()),
@@ -195,7 +199,11 @@ fn bench_overlay() {
     // The same without passthrough (the fallback for kernels without it): why it matters.
     let mount2 = root.join("mnt2");
     let overlay = Overlay::new(
-        OverlayConfig { mountpoint: mount2.clone(), overlay_dirs: vec![bin.clone()] },
+        OverlayConfig {
+            mountpoint: mount2.clone(),
+            overlay_dirs: vec![bin.clone()],
+            originals: None,
+        },
         ServingTable::new(),
         None,
         Arc::new(StaticControl::default()),

@@ -71,6 +71,7 @@ fn mount_with(
         OverlayConfig {
             mountpoint: f.mount.clone(),
             overlay_dirs: vec![f.one.clone(), f.two.clone()],
+            originals: Some(f.tmp.path().join("originals")),
         },
         serving,
         None,
@@ -359,7 +360,11 @@ fn a_real_toolchain_works_from_the_mount() {
     let tmp = open_tempdir();
     let mount = tmp.path().canonicalize().unwrap().join("mnt");
     let overlay = Overlay::new(
-        OverlayConfig { mountpoint: mount.clone(), overlay_dirs: vec![toolchain_bin.clone()] },
+        OverlayConfig {
+            mountpoint: mount.clone(),
+            overlay_dirs: vec![toolchain_bin.clone()],
+            originals: None,
+        },
         ServingTable::new(),
         None,
         Arc::new(StaticControl::default()),
@@ -431,7 +436,11 @@ fn supervisor_entry() {
             anyhow::bail!("this server cannot start (test)");
         }
         let overlay = Overlay::new(
-            OverlayConfig { mountpoint: ctx.mountpoint.clone(), overlay_dirs: dirs.clone() },
+            OverlayConfig {
+                mountpoint: ctx.mountpoint.clone(),
+                overlay_dirs: dirs.clone(),
+                originals: None,
+            },
             ServingTable::new(),
             None,
             Arc::new(SlowControl(StaticControl::new(&[("status", "supervised\n")]))),
@@ -708,4 +717,296 @@ fn a_server_that_keeps_crashing_makes_the_supervisor_unmount_and_give_up() {
     // Unmounted, so PATH lookups fall through to the next entries instead of ENOTCONN.
     assert!(!is_mounted(&f.mount));
     assert!(!f.mount.join("bin").exists());
+}
+
+/// Mounts `dirs` at `mount` with an empty serving table; copies of originals in `originals`.
+fn mount_dirs(
+    mount: &Path,
+    dirs: &[PathBuf],
+    originals: Option<PathBuf>,
+) -> (optbin::fuse::MountGuard, std::sync::mpsc::Receiver<FsEvent>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let overlay = Overlay::new(
+        OverlayConfig { mountpoint: mount.to_path_buf(), overlay_dirs: dirs.to_vec(), originals },
+        ServingTable::new(),
+        None,
+        Arc::new(StaticControl::new(&[("status", "ok\n")])),
+        Arc::new(tx),
+    )
+    .unwrap();
+    let guard = mount_background(overlay, &MountOptions::new(mount)).expect("mount");
+    (guard, rx)
+}
+
+/// `setpriv` as nobody running `program args...`.
+fn nobody(program: &str, args: &[&Path]) -> Output {
+    let mut c = as_nobody(Path::new(program));
+    c.args(args);
+    run(&mut c)
+}
+
+/// Issue 10.1: a 0700 overlay dir, or a 0700 directory above one, stops the same users
+/// through the mount as on the real path, and the PATH view gives each user what PATH
+/// lookup would give them.
+#[test]
+fn directory_permissions_are_mirrored_for_every_user() {
+    let tmp = open_tempdir();
+    let root = tmp.path().canonicalize().unwrap();
+    let restricted = root.join("restricted/bin");
+    let locked = root.join("locked/deep/bin");
+    let open = root.join("open/bin");
+    for d in [&restricted, &locked, &open] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    prog(&restricted.join("onlysecret"), "secret", &[]);
+    prog(&restricted.join("shared"), "restricted", &[]);
+    prog(&locked.join("onlylocked"), "locked", &[]);
+    prog(&open.join("shared"), "open", &[]);
+    chmod(&restricted, 0o700);
+    chmod(&root.join("locked"), 0o700);
+    let mnt = root.join("mnt");
+    let (guard, _events) =
+        mount_dirs(&mnt, &[restricted.clone(), locked.clone(), open.clone()], None);
+
+    // Reading, running and listing: through the mount exactly as on the real path.
+    for file in [
+        restricted.join("onlysecret"),
+        restricted.join("shared"),
+        locked.join("onlylocked"),
+        open.join("shared"),
+    ] {
+        let through = in_mount(&mnt, &file);
+        let (native, mounted) = (nobody("cat", &[&file]), nobody("cat", &[&through]));
+        assert_eq!(
+            native.code == Some(0),
+            mounted.code == Some(0),
+            "cat {}: {mounted:?}",
+            file.display()
+        );
+        let (native, mounted) = (run(&mut as_nobody(&file)), run(&mut as_nobody(&through)));
+        assert_eq!(
+            (&native.stdout, native.code == Some(0)),
+            (&mounted.stdout, mounted.code == Some(0)),
+            "exec {}",
+            file.display()
+        );
+    }
+    for dir in [restricted.clone(), root.join("locked"), locked.clone(), open.clone()] {
+        let (native, mounted) = (nobody("ls", &[&dir]), nobody("ls", &[&in_mount(&mnt, &dir)]));
+        assert_eq!(
+            native.code == Some(0),
+            mounted.code == Some(0),
+            "ls {}: {mounted:?}",
+            dir.display()
+        );
+        let real_mode = std::fs::metadata(&dir).unwrap().mode() & 0o7777;
+        let shown = std::fs::metadata(in_mount(&mnt, &dir)).unwrap().mode() & 0o7777;
+        assert_eq!(shown, real_mode & 0o7555, "mode of {}", dir.display());
+    }
+    assert_ne!(nobody("cat", &[&in_mount(&mnt, &restricted.join("onlysecret"))]).code, Some(0));
+
+    // The PATH view: each user gets the first directory *they* may search.
+    let view = mnt.join("bin");
+    assert_eq!(run(&mut Command::new(view.join("shared"))).stdout, "restricted\n");
+    assert_eq!(run(&mut as_nobody(&view.join("shared"))).stdout, "open\n");
+    assert_eq!(run(&mut Command::new(view.join("shared"))).stdout, "restricted\n", "root again");
+    assert_ne!(run(&mut as_nobody(&view.join("onlysecret"))).code, Some(0));
+    assert_ne!(run(&mut as_nobody(&view.join("onlylocked"))).code, Some(0));
+    assert_eq!(run(&mut Command::new(view.join("onlylocked"))).stdout, "locked\n");
+    let listed = nobody("ls", &[&view]);
+    assert_eq!(listed.stdout, "shared\n", "nobody lists what nobody can run");
+    let listed = run(Command::new("ls").arg(&view));
+    assert_eq!(listed.stdout, "onlylocked\nonlysecret\nshared\n");
+    drop(guard);
+}
+
+/// A program that says "ready", waits for a line on stdin, then prints MSG.
+const WAITER_C: &str = r#"
+#include <stdio.h>
+int main(void) {
+    printf("ready\n");
+    fflush(stdout);
+    char line[16];
+    if (!fgets(line, sizeof line, stdin)) return 2;
+    printf("%s\n", MSG);
+    return 0;
+}
+"#;
+
+/// Starts `program`, waits for its "ready" and returns it with its stdin and stdout.
+fn start_waiter(
+    program: &Path,
+) -> (std::process::Child, std::io::BufReader<std::process::ChildStdout>) {
+    use std::io::BufRead;
+    let mut child = Command::new(program)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{}: {e}", program.display()));
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    (child, out)
+}
+
+/// Lets a waiter finish and returns what it printed after "ready" and its exit status.
+fn finish_waiter(
+    mut child: std::process::Child,
+    mut out: std::io::BufReader<std::process::ChildStdout>,
+) -> (String, Option<i32>) {
+    use std::io::{Read, Write};
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    (rest, status.code())
+}
+
+/// Issue 10.2: writing an original in place while it runs through the mount leaves the
+/// running process its bytes (natively the write fails with ETXTBSY).
+#[test]
+fn a_running_program_keeps_its_bytes_when_the_original_is_written_in_place() {
+    let tmp = open_tempdir();
+    let root = tmp.path().canonicalize().unwrap();
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let original = bin.join("waiter");
+    let (old, new) = (root.join("waiter.old"), root.join("waiter.new"));
+    cc(WAITER_C, &old, &["-DMSG=\"AAAA\""]);
+    cc(WAITER_C, &new, &["-DMSG=\"BBBB\""]);
+    assert_eq!(std::fs::metadata(&old).unwrap().len(), std::fs::metadata(&new).unwrap().len());
+    std::fs::copy(&old, &original).unwrap();
+
+    // Natively: ETXTBSY, and the process finishes as it started.
+    let (child, out) = start_waiter(&original);
+    let cp = run(Command::new("cp").arg(&new).arg(&original));
+    assert_ne!(cp.code, Some(0));
+    assert!(cp.stderr.contains("Text file busy"), "{cp:?}");
+    assert_eq!(finish_waiter(child, out), ("AAAA\n".into(), Some(0)));
+
+    let mnt = root.join("mnt");
+    let (guard, _events) =
+        mount_dirs(&mnt, std::slice::from_ref(&bin), Some(root.join("originals")));
+    let through = in_mount(&mnt, &original);
+    assert!(std::fs::symlink_metadata(&through).unwrap().file_type().is_file(), "served");
+    let run_through = || {
+        let (child, out) = start_waiter(&through);
+        finish_waiter(child, out)
+    };
+    let wait_for = |expected: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = run_through();
+            if got.0 == expected {
+                break;
+            }
+            assert!(Instant::now() < deadline, "still {got:?}, expected {expected:?}");
+        }
+    };
+    assert_eq!(run_through(), ("AAAA\n".into(), Some(0)));
+
+    for (how, args) in [
+        ("cp", vec!["cp".to_string(), new.display().to_string(), original.display().to_string()]),
+        (
+            "dd conv=notrunc",
+            vec![
+                "dd".to_string(),
+                format!("if={}", new.display()),
+                format!("of={}", original.display()),
+                "conv=notrunc".to_string(),
+                "status=none".to_string(),
+            ],
+        ),
+    ] {
+        // Start from the old version, served.
+        std::fs::copy(&old, root.join("restore")).unwrap();
+        std::fs::rename(root.join("restore"), &original).unwrap();
+        wait_for("AAAA\n");
+        let (child, out) = start_waiter(&through);
+        let write = run(Command::new(&args[0]).args(&args[1..]));
+        assert_eq!(write.code, Some(0), "{how} into the real file: {write:?}");
+        assert_eq!(std::fs::read(&original).unwrap(), std::fs::read(&new).unwrap());
+        assert_eq!(finish_waiter(child, out), ("AAAA\n".into(), Some(0)), "after {how}");
+        // The next exec runs the new bytes.
+        wait_for("BBBB\n");
+    }
+    drop(guard);
+}
+
+/// Issue 10.9: a relative symlink in an overlaid dir that climbs to the root resolves
+/// through the mount as it does natively.
+#[test]
+fn relative_links_that_climb_above_the_mirror_resolve() {
+    let tmp = open_tempdir();
+    let root = tmp.path().canonicalize().unwrap();
+    let bin = root.join("a/b/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let up = "../".repeat(bin.components().count() - 1);
+    std::os::unix::fs::symlink(format!("{up}usr/bin/env"), bin.join("climb")).unwrap();
+    // Through the real `/bin` (not the mount's PATH view, which has no `env`).
+    std::os::unix::fs::symlink(format!("{up}bin/env"), bin.join("climb_bin")).unwrap();
+    let mnt = root.join("mnt");
+    let (guard, _events) = mount_dirs(&mnt, std::slice::from_ref(&bin), None);
+    for name in ["climb", "climb_bin"] {
+        let native = run(Command::new(bin.join(name)).args(["echo", "hi"]));
+        assert_eq!((native.stdout.as_str(), native.code), ("hi\n", Some(0)));
+        let mounted = run(Command::new(in_mount(&mnt, &bin.join(name))).args(["echo", "hi"]));
+        assert_eq!((mounted.stdout.as_str(), mounted.code), ("hi\n", Some(0)), "{name}");
+        let view = run(Command::new(mnt.join("bin").join(name)).args(["echo", "hi"]));
+        assert_eq!(view.stdout, "hi\n", "bin/{name}");
+    }
+    drop(guard);
+}
+
+/// Issue 9: a listing is a snapshot per opendir (offsets stay valid while the directory
+/// changes, each name comes once) and announces no binary.
+#[test]
+fn a_listing_is_a_stable_snapshot_and_announces_nothing() {
+    let tmp = open_tempdir();
+    let root = tmp.path().canonicalize().unwrap();
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    prog(&bin.join("prog"), "p", &[]);
+    let name = |i: usize| format!("script-with-a-rather-long-name-to-fill-pages-{i:05}");
+    let before: std::collections::BTreeSet<String> =
+        (0..3000).map(name).chain(["prog".to_string()]).collect();
+    for i in 0..3000 {
+        std::fs::write(bin.join(name(i)), "#!/bin/sh\n").unwrap();
+        chmod(&bin.join(name(i)), 0o755);
+    }
+    let mnt = root.join("mnt");
+    let (guard, events) = mount_dirs(&mnt, std::slice::from_ref(&bin), None);
+    let mirror = in_mount(&mnt, &bin);
+    let mut listing = std::fs::read_dir(&mirror).unwrap();
+    let mut seen = vec![listing.next().unwrap().unwrap().file_name().into_string().unwrap()];
+    // Between the first READDIR and the next ones, a third of the names go and others come.
+    for i in 0..1000 {
+        std::fs::remove_file(bin.join(name(i))).unwrap();
+        std::fs::write(bin.join(name(10_000 + i)), "#!/bin/sh\n").unwrap();
+    }
+    seen.extend(listing.map(|e| e.unwrap().file_name().into_string().unwrap()));
+    let unique: std::collections::BTreeSet<String> = seen.iter().cloned().collect();
+    assert_eq!(unique.len(), seen.len(), "a name came twice");
+    assert_eq!(unique, before, "the listing is the directory as it was at opendir");
+    // A new listing sees the change.
+    assert_eq!(std::fs::read_dir(&mirror).unwrap().count(), 3001);
+    // `ls -l` and a listing of the PATH view announced nothing; a lookup does.
+    assert_eq!(run(Command::new("ls").arg("-l").arg(&mirror)).code, Some(0));
+    assert_eq!(run(Command::new("ls").arg(mnt.join("bin"))).code, Some(0));
+    std::fs::read_dir(&mirror).unwrap().for_each(drop);
+    let announced = |events: &std::sync::mpsc::Receiver<FsEvent>| {
+        events.try_iter().filter(|e| matches!(e, FsEvent::Seen { .. })).count()
+    };
+    // `ls -l` stats (looks up) each entry: that is a lookup, so `prog` may be announced by
+    // it; a plain listing must not. Check the plain listing alone on a fresh mount.
+    drop(guard);
+    drop(events);
+    let (guard, events) = mount_dirs(&mnt, std::slice::from_ref(&bin), None);
+    std::fs::read_dir(&mirror).unwrap().for_each(drop);
+    std::fs::read_dir(mnt.join("bin")).unwrap().for_each(drop);
+    assert_eq!(announced(&events), 0, "a listing announced a binary");
+    assert_eq!(run(&mut Command::new(mirror.join("prog"))).stdout, "p\n");
+    assert_eq!(announced(&events), 1, "running it announces it");
+    drop(guard);
 }

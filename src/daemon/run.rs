@@ -124,7 +124,12 @@ pub fn start_server(
     );
     let (events_tx, events_rx) = mpsc::unbounded_channel::<FsEvent>();
     let overlay = Overlay::new(
-        OverlayConfig { mountpoint: cfg.mountpoint.clone(), overlay_dirs: cfg.overlay.clone() },
+        OverlayConfig {
+            mountpoint: cfg.mountpoint.clone(),
+            overlay_dirs: cfg.overlay.clone(),
+            // Running programs keep their bytes when an original is rewritten in place.
+            originals: Some(cfg.state_dir.join("originals")),
+        },
         serving,
         None,
         control,

@@ -145,7 +145,11 @@ mod tests {
         .unwrap();
         let serving = ServingTable::new();
         let overlay = Overlay::new(
-            OverlayConfig { mountpoint: mnt.clone(), overlay_dirs: vec![bin.clone()] },
+            OverlayConfig {
+                mountpoint: mnt.clone(),
+                overlay_dirs: vec![bin.clone()],
+                originals: None,
+            },
             serving.clone(),
             None,
             Arc::new(StaticControl::default()),
