@@ -354,6 +354,8 @@ impl Supervisor<'_> {
                 let config = OverlayConfig {
                     mountpoint: self.mountpoint.to_path_buf(),
                     overlay_dirs: opts.overlay_dirs.clone(),
+                    // Safe mode needs no state: originals are served as they are.
+                    originals: None,
                 };
                 safe_mode::overlay(config, info.clone())
                     .map(|overlay| Served { overlay, shutdown: Box::new(|| {}) })
