@@ -700,25 +700,6 @@ echo "$n $fails""#,
     assert!(!is_mounted(&f.mount), "mount left behind");
 }
 
-#[test]
-fn a_server_that_keeps_crashing_makes_the_supervisor_unmount_and_give_up() {
-    let f = fixture();
-    let pid_file = f.tmp.path().join("server.pid");
-    let mut sup = Supervisor::spawn(&f.mount, &pid_file, std::slice::from_ref(&f.one), true);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = sup.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the supervisor did not give up");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(status.code(), Some(1));
-    // Unmounted, so PATH lookups fall through to the next entries instead of ENOTCONN.
-    assert!(!is_mounted(&f.mount));
-    assert!(!f.mount.join("bin").exists());
-}
-
 /// Mounts `dirs` at `mount` with an empty serving table; copies of originals in `originals`.
 fn mount_dirs(
     mount: &Path,
