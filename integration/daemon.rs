@@ -423,8 +423,10 @@ fn command_loop(bin: &std::path::Path, stop: &std::path::Path) -> std::process::
            out=$(hello $n 2>&1); [ \"$out\" = \"hello $n\" ] || {{ fail=$((fail+1)); echo \"FAIL $n: $out\" >&2; }}; \
            script x >/dev/null || fail=$((fail+1)); \
            t=$(( ${{EPOCHREALTIME/./}} - t0 )); [ $t -gt $max ] && max=$t; n=$((n+1)); \
+           echo $n > {progress}.new && mv {progress}.new {progress}; \
          done; echo \"$n $fail $max\"",
-        stop = stop.display()
+        stop = stop.display(),
+        progress = loop_progress(stop).display()
     );
     Command::new("bash")
         .arg("-c")
@@ -434,6 +436,28 @@ fn command_loop(bin: &std::path::Path, stop: &std::path::Path) -> std::process::
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap()
+}
+
+/// Where [`command_loop`] writes the count of iterations it completed.
+fn loop_progress(stop: &std::path::Path) -> std::path::PathBuf {
+    stop.with_extension("progress")
+}
+
+/// Waits (polling, with a deadline) until [`command_loop`] has completed `more` iterations
+/// beyond what it had when called.
+fn loop_goes_on(stop: &std::path::Path, more: u64) {
+    let done = || {
+        std::fs::read_to_string(loop_progress(stop))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let target = done() + more;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while done() < target {
+        assert!(std::time::Instant::now() < deadline, "the command loop stopped going on");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn loop_result(child: std::process::Child) -> (u64, u64, u64, String) {
@@ -456,7 +480,7 @@ fn past_the_crash_limit_the_mount_serves_originals_and_comes_back() {
     let stop = f.state.with_extension("stop");
     let child = command_loop(&d.bin(), &stop);
     for _ in 0..5 {
-        std::thread::sleep(Duration::from_millis(200));
+        loop_goes_on(&stop, 2);
         let pid = d.server_pid();
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         d.wait_for(Duration::from_secs(10), "a new server", |d| {
@@ -476,7 +500,7 @@ fn past_the_crash_limit_the_mount_serves_originals_and_comes_back() {
     d.wait_for(Duration::from_secs(20), "the full server back", |d| {
         (!d.status_text().contains("SAFE MODE")).then_some(())
     });
-    std::thread::sleep(Duration::from_millis(300));
+    loop_goes_on(&stop, 21);
     std::fs::write(&stop, b"").unwrap();
     let (runs, failed, max_us, stderr) = loop_result(child);
     println!(
@@ -585,12 +609,12 @@ fn commands_keep_working_while_the_whole_service_is_killed() {
     let bin = f.mnt.join("bin");
     let stop = f.state.with_extension("stop");
     let child = command_loop(&bin, &stop);
-    std::thread::sleep(Duration::from_millis(500));
+    loop_goes_on(&stop, 3);
 
     let supervisor = service.supervisor().expect("a supervisor under the holder");
     unsafe { libc::kill(supervisor, libc::SIGKILL) };
     service.wait_restarted(supervisor);
-    std::thread::sleep(Duration::from_millis(500));
+    loop_goes_on(&stop, 3);
 
     let supervisor = service.supervisor().unwrap();
     let server: i32 =
@@ -600,7 +624,7 @@ fn commands_keep_working_while_the_whole_service_is_killed() {
         libc::kill(server, libc::SIGKILL);
     }
     service.wait_restarted(supervisor);
-    std::thread::sleep(Duration::from_millis(500));
+    loop_goes_on(&stop, 3);
 
     std::fs::write(&stop, b"").unwrap();
     let (runs, failed, max_us, stderr) = loop_result(child);

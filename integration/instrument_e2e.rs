@@ -285,10 +285,19 @@ fn a_crashing_instrumented_run_stops_instrumentation() {
         )
         .unwrap();
     assert_eq!(crashed, 1, "the crashing run got the instrumented variant");
+    let last_run: i64 = catalog(&state)
+        .query_row("SELECT COALESCE(MAX(id), 0) FROM runs", [], |r| r.get(0))
+        .unwrap();
     for _ in 0..6 {
         output(Command::new(&through_mount).arg("1000"));
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // Proof that the daemon had its chance: the six runs are recorded.
+    d.wait_for(Duration::from_secs(20), "the six runs to be recorded", |_| {
+        let recorded: i64 = catalog(&state)
+            .query_row("SELECT COUNT(*) FROM runs WHERE id > ?1", [last_run], |r| r.get(0))
+            .unwrap();
+        (recorded >= 6).then_some(())
+    });
     assert_eq!(runs_of_variant(&state, instr_id), served, "not served after the crash");
     let kinds: Vec<String> = variants(&state, &prog).into_iter().map(|v| v.0).collect();
     assert_eq!(kinds, ["instrumented"], "and no second instrumented variant is built");
