@@ -71,6 +71,16 @@ fn run(bin: &Path) {
     assert!(out.status.success(), "{} failed: {out:?}", bin.display());
 }
 
+/// The overlaid directory, the mountpoint and the state directory of one test (the first
+/// two created).
+fn layout(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (over, mnt, state) = (dir.join("bin"), dir.join("mnt"), dir.join("state"));
+    for d in [&over, &mnt] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    (over, mnt, state)
+}
+
 fn section_in_the_status(d: &Daemon) -> Option<Value> {
     let s = d.status_json();
     s.get("subsystems").and_then(|s| s.get("warm")).cloned()
@@ -79,11 +89,7 @@ fn section_in_the_status(d: &Daemon) -> Option<Value> {
 #[test]
 fn the_ranking_follows_execs_and_evicted_pages_come_back_within_the_budget() {
     let dir = common::open_tempdir();
-    let (over, mnt, state) =
-        (dir.path().join("bin"), dir.path().join("mnt"), dir.path().join("state"));
-    for d in [&over, &mnt] {
-        std::fs::create_dir_all(d).unwrap();
-    }
+    let (over, mnt, state) = layout(dir.path());
     let (a, b) = (over.join("warm-a"), over.join("warm-b"));
     common::cc(TABLE_C, &a, &[]);
     common::cc(TABLE_C, &b, &["-DUNUSED=1", "-O2"]);
@@ -140,11 +146,7 @@ fn the_ranking_follows_execs_and_evicted_pages_come_back_within_the_budget() {
 #[test]
 fn a_budget_smaller_than_the_working_sets_is_never_exceeded() {
     let dir = common::open_tempdir();
-    let (over, mnt, state) =
-        (dir.path().join("bin"), dir.path().join("mnt"), dir.path().join("state"));
-    for d in [&over, &mnt] {
-        std::fs::create_dir_all(d).unwrap();
-    }
+    let (over, mnt, state) = layout(dir.path());
     let a = over.join("warm-a");
     common::cc(TABLE_C, &a, &[]);
     // 1 MiB: less than a's table plus libc.
@@ -223,11 +225,7 @@ int main(int argc, char **argv) {
 #[test]
 fn memory_pressure_makes_warming_stand_back_and_status_say_why() {
     let dir = common::open_tempdir();
-    let (over, mnt, state) =
-        (dir.path().join("bin"), dir.path().join("mnt"), dir.path().join("state"));
-    for d in [&over, &mnt] {
-        std::fs::create_dir_all(d).unwrap();
-    }
+    let (over, mnt, state) = layout(dir.path());
     let a = over.join("warm-a");
     common::cc(TABLE_C, &a, &[]);
     let thrash = dir.path().join("thrash");

@@ -54,7 +54,11 @@ pub const SYSTEM_LOADER: &str = "/lib64/ld-linux-x86-64.so.2";
 /// daemon's environment (not a user's `LD_LIBRARY_PATH`). Empty for static binaries,
 /// binaries for another loader, or when the loader fails or takes over 5 s.
 pub fn needed_libraries(binary: &Path) -> BTreeSet<PathBuf> {
-    let Ok(data) = std::fs::read(binary) else { return BTreeSet::new() };
+    // Mapped, not read: only the headers and `.interp` are touched (node is 98 MB).
+    let Ok(f) = std::fs::File::open(binary) else { return BTreeSet::new() };
+    // SAFETY: read-only mapping of a file we only parse; a concurrent change can at worst
+    // make the parse fail, which gives no libraries.
+    let Ok(data) = (unsafe { memmap2::Mmap::map(&f) }) else { return BTreeSet::new() };
     let Ok(file) = object::File::parse(&*data) else { return BTreeSet::new() };
     if interpreter(&file).as_deref() != Some(SYSTEM_LOADER) {
         return BTreeSet::new();
