@@ -56,8 +56,9 @@ pub const SYSTEM_LOADER: &str = "/lib64/ld-linux-x86-64.so.2";
 pub fn needed_libraries(binary: &Path) -> BTreeSet<PathBuf> {
     // Mapped, not read: only the headers and `.interp` are touched (node is 98 MB).
     let Ok(f) = std::fs::File::open(binary) else { return BTreeSet::new() };
-    // SAFETY: read-only mapping of a file we only parse; a concurrent change can at worst
-    // make the parse fail, which gives no libraries.
+    // SAFETY: read-only mapping of a binary in an overlaid directory, which is replaced by
+    // rename on upgrade (the mapping keeps the old inode); truncating it in place while we
+    // parse would fault, as it would for the programs running it.
     let Ok(data) = (unsafe { memmap2::Mmap::map(&f) }) else { return BTreeSet::new() };
     let Ok(file) = object::File::parse(&*data) else { return BTreeSet::new() };
     if interpreter(&file).as_deref() != Some(SYSTEM_LOADER) {
