@@ -271,7 +271,13 @@ fn profiles_grow_mature_and_feed_bolt_through_the_daemon() {
     let mut long =
         Command::new(view.join("hot")).arg("3000").stdout(Stdio::null()).spawn().unwrap();
     let maps = || std::fs::read_to_string(format!("/proc/{}/maps", long.id())).unwrap();
-    assert!(maps().lines().any(|l| l.ends_with("/hot")), "hot runs mapped: {}", maps());
+    // The spawn returns once the exec is past its point of no return, which is before the
+    // kernel has mapped the program's segments: wait for the mapping.
+    common::daemon::wait_until(
+        Duration::from_secs(5),
+        "hot's code to be mapped from the mount",
+        || maps().lines().any(|l| l.ends_with("/hot")),
+    );
     for command in ["exclude hot", "include hot"] {
         d.control(command).unwrap();
     }
