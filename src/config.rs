@@ -34,8 +34,18 @@ pub struct FileConfig {
     pub optimizer: Option<toml::Table>,
     /// `[policy]`: measurement and promotion settings (parsed by the policy's wiring).
     pub policy: Option<toml::Table>,
-    /// `[train]`: training commands (parsed by `train::TrainSettings`).
-    pub train: Option<toml::Table>,
+    /// `[warm]`: keeping hot binaries in the page cache.
+    #[serde(default)]
+    pub warm: crate::warm::Settings,
+    /// `[supervisor]`: crash limit and safe mode.
+    pub supervisor: Option<crate::fuse::SupervisorSettings>,
+    /// `[metrics]`: the Prometheus HTTP endpoint (`crate::observe`).
+    pub metrics: Option<crate::observe::MetricsSettings>,
+    /// `[fleet]`: sharing profiles and verdicts through Redis; absent = this machine alone.
+    pub fleet: Option<crate::fleet::FleetSettings>,
+    /// `[train]`: training commands (`crate::train`).
+    #[serde(default)]
+    pub train: crate::train::TrainSettings,
 }
 
 impl FileConfig {
@@ -73,6 +83,13 @@ pub struct Config {
     pub allow: Vec<String>,
     /// Raw subsystem sections; each subsystem's wiring parses and validates its own.
     pub sections: Sections,
+    /// `[warm]`, validated.
+    pub warm: crate::warm::Settings,
+    pub supervisor: crate::fuse::SupervisorSettings,
+    pub metrics: crate::observe::MetricsSettings,
+    pub fleet: Option<crate::fleet::FleetSettings>,
+    /// `[train]`, validated.
+    pub train: crate::train::TrainSettings,
 }
 
 /// The subsystem sections of the config file, as written.
@@ -81,7 +98,6 @@ pub struct Sections {
     pub profile: toml::Table,
     pub optimizer: toml::Table,
     pub policy: toml::Table,
-    pub train: toml::Table,
 }
 
 impl Sections {
@@ -156,6 +172,8 @@ impl Config {
                 bail!("allow/deny patterns must be absolute path patterns, got {pattern:?}");
             }
         }
+        file.warm.validate()?;
+        file.train.validate()?;
         Ok(Self {
             mountpoint,
             state_dir,
@@ -168,8 +186,16 @@ impl Config {
                 profile: file.profile.unwrap_or_default(),
                 optimizer: file.optimizer.unwrap_or_default(),
                 policy: file.policy.unwrap_or_default(),
-                train: file.train.unwrap_or_default(),
             },
+            warm: file.warm,
+            supervisor: file.supervisor.unwrap_or_default(),
+            metrics: {
+                let m = file.metrics.unwrap_or_default();
+                m.validate()?;
+                m
+            },
+            fleet: file.fleet,
+            train: file.train,
         })
     }
 

@@ -10,3 +10,4 @@ pub mod profiling;
 pub mod refresh;
 pub mod report;
 pub mod run;
+pub mod warming;

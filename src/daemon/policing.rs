@@ -966,6 +966,7 @@ mod tests {
         let opened = |pid, exec| FsEvent::Opened {
             mirror_path: "/mnt/x/tool".into(),
             original: w.path.clone(),
+            backing: w.path.clone(),
             key: key(),
             variant_id: Some(w.variant_id),
             pid,

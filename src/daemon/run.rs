@@ -20,20 +20,27 @@ use crate::daemon::policing::Policing;
 use crate::daemon::profiling::Profiling;
 use crate::daemon::refresh::Refresher;
 use crate::daemon::report::Reporter;
+use crate::fleet::daemon::Fleet;
 use crate::fs::{FsEvent, Overlay, OverlayConfig, ServingTable};
 use crate::fuse::{MountOptions, ServeContext, Served};
+use crate::observe::SharedStatus;
 
 /// Mounts the overlay and serves until SIGTERM/SIGINT or an unmount from outside.
 pub fn run_foreground(cfg: Config) -> anyhow::Result<()> {
-    create_private_dir(&cfg.state_dir)?;
+    crate::cli::create_private_dir(&cfg.state_dir)?;
+    // A bad catalog is reported as what it is, before mounting.
+    crate::catalog::health::check(&cfg.catalog_path())?;
     // A bad [profile] or [policy] fails here, before mounting, rather than in every server
     // start.
     crate::daemon::profiling::ProfileSettings::from_table(&cfg.sections.profile)?;
     crate::daemon::policing::PolicySettings::from_table(&cfg.sections.policy)?;
-    crate::train::TrainSettings::from_table(&cfg.sections.train)?;
+    // A bad [fleet] or an unsafe credentials file refuses the start with the reason.
+    crate::fleet::daemon::Fleet::new(cfg.fleet.as_ref())?;
     let cfg = Arc::new(cfg);
     let mut opts = MountOptions::new(&cfg.mountpoint);
     opts.server_pid_file = Some(cfg.state_dir.join("server.pid"));
+    opts.overlay_dirs = cfg.overlay.clone();
+    cfg.supervisor.apply(&mut opts);
     let started_at = SystemClock.unix_secs();
     tracing::info!(
         mountpoint = %cfg.mountpoint.display(),
@@ -42,15 +49,6 @@ pub fn run_foreground(cfg: Config) -> anyhow::Result<()> {
         "optbin starting"
     );
     crate::fuse::run_supervised(&opts, |ctx| start_server(cfg.clone(), ctx, started_at))
-}
-
-fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating the state directory {}", dir.display()))
 }
 
 /// Builds one server process's world. Runs after every (re)start of the server.
@@ -83,24 +81,31 @@ pub fn start_server(
     // The optimizer (src/daemon/optimizing): BOLT, its job queue, the maturity driver, the
     // `optimize`/`reset` commands and the "optimizer" status section.
     let optimizing = Optimizing::new(&cfg, &catalog, clock.clone())?;
+    // Keeping hot binaries warm (src/warm): fed every exec, stopped with the server.
+    let warmer = crate::daemon::warming::start(&cfg)?;
+    // Fleet sharing (src/fleet), when `[fleet]` is set: profiles and verdicts via Redis.
+    let fleet = Fleet::new(cfg.fleet.as_ref())?;
+    if let Some(f) = &fleet {
+        optimizing.use_fleet(f.view.clone());
+    }
+    let mut subsystems = vec![profiling.status(), optimizing.status(), policing.status()];
+    subsystems.push(Arc::new(crate::daemon::warming::WarmSection(warmer.clone())));
+    subsystems.extend(fleet.as_ref().map(|f| f.status()));
 
     // Training commands (src/train): run through the mount when the machine is idle.
-    let trainer = crate::train::Trainer::new(
-        crate::train::TrainSettings::from_table(&cfg.sections.train)?,
-        cfg.mountpoint.clone(),
-        cfg.overlay.clone(),
-    );
+    let trainer =
+        crate::train::Trainer::new(cfg.train.clone(), cfg.mountpoint.clone(), cfg.overlay.clone());
+    subsystems.push(trainer.status());
+    // Pictures, the host's USE summary, metrics and the HTML report (src/observe).
+    let observe =
+        crate::observe::Observe::new(&cfg.metrics, &cfg.mountpoint, &catalog, profiling.stacks());
+    subsystems.push(observe.status());
     let reporter = Reporter {
         catalog: catalog.clone(),
         config: cfg.clone(),
         started_at,
         server_restarts: ctx.generation as u32,
-        subsystems: vec![
-            profiling.status(),
-            optimizing.status(),
-            policing.status(),
-            trainer.status(),
-        ],
+        subsystems,
         serving: serving.clone(),
         bin_files: Some(Arc::new(crate::daemon::report::BinFilesSet(vec![
             profiling.bin_files(),
@@ -117,10 +122,19 @@ pub fn start_server(
         hooks: Some(optimizing.hooks()),
         train: Some(trainer.clone()),
     };
-    let control = Arc::new(ControlDir::new(Box::new(reporter), Box::new(actions)));
+    let reporter: Arc<dyn crate::control::StatusSource> = Arc::new(reporter);
+    let control = Arc::new(
+        ControlDir::new(Box::new(SharedStatus(reporter.clone())), Box::new(actions))
+            .with_files(observe.files()),
+    );
     let (events_tx, events_rx) = mpsc::unbounded_channel::<FsEvent>();
     let overlay = Overlay::new(
-        OverlayConfig { mountpoint: cfg.mountpoint.clone(), overlay_dirs: cfg.overlay.clone() },
+        OverlayConfig {
+            mountpoint: cfg.mountpoint.clone(),
+            overlay_dirs: cfg.overlay.clone(),
+            // Running programs keep their bytes when an original is rewritten in place.
+            originals: Some(cfg.state_dir.join("originals")),
+        },
         serving,
         None,
         control,
@@ -131,7 +145,7 @@ pub fn start_server(
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (seen_tx, seen_rx) = mpsc::unbounded_channel::<SeenFile>();
     let (indexed_tx, indexed_rx) = mpsc::unbounded_channel::<Indexed>();
-    rt.spawn(route_events(events_rx, seen_tx, shutdown.clone()));
+    rt.spawn(route_events(events_rx, seen_tx, warmer.clone(), shutdown.clone()));
     rt.spawn(indexer::run_indexer(
         catalog.clone(),
         clock.clone(),
@@ -141,6 +155,7 @@ pub fn start_server(
     ));
     rt.spawn(refresh_indexed(indexed_rx, refresher.clone(), shutdown.clone()));
     profiling.spawn(rt.handle(), overlay.clone(), shutdown.clone());
+    observe.spawn(rt.handle(), reporter, shutdown.clone());
     // Instrumented variants (instrumentation mode) change what a path serves when built
     // and when done: the optimizer re-derives it through the refresher. None are built
     // while the profiler samples branch stacks.
@@ -151,7 +166,22 @@ pub fn start_server(
     };
     let optimizer_queue = optimizing.spawn(rt.handle(), shutdown.clone(), instrument);
     // The policy task, told where the optimizing pipeline is per binary.
-    policing.spawn(rt.handle(), shutdown.clone(), optimizing.pipeline_view());
+    let pipeline = optimizing.pipeline_view();
+    let pipeline = match &fleet {
+        Some(f) => f.pipeline(pipeline),
+        None => pipeline,
+    };
+    policing.spawn(rt.handle(), shutdown.clone(), pipeline);
+    if let Some(f) = &fleet {
+        let r4 = refresher.clone();
+        f.spawn(
+            rt.handle(),
+            catalog.clone(),
+            clock.clone(),
+            Arc::new(move |p| r4.refresh(p)),
+            shutdown.clone(),
+        );
+    }
     trainer.spawn(rt.handle(), shutdown.clone());
     tracing::info!(generation = ctx.generation, "server ready");
 
@@ -166,6 +196,12 @@ pub fn start_server(
                 });
             }
             rt.shutdown_timeout(Duration::from_secs(10));
+            warmer.stop();
+            match catalog.checkpoint() {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!("the catalog checkpoint at stop was incomplete"),
+                Err(e) => tracing::warn!(error = format!("{e:#}"), "checkpointing the catalog"),
+            }
             tracing::info!("server stopped");
         }),
     })
@@ -175,6 +211,7 @@ pub fn start_server(
 async fn route_events(
     mut events: mpsc::UnboundedReceiver<FsEvent>,
     seen: mpsc::UnboundedSender<SeenFile>,
+    warmer: Arc<crate::warm::Warmer>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -186,6 +223,7 @@ async fn route_events(
             FsEvent::Seen { original, key } => {
                 let _ = seen.send(SeenFile { path: original, key });
             }
+            FsEvent::Opened { backing, pid, exec: true, .. } => warmer.note_exec(backing, pid),
             FsEvent::Opened { .. } => {}
         }
     }

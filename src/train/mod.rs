@@ -51,15 +51,12 @@ impl Default for TrainSettings {
 }
 
 impl TrainSettings {
-    /// Parses `[train]`; errors name the bad key.
-    pub fn from_table(table: &toml::Table) -> anyhow::Result<Self> {
-        let s: Self = toml::Value::Table(table.clone())
-            .try_into()
-            .map_err(|e| anyhow::anyhow!("[train]: {e}"))?;
-        anyhow::ensure!(s.check_secs >= 1, "[train] check_secs must be at least 1");
-        anyhow::ensure!(s.idle_load > 0.0, "[train] idle_load must be above 0");
-        anyhow::ensure!(s.dir.is_absolute(), "[train] dir must be an absolute path");
-        Ok(s)
+    /// Checks the values serde cannot (unknown keys are already errors naming the key).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.check_secs >= 1, "[train] check_secs must be at least 1");
+        anyhow::ensure!(self.idle_load > 0.0, "[train] idle_load must be above 0");
+        anyhow::ensure!(self.dir.is_absolute(), "[train] dir must be an absolute path");
+        Ok(())
     }
 }
 
@@ -369,12 +366,13 @@ mod tests {
 
     #[test]
     fn settings_name_bad_keys_and_default() {
-        let t: toml::Table = toml::from_str("idle_load = 2.0\ncheck_secs = 1").unwrap();
-        let s = TrainSettings::from_table(&t).unwrap();
+        let s: TrainSettings = toml::from_str("idle_load = 2.0\ncheck_secs = 1").unwrap();
+        s.validate().unwrap();
         assert_eq!((s.idle_load, s.check_secs, s.enabled), (2.0, 1, true));
-        let t: toml::Table = toml::from_str("idle = 2.0").unwrap();
-        let err = TrainSettings::from_table(&t).unwrap_err().to_string();
+        let err = toml::from_str::<TrainSettings>("idle = 2.0").unwrap_err().to_string();
         assert!(err.contains("unknown field `idle`"), "{err}");
+        let s: TrainSettings = toml::from_str("dir = \"train.d\"").unwrap();
+        assert!(s.validate().unwrap_err().to_string().contains("absolute"));
     }
 
     #[test]

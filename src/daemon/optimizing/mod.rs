@@ -70,7 +70,12 @@ pub struct Shared {
     pub sandbox: Sandbox,
     /// The queue's status as last copied (see [`Shared::queue_status`]).
     status_copy: Mutex<Option<(Instant, Arc<OptimizerStatus>)>>,
+    /// The fleet's profiles and verdicts, when `[fleet]` is on (set by [`Optimizing::use_fleet`]).
+    pub fleet: FleetSlot,
 }
+
+/// Where the optimizer finds the fleet's view once the daemon has one.
+pub type FleetSlot = Arc<std::sync::OnceLock<Arc<crate::fleet::FleetView>>>;
 
 /// How long a copy of the queue's status serves per-binary questions.
 const STATUS_COPY_TTL: Duration = Duration::from_millis(250);
@@ -140,13 +145,17 @@ impl Optimizing {
             ..OptimizerConfig::default()
         };
         let instrumentation = instrumenting::InstrumentSetup::from_config(cfg)?;
+        let fleet = FleetSlot::default();
         let deps = OptimizerDeps {
             catalog: catalog.clone(),
             store: store.clone(),
             bolt: bolt.clone(),
             runner: runner.clone(),
             sandbox: sandbox.clone(),
-            profiles: Arc::new(profiles::CatalogProfiles { catalog: catalog.clone() }),
+            profiles: Arc::new(profiles::CatalogProfiles {
+                catalog: catalog.clone(),
+                fleet: fleet.clone(),
+            }),
             clock,
         };
         let (handle, worker) = optimizer(config, deps);
@@ -164,8 +173,14 @@ impl Optimizing {
             runner,
             sandbox,
             status_copy: Mutex::new(None),
+            fleet,
         });
         Ok(Self { shared, worker: Mutex::new(Some(worker)), scratch_created })
+    }
+
+    /// Builds from the fleet's mature profiles too, and respects its rejections.
+    pub fn use_fleet(&self, view: Arc<crate::fleet::FleetView>) {
+        let _ = self.shared.fleet.set(view);
     }
 
     /// The "optimizer" section of `status.json` and its per-binary details.
