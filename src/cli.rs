@@ -78,6 +78,9 @@ enum Cmd {
     },
     /// Benchmark a binary's original against its variant (see `optbin bench --help`).
     Bench(crate::bench::BenchArgs),
+    /// What BOLT did for each program and what it measurably changed (see `optbin report
+    /// --help`).
+    Report(crate::report::ReportArgs),
     /// Print what `<mount>/.optbin/status` shows.
     Status {
         /// The mountpoint [default: /opt/optbin].
@@ -146,6 +149,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Fleet { config, command } => crate::fleet::cli::run(config.as_deref(), command),
         Cmd::Bench(args) => crate::bench::main(args),
+        Cmd::Report(args) => {
+            quiet_on_closed_pipe();
+            crate::report::main(args)
+        }
         Cmd::Status { mountpoint, json } => {
             quiet_on_closed_pipe();
             let mnt = mountpoint_or_default(mountpoint);

@@ -22,6 +22,7 @@ pub mod measure;
 pub mod observe;
 pub mod policy;
 pub mod profile;
+pub mod report;
 pub mod store;
 pub mod train;
 pub mod warm;

@@ -125,7 +125,8 @@ pub fn start_server(
     let reporter: Arc<dyn crate::control::StatusSource> = Arc::new(reporter);
     let control = Arc::new(
         ControlDir::new(Box::new(SharedStatus(reporter.clone())), Box::new(actions))
-            .with_files(observe.files()),
+            .with_files(observe.files())
+            .with_files(crate::report::file::ReportFile::new(catalog.clone())),
     );
     let (events_tx, events_rx) = mpsc::unbounded_channel::<FsEvent>();
     let overlay = Overlay::new(
