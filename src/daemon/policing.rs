@@ -2,10 +2,9 @@
 //! the `[policy]` settings, the measurer fed by the overlay's exec-time opens, the policy
 //! task, and the translation of the policy's decisions into the overlay's serving table.
 //!
-//! Two phases, because the overlay is built after the control plane that shows our status:
-//! [`Policing::new`] (settings, measurer, status object, [`Policing::refresh`] for control
-//! commands and start-up) and [`Policing::spawn`] (the tasks, once the runtime and the
-//! overlay exist).
+//! [`Policing::new`] builds everything (settings, measurer, status object, the
+//! [`Reconciler`] that control commands and start-up use); [`Policing::spawn`] consumes it
+//! and starts the tasks, returning their handles so shutdown can await each.
 //!
 //! The exec path: the overlay's lookup draws the variant per exec from the serving table
 //! (a canary or exploration share below 1.0 is drawn per lookup); the kernel then opens the
@@ -32,27 +31,26 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 
-mod settings;
 mod status;
 
-pub use settings::PolicySettings;
+pub use crate::policy::Settings as PolicySettings;
 use status::PolicyStatus;
 
 use crate::catalog::Catalog;
 use crate::catalog::base::{self, VariantRow};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
-use crate::daemon::report::SubsystemStatus;
+use crate::control::SubsystemStatus;
 use crate::fs::{EventSink, FsEvent, ServedVariant, ServingTable};
 use crate::identity::FileKey;
 use crate::measure::{ExecOpen, Measurer, RunExit, RunRecord};
-use crate::policy::load::{NoPipeline, PipelineView};
+use crate::policy::load::PipelineView;
 use crate::policy::task::{PolicyTaskOptions, ServingSink, reevaluate_binary, run_policy};
 use crate::policy::{PolicyConfig, ServeDecision, VariantState};
 use crate::profile::instrument::InstrumentationBudget;
@@ -120,7 +118,7 @@ impl Measurement {
 /// server starts counting again; the collected runs in the catalog still cap it).
 #[derive(Default)]
 struct InstrServing {
-    budget: Mutex<Option<InstrumentationBudget>>,
+    budget: Option<InstrumentationBudget>,
     /// Execs served per instrumented variant id (those this process decided to serve).
     served: Mutex<HashMap<i64, u64>>,
     /// Paths whose share changes (a count crossed a limit): re-derived on the next
@@ -130,7 +128,7 @@ struct InstrServing {
 
 impl InstrServing {
     fn budget(&self) -> Option<InstrumentationBudget> {
-        *lock(&self.budget)
+        self.budget
     }
 
     /// Counts an exec of `variant_id` if it is an instrumented variant being served.
@@ -169,8 +167,8 @@ struct Inner {
     serving: Arc<ServingTable>,
     config: PolicyConfig,
     measurement: Arc<Measurement>,
-    /// Where the optimizing pipeline is per binary (for stage texts); set by `spawn`.
-    pipeline: RwLock<Arc<dyn PipelineView>>,
+    /// Where the optimizing pipeline is per binary (for stage texts).
+    pipeline: Arc<dyn PipelineView>,
     /// Held from reading the catalog to writing the serving table (see the module doc).
     apply_order: Mutex<()>,
     /// What the policy task last reported per path (it reports only changes).
@@ -185,8 +183,25 @@ struct Inner {
 pub struct Policing {
     inner: Arc<Inner>,
     settings: PolicySettings,
-    /// The measurer's records, until `spawn` hands them to the policy task.
-    records: Mutex<Option<mpsc::UnboundedReceiver<RunRecord>>>,
+    /// The measurer's records, for the policy task (None without a measurer).
+    records: Option<mpsc::UnboundedReceiver<RunRecord>>,
+}
+
+/// Re-derives what a path serves from the catalog and applies it (see
+/// [`Policing::reconciler`]); cheap to clone.
+#[derive(Clone)]
+pub struct Reconciler {
+    inner: Arc<Inner>,
+}
+
+impl Reconciler {
+    /// Re-derives what `path` serves from the catalog (re-evaluating its binary, so that a
+    /// pin, an exclusion or a reset takes effect at once) and applies it to the serving
+    /// table. Blocking (catalog round trips): call it from plain threads or
+    /// `spawn_blocking`, never from the catalog thread.
+    pub fn refresh(&self, path: &Path) {
+        self.inner.refresh(path);
+    }
 }
 
 impl std::fmt::Debug for Policing {
@@ -202,12 +217,14 @@ impl Policing {
     /// Parses `[policy]`, raises the open-files limit (one perf fd per measured live
     /// process) and starts the measurer (needs root). A measurer that cannot start is not
     /// an error: the daemon serves without canaries and status says why.
+    /// `pipeline` tells where the optimizing pipeline is per binary (for stage texts).
     pub fn new(
         cfg: &Config,
         catalog: &Catalog,
         serving: Arc<ServingTable>,
-    ) -> anyhow::Result<Self> {
-        let settings = PolicySettings::from_table(&cfg.sections.policy)?;
+        pipeline: Arc<dyn PipelineView>,
+    ) -> Self {
+        let settings = cfg.policy.clone();
         let measured = if !settings.measure {
             Err("turned off in the config (policy.measure = false)".to_string())
         } else {
@@ -219,10 +236,8 @@ impl Policing {
         if let Err(why) = &measured {
             tracing::warn!(why = %why, "runs are not measured: no canary will be run");
         }
-        let this = Self::with_measurer(settings, catalog, serving, measured);
-        let profile = crate::daemon::profiling::ProfileSettings::from_table(&cfg.sections.profile)?;
-        *lock(&this.inner.instr.budget) = profile.instrumentation_budget();
-        Ok(this)
+        let budget = cfg.profile.instrumentation_budget();
+        Self::with_measurer(settings, catalog, serving, pipeline, budget, measured)
     }
 
     /// Assembles the wiring around a given measurer (or the reason there is none).
@@ -230,6 +245,8 @@ impl Policing {
         settings: PolicySettings,
         catalog: &Catalog,
         serving: Arc<ServingTable>,
+        pipeline: Arc<dyn PipelineView>,
+        instrumentation: Option<InstrumentationBudget>,
         measured: Result<(Measurer, mpsc::UnboundedReceiver<RunRecord>), String>,
     ) -> Self {
         let (measurement, records) = match measured {
@@ -241,14 +258,14 @@ impl Policing {
             serving,
             config: settings.policy_config(),
             measurement: Arc::new(measurement),
-            pipeline: RwLock::new(Arc::new(NoPipeline)),
+            pipeline,
             apply_order: Mutex::new(()),
             reported: Mutex::new(HashMap::new()),
             diverged: Mutex::new(HashSet::new()),
             clock: Arc::new(SystemClock),
-            instr: Arc::new(InstrServing::default()),
+            instr: Arc::new(InstrServing { budget: instrumentation, ..Default::default() }),
         });
-        Self { inner, settings, records: Mutex::new(records) }
+        Self { inner, settings, records }
     }
 
     /// The settings in force.
@@ -276,40 +293,41 @@ impl Policing {
         })
     }
 
-    /// Re-derives what `path` serves from the catalog (re-evaluating its binary, so that a
-    /// pin, an exclusion or a reset takes effect at once) and applies it to the serving
-    /// table. Blocking (catalog round trips): call it from plain threads or
-    /// `spawn_blocking`, never from the catalog thread.
+    /// What control commands, start-up and new versions use to re-derive a path's serving.
+    pub fn reconciler(&self) -> Reconciler {
+        Reconciler { inner: self.inner.clone() }
+    }
+
+    /// Re-derives what `path` serves and applies it (see [`Reconciler::refresh`]).
     pub fn refresh(&self, path: &Path) {
         self.inner.refresh(path);
     }
 
     /// Starts the tasks: the policy task (stores runs, decides, rescans, rotates runs), the
-    /// task that applies its decisions to the serving table, and the run counter. Call once.
+    /// task that applies its decisions to the serving table, and the run counter. Returns
+    /// their handles; each ends on `shutdown`.
     pub fn spawn(
-        &self,
+        self,
         rt: &tokio::runtime::Handle,
         shutdown: watch::Receiver<bool>,
-        pipeline: Arc<dyn PipelineView>,
-    ) {
-        *self.inner.pipeline.write().unwrap_or_else(|e| e.into_inner()) = pipeline.clone();
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = Vec::new();
         let (runs_tx, runs_rx) = mpsc::unbounded_channel();
-        let records = lock(&self.records).take();
-        if let Some(records) = records {
-            rt.spawn(count_runs(
+        if let Some(records) = self.records {
+            tasks.push(rt.spawn(count_runs(
                 self.inner.measurement.clone(),
                 records,
                 runs_tx,
                 shutdown.clone(),
-            ));
+            )));
         }
         // Without a measurer the run channel is closed at once: the task only rescans.
         let (paths_tx, paths_rx) = mpsc::unbounded_channel();
-        rt.spawn(apply_decisions(self.inner.clone(), paths_rx, shutdown.clone()));
+        tasks.push(rt.spawn(apply_decisions(self.inner.clone(), paths_rx, shutdown.clone())));
         let s = &self.settings;
         let opts = PolicyTaskOptions {
             config: self.inner.config.clone(),
-            pipeline,
+            pipeline: self.inner.pipeline.clone(),
             clock: self.inner.clock.clone(),
             rescan_every: Duration::from_millis(s.rescan_ms),
             runs_max_age: Duration::from_secs(s.runs_max_age_days.saturating_mul(86_400)),
@@ -318,11 +336,12 @@ impl Policing {
         };
         let catalog = self.inner.catalog.clone();
         let sink = Arc::new(TableSink { inner: self.inner.clone(), paths: paths_tx });
-        rt.spawn(async move {
+        tasks.push(rt.spawn(async move {
             if let Err(e) = run_policy(catalog, runs_rx, sink, shutdown, opts).await {
                 tracing::error!(error = %format!("{e:#}"), "the policy task stopped");
             }
-        });
+        }));
+        tasks
     }
 }
 
@@ -378,7 +397,7 @@ fn translate(
 
 impl Inner {
     fn pipeline(&self) -> Arc<dyn PipelineView> {
-        self.pipeline.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.pipeline.clone()
     }
 
     fn now_ms(&self) -> i64 {
@@ -809,7 +828,15 @@ mod tests {
 
     fn policing(w: &World, serving: &Arc<ServingTable>, measured: bool) -> Policing {
         let m = if measured { Ok(fake_measurer().0) } else { Err("not here".to_string()) };
-        Policing::with_measurer(PolicySettings::default(), &w.catalog, serving.clone(), m)
+        let pipeline = Arc::new(crate::policy::load::NoPipeline);
+        Policing::with_measurer(
+            PolicySettings::default(),
+            &w.catalog,
+            serving.clone(),
+            pipeline,
+            None,
+            m,
+        )
     }
 
     #[test]
@@ -959,6 +986,8 @@ mod tests {
             PolicySettings::default(),
             &w.catalog,
             ServingTable::new(),
+            Arc::new(crate::policy::load::NoPipeline),
+            None,
             Ok(measured),
         );
         let (tx, mut rx) = mpsc::unbounded_channel::<FsEvent>();
@@ -990,7 +1019,7 @@ mod tests {
         let serving = ServingTable::new();
         let p = policing(&w, &serving, true);
         let (stop, shutdown) = watch::channel(false);
-        p.spawn(&tokio::runtime::Handle::current(), shutdown, Arc::new(NoPipeline));
+        let tasks = p.spawn(&tokio::runtime::Handle::current(), shutdown);
         // The first rescan evaluates every watched binary: the served variant gets all but
         // the exploration share.
         let mut got = None;
@@ -1012,6 +1041,11 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(serving.served_share(&w.path), None);
+        // Shutdown ends every task it started.
+        assert_eq!(tasks.len(), 3);
         stop.send(true).unwrap();
+        for task in tasks {
+            tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+        }
     }
 }

@@ -1,14 +1,14 @@
 //! Keeps the overlay's serving table in line with the catalog: after anything that can
 //! change what a path should serve (a control command, a new version of the original),
 //! [`Refresher::refresh`] applies the exclusions (the user's and the config's deny/allow
-//! lists) and has the policy re-derive what the path serves ([`Policing::refresh`]).
+//! lists) and has the policy re-derive what the path serves ([`Reconciler::refresh`]).
 
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::catalog::{Catalog, base};
 use crate::config::Config;
-use crate::daemon::policing::Policing;
+use crate::daemon::policing::Reconciler;
 use crate::fs::ServingTable;
 use crate::identity::FileKey;
 
@@ -17,7 +17,7 @@ pub struct Refresher {
     pub serving: Arc<ServingTable>,
     pub config: Arc<Config>,
     /// The one source of serving decisions.
-    pub policing: Arc<Policing>,
+    pub policing: Reconciler,
 }
 
 impl Refresher {

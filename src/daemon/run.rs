@@ -26,10 +26,6 @@ use crate::fuse::{MountOptions, ServeContext, Served};
 /// Mounts the overlay and serves until SIGTERM/SIGINT or an unmount from outside.
 pub fn run_foreground(cfg: Config) -> anyhow::Result<()> {
     create_private_dir(&cfg.state_dir)?;
-    // A bad [profile] or [policy] fails here, before mounting, rather than in every server
-    // start.
-    crate::daemon::profiling::ProfileSettings::from_table(&cfg.sections.profile)?;
-    crate::daemon::policing::PolicySettings::from_table(&cfg.sections.policy)?;
     let cfg = Arc::new(cfg);
     let mut opts = MountOptions::new(&cfg.mountpoint);
     opts.server_pid_file = Some(cfg.state_dir.join("server.pid"));
@@ -53,6 +49,12 @@ fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
 }
 
 /// Builds one server process's world. Runs after every (re)start of the server.
+///
+/// Built bottom-up, each part from the parts below it, so nothing is filled in later: the
+/// optimizer (its pipeline view), then measurement and the policy (the one source of
+/// serving decisions), the profiler's status, the control plane over all three, the
+/// overlay over the control plane, and last the tasks, each of which ends on `shutdown`
+/// and is awaited by the returned stop hook.
 pub fn start_server(
     cfg: Arc<Config>,
     ctx: ServeContext,
@@ -67,21 +69,20 @@ pub fn start_server(
     let catalog = Catalog::open(&cfg.catalog_path())?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let serving = ServingTable::new();
+    // The optimizer (src/daemon/optimizing): BOLT, its job queue, the maturity driver, the
+    // `optimize`/`reset` commands and the "optimizer" status section.
+    let optimizing = Optimizing::new(&cfg, &catalog, clock.clone())?;
     // Measurement and the policy: the one source of serving decisions (policing.rs).
-    let policing = Arc::new(Policing::new(&cfg, &catalog, serving.clone())?);
+    let policing = Policing::new(&cfg, &catalog, serving.clone(), optimizing.pipeline_view());
     let refresher = Arc::new(Refresher {
         catalog: catalog.clone(),
         serving: serving.clone(),
         config: cfg.clone(),
-        policing: policing.clone(),
+        policing: policing.reconciler(),
     });
     refresher.refresh_all().context("loading pins, exclusions and served variants")?;
     // Profiler: its status and profile files now, its sampling task once the overlay exists.
-    let profiling = Profiling::new(&cfg, &catalog)?;
-
-    // The optimizer (src/daemon/optimizing): BOLT, its job queue, the maturity driver, the
-    // `optimize`/`reset` commands and the "optimizer" status section.
-    let optimizing = Optimizing::new(&cfg, &catalog, clock.clone())?;
+    let profiling = Profiling::new(cfg.clone(), &catalog);
 
     let reporter = Reporter {
         catalog: catalog.clone(),
@@ -113,18 +114,24 @@ pub fn start_server(
     )?;
 
     let (shutdown_tx, shutdown) = watch::channel(false);
+    let mut tasks = Tasks::default();
     let (seen_tx, seen_rx) = mpsc::unbounded_channel::<SeenFile>();
     let (indexed_tx, indexed_rx) = mpsc::unbounded_channel::<Indexed>();
-    rt.spawn(route_events(events_rx, seen_tx, shutdown.clone()));
-    rt.spawn(indexer::run_indexer(
-        catalog.clone(),
-        clock.clone(),
-        seen_rx,
-        indexed_tx,
-        shutdown.clone(),
-    ));
-    rt.spawn(refresh_indexed(indexed_rx, refresher.clone(), shutdown.clone()));
-    profiling.spawn(rt.handle(), overlay.clone(), shutdown.clone());
+    tasks.add("route events", rt.spawn(route_events(events_rx, seen_tx, shutdown.clone())));
+    tasks.add(
+        "indexer",
+        rt.spawn(indexer::run_indexer(
+            catalog.clone(),
+            clock.clone(),
+            seen_rx,
+            indexed_tx,
+            shutdown.clone(),
+        )),
+    );
+    tasks.add(
+        "refresh indexed",
+        rt.spawn(refresh_indexed(indexed_rx, refresher.clone(), shutdown.clone())),
+    );
     // Instrumented variants (instrumentation mode) change what a path serves when built
     // and when done: the optimizer re-derives it through the refresher. None are built
     // while the profiler samples branch stacks.
@@ -133,26 +140,63 @@ pub fn start_server(
         refresh: Arc::new(move |p| r3.refresh(p)),
         branch_stacks: profiling.branch_stacks(),
     };
-    let optimizer_queue = optimizing.spawn(rt.handle(), shutdown.clone(), instrument);
-    // The policy task, told where the optimizing pipeline is per binary.
-    policing.spawn(rt.handle(), shutdown.clone(), optimizing.pipeline_view());
+    if let Some(task) = profiling.spawn(rt.handle(), overlay.clone(), shutdown.clone()) {
+        tasks.add("profiler", task);
+    }
+    for task in optimizing.spawn(rt.handle(), shutdown.clone(), instrument) {
+        tasks.add("optimizer", task);
+    }
+    for task in policing.spawn(rt.handle(), shutdown.clone()) {
+        tasks.add("policy", task);
+    }
     tracing::info!(generation = ctx.generation, "server ready");
 
     Ok(Served {
         overlay,
         shutdown: Box::new(move || {
             let _ = shutdown_tx.send(true);
-            // The optimizer kills running BOLT jobs when told; give it the time to.
-            if let Some(queue) = optimizer_queue {
-                let _ = rt.block_on(async move {
-                    tokio::time::timeout(Duration::from_secs(10), queue).await
-                });
-            }
+            // Every task ends on the signal (the optimizer kills running BOLT jobs and
+            // records them as cancelled): wait for each before the runtime goes.
+            rt.block_on(tasks.join());
+            // Blocking work a task handed off and no longer waits for (a catalog write
+            // queued by a dropped caller) gets a bounded time to finish.
             rt.shutdown_timeout(Duration::from_secs(10));
             tracing::info!("server stopped");
         }),
     })
 }
+
+/// The server's background tasks, by name, for an orderly shutdown.
+#[derive(Default)]
+struct Tasks {
+    running: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
+}
+
+impl Tasks {
+    fn add(&mut self, name: &'static str, task: tokio::task::JoinHandle<()>) {
+        self.running.push((name, task));
+    }
+
+    /// Waits for every task, saying which ones are still running every
+    /// [`SLOW_SHUTDOWN`] (a task that ignores the signal is a bug to see, not to hide).
+    async fn join(self) {
+        for (name, mut task) in self.running {
+            loop {
+                match tokio::time::timeout(SLOW_SHUTDOWN, &mut task).await {
+                    Ok(Ok(())) => break,
+                    Ok(Err(e)) => {
+                        tracing::error!(task = name, error = %e, "a task failed");
+                        break;
+                    }
+                    Err(_) => tracing::warn!(task = name, "still stopping"),
+                }
+            }
+        }
+    }
+}
+
+/// How long shutdown waits for a task before saying so (and waiting on).
+const SLOW_SHUTDOWN: Duration = Duration::from_secs(10);
 
 /// Sends what the overlay reports to the tasks that act on it.
 async fn route_events(

@@ -12,7 +12,7 @@ use super::candidate::{current_binary, profile_numbers, verdict};
 use crate::bolt::{OptimizeRequest, ProfileNumbers, RequestOrigin};
 use crate::catalog::{base, bolt_jobs, profiles, runs};
 use crate::control::ActionError;
-use crate::daemon::actions::CommandHooks;
+use crate::control::CommandHooks;
 use crate::identity::{ContentId, FileKey};
 
 pub struct OptimizerHooks {

@@ -35,7 +35,6 @@ use crate::bolt::verify::verify;
 use crate::bolt::{BoltJob, BoltMode, BoltOutcome, BoltPlan, ProfileInput};
 use crate::catalog::{base, profiles, runs};
 use crate::config::Config;
-use crate::daemon::profiling::ProfileSettings;
 use crate::identity::{ContentId, FileKey};
 use crate::profile::instrument::{InstrumentationBudget, collect_runs};
 
@@ -80,7 +79,7 @@ pub struct InstrumentSetup {
 impl InstrumentSetup {
     /// None when `[profile] instrumentation` is off.
     pub fn from_config(cfg: &Config) -> anyhow::Result<Option<Self>> {
-        let settings = ProfileSettings::from_table(&cfg.sections.profile)?;
+        let settings = &cfg.profile;
         Ok(settings
             .instrumentation_budget()
             .map(|budget| Self { budget, root: settings.instrumentation_dir(&cfg.state_dir) }))

@@ -15,8 +15,8 @@ use crate::bolt::retry_policy::{DEFAULT_GROWTH, Decision, RequestOrigin, decide}
 use crate::bolt::status::{JobEnd, OptimizerStatus};
 use crate::bolt::{ProfileNumbers, assess};
 use crate::catalog::{base, bolt_jobs, runs};
+use crate::control::SubsystemStatus;
 use crate::control::status::human_size;
-use crate::daemon::report::SubsystemStatus;
 use crate::policy::Pipeline;
 use crate::policy::load::PipelineView;
 use crate::profile::profile_summary;

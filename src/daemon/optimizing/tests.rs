@@ -9,6 +9,7 @@ use super::*;
 use crate::catalog::{base, bolt_jobs, profiles, runs};
 use crate::clock::SystemClock;
 use crate::config::{FileConfig, Overrides};
+use crate::elf::ElfFacts;
 use crate::identity::{ContentId, FileKey};
 use crate::policy::Pipeline;
 
@@ -139,14 +140,12 @@ async fn the_scratch_dir_waits_for_the_first_job() {
     assert!(!scratch.exists(), "created before any job needed it");
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let hooks = instrumenting::Hooks::none();
-    let queue =
-        o.spawn(&tokio::runtime::Handle::current(), shutdown.clone(), hooks.clone()).unwrap();
-    assert!(
-        o.spawn(&tokio::runtime::Handle::current(), shutdown, hooks).is_none(),
-        "started twice"
-    );
+    let tasks = o.spawn(&tokio::runtime::Handle::current(), shutdown, hooks);
+    assert_eq!(tasks.len(), 2, "the queue and the driver");
     stop.send(true).unwrap();
-    tokio::time::timeout(std::time::Duration::from_secs(10), queue).await.unwrap().unwrap();
+    for task in tasks {
+        tokio::time::timeout(std::time::Duration::from_secs(10), task).await.unwrap().unwrap();
+    }
     assert!(!scratch.exists());
 }
 
@@ -246,17 +245,4 @@ fn pipeline_stages_and_reset() {
     assert_eq!(pipeline(&o, &catalog, id), Pipeline::Collecting);
     let err = o.hooks().reset(&cfg.overlay[0].join("never-seen")).unwrap_err();
     assert_eq!(err.errno, libc::EINVAL);
-}
-
-#[test]
-fn status_table_reasons_drop_the_verdict_word() {
-    assert_eq!(reason_only("not a candidate: stripped (no .symtab)"), "stripped (no .symtab)");
-    assert_eq!(
-        reason_only("candidate (relocation mode, .text 171 KiB, 82% of samples in own text)"),
-        "relocation mode, .text 171 KiB, 82% of samples in own text"
-    );
-    assert_eq!(
-        reason_only("candidate by its ELF facts (x); its own-text share is unknown"),
-        "by its ELF facts (x); its own-text share is unknown"
-    );
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use serde_json::json;
 
 use super::Inner;
-use crate::daemon::report::SubsystemStatus;
+use crate::control::SubsystemStatus;
 use crate::policy::Stage;
 use crate::policy::load::{binary_status, machine_summary};
 
