@@ -56,6 +56,8 @@ enum Cmd {
         /// The mountpoint [default: /opt/optbin].
         mountpoint: Option<PathBuf>,
     },
+    /// Benchmark a binary's original against its variant (see `optbin bench --help`).
+    Bench(crate::bench::BenchArgs),
     /// Print what `<mount>/.optbin/status` shows.
     Status {
         /// The mountpoint [default: /opt/optbin].
@@ -100,6 +102,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("case \":$PATH:\" in *:{bin}:*) ;; *) export PATH={bin}:\"$PATH\" ;; esac");
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Bench(args) => crate::bench::main(args),
         Cmd::Status { mountpoint, json } => {
             let mnt = mountpoint_or_default(mountpoint);
             let file = mnt.join(".optbin").join(if json { "status.json" } else { "status" });

@@ -4,6 +4,7 @@
 //! way on the optimizing path (sampler -> profile -> maturity -> BOLT job -> store ->
 //! policy -> serving table). See `docs/architecture.md` for the map of modules.
 
+pub mod bench;
 pub mod bolt;
 pub mod catalog;
 pub mod cli;

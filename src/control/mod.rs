@@ -23,7 +23,7 @@ use crate::error::{FsError, FsResult};
 use crate::fs::{ControlFile, ControlPlane};
 pub use command::{Command, PinTarget};
 pub use status::StatusReport;
-pub use subsystem::{BinFiles, CommandHooks, SubsystemStatus};
+pub use subsystem::{BinFiles, BinFilesSet, CommandHooks, SubsystemStatus};
 
 /// Where the status comes from.
 pub trait StatusSource: Send + Sync {

@@ -31,13 +31,37 @@ pub trait SubsystemStatus: Send + Sync {
 /// Files under `.optbin/bins/NAME/`.
 pub trait BinFiles: Send + Sync {
     /// File names offered for every binary that has data (e.g. `profile.fdata`).
-    fn names(&self, conn: &rusqlite::Connection, binary_id: i64) -> Vec<&'static str>;
+    fn names(&self, conn: &rusqlite::Connection, binary_id: i64) -> Vec<String>;
     fn contents(
         &self,
         conn: &rusqlite::Connection,
         binary_id: i64,
         file: &str,
     ) -> anyhow::Result<Option<Vec<u8>>>;
+}
+
+/// Several subsystems' files under `.optbin/bins/NAME/`; the first that knows a name
+/// answers it.
+pub struct BinFilesSet(pub Vec<std::sync::Arc<dyn BinFiles>>);
+
+impl BinFiles for BinFilesSet {
+    fn names(&self, conn: &rusqlite::Connection, binary_id: i64) -> Vec<String> {
+        self.0.iter().flat_map(|f| f.names(conn, binary_id)).collect()
+    }
+
+    fn contents(
+        &self,
+        conn: &rusqlite::Connection,
+        binary_id: i64,
+        file: &str,
+    ) -> anyhow::Result<Option<Vec<u8>>> {
+        for f in &self.0 {
+            if let Some(bytes) = f.contents(conn, binary_id, file)? {
+                return Ok(Some(bytes));
+            }
+        }
+        Ok(None)
+    }
 }
 
 /// Hooks into subsystems for the commands that reach beyond controls.

@@ -91,7 +91,10 @@ pub fn start_server(
         server_restarts: ctx.generation as u32,
         subsystems: vec![profiling.status(), optimizing.status(), policing.status()],
         serving: serving.clone(),
-        bin_files: Some(profiling.bin_files()),
+        bin_files: Some(Arc::new(crate::control::BinFilesSet(vec![
+            profiling.bin_files(),
+            Arc::new(crate::bench::VariantFiles),
+        ]))),
     };
     let r2 = refresher.clone();
     let actions = Actions {

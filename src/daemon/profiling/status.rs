@@ -171,9 +171,9 @@ fn has_sampled_profile(conn: &Connection, binary_id: i64) -> anyhow::Result<bool
 }
 
 impl BinFiles for ProfileFiles {
-    fn names(&self, conn: &Connection, binary_id: i64) -> Vec<&'static str> {
+    fn names(&self, conn: &Connection, binary_id: i64) -> Vec<String> {
         match has_sampled_profile(conn, binary_id) {
-            Ok(true) => vec![PROFILE_FILE],
+            Ok(true) => vec![PROFILE_FILE.to_string()],
             Ok(false) => Vec::new(),
             Err(e) => {
                 tracing::warn!(binary_id, error = %format!("{e:#}"), "reading a profile head");
