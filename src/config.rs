@@ -294,6 +294,11 @@ impl PathPatterns {
         })
     }
 
+    /// Whether any path is denied (an allow list alone denies nothing by pattern).
+    pub fn denies_any(&self) -> bool {
+        !self.deny.is_empty()
+    }
+
     /// Whether `path` is allowed and not denied.
     pub fn permits(&self, path: &Path) -> bool {
         !self.deny.is_match(path) && self.allow.as_ref().is_none_or(|a| a.is_match(path))

@@ -28,6 +28,13 @@ pub trait SubsystemStatus: Send + Sync {
     }
 }
 
+/// A subsystem's per-binary details when its part of the catalog could not be read: the
+/// error, shown in status (never an empty section that would look like "nothing yet").
+pub fn unreadable(what: &str, e: &anyhow::Error) -> serde_json::Value {
+    let msg = format!("{e:#}");
+    serde_json::json!({ "error": msg, "summary": format!("{what} unreadable: {msg}") })
+}
+
 /// Files under `.optbin/bins/NAME/`.
 pub trait BinFiles: Send + Sync {
     /// File names offered for every binary that has data (e.g. `profile.fdata`).

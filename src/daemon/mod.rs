@@ -4,9 +4,8 @@
 pub mod actions;
 pub mod indexer;
 pub mod optimizing;
-pub mod policing;
 pub mod priority;
 pub mod profiling;
-pub mod refresh;
 pub mod report;
 pub mod run;
+pub mod serving;

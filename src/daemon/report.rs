@@ -158,7 +158,11 @@ impl StatusSource for Reporter {
                 }
                 Ok(out)
             })
-            .unwrap_or_default()
+            .unwrap_or_else(|e| {
+                // The listing has no place for an error; the log has.
+                tracing::warn!(error = %format!("{e:#}"), "listing .optbin/bins");
+                Vec::new()
+            })
     }
 
     fn bin_file(&self, relative: &str) -> anyhow::Result<Option<Vec<u8>>> {

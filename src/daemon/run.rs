@@ -16,10 +16,9 @@ use crate::control::ControlDir;
 use crate::daemon::actions::Actions;
 use crate::daemon::indexer::{self, Indexed, SeenFile};
 use crate::daemon::optimizing::Optimizing;
-use crate::daemon::policing::Policing;
 use crate::daemon::profiling::Profiling;
-use crate::daemon::refresh::Refresher;
 use crate::daemon::report::Reporter;
+use crate::daemon::serving::{Reconciler, Serving};
 use crate::fs::{FsEvent, Overlay, OverlayConfig, ServingTable};
 use crate::fuse::{MountOptions, ServeContext, Served};
 
@@ -68,19 +67,14 @@ pub fn start_server(
         .context("starting the async runtime")?;
     let catalog = Catalog::open(&cfg.catalog_path())?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let serving = ServingTable::new();
+    let table = ServingTable::new();
     // The optimizer (src/daemon/optimizing): BOLT, its job queue, the maturity driver, the
     // `optimize`/`reset` commands and the "optimizer" status section.
     let optimizing = Optimizing::new(&cfg, &catalog, clock.clone())?;
-    // Measurement and the policy: the one source of serving decisions (policing.rs).
-    let policing = Policing::new(&cfg, &catalog, serving.clone(), optimizing.pipeline_view());
-    let refresher = Arc::new(Refresher {
-        catalog: catalog.clone(),
-        serving: serving.clone(),
-        config: cfg.clone(),
-        policing: policing.reconciler(),
-    });
-    refresher.refresh_all().context("loading pins, exclusions and served variants")?;
+    // Measurement and the policy: the one source of serving decisions (serving/).
+    let serving = Serving::new(&cfg, &catalog, table.clone(), optimizing.pipeline_view());
+    let reconciler = serving.reconciler();
+    reconciler.refresh_all().context("loading pins, exclusions and served variants")?;
     // Profiler: its status and profile files now, its sampling task once the overlay exists.
     let profiling = Profiling::new(cfg.clone(), &catalog);
 
@@ -89,14 +83,14 @@ pub fn start_server(
         config: cfg.clone(),
         started_at,
         server_restarts: ctx.generation as u32,
-        subsystems: vec![profiling.status(), optimizing.status(), policing.status()],
-        serving: serving.clone(),
+        subsystems: vec![profiling.status(), optimizing.status(), serving.status()],
+        serving: table.clone(),
         bin_files: Some(Arc::new(crate::control::BinFilesSet(vec![
             profiling.bin_files(),
             Arc::new(crate::bench::VariantFiles),
         ]))),
     };
-    let r2 = refresher.clone();
+    let r2 = reconciler.clone();
     let actions = Actions {
         catalog: catalog.clone(),
         clock: clock.clone(),
@@ -109,11 +103,11 @@ pub fn start_server(
     let (events_tx, events_rx) = mpsc::unbounded_channel::<FsEvent>();
     let overlay = Overlay::new(
         OverlayConfig { mountpoint: cfg.mountpoint.clone(), overlay_dirs: cfg.overlay.clone() },
-        serving,
+        table,
         None,
         control,
         // Exec-time opens get their run counters attached before the events go on.
-        policing.event_sink(Arc::new(events_tx)),
+        serving.event_sink(Arc::new(events_tx)),
     )?;
 
     let (shutdown_tx, shutdown) = watch::channel(false);
@@ -133,12 +127,12 @@ pub fn start_server(
     );
     tasks.add(
         "refresh indexed",
-        rt.spawn(refresh_indexed(indexed_rx, refresher.clone(), shutdown.clone())),
+        rt.spawn(refresh_indexed(indexed_rx, reconciler.clone(), shutdown.clone())),
     );
     // Instrumented variants (instrumentation mode) change what a path serves when built
-    // and when done: the optimizer re-derives it through the refresher. None are built
+    // and when done: the optimizer re-derives it through the reconciler. None are built
     // while the profiler samples branch stacks.
-    let r3 = refresher.clone();
+    let r3 = reconciler.clone();
     let instrument = crate::daemon::optimizing::instrumenting::Hooks {
         refresh: Arc::new(move |p| r3.refresh(p)),
         branch_stacks: profiling.branch_stacks(),
@@ -149,7 +143,7 @@ pub fn start_server(
     for task in optimizing.spawn(rt.handle(), shutdown.clone(), instrument) {
         tasks.add("optimizer", task);
     }
-    for task in policing.spawn(rt.handle(), shutdown.clone()) {
+    for task in serving.spawn(rt.handle(), shutdown.clone()) {
         tasks.add("policy", task);
     }
     tracing::info!(generation = ctx.generation, "server ready");
@@ -225,7 +219,7 @@ async fn route_events(
 /// serves.
 async fn refresh_indexed(
     mut indexed: mpsc::UnboundedReceiver<Indexed>,
-    refresher: Arc<Refresher>,
+    reconciler: Reconciler,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -233,7 +227,7 @@ async fn refresh_indexed(
             _ = shutdown.changed() => break,
             i = indexed.recv() => match i { Some(i) => i, None => break },
         };
-        let r = refresher.clone();
+        let r = reconciler.clone();
         let path: PathBuf = item.path;
         let _ = tokio::task::spawn_blocking(move || r.refresh(&path)).await;
     }

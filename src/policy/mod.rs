@@ -40,6 +40,7 @@
 //! original; a pin to `original` always the original; a pin to `bolted` always the best
 //! usable variant (never a quarantined one: if none is usable, the original).
 
+pub mod instrumented;
 pub mod load;
 pub mod settings;
 pub mod sim;

@@ -14,7 +14,8 @@
 //! (the policy, which would otherwise quarantine a crashing variant, never sees it).
 //!
 //! Serving the variant to a bounded share of execs is the policy wiring's
-//! (`crate::daemon::policing`); the policy itself never sees such variants
+//! (`crate::daemon::serving`, with the share decided by `crate::policy::instrumented`); the
+//! policy's comparisons never see such variants
 //! (`crate::policy::load::is_policed_kind`).
 
 use std::collections::HashSet;
