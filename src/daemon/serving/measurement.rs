@@ -3,7 +3,6 @@
 //! exec-time opens before the exec completes ([`MeasuringEvents`]), and the task that hands
 //! measured runs to the policy in batches ([`count_runs`]).
 
-use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
