@@ -11,6 +11,9 @@
 //! the BOLT version (default: the newest installed). Built programs are cached in cargo's
 //! target tmp dir.
 
+#[path = "common/bench.rs"]
+mod bench;
+
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -219,7 +222,17 @@ fn instrumentation_profile(
     None
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+fn main() {
+    bench::run("bench_optimizer", || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        rt.block_on(bench_optimizer());
+    });
+}
+
 async fn bench_optimizer() {
     let pairs = if quick() { 5 } else { 15 };
     let tool: BoltTool = match std::env::var("OPTBIN_BENCH_BOLT") {

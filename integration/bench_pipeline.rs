@@ -1,39 +1,38 @@
-//! Benchmark of the whole pipeline through the REAL daemon (`optbin mount --foreground`):
-//! real programs (Lua, and SQLite in full mode; see `common/programs.rs`) sit in a temp
-//! overlay dir and a CPU-heavy workload runs through `<mnt>/bin/NAME` again and again
-//! until the daemon has sampled them, built a BOLT variant, canaried it and decided
-//! (serving optimized, or the original with the measured reason). Prints:
-//! - the stages as status.json showed them, each with the runs and seconds since the first
-//!   run (profile mature, queued/optimizing, variant stored, canary, the decision);
-//! - BOLT's time and peak memory (the optimizer's `bolt_jobs` row in status);
-//! - the served result side by side: interleaved pairs of (run through the mount, serving
-//!   what the policy chose) and (the original file run directly), median ratio of CPU and
-//!   wall time with the IQR, measured after a restart of the daemon without the profiler (so
-//!   no rebuild from the growing profile starts a new canary meanwhile); the stored variant
-//!   against the original for reference; the mount pinned to the original (the cost of the
-//!   mount and of measuring each exec); and an A/A control (the original against itself);
-//! - how often the policy promotes an equal-speed variant: real canaries of a variant that
-//!   is a byte-identical copy of a fresh binary (placed as a `ready` BOLT variant through
-//!   the store and the catalog, under a second daemon that does not profile), next to the
-//!   policy's own simulation (`optbin::policy::sim`) with the same settings; per trial the
-//!   arm shares, how often an exec got the same arm as the one before, and the per-arm
-//!   median CPU time as the daemon measured it (runs table) and as wait4 saw it.
+//! The proof benchmark of the whole pipeline with the DEFAULT configuration (issue 12):
+//! real programs sit in a temp overlay dir behind the real daemon (`optbin mount
+//! --foreground`, an empty config file: every setting at its default) and run through
+//! `<mnt>/bin/NAME`, one after another, until the policy decides. Per program it prints:
+//! - the stages as status.json showed them, each with the runs and minutes since the first
+//!   run (instrumented variant, profile mature, variant stored, canary, the decision), and
+//!   the minutes and runs from the first run to the served variant;
+//! - then, after a restart of the daemon without the profiler (so that no rebuild from the
+//!   growing profile starts a new canary in the middle), CPU time (user + sys, wait4) of
+//!   interleaved rounds, every arm once per round in a rotating order: the original run
+//!   directly, the path through the mount (what the policy serves), the served variant's
+//!   bytes run directly, BOLT run by hand with the same BOLT version and the daemon's own
+//!   flags from a sampled profile (perf record cpu-clock + perf2bolt) and from an
+//!   instrumentation profile (one run of the workload), and the original once more (the
+//!   A/A control); each as the median ratio to the round's original with a 95% interval of
+//!   the median (distribution-free, from order statistics);
+//! - the same for a second workload the profile never saw (mount vs original, and A/A);
+//! - for a program BOLT does not speed up (ripgrep built with `--emit-relocs`): what was
+//!   served and that it is not slower.
 //!
-//! Run: `OPTBIN_BENCH_QUICK=1 cargo test --release --test bench_pipeline -- --nocapture`.
+//! Run: `integration/bench.sh bench_pipeline` (full mode, about an hour; or
+//! `cargo bench --bench bench_pipeline`).
+//! `OPTBIN_BENCH_QUICK=1`: Lua only, 15 rounds. `OPTBIN_BENCH_ROUNDS=N` sets the rounds.
 //!
-//! `OPTBIN_BENCH_QUICK=1`: Lua only, smaller maturity threshold and policy looks, 7 pairs,
-//! 3 equal-speed trials (a few minutes). Full mode: Lua and SQLite, 100k samples to
-//! mature, the policy's default settings, 21 pairs, 8 trials (about half an hour).
-//!
-//! `OPTBIN_BENCH_AA_TRIALS=N`: only the equal-speed canaries, N of them, with the policy's
-//! default settings (an equal-speed canary mostly runs to the last look, 320 pairs).
+//! `OPTBIN_BENCH_AA_TRIALS=N`: only equal-speed canaries (a byte-identical copy placed as a
+//! variant), N of them, with the policy's default settings, next to the policy's simulation.
+
+#[path = "common/bench.rs"]
+mod bench;
 
 #[path = "common/mod.rs"]
 mod common;
 #[path = "common/programs.rs"]
 mod programs;
 
-use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -42,112 +41,225 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::daemon::Daemon;
+use optbin::bolt::flags::bolt_args;
+use optbin::bolt::ladder::{Next, Rung, next_rung};
+use optbin::bolt::perf2bolt::perf_to_fdata;
+use optbin::bolt::{BoltMode, BoltPlan, BoltTool, FailureKind, ProfileInput, discover};
 use optbin::catalog::base::{NewVariant, insert_variant};
 use optbin::policy::PolicyConfig;
 use optbin::policy::sim::{SimSpec, run_trials};
 use optbin::store::VariantStore;
-use programs::{Program, build_lua, build_sqlite, measure, quick};
+use programs::{Program, build_lua, crate_sources, gcc, quick, time_run};
 use serde_json::Value;
 
-/// The benchmark's knobs, chosen by mode.
-struct Plan {
-    /// Sampling rate: high enough that a profile reaches `min_samples` in well under a
-    /// minute of runs (the default 99 Hz would need hours for the ~100k samples below which
-    /// sampled profiles made BOLT slower on this machine).
-    frequency_hz: u32,
-    min_samples: u64,
+/// The equal-speed trials' settings: the policy's defaults.
+struct AaPlan {
     policy_min_runs: usize,
     policy_looks: u32,
-    /// Wall-clock budget of the run loop per program.
-    budget: Duration,
-    pairs: usize,
     equal_speed_trials: usize,
-    /// Only the equal-speed trials (`OPTBIN_BENCH_AA_TRIALS`), with the default policy.
-    aa_only: bool,
 }
 
-impl Plan {
-    fn new() -> Self {
-        if let Some(n) = std::env::var("OPTBIN_BENCH_AA_TRIALS").ok().and_then(|v| v.parse().ok()) {
-            let policy = PolicyConfig::default();
-            return Plan {
-                policy_min_runs: policy.min_runs_per_arm,
-                policy_looks: policy.looks,
-                equal_speed_trials: n,
-                aa_only: true,
-                ..Self::full()
-            };
-        }
-        if quick() {
-            Plan {
-                frequency_hz: 4000,
-                min_samples: 20_000,
-                policy_min_runs: 5,
-                policy_looks: 3,
-                budget: Duration::from_secs(150),
-                pairs: 7,
-                equal_speed_trials: 3,
-                aa_only: false,
-            }
-        } else {
-            Self::full()
-        }
-    }
-
-    /// Full mode: the policy's default settings (what a user gets).
-    fn full() -> Self {
-        let policy = PolicyConfig::default();
-        Plan {
-            frequency_hz: 4000,
-            min_samples: 100_000,
-            policy_min_runs: policy.min_runs_per_arm,
-            policy_looks: policy.looks,
-            budget: Duration::from_secs(600),
-            pairs: 21,
-            equal_speed_trials: 8,
-            aa_only: false,
-        }
-    }
-
+impl AaPlan {
     fn policy(&self) -> PolicyConfig {
-        PolicyConfig {
-            min_runs_per_arm: self.policy_min_runs,
-            looks: self.policy_looks,
-            ..PolicyConfig::default()
+        PolicyConfig::default()
+    }
+
+    fn config(&self, _scratch: &Path, _profile: bool) -> String {
+        "[profile]\nenabled = false\ninstrumentation = \"off\"\n\n[policy]\nrescan_ms = 200\n"
+            .to_string()
+    }
+}
+
+/// A program of the benchmark: the binary, its training workload (what runs through the
+/// mount until the policy decides) and a second workload the profile never sees.
+struct Bench {
+    name: &'static str,
+    bin: PathBuf,
+    train: Vec<String>,
+    unseen: Vec<String>,
+    /// Whether BOLT is expected to help (hand-run BOLT variants are built and measured).
+    hand_bolt: bool,
+}
+
+/// A Lua workload unlike the training one (closures, coroutines, string building, floats).
+const LUA_UNSEEN: &str = r#"
+local N = N or 1
+local acc = 0
+for r = 1, N do
+  local co = coroutine.wrap(function() for i = 1, 20000 do coroutine.yield(i * r) end end)
+  for _ = 1, 20000 do acc = acc + co() % 7 end
+  local fs = {}
+  for i = 1, 2000 do fs[i] = function(x) return x * i + r end end
+  for i = 1, #fs do acc = acc + fs[i](i) % 11 end
+  local b = {}
+  for i = 1, 4000 do b[#b + 1] = string.rep("ab", i % 5) .. string.char(65 + i % 26) end
+  acc = acc + #table.concat(b):lower()
+  local x = 0.5
+  for i = 1, 50000 do x = math.sin(x) * 0.9 + math.sqrt(i) * 1e-6 end
+  acc = acc + math.floor(x * 1000)
+end
+print(acc)
+"#;
+
+/// The SQLite driver of `common/programs.rs` plus a second mode: with a file argument it
+/// runs that file's SQL once per round (the unseen workload).
+const SQLITE_DRIVER2: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include "sqlite3.h"
+static unsigned long long acc;
+static int collect(void *u, int n, char **v, char **names) {
+    (void)u; (void)names;
+    for (int i = 0; i < n; i++) for (const char *p = v[i] ? v[i] : ""; *p; p++) acc = acc * 31 + (unsigned char)*p;
+    return 0;
+}
+static void exec(sqlite3 *db, const char *sql) {
+    char *err = 0;
+    if (sqlite3_exec(db, sql, collect, 0, &err) != SQLITE_OK) { fprintf(stderr, "%s: %s\n", sql, err); exit(1); }
+}
+static char *slurp(const char *path) {
+    FILE *f = fopen(path, "rb"); if (!f) { perror(path); exit(2); }
+    fseek(f, 0, SEEK_END); long n = ftell(f); fseek(f, 0, SEEK_SET);
+    char *s = malloc(n + 1); if (fread(s, 1, n, f) != (size_t)n) exit(2); s[n] = 0; fclose(f); return s;
+}
+int main(int argc, char **argv) {
+    int rounds = argc > 1 ? atoi(argv[1]) : 1;
+    sqlite3 *db;
+    if (sqlite3_open(":memory:", &db) != SQLITE_OK) return 1;
+    if (argc > 2) {
+        char *sql = slurp(argv[2]);
+        for (int r = 0; r < rounds; r++) exec(db, sql);
+        sqlite3_close(db);
+        printf("%llu\n", acc);
+        return 0;
+    }
+    exec(db, "CREATE TABLE t(id INTEGER PRIMARY KEY, a INTEGER, b TEXT, c REAL)");
+    exec(db, "CREATE INDEX ta ON t(a)");
+    sqlite3_stmt *ins;
+    if (sqlite3_prepare_v2(db, "INSERT INTO t(a, b, c) VALUES (?1, ?2, ?3)", -1, &ins, 0) != SQLITE_OK) return 1;
+    for (int r = 0; r < rounds; r++) {
+        exec(db, "BEGIN");
+        for (int i = 0; i < 5000; i++) {
+            char name[32];
+            snprintf(name, sizeof name, "name%d", (i * 13 + r) % 1000);
+            sqlite3_bind_int(ins, 1, (i * 7919 + r) % 10007);
+            sqlite3_bind_text(ins, 2, name, -1, SQLITE_TRANSIENT);
+            sqlite3_bind_double(ins, 3, i * 0.5);
+            if (sqlite3_step(ins) != SQLITE_DONE) return 1;
+            sqlite3_reset(ins);
+        }
+        exec(db, "COMMIT");
+        exec(db, "SELECT b, count(*), sum(c) FROM t GROUP BY b ORDER BY 2 DESC, 1 LIMIT 5");
+        exec(db, "SELECT count(*) FROM t WHERE b LIKE 'name1%'");
+        exec(db, "SELECT sum(a) FROM t WHERE a BETWEEN 100 AND 5000");
+        exec(db, "UPDATE t SET c = c + 1 WHERE id % 3 = 0");
+        exec(db, "DELETE FROM t WHERE id % 5 = 0");
+        exec(db, "SELECT a, b FROM t ORDER BY c DESC LIMIT 3");
+    }
+    sqlite3_finalize(ins);
+    sqlite3_close(db);
+    printf("%llu\n", acc);
+    return 0;
+}
+"#;
+
+/// The unseen SQLite workload: recursive CTEs, window functions, joins, string functions,
+/// none of which the training workload runs.
+const SQLITE_UNSEEN: &str = "
+DROP TABLE IF EXISTS u; DROP TABLE IF EXISTS v;
+CREATE TABLE u(k INTEGER PRIMARY KEY, g INTEGER, s TEXT);
+WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 20000)
+  INSERT INTO u SELECT i, i % 97, printf('%08x-%s', i * 2654435761 % 4294967296, hex(i)) FROM n;
+CREATE TABLE v AS SELECT g, count(*) AS c, group_concat(substr(s, 1, 3), '') AS t FROM u GROUP BY g;
+SELECT g, sum(k) OVER (PARTITION BY g ORDER BY k ROWS BETWEEN 3 PRECEDING AND CURRENT ROW) FROM u
+  WHERE k % 50 = 0 ORDER BY 2 DESC LIMIT 5;
+SELECT count(*), max(length(v.t)) FROM u JOIN v ON u.g = v.g WHERE instr(u.s, 'a') > 0;
+SELECT upper(s), replace(s, '0', 'z') FROM u WHERE k % 997 = 1;
+";
+
+fn build_sqlite2(cache: &Path, work: &Path) -> Bench {
+    let src = crate_sources(
+        "libsqlite3-sys-",
+        "libsqlite3-sys = { version = \"*\", features = [\"bundled\"] }",
+    );
+    let dir = src.join("sqlite3");
+    let driver = cache.join("sqldrv2.c");
+    std::fs::write(&driver, SQLITE_DRIVER2).unwrap();
+    let mut args: Vec<String> = [
+        "-O2",
+        "-g0",
+        "-DSQLITE_THREADSAFE=0",
+        "-DSQLITE_OMIT_LOAD_EXTENSION",
+        "-Wl,--emit-relocs",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.push(format!("-I{}", dir.display()));
+    args.push(driver.display().to_string());
+    args.push(dir.join("sqlite3.c").display().to_string());
+    args.push("-lm".into());
+    let bin = cache.join(format!("sqlite2-bench-{}", src.file_name().unwrap().to_string_lossy()));
+    gcc(&bin, &args);
+    let sql = work.join("unseen.sql");
+    std::fs::write(&sql, SQLITE_UNSEEN).unwrap();
+    std::fs::set_permissions(&sql, std::fs::Permissions::from_mode(0o644)).unwrap();
+    Bench {
+        name: "sqlite",
+        bin,
+        train: vec!["20".into()],
+        unseen: vec!["3".into(), sql.display().to_string()],
+        hand_bolt: true,
+    }
+}
+
+fn lua_bench(cache: &Path, work: &Path) -> Bench {
+    let Program { bin, measure, .. } = build_lua(cache, work);
+    let script = work.join("unseen.lua");
+    std::fs::write(&script, LUA_UNSEEN).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    Bench {
+        name: "lua",
+        bin,
+        train: measure,
+        unseen: vec![script.display().to_string(), "8".into()],
+        hand_bolt: true,
+    }
+}
+
+/// ripgrep built with `--emit-relocs` (cached; `cargo install` the first time), searching
+/// the cargo registry's sources; None when it cannot be built.
+fn ripgrep_bench(cache: &Path) -> Option<Bench> {
+    let root = cache.join("ripgrep");
+    let bin = root.join("bin/rg");
+    if !bin.exists() {
+        let st = Command::new("cargo")
+            .args(["install", "ripgrep", "--locked", "--root"])
+            .arg(&root)
+            .env("RUSTFLAGS", "-C link-arg=-Wl,--emit-relocs")
+            .status()
+            .ok()?;
+        if !st.success() {
+            return None;
         }
     }
-
-    fn config(&self, scratch: &Path, profile: bool) -> String {
-        format!(
-            r#"[profile]
-enabled = {profile}
-frequency_hz = {}
-buffer_kib = 2048
-flush_secs = 1
-window_secs = 4
-identify_after_samples = 20
-min_samples = {}
-min_runs = 3
-min_stability = 0.5
-
-[optimizer]
-scratch_dir = "{}"
-check_interval_secs = 1
-timeout_secs = 300
-
-[policy]
-canary_share = 0.5
-min_runs = {}
-looks = {}
-rescan_ms = 200
-"#,
-            self.frequency_hz,
-            self.min_samples,
-            scratch.display(),
-            self.policy_min_runs,
-            self.policy_looks
-        )
-    }
+    let corpus = programs::registry_dir("libsqlite3-sys-")?.parent()?.to_path_buf();
+    Some(Bench {
+        name: "rg",
+        bin,
+        train: vec![
+            "-j1".into(),
+            "-c".into(),
+            r"fn [a-z_]+\(".into(),
+            corpus.display().to_string(),
+        ],
+        unseen: vec![
+            "-j1".into(),
+            "-c".into(),
+            r"\b[A-Z][a-z]+Error\b".into(),
+            corpus.display().to_string(),
+        ],
+        hand_bolt: false,
+    })
 }
 
 /// The policy's stage of a status.json binary entry: `collecting`, `canary`,
@@ -293,144 +405,238 @@ fn policy_events(state: &Path, path: &Path) -> Vec<String> {
     .unwrap()
 }
 
-fn run_quiet(bin: &Path, args: &[String]) {
-    let out = Command::new(bin).args(args).stdout(Stdio::null()).output().unwrap();
-    assert!(out.status.success(), "{} {args:?}: {out:?}", bin.display());
+fn run_quiet(bin: &Path, args: &[String]) -> bool {
+    Command::new(bin).args(args).stdout(Stdio::null()).status().is_ok_and(|s| s.success())
 }
 
-fn ratio_line(label: &str, (wall, cpu): (Vec<f64>, Vec<f64>)) -> String {
-    let stats = |mut r: Vec<f64>| {
-        r.sort_by(|a, b| a.total_cmp(b));
-        let q = |p: f64| r[((r.len() - 1) as f64 * p).round() as usize];
-        format!("{:.3} [{:.3}-{:.3}]", q(0.5), q(0.25), q(0.75))
+/// Median of `xs` with a distribution-free 95% interval (order statistics around n/2).
+fn median_ci(xs: &[f64]) -> (f64, f64, f64) {
+    let mut v = xs.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    let half = 0.98 * (n as f64).sqrt();
+    let lo = ((n as f64 / 2.0 - half).floor().max(0.0) as usize).min(n - 1);
+    let hi = ((n as f64 / 2.0 + half).ceil() as usize).min(n - 1);
+    (v[n / 2], v[lo], v[hi])
+}
+
+fn ratio_text(xs: &[f64]) -> String {
+    let (m, lo, hi) = median_ci(xs);
+    format!("{m:.3} [{lo:.3}, {hi:.3}]")
+}
+
+/// One arm of the measurement rounds.
+struct Arm {
+    label: String,
+    bin: PathBuf,
+    args: Vec<String>,
+}
+
+/// `rounds` rounds, each running every arm once (order rotating by round) after one run of
+/// the base (the original, same args as the arm). Returns per arm the ratios
+/// arm CPU / base CPU and arm wall / base wall of each round; the first arm is the base
+/// itself and is not returned.
+fn interleaved(arms: &[Arm], rounds: usize) -> Vec<(Vec<f64>, Vec<f64>)> {
+    for a in arms {
+        time_run(&a.bin, &a.args); // warm the page cache
+    }
+    let mut out = vec![(Vec::new(), Vec::new()); arms.len()];
+    for r in 0..rounds {
+        let mut times = vec![(0.0, 0.0); arms.len()];
+        for k in 0..arms.len() {
+            let i = (k + r) % arms.len();
+            times[i] = time_run(&arms[i].bin, &arms[i].args);
+        }
+        for i in 0..arms.len() {
+            // Each arm against the base of its own workload (the arm's args).
+            let base = arms.iter().position(|b| b.args == arms[i].args).unwrap();
+            out[i].0.push(times[i].1 / times[base].1);
+            out[i].1.push(times[i].0 / times[base].0);
+        }
+    }
+    out
+}
+
+fn bolt_tool() -> BoltTool {
+    discover(None).tool().cloned().expect("BOLT is installed")
+}
+
+/// `llvm-bolt` run by hand on `bin` with the daemon's own flags for `profile` (retrying
+/// with `-skip-funcs` when BOLT names a function it failed on, as the daemon's ladder
+/// does). Returns the output file.
+fn hand_bolt(tool: &BoltTool, bin: &Path, profile: ProfileInput, out: &Path) -> Option<PathBuf> {
+    let mut rung = Rung::first(BoltPlan {
+        mode: BoltMode::Relocations,
+        split_functions: !matches!(profile, ProfileInput::Instrument { .. }),
+        skip_funcs: vec![],
+        profile,
+    });
+    for _ in 0..6 {
+        let fdata = match &rung.plan.profile {
+            ProfileInput::Fdata(p) => Some(p.clone()),
+            _ => None,
+        };
+        let args = bolt_args(&rung.plan, bin, out, fdata.as_deref());
+        let res = Command::new(&tool.llvm_bolt).args(&args).output().unwrap();
+        if res.status.success() {
+            return Some(out.to_path_buf());
+        }
+        let tail = String::from_utf8_lossy(&res.stderr).to_string()
+            + &String::from_utf8_lossy(&res.stdout);
+        match next_rung(&rung, &FailureKind::ExitCode(1), &tail) {
+            Next::Retry(r) if r.plan.mode == BoltMode::Relocations => rung = r,
+            _ => {
+                println!("  hand-run BOLT failed: {}", tail.lines().last().unwrap_or(""));
+                return None;
+            }
+        }
+    }
+    None
+}
+
+/// BOLT by hand from an instrumentation profile of one run of the workload, and from a
+/// sampled profile (perf record cpu-clock at 20 kHz over 5 runs of the workload, about the
+/// 100k samples below which sampled profiles hurt here, + perf2bolt).
+fn hand_variants(b: &Bench, dir: &Path, report: &mut Vec<String>) -> Vec<(String, PathBuf)> {
+    let tool = bolt_tool();
+    let mut out = Vec::new();
+    let instr_bin = dir.join(format!("{}.instr", b.name));
+    let instr_fdata = dir.join(format!("{}.instr.fdata", b.name));
+    let plan = ProfileInput::Instrument {
+        profile_file: instr_fdata.clone(),
+        append_pid: false,
+        binpath: None,
     };
-    let n = cpu.len();
-    format!("  {label:<44} cpu {}  wall {}  ({n} pairs)", stats(cpu), stats(wall))
+    if hand_bolt(&tool, &b.bin, plan, &instr_bin).is_some()
+        && run_quiet(&instr_bin, &b.train)
+        && instr_fdata.exists()
+    {
+        let o = dir.join(format!("{}.bolt-instr", b.name));
+        if hand_bolt(&tool, &b.bin, ProfileInput::Fdata(instr_fdata), &o).is_some() {
+            out.push((format!("hand-run BOLT {}, instrumentation (1 run)", tool.version), o));
+        }
+    }
+    let perf = dir.join(format!("{}.perf", b.name));
+    let script = "for i in 1 2 3 4 5; do \"$0\" \"$@\" >/dev/null || exit 1; done";
+    let st = Command::new("perf")
+        .args(["record", "-q", "-e", "cpu-clock", "-F", "20000", "-o"])
+        .arg(&perf)
+        .args(["--", "sh", "-c", script])
+        .arg(&b.bin)
+        .args(&b.train)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    let fdata = dir.join(format!("{}.sampled.fdata", b.name));
+    if st.success() && perf_to_fdata(&tool, &b.bin, &perf, &fdata).is_ok() {
+        let o = dir.join(format!("{}.bolt-sampled", b.name));
+        if hand_bolt(&tool, &b.bin, ProfileInput::Fdata(fdata), &o).is_some() {
+            out.push((format!("hand-run BOLT {}, sampled (5 runs, 20 kHz)", tool.version), o));
+        }
+    } else {
+        report.push("  hand-run sampled profile failed".into());
+    }
+    out
 }
 
-/// One program through the whole pipeline, its table rows appended to `report`; returns
-/// whether the daemon built a variant from the profile it collected.
-fn pipeline(plan: &Plan, prog: &Program, root: &Path, report: &mut Vec<String>) -> bool {
-    let overlay = root.join(format!("{}-bin", prog.name));
+/// One program through the whole pipeline with the default configuration; its report rows
+/// appended to `report`. Returns whether a variant was served.
+fn pipeline(b: &Bench, root: &Path, rounds: usize, report: &mut Vec<String>) -> bool {
+    let overlay = root.join(format!("{}-bin", b.name));
     std::fs::create_dir_all(&overlay).unwrap();
-    let name = format!("{}-bench", prog.name);
+    let name = format!("{}-bench", b.name);
     let original = overlay.join(&name);
-    std::fs::copy(&prog.bin, &original).unwrap();
+    std::fs::copy(&b.bin, &original).unwrap();
     std::fs::set_permissions(&original, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let scratch = root.join(format!("{}-scratch", prog.name));
-    let config = root.join(format!("{}-config.toml", prog.name));
-    std::fs::write(&config, plan.config(&scratch, true)).unwrap();
-    let mnt = root.join(format!("{}-mnt", prog.name));
+    // An empty config file: every setting at its default.
+    let config = root.join(format!("{}-config.toml", b.name));
+    std::fs::write(&config, "").unwrap();
+    let mnt = root.join(format!("{}-mnt", b.name));
     std::fs::create_dir_all(&mnt).unwrap();
     let mut daemon =
-        Daemon::start(&mnt, &[&overlay], &root.join(format!("{}-state", prog.name)), Some(&config));
+        Daemon::start(&mnt, &[&overlay], &root.join(format!("{}-state", b.name)), Some(&config));
     let served = daemon.bin().join(&name);
 
-    // The run loop: sequential runs through the mount until the policy decides.
     let runs = Arc::new(AtomicUsize::new(0));
     let t0 = Instant::now();
     let poller = Poller::start(mnt.join(".optbin/status.json"), name.clone(), runs.clone(), t0);
     let mut last_print = Instant::now();
+    let budget = Duration::from_secs(if quick() { 900 } else { 1500 });
     let outcome = loop {
-        run_quiet(&served, &prog.measure);
+        run_quiet(&served, &b.train);
         runs.fetch_add(1, Ordering::SeqCst);
-        let b = daemon.binary_named(&name);
-        if let Some(b) = &b {
-            if decided(b) {
-                // Let the poller see the final stage too.
+        let entry = daemon.binary_named(&name);
+        if let Some(e) = &entry {
+            if decided(e) {
                 std::thread::sleep(Duration::from_millis(300));
-                break Ok(b.clone());
+                break Ok(e.clone());
             }
-            if last_print.elapsed() > Duration::from_secs(15) {
+            if last_print.elapsed() > Duration::from_secs(30) {
                 println!(
-                    "  [{name}] {:>4} runs, {:>5.0} s: {}",
+                    "  [{name}] {:>4} runs, {:>5.1} min: {}",
                     runs.load(Ordering::SeqCst),
-                    t0.elapsed().as_secs_f64(),
-                    stage_text(b)
+                    t0.elapsed().as_secs_f64() / 60.0,
+                    stage_text(e)
                 );
                 last_print = Instant::now();
             }
         }
-        if t0.elapsed() > plan.budget {
-            break Err(b);
+        if t0.elapsed() > budget {
+            break Err(entry);
         }
     };
-    let total_runs = runs.load(Ordering::SeqCst);
-    let total_secs = t0.elapsed().as_secs_f64();
+    let (total_runs, total_min) = (runs.load(Ordering::SeqCst), t0.elapsed().as_secs_f64() / 60.0);
     let milestones = poller.finish();
-    let built = milestones.iter().any(|m| m.what == "variant stored");
-
-    report.push(format!("{name}: pipeline through the mount ({} per run)", prog.measure.join(" ")));
+    report.push(format!(
+        "{name}: default configuration, runs through the mount ({} per run)",
+        b.train.join(" ")
+    ));
     for m in &milestones {
         report.push(format!(
-            "  {:<18} after {:>4} runs, {:>6.1} s   {}",
-            m.what, m.runs, m.secs, m.detail
+            "  {:<22} after {:>4} runs, {:>5.1} min   {}",
+            m.what,
+            m.runs,
+            m.secs / 60.0,
+            m.detail
         ));
     }
-    let final_entry = match outcome {
-        Ok(b) => {
+    let served_variant = match &outcome {
+        Ok(e) => {
+            let promoted = stage_key(e).as_deref() == Some("serving_optimized");
             report.push(format!(
-                "  decided after {total_runs} runs, {total_secs:.1} s: {}",
-                stage_text(&b)
+                "  DECIDED after {total_runs} runs, {total_min:.1} min from the first run: {}{}",
+                stage_text(e),
+                if promoted { " (variant SERVED)" } else { "" }
             ));
-            b
+            promoted
         }
-        Err(b) => {
+        Err(e) => {
             report.push(format!(
-                "  NOT CONVERGED within {:.0} s ({total_runs} runs); stopped at: {}",
-                plan.budget.as_secs_f64(),
-                b.as_ref().map(stage_text).unwrap_or_else(|| "(not in status)".into())
+                "  NOT DECIDED within {:.0} min ({total_runs} runs): {}",
+                budget.as_secs_f64() / 60.0,
+                e.as_ref().map(stage_text).unwrap_or_else(|| "(not in status)".into())
             ));
-            if let Some(b) = &b {
-                report.push(format!(
-                    "  profiler: {}",
-                    b["details"]["profiler"]["summary"].as_str().unwrap_or("-")
-                ));
-                report.push(format!(
-                    "  optimizer: {}",
-                    b["details"]["optimizer"]["summary"].as_str().unwrap_or("-")
-                ));
-            }
-            b.unwrap_or(Value::Null)
+            false
         }
     };
+    let final_entry = daemon.binary_named(&name).unwrap_or(Value::Null);
     for v in final_entry["variants"].as_array().into_iter().flatten() {
         report.push(format!(
-            "  variant {}: {}, from {} samples, {} KiB",
+            "  variant {} ({}): {}, {} KiB, flags {}",
             v["id"],
+            v["kind"].as_str().unwrap_or("?"),
             v["state"].as_str().unwrap_or("?"),
-            v["profile_samples"],
-            v["size"].as_u64().unwrap_or(0) / 1024
+            v["size"].as_u64().unwrap_or(0) / 1024,
+            v["flags"].as_str().unwrap_or("-")
         ));
     }
     for e in policy_events(&daemon.state, &original) {
         report.push(format!("    {e}"));
     }
-    let job = &final_entry["details"]["optimizer"]["job"];
-    if job.is_object() {
-        report.push(format!(
-            "  BOLT {}: last run {} ms, peak RSS {} MiB, {} attempt(s), step \"{}\", from {} samples",
-            job["bolt_version"].as_str().unwrap_or("?"),
-            job["wall_ms"].as_i64().unwrap_or(-1),
-            job["peak_rss_kib"].as_i64().unwrap_or(-1) / 1024,
-            job["attempts"],
-            job["ladder_step"].as_str().unwrap_or(""),
-            job["profile_samples"]
-        ));
-    }
-    if let Some(gain) = final_entry["details"]["policy"]["gain"].as_object() {
-        report.push(format!(
-            "  policy's own estimate: {}",
-            gain.get("text").and_then(Value::as_str).unwrap_or("-")
-        ));
-    }
 
-    // The served result, side by side with the original file run directly. The daemon is
-    // restarted on the same state without the profiler first: the profile would otherwise
-    // keep growing from these runs and a rebuild (at twice the samples) would put a new
-    // variant in canary in the middle of the measurement. The policy's decision is in the
-    // catalog and survives the restart.
-    std::fs::write(&config, plan.config(&scratch, false)).unwrap();
+    // Measurement: restarted without the profiler, the decision stays in the catalog.
+    std::fs::write(&config, "[profile]\nenabled = false\n").unwrap();
     daemon.restart();
     let frozen = daemon.binary_named(&name).unwrap_or(Value::Null);
     report.push(format!(
@@ -438,45 +644,67 @@ fn pipeline(plan: &Plan, prog: &Program, root: &Path, report: &mut Vec<String>) 
         frozen["served"].as_str().unwrap_or("?"),
         stage_text(&frozen)
     ));
-    report.push("  ratios X/original, median [IQR]; below 1 is faster:".to_string());
-    report.push(ratio_line(
-        "through the mount (what the policy serves)",
-        measure(&original, &served, &prog.measure, plan.pairs),
-    ));
-    // The served variant, else the newest one.
     let variants = frozen["variants"].as_array().cloned().unwrap_or_default();
-    let variant = variants.iter().find(|v| v["state"] == "served").or(variants.last());
-    if let Some(v) = variant
-        && let Some(path) = v["store_path"].as_str().map(PathBuf::from).filter(|p| p.exists())
-    {
-        report.push(ratio_line(
-            &format!("variant {} ({}) run directly", v["id"], v["state"].as_str().unwrap_or("?")),
-            measure(&original, &path, &prog.measure, plan.pairs),
+    let variant = variants
+        .iter()
+        .filter(|v| v["kind"] != "instrumented")
+        .find(|v| v["state"] == "served")
+        .and_then(|v| v["store_path"].as_str().map(PathBuf::from))
+        .filter(|p| p.exists());
+    let arm = |label: &str, bin: &Path, args: &[String]| Arm {
+        label: label.to_string(),
+        bin: bin.to_path_buf(),
+        args: args.to_vec(),
+    };
+    let mut arms = vec![
+        arm("original (base)", &original, &b.train),
+        arm("through the mount (served)", &served, &b.train),
+        arm("A/A: original again", &original, &b.train),
+    ];
+    if let Some(v) = &variant {
+        arms.push(arm("served variant's bytes, run directly", v, &b.train));
+    }
+    if b.hand_bolt {
+        let dir = root.join(format!("{}-hand", b.name));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (label, file) in hand_variants(b, &dir, report) {
+            arms.push(arm(&label, &file, &b.train));
+        }
+    }
+    let unseen_base = arms.len();
+    arms.push(arm("unseen workload: original (base)", &original, &b.unseen));
+    arms.push(arm("unseen workload: through the mount", &served, &b.unseen));
+    arms.push(arm("unseen workload: A/A original again", &original, &b.unseen));
+    let results = interleaved(&arms, rounds);
+    report.push(format!(
+        "  CPU time ratio to the original, median [95% interval], {rounds} interleaved rounds; \
+         wall median in brackets; below 1 is faster:"
+    ));
+    for (i, a) in arms.iter().enumerate() {
+        if i == 0 || i == unseen_base {
+            continue;
+        }
+        let (cpu, wall) = &results[i];
+        report.push(format!(
+            "    {:<48} cpu {}   (wall {:.3})",
+            a.label,
+            ratio_text(cpu),
+            median_ci(wall).0
         ));
     }
-    // What the mount and the per-exec measurement cost by themselves: the original served
-    // through the mount (pinned) against the original run directly.
-    daemon.control(&format!("pin {name} original")).unwrap();
-    report.push(ratio_line(
-        "mount, pinned to the original",
-        measure(&original, &served, &prog.measure, plan.pairs),
-    ));
-    daemon.control(&format!("unpin {name}")).unwrap();
-    report.push(ratio_line(
-        "A/A control (original vs original)",
-        measure(&original, &original, &prog.measure, plan.pairs),
-    ));
-    if let Some(b) = daemon.binary_named(&name) {
+    if variant.is_some() {
+        // The mount against the same bytes run directly, per round.
+        let (m, v) = (&results[1].0, &results[3].0);
+        let per_round: Vec<f64> = m.iter().zip(v).map(|(m, v)| m / v).collect();
         report.push(format!(
-            "  after the measurement runs: {} ({})",
-            b["served"].as_str().unwrap_or("?"),
-            stage_text(&b)
+            "    {:<48} cpu {}",
+            "through the mount / same bytes run directly",
+            ratio_text(&per_round)
         ));
     }
     daemon.stop();
-    built
+    served_variant
 }
-
 /// Places `file` as a `ready` BOLT variant of the binary with `sha256`: published in the
 /// daemon's store, a row in its catalog (what the optimizer does with BOLT's output).
 fn place_variant(state: &Path, sha256: &str, file: &Path) -> i64 {
@@ -501,7 +729,7 @@ fn place_variant(state: &Path, sha256: &str, file: &Path) -> i64 {
 
 /// Real canaries of equal-speed variants, a line per trial and the rate of promotions, next
 /// to the policy's simulation with the same settings.
-fn equal_speed_trials(plan: &Plan, lua: &Program, root: &Path, report: &mut Vec<String>) {
+fn equal_speed_trials(plan: &AaPlan, lua: &Program, root: &Path, report: &mut Vec<String>) {
     let overlay = root.join("aa-bin");
     std::fs::create_dir_all(&overlay).unwrap();
     let scratch = root.join("aa-scratch");
@@ -615,44 +843,65 @@ fn equal_speed_trials(plan: &Plan, lua: &Program, root: &Path, report: &mut Vec<
     daemon.stop();
 }
 
-#[test]
+fn main() {
+    bench::run("bench_pipeline", bench_pipeline);
+}
+
 fn bench_pipeline() {
-    let plan = Plan::new();
     let cache = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-optimizer");
     std::fs::create_dir_all(&cache).unwrap();
     std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o755)).unwrap();
     let tmp = common::open_tempdir();
     let root = tmp.path().canonicalize().unwrap();
     let t0 = Instant::now();
-    let mut programs = vec![build_lua(&cache, &root)];
-    if plan.aa_only {
+    if let Some(n) = std::env::var("OPTBIN_BENCH_AA_TRIALS").ok().and_then(|v| v.parse().ok()) {
+        let policy = PolicyConfig::default();
+        let plan = AaPlan {
+            policy_min_runs: policy.min_runs_per_arm,
+            policy_looks: policy.looks,
+            equal_speed_trials: n,
+        };
+        let lua = build_lua(&cache, &root);
         let mut report = Vec::new();
-        equal_speed_trials(&plan, &programs[0], &root, &mut report);
+        equal_speed_trials(&plan, &lua, &root, &mut report);
         println!("\n{}\ntotal {:.0} s", report.join("\n"), t0.elapsed().as_secs_f64());
         return;
     }
+    let rounds = std::env::var("OPTBIN_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if quick() { 15 } else { 41 });
+    let mut benches = vec![lua_bench(&cache, &root)];
     if !quick() {
-        programs.push(build_sqlite(&cache));
+        benches.push(build_sqlite2(&cache, &root));
     }
     println!(
-        "\nbench_pipeline ({} mode): profile at {} Hz, mature at {} samples; policy min_runs {}, \
-         looks {}",
+        "\nbench_pipeline ({} mode): default configuration, BOLT {}",
         if quick() { "quick" } else { "full" },
-        plan.frequency_hz,
-        plan.min_samples,
-        plan.policy_min_runs,
-        plan.policy_looks
+        bolt_tool().version
     );
     let mut report = Vec::new();
-    let mut not_built = Vec::new();
-    for prog in &programs {
-        if !pipeline(&plan, prog, &root, &mut report) {
-            not_built.push(prog.name);
+    let mut served = Vec::new();
+    let mut run = |b: &Bench, report: &mut Vec<String>| {
+        if pipeline(b, &root, rounds, report) {
+            served.push(b.name);
         }
         report.push(String::new());
+        println!("{}", report.join("\n"));
+    };
+    for b in &benches {
+        run(b, &mut report);
     }
-    equal_speed_trials(&plan, &programs[0], &root, &mut report);
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "\n{}\ntotal {:.0} s", report.join("\n"), t0.elapsed().as_secs_f64()).unwrap();
-    assert!(not_built.is_empty(), "the daemon built no variant of {not_built:?} (see above)");
+    // ripgrep last: building it the first time takes long.
+    if !quick() {
+        match ripgrep_bench(&cache) {
+            Some(rg) => run(&rg, &mut report),
+            None => report.push("ripgrep could not be built: the no-gain case was skipped".into()),
+        }
+    }
+    println!(
+        "\n==== bench_pipeline summary ====\n{}\nserved a variant: {served:?}\ntotal {:.0} min",
+        report.join("\n"),
+        t0.elapsed().as_secs_f64() / 60.0
+    );
 }

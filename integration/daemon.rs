@@ -150,13 +150,27 @@ fn commands_keep_working_while_the_server_is_killed() {
     let f = fixture();
     let d = start(&f);
     let stop = f.state.with_extension("stop");
+    let progress = f.state.with_extension("progress");
     let script = format!(
         "n=0; fail=0; while [ ! -e {stop} ]; do \
            out=$(hello $n 2>&1); [ \"$out\" = \"hello $n\" ] || {{ fail=$((fail+1)); echo \"FAIL $n: $out\" >&2; }}; \
            script x >/dev/null || fail=$((fail+1)); n=$((n+1)); \
+           echo $n > {progress}.new && mv {progress}.new {progress}; \
          done; echo \"$n $fail\"",
-        stop = stop.display()
+        stop = stop.display(),
+        progress = progress.display()
     );
+    // Iterations the loop has completed (it writes the count after each one).
+    let iterations =
+        || std::fs::read_to_string(&progress).ok().and_then(|s| s.trim().parse::<u64>().ok());
+    // Each server (the first and each restarted one) serves a few iterations before the
+    // next kill, and the last one before the loop stops.
+    let served_more = |d: &Daemon, more: u64| {
+        let target = iterations().unwrap_or(0) + more;
+        d.wait_for(Duration::from_secs(30), "the command loop to go on", |_| {
+            (iterations()? >= target).then_some(())
+        });
+    };
     let child = Command::new("bash")
         .arg("-c")
         .arg(&script)
@@ -167,7 +181,7 @@ fn commands_keep_working_while_the_server_is_killed() {
         .unwrap();
     let mut killed = Vec::new();
     for _ in 0..4 {
-        std::thread::sleep(Duration::from_millis(500));
+        served_more(&d, 6);
         let pid = d.server_pid();
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
         killed.push(pid);
@@ -175,7 +189,7 @@ fn commands_keep_working_while_the_server_is_killed() {
             (d.server_pid() != pid).then_some(())
         });
     }
-    std::thread::sleep(Duration::from_millis(400));
+    served_more(&d, 6);
     std::fs::write(&stop, b"").unwrap();
     let out = child.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -201,4 +215,476 @@ fn next_start_clears_a_stale_mount() {
     d.start_again();
     assert_eq!(run(Command::new(d.bin().join("hello")).arg("z")).stdout, "hello z\n");
     d.stop();
+}
+
+/// Runs `optbin mount --foreground` on the fixture expecting it to fail before mounting;
+/// returns its stderr.
+fn start_fails(f: &Fixture) -> String {
+    let mut child = Command::new(OPTBIN)
+        .arg("mount")
+        .arg(&f.mnt)
+        .arg("--foreground")
+        .arg("--state-dir")
+        .arg(&f.state)
+        .arg("--overlay")
+        .arg(&f.bin)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().ok();
+            child.wait().ok();
+            if is_mounted(&f.mnt) {
+                let c = std::ffi::CString::new(f.mnt.to_str().unwrap()).unwrap();
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+            }
+            panic!("optbin started on a bad catalog instead of refusing it");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(!is_mounted(&f.mnt), "refused before mounting");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn a_bad_catalog_is_reported_before_mounting() {
+    let f = fixture();
+    std::fs::create_dir_all(&f.state).unwrap();
+    let catalog = f.state.join("catalog.db");
+    std::fs::write(&catalog, vec![0x5au8; 16384]).unwrap();
+    let err = start_fails(&f);
+    assert!(err.contains("is damaged") && err.contains("not a database"), "{err}");
+    std::fs::remove_file(&catalog).unwrap();
+    std::fs::create_dir(&catalog).unwrap();
+    let err = start_fails(&f);
+    assert!(err.contains("is not a file (a directory)"), "{err}");
+}
+
+/// A clean stop leaves the whole catalog in catalog.db (checkpointed, the WAL empty); a
+/// WAL damaged after a crash is reported instead of silently dropping what it held.
+#[test]
+fn a_clean_stop_checkpoints_and_a_damaged_wal_is_refused() {
+    let f = fixture();
+    let mut d = start(&f);
+    d.control("pin hello original").unwrap();
+    d.stop();
+    let wal = f.state.join("catalog.db-wal");
+    let wal_len = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+    assert_eq!(wal_len, 0, "the WAL was checkpointed into catalog.db at stop");
+    {
+        let conn = rusqlite::Connection::open_with_flags(
+            f.state.join("catalog.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .unwrap();
+        let pins: i64 = conn
+            .query_row("SELECT count(*) FROM controls WHERE pin = 'original'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(pins, 1, "the pin is in catalog.db itself");
+    }
+
+    // A crash (no checkpoint), then one flipped byte in the WAL's first frame.
+    d.start_again();
+    d.control("exclude script").unwrap();
+    d.kill_all();
+    let mut bytes = std::fs::read(&wal).unwrap();
+    assert!(bytes.len() > 32 + 24 + 4096, "the crash left transactions in the WAL");
+    bytes[32 + 24 + 200] ^= 0xff;
+    std::fs::write(&wal, &bytes).unwrap();
+    if is_mounted(&f.mnt) {
+        let c = std::ffi::CString::new(f.mnt.to_str().unwrap()).unwrap();
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+    let err = start_fails(&f);
+    assert!(err.contains("write-ahead log") && err.contains("damaged at frame 0"), "{err}");
+}
+
+/// The state directory and the catalog are root's only; a clean stop removes server.pid
+/// and logs no failed unmount.
+#[test]
+fn state_is_private_and_a_clean_stop_leaves_nothing_behind() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = fixture();
+    // As a previous version (or install.sh) left it: world-readable.
+    std::fs::create_dir_all(&f.state).unwrap();
+    common::chmod(&f.state, 0o755);
+    let mut d = start(&f);
+    d.control("pin hello original").unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&f.state), 0o700);
+    for name in ["catalog.db", "catalog.db-wal", "catalog.db-shm"] {
+        let p = f.state.join(name);
+        if p.exists() {
+            assert_eq!(mode(&p), 0o600, "{name}");
+        }
+    }
+    assert!(f.state.join("server.pid").exists());
+    d.stop();
+    assert!(!f.state.join("server.pid").exists(), "server.pid removed at a clean stop");
+    let log = d.log();
+    assert!(!log.contains("Failed to umount"), "{log}");
+    assert!(!log.contains('\u{1b}'), "no terminal colour codes in a log file");
+}
+
+/// `optbin status | head`: output into a closed pipe ends quietly.
+#[test]
+fn status_into_a_closed_pipe_ends_quietly() {
+    use std::os::fd::FromRawFd;
+    let f = fixture();
+    let d = start(&f);
+    for json in [false, true] {
+        let mut fds = [0; 2];
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        unsafe { libc::close(fds[0]) };
+        let stdout = unsafe { std::process::Stdio::from_raw_fd(fds[1]) };
+        let mut cmd = Command::new(OPTBIN);
+        cmd.arg("status").arg(&f.mnt);
+        if json {
+            cmd.arg("--json");
+        }
+        let out = cmd.stdout(stdout).stderr(std::process::Stdio::piped()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.is_empty(), "json {json}: {stderr}");
+    }
+    drop(d);
+}
+
+/// Any user can probe a served file for a terminal (TCGETS) as often as they like: the log
+/// must not grow with it.
+#[test]
+fn terminal_probes_do_not_grow_the_log() {
+    use std::os::fd::AsRawFd;
+    let f = fixture();
+    let d = start(&f);
+    let served = d.bin().join("hello");
+    let file = std::fs::File::open(&served).unwrap();
+    let before = d.log().len();
+    let mut termios: libc::termios = unsafe { std::mem::zeroed() };
+    for _ in 0..500 {
+        let r = unsafe { libc::ioctl(file.as_raw_fd(), libc::TCGETS, &mut termios) };
+        assert_eq!(r, -1, "not a terminal");
+    }
+    // Requests are answered in order: a status read after them sees their log lines.
+    let _ = d.status_text();
+    let grown = d.log().len() - before;
+    assert!(grown < 2000, "500 terminal probes grew the log by {grown} bytes");
+}
+
+/// `optbin umount --timeout 2` on a mount whose server is stopped (SIGSTOP) finishes by its
+/// timeout with a lazy unmount.
+#[test]
+fn umount_finishes_by_its_timeout_when_the_server_is_stopped() {
+    let f = fixture();
+    let d = start(&f);
+    let server = d.server_pid() as i32;
+    unsafe { libc::kill(server, libc::SIGSTOP) };
+    let started = std::time::Instant::now();
+    let mut child = Command::new(OPTBIN)
+        .args(["umount", "--timeout", "2"])
+        .arg(&f.mnt)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut finished = None;
+    while started.elapsed() < Duration::from_secs(15) {
+        if let Some(status) = child.try_wait().unwrap() {
+            finished = Some(status);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let took = started.elapsed();
+    if finished.is_none() {
+        child.kill().ok();
+    }
+    let out = child.wait_with_output().unwrap();
+    unsafe { libc::kill(server, libc::SIGCONT) };
+    println!("optbin umount --timeout 2 on a stopped server took {took:?}");
+    let status = finished.expect("optbin umount --timeout 2 hung on a stopped server");
+    assert!(status.success(), "{out:?}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    assert!(!is_mounted(&f.mnt), "unmounted (lazily)");
+    drop(d);
+}
+
+/// A shell loop running `hello` and `script` through PATH until `stop` exists; prints
+/// "iterations failures longest-iteration-in-microseconds".
+fn command_loop(bin: &std::path::Path, stop: &std::path::Path) -> std::process::Child {
+    let script = format!(
+        "n=0; fail=0; max=0; while [ ! -e {stop} ]; do \
+           t0=${{EPOCHREALTIME/./}}; \
+           out=$(hello $n 2>&1); [ \"$out\" = \"hello $n\" ] || {{ fail=$((fail+1)); echo \"FAIL $n: $out\" >&2; }}; \
+           script x >/dev/null || fail=$((fail+1)); \
+           t=$(( ${{EPOCHREALTIME/./}} - t0 )); [ $t -gt $max ] && max=$t; n=$((n+1)); \
+           echo $n > {progress}.new && mv {progress}.new {progress}; \
+         done; echo \"$n $fail $max\"",
+        stop = stop.display(),
+        progress = loop_progress(stop).display()
+    );
+    Command::new("bash")
+        .arg("-c")
+        .arg(&script)
+        .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Where [`command_loop`] writes the count of iterations it completed.
+fn loop_progress(stop: &std::path::Path) -> std::path::PathBuf {
+    stop.with_extension("progress")
+}
+
+/// Waits (polling, with a deadline) until [`command_loop`] has completed `more` iterations
+/// beyond what it had when called.
+fn loop_goes_on(stop: &std::path::Path, more: u64) {
+    let done = || {
+        std::fs::read_to_string(loop_progress(stop))
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let target = done() + more;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while done() < target {
+        assert!(std::time::Instant::now() < deadline, "the command loop stopped going on");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn loop_result(child: std::process::Child) -> (u64, u64, u64, String) {
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut words = text.split_whitespace().map(|w| w.parse::<u64>().unwrap());
+    let (runs, failed, max_us) =
+        (words.next().unwrap(), words.next().unwrap(), words.next().unwrap());
+    (runs, failed, max_us, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Past the crash limit the mount stays, serves every file as its original, status says
+/// so, and the full server comes back after the back-off; no command fails throughout.
+#[test]
+fn past_the_crash_limit_the_mount_serves_originals_and_comes_back() {
+    let f = fixture();
+    let config = f.state.with_extension("toml");
+    std::fs::write(&config, "[supervisor]\nsafe_mode_retry_secs = 3\n").unwrap();
+    let mut d = Daemon::start(&f.mnt, &[&f.bin], &f.state, Some(&config));
+    let stop = f.state.with_extension("stop");
+    let child = command_loop(&d.bin(), &stop);
+    for _ in 0..5 {
+        loop_goes_on(&stop, 2);
+        let pid = d.server_pid();
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        d.wait_for(Duration::from_secs(10), "a new server", |d| {
+            (d.try_server_pid().is_some_and(|p| p != pid)).then_some(())
+        });
+    }
+    let text = d.wait_for(Duration::from_secs(10), "safe mode in status", |d| {
+        let text = d.status_text();
+        text.contains("SAFE MODE").then_some(text)
+    });
+    assert!(text.contains("failed 5 times"), "{text}");
+    assert_eq!(d.status_json()["mode"], "safe");
+    assert!(is_mounted(&f.mnt));
+    assert_eq!(run(Command::new(d.bin().join("hello")).arg("safe")).stdout, "hello safe\n");
+    let err = d.control("exclude hello").expect_err("commands wait for the full server");
+    assert_eq!(err.raw_os_error(), Some(libc::EAGAIN));
+    d.wait_for(Duration::from_secs(20), "the full server back", |d| {
+        (!d.status_text().contains("SAFE MODE")).then_some(())
+    });
+    loop_goes_on(&stop, 21);
+    std::fs::write(&stop, b"").unwrap();
+    let (runs, failed, max_us, stderr) = loop_result(child);
+    println!(
+        "{runs} iterations through 5 server kills, safe mode and back: {failed} failed, \
+         longest iteration {} ms",
+        max_us / 1000
+    );
+    assert!(runs > 20, "the loop made progress: {runs}");
+    assert_eq!(failed, 0, "{stderr}");
+    d.control("exclude hello").expect("the full server takes commands again");
+    d.stop();
+}
+
+fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(p) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else { continue };
+        let mut fields = rest.split(' ');
+        let state = fields.next();
+        if state != Some("Z") && fields.next().and_then(|s| s.parse().ok()) == Some(pid) {
+            out.push(p);
+        }
+    }
+    out
+}
+
+/// The background service as `optbin mount` starts it: holder, supervisor, server.
+struct Service {
+    holder: i32,
+    mnt: PathBuf,
+    state: PathBuf,
+}
+
+impl Service {
+    fn supervisor(&self) -> Option<i32> {
+        children_of(self.holder).into_iter().next()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.state.join("optbin.log")).unwrap_or_default()
+    }
+
+    /// Waits until a supervisor other than `old` serves status again.
+    fn wait_restarted(&self, old: i32) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if self.supervisor().is_some_and(|s| s != old)
+                && std::fs::read(self.mnt.join(".optbin/status")).is_ok()
+            {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the service did not come back; log:\n{}",
+                common::daemon::tail(&self.log(), 40)
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let mut all = vec![self.holder];
+        let mut i = 0;
+        while i < all.len() {
+            all.extend(children_of(all[i]));
+            i += 1;
+        }
+        for p in all {
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+        if is_mounted(&self.mnt) {
+            let c = std::ffi::CString::new(self.mnt.to_str().unwrap()).unwrap();
+            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        }
+    }
+}
+
+/// The whole service dying: the supervisor is SIGKILLed, then supervisor and server at
+/// once, while a shell runs commands through PATH. The holder keeps the FUSE connection
+/// and restarts the daemon, which adopts it: no command fails, they only pause.
+#[test]
+fn commands_keep_working_while_the_whole_service_is_killed() {
+    let f = fixture();
+    let out = run(Command::new(OPTBIN)
+        .arg("mount")
+        .arg(&f.mnt)
+        .arg("--state-dir")
+        .arg(&f.state)
+        .arg("--overlay")
+        .arg(&f.bin));
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let holder: i32 = out
+        .stdout
+        .split("holder pid ")
+        .nth(1)
+        .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no holder pid in {:?}", out.stdout));
+    let service = Service { holder, mnt: f.mnt.clone(), state: f.state.clone() };
+    let bin = f.mnt.join("bin");
+    let stop = f.state.with_extension("stop");
+    let child = command_loop(&bin, &stop);
+    loop_goes_on(&stop, 3);
+
+    let supervisor = service.supervisor().expect("a supervisor under the holder");
+    unsafe { libc::kill(supervisor, libc::SIGKILL) };
+    service.wait_restarted(supervisor);
+    loop_goes_on(&stop, 3);
+
+    let supervisor = service.supervisor().unwrap();
+    let server: i32 =
+        std::fs::read_to_string(f.state.join("server.pid")).unwrap().trim().parse().unwrap();
+    unsafe {
+        libc::kill(supervisor, libc::SIGKILL);
+        libc::kill(server, libc::SIGKILL);
+    }
+    service.wait_restarted(supervisor);
+    loop_goes_on(&stop, 3);
+
+    std::fs::write(&stop, b"").unwrap();
+    let (runs, failed, max_us, stderr) = loop_result(child);
+    println!(
+        "{runs} iterations while the supervisor, then supervisor and server, were SIGKILLed: \
+         {failed} failed, longest iteration (the pause) {} ms",
+        max_us / 1000
+    );
+    assert!(runs > 10, "the loop made progress: {runs}");
+    assert_eq!(failed, 0, "{stderr}\nlog:\n{}", common::daemon::tail(&service.log(), 40));
+
+    let out = run(Command::new(OPTBIN).arg("umount").arg(&f.mnt));
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while unsafe { libc::kill(holder, 0) } == 0
+        && std::fs::read_to_string(format!("/proc/{holder}/stat"))
+            .is_ok_and(|s| !s.contains(") Z "))
+    {
+        assert!(std::time::Instant::now() < deadline, "the holder outlived umount");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!is_mounted(&f.mnt));
+}
+
+/// Unmounts a tmpfs on drop.
+struct Tmpfs(PathBuf);
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let c = std::ffi::CString::new(self.0.to_str().unwrap()).unwrap();
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// With the state directory full, runs that were measured but could not be stored are
+/// counted and shown, instead of "0 lost".
+#[test]
+fn runs_that_cannot_be_recorded_are_counted() {
+    let f = fixture();
+    std::fs::create_dir_all(&f.state).unwrap();
+    let out =
+        run(Command::new("mount").args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"]).arg(&f.state));
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let _tmpfs = Tmpfs(f.state.clone());
+    let d = start(&f);
+    assert_eq!(run(Command::new(d.bin().join("hello")).arg("x")).stdout, "hello x\n");
+    // Fill the state directory's filesystem.
+    {
+        use std::io::Write;
+        let mut fill = std::fs::File::create(f.state.join("fill")).unwrap();
+        let chunk = vec![0u8; 1 << 16];
+        while fill.write_all(&chunk).is_ok() {}
+    }
+    let text = d.wait_for(Duration::from_secs(30), "unrecorded runs in status", |d| {
+        let _ = run(Command::new(d.bin().join("hello")).arg("y"));
+        let text = d.status_text();
+        text.contains("not recorded").then_some(text)
+    });
+    let line = text.lines().find(|l| l.contains("not recorded")).unwrap();
+    println!("{}", line.trim());
+    assert!(!line.contains(" 0 measured but not recorded"), "{line}");
+    drop(d);
 }

@@ -159,11 +159,19 @@ fn instrumentation_mode_collects_a_profile_through_the_mount_and_bolt_uses_it() 
     // The cut-off is applied asynchronously (an exec-open past the budget queues a re-check of
     // the path), so under load an exec or two racing with it may still get the variant.
     assert!(served_instrumented <= 2 * MAX_RUNS + 2, "bounded: {served_instrumented} runs");
-    // Retired: no more execs get it (measured runs are recorded within ~100 ms).
+    // Retired: no more execs get it. Proof that the daemon had its chance: these four
+    // runs are recorded (with whatever they were served), and none with the variant.
+    let last_run: i64 =
+        c.query_row("SELECT COALESCE(MAX(id), 0) FROM runs", [], |r| r.get(0)).unwrap();
     for _ in 0..4 {
         run();
     }
-    std::thread::sleep(Duration::from_millis(500));
+    d.wait_for(Duration::from_secs(20), "the last four runs to be recorded", |_| {
+        let recorded: i64 = c
+            .query_row("SELECT COUNT(*) FROM runs WHERE id > ?1", [last_run], |r| r.get(0))
+            .unwrap();
+        (recorded >= 4).then_some(())
+    });
     let after: i64 = c
         .query_row("SELECT COUNT(*) FROM runs WHERE variant_id = ?1", [instr_id], |r| r.get(0))
         .unwrap();
@@ -193,4 +201,112 @@ fn instrumentation_mode_collects_a_profile_through_the_mount_and_bolt_uses_it() 
     assert!(n.parse::<i64>().unwrap() >= MAX_RUNS && m == MAX_RUNS.to_string(), "{progress}");
     drop(d);
     assert!(!common::is_mounted(&dir.path().join("mnt")));
+}
+
+/// A program for the budget's limits: `prog N` computes, `prog crash` dies of SIGSEGV,
+/// `prog long SECS` computes for SECS seconds of wall time.
+const MODES: &str = r#"
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+__attribute__((noinline)) unsigned long mix(unsigned long s, unsigned long i) {
+    switch (i & 3) { case 0: return s * 31 + i; case 1: return s ^ (i << 3); case 2: return s + (i >> 1); default: return s - i; }
+}
+__attribute__((noinline)) unsigned long work(unsigned long n) {
+    unsigned long s = 1;
+    for (unsigned long i = 0; i < n; i++) s = mix(s, i);
+    return s;
+}
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "crash") == 0) { raise(SIGSEGV); return 1; }
+    if (argc > 2 && strcmp(argv[1], "long") == 0) {
+        time_t end = time(0) + atoi(argv[2]);
+        unsigned long s = 0;
+        while (time(0) < end) s += work(1000000);
+        printf("result %lu\n", s);
+        return 0;
+    }
+    printf("result %lu\n", work(argc > 1 ? strtoul(argv[1], 0, 10) : 1000));
+    return 0;
+}
+"#;
+
+/// A daemon over a temp bin dir holding `prog` (MODES, relocations kept) with the default
+/// instrumentation budget plus `extra` `[profile]` lines; sampling never matures.
+fn modes_daemon(dir: &Path, extra: &str) -> (Daemon, PathBuf, PathBuf) {
+    let bin = std::fs::canonicalize(dir).unwrap().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let prog = bin.join("prog");
+    common::cc(MODES, &prog, &["-fPIE", "-pie", "-Wl,--emit-relocs"]);
+    let config = format!(
+        "[profile]\nflush_secs = 1\nmin_samples = 100000000\n{extra}\n\n\
+         [optimizer]\nscratch_dir = {:?}\nmin_text_bytes = 256\ncheck_interval_secs = 1\n\
+         timeout_secs = 120\n",
+        dir.join("scratch").display().to_string(),
+    );
+    std::fs::write(dir.join("config.toml"), config).unwrap();
+    std::fs::create_dir(dir.join("mnt")).unwrap();
+    let state = dir.join("state");
+    let d = Daemon::start(&dir.join("mnt"), &[&bin], &state, Some(&dir.join("config.toml")));
+    (d, prog, state)
+}
+
+fn runs_of_variant(state: &Path, variant: i64) -> i64 {
+    catalog(state)
+        .query_row("SELECT COUNT(*) FROM runs WHERE variant_id = ?1", [variant], |r| r.get(0))
+        .unwrap()
+}
+
+#[test]
+fn a_crashing_instrumented_run_stops_instrumentation() {
+    let dir = common::open_tempdir();
+    // No `instrumentation` key: it is on by default.
+    let (d, prog, state) = modes_daemon(dir.path(), "");
+    let through_mount = d.bin().join("prog");
+    let instr_id = d.wait_for(Duration::from_secs(60), "an instrumented variant", |_| {
+        output(Command::new(&through_mount).arg("1000"));
+        variants(&state, &prog).into_iter().find(|v| v.0 == "instrumented").map(|v| v.2)
+    });
+    // The first execs after it exists get it (instrument_first_runs = 5): this one crashes.
+    let out = common::run(Command::new(&through_mount).arg("crash"));
+    assert_eq!(out.code, None, "killed by its signal: {out:?}");
+    d.wait_for(Duration::from_secs(30), "the instrumented variant rejected", |_| {
+        let v = variants(&state, &prog);
+        v.iter().any(|v| v.2 == instr_id && v.1 == "rejected").then_some(())
+    });
+    let served = runs_of_variant(&state, instr_id);
+    let crashed: i64 = catalog(&state)
+        .query_row(
+            "SELECT COUNT(*) FROM runs WHERE variant_id = ?1 AND exit_signal = 11",
+            [instr_id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(crashed, 1, "the crashing run got the instrumented variant");
+    let last_run: i64 = catalog(&state)
+        .query_row("SELECT COALESCE(MAX(id), 0) FROM runs", [], |r| r.get(0))
+        .unwrap();
+    for _ in 0..6 {
+        output(Command::new(&through_mount).arg("1000"));
+    }
+    // Proof that the daemon had its chance: the six runs are recorded.
+    d.wait_for(Duration::from_secs(20), "the six runs to be recorded", |_| {
+        let recorded: i64 = catalog(&state)
+            .query_row("SELECT COUNT(*) FROM runs WHERE id > ?1", [last_run], |r| r.get(0))
+            .unwrap();
+        (recorded >= 6).then_some(())
+    });
+    assert_eq!(runs_of_variant(&state, instr_id), served, "not served after the crash");
+    let kinds: Vec<String> = variants(&state, &prog).into_iter().map(|v| v.0).collect();
+    assert_eq!(kinds, ["instrumented"], "and no second instrumented variant is built");
+    let events: String = catalog(&state)
+        .query_row(
+            "SELECT group_concat(detail, ' | ') FROM events WHERE kind = 'instrument'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(events.contains("crashed (signal 11)"), "{events}");
 }

@@ -29,6 +29,8 @@ const ITERATIONS: &str = "10000000";
 fn config(scratch: &Path) -> String {
     format!(
         r#"[profile]
+# This test follows the sampled path (instrumentation is tested in instrument_e2e).
+instrumentation = "off"
 frequency_hz = 999
 flush_secs = 1
 window_secs = 2
@@ -171,14 +173,23 @@ fn a_program_run_through_the_mount_is_profiled_optimized_canaried_and_decided() 
     // now, add no sample).
     let samples =
         |d: &Daemon| d.binary(&prog).unwrap()["details"]["profiler"]["own_samples"].as_u64();
+    // Proof that the profiler had its chance: it stores what it sampled at each flush, and
+    // counts the flushes; two more flushes than at a moment cover everything sampled before.
+    let flushes = |d: &Daemon| d.status_json()["subsystems"]["profiler"]["flushes"].as_u64();
+    let two_more_flushes = |d: &Daemon| {
+        let target = flushes(d).expect("the profiler counts its flushes") + 2;
+        d.wait_for(Duration::from_secs(20), "two more profiler flushes", |d| {
+            (flushes(d)? >= target).then_some(())
+        });
+    };
     d.control("exclude prog").unwrap();
-    std::thread::sleep(Duration::from_secs(2)); // samples already taken reach the catalog
+    two_more_flushes(&d); // samples already taken reach the catalog
     let before = samples(&d);
     assert!(before.is_some_and(|n| n >= 1500), "{before:?}");
     for _ in 0..5 {
         assert_eq!(run(&served), expected);
     }
-    std::thread::sleep(Duration::from_secs(3)); // flush_secs = 1
+    two_more_flushes(&d);
     let b = d.binary(&prog).unwrap();
     assert_eq!(b["served"], "original (link)", "{b:#}");
     assert_eq!(samples(&d), before, "an excluded binary was profiled");

@@ -553,7 +553,17 @@ async fn shutdown_kills_a_running_job_without_blaming_the_binary() {
         assert!(start.elapsed() < Duration::from_secs(20));
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The fake BOLT is in its long sleep: the shutdown has a running process to kill.
+    let sleeping = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| std::fs::read(e.ok()?.path().join("cmdline")).ok())
+            .any(|c| String::from_utf8_lossy(&c).contains("53.75"))
+    };
+    while !sleeping() {
+        assert!(start.elapsed() < Duration::from_secs(20), "the fake BOLT never slept");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let handle = rig.handle.clone();
     let catalog = rig.catalog.clone();
     let stopping = Instant::now();

@@ -68,7 +68,7 @@ impl Fixture {
         let bolt_line =
             bolt.map_or(String::new(), |b| format!("bolt = {:?}\n", b.display().to_string()));
         let config = format!(
-            "[profile]\nfrequency_hz = 499\nflush_secs = 1\nwindow_secs = 2\n\
+            "[profile]\ninstrumentation = \"off\"\nfrequency_hz = 499\nflush_secs = 1\nwindow_secs = 2\n\
              identify_after_samples = 20\nmin_samples = 500\nmin_runs = 2\nmin_stability = 0.5\n\n\
              [optimizer]\nscratch_dir = {:?}\nmin_text_bytes = 1024\ncheck_interval_secs = 1\n\
              timeout_secs = 120\n{bolt_line}",

@@ -71,6 +71,7 @@ fn mount_with(
         OverlayConfig {
             mountpoint: f.mount.clone(),
             overlay_dirs: vec![f.one.clone(), f.two.clone()],
+            originals: Some(f.tmp.path().join("originals")),
         },
         serving,
         None,
@@ -241,9 +242,8 @@ fn variant_switch_and_upgrade_underneath() {
     let view = f.mount.join("bin");
     let original = f.one.join("prog");
 
-    // A process started before the switch: it sleeps, then prints.
-    let before = spawn_sleeping(&view.join("prog"), 1500);
-    std::thread::sleep(Duration::from_millis(300));
+    // A process started before the switch, held until the switch is done, then prints.
+    let before = Held::spawn(Command::new(view.join("prog")).arg("before"));
     // What a profiler sees: /proc/PID/exe and the code mappings name the path in the mount
     // (the kernel maps the backing file but shows the user's path), and the inode of
     // /proc/PID/exe is the node id, which tells exactly which bytes the process runs.
@@ -275,32 +275,20 @@ fn variant_switch_and_upgrade_underneath() {
             expected_original: key,
         }),
     );
-    let after = Command::new(view.join("prog"))
-        .arg("after")
-        .env("SLEEP_MS", "300")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    let after = Held::spawn(Command::new(view.join("prog")).arg("after"));
     let variant_ino = std::fs::metadata(format!("/proc/{}/exe", after.id())).unwrap().ino();
     assert_eq!(
         guard.overlay().file_node(variant_ino).unwrap().variant.as_ref().map(|v| v.variant_id),
         Some(1)
     );
-    let after = after.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&after.stdout), "variant after\n");
+    assert_eq!(after.release().stdout, "variant after\n");
     assert_eq!(
         guard.overlay().original_of(&in_mount(&f.mount, &original), None).map(|m| m.variant),
         Some(Some(1))
     );
     let by_node = guard.overlay().original_of(&in_mount(&f.mount, &original), Some(variant_ino));
     assert_eq!(by_node.map(|m| (m.original, m.variant)), Some((original.clone(), Some(1))));
-    let before = before.wait_with_output().unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&before.stdout),
-        "one before\n",
-        "the running process kept its bytes"
-    );
+    assert_eq!(before.release().stdout, "one before\n", "the running process kept its bytes");
 
     // Back to the original.
     serving.serve(&original, None);
@@ -350,8 +338,7 @@ fn without_passthrough_optbin_serves_the_reads() {
     }
     // A running process keeps reading its own bytes through its handle after a switch.
     let original = f.one.join("prog");
-    let before = spawn_sleeping(&view.join("prog"), 1000);
-    std::thread::sleep(Duration::from_millis(200));
+    let before = Held::spawn(Command::new(view.join("prog")).arg("before"));
     let store = f.tmp.path().join("variant");
     prog(&store, "variant", &[]);
     let size = std::fs::metadata(&store).unwrap().len();
@@ -361,8 +348,7 @@ fn without_passthrough_optbin_serves_the_reads() {
         Some(ServedVariant { variant_id: 3, path_in_store: store, size, expected_original: key }),
     );
     assert_eq!(run(Command::new(view.join("prog")).arg("after")).stdout, "variant after\n");
-    let before = before.wait_with_output().unwrap();
-    assert_eq!(String::from_utf8_lossy(&before.stdout), "one before\n");
+    assert_eq!(before.release().stdout, "one before\n");
     drop(guard);
     assert!(!is_mounted(&f.mount));
 }
@@ -374,7 +360,11 @@ fn a_real_toolchain_works_from_the_mount() {
     let tmp = open_tempdir();
     let mount = tmp.path().canonicalize().unwrap().join("mnt");
     let overlay = Overlay::new(
-        OverlayConfig { mountpoint: mount.clone(), overlay_dirs: vec![toolchain_bin.clone()] },
+        OverlayConfig {
+            mountpoint: mount.clone(),
+            overlay_dirs: vec![toolchain_bin.clone()],
+            originals: None,
+        },
         ServingTable::new(),
         None,
         Arc::new(StaticControl::default()),
@@ -446,7 +436,11 @@ fn supervisor_entry() {
             anyhow::bail!("this server cannot start (test)");
         }
         let overlay = Overlay::new(
-            OverlayConfig { mountpoint: ctx.mountpoint.clone(), overlay_dirs: dirs.clone() },
+            OverlayConfig {
+                mountpoint: ctx.mountpoint.clone(),
+                overlay_dirs: dirs.clone(),
+                originals: None,
+            },
             ServingTable::new(),
             None,
             Arc::new(SlowControl(StaticControl::new(&[("status", "supervised\n")]))),
@@ -472,6 +466,11 @@ impl optbin::fs::ControlPlane for SlowControl {
     }
     fn read(&self, name: &str) -> Result<Vec<u8>, optbin::error::FsError> {
         if name == "slow" {
+            // Tells the test that this request is in flight in the server (beside the pid
+            // file, see `Supervisor::spawn`), then takes its time.
+            if let Some(marker) = std::env::var_os(SLOW_MARKER_ENV) {
+                std::fs::write(marker, b"").ok();
+            }
             std::thread::sleep(Duration::from_millis(1500));
             return Ok(b"slow\n".to_vec());
         }
@@ -499,6 +498,7 @@ impl Supervisor {
         if broken {
             cmd.env(BROKEN_ENV, "1");
         }
+        cmd.env(SLOW_MARKER_ENV, slow_marker(pid_file));
         Self { child: cmd.spawn().unwrap() }
     }
 
@@ -536,6 +536,34 @@ impl Drop for Supervisor {
     }
 }
 
+/// The file a supervised server's `slow` control file touches when a read of it begins.
+const SLOW_MARKER_ENV: &str = "OPTBIN_TEST_SLOW_MARKER";
+
+fn slow_marker(pid_file: &Path) -> PathBuf {
+    pid_file.with_file_name("slow-read-started")
+}
+
+/// Waits until the command loop of the supervised test, which writes its iteration count
+/// to `progress` after each iteration, has completed `n` iterations.
+fn wait_loop_iterations(progress: &Path, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let done = std::fs::read_to_string(progress)
+            .ok()
+            .and_then(|s| s.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+        if done >= n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the command loop stopped at {done} iterations");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn loop_iterations(progress: &Path) -> u64 {
+    std::fs::read_to_string(progress).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+}
+
 fn server_pid(pid_file: &Path) -> i32 {
     std::fs::read_to_string(pid_file).unwrap().trim().parse().unwrap()
 }
@@ -548,6 +576,7 @@ fn supervised_mount_keeps_commands_working_while_the_server_is_killed() {
     let sup = Supervisor::start(&f.mount, &pid_file, &[f.one.clone(), usr_bin]);
     let view = f.mount.join("bin");
     let stop = f.tmp.path().join("stop");
+    let progress = f.tmp.path().join("progress");
     let data = f.tmp.path().join("data.txt");
     std::fs::write(&data, "d\n").unwrap();
 
@@ -563,10 +592,12 @@ while [ ! -e {stop} ]; do
   out=$(data 2>&1); [ "$out" = "exe-relative data" ] || {{ fails=$((fails+1)); echo "data: $out" >&2; }}
   out=$(cat {data} 2>&1); [ "$out" = "d" ] || {{ fails=$((fails+1)); echo "cat: $out" >&2; }}
   ls -d / >/dev/null 2>&1 || {{ fails=$((fails+1)); echo "ls failed" >&2; }}
+  echo $n > {progress}.new && mv {progress}.new {progress}
 done
 echo "$n $fails""#,
         view = view.display(),
         stop = stop.display(),
+        progress = progress.display(),
         data = data.display()
     );
     let loop_child = Command::new("bash")
@@ -576,7 +607,9 @@ echo "$n $fails""#,
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    // Killed only while commands are running through the mount, and each new server
+    // serves a few loop iterations before the next kill.
+    wait_loop_iterations(&progress, 3);
     let mut kills = 0;
     let mut restart_ms = Vec::new();
     for _ in 0..5 {
@@ -590,7 +623,7 @@ echo "$n $fails""#,
             std::thread::sleep(Duration::from_millis(5));
         }
         restart_ms.push(killed_at.elapsed().as_millis());
-        std::thread::sleep(Duration::from_millis(400));
+        wait_loop_iterations(&progress, loop_iterations(&progress) + 5);
     }
     std::fs::write(&stop, "").unwrap();
     let out = loop_child.wait_with_output().unwrap();
@@ -612,7 +645,12 @@ echo "$n $fails""#,
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let marker = slow_marker(&pid_file);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !marker.exists() {
+        assert!(Instant::now() < deadline, "the slow read never reached the server");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let server = server_pid(&pid_file);
     // SAFETY: killing the server process of our own supervisor.
     unsafe { libc::kill(server, libc::SIGKILL) };
@@ -623,24 +661,15 @@ echo "$n $fails""#,
 
     // A clean stop: SIGTERM to the supervisor unmounts (lazily: a program started from the
     // mount still runs) and exits 0; the running program finishes normally.
-    let running = Command::new(view.join("prog"))
-        .arg("still")
-        .env("SLEEP_MS", "1500")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let running = Held::spawn(Command::new(view.join("prog")).arg("still"));
     let mut sup = sup;
     // SAFETY: signalling our own child.
     unsafe { libc::kill(sup.pid(), libc::SIGTERM) };
     let status = sup.child.wait().unwrap();
     assert!(status.success(), "{status:?}");
     assert!(!is_mounted(&f.mount));
-    let running = running.wait_with_output().unwrap();
-    assert_eq!(
-        (String::from_utf8_lossy(&running.stdout).as_ref(), running.status.code()),
-        ("one still\n", Some(0))
-    );
+    let running = running.release();
+    assert_eq!((running.stdout.as_str(), running.code), ("one still\n", Some(0)));
 
     // A dead daemon (supervisor and server SIGKILLed) leaves a stale mount; the next start
     // clears it by itself.
@@ -671,32 +700,294 @@ echo "$n $fails""#,
     assert!(!is_mounted(&f.mount), "mount left behind");
 }
 
-#[test]
-fn a_server_that_keeps_crashing_makes_the_supervisor_unmount_and_give_up() {
-    let f = fixture();
-    let pid_file = f.tmp.path().join("server.pid");
-    let mut sup = Supervisor::spawn(&f.mount, &pid_file, std::slice::from_ref(&f.one), true);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = sup.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "the supervisor did not give up");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    assert_eq!(status.code(), Some(1));
-    // Unmounted, so PATH lookups fall through to the next entries instead of ENOTCONN.
-    assert!(!is_mounted(&f.mount));
-    assert!(!f.mount.join("bin").exists());
+/// Mounts `dirs` at `mount` with an empty serving table; copies of originals in `originals`.
+fn mount_dirs(
+    mount: &Path,
+    dirs: &[PathBuf],
+    originals: Option<PathBuf>,
+) -> (optbin::fuse::MountGuard, std::sync::mpsc::Receiver<FsEvent>) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let overlay = Overlay::new(
+        OverlayConfig { mountpoint: mount.to_path_buf(), overlay_dirs: dirs.to_vec(), originals },
+        ServingTable::new(),
+        None,
+        Arc::new(StaticControl::new(&[("status", "ok\n")])),
+        Arc::new(tx),
+    )
+    .unwrap();
+    let guard = mount_background(overlay, &MountOptions::new(mount)).expect("mount");
+    (guard, rx)
 }
 
-/// Starts `prog before` (a test program) that sleeps `ms` before printing, with its output
-/// captured: a process that runs across a switch of the served variant.
-fn spawn_sleeping(prog: &std::path::Path, ms: u32) -> std::process::Child {
-    Command::new(prog)
-        .arg("before")
-        .env("SLEEP_MS", ms.to_string())
+/// `setpriv` as nobody running `program args...`.
+fn nobody(program: &str, args: &[&Path]) -> Output {
+    let mut c = as_nobody(Path::new(program));
+    c.args(args);
+    run(&mut c)
+}
+
+/// Issue 10.1: a 0700 overlay dir, or a 0700 directory above one, stops the same users
+/// through the mount as on the real path, and the PATH view gives each user what PATH
+/// lookup would give them.
+#[test]
+fn directory_permissions_are_mirrored_for_every_user() {
+    let tmp = open_tempdir();
+    let root = tmp.path().canonicalize().unwrap();
+    let restricted = root.join("restricted/bin");
+    let locked = root.join("locked/deep/bin");
+    let open = root.join("open/bin");
+    for d in [&restricted, &locked, &open] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    prog(&restricted.join("onlysecret"), "secret", &[]);
+    prog(&restricted.join("shared"), "restricted", &[]);
+    prog(&locked.join("onlylocked"), "locked", &[]);
+    prog(&open.join("shared"), "open", &[]);
+    chmod(&restricted, 0o700);
+    chmod(&root.join("locked"), 0o700);
+    let mnt = root.join("mnt");
+    let (guard, _events) =
+        mount_dirs(&mnt, &[restricted.clone(), locked.clone(), open.clone()], None);
+
+    // Reading, running and listing: through the mount exactly as on the real path.
+    for file in [
+        restricted.join("onlysecret"),
+        restricted.join("shared"),
+        locked.join("onlylocked"),
+        open.join("shared"),
+    ] {
+        let through = in_mount(&mnt, &file);
+        let (native, mounted) = (nobody("cat", &[&file]), nobody("cat", &[&through]));
+        assert_eq!(
+            native.code == Some(0),
+            mounted.code == Some(0),
+            "cat {}: {mounted:?}",
+            file.display()
+        );
+        let (native, mounted) = (run(&mut as_nobody(&file)), run(&mut as_nobody(&through)));
+        assert_eq!(
+            (&native.stdout, native.code == Some(0)),
+            (&mounted.stdout, mounted.code == Some(0)),
+            "exec {}",
+            file.display()
+        );
+    }
+    for dir in [restricted.clone(), root.join("locked"), locked.clone(), open.clone()] {
+        let (native, mounted) = (nobody("ls", &[&dir]), nobody("ls", &[&in_mount(&mnt, &dir)]));
+        assert_eq!(
+            native.code == Some(0),
+            mounted.code == Some(0),
+            "ls {}: {mounted:?}",
+            dir.display()
+        );
+        let real_mode = std::fs::metadata(&dir).unwrap().mode() & 0o7777;
+        let shown = std::fs::metadata(in_mount(&mnt, &dir)).unwrap().mode() & 0o7777;
+        assert_eq!(shown, real_mode & 0o7555, "mode of {}", dir.display());
+    }
+    assert_ne!(nobody("cat", &[&in_mount(&mnt, &restricted.join("onlysecret"))]).code, Some(0));
+
+    // The PATH view: each user gets the first directory *they* may search.
+    let view = mnt.join("bin");
+    assert_eq!(run(&mut Command::new(view.join("shared"))).stdout, "restricted\n");
+    assert_eq!(run(&mut as_nobody(&view.join("shared"))).stdout, "open\n");
+    assert_eq!(run(&mut Command::new(view.join("shared"))).stdout, "restricted\n", "root again");
+    assert_ne!(run(&mut as_nobody(&view.join("onlysecret"))).code, Some(0));
+    assert_ne!(run(&mut as_nobody(&view.join("onlylocked"))).code, Some(0));
+    assert_eq!(run(&mut Command::new(view.join("onlylocked"))).stdout, "locked\n");
+    let listed = nobody("ls", &[&view]);
+    assert_eq!(listed.stdout, "shared\n", "nobody lists what nobody can run");
+    let listed = run(Command::new("ls").arg(&view));
+    assert_eq!(listed.stdout, "onlylocked\nonlysecret\nshared\n");
+    drop(guard);
+}
+
+/// A program that says "ready", waits for a line on stdin, then prints MSG.
+const WAITER_C: &str = r#"
+#include <stdio.h>
+int main(void) {
+    printf("ready\n");
+    fflush(stdout);
+    char line[16];
+    if (!fgets(line, sizeof line, stdin)) return 2;
+    printf("%s\n", MSG);
+    return 0;
+}
+"#;
+
+/// Starts `program`, waits for its "ready" and returns it with its stdin and stdout.
+fn start_waiter(
+    program: &Path,
+) -> (std::process::Child, std::io::BufReader<std::process::ChildStdout>) {
+    use std::io::BufRead;
+    let mut child = Command::new(program)
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
-        .expect("starting the sleeping program")
+        .unwrap_or_else(|e| panic!("{}: {e}", program.display()));
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    (child, out)
+}
+
+/// Lets a waiter finish and returns what it printed after "ready" and its exit status.
+fn finish_waiter(
+    mut child: std::process::Child,
+    mut out: std::io::BufReader<std::process::ChildStdout>,
+) -> (String, Option<i32>) {
+    use std::io::{Read, Write};
+    child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let status = child.wait().unwrap();
+    (rest, status.code())
+}
+
+/// Issue 10.2: writing an original in place while it runs through the mount leaves the
+/// running process its bytes (natively the write fails with ETXTBSY).
+#[test]
+fn a_running_program_keeps_its_bytes_when_the_original_is_written_in_place() {
+    let tmp = open_tempdir();
+    let root = tmp.path().canonicalize().unwrap();
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let original = bin.join("waiter");
+    let (old, new) = (root.join("waiter.old"), root.join("waiter.new"));
+    cc(WAITER_C, &old, &["-DMSG=\"AAAA\""]);
+    cc(WAITER_C, &new, &["-DMSG=\"BBBB\""]);
+    assert_eq!(std::fs::metadata(&old).unwrap().len(), std::fs::metadata(&new).unwrap().len());
+    std::fs::copy(&old, &original).unwrap();
+
+    // Natively: ETXTBSY, and the process finishes as it started.
+    let (child, out) = start_waiter(&original);
+    let cp = run(Command::new("cp").arg(&new).arg(&original));
+    assert_ne!(cp.code, Some(0));
+    assert!(cp.stderr.contains("Text file busy"), "{cp:?}");
+    assert_eq!(finish_waiter(child, out), ("AAAA\n".into(), Some(0)));
+
+    let mnt = root.join("mnt");
+    let (guard, _events) =
+        mount_dirs(&mnt, std::slice::from_ref(&bin), Some(root.join("originals")));
+    let through = in_mount(&mnt, &original);
+    assert!(std::fs::symlink_metadata(&through).unwrap().file_type().is_file(), "served");
+    let run_through = || {
+        let (child, out) = start_waiter(&through);
+        finish_waiter(child, out)
+    };
+    let wait_for = |expected: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let got = run_through();
+            if got.0 == expected {
+                break;
+            }
+            assert!(Instant::now() < deadline, "still {got:?}, expected {expected:?}");
+        }
+    };
+    assert_eq!(run_through(), ("AAAA\n".into(), Some(0)));
+
+    for (how, args) in [
+        ("cp", vec!["cp".to_string(), new.display().to_string(), original.display().to_string()]),
+        (
+            "dd conv=notrunc",
+            vec![
+                "dd".to_string(),
+                format!("if={}", new.display()),
+                format!("of={}", original.display()),
+                "conv=notrunc".to_string(),
+                "status=none".to_string(),
+            ],
+        ),
+    ] {
+        // Start from the old version, served.
+        std::fs::copy(&old, root.join("restore")).unwrap();
+        std::fs::rename(root.join("restore"), &original).unwrap();
+        wait_for("AAAA\n");
+        let (child, out) = start_waiter(&through);
+        let write = run(Command::new(&args[0]).args(&args[1..]));
+        assert_eq!(write.code, Some(0), "{how} into the real file: {write:?}");
+        assert_eq!(std::fs::read(&original).unwrap(), std::fs::read(&new).unwrap());
+        assert_eq!(finish_waiter(child, out), ("AAAA\n".into(), Some(0)), "after {how}");
+        // The next exec runs the new bytes.
+        wait_for("BBBB\n");
+    }
+    drop(guard);
+}
+
+/// Issue 10.9: a relative symlink in an overlaid dir that climbs to the root resolves
+/// through the mount as it does natively.
+#[test]
+fn relative_links_that_climb_above_the_mirror_resolve() {
+    let tmp = open_tempdir();
+    let root = tmp.path().canonicalize().unwrap();
+    let bin = root.join("a/b/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let up = "../".repeat(bin.components().count() - 1);
+    std::os::unix::fs::symlink(format!("{up}usr/bin/env"), bin.join("climb")).unwrap();
+    // Through the real `/bin` (not the mount's PATH view, which has no `env`).
+    std::os::unix::fs::symlink(format!("{up}bin/env"), bin.join("climb_bin")).unwrap();
+    let mnt = root.join("mnt");
+    let (guard, _events) = mount_dirs(&mnt, std::slice::from_ref(&bin), None);
+    for name in ["climb", "climb_bin"] {
+        let native = run(Command::new(bin.join(name)).args(["echo", "hi"]));
+        assert_eq!((native.stdout.as_str(), native.code), ("hi\n", Some(0)));
+        let mounted = run(Command::new(in_mount(&mnt, &bin.join(name))).args(["echo", "hi"]));
+        assert_eq!((mounted.stdout.as_str(), mounted.code), ("hi\n", Some(0)), "{name}");
+        let view = run(Command::new(mnt.join("bin").join(name)).args(["echo", "hi"]));
+        assert_eq!(view.stdout, "hi\n", "bin/{name}");
+    }
+    drop(guard);
+}
+
+/// Issue 9: a listing is a snapshot per opendir (offsets stay valid while the directory
+/// changes, each name comes once) and announces no binary.
+#[test]
+fn a_listing_is_a_stable_snapshot_and_announces_nothing() {
+    let tmp = open_tempdir();
+    let root = tmp.path().canonicalize().unwrap();
+    let bin = root.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    prog(&bin.join("prog"), "p", &[]);
+    let name = |i: usize| format!("script-with-a-rather-long-name-to-fill-pages-{i:05}");
+    let before: std::collections::BTreeSet<String> =
+        (0..3000).map(name).chain(["prog".to_string()]).collect();
+    for i in 0..3000 {
+        std::fs::write(bin.join(name(i)), "#!/bin/sh\n").unwrap();
+        chmod(&bin.join(name(i)), 0o755);
+    }
+    let mnt = root.join("mnt");
+    let (guard, events) = mount_dirs(&mnt, std::slice::from_ref(&bin), None);
+    let mirror = in_mount(&mnt, &bin);
+    let mut listing = std::fs::read_dir(&mirror).unwrap();
+    let mut seen = vec![listing.next().unwrap().unwrap().file_name().into_string().unwrap()];
+    // Between the first READDIR and the next ones, a third of the names go and others come.
+    for i in 0..1000 {
+        std::fs::remove_file(bin.join(name(i))).unwrap();
+        std::fs::write(bin.join(name(10_000 + i)), "#!/bin/sh\n").unwrap();
+    }
+    seen.extend(listing.map(|e| e.unwrap().file_name().into_string().unwrap()));
+    let unique: std::collections::BTreeSet<String> = seen.iter().cloned().collect();
+    assert_eq!(unique.len(), seen.len(), "a name came twice");
+    assert_eq!(unique, before, "the listing is the directory as it was at opendir");
+    // A new listing sees the change.
+    assert_eq!(std::fs::read_dir(&mirror).unwrap().count(), 3001);
+    // `ls -l` and a listing of the PATH view announced nothing; a lookup does.
+    assert_eq!(run(Command::new("ls").arg("-l").arg(&mirror)).code, Some(0));
+    assert_eq!(run(Command::new("ls").arg(mnt.join("bin"))).code, Some(0));
+    std::fs::read_dir(&mirror).unwrap().for_each(drop);
+    let announced = |events: &std::sync::mpsc::Receiver<FsEvent>| {
+        events.try_iter().filter(|e| matches!(e, FsEvent::Seen { .. })).count()
+    };
+    // `ls -l` stats (looks up) each entry: that is a lookup, so `prog` may be announced by
+    // it; a plain listing must not. Check the plain listing alone on a fresh mount.
+    drop(guard);
+    drop(events);
+    let (guard, events) = mount_dirs(&mnt, std::slice::from_ref(&bin), None);
+    std::fs::read_dir(&mirror).unwrap().for_each(drop);
+    std::fs::read_dir(mnt.join("bin")).unwrap().for_each(drop);
+    assert_eq!(announced(&events), 0, "a listing announced a binary");
+    assert_eq!(run(&mut Command::new(mirror.join("prog"))).stdout, "p\n");
+    assert_eq!(announced(&events), 1, "running it announces it");
+    drop(guard);
 }

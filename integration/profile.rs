@@ -99,10 +99,21 @@ impl Running {
             resolver: Arc::new(UnderDirResolver { dir: dir.to_path_buf() }),
             clock,
             status: status.clone(),
+            stacks: optbin::profile::stacks::StackStore::default(),
         };
         let (shutdown, rx) = watch::channel(false);
         let task = tokio::spawn(profiler.run(rx));
         Self { status, shutdown, task }
+    }
+
+    /// Waits until the sampler runs (its perf events are open: programs started from now on
+    /// are sampled).
+    async fn until_sampling(&self) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.status.snapshot().running {
+            assert!(Instant::now() < deadline, "not sampling: {:?}", self.status.snapshot());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// Waits until two more flushes have happened (so everything sampled before the call
@@ -184,7 +195,7 @@ async fn sampled_profile_goes_to_hot_function(pie: bool) {
     let catalog = Catalog::open(&dir_path.join("catalog.db")).unwrap();
     let clock = Arc::new(ManualClock::at(1_000_000));
     let running = Running::start(&dir_path, &catalog, Arc::clone(&clock));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    running.until_sampling().await;
     let (p, s) = (prog.clone(), stripped.clone());
     tokio::task::spawn_blocking(move || {
         run_for(&p, 1000);

@@ -55,6 +55,9 @@ int main(int argc, char **argv) {
 }
 "#;
 
+/// `window_secs` of [`CONFIG`].
+const WINDOW_SECS: u64 = 2;
+
 /// Low thresholds so that a few short runs mature a profile; 2-second windows so that
 /// stability (recent windows against older ones) can be judged within the test.
 const CONFIG: &str = r#"
@@ -145,10 +148,19 @@ fn profiles_grow_mature_and_feed_bolt_through_the_daemon() {
         "one run cannot be mature (min_runs = 2): {first}"
     );
 
-    // More runs, spread over several windows: through the mount, and once straight from
-    // the overlaid directory (a process started without the mount is the same binary).
+    // More runs, in a later window than the first (whose samples are stored: windows are
+    // wall-clock multiples of window_secs, and a flush goes into the window of its time):
+    // through the mount, and once straight from the overlaid directory (a process started
+    // without the mount is the same binary).
+    let window_now = || {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+        now.as_secs() / WINDOW_SECS
+    };
+    let first_window = window_now();
+    d.wait_for(Duration::from_secs(3 * WINDOW_SECS), "the next profile window", |_| {
+        (window_now() > first_window).then_some(())
+    });
     for _ in 0..3 {
-        std::thread::sleep(Duration::from_millis(800));
         run_ok(&view.join("hot"), 300);
     }
     run_ok(&hot, 300);
@@ -258,13 +270,20 @@ fn profiles_grow_mature_and_feed_bolt_through_the_daemon() {
     // and keeps profiling it.
     let mut long =
         Command::new(view.join("hot")).arg("3000").stdout(Stdio::null()).spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let maps = || std::fs::read_to_string(format!("/proc/{}/maps", long.id())).unwrap();
+    // The spawn returns once the exec is past its point of no return, which is before the
+    // kernel has mapped the program's segments: wait for the mapping.
+    common::daemon::wait_until(
+        Duration::from_secs(5),
+        "hot's code to be mapped from the mount",
+        || maps().lines().any(|l| l.ends_with("/hot")),
+    );
     for command in ["exclude hot", "include hot"] {
         d.control(command).unwrap();
     }
-    std::thread::sleep(Duration::from_millis(200));
-    let deleted = std::fs::read_to_string(format!("/proc/{}/maps", long.id())).unwrap();
-    assert!(deleted.contains("/hot (deleted)"), "{deleted}");
+    d.wait_for(Duration::from_secs(5), "the running hot's entry to be invalidated", |_| {
+        maps().contains("/hot (deleted)").then_some(())
+    });
     let crashed = d.server_pid();
     // SAFETY: killing the server process of our own daemon.
     assert_eq!(unsafe { libc::kill(crashed as i32, libc::SIGKILL) }, 0);

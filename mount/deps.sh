@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what optbin needs on Debian 12 (idempotent; skips apt when all is present):
 # fuse3 (fusermount3), LLVM BOLT (bolt-19 and bolt-22 where the archive has them), perf,
-# gcc (tests compile real C programs), util-linux (setpriv, runuser).
+# gcc (tests compile real C programs), util-linux (setpriv, runuser), redis-server and
+# redis-tools (the fleet tests start their own Redis servers and a Redis Cluster),
+# chromium (the HTML report is checked in a headless browser), curl (the metrics endpoint).
 set -euo pipefail
 need=()
 command -v fusermount3 >/dev/null || need+=(fuse3)
@@ -9,6 +11,10 @@ command -v perf >/dev/null || need+=(linux-perf)
 command -v gcc >/dev/null || need+=(gcc)
 command -v setpriv >/dev/null || need+=(util-linux)
 command -v pkg-config >/dev/null || need+=(pkg-config)
+command -v chromium >/dev/null || need+=(chromium)
+command -v curl >/dev/null || need+=(curl)
+command -v redis-server >/dev/null || need+=(redis-server)
+command -v redis-cli >/dev/null || need+=(redis-tools)
 ls /usr/lib/llvm-*/bin/llvm-bolt >/dev/null 2>&1 || need+=(bolt)
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

@@ -9,6 +9,10 @@ bash mount/deps.sh
 cargo build --release --locked
 install -m 0755 target/release/optbin /usr/local/bin/optbin
 install -d -m 0755 /etc/optbin
+# The state directory says which binaries every user ran, and when: root's only (the daemon
+# also makes an existing one private, and its catalog files 0600).
+install -d -m 0700 /var/lib/optbin
+chmod 0700 /var/lib/optbin
 [ -f /etc/optbin/config.toml ] || install -m 0644 mount/config.toml /etc/optbin/config.toml
 if [ "$(ps -p 1 -o comm= 2>/dev/null)" = systemd ]; then
   install -m 0644 mount/optbin.service /etc/systemd/system/optbin.service

@@ -7,8 +7,11 @@
 //! [`Overrides`] are the command-line flags, and [`Config::resolve`] merges them into the
 //! validated [`Config`]. The file is parsed once, here: each subsystem's section is a typed
 //! settings struct that lives with its domain (`profile::Settings` for `[profile]`,
-//! `bolt::Settings` for `[optimizer]`, `policy::Settings` for `[policy]`), implements
-//! [`Section`] (its name and its own range checks), and is handed down from [`Config`].
+//! `bolt::Settings` for `[optimizer]`, `policy::Settings` for `[policy]`, `warm::Settings`
+//! for `[warm]`, `fuse::SupervisorSettings` for `[supervisor]`, `observe::MetricsSettings`
+//! for `[metrics]`), implements [`Section`] (its name and its own range checks), and is
+//! handed down from [`Config`]. `[fleet]` is optional as a whole (absent: this machine
+//! alone), so it is an `Option` checked with `fleet::FleetSettings::validate`.
 //! A new section is one such struct plus one field in [`FileConfig`] and one in [`Config`].
 
 use std::collections::HashSet;
@@ -47,6 +50,17 @@ pub struct FileConfig {
     /// `[policy]`: measurement and promotion.
     #[serde(default)]
     pub policy: crate::policy::Settings,
+    /// `[warm]`: keeping hot binaries in the page cache.
+    #[serde(default)]
+    pub warm: crate::warm::Settings,
+    /// `[supervisor]`: crash limit and safe mode.
+    #[serde(default)]
+    pub supervisor: crate::fuse::SupervisorSettings,
+    /// `[metrics]`: the Prometheus HTTP endpoint (`crate::observe`).
+    #[serde(default)]
+    pub metrics: crate::observe::MetricsSettings,
+    /// `[fleet]`: sharing profiles and verdicts through Redis; absent = this machine alone.
+    pub fleet: Option<crate::fleet::FleetSettings>,
 }
 
 /// One `[section]` of the config file: a typed struct owned by its domain, parsed with
@@ -77,6 +91,28 @@ impl Section for crate::policy::Settings {
     const NAME: &'static str = "policy";
     fn validate(&self) -> anyhow::Result<()> {
         crate::policy::Settings::validate(self)
+    }
+}
+
+impl Section for crate::warm::Settings {
+    const NAME: &'static str = "warm";
+    fn validate(&self) -> anyhow::Result<()> {
+        crate::warm::Settings::validate(self)
+    }
+}
+
+impl Section for crate::fuse::SupervisorSettings {
+    const NAME: &'static str = "supervisor";
+    fn validate(&self) -> anyhow::Result<()> {
+        // Every value is usable: `apply` raises a zero crash limit or retry to one.
+        Ok(())
+    }
+}
+
+impl Section for crate::observe::MetricsSettings {
+    const NAME: &'static str = "metrics";
+    fn validate(&self) -> anyhow::Result<()> {
+        crate::observe::MetricsSettings::validate(self)
     }
 }
 
@@ -157,6 +193,15 @@ pub struct Config {
     pub optimizer: crate::bolt::Settings,
     /// `[policy]`, validated.
     pub policy: crate::policy::Settings,
+    /// `[warm]`, validated.
+    pub warm: crate::warm::Settings,
+    /// `[supervisor]`, validated.
+    pub supervisor: crate::fuse::SupervisorSettings,
+    /// `[metrics]`, validated.
+    pub metrics: crate::observe::MetricsSettings,
+    /// `[fleet]` with its values checked (the credentials file and the machine id are
+    /// read when the fleet starts); None: this machine alone.
+    pub fleet: Option<crate::fleet::FleetSettings>,
 }
 
 /// Validates a section, naming it in the error.
@@ -233,6 +278,13 @@ impl Config {
         if optimizer.scratch_dir.starts_with(&mountpoint) {
             bail!("[optimizer] scratch_dir must not be inside the mountpoint");
         }
+        let fleet = match file.fleet {
+            Some(fleet) => {
+                fleet.validate()?;
+                Some(fleet)
+            }
+            None => None,
+        };
         Ok(Self {
             mountpoint,
             state_dir,
@@ -245,6 +297,10 @@ impl Config {
             profile: validated(file.profile)?,
             optimizer,
             policy: validated(file.policy)?,
+            warm: validated(file.warm)?,
+            supervisor: validated(file.supervisor)?,
+            metrics: validated(file.metrics)?,
+            fleet,
         })
     }
 
@@ -468,6 +524,14 @@ mod tests {
                 "canary_shares",
                 "[policy]",
             ),
+            ("[warm]\nbudget_mb = 3\n", "budget_mb", "[warm]"),
+            ("[supervisor]\nmax_crash = 3\n", "max_crash", "[supervisor]"),
+            ("[metrics]\nlisten_on = \"127.0.0.1:1\"\n", "listen_on", "[metrics]"),
+            (
+                "[fleet]\nurl = \"redis://127.0.0.1:1\"\nintervl_secs = 1\n",
+                "intervl_secs",
+                "[fleet]",
+            ),
             ("[polcy]\nmeasure = false\n", "polcy", ""),
         ] {
             let err = format!("{:#}", resolve(text).unwrap_err());
@@ -485,6 +549,10 @@ mod tests {
             ("[optimizer]\nscratch_dir = \"/mnt/optbin-test/x\"\n", "scratch_dir"),
             ("[policy]\nrescan_ms = 1\n", "rescan_ms"),
             ("[policy]\nmin_runs = -1\n", "min_runs"),
+            ("[warm]\nbudget_mib = 8\nlock_mib = 16\n", "lock_mib"),
+            ("[metrics]\nlisten = \"0.0.0.0:9187\"\n", "allow_remote"),
+            ("[fleet]\nurl = \"redis://127.0.0.1:1\"\ninterval_secs = 0\n", "interval_secs"),
+            ("[fleet]\nurl = \"redis://127.0.0.1:1\"\nmachine_id = \"a b\"\n", "machine_id"),
         ] {
             let err = format!("{:#}", resolve(text).unwrap_err());
             assert!(err.contains(key), "{text:?}: {err}");
@@ -497,6 +565,10 @@ mod tests {
         assert_eq!(cfg.profile, crate::profile::Settings::default());
         assert_eq!(cfg.optimizer, crate::bolt::Settings::default());
         assert_eq!(cfg.policy, crate::policy::Settings::default());
+        assert_eq!(cfg.warm, crate::warm::Settings::default());
+        assert_eq!(cfg.supervisor, crate::fuse::SupervisorSettings::default());
+        assert_eq!(cfg.metrics, crate::observe::MetricsSettings::default());
+        assert_eq!(cfg.fleet, None);
         let cfg = resolve("[profile]\nmin_samples = 500\n").unwrap();
         assert_eq!(cfg.profile.thresholds().min_samples, 500);
         assert_eq!(cfg.profile.min_runs, crate::profile::Settings::default().min_runs);

@@ -13,10 +13,10 @@ use object::{Object, ObjectSection, ObjectSymbol, SectionKind};
 use serde::{Deserialize, Serialize};
 
 const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
-const ET_EXEC: u16 = 2;
-const ET_DYN: u16 = 3;
-const EM_X86_64: u16 = 62;
-const SHT_SYMTAB: u32 = 2;
+/// The most section headers [`sniff`] reads: ELF's own limit without the extended count
+/// (a real binary has a few dozen). Bounds what an untrusted header can make us read: the
+/// table is at most 65,535 x 64 bytes (4 MiB), and never more than the file holds.
+const MAX_SNIFFED_SECTIONS: u32 = 0xffff;
 
 /// The cheap verdict of [`sniff`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,34 +29,36 @@ pub enum Sniff {
     X86_64 { has_symtab: bool },
 }
 
-/// Reads the ELF header and the section headers only (two small reads).
+/// Reads the ELF header and the section headers only, through `object`'s ELF reader over
+/// a read cache (it reads exactly the ranges it is asked for, bounds-checked against the
+/// file's size). A section table the header claims but that is larger than
+/// [`MAX_SNIFFED_SECTIONS`] entries or runs past the end of the file counts as "no
+/// symbol table": such a file is never served.
 pub fn sniff(file: &File) -> io::Result<Sniff> {
-    let mut hdr = [0u8; 64];
-    let n = read_up_to(file, &mut hdr, 0)?;
-    if n < 64 || &hdr[..4] != ELF_MAGIC {
+    use object::read::elf::{FileHeader, SectionHeader};
+    use object::{LittleEndian, elf};
+
+    let mut magic = [0u8; 4];
+    if read_up_to(file, &mut magic, 0)? < magic.len() || &magic != ELF_MAGIC {
         return Ok(Sniff::NotElf);
     }
-    // ELFCLASS64, little endian.
-    if hdr[4] != 2 || hdr[5] != 1 {
+    let cache = object::ReadCache::new(file);
+    // Parses only ELFCLASS64 files; `is_little_endian` below refuses big-endian ones.
+    let Ok(header) = elf::FileHeader64::<LittleEndian>::parse(&cache) else {
+        return Ok(Sniff::OtherElf);
+    };
+    let endian = LittleEndian;
+    if !header.is_little_endian()
+        || header.e_machine(endian) != elf::EM_X86_64
+        || !matches!(header.e_type(endian), elf::ET_EXEC | elf::ET_DYN)
+    {
         return Ok(Sniff::OtherElf);
     }
-    let u16_at = |o: usize| u16::from_le_bytes([hdr[o], hdr[o + 1]]);
-    let e_type = u16_at(16);
-    let e_machine = u16_at(18);
-    if e_machine != EM_X86_64 || (e_type != ET_EXEC && e_type != ET_DYN) {
-        return Ok(Sniff::OtherElf);
-    }
-    let e_shoff = u64::from_le_bytes(hdr[40..48].try_into().unwrap());
-    let e_shentsize = u16_at(58) as usize;
-    let e_shnum = u16_at(60) as usize;
-    if e_shoff == 0 || e_shnum == 0 || e_shentsize < 8 || e_shnum > 65_000 {
-        return Ok(Sniff::X86_64 { has_symtab: false });
-    }
-    let mut table = vec![0u8; e_shentsize * e_shnum];
-    let n = read_up_to(file, &mut table, e_shoff)?;
-    let has_symtab = table[..n]
-        .chunks_exact(e_shentsize)
-        .any(|sh| u32::from_le_bytes(sh[4..8].try_into().unwrap()) == SHT_SYMTAB);
+    let within_bounds = header.shnum(endian, &cache).is_ok_and(|n| n <= MAX_SNIFFED_SECTIONS);
+    let has_symtab = within_bounds
+        && header
+            .section_headers(endian, &cache)
+            .is_ok_and(|s| s.iter().any(|sh| sh.sh_type(endian) == elf::SHT_SYMTAB));
     Ok(Sniff::X86_64 { has_symtab })
 }
 
@@ -165,6 +167,57 @@ mod tests {
         assert_eq!(sniff(&File::open(&script).unwrap()).unwrap(), Sniff::NotElf);
         let exe = std::env::current_exe().unwrap();
         assert!(matches!(sniff(&File::open(exe).unwrap()).unwrap(), Sniff::X86_64 { .. }));
+    }
+
+    /// An x86-64 ELF header (64 bytes) with the given section table fields.
+    fn header(shoff: u64, shentsize: u16, shnum: u16) -> Vec<u8> {
+        let mut h = vec![0u8; 64];
+        h[..4].copy_from_slice(ELF_MAGIC);
+        h[4] = 2; // ELFCLASS64
+        h[5] = 1; // little endian
+        h[6] = 1; // EV_CURRENT
+        h[16..18].copy_from_slice(&3u16.to_le_bytes()); // ET_DYN
+        h[18..20].copy_from_slice(&62u16.to_le_bytes()); // EM_X86_64
+        h[20..24].copy_from_slice(&1u32.to_le_bytes());
+        h[40..48].copy_from_slice(&shoff.to_le_bytes());
+        h[52..54].copy_from_slice(&64u16.to_le_bytes());
+        h[58..60].copy_from_slice(&shentsize.to_le_bytes());
+        h[60..62].copy_from_slice(&shnum.to_le_bytes());
+        h
+    }
+
+    fn sniff_bytes(bytes: &[u8]) -> Sniff {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, bytes).unwrap();
+        sniff(&File::open(&path).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn sniff_never_trusts_the_section_table_size() {
+        // Claims 65,535 entries of 65,535 bytes (4 GiB) in a 64-byte file: no allocation of
+        // that size, no symbol table.
+        assert_eq!(sniff_bytes(&header(64, 0xffff, 0xffff)), Sniff::X86_64 { has_symtab: false });
+        // Claims a table past the end of the file.
+        assert_eq!(sniff_bytes(&header(1 << 40, 64, 10)), Sniff::X86_64 { has_symtab: false });
+        // A real table of two entries, the second a SHT_SYMTAB.
+        let mut bytes = header(64, 64, 2);
+        let mut symtab = vec![0u8; 128];
+        symtab[64 + 4..64 + 8].copy_from_slice(&2u32.to_le_bytes());
+        bytes.extend_from_slice(&symtab);
+        assert_eq!(sniff_bytes(&bytes), Sniff::X86_64 { has_symtab: true });
+        // Truncated, 32-bit, big-endian, other machine.
+        assert_eq!(sniff_bytes(&bytes[..40]), Sniff::OtherElf);
+        let mut class32 = bytes.clone();
+        class32[4] = 1;
+        assert_eq!(sniff_bytes(&class32), Sniff::OtherElf);
+        let mut big = bytes.clone();
+        big[5] = 2;
+        assert_eq!(sniff_bytes(&big), Sniff::OtherElf);
+        let mut arm = bytes.clone();
+        arm[18..20].copy_from_slice(&183u16.to_le_bytes());
+        assert_eq!(sniff_bytes(&arm), Sniff::OtherElf);
+        assert_eq!(sniff_bytes(b"\x7fEL"), Sniff::NotElf);
     }
 
     #[test]

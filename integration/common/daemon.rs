@@ -184,15 +184,24 @@ impl Daemon {
         if let Some(child) = &child {
             unsafe { libc::kill(child.id() as i32, libc::SIGSTOP) };
         }
-        if let Some(pid) = server.and_then(|s| s.trim().parse::<i32>().ok()) {
+        let server = server.and_then(|s| s.trim().parse::<i32>().ok());
+        if let Some(pid) = server {
             unsafe { libc::kill(pid, libc::SIGKILL) };
+            // Dead (a zombie until the stopped supervisor is gone, or reaped already).
+            wait_until(Duration::from_secs(10), "the killed server to die", || {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
+                stat.map_or(true, |s| s.rsplit(')').next().is_some_and(|r| r.starts_with(" Z")))
+            });
         }
-        std::thread::sleep(Duration::from_millis(100));
         if let Some(mut child) = child {
             child.kill().ok();
             child.wait().ok();
         }
-        std::thread::sleep(Duration::from_millis(200));
+        // Nobody serves the mount any more: it answers ENOTCONN.
+        let bin = self.mnt.join("bin");
+        wait_until(Duration::from_secs(10), "the mount to go stale", || {
+            std::fs::metadata(&bin).err().and_then(|e| e.raw_os_error()) == Some(libc::ENOTCONN)
+        });
     }
 
     /// Starts again after [`Daemon::kill_all`].
@@ -224,6 +233,15 @@ impl Drop for Daemon {
             let c = std::ffi::CString::new(self.mnt.to_str().unwrap()).unwrap();
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
+    }
+}
+
+/// Polls `done` every 10 ms until it holds; panics with `what` after `timeout`.
+pub fn wait_until(timeout: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

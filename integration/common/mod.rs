@@ -30,15 +30,19 @@ pub fn cc(source: &str, out: &Path, flags: &[&str]) {
     std::fs::remove_file(&src).ok();
 }
 
-/// A program that prints `TAG` and its arguments, optionally sleeps first (env SLEEP_MS)
-/// and exits with env CODE.
+/// A program that prints `TAG` and its arguments and exits with env CODE. With env HOLD it
+/// first says `ready` on stderr and waits for the end of its stdin (see [`Held`]).
 pub const PROG_C: &str = r#"
 #include <stdio.h>
 #include <stdlib.h>
 #include <unistd.h>
 int main(int argc, char **argv) {
-    const char *sleep_ms = getenv("SLEEP_MS");
-    if (sleep_ms) usleep(atoi(sleep_ms) * 1000);
+    if (getenv("HOLD")) {
+        char buf[64];
+        fprintf(stderr, "ready\n");
+        fflush(stderr);
+        while (read(0, buf, sizeof buf) > 0) {}
+    }
     printf("%s", TAG);
     for (int i = 1; i < argc; i++) printf(" %s", argv[i]);
     printf("\n");
@@ -90,6 +94,58 @@ pub fn prog(out: &Path, tag: &str, extra: &[&str]) {
     let mut flags = vec![define.as_str()];
     flags.extend_from_slice(extra);
     cc(PROG_C, out, &flags);
+}
+
+/// A process of a [`PROG_C`] program held at its start: it has been exec'd and has run up to
+/// its `main` (so its binary is open and mapped), and prints only once [`Held::release`]d.
+/// A test controls exactly what happens while it runs, instead of guessing with sleeps.
+pub struct Held {
+    child: Option<std::process::Child>,
+}
+
+impl Held {
+    /// Starts `cmd` (a PROG_C program) held, and waits until it says it is ready.
+    pub fn spawn(cmd: &mut Command) -> Held {
+        use std::io::BufRead;
+        use std::process::Stdio;
+        let mut child = cmd
+            .env("HOLD", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+        let mut line = String::new();
+        let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+        stderr.read_line(&mut line).expect("reading the held program's stderr");
+        assert_eq!(line, "ready\n", "the held program {cmd:?} did not start");
+        Held { child: Some(child) }
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child.as_ref().expect("held").id()
+    }
+
+    /// Lets the program go on (closes its stdin) and collects its output.
+    pub fn release(mut self) -> Output {
+        let mut child = self.child.take().expect("held");
+        drop(child.stdin.take());
+        let out = child.wait_with_output().expect("waiting for the held program");
+        Output {
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            code: out.status.code(),
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 #[derive(Debug)]

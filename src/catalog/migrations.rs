@@ -41,6 +41,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "policy_decisions.profile_samples: the profile's size at each decision",
         sql: super::runs::SCHEMA_DECISION_SAMPLES,
     },
+    Migration {
+        version: 6,
+        name: "host_use: the USE summary of the host, one a minute",
+        sql: crate::observe::history::SCHEMA,
+    },
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> anyhow::Result<()> {

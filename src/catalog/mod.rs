@@ -8,6 +8,7 @@
 
 pub mod base;
 pub mod bolt_jobs;
+pub mod health;
 mod migrations;
 pub mod profiles;
 pub mod runs;
@@ -43,9 +44,20 @@ impl Catalog {
             std::fs::create_dir_all(dir)
                 .with_context(|| format!("creating the catalog directory {}", dir.display()))?;
         }
+        make_private(path)?;
         let conn = Connection::open(path)
             .with_context(|| format!("opening the catalog {}", path.display()))?;
         Self::start(conn, &path.display().to_string())
+    }
+
+    /// Moves everything the write-ahead log holds into the database file and empties the
+    /// log (call on clean stop: the database then stands on its own, and a damaged WAL
+    /// can cost nothing). Returns whether the checkpoint completed.
+    pub fn checkpoint(&self) -> anyhow::Result<bool> {
+        self.run_blocking(|c| {
+            let busy: i64 = c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| r.get(0))?;
+            Ok(busy == 0)
+        })
     }
 
     /// A private in-memory catalog, for tests.
@@ -120,6 +132,29 @@ impl Catalog {
         let job: Job = Box::new(move |conn| deliver(f(conn)));
         self.jobs.send(job).map_err(|_| anyhow!("the catalog thread stopped"))
     }
+}
+
+/// The catalog says which binaries every user ran, and when: root's only. SQLite gives its
+/// `-wal` and `-shm` files the database file's mode.
+fn make_private(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("creating the catalog {}", path.display()))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut file = path.as_os_str().to_owned();
+        file.push(suffix);
+        match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("making {} private", path.display()));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn configure(conn: &Connection) -> rusqlite::Result<()> {

@@ -1,12 +1,15 @@
 //! The grammar of `<mount>/.optbin/control`: one command per write.
 //!
 //! ```text
-//! command := verb SP name [SP target] [NL]
+//! command := verb SP name [SP target] [LF]
 //! verb    := "pin" | "unpin" | "exclude" | "include" | "optimize" | "reset"
 //! target  := "original" | "bolted"          (only and always after `pin`)
 //! name    := a PATH-view name ("node") or an absolute path ("/usr/bin/node")
+//! SP      := exactly one U+0020; LF := one U+000A, only at the very end
 //! ```
-//! Parsing is pure; resolving the name and carrying the command out is the daemon's.
+//! Strict on purpose: no other whitespace, no control characters, no `.` or `..` as a name
+//! or a path component. Parsing is pure; resolving the name ([`super::resolve`]) and
+//! carrying the command out is the daemon's.
 
 use std::fmt;
 
@@ -92,17 +95,29 @@ pub fn parse(bytes: &[u8]) -> Result<Command, ParseError> {
     let text = std::str::from_utf8(bytes)
         .map_err(|_| ParseError("the command is not UTF-8 text".into()))?;
     let text = text.strip_suffix('\n').unwrap_or(text);
-    let text = text.strip_suffix('\r').unwrap_or(text);
+    if text.is_empty() {
+        return Err(ParseError(format!("empty command; expected one of: {USAGE}")));
+    }
     if text.contains('\n') {
         return Err(ParseError("one command per write: the text holds several lines".into()));
     }
-    let words: Vec<&str> = text.split_whitespace().collect();
-    let Some((&verb, args)) = words.split_first() else {
-        return Err(ParseError(format!("empty command; expected one of: {USAGE}")));
-    };
+    if let Some(c) = text.chars().find(|c| c.is_control() || (c.is_whitespace() && *c != ' ')) {
+        return Err(ParseError(format!(
+            "unexpected character U+{:04X} (words are separated by one space, \
+             lines end with one \\n)",
+            c as u32
+        )));
+    }
+    let words: Vec<&str> = text.split(' ').collect();
+    if words.iter().any(|w| w.is_empty()) {
+        return Err(ParseError(
+            "words are separated by exactly one space, with none before or after".into(),
+        ));
+    }
+    let (&verb, args) = words.split_first().expect("split yields at least one word");
     let one_name = |verb: &str| -> Result<String, ParseError> {
         match args {
-            [name] => Ok(name.to_string()),
+            [name] => checked_name(name),
             [] => Err(ParseError(format!("`{verb}` needs a NAME"))),
             _ => Err(ParseError(format!("`{verb}` takes one NAME, got {} words", args.len()))),
         }
@@ -110,12 +125,13 @@ pub fn parse(bytes: &[u8]) -> Result<Command, ParseError> {
     match verb {
         "pin" => match args {
             [name, target] => {
+                let name = checked_name(name)?;
                 let target = PinTarget::parse(target).ok_or_else(|| {
                     ParseError(format!(
                         "`pin` target must be `original` or `bolted`, got {target:?}"
                     ))
                 })?;
-                Ok(Command::Pin { name: name.to_string(), target })
+                Ok(Command::Pin { name, target })
             }
             _ => Err(ParseError("`pin` takes NAME and `original` or `bolted`".into())),
         },
@@ -126,6 +142,15 @@ pub fn parse(bytes: &[u8]) -> Result<Command, ParseError> {
         "reset" => Ok(Command::Reset { name: one_name(verb)? }),
         other => Err(ParseError(format!("unknown command {other:?}; expected one of: {USAGE}"))),
     }
+}
+
+/// A NAME as the grammar allows it: a bare name, or an absolute path without `.` or `..`
+/// components (a relative path with a `/` is refused by the resolver).
+fn checked_name(name: &str) -> Result<String, ParseError> {
+    if name.split('/').any(|part| part == "." || part == "..") {
+        return Err(ParseError(format!("{name:?} names no binary: `.` and `..` are not allowed")));
+    }
+    Ok(name.to_string())
 }
 
 #[cfg(test)]
@@ -143,13 +168,10 @@ mod tests {
             Command::Pin { name: "/usr/bin/node".into(), target: PinTarget::Bolted }
         );
         assert_eq!(parse(b"unpin node").unwrap(), Command::Unpin { name: "node".into() });
-        assert_eq!(
-            parse(b"  exclude   node \n").unwrap(),
-            Command::Exclude { name: "node".into() }
-        );
+        assert_eq!(parse(b"exclude node\n").unwrap(), Command::Exclude { name: "node".into() });
         assert_eq!(parse(b"include node").unwrap(), Command::Include { name: "node".into() });
         assert_eq!(parse(b"optimize lua").unwrap(), Command::Optimize { name: "lua".into() });
-        assert_eq!(parse(b"reset lua\r\n").unwrap(), Command::Reset { name: "lua".into() });
+        assert_eq!(parse(b"reset lua\n").unwrap(), Command::Reset { name: "lua".into() });
     }
 
     #[test]
@@ -179,6 +201,20 @@ mod tests {
             (b"exclude a b", "takes one NAME"),
             (b"exclude a\ninclude a\n", "one command per write"),
             (b"\xff\xfe", "not UTF-8"),
+            (b"exclude .", "`.` and `..` are not allowed"),
+            (b"exclude ..", "`.` and `..` are not allowed"),
+            (b"pin .. bolted", "`.` and `..` are not allowed"),
+            (b"exclude /usr/bin/../bin/x", "`.` and `..` are not allowed"),
+            (b"exclude /usr/./bin/x", "`.` and `..` are not allowed"),
+            (b" exclude node", "exactly one space"),
+            (b"exclude  node", "exactly one space"),
+            (b"exclude node ", "exactly one space"),
+            ("exclude\u{a0}node".as_bytes(), "U+00A0"),
+            (b"exclude\tnode", "U+0009"),
+            (b"exclude node\r\n", "U+000D"),
+            (b"exclude node\r\r\n", "U+000D"),
+            (b"exclude node\n\n", "several lines"),
+            (b"exclude n\x00de", "U+0000"),
         ] {
             let err = parse(input).unwrap_err();
             assert!(err.0.contains(needle), "{input:?}: {err}");

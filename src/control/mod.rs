@@ -38,6 +38,15 @@ pub trait StatusSource: Send + Sync {
     }
 }
 
+/// Read-only files other subsystems add to the directory (e.g. `flame.svg`,
+/// `host/use`), by their path relative to `.optbin/`. They are rendered elsewhere, never
+/// on a FUSE request: `read` only hands out bytes, or the reason they could not be made
+/// (an `EIO`).
+pub trait ExtraFiles: Send + Sync {
+    fn names(&self) -> Vec<String>;
+    fn read(&self, name: &str) -> Option<Result<Vec<u8>, String>>;
+}
+
 /// A command that was understood but could not be carried out.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
@@ -66,6 +75,7 @@ pub struct ControlDir {
     status: Box<dyn StatusSource>,
     actions: Box<dyn ControlActions>,
     last_error: Mutex<String>,
+    extra: Vec<std::sync::Arc<dyn ExtraFiles>>,
 }
 
 pub const STATUS: &str = "status";
@@ -89,7 +99,13 @@ impl ControlPlane for ControlDir {
 
 impl ControlDir {
     pub fn new(status: Box<dyn StatusSource>, actions: Box<dyn ControlActions>) -> Self {
-        Self { status, actions, last_error: Mutex::new(String::new()) }
+        Self { status, actions, last_error: Mutex::new(String::new()), extra: Vec::new() }
+    }
+
+    /// Adds a subsystem's read-only files.
+    pub fn with_files(mut self, files: std::sync::Arc<dyn ExtraFiles>) -> Self {
+        self.extra.push(files);
+        self
     }
 
     pub fn files(&self) -> Vec<ControlFile> {
@@ -104,6 +120,13 @@ impl ControlDir {
             mode: 0o444,
             writable: false,
         }));
+        for extra in &self.extra {
+            files.extend(extra.names().into_iter().map(|name| ControlFile {
+                name,
+                mode: 0o444,
+                writable: false,
+            }));
+        }
         files
     }
 
@@ -131,6 +154,12 @@ impl ControlDir {
             LAST_ERROR => {
                 let last = self.last_error.lock().map(|s| s.clone()).unwrap_or_default();
                 Ok(if last.is_empty() { Vec::new() } else { format!("{last}\n").into_bytes() })
+            }
+            other if let Some(r) = self.extra.iter().find_map(|e| e.read(other)) => {
+                r.map_err(|reason| {
+                    tracing::error!(file = other, "{reason}");
+                    FsError::new(libc::EIO, reason)
+                })
             }
             other => match other.strip_prefix("bins/") {
                 Some(rel) => match self.status.bin_file(rel) {

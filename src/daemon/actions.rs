@@ -91,6 +91,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let bin = std::fs::canonicalize(dir.path()).unwrap();
         std::fs::write(bin.join("tool"), b"x").unwrap();
+        // A NAME must be something PATH lookup would run.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(bin.join("tool"), std::fs::Permissions::from_mode(0o755)).unwrap();
         let refreshed = Arc::new(Mutex::new(Vec::<PathBuf>::new()));
         let r2 = refreshed.clone();
         let catalog = Catalog::in_memory().unwrap();

@@ -9,3 +9,4 @@ pub mod profiling;
 pub mod report;
 pub mod run;
 pub mod serving;
+pub mod warming;

@@ -20,6 +20,7 @@ use crate::control::{BinFiles, SubsystemStatus};
 use crate::fs::Overlay;
 use crate::profile::Settings as ProfileSettings;
 use crate::profile::maturity::MaturityThresholds;
+use crate::profile::stacks::StackStore;
 use crate::profile::{ProfilerStatusHandle, run_profiler};
 
 pub use resolver::OverlayResolver;
@@ -42,6 +43,7 @@ pub struct Profiling {
     config: Arc<Config>,
     catalog: Catalog,
     status: ProfilerStatusHandle,
+    stacks: StackStore,
 }
 
 impl Profiling {
@@ -52,7 +54,18 @@ impl Profiling {
             config: cfg,
             catalog: catalog.clone(),
             status: ProfilerStatusHandle::default(),
+            stacks: StackStore::default(),
         }
+    }
+
+    /// The recent call stacks the profiler samples (for `crate::observe`).
+    pub fn stacks(&self) -> StackStore {
+        self.stacks.clone()
+    }
+
+    /// The profiler's live status (for `crate::observe`'s metrics).
+    pub fn status_handle(&self) -> ProfilerStatusHandle {
+        self.status.clone()
     }
 
     pub fn settings(&self) -> &ProfileSettings {
@@ -101,7 +114,14 @@ impl Profiling {
             return None;
         }
         let resolver = Arc::new(OverlayResolver::new(overlay, self.config.clone()));
-        Some(rt.spawn(keep_profiling(self.settings, self.catalog, resolver, self.status, shutdown)))
+        Some(rt.spawn(keep_profiling(
+            self.settings,
+            self.catalog,
+            resolver,
+            self.status,
+            self.stacks,
+            shutdown,
+        )))
     }
 }
 
@@ -112,6 +132,7 @@ async fn keep_profiling(
     catalog: Catalog,
     resolver: Arc<OverlayResolver>,
     status: ProfilerStatusHandle,
+    stacks: StackStore,
     shutdown: watch::Receiver<bool>,
 ) {
     let stop = shutdown.clone();
@@ -121,6 +142,7 @@ async fn keep_profiling(
             catalog.clone(),
             resolver.clone(),
             status.clone(),
+            stacks.clone(),
             stop.clone(),
         )
     })
@@ -167,30 +189,27 @@ mod tests {
 
     use super::*;
 
-    #[tokio::test]
+    // Paused time: the runtime's clock jumps from timer to timer, so the delays are exact.
+    #[tokio::test(start_paused = true)]
     async fn a_failing_run_is_restarted_with_growing_delays_until_shutdown() {
         let (tx, rx) = watch::channel(false);
-        let starts = Arc::new(Mutex::new(Vec::<Instant>::new()));
+        let starts = Arc::new(Mutex::new(Vec::<tokio::time::Instant>::new()));
         let s = starts.clone();
         let backoff = Backoff { first: Duration::from_millis(20), max: Duration::from_millis(80) };
         let task = tokio::spawn(run_restarting(backoff, rx, move || {
-            s.lock().unwrap().push(Instant::now());
+            s.lock().unwrap().push(tokio::time::Instant::now());
             async { anyhow::bail!("perf went away") }
         }));
         tokio::time::sleep(Duration::from_millis(400)).await;
         tx.send(true).unwrap();
         tokio::time::timeout(Duration::from_secs(1), task).await.unwrap().unwrap();
         let starts = starts.lock().unwrap().clone();
-        let gaps: Vec<Duration> = starts.windows(2).map(|w| w[1] - w[0]).collect();
-        assert!(starts.len() >= 4 && starts.len() <= 8, "{gaps:?}");
-        // 20, 40, 80, 80, ...: each gap at least the delay owed, never above the cap.
-        for (i, gap) in gaps.iter().enumerate() {
-            let owed = Duration::from_millis((20u64 << i).min(80));
-            assert!(*gap >= owed, "gap {i}: {gap:?} < {owed:?}");
-        }
+        let gaps: Vec<u128> = starts.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect();
+        // Starts at 0, 20, 60, 140, 220, 300, 380 ms; the shutdown at 400 ends the wait.
+        assert_eq!(gaps, [20, 40, 80, 80, 80, 80]);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn a_run_ended_by_shutdown_is_not_restarted() {
         let (tx, rx) = watch::channel(false);
         let runs = Arc::new(AtomicU32::new(0));

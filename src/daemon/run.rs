@@ -19,15 +19,24 @@ use crate::daemon::optimizing::Optimizing;
 use crate::daemon::profiling::Profiling;
 use crate::daemon::report::Reporter;
 use crate::daemon::serving::{Reconciler, Serving};
+use crate::fleet::daemon::Fleet;
 use crate::fs::{FsEvent, Overlay, OverlayConfig, ServingTable};
 use crate::fuse::{MountOptions, ServeContext, Served};
+use crate::observe::SharedStatus;
 
 /// Mounts the overlay and serves until SIGTERM/SIGINT or an unmount from outside.
 pub fn run_foreground(cfg: Config) -> anyhow::Result<()> {
-    create_private_dir(&cfg.state_dir)?;
+    crate::cli::create_private_dir(&cfg.state_dir)?;
+    // A bad catalog is reported as what it is, before mounting.
+    crate::catalog::health::check(&cfg.catalog_path())?;
+    // An unreadable machine id or an unsafe credentials file refuses the start with the
+    // reason, before mounting ([fleet]'s values were checked with the rest of the config).
+    Fleet::new(cfg.fleet.as_ref())?;
     let cfg = Arc::new(cfg);
     let mut opts = MountOptions::new(&cfg.mountpoint);
     opts.server_pid_file = Some(cfg.state_dir.join("server.pid"));
+    opts.overlay_dirs = cfg.overlay.clone();
+    cfg.supervisor.apply(&mut opts);
     let started_at = SystemClock.unix_secs();
     tracing::info!(
         mountpoint = %cfg.mountpoint.display(),
@@ -38,22 +47,14 @@ pub fn run_foreground(cfg: Config) -> anyhow::Result<()> {
     crate::fuse::run_supervised(&opts, |ctx| start_server(cfg.clone(), ctx, started_at))
 }
 
-fn create_private_dir(dir: &std::path::Path) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("creating the state directory {}", dir.display()))
-}
-
 /// Builds one server process's world. Runs after every (re)start of the server.
 ///
 /// Built bottom-up, each part from the parts below it, so nothing is filled in later: the
-/// optimizer (its pipeline view), then measurement and the policy (the one source of
-/// serving decisions), the profiler's status, the control plane over all three, the
-/// overlay over the control plane, and last the tasks, each of which ends on `shutdown`
-/// and is awaited by the returned stop hook.
+/// fleet's view (when `[fleet]` is set), the optimizer over it (its pipeline view), then
+/// measurement and the policy (the one source of serving decisions), the profiler's status,
+/// the warmer, the observability renderer, the control plane over all of them, the overlay
+/// over the control plane, and last the tasks, each of which ends on `shutdown` and is
+/// awaited by the returned stop hook.
 pub fn start_server(
     cfg: Arc<Config>,
     ctx: ServeContext,
@@ -68,22 +69,40 @@ pub fn start_server(
     let catalog = Catalog::open(&cfg.catalog_path())?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let table = ServingTable::new();
+    // Fleet sharing (src/fleet), when `[fleet]` is set: profiles and verdicts via Redis.
+    let fleet = Fleet::new(cfg.fleet.as_ref())?;
     // The optimizer (src/daemon/optimizing): BOLT, its job queue, the maturity driver, the
-    // `optimize`/`reset` commands and the "optimizer" status section.
-    let optimizing = Optimizing::new(&cfg, &catalog, clock.clone())?;
-    // Measurement and the policy: the one source of serving decisions (serving/).
-    let serving = Serving::new(&cfg, &catalog, table.clone(), optimizing.pipeline_view());
+    // `optimize`/`reset` commands and the "optimizer" status section; it builds from the
+    // fleet's mature profiles too and respects its rejections.
+    let optimizing =
+        Optimizing::new(&cfg, &catalog, clock.clone(), fleet.as_ref().map(|f| f.view.clone()))?;
+    // Measurement and the policy: the one source of serving decisions (serving/), told
+    // where the optimizing pipeline is per binary and what the fleet vetoes.
+    let pipeline = match &fleet {
+        Some(f) => f.pipeline(optimizing.pipeline_view()),
+        None => optimizing.pipeline_view(),
+    };
+    let serving = Serving::new(&cfg, &catalog, table.clone(), pipeline);
     let reconciler = serving.reconciler();
     reconciler.refresh_all().context("loading pins, exclusions and served variants")?;
     // Profiler: its status and profile files now, its sampling task once the overlay exists.
     let profiling = Profiling::new(cfg.clone(), &catalog);
+    // Keeping hot binaries warm (src/warm): fed every exec, stopped with the server.
+    let warmer = crate::daemon::warming::start(&cfg)?;
+    let mut subsystems = vec![profiling.status(), optimizing.status(), serving.status()];
+    subsystems.push(Arc::new(crate::daemon::warming::WarmSection(warmer.clone())));
+    subsystems.extend(fleet.as_ref().map(|f| f.status()));
 
+    // Pictures, the host's USE summary, metrics and the HTML report (src/observe).
+    let observe =
+        crate::observe::Observe::new(&cfg.metrics, &cfg.mountpoint, &catalog, profiling.stacks());
+    subsystems.push(observe.status());
     let reporter = Reporter {
         catalog: catalog.clone(),
         config: cfg.clone(),
         started_at,
         server_restarts: ctx.generation as u32,
-        subsystems: vec![profiling.status(), optimizing.status(), serving.status()],
+        subsystems,
         serving: table.clone(),
         bin_files: Some(Arc::new(crate::control::BinFilesSet(vec![
             profiling.bin_files(),
@@ -99,10 +118,19 @@ pub fn start_server(
         refresh: Arc::new(move |p| r2.refresh(p)),
         hooks: Some(optimizing.hooks()),
     };
-    let control = Arc::new(ControlDir::new(Box::new(reporter), Box::new(actions)));
+    let reporter: Arc<dyn crate::control::StatusSource> = Arc::new(reporter);
+    let control = Arc::new(
+        ControlDir::new(Box::new(SharedStatus(reporter.clone())), Box::new(actions))
+            .with_files(observe.files()),
+    );
     let (events_tx, events_rx) = mpsc::unbounded_channel::<FsEvent>();
     let overlay = Overlay::new(
-        OverlayConfig { mountpoint: cfg.mountpoint.clone(), overlay_dirs: cfg.overlay.clone() },
+        OverlayConfig {
+            mountpoint: cfg.mountpoint.clone(),
+            overlay_dirs: cfg.overlay.clone(),
+            // Running programs keep their bytes when an original is rewritten in place.
+            originals: Some(cfg.state_dir.join("originals")),
+        },
         table,
         None,
         control,
@@ -114,7 +142,10 @@ pub fn start_server(
     let mut tasks = Tasks::default();
     let (seen_tx, seen_rx) = mpsc::unbounded_channel::<SeenFile>();
     let (indexed_tx, indexed_rx) = mpsc::unbounded_channel::<Indexed>();
-    tasks.add("route events", rt.spawn(route_events(events_rx, seen_tx, shutdown.clone())));
+    tasks.add(
+        "route events",
+        rt.spawn(route_events(events_rx, seen_tx, warmer.clone(), shutdown.clone())),
+    );
     tasks.add(
         "indexer",
         rt.spawn(indexer::run_indexer(
@@ -129,6 +160,9 @@ pub fn start_server(
         "refresh indexed",
         rt.spawn(refresh_indexed(indexed_rx, reconciler.clone(), shutdown.clone())),
     );
+    for task in observe.spawn(rt.handle(), reporter, shutdown.clone()) {
+        tasks.add("observe", task);
+    }
     // Instrumented variants (instrumentation mode) change what a path serves when built
     // and when done: the optimizer re-derives it through the reconciler. None are built
     // while the profiler samples branch stacks.
@@ -146,6 +180,17 @@ pub fn start_server(
     for task in serving.spawn(rt.handle(), shutdown.clone()) {
         tasks.add("policy", task);
     }
+    if let Some(f) = &fleet {
+        let r4 = reconciler.clone();
+        let task = f.spawn(
+            rt.handle(),
+            catalog.clone(),
+            clock.clone(),
+            Arc::new(move |p| r4.refresh(p)),
+            shutdown.clone(),
+        );
+        tasks.add("fleet", task);
+    }
     tracing::info!(generation = ctx.generation, "server ready");
 
     Ok(Served {
@@ -158,6 +203,12 @@ pub fn start_server(
             // Blocking work a task handed off and no longer waits for (a catalog write
             // queued by a dropped caller) gets a bounded time to finish.
             rt.shutdown_timeout(Duration::from_secs(10));
+            warmer.stop();
+            match catalog.checkpoint() {
+                Ok(true) => {}
+                Ok(false) => tracing::warn!("the catalog checkpoint at stop was incomplete"),
+                Err(e) => tracing::warn!(error = format!("{e:#}"), "checkpointing the catalog"),
+            }
             tracing::info!("server stopped");
         }),
     })
@@ -199,6 +250,7 @@ const SLOW_SHUTDOWN: Duration = Duration::from_secs(10);
 async fn route_events(
     mut events: mpsc::UnboundedReceiver<FsEvent>,
     seen: mpsc::UnboundedSender<SeenFile>,
+    warmer: Arc<crate::warm::Warmer>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -210,6 +262,7 @@ async fn route_events(
             FsEvent::Seen { original, key } => {
                 let _ = seen.send(SeenFile { path: original, key });
             }
+            FsEvent::Opened { backing, pid, exec: true, .. } => warmer.note_exec(backing, pid),
             FsEvent::Opened { .. } => {}
         }
     }

@@ -44,25 +44,37 @@ pub struct Sniffed {
     pub optimizable: bool,
 }
 
-/// The result of classifying an entry, plus whether it is the first sighting of a binary.
+/// The result of classifying an entry, plus whether it is the first announced sighting of a
+/// binary.
 #[derive(Debug)]
 pub struct Classified {
     pub presentation: Presentation,
-    /// Set the first time an x86-64 ELF version is classified (for `FsEvent::Seen`).
+    /// Set the first time an x86-64 ELF version is classified with `announce` (for
+    /// `FsEvent::Seen`).
     pub newly_seen: Option<FileKey>,
     /// The metadata of the entry itself (lstat).
     pub md: Metadata,
 }
 
-/// Sniff results by path, valid for one [`FileKey`].
+/// Sniff results by path, valid for one [`FileKey`], and whether the version was announced
+/// (a lookup saw it, not only a listing).
 #[derive(Debug, Default)]
 pub struct Classifier {
-    cache: Mutex<HashMap<PathBuf, (FileKey, Sniffed)>>,
+    cache: Mutex<HashMap<PathBuf, Cached>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Cached {
+    key: FileKey,
+    sniffed: Sniffed,
+    announced: bool,
 }
 
 impl Classifier {
     /// Classifies the entry at `real` (`excluded`: the daemon asked not to serve it).
-    pub fn classify(&self, real: &Path, excluded: bool) -> io::Result<Classified> {
+    /// `announce`: a lookup (someone may run it), so an x86-64 ELF version not announced
+    /// before is reported in `newly_seen`; a directory listing classifies without it.
+    pub fn classify(&self, real: &Path, excluded: bool, announce: bool) -> io::Result<Classified> {
         let md = std::fs::symlink_metadata(real)?;
         let ft = md.file_type();
         if ft.is_symlink() {
@@ -84,18 +96,18 @@ impl Classifier {
             return Ok(Classified { presentation: Presentation::LinkToReal, newly_seen: None, md });
         }
         let key = FileKey::from_metadata(&md);
-        let (sniffed, newly_seen) = match self.cached(real, &key) {
-            Some(s) => (s, None),
+        let sniffed = match self.cached(real, &key) {
+            Some(s) => s,
             None => match sniff_file(real) {
                 // The file may have been replaced between the lstat and the open: the key of
                 // what we actually read is the one that counts.
                 Ok((opened_md, s)) => {
                     let opened_key = FileKey::from_metadata(&opened_md);
                     if opened_key != key {
-                        return self.classify(real, excluded);
+                        return self.classify(real, excluded, announce);
                     }
                     self.store(real, key, s);
-                    (s, s.x86_elf.then_some(key))
+                    s
                 }
                 Err(e) => {
                     tracing::debug!(path = %real.display(), error = %e, "unreadable: passed through");
@@ -107,6 +119,7 @@ impl Classifier {
                 }
             },
         };
+        let newly_seen = (announce && sniffed.x86_elf && self.announce(real, &key)).then_some(key);
         let presentation = if sniffed.optimizable && !excluded {
             Presentation::Served { key, md: Box::new(md.clone()) }
         } else {
@@ -117,20 +130,33 @@ impl Classifier {
 
     fn cached(&self, real: &Path, key: &FileKey) -> Option<Sniffed> {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
-        cache.get(real).filter(|(k, _)| k == key).map(|(_, s)| *s)
+        cache.get(real).filter(|c| c.key == *key).map(|c| c.sniffed)
     }
 
-    fn store(&self, real: &Path, key: FileKey, s: Sniffed) {
-        self.cache.lock().unwrap_or_else(|e| e.into_inner()).insert(real.to_path_buf(), (key, s));
+    fn store(&self, real: &Path, key: FileKey, sniffed: Sniffed) {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.insert(real.to_path_buf(), Cached { key, sniffed, announced: false });
     }
 
-    /// Every (path, key) sniffed as an x86-64 ELF.
+    /// Marks the version announced; true if it was not before.
+    fn announce(&self, real: &Path, key: &FileKey) -> bool {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        match cache.get_mut(real) {
+            Some(c) if c.key == *key && !c.announced => {
+                c.announced = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Every (path, key) looked up (announced) as an x86-64 ELF.
     pub fn seen(&self) -> Vec<(PathBuf, FileKey, Sniffed)> {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
         let mut out: Vec<_> = cache
             .iter()
-            .filter(|(_, (_, s))| s.x86_elf)
-            .map(|(p, (k, s))| (p.clone(), *k, *s))
+            .filter(|(_, c)| c.sniffed.x86_elf && c.announced)
+            .map(|(p, c)| (p.clone(), c.key, c.sniffed))
             .collect();
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out
@@ -179,19 +205,30 @@ mod tests {
         std::os::unix::fs::symlink("bin", dir.path().join("alias")).unwrap();
         let c = Classifier::default();
 
-        let served = c.classify(&bin, false).unwrap();
+        // A listing classifies without announcing; the first lookup announces.
+        let listed = c.classify(&bin, false, false).unwrap();
+        assert!(matches!(listed.presentation, Presentation::Served { .. }));
+        assert!(listed.newly_seen.is_none());
+        assert!(c.seen().is_empty(), "listed only");
+        let served = c.classify(&bin, false, true).unwrap();
         assert!(matches!(served.presentation, Presentation::Served { .. }));
         assert!(served.newly_seen.is_some());
-        assert!(c.classify(&bin, false).unwrap().newly_seen.is_none(), "seen once per version");
-        assert_eq!(c.classify(&bin, true).unwrap().presentation, Presentation::LinkToReal);
-        assert_eq!(c.classify(&script, false).unwrap().presentation, Presentation::LinkToReal);
-        assert_eq!(c.classify(&suid, false).unwrap().presentation, Presentation::LinkToReal);
-        assert_eq!(c.classify(dir.path(), false).unwrap().presentation, Presentation::LinkToReal);
+        assert!(c.classify(&bin, false, true).unwrap().newly_seen.is_none(), "once per version");
+        assert_eq!(c.classify(&bin, true, true).unwrap().presentation, Presentation::LinkToReal);
         assert_eq!(
-            c.classify(&dir.path().join("alias"), false).unwrap().presentation,
+            c.classify(&script, false, true).unwrap().presentation,
+            Presentation::LinkToReal
+        );
+        assert_eq!(c.classify(&suid, false, true).unwrap().presentation, Presentation::LinkToReal);
+        assert_eq!(
+            c.classify(dir.path(), false, true).unwrap().presentation,
+            Presentation::LinkToReal
+        );
+        assert_eq!(
+            c.classify(&dir.path().join("alias"), false, true).unwrap().presentation,
             Presentation::VerbatimLink("bin".into())
         );
-        assert!(c.classify(&dir.path().join("missing"), false).is_err());
+        assert!(c.classify(&dir.path().join("missing"), false, true).is_err());
         assert_eq!(c.seen().len(), 1);
     }
 }

@@ -12,6 +12,8 @@ pub enum FsEvent {
         /// The path inside the mount (`<mount>/usr/bin/x`).
         mirror_path: PathBuf,
         original: PathBuf,
+        /// The file whose bytes were opened: the original, or the variant in the store.
+        backing: PathBuf,
         key: FileKey,
         variant_id: Option<i64>,
         pid: u32,

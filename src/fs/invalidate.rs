@@ -60,6 +60,14 @@ impl Overlay {
                 .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.file_name())).collect())
                 .unwrap_or_default(),
         };
+        if name.is_none()
+            && let (Some(parent), Some(own)) = (dir.parent(), dir.file_name())
+            && let Some(parent_ino) = self.tree_ino(parent)
+        {
+            // The directory itself changed (e.g. chmod): its attributes, which the kernel
+            // checks permissions against, are refreshed by the next lookup.
+            self.send_invalidation(parent_ino, own);
+        }
         let tree_ino = self.tree_ino(dir);
         let in_path_view = self.layout.dirs.iter().any(|d| d.path == dir);
         for n in &names {

@@ -25,6 +25,11 @@ pub struct OverlayConfig {
     /// In PATH order. Need not be canonical; duplicates, missing dirs and anything at or
     /// under the mountpoint are dropped.
     pub overlay_dirs: Vec<PathBuf>,
+    /// Where the overlay keeps its private copies of the originals it serves (see
+    /// `fs::snapshot`): running programs keep their bytes when the real file is written in
+    /// place. None serves the real files themselves (an in-place write then reaches running
+    /// processes): for tests and benchmarks that do not need it.
+    pub originals: Option<PathBuf>,
 }
 
 /// One overlay dir after canonicalization.
@@ -114,6 +119,15 @@ impl Layout {
     pub fn is_mirror_dir(&self, real: &Path) -> bool {
         self.tree.get(real).is_some_and(|t| t.mirror)
     }
+}
+
+/// Whether PATH lookup would run the entry at `path`: a non-directory with an execute bit,
+/// following symlinks (as bash and glibc's `execvp` look). The PATH view and the control
+/// commands' NAME resolution both use this one rule, so a command acts on exactly the file
+/// that `<mount>/bin/NAME` runs.
+pub fn runs_from_path(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path).is_ok_and(|md| !md.is_dir() && md.permissions().mode() & 0o111 != 0)
 }
 
 /// Whether an overlay dir can be mirrored at its own path under the mount.
@@ -220,6 +234,7 @@ mod tests {
                 root.join("missing"),
                 PathBuf::from("/bin"),
             ],
+            originals: None,
         };
         let layout = Layout::new(&config).unwrap();
         let paths: Vec<_> = layout.dirs.iter().map(|d| d.path.clone()).collect();

@@ -23,7 +23,7 @@
 //!   unoptimized).
 //!
 //! # API for the daemon
-//! - [`Overlay::new`]`(OverlayConfig { mountpoint, overlay_dirs }, serving, chooser,
+//! - [`Overlay::new`]`(OverlayConfig { mountpoint, overlay_dirs, originals }, serving, chooser,
 //!   control, events)`; then `crate::fuse::run_supervised` / `mount_background` attach it;
 //! - [`ServingTable::serve`]`(original, Some(variant) | None)`,
 //!   [`ServingTable::set_excluded`], [`ServingTable::remember`] (variants served before a
@@ -46,30 +46,36 @@
 //! - setuid/setgid files, scripts, stripped or foreign binaries, unreadable files and
 //!   excluded paths reach the user unchanged, as symlinks to the real files.
 
+mod access;
 mod classify;
 mod control;
 mod events;
+mod handles;
 mod invalidate;
 mod layout;
 mod namespace;
 pub mod node;
 mod overlay;
 mod serving;
+mod snapshot;
 mod watch;
 
+pub use access::Caller;
 pub use classify::{Classifier, Presentation, Sniffed};
 pub use control::{ControlFile, ControlPlane, StaticControl};
 pub use events::{EventSink, FsEvent, NoEvents};
+pub use handles::{DirectoryReplier, Handle, HandleTable, RETAINED_BACKINGS, read_full};
 pub use invalidate::in_request;
 pub use layout::{
     CONTROL_DIR, Layout, OverlayConfig, OverlayDir, PATH_VIEW, absolute_mountpoint,
-    canonicalize_outside,
+    canonicalize_outside, runs_from_path,
 };
 pub use node::{Attr, FileNode, NodeType};
 pub use overlay::{
     DirEntry, Entry, FMODE_EXEC, Invalidator, LONG_TTL, MappedOriginal, Opened, Overlay, SeenBinary,
 };
 pub use serving::{Choice, ServedVariant, ServingTable, TableChooser, VariantChooser};
+pub use snapshot::Snapshots;
 
 #[cfg(test)]
 mod tests;

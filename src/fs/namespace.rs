@@ -6,19 +6,28 @@ use std::collections::{BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::fs::Metadata;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::{FsError, FsResult};
+use crate::fs::access::{may_search, searchable_by_all};
 use crate::fs::classify::Presentation;
 use crate::fs::layout::{CONTROL_DIR, PATH_VIEW};
 use crate::fs::node::{
     Attr, CONTROL_ROOT_ID, FileNode, Node, NodeKind, NodeType, PATH_VIEW_ID, ROOT_ID,
 };
 use crate::fs::overlay::REBUILD_INTERVAL;
-use crate::fs::{DirEntry, FsEvent, Overlay};
+use crate::fs::{Caller, DirEntry, FsEvent, Overlay};
+
+/// Why a name is resolved: a lookup (someone is about to use the entry: per-exec choices
+/// are drawn, binaries seen for the first time are announced) or a listing (neither).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Purpose {
+    Lookup,
+    Listing,
+}
 use crate::identity::FileKey;
 
 impl Overlay {
@@ -83,7 +92,7 @@ impl Overlay {
     }
 
     pub(super) fn readdir_known(&self, node: &Node) -> FsResult<Vec<DirEntry>> {
-        let entries = self.readdir(node.attr.ino)?;
+        let entries = self.list(node.attr.ino, &Caller::ROOT)?;
         if let NodeKind::Tree(real) = &node.kind
             && self.layout.is_mirror_dir(real)
         {
@@ -130,33 +139,62 @@ impl Overlay {
     /// The first overlay dir holding `name` as something PATH would run: a non-directory
     /// with an execute bit (following symlinks), as bash's lookup does.
     pub(super) fn first_match(&self, name: &OsStr) -> Option<(PathBuf, bool)> {
+        self.first_match_for(name, &Caller::ROOT).map(|(dir, mirrored, _)| (dir, mirrored))
+    }
+
+    /// [`Overlay::first_match`] for `caller`: directories they may not search are skipped,
+    /// as PATH lookup skips them. The third value is whether the answer may differ between
+    /// callers (a directory holding the name is not searchable by all).
+    pub(super) fn first_match_for(
+        &self,
+        name: &OsStr,
+        caller: &Caller,
+    ) -> Option<(PathBuf, bool, bool)> {
         if name.is_empty() || name.as_bytes().contains(&b'/') || name == "." || name == ".." {
             return None;
         }
-        self.layout.dirs.iter().find_map(|d| {
-            let md = std::fs::metadata(d.path.join(name)).ok()?;
-            (!md.is_dir() && md.permissions().mode() & 0o111 != 0)
-                .then(|| (d.path.clone(), d.mirrored))
-        })
+        let mut per_caller = false;
+        for d in &self.layout.dirs {
+            if !crate::fs::runs_from_path(&d.path.join(name)) {
+                continue;
+            }
+            let for_all = searchable_by_all(&d.path);
+            per_caller |= !for_all;
+            if for_all || may_search(caller, &d.path) {
+                return Some((d.path.clone(), d.mirrored, per_caller));
+            }
+        }
+        None
     }
 
-    pub(super) fn lookup_path_view(&self, name: &OsStr) -> FsResult<Arc<Node>> {
-        let Some((dir, mirrored)) = self.first_match(name) else {
+    /// Returns the node and whether the answer is the caller's own (not to be cached).
+    pub(super) fn lookup_path_view(
+        &self,
+        name: &OsStr,
+        caller: &Caller,
+    ) -> FsResult<(Arc<Node>, bool)> {
+        let Some((dir, mirrored, per_caller)) = self.first_match_for(name, caller) else {
             return Err(FsError::not_found(format!("bin/{}", name.to_string_lossy())));
         };
         let real = dir.join(name);
         let target = if mirrored { self.layout.mirror_path(&real) } else { real.clone() };
         let md = std::fs::symlink_metadata(&real).ok();
         let attr = self.link_attr(&target, md.as_ref());
-        Ok(self.nodes.intern(
+        let node = self.nodes.intern(
             NodeKind::Link(target),
             &self.layout.mountpoint.join(PATH_VIEW).join(name),
             attr,
-        ))
+        );
+        Ok((node, per_caller))
     }
 
     /// Returns the node and whether its choice is made per exec.
-    pub(super) fn lookup_tree(&self, dir: &Path, name: &OsStr) -> FsResult<(Arc<Node>, bool)> {
+    pub(super) fn lookup_tree(
+        &self,
+        dir: &Path,
+        name: &OsStr,
+        purpose: Purpose,
+    ) -> FsResult<(Arc<Node>, bool)> {
         if name.is_empty() || name.as_bytes().contains(&b'/') {
             return Err(FsError::new(libc::EINVAL, "bad name"));
         }
@@ -188,19 +226,24 @@ impl Overlay {
         let excluded = self.serving.is_excluded(&real);
         let classified = self
             .classifier
-            .classify(&real, excluded)
+            .classify(&real, excluded, purpose == Purpose::Lookup)
             .map_err(|e| FsError::io(e, format!("{}", real.display())))?;
         if let Some(key) = classified.newly_seen {
             self.events.event(FsEvent::Seen { original: real.clone(), key });
         }
         match classified.presentation {
             Presentation::VerbatimLink(target) => {
+                let target = link_target_in_mirror(dir, target);
                 let attr = self.link_attr(&target, Some(&classified.md));
                 Ok((self.nodes.intern(NodeKind::Link(target), &mirror_path, attr), false))
             }
             Presentation::LinkToReal => {
                 let attr = self.link_attr(&real, Some(&classified.md));
                 Ok((self.nodes.intern(NodeKind::Link(real.clone()), &mirror_path, attr), false))
+            }
+            Presentation::Served { key, md } if purpose == Purpose::Listing => {
+                // No draw: the original's node (a listing only names the entry).
+                Ok((self.intern_file(&real, key, &md, None), false))
             }
             Presentation::Served { key, md } => {
                 let choice = self.chooser.choose(&real, &key);
@@ -324,7 +367,9 @@ impl Overlay {
             mtime: t,
             ctime: t,
             kind: NodeType::Directory,
-            perm: 0o555,
+            // The real directory's own mode (write bits dropped: the mount is read-only),
+            // so that the kernel stops the same users as on the real path.
+            perm: real.map_or(0o555, |m| (m.mode() & 0o7555) as u16),
             nlink: 2,
             uid,
             gid,
@@ -350,10 +395,62 @@ impl Overlay {
     }
 }
 
+/// What a real symlink in mirror dir `dir` points at inside the mount. A relative target
+/// resolves in the mirror as it does natively as long as it stays below the mount's root:
+/// every directory on its way is a mirror, a directory on the way, or a symlink to the real
+/// one. The mount's root is not the real `/` (it holds `bin`, `.optbin` and the directories
+/// on the way only), so a target that climbs to it (`/usr/local/bin/x ->
+/// ../../../opt/x/bin/x`) is presented as the absolute real path it means.
+pub(super) fn link_target_in_mirror(dir: &Path, target: PathBuf) -> PathBuf {
+    use std::path::Component;
+    if target.is_absolute() {
+        return target;
+    }
+    let mut depth = dir.components().filter(|c| matches!(c, Component::Normal(_))).count();
+    let mut at_root = depth == 0;
+    for c in target.components() {
+        match c {
+            Component::ParentDir => depth = depth.saturating_sub(1),
+            Component::Normal(_) => {
+                if depth == 0 {
+                    at_root = true;
+                    break;
+                }
+                depth += 1;
+            }
+            _ => {}
+        }
+        at_root |= depth == 0;
+    }
+    if at_root { crate::config::normalize(&dir.join(&target)) } else { target }
+}
+
 fn time(secs: i64, nsecs: i64) -> SystemTime {
     if secs >= 0 {
         UNIX_EPOCH + Duration::new(secs as u64, nsecs as u32)
     } else {
         UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::link_target_in_mirror;
+    use std::path::{Path, PathBuf};
+
+    #[test]
+    fn relative_links_that_climb_to_the_root_become_absolute() {
+        let dir = Path::new("/usr/local/bin");
+        let link = |t: &str| link_target_in_mirror(dir, PathBuf::from(t));
+        assert_eq!(link("../../../opt/x/bin/x"), Path::new("/opt/x/bin/x"));
+        assert_eq!(link("../../../../../opt/x"), Path::new("/opt/x"), "`..` at / stays at /");
+        assert_eq!(link("../../.."), Path::new("/"));
+        // Staying below the root: verbatim (keeps argv[0] of busybox-style aliases).
+        assert_eq!(link("busybox"), Path::new("busybox"));
+        assert_eq!(link("../lib/x/run"), Path::new("../lib/x/run"));
+        assert_eq!(link("../../bin/x"), Path::new("../../bin/x"));
+        // Through the root on the way: the mount's root is not `/`, so absolute.
+        assert_eq!(link("../../bin/../../usr/bin/x"), Path::new("/usr/bin/x"));
+        assert_eq!(link("/etc/alternatives/x"), Path::new("/etc/alternatives/x"));
     }
 }

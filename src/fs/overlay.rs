@@ -12,8 +12,11 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::error::{FsError, FsResult};
 use crate::fs::classify::Classifier;
 use crate::fs::layout::{CONTROL_DIR, Layout, OverlayConfig, PATH_VIEW};
-use crate::fs::node::{Attr, FileNode, NodeKind, NodeTable, NodeType};
-use crate::fs::{ControlPlane, EventSink, FsEvent, ServingTable, TableChooser, VariantChooser};
+use crate::fs::namespace::Purpose;
+use crate::fs::node::{Attr, FileNode, Node, NodeKind, NodeTable, NodeType};
+use crate::fs::{
+    Caller, ControlPlane, EventSink, FsEvent, ServingTable, TableChooser, VariantChooser,
+};
 use crate::identity::FileKey;
 
 /// How long the kernel may cache entries and attributes. Long, because every change the
@@ -91,6 +94,8 @@ pub struct Overlay {
     pub(super) uid_gid: (u32, u32),
     pub(super) started: SystemTime,
     pub(super) watch: RwLock<Option<crate::fs::watch::Watcher>>,
+    /// Private copies of served originals (None: the real files are served).
+    pub(super) snapshots: Option<crate::fs::Snapshots>,
 }
 
 impl std::fmt::Debug for Overlay {
@@ -111,6 +116,12 @@ impl Overlay {
     ) -> anyhow::Result<Arc<Self>> {
         use anyhow::Context;
         let layout = Layout::new(&config).context("laying out the overlay")?;
+        let snapshots = match &config.originals {
+            Some(dir) => Some(crate::fs::Snapshots::new(dir).with_context(|| {
+                format!("creating the directory of copies of originals {}", dir.display())
+            })?),
+            None => None,
+        };
         let chooser = chooser.unwrap_or_else(|| Arc::new(TableChooser(serving.clone())));
         let overlay = Arc::new(Self {
             layout,
@@ -126,6 +137,7 @@ impl Overlay {
             uid_gid: unsafe { (libc::getuid(), libc::getgid()) },
             started: SystemTime::now(),
             watch: RwLock::new(None),
+            snapshots,
         });
         let weak = Arc::downgrade(&overlay);
         serving.subscribe(move |original| {
@@ -217,6 +229,13 @@ impl Overlay {
         if let Some((original, variant)) = self.serving.original_of_store_path(path) {
             return Some(MappedOriginal { original, variant: Some(variant), version: None });
         }
+        if let Some((original, key)) = self.snapshots.as_ref().and_then(|s| s.original_of(path)) {
+            return Some(MappedOriginal {
+                original,
+                variant: None,
+                version: Some((key.dev, key.ino)),
+            });
+        }
         if !path.starts_with(&self.layout.mountpoint) {
             return None;
         }
@@ -254,16 +273,18 @@ impl Overlay {
 
     // ----- operations for the FUSE adapter -----
 
+    /// Looks `name` up in directory `parent` for root (see [`Overlay::lookup_as`]).
     pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<Entry> {
+        self.lookup_as(parent, name, &Caller::ROOT)
+    }
+
+    /// Looks `name` up in directory `parent` for `caller`: someone is about to use the
+    /// entry, so a per-exec choice is drawn and a binary seen for the first time is
+    /// announced. Only the PATH view's answer depends on the caller.
+    pub fn lookup_as(&self, parent: u64, name: &OsStr, caller: &Caller) -> FsResult<Entry> {
         let parent_node = self.node(parent)?;
-        let (node, per_exec) = match &parent_node.kind {
-            NodeKind::Root => (self.lookup_root(name)?, false),
-            NodeKind::PathView => (self.lookup_path_view(name)?, false),
-            NodeKind::Tree(real) => self.lookup_tree(real, name)?,
-            NodeKind::ControlDir(prefix) => (self.lookup_control(prefix, name)?, false),
-            _ => return Err(FsError::new(libc::ENOTDIR, "lookup in a non-directory")),
-        };
-        let entry_ttl = if per_exec { Duration::ZERO } else { LONG_TTL };
+        let (node, uncached) = self.resolve_child(&parent_node, name, caller, Purpose::Lookup)?;
+        let entry_ttl = if uncached { Duration::ZERO } else { LONG_TTL };
         let attr_ttl = match node.kind {
             // Control files change size with every read; let the kernel ask.
             NodeKind::ControlFile(_) => Duration::ZERO,
@@ -286,7 +307,46 @@ impl Overlay {
         }
     }
 
+    /// The node `name` in `parent` resolves to, and whether the kernel must not cache the
+    /// answer (a per-exec choice, or an answer for this caller only).
+    fn resolve_child(
+        &self,
+        parent: &Node,
+        name: &OsStr,
+        caller: &Caller,
+        purpose: Purpose,
+    ) -> FsResult<(Arc<Node>, bool)> {
+        match &parent.kind {
+            NodeKind::Root => Ok((self.lookup_root(name)?, false)),
+            NodeKind::PathView => self.lookup_path_view(name, caller),
+            NodeKind::Tree(real) => self.lookup_tree(real, name, purpose),
+            NodeKind::ControlDir(prefix) => Ok((self.lookup_control(prefix, name)?, false)),
+            _ => Err(FsError::new(libc::ENOTDIR, "lookup in a non-directory")),
+        }
+    }
+
+    /// The entries of directory `ino` as root sees them (see [`Overlay::list`]).
     pub fn readdir(&self, ino: u64) -> FsResult<Vec<DirEntry>> {
+        self.list(ino, &Caller::ROOT)
+    }
+
+    /// A snapshot of directory `ino` for one opendir handle: `.` and `..`, then the
+    /// entries `caller` may see (see [`Overlay::list`]). Offsets are positions in it.
+    pub fn opendir(&self, ino: u64, caller: &Caller) -> FsResult<Vec<DirEntry>> {
+        let node = self.node(ino)?;
+        if node.attr.kind != NodeType::Directory {
+            return Err(FsError::new(libc::ENOTDIR, "opendir of a non-directory"));
+        }
+        let dot = |name: &str| DirEntry { ino, kind: NodeType::Directory, name: name.into() };
+        let mut entries = vec![dot("."), dot("..")];
+        entries.extend(self.list(ino, caller)?);
+        Ok(entries)
+    }
+
+    /// The entries of directory `ino` for `caller`: each name resolved as a listing does,
+    /// never drawing a per-exec choice and never announcing a binary (`ls` of a mirror runs
+    /// nothing, so it must not use up canary draws nor make the daemon index binaries).
+    pub fn list(&self, ino: u64, caller: &Caller) -> FsResult<Vec<DirEntry>> {
         let node = self.node(ino)?;
         let names: Vec<OsString> = match &node.kind {
             NodeKind::Root => {
@@ -313,8 +373,8 @@ impl Overlay {
         let mut out = Vec::with_capacity(names.len());
         for name in names {
             // Entries can vanish between the listing and the lookup: skip them.
-            if let Ok(entry) = self.lookup(ino, &name) {
-                out.push(DirEntry { ino: entry.attr.ino, kind: entry.attr.kind, name });
+            if let Ok((child, _)) = self.resolve_child(&node, &name, caller, Purpose::Listing) {
+                out.push(DirEntry { ino: child.attr.ino, kind: child.attr.kind, name });
             }
         }
         Ok(out)
@@ -371,6 +431,7 @@ impl Overlay {
         self.events.event(FsEvent::Opened {
             mirror_path: node.mirror_path.clone(),
             original: node.original.clone(),
+            backing: node.backing_path().to_path_buf(),
             key: node.key,
             variant_id: node.variant.as_ref().map(|v| v.variant_id),
             pid,
@@ -382,6 +443,17 @@ impl Overlay {
     /// since the node was made: the bytes behind a node id never change. ESTALE makes the
     /// kernel look the path up again, which yields the new node.
     pub fn open_backing(&self, node: &FileNode) -> FsResult<File> {
+        if node.variant.is_none()
+            && let Some(snapshots) = &self.snapshots
+        {
+            match snapshots.open(&node.original, &node.key) {
+                Ok(file) => return Ok(file),
+                Err(e) if e.errno == libc::ESTALE => return Err(e),
+                // No copy (a full disk, say): serving the real file still beats failing
+                // the exec; only an in-place write would then reach running processes.
+                Err(e) => snapshots.warn_once(&e),
+            }
+        }
         let path = node.backing_path();
         let file = std::fs::OpenOptions::new()
             .read(true)

@@ -43,6 +43,7 @@ fn overlay(
     let config = OverlayConfig {
         mountpoint: f.mount.clone(),
         overlay_dirs: vec![f.bin1.clone(), f.bin2.clone()],
+        originals: None,
     };
     let o = Overlay::new(
         config,
@@ -210,7 +211,11 @@ fn a_per_exec_chooser_gets_every_lookup_and_no_entry_caching() {
         },
         calls: Default::default(),
     });
-    let config = OverlayConfig { mountpoint: f.mount.clone(), overlay_dirs: vec![f.bin1.clone()] };
+    let config = OverlayConfig {
+        mountpoint: f.mount.clone(),
+        overlay_dirs: vec![f.bin1.clone()],
+        originals: None,
+    };
     let o = Overlay::new(
         config,
         ServingTable::new(),
@@ -225,4 +230,59 @@ fn a_per_exec_chooser_gets_every_lookup_and_no_entry_caching() {
     assert_eq!(a.entry_ttl, std::time::Duration::ZERO);
     assert_ne!(a.attr.ino, b.attr.ino);
     assert_eq!(walk(&o, &path).attr.ino, a.attr.ino, "the same choice is the same node");
+}
+
+/// Counts the choices asked for.
+struct CountingChooser(Arc<ServingTable>, std::sync::atomic::AtomicUsize);
+
+impl VariantChooser for CountingChooser {
+    fn choose(&self, original: &Path, key: &FileKey) -> Choice {
+        self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        TableChooser(self.0.clone()).choose(original, key)
+    }
+}
+
+/// Issue 9: listing a mirror (and the rebuild after a restart, which lists everything)
+/// draws no per-exec choice and announces no binary; a lookup does both.
+#[test]
+fn listings_and_rebuilds_never_draw_nor_announce() {
+    let f = fixture();
+    let serving = ServingTable::new();
+    let key = FileKey::of(&f.bin1.join("prog")).unwrap();
+    let store = f.mount.parent().unwrap().join("store-9");
+    std::fs::write(&store, b"variant").unwrap();
+    let variant =
+        ServedVariant { variant_id: 9, path_in_store: store, size: 7, expected_original: key };
+    serving.serve_share(&f.bin1.join("prog"), variant, 0.5);
+    let chooser = Arc::new(CountingChooser(serving.clone(), Default::default()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let config = OverlayConfig {
+        mountpoint: f.mount.clone(),
+        overlay_dirs: vec![f.bin1.clone(), f.bin2.clone()],
+        originals: None,
+    };
+    let o = Overlay::new(
+        config,
+        serving,
+        Some(chooser.clone()),
+        Arc::new(StaticControl::new(&[("status", "ok\n")])),
+        Arc::new(tx),
+    )
+    .unwrap();
+    let draws = || chooser.1.load(std::sync::atomic::Ordering::SeqCst);
+    let dir = walk(&o, &rel(&f.bin1));
+    let listed = o.opendir(dir.attr.ino, &Caller::ROOT).unwrap();
+    let names: Vec<_> = listed.iter().map(|e| e.name.to_string_lossy().into_owned()).collect();
+    assert_eq!(names[..2], [".", ".."]);
+    assert!(names.contains(&"prog".to_string()));
+    let prog = listed.iter().find(|e| e.name == "prog").unwrap();
+    assert_eq!(prog.kind, NodeType::RegularFile, "served files are listed as files");
+    o.opendir(PATH_VIEW_ID, &Caller::ROOT).unwrap();
+    o.rebuild();
+    assert_eq!(draws(), 0, "a listing drew");
+    assert_eq!(rx.try_iter().filter(|e| matches!(e, FsEvent::Seen { .. })).count(), 0);
+    assert!(o.seen_binaries().is_empty());
+    walk(&o, &format!("{}/prog", rel(&f.bin1)));
+    assert_eq!(draws(), 1);
+    assert_eq!(rx.try_iter().filter(|e| matches!(e, FsEvent::Seen { .. })).count(), 1);
 }

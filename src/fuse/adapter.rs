@@ -1,15 +1,14 @@
-//! The thin `fuser::Filesystem` adapter: translates each request into an [`Overlay`] call,
-//! maps errors to errnos (logged; ENOENT at debug), keeps open handles and the FUSE
-//! passthrough backing ids, and never panics into fuser (a panic in the core becomes EIO).
+//! The thin `fuser::Filesystem` adapter: maps each request's arguments to a call of the
+//! overlay core ([`Overlay`] and its [`HandleTable`]: handles, reads, listings), maps errors
+//! to errnos (logged; ENOENT at debug) and replies. What stays here is what needs fuser's
+//! types: registering FUSE passthrough backing ids, and the reply buffers. It never panics
+//! into fuser (a panic in the core becomes EIO).
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use fuser::{
@@ -19,8 +18,10 @@ use fuser::{
     WriteFlags,
 };
 
-use crate::error::{FsError, FsResult, errno_name};
-use crate::fs::{Attr, Invalidator, NodeType, Opened, Overlay};
+use crate::error::{FsResult, errno_name};
+use crate::fs::{
+    Attr, Caller, DirectoryReplier, Handle, HandleTable, Invalidator, NodeType, Opened, Overlay,
+};
 
 /// State shared between the adapter (owned by the fuser session) and whoever fills it in:
 /// the supervisor forks server processes from a session made before the overlay exists.
@@ -32,57 +33,9 @@ pub struct Shared {
     pub generation: AtomicU64,
 }
 
-enum Handle {
-    /// `file` is None for passthrough opens served from a retained backing id (the kernel
-    /// reads the backing file itself; a read reaching us reopens the node's bytes).
-    Binary {
-        file: Option<Arc<File>>,
-        _backing: Option<Arc<BackingId>>,
-    },
-    Control {
-        name: String,
-        content: Vec<u8>,
-        writable: bool,
-    },
-}
-
-/// How many recently opened served files keep their backing id registered after their
-/// last handle closed, so that the next exec of the same binary needs no file syscalls.
-const RETAINED_BACKINGS: usize = 128;
-
-#[derive(Default)]
-struct Handles {
-    open: HashMap<u64, Handle>,
-    backing_by_ino: HashMap<u64, Weak<BackingId>>,
-    /// Most recently used last. A retained id pins its backing file (an old version of a
-    /// binary stays on disk until evicted), hence the small bound.
-    retained: std::collections::VecDeque<(u64, Arc<BackingId>)>,
-    next: u64,
-}
-
-impl Handles {
-    fn retained(&mut self, ino: u64) -> Option<Arc<BackingId>> {
-        let pos = self.retained.iter().position(|(i, _)| *i == ino)?;
-        let entry = self.retained.remove(pos)?;
-        let id = entry.1.clone();
-        self.retained.push_back(entry);
-        Some(id)
-    }
-
-    fn retain(&mut self, ino: u64, id: Arc<BackingId>) {
-        if self.retained.iter().any(|(i, _)| *i == ino) {
-            return;
-        }
-        if self.retained.len() >= RETAINED_BACKINGS {
-            self.retained.pop_front();
-        }
-        self.retained.push_back((ino, id));
-    }
-}
-
 pub struct OptbinFs {
     shared: Arc<Shared>,
-    handles: Mutex<Handles>,
+    handles: HandleTable<BackingId>,
     /// Whether to ask the kernel for passthrough at all.
     want_passthrough: bool,
     /// Whether the kernel granted it.
@@ -93,14 +46,10 @@ impl OptbinFs {
     pub fn new(shared: Arc<Shared>, want_passthrough: bool) -> Self {
         Self {
             shared,
-            handles: Mutex::default(),
+            handles: HandleTable::default(),
             want_passthrough,
             passthrough: AtomicBool::new(false),
         }
-    }
-
-    fn handles(&self) -> std::sync::MutexGuard<'_, Handles> {
-        self.handles.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Runs `f` on the overlay, turning a missing overlay or a panic into EIO.
@@ -127,9 +76,21 @@ impl OptbinFs {
         }
     }
 
-    fn new_fh(handles: &mut Handles, generation: u64) -> u64 {
-        handles.next += 1;
-        (generation << 40) | handles.next
+    fn generation(&self) -> u64 {
+        self.shared.generation.load(Ordering::Relaxed)
+    }
+}
+
+fn caller(req: &Request) -> Caller {
+    Caller { uid: req.uid(), gid: req.gid(), pid: req.pid() }
+}
+
+/// fuser's directory reply buffer as the core's [`DirectoryReplier`].
+struct DirectoryReply<'a>(&'a mut ReplyDirectory);
+
+impl DirectoryReplier for DirectoryReply<'_> {
+    fn add(&mut self, ino: u64, offset: u64, kind: NodeType, name: &OsStr) -> bool {
+        self.0.add(INodeNo(ino), offset, file_type(kind), name)
     }
 }
 
@@ -222,8 +183,8 @@ impl Filesystem for OptbinFs {
         Ok(())
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.with("lookup", |o| o.lookup(parent.0, name)) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.with("lookup", |o| o.lookup_as(parent.0, name, &caller(req))) {
             Ok(e) => {
                 reply.entry_with_ttls(&e.attr_ttl, &e.entry_ttl, &file_attr(&e.attr), Generation(0))
             }
@@ -346,37 +307,30 @@ impl Filesystem for OptbinFs {
 
     fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         // Fast path: the backing of this node is still registered; its bytes are the node's.
-        if self.passthrough.load(Ordering::Relaxed) {
-            let retained = self.handles().retained(ino.0);
-            if let Some(id) = retained {
-                if let Err(e) = self.with("open", |o| o.open_again(ino.0, flags.0, req.pid())) {
-                    return reply.error(e);
-                }
-                let generation = self.shared.generation.load(Ordering::Relaxed);
-                let mut handles = self.handles();
-                let fh = Self::new_fh(&mut handles, generation);
-                handles.open.insert(fh, Handle::Binary { file: None, _backing: Some(id.clone()) });
-                drop(handles);
-                return reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id);
+        if self.passthrough.load(Ordering::Relaxed)
+            && let Some(id) = self.handles.retained(ino.0)
+        {
+            if let Err(e) = self.with("open", |o| o.open_again(ino.0, flags.0, req.pid())) {
+                return reply.error(e);
             }
+            let handle = Handle::Binary { file: None, backing: Some(id.clone()) };
+            let fh = self.handles.insert(self.generation(), handle);
+            return reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_NOFLUSH, &id);
         }
         let opened = match self.with("open", |o| o.open(ino.0, flags.0, req.pid())) {
             Ok(opened) => opened,
             Err(e) => return reply.error(e),
         };
-        let generation = self.shared.generation.load(Ordering::Relaxed);
         match opened {
             Opened::Binary { file, .. } => {
                 let file = Arc::new(file);
-                let mut handles = self.handles();
                 let backing = if self.passthrough.load(Ordering::Relaxed) {
-                    match handles.backing_by_ino.get(&ino.0).and_then(Weak::upgrade) {
+                    match self.handles.backing_of(ino.0) {
                         Some(id) => Some(id),
                         None => match reply.open_backing(&*file) {
                             Ok(id) => {
                                 let id = Arc::new(id);
-                                handles.backing_by_ino.insert(ino.0, Arc::downgrade(&id));
-                                handles.retain(ino.0, id.clone());
+                                self.handles.register_backing(ino.0, id.clone());
                                 Some(id)
                             }
                             Err(e) => {
@@ -388,11 +342,8 @@ impl Filesystem for OptbinFs {
                 } else {
                     None
                 };
-                let fh = Self::new_fh(&mut handles, generation);
-                handles
-                    .open
-                    .insert(fh, Handle::Binary { file: Some(file), _backing: backing.clone() });
-                drop(handles);
+                let handle = Handle::Binary { file: Some(file), backing: backing.clone() };
+                let fh = self.handles.insert(self.generation(), handle);
                 // Served files are read-only: no flush on close.
                 match backing {
                     Some(id) => {
@@ -406,9 +357,8 @@ impl Filesystem for OptbinFs {
                 }
             }
             Opened::Control { name, content, writable } => {
-                let mut handles = self.handles();
-                let fh = Self::new_fh(&mut handles, generation);
-                handles.open.insert(fh, Handle::Control { name, content, writable });
+                let handle = Handle::Control { name, content, writable };
+                let fh = self.handles.insert(self.generation(), handle);
                 // Small generated files whose size is unknown in advance: no page cache.
                 reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO);
             }
@@ -426,48 +376,10 @@ impl Filesystem for OptbinFs {
         _lock: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let file = {
-            let handles = self.handles();
-            match handles.open.get(&fh.0) {
-                Some(Handle::Binary { file: Some(file), .. }) => file.clone(),
-                Some(Handle::Control { content, .. }) => {
-                    let start = (offset as usize).min(content.len());
-                    let end = start.saturating_add(size as usize).min(content.len());
-                    return reply.data(&content[start..end]);
-                }
-                Some(Handle::Binary { file: None, .. }) | None => {
-                    drop(handles);
-                    // A handle a previous server process opened (or a passthrough handle
-                    // whose read reached us after all): reopen the same bytes.
-                    match self.with("read", |o| o.open_backing(&*o.file_node(ino.0)?)) {
-                        Ok(file) => {
-                            let file = Arc::new(file);
-                            self.handles().open.insert(
-                                fh.0,
-                                Handle::Binary { file: Some(file.clone()), _backing: None },
-                            );
-                            file
-                        }
-                        Err(e) => return reply.error(e),
-                    }
-                }
-            }
-        };
-        let mut buf = vec![0u8; size as usize];
-        let mut done = 0;
-        while done < buf.len() {
-            match file.read_at(&mut buf[done..], offset + done as u64) {
-                Ok(0) => break,
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    let e = FsError::io(e, "reading a served file");
-                    tracing::warn!(error = %e, "read failed");
-                    return reply.error(Errno::from_i32(e.errno));
-                }
-            }
+        match self.with("read", |o| self.handles.read(o, fh.0, ino.0, offset, size)) {
+            Ok(bytes) => reply.data(&bytes),
+            Err(e) => reply.error(e),
         }
-        reply.data(&buf[..done]);
     }
 
     fn write(
@@ -482,12 +394,11 @@ impl Filesystem for OptbinFs {
         _lock: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let name = match self.handles().open.get(&fh.0) {
-            Some(Handle::Control { name, writable: true, .. }) => name.clone(),
-            Some(_) => return reply.error(Errno::EBADF),
-            None => return reply.error(Errno::EBADF),
-        };
-        match self.with("write", |o| o.control_write(&name, req.uid(), data)) {
+        let written = self.with("write", |o| {
+            let name = self.handles.control_for_write(fh.0)?;
+            o.control_write(&name, req.uid(), data)
+        });
+        match written {
             Ok(()) => reply.written(data.len() as u32),
             Err(e) => reply.error(e),
         }
@@ -508,8 +419,7 @@ impl Filesystem for OptbinFs {
         reply: ReplyEmpty,
     ) {
         // Unknown handles (opened by a previous server process) are fine to release.
-        let handle = self.handles().open.remove(&fh.0);
-        drop(handle);
+        drop(self.handles.remove(fh.0));
         reply.ok();
     }
 
@@ -517,30 +427,44 @@ impl Filesystem for OptbinFs {
         reply.ok();
     }
 
+    fn opendir(&self, req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.with("opendir", |o| o.opendir(ino.0, &caller(req))) {
+            Ok(entries) => {
+                let handle = Handle::Dir { entries: Arc::new(entries) };
+                let fh = self.handles.insert(self.generation(), handle);
+                reply.opened(FileHandle(fh), FopenFlags::empty());
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
     fn readdir(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.with("readdir", |o| o.readdir(ino.0)) {
-            Ok(e) => e,
-            Err(e) => return reply.error(e),
-        };
-        let dots = [
-            (ino.0, FileType::Directory, OsStr::new(".")),
-            (ino.0, FileType::Directory, OsStr::new("..")),
-        ];
-        let all = dots
-            .into_iter()
-            .chain(entries.iter().map(|e| (e.ino, file_type(e.kind), e.name.as_os_str())));
-        for (i, (ino, kind, name)) in all.enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(ino), (i + 1) as u64, kind, name) {
-                break;
-            }
+        let listed = self.with("readdir", |o| {
+            let mut replier = DirectoryReply(&mut reply);
+            self.handles.readdir(o, fh.0, ino.0, &caller(req), offset, &mut replier)
+        });
+        match listed {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
         }
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        drop(self.handles.remove(fh.0));
         reply.ok();
     }
 

@@ -26,10 +26,15 @@ pub struct MountOptions {
     pub threads: usize,
     /// The supervisor writes each serving process's pid here (for tools and tests).
     pub server_pid_file: Option<PathBuf>,
-    /// After this many crashes within `restart_window` the supervisor gives up: it
-    /// unmounts and exits nonzero.
+    /// After this many crashes within `restart_window` the supervisor serves the mount in
+    /// safe mode.
     pub max_crashes: usize,
     pub restart_window: Duration,
+    /// The directories the safe-mode server overlays (see [`crate::fuse::safe_mode`]).
+    pub overlay_dirs: Vec<PathBuf>,
+    /// How long safe mode lasts before the full server is tried again; doubled after each
+    /// failed try (at most 10 minutes).
+    pub safe_mode_retry: Duration,
     /// Use FUSE passthrough when the kernel has it (default). Off: reads are served by
     /// optbin (the fallback for older kernels; tests and benchmarks switch it off to
     /// exercise that path).
@@ -44,8 +49,36 @@ impl MountOptions {
             server_pid_file: None,
             max_crashes: 5,
             restart_window: Duration::from_secs(10),
+            overlay_dirs: Vec::new(),
+            safe_mode_retry: Duration::from_secs(30),
             passthrough: true,
         }
+    }
+}
+
+/// `[supervisor]` in the config file.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SupervisorSettings {
+    /// This many server crashes within `crash_window_secs` put the mount in safe mode.
+    pub max_crashes: usize,
+    pub crash_window_secs: u64,
+    /// Seconds in safe mode before the full server is tried again (doubled after each
+    /// failed try, at most 600).
+    pub safe_mode_retry_secs: u64,
+}
+
+impl Default for SupervisorSettings {
+    fn default() -> Self {
+        Self { max_crashes: 5, crash_window_secs: 10, safe_mode_retry_secs: 30 }
+    }
+}
+
+impl SupervisorSettings {
+    pub fn apply(&self, opts: &mut MountOptions) {
+        opts.max_crashes = self.max_crashes.max(1);
+        opts.restart_window = Duration::from_secs(self.crash_window_secs);
+        opts.safe_mode_retry = Duration::from_secs(self.safe_mode_retry_secs.max(1));
     }
 }
 
@@ -78,26 +111,48 @@ pub enum MountState {
     Other(String),
 }
 
-/// Looks at the mountpoint (a lookup on a dead FUSE mount fails fast with ENOTCONN; a
-/// live one answers).
-pub fn mount_state(mountpoint: &Path) -> anyhow::Result<MountState> {
+/// A mount as /proc/self/mountinfo lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    pub fstype: String,
+    pub source: String,
+}
+
+impl MountEntry {
+    pub fn is_optbin(&self) -> bool {
+        self.fstype.starts_with("fuse") && self.source == FS_NAME
+    }
+
+    pub fn describe(&self) -> String {
+        format!("{} from {}", self.fstype, self.source)
+    }
+}
+
+/// What is mounted at `mountpoint` (the topmost mount), from mountinfo alone: never touches
+/// the mount itself, so it cannot hang on a stopped server.
+pub fn mount_entry(mountpoint: &Path) -> anyhow::Result<Option<MountEntry>> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
-    let entry = mountinfo.lines().rev().find_map(|line| {
+    Ok(mountinfo.lines().rev().find_map(|line| {
         let (left, right) = line.split_once(" - ")?;
         let mount_path = unescape(left.split(' ').nth(4)?);
         let mut r = right.split(' ');
         let fstype = r.next()?.to_string();
         let source = r.next()?.to_string();
-        (Path::new(&mount_path) == mountpoint).then_some((fstype, source))
-    });
-    let Some((fstype, source)) = entry else { return Ok(MountState::NotMounted) };
+        (Path::new(&mount_path) == mountpoint).then_some(MountEntry { fstype, source })
+    }))
+}
+
+/// Looks at the mountpoint (a lookup on a dead FUSE mount fails fast with ENOTCONN; a
+/// live one answers).
+pub fn mount_state(mountpoint: &Path) -> anyhow::Result<MountState> {
+    let Some(entry) = mount_entry(mountpoint)? else { return Ok(MountState::NotMounted) };
     // The root's attributes may be cached by the kernel even on a dead connection, so probe
     // a name that is never cached: a dead connection answers ENOTCONN, a live one ENOENT.
     let probe = mountpoint.join(format!(".optbin-probe-{}", std::process::id()));
     match std::fs::symlink_metadata(&probe) {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => Ok(MountState::Stale),
-        _ if fstype.starts_with("fuse") && source == FS_NAME => Ok(MountState::LiveOptbin),
-        _ => Ok(MountState::Other(format!("{fstype} from {source}"))),
+        _ if entry.is_optbin() => Ok(MountState::LiveOptbin),
+        _ => Ok(MountState::Other(entry.describe())),
     }
 }
 
@@ -162,6 +217,11 @@ fn detach(mountpoint: &Path) -> std::io::Result<()> {
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+/// Detaches the mount at once (MNT_DETACH): never waits on its server.
+pub fn unmount_lazily(mountpoint: &Path) -> anyhow::Result<()> {
+    detach(mountpoint).with_context(|| format!("lazy unmount of {}", mountpoint.display()))
 }
 
 /// How [`unmount`] went.

@@ -33,10 +33,16 @@ pub mod tracker;
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Measured runs the catalog could not store (a full state directory, an I/O error), since
+/// this server process started. The policy task adds a failed batch here; status shows it
+/// beside the runs lost before measurement, so that "0 lost" is never said of runs that
+/// were measured and then dropped.
+pub static RUNS_NOT_RECORDED: AtomicU64 = AtomicU64::new(0);
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};

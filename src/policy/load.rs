@@ -19,6 +19,20 @@ pub const RUNS_PER_BINARY: u32 = 4000;
 /// subsystems own that state; the integrator implements this over their tables).
 pub trait PipelineView: Send + Sync {
     fn pipeline(&self, conn: &Connection, binary_id: i64) -> Pipeline;
+    /// Whether something outside the catalog forbids serving a variant with these bytes
+    /// (the fleet: quarantined on another machine), given its state here.
+    fn veto(&self, _variant_sha256: &str, _state: &str) -> Option<Veto> {
+        None
+    }
+}
+
+/// See [`PipelineView::veto`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Veto {
+    /// Never serve it: the policy treats it as quarantined.
+    Never(String),
+    /// Not yet (the fleet's verdicts are not known yet): the policy leaves it aside.
+    NotYet,
 }
 
 /// A pipeline view that knows nothing: every binary without variants is "seen".
@@ -62,7 +76,11 @@ pub fn load_binary(
         .filter(|v| is_policed_kind(&v.kind))
         .filter_map(|v| {
             // States the policy does not know (other subsystems' bookkeeping) are skipped.
-            let state = VariantState::parse(&v.state)?;
+            let state = match pipeline.veto(&v.sha256, &v.state) {
+                Some(Veto::Never(_)) => VariantState::Quarantined,
+                Some(Veto::NotYet) => return None,
+                None => VariantState::parse(&v.state)?,
+            };
             Some(VariantInput {
                 id: v.id,
                 state,

@@ -183,7 +183,10 @@ async fn ingest(
     let (cfg, pipeline, now) = (opts.config.clone(), opts.pipeline.clone(), now_ms(&*opts.clock));
     catalog
         .run(move |conn| {
-            let stored = runs::insert_runs(conn, &batch)?;
+            let stored = runs::insert_runs(conn, &batch).inspect_err(|_| {
+                crate::measure::RUNS_NOT_RECORDED
+                    .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            })?;
             let touched: BTreeSet<i64> =
                 stored.iter().flatten().filter_map(|s| s.binary_id).collect();
             let mut out = Vec::new();
@@ -350,9 +353,17 @@ mod tests {
 
         // Runs served after the promotion count as saved CPU time.
         tx.send(record(bid, Some(vid), 80_000_000)).unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let cfg = PolicyConfig::default();
-        let summary = catalog.run(move |c| machine_summary(c, &cfg, &NoPipeline)).await.unwrap();
+        let mut summary;
+        let mut waited = 0;
+        loop {
+            let cfg = PolicyConfig::default();
+            summary = catalog.run(move |c| machine_summary(c, &cfg, &NoPipeline)).await.unwrap();
+            if summary.cpu_saved_ns > 0 || waited >= 200 {
+                break;
+            }
+            waited += 1;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert!((19_000_000..=21_000_000).contains(&summary.cpu_saved_ns), "{summary:?}");
 
         // Pins and exclusions reach the serving table on the next rescan.

@@ -6,6 +6,11 @@
 //! counted at their file offset; samples anywhere else (shared libraries, vdso, kernel,
 //! JIT or anonymous code) are counted as "outside" for the same binary. Samples of a
 //! served variant are only counted, as variant samples of the original.
+//!
+//! Every sample also yields its call stack ([`StackSample`]): each frame located in the
+//! process's mappings (the main executable at a file offset, another file by name, the
+//! kernel), for the flame graphs and heat maps of `crate::observe`. Stacks are kept for all
+//! processes, profiled or not, so the machine-wide graph shows the whole machine.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -50,14 +55,57 @@ pub struct StreamCounters {
     pub lost_records: u64,
     /// Samples of processes whose main executable is unknown or ignored.
     pub unattributed: u64,
+    /// Samples whose stack was not kept (over [`STACKS_PER_FLUSH_LIMIT`]).
+    pub stacks_dropped: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Target {
     Original(Arc<BinaryFile>),
-    Variant(Arc<BinaryFile>),
+    Variant(Arc<BinaryFile>, Option<i64>),
     Ignore,
 }
+
+/// One frame of a sampled call stack, located in the process's mappings.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Frame {
+    /// In the main executable, at this file offset.
+    Own(u64),
+    /// In another mapped file (a shared library), by its file name.
+    Object(Arc<str>),
+    /// In the kernel (its frames are not unwound).
+    Kernel,
+    /// Anonymous or JIT code, the vdso, or an address no mapping covers.
+    Unknown,
+}
+
+/// Whose code a stack's `Own` frames are in.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StackOwner {
+    /// A profiled original binary.
+    Original(Arc<BinaryFile>),
+    /// A variant served in place of `original` (the catalog's variant id, when known).
+    Variant { original: Arc<BinaryFile>, variant: Option<i64> },
+    /// A program optbin does not profile; its main executable as mapped.
+    Other(Arc<std::path::Path>),
+    /// A process whose main executable is unknown.
+    Unknown,
+}
+
+/// A distinct call stack of one program, as counted between two flushes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct StackSample {
+    /// The program's name (its executable's file name).
+    pub process: Arc<str>,
+    pub owner: StackOwner,
+    /// Leaf first.
+    pub frames: Vec<Frame>,
+}
+
+/// At most this many distinct stacks are kept between two flushes; samples beyond are
+/// counted in [`StreamCounters::stacks_dropped`] (bounded memory on a machine running
+/// thousands of distinct programs).
+pub const STACKS_PER_FLUSH_LIMIT: usize = 50_000;
 
 #[derive(Debug, Clone)]
 struct Process {
@@ -146,6 +194,7 @@ pub struct Attributor {
     /// may still name them.
     exited: Vec<u32>,
     pending: HashMap<Arc<BinaryFile>, FileCounts>,
+    stacks: HashMap<StackSample, u64>,
     counters: StreamCounters,
 }
 
@@ -157,6 +206,7 @@ impl Attributor {
             processes: HashMap::new(),
             exited: Vec::new(),
             pending: HashMap::new(),
+            stacks: HashMap::new(),
             counters: StreamCounters::default(),
         }
     }
@@ -182,14 +232,20 @@ impl Attributor {
             .collect()
     }
 
+    /// Takes the call stacks counted since the last call.
+    pub fn take_stacks(&mut self) -> HashMap<StackSample, u64> {
+        std::mem::take(&mut self.stacks)
+    }
+
     pub fn handle(&mut self, event: &SampleEvent) {
         match event {
-            SampleEvent::Sample { pid, ip, kernel, branches, .. } => {
+            SampleEvent::Sample { pid, ip, kernel, branches, callchain, .. } => {
                 self.counters.samples += 1;
                 if *pid == 0 {
                     return; // the idle task
                 }
                 self.sample(*pid, *ip, *kernel, branches);
+                self.stack(*pid, *ip, *kernel, callchain);
             }
             SampleEvent::Mmap { pid, addr, len, pgoff, file, filename, .. } => {
                 let file = file.map(|(maj, min, ino)| (libc::makedev(maj, min), ino));
@@ -246,9 +302,9 @@ impl Attributor {
                 self.counters.unattributed += 1;
                 return;
             }
-            Target::Original(file) | Target::Variant(file) => Arc::clone(file),
+            Target::Original(file) | Target::Variant(file, _) => Arc::clone(file),
         };
-        let is_variant = matches!(target, Target::Variant(_));
+        let is_variant = matches!(target, Target::Variant(..));
         let own = if kernel { None } else { p.mapping_at(ip).filter(|m| p.is_main(m)) };
         let Some(own) = own else {
             if !is_variant {
@@ -280,6 +336,72 @@ impl Attributor {
     }
 }
 
+impl Attributor {
+    /// Counts the sample's call stack for its program. Runs after [`Self::sample`], which
+    /// seeded the process and resolved its target when it could.
+    fn stack(&mut self, pid: u32, ip: u64, kernel: bool, callchain: &[u64]) {
+        let Some(p) = self.processes.get(&pid) else {
+            return self.count_stack(StackSample {
+                process: Arc::from("[unknown]"),
+                owner: StackOwner::Unknown,
+                frames: vec![if kernel { Frame::Kernel } else { Frame::Unknown }],
+            });
+        };
+        let mut frames = Vec::with_capacity(callchain.len() + 1);
+        if kernel || callchain.is_empty() {
+            frames.push(locate(p, ip, kernel));
+        }
+        for &addr in callchain {
+            let frame = locate(p, addr, false);
+            // A library's internal frames add nothing a user can act on: one box per entry.
+            if matches!(&frame, Frame::Object(_)) && frames.last() == Some(&frame) {
+                continue;
+            }
+            frames.push(frame);
+        }
+        let main_path = p.main.as_ref().map(|(_, path)| path.as_path());
+        let process: Arc<str> = main_path
+            .and_then(|m| m.file_name())
+            .map_or_else(|| Arc::from("[unknown]"), |n| Arc::from(n.to_string_lossy().as_ref()));
+        let owner = match (&p.target, main_path) {
+            (Some(Target::Original(f)), _) => StackOwner::Original(Arc::clone(f)),
+            (Some(Target::Variant(f, v)), _) => {
+                StackOwner::Variant { original: Arc::clone(f), variant: *v }
+            }
+            (_, Some(path)) => StackOwner::Other(Arc::from(path)),
+            (_, None) => StackOwner::Unknown,
+        };
+        self.count_stack(StackSample { process, owner, frames });
+    }
+
+    fn count_stack(&mut self, stack: StackSample) {
+        if let Some(n) = self.stacks.get_mut(&stack) {
+            *n += 1;
+        } else if self.stacks.len() < STACKS_PER_FLUSH_LIMIT {
+            self.stacks.insert(stack, 1);
+        } else {
+            self.counters.stacks_dropped += 1;
+        }
+    }
+}
+
+/// Where `addr` is in process `p`.
+fn locate(p: &Process, addr: u64, kernel: bool) -> Frame {
+    if kernel || addr >= KERNEL_SPACE_START {
+        return Frame::Kernel;
+    }
+    match p.mapping_at(addr) {
+        Some(m) if p.is_main(m) => Frame::Own(m.file_offset(addr)),
+        Some(m) if is_file(m) => Frame::Object(Arc::from(
+            m.filename.file_name().map_or_else(|| "?".into(), |n| n.to_string_lossy()).as_ref(),
+        )),
+        _ => Frame::Unknown,
+    }
+}
+
+/// x86-64 kernel addresses start here (the canonical upper half).
+const KERNEL_SPACE_START: u64 = 0xffff_8000_0000_0000;
+
 /// What a process's main executable stands for, asked of the resolver once per process.
 fn resolve_target(
     resolver: &dyn PathResolver,
@@ -294,8 +416,8 @@ fn resolve_target(
             let mapped = version.or(if &orig == path { *id } else { None });
             Target::Original(Arc::new(BinaryFile { path: orig, mapped }))
         }
-        Resolved::Variant { original } => {
-            Target::Variant(Arc::new(BinaryFile { path: original, mapped: None }))
+        Resolved::Variant { original, variant } => {
+            Target::Variant(Arc::new(BinaryFile { path: original, mapped: None }), variant)
         }
         Resolved::Ignore => Target::Ignore,
     }
@@ -319,7 +441,7 @@ mod tests {
         fn resolve(&self, mapped: &Path, _file: Option<(u64, u64)>) -> Resolved {
             let s = mapped.to_str().unwrap();
             if let Some(rest) = s.strip_prefix("/mnt/variant") {
-                Resolved::Variant { original: rest.into() }
+                Resolved::Variant { original: rest.into(), variant: Some(9) }
             } else if let Some(rest) = s.strip_prefix("/mnt") {
                 Resolved::original(rest)
             } else {
@@ -341,7 +463,15 @@ mod tests {
     }
 
     fn sample(pid: u32, ip: u64) -> SampleEvent {
-        SampleEvent::Sample { time: 0, pid, tid: pid, ip, kernel: false, branches: vec![] }
+        SampleEvent::Sample {
+            time: 0,
+            pid,
+            tid: pid,
+            ip,
+            kernel: false,
+            branches: vec![],
+            callchain: vec![],
+        }
     }
 
     #[test]
@@ -362,6 +492,7 @@ mod tests {
             ip: 0xffff_ffff_8100_0000,
             kernel: true,
             branches: vec![],
+            callchain: vec![],
         });
         // A forked child runs the same binary: a second run.
         a.handle(&SampleEvent::Fork { time: 0, pid: 11, ppid: 10 });
@@ -432,6 +563,7 @@ mod tests {
                 b(0x40_0020, 0x40_0030, false),
                 b(0x40_0040, 0x7f00_0000, false), // into a library: not this binary's edge
             ],
+            callchain: vec![],
         });
         let counts = a.take_counts();
         let c = counts.values().next().unwrap();

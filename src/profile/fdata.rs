@@ -48,6 +48,16 @@ fn usable_name(name: &str) -> bool {
     !name.is_empty() && !name.contains(char::is_whitespace)
 }
 
+/// The largest count an edge holds: what the catalog stores (an SQLite integer). The files
+/// come from a directory any user can write to, so a count is never trusted to fit.
+pub const MAX_COUNT: u64 = i64::MAX as u64;
+
+/// `a + b`, saturating at [`MAX_COUNT`] (a huge count must not wrap to a small or, in the
+/// catalog, a negative one).
+fn add_count(a: u64, b: u64) -> u64 {
+    a.saturating_add(b).min(MAX_COUNT)
+}
+
 /// Edges of an instrumentation profile, summed: (from location, to location) ->
 /// (mispredictions, count). A location is BOLT's `<is_sym> <name> <offset hex>` triple.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -74,8 +84,8 @@ impl EdgeProfile {
             let from = fields[0..3].join(" ");
             let to = fields[3..6].join(" ");
             let e = self.edges.entry((from, to)).or_default();
-            e.0 += mispreds;
-            e.1 += count;
+            e.0 = add_count(e.0, mispreds);
+            e.1 = add_count(e.1, count);
         }
         Ok(())
     }
@@ -93,8 +103,8 @@ impl EdgeProfile {
         let mut p = Self::default();
         for (from, to, m, c) in rows {
             let e = p.edges.entry((from.clone(), to.clone())).or_default();
-            e.0 += m;
-            e.1 += c;
+            e.0 = add_count(e.0, *m);
+            e.1 = add_count(e.1, *c);
         }
         p
     }

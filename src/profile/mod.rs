@@ -5,7 +5,8 @@
 //! [`attribute`] maps samples to binaries and file offsets -> [`identify`] and
 //! [`symbolize`] turn offsets into (function, offset) for one exact content ->
 //! `catalog::profiles` stores them in time windows -> [`maturity`] judges them ->
-//! [`fdata`] / [`summary`] hand them to BOLT and to the status pages. [`task`] runs it all;
+//! [`fdata`] / [`summary`] hand them to BOLT and to the status pages; call stacks go to
+//! [`stacks`] for the pictures of `crate::observe`. [`task`] runs it all;
 //! [`instrument`] holds the instrumentation mode's decision and merge.
 
 pub mod attribute;
@@ -18,6 +19,7 @@ pub mod resolve;
 pub mod sampler;
 pub mod settings;
 pub mod source;
+pub mod stacks;
 pub mod summary;
 pub mod symbolize;
 pub mod task;

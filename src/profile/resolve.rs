@@ -12,8 +12,9 @@ pub enum Resolved {
     /// process of a version since replaced is not counted for the new one).
     Original { path: PathBuf, version: Option<(u64, u64)> },
     /// A variant served in place of the original at this path: its addresses differ, so
-    /// its samples are only counted (as variant samples of the original).
-    Variant { original: PathBuf },
+    /// its samples are only counted (as variant samples of the original). `variant` is the
+    /// catalog's id of the variant, when the resolver knows which one ran.
+    Variant { original: PathBuf, variant: Option<i64> },
     /// Not profiled (not a candidate, or filtered out).
     Ignore,
 }

@@ -28,8 +28,18 @@ pub struct Branch {
 /// A record, decoded and owned: what attribution needs and nothing more.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SampleEvent {
-    /// A sample: where the CPU was.
-    Sample { time: u64, pid: u32, tid: u32, ip: u64, kernel: bool, branches: Vec<Branch> },
+    /// A sample: where the CPU was, and the user-space call stack the kernel unwound
+    /// (`callchain`, leaf first, starting at the interrupted user IP; context markers
+    /// removed; empty when the kernel gave none).
+    Sample {
+        time: u64,
+        pid: u32,
+        tid: u32,
+        ip: u64,
+        kernel: bool,
+        branches: Vec<Branch>,
+        callchain: Vec<u64>,
+    },
     /// An executable mapping appeared in `pid`.
     Mmap {
         time: u64,
@@ -146,6 +156,9 @@ struct Decode;
 const PERF_RECORD_MISC_CPUMODE_MASK: u16 = 7;
 const PERF_RECORD_MISC_KERNEL: u16 = 1;
 const PERF_RECORD_MISC_COMM_EXEC: u16 = 1 << 13;
+/// Callchain entries at or above this are context markers (`PERF_CONTEXT_USER`, ...), not
+/// addresses.
+const PERF_CONTEXT_MAX: u64 = -4095i64 as u64;
 
 impl<'a> Visitor<'a> for Decode {
     type Output = Option<SampleEvent>;
@@ -164,6 +177,10 @@ impl<'a> Visitor<'a> for Decode {
                     .collect()
             })
             .unwrap_or_default();
+        let callchain = s
+            .callchain()
+            .map(|chain| chain.iter().copied().filter(|&ip| ip < PERF_CONTEXT_MAX).collect())
+            .unwrap_or_default();
         Some(SampleEvent::Sample {
             time: s.time().unwrap_or(0),
             pid: s.pid()?,
@@ -171,6 +188,7 @@ impl<'a> Visitor<'a> for Decode {
             ip: s.ip()?,
             kernel: meta.misc() & PERF_RECORD_MISC_CPUMODE_MASK == PERF_RECORD_MISC_KERNEL,
             branches,
+            callchain,
         })
     }
 

@@ -42,7 +42,7 @@ pub struct Settings {
     pub max_mib_per_binary: u64,
     /// All binaries: the oldest windows are dropped while all profiles exceed this many MiB.
     pub max_mib_total: u64,
-    /// Instrumentation mode: `"off"` (default) or `"on"`. When on, and the profiler has no
+    /// Instrumentation mode: `"on"` (default) or `"off"`. When on, and the profiler has no
     /// hardware branch stacks, binaries with relocations get a BOLT-instrumented variant
     /// served to a bounded share of their execs; the exact profile those runs write is
     /// merged into the catalog and BOLT uses it (see `docs/config.md`).
@@ -53,6 +53,9 @@ pub struct Settings {
     pub instrument_one_in: u64,
     /// ...until this many instrumented runs were collected; the profile is then complete.
     pub instrument_max_runs: u64,
+    /// Instrumented runs whose median CPU time exceeds this many times the original's (same
+    /// command) stop instrumentation of that binary.
+    pub instrument_max_slowdown: f64,
     /// Where instrumented runs write their profiles; default `<state_dir>.instr` (outside
     /// the 0700 state directory, which other users cannot enter).
     pub instrumentation_dir: Option<std::path::PathBuf>,
@@ -78,10 +81,11 @@ impl Default for Settings {
             retention_days: (r.max_age_secs / 86_400) as u64,
             max_mib_per_binary: r.max_bytes_per_binary >> 20,
             max_mib_total: r.max_bytes_total >> 20,
-            instrumentation: "off".into(),
+            instrumentation: "on".into(),
             instrument_first_runs: b.first_runs,
             instrument_one_in: b.then_one_in,
             instrument_max_runs: b.max_runs,
+            instrument_max_slowdown: crate::profile::instrument::DEFAULT_MAX_SLOWDOWN,
             instrumentation_dir: None,
         }
     }
@@ -114,6 +118,12 @@ impl Settings {
             );
         }
         in_range("instrument_max_runs", self.instrument_max_runs, 1, 1_000_000)?;
+        if !(self.instrument_max_slowdown > 1.0 && self.instrument_max_slowdown.is_finite()) {
+            bail!(
+                "[profile] instrument_max_slowdown = {} is out of range: it must be above 1.0",
+                self.instrument_max_slowdown
+            );
+        }
         if let Some(dir) = &self.instrumentation_dir
             && !dir.is_absolute()
         {
@@ -228,9 +238,11 @@ mod tests {
     }
 
     #[test]
-    fn instrumentation_is_off_by_default_and_configurable() {
+    fn instrumentation_is_on_by_default_and_configurable() {
         let s = parse("").unwrap();
-        assert_eq!(s.instrumentation_budget(), None);
+        assert_eq!(s.instrumentation_budget(), Some(InstrumentationBudget::default()));
+        assert_eq!(s.instrument_max_slowdown, 10.0);
+        assert_eq!(parse("instrumentation = \"off\"").unwrap().instrumentation_budget(), None);
         assert_eq!(
             s.instrumentation_dir(Path::new("/var/lib/optbin")),
             Path::new("/var/lib/optbin.instr")
@@ -258,6 +270,7 @@ mod tests {
             ("min_runs = -1", "min_runs"),
             ("instrumentation = \"maybe\"", "instrumentation"),
             ("instrument_max_runs = 0", "instrument_max_runs"),
+            ("instrument_max_slowdown = 0.5", "instrument_max_slowdown"),
             ("instrumentation_dir = \"rel\"", "instrumentation_dir"),
         ] {
             let err = format!("{:#}", parse(text).unwrap_err());

@@ -17,6 +17,7 @@ use super::identify::{Dropped, Identifier, to_batch};
 use super::resolve::PathResolver;
 use super::sampler::{PerfSource, SampleSource};
 use super::source::{self, SourceChoice};
+use super::stacks::StackStore;
 use crate::catalog::profiles::{self, Retention};
 use crate::catalog::{Catalog, base};
 use crate::clock::{Clock, SystemClock};
@@ -124,6 +125,8 @@ pub struct Profiler {
     pub resolver: Arc<dyn PathResolver>,
     pub clock: Arc<dyn Clock>,
     pub status: ProfilerStatusHandle,
+    /// Where the sampled call stacks go (flame graphs, heat maps).
+    pub stacks: StackStore,
 }
 
 /// Probes the best source, samples the whole machine and keeps profiles until `shutdown`.
@@ -133,9 +136,10 @@ pub async fn run_profiler(
     catalog: Catalog,
     resolver: Arc<dyn PathResolver>,
     status: ProfilerStatusHandle,
+    stacks: StackStore,
     shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    Profiler { config: cfg, catalog, resolver, clock: Arc::new(SystemClock), status }
+    Profiler { config: cfg, catalog, resolver, clock: Arc::new(SystemClock), status, stacks }
         .run(shutdown)
         .await
 }
@@ -185,9 +189,13 @@ impl Profiler {
             let stop = Arc::clone(&stop);
             let resolver = Arc::clone(&self.resolver);
             let interval = self.config.flush_interval;
+            let stacks = self.stacks.clone();
+            let clock = Arc::clone(&self.clock);
             std::thread::Builder::new()
                 .name("optbin-sampler".into())
-                .spawn(move || sampling_loop(source, resolver, interval, &stop, &tx))
+                .spawn(move || {
+                    sampling_loop(source, resolver, interval, &stop, &tx, &stacks, clock.as_ref())
+                })
                 .context("starting the sampling thread")?
         };
         let mut writer = Writer::new(&self, event);
@@ -236,6 +244,8 @@ fn sampling_loop(
     interval: Duration,
     stop: &AtomicBool,
     tx: &mpsc::Sender<Flush>,
+    stacks: &StackStore,
+    clock: &dyn Clock,
 ) -> anyhow::Result<()> {
     let mut attributor = Attributor::new(resolver, Box::new(RealProc));
     let mut events = Vec::with_capacity(4096);
@@ -250,6 +260,7 @@ fn sampling_loop(
         }
         if stopping || read.is_err() || last_flush.elapsed() >= interval {
             last_flush = Instant::now();
+            stacks.add(clock.unix_secs(), attributor.take_stacks());
             let flush = Flush {
                 counts: attributor.take_counts(),
                 stream: attributor.counters(),
@@ -553,7 +564,15 @@ mod tests {
     }
 
     fn sample(pid: u32, ip: u64) -> SampleEvent {
-        SampleEvent::Sample { time: 2, pid, tid: pid, ip, kernel: false, branches: vec![] }
+        SampleEvent::Sample {
+            time: 2,
+            pid,
+            tid: pid,
+            ip,
+            kernel: false,
+            branches: vec![],
+            callchain: vec![],
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -582,6 +601,7 @@ mod tests {
             resolver: Arc::new(IdentityResolver),
             clock: Arc::new(ManualClock::at(6_000)),
             status: status.clone(),
+            stacks: StackStore::default(),
         };
         let choice = SourceChoice {
             kind: SourceKind::CpuClock,

@@ -68,6 +68,9 @@ pub struct Rules {
     /// complete. Such a profile is mature whatever the sampled one says (the maturity
     /// measure of `crate::profile::maturity` only looks at samples).
     pub instrumented_runs_needed: Option<u64>,
+    /// The fleet's profiles and verdicts (`[fleet]`): a mature fleet profile makes a
+    /// binary due here too, and enough rejections elsewhere hold a build back.
+    pub fleet: Option<Arc<crate::fleet::FleetView>>,
 }
 
 /// The indexed binaries at paths of the overlaid directories that the config permits and
@@ -97,6 +100,7 @@ async fn submit_matured(shared: &Arc<Shared>) -> anyhow::Result<usize> {
         applicability: shared.applicability.clone(),
         bolt_version: shared.bolt.tool().map(|t| t.version.to_string()).unwrap_or_default(),
         instrumented_runs_needed: shared.instrumentation.as_ref().map(|i| i.budget.max_runs),
+        fleet: shared.fleet.clone(),
     };
     let requests = shared
         .catalog
@@ -136,27 +140,28 @@ pub fn matured_request(
     if base::control_row(conn, &path.to_string_lossy())?.is_some_and(|c| c.excluded) {
         return Ok(None);
     }
-    let numbers = match instrumented_numbers(conn, binary.id, rules)? {
-        Some(numbers) => numbers,
-        None => {
-            // Cheap first: most binaries have far too few samples for the full maturity
-            // check.
-            if profile_numbers(conn, binary.id)?
-                .is_none_or(|p| p.samples < rules.thresholds.min_samples)
-            {
-                return Ok(None);
-            }
-            let summary = profile_summary(conn, binary.id, &rules.thresholds)?;
-            if !summary.maturity.mature {
-                return Ok(None);
-            }
-            ProfileNumbers {
-                samples: summary.own_samples,
-                own_text_share: summary.own_share.unwrap_or(0.0),
-                front_end: None,
-            }
-        }
+    let local = match instrumented_numbers(conn, binary.id, rules)? {
+        Some(numbers) => Some(numbers),
+        None => mature_sampled_numbers(conn, binary.id, rules)?,
     };
+    // The fleet's merged profile when it is mature and larger: the build uses it then
+    // (see `super::profiles`).
+    let fleet =
+        rules.fleet.as_ref().and_then(|f| f.mature_profile(&binary.sha256, &rules.thresholds));
+    let numbers = match (local, fleet) {
+        (Some(l), Some(f)) if f.samples > l.samples => f,
+        (Some(l), _) => l,
+        (None, Some(f)) => f,
+        (None, None) => return Ok(None),
+    };
+    if let Some(why) = rules
+        .fleet
+        .as_ref()
+        .and_then(|f| f.rebuild_blocked(&binary.sha256, &rules.bolt_version, numbers.samples))
+    {
+        tracing::debug!(binary = %path.display(), reason = %why, "build held back by the fleet");
+        return Ok(None);
+    }
     if !verdict(&binary.facts, Some(&numbers), &rules.applicability).applicability.candidate {
         return Ok(None);
     }
@@ -184,6 +189,27 @@ pub fn matured_request(
         origin: RequestOrigin::Matured,
         // optbin knows no command that is safe to run an arbitrary program with.
         smoke: None,
+    }))
+}
+
+/// The sampled profile's numbers when it is mature, else None.
+fn mature_sampled_numbers(
+    conn: &Connection,
+    binary_id: i64,
+    rules: &Rules,
+) -> anyhow::Result<Option<ProfileNumbers>> {
+    // Cheap first: most binaries have far too few samples for the full maturity check.
+    if profile_numbers(conn, binary_id)?.is_none_or(|p| p.samples < rules.thresholds.min_samples) {
+        return Ok(None);
+    }
+    let summary = profile_summary(conn, binary_id, &rules.thresholds)?;
+    if !summary.maturity.mature {
+        return Ok(None);
+    }
+    Ok(Some(ProfileNumbers {
+        samples: summary.own_samples,
+        own_text_share: summary.own_share.unwrap_or(0.0),
+        front_end: None,
     }))
 }
 
@@ -238,6 +264,7 @@ mod tests {
             applicability: ApplicabilityConfig { min_text_bytes: 1024, min_own_text_share: 0.3 },
             bolt_version: "22.1.8".into(),
             instrumented_runs_needed: Some(2),
+            fleet: None,
         };
         let catalog = Catalog::in_memory().unwrap();
         let text = path.to_string_lossy().into_owned();
@@ -270,6 +297,7 @@ mod tests {
             applicability: ApplicabilityConfig { min_text_bytes: 1024, min_own_text_share: 0.3 },
             bolt_version: "22.1.8".into(),
             instrumented_runs_needed: None,
+            fleet: None,
         };
         let catalog = Catalog::in_memory().unwrap();
         let text = path.to_string_lossy().into_owned();

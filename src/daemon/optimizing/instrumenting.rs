@@ -11,7 +11,16 @@
 //!    which has no instrumented variant yet.
 //!
 //! A measured run of the instrumented variant killed by a crash signal rejects it at once
-//! (the policy, which would otherwise quarantine a crashing variant, never sees it).
+//! (the policy, which would otherwise quarantine a crashing variant, never sees it), and so
+//! do instrumented runs much slower than the original's runs of the same commands (median
+//! above `[profile] instrument_max_slowdown`). Either way the binary is not instrumented
+//! again (an instrumented variant exists), and its sampled profile decides as without
+//! instrumentation.
+//!
+//! Profiles are written at exit only. BOLT's periodic dump (`-instrumentation-sleep-time`)
+//! is not used: its runtime forks a watcher child that lives until the parent is reaped,
+//! so a caller that reads the output to EOF before waiting (`x=$(prog)`) or a program that
+//! waits for all its children hangs forever (both measured; see `docs/config.md`).
 //!
 //! Serving the variant to a bounded share of execs is the policy wiring's
 //! (`crate::daemon::serving`, with the share decided by `crate::policy::instrumented`); the
@@ -73,6 +82,8 @@ const UNPARSABLE_GRACE: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone)]
 pub struct InstrumentSetup {
     pub budget: InstrumentationBudget,
+    /// Instrumented runs slower than this many times the original stop instrumentation.
+    pub max_slowdown: f64,
     /// The root of the per-binary profile directories (root-owned, 1733).
     pub root: PathBuf,
 }
@@ -81,9 +92,11 @@ impl InstrumentSetup {
     /// None when `[profile] instrumentation` is off.
     pub fn from_config(cfg: &Config) -> anyhow::Result<Option<Self>> {
         let settings = &cfg.profile;
-        Ok(settings
-            .instrumentation_budget()
-            .map(|budget| Self { budget, root: settings.instrumentation_dir(&cfg.state_dir) }))
+        Ok(settings.instrumentation_budget().map(|budget| Self {
+            budget,
+            max_slowdown: settings.instrument_max_slowdown,
+            root: settings.instrumentation_dir(&cfg.state_dir),
+        }))
     }
 
     /// Where the instrumented variant of the binary with this sha256 writes its profiles.
@@ -210,7 +223,7 @@ impl Instrumenter {
         for (path, binary_id, variant_id, sha256) in active {
             let dir = setup.dir_of(&sha256);
             let files = tokio::task::spawn_blocking(move || profile_files(&dir)).await??;
-            let max_runs = setup.budget.max_runs;
+            let (max_runs, max_slowdown) = (setup.budget.max_runs, setup.max_slowdown);
             let now = unix_now();
             let done = shared
                 .catalog
@@ -219,6 +232,17 @@ impl Instrumenter {
                     // variant is not served again.
                     if let Some(signal) = crash_of(c, binary_id, variant_id)? {
                         let note = format!("an instrumented run crashed (signal {signal})");
+                        base::set_variant_state(c, variant_id, "rejected", Some(&note))?;
+                        base::record_event(c, now, None, "instrument", &note)?;
+                        return Ok(true);
+                    }
+                    if let Some(x) = slowdown_of(c, binary_id, variant_id)?
+                        && x > max_slowdown
+                    {
+                        let note = format!(
+                            "instrumented runs took {x:.1}x the original's CPU time (limit \
+                             {max_slowdown}x): instrumentation stopped"
+                        );
                         base::set_variant_state(c, variant_id, "rejected", Some(&note))?;
                         base::record_event(c, now, None, "instrument", &note)?;
                         return Ok(true);
@@ -401,6 +425,22 @@ fn crash_of(c: &Connection, binary_id: i64, variant_id: i64) -> anyhow::Result<O
     }))
 }
 
+/// How much slower the measured, normally ending runs of instrumented variant `variant_id`
+/// were than the original's runs of the same commands (see
+/// [`crate::profile::instrument::slowdown`]).
+fn slowdown_of(c: &Connection, binary_id: i64, variant_id: i64) -> anyhow::Result<Option<f64>> {
+    let runs = runs::runs_of_binary(c, binary_id, crate::policy::load::RUNS_PER_BINARY)?;
+    let normal = |r: &&runs::RunRow| matches!(r.exit, crate::measure::RunExit::Exited(_));
+    let of = |v: Option<i64>| -> Vec<(&str, u64)> {
+        runs.iter()
+            .filter(|r| r.variant_id == v)
+            .filter(normal)
+            .map(|r| (r.cmd_hash.as_str(), r.task_clock_ns))
+            .collect()
+    };
+    Ok(crate::profile::instrument::slowdown(&of(Some(variant_id)), &of(None)))
+}
+
 /// The `*.fdata` regular files in `dir` (none when it does not exist).
 fn profile_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let entries = match std::fs::read_dir(dir) {
@@ -504,6 +544,45 @@ mod tests {
                 };
                 base::insert_variant(c, &v, 5)?;
                 assert_eq!(due(c)?, None, "instrumented once already");
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn much_slower_instrumented_runs_are_found_by_command() {
+        Catalog::in_memory()
+            .unwrap()
+            .run_blocking(|c| {
+                let id = base::upsert_binary(c, &ContentId::of_bytes(b"r"), 4, &facts(true), 1)?;
+                let v = base::NewVariant {
+                    binary_id: id,
+                    kind: KIND.into(),
+                    sha256: ContentId::of_bytes(b"v").hex(),
+                    state: "ready".into(),
+                    ..Default::default()
+                };
+                let vid = base::insert_variant(c, &v, 1)?;
+                let run = |variant: Option<i64>, cmd: &str, ns: i64, signal: Option<i32>| {
+                    c.execute(
+                        "INSERT INTO runs (binary_id, path, variant_id, cmd_hash, task_clock_ns,
+                                           wall_ns, exit_signal, at_ms)
+                         VALUES (?1, '/bin/r', ?2, ?3, ?4, 1, ?5, 1)",
+                        rusqlite::params![id, variant, cmd, ns, signal],
+                    )
+                };
+                run(None, "a", 100, None)?;
+                assert_eq!(slowdown_of(c, id, vid)?, None, "no instrumented run yet");
+                run(Some(vid), "b", 5000, None)?;
+                assert_eq!(slowdown_of(c, id, vid)?, None, "command b never ran plain");
+                run(Some(vid), "a", 300, None)?;
+                assert_eq!(slowdown_of(c, id, vid)?, Some(3.0));
+                // A killed run's time says nothing about speed.
+                run(Some(vid), "a", 90_000, Some(libc::SIGKILL))?;
+                assert_eq!(slowdown_of(c, id, vid)?, Some(3.0));
+                run(Some(vid), "a", 2000, None)?;
+                run(Some(vid), "a", 2500, None)?;
+                assert_eq!(slowdown_of(c, id, vid)?, Some(20.0));
                 Ok(())
             })
             .unwrap();

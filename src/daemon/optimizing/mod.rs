@@ -65,6 +65,8 @@ pub struct Shared {
     pub sandbox: Sandbox,
     /// The queue's status as last copied (see [`Shared::queue_status`]).
     status_copy: Mutex<Option<(Instant, Arc<OptimizerStatus>)>>,
+    /// The fleet's profiles and verdicts, when `[fleet]` is on.
+    pub fleet: Option<Arc<crate::fleet::FleetView>>,
 }
 
 /// How long a copy of the queue's status serves per-binary questions.
@@ -99,8 +101,15 @@ impl Optimizing {
     /// With the validated `[optimizer]` (and the maturity thresholds of `[profile]`): finds
     /// BOLT, opens the variant store and checks the scratch directory (the first job creates it). A
     /// missing BOLT or an unusable scratch directory turn the optimizer off with the reason
-    /// in status; bad settings and an unusable store are errors.
-    pub fn new(cfg: &Config, catalog: &Catalog, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+    /// in status; bad settings and an unusable store are errors. With the fleet's view
+    /// (`[fleet]` on), builds from the fleet's mature profiles too and respects its
+    /// rejections.
+    pub fn new(
+        cfg: &Config,
+        catalog: &Catalog,
+        clock: Arc<dyn Clock>,
+        fleet: Option<Arc<crate::fleet::FleetView>>,
+    ) -> anyhow::Result<Self> {
         let settings = cfg.optimizer.clone();
         let thresholds = cfg.profile.thresholds();
         let store = VariantStore::open(&cfg.state_dir).context("opening the variant store")?;
@@ -141,7 +150,10 @@ impl Optimizing {
             bolt: bolt.clone(),
             runner: runner.clone(),
             sandbox: sandbox.clone(),
-            profiles: Arc::new(profiles::CatalogProfiles { catalog: catalog.clone() }),
+            profiles: Arc::new(profiles::CatalogProfiles {
+                catalog: catalog.clone(),
+                fleet: fleet.clone(),
+            }),
             clock,
         };
         let (handle, worker) = optimizer(config, deps);
@@ -159,6 +171,7 @@ impl Optimizing {
             runner,
             sandbox,
             status_copy: Mutex::new(None),
+            fleet,
         });
         Ok(Self { shared, worker, scratch_created })
     }

@@ -81,7 +81,7 @@ impl PathResolver for OverlayResolver {
                 return Resolved::Ignore;
             }
             return match variant {
-                Some(_) => Resolved::Variant { original },
+                Some(id) => Resolved::Variant { original, variant: Some(id) },
                 None => Resolved::Original { path: original, version },
             };
         }
@@ -145,7 +145,11 @@ mod tests {
         .unwrap();
         let serving = ServingTable::new();
         let overlay = Overlay::new(
-            OverlayConfig { mountpoint: mnt.clone(), overlay_dirs: vec![bin.clone()] },
+            OverlayConfig {
+                mountpoint: mnt.clone(),
+                overlay_dirs: vec![bin.clone()],
+                originals: None,
+            },
             serving.clone(),
             None,
             Arc::new(StaticControl::default()),
@@ -208,7 +212,7 @@ mod tests {
         };
         w.serving.serve(&prog, Some(variant));
         let r = |p: &Path| w.resolver.resolve(p, None);
-        let as_variant = Resolved::Variant { original: prog.clone() };
+        let as_variant = Resolved::Variant { original: prog.clone(), variant: Some(7) };
         assert_eq!(r(&in_mount(&w.mnt, &prog)), as_variant, "the mount serves the variant");
         assert_eq!(r(&stored), as_variant, "the backing file of a passthrough mapping");
         assert_eq!(r(&prog), Resolved::original(&prog), "the real file is the original");

@@ -37,6 +37,7 @@ impl PolicyStatus {
         let measured = m.measured.load(Ordering::Relaxed);
         let killed = m.killed.load(Ordering::Relaxed);
         let not_attached = m.not_attached.load(Ordering::Relaxed);
+        let not_recorded = crate::measure::RUNS_NOT_RECORDED.load(Ordering::Relaxed);
         let (pending, dropped) = match &m.measurer {
             Some(x) => (x.pending(), x.dropped()),
             None => (0, Default::default()),
@@ -52,10 +53,16 @@ impl PolicyStatus {
                 "exec_failed": dropped.exec_failed,
                 "lost": dropped.lost,
                 "unreadable": dropped.unreadable,
+                "not_recorded": not_recorded,
             },
         });
-        let lost = not_attached + dropped.lost + dropped.unreadable;
+        let lost = not_attached + dropped.lost + dropped.unreadable + not_recorded;
         let text = match &m.off {
+            None if not_recorded > 0 => format!(
+                "measuring runs ({measured} measured since start, {lost} lost, of which \
+                 {not_recorded} measured but not recorded: the catalog could not store them, \
+                 is the state directory full?)"
+            ),
             None => format!("measuring runs ({measured} measured since start, {lost} lost)"),
             Some(why) => format!("measurement off, no canaries ({why})"),
         };

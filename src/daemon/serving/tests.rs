@@ -5,9 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::mpsc as std_mpsc;
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
 
-use super::measurement::*;
 use super::reconcile::*;
 use super::translate::*;
 use super::*;
@@ -21,6 +19,7 @@ use crate::measure::counters::{CounterFactory, CounterReading, RunCounters};
 use crate::measure::proc_connector::ProcEvent;
 use crate::measure::tracker::ProcessView;
 use crate::policy::ServeDecision;
+use crate::policy::task::ServingSink;
 
 fn row(id: i64, state: &str) -> VariantRow {
     VariantRow {
@@ -325,6 +324,7 @@ fn exec_opens_are_measured_before_the_event_is_forwarded() {
     let opened = |pid, exec| FsEvent::Opened {
         mirror_path: "/mnt/x/tool".into(),
         original: w.path.clone(),
+        backing: w.path.clone(),
         key: key(),
         variant_id: Some(w.variant_id),
         pid,

@@ -1,0 +1,203 @@
+//! Real `redis-server` processes for the fleet tests: each on a free loopback port with its
+//! own temp dir and config, killed by Drop in every path (panics included). Never port 6379,
+//! never a system Redis.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const ADMIN_PASSWORD: &str = "admin-pw";
+
+/// The ACL rules docs/fleet.md gives: a writer may read every optbin key and write only its
+/// own contributions (plus the shared index and machine sets); a reader may only read.
+pub fn writer_acl(machine: &str, password: &str) -> String {
+    format!(
+        "user {machine} on >{password} resetkeys %R~optbin:v1:* \
+         ~optbin:v1:*:profile:{machine} ~optbin:v1:*:verdicts:{machine} \
+         ~optbin:v1:*:machines ~optbin:v1:index resetchannels -@all +@connection \
+         +get +getrange +srandmember +zrange +set +sadd +expire +zadd \
+         +cluster|slots +cluster|shards +cluster|nodes +info"
+    )
+}
+
+pub fn reader_acl(machine: &str, password: &str) -> String {
+    format!(
+        "user {machine} on >{password} resetkeys %R~optbin:v1:* resetchannels -@all \
+         +@connection +get +getrange +srandmember +zrange \
+         +cluster|slots +cluster|shards +cluster|nodes +info"
+    )
+}
+
+/// A port that is free now, and its cluster-bus port (+10000) too.
+pub fn free_port() -> u16 {
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").expect("binding a loopback port");
+        let port = l.local_addr().unwrap().port();
+        drop(l);
+        if port != 6379 && port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+        {
+            return port;
+        }
+    }
+}
+
+/// One `redis-server`.
+pub struct Redis {
+    pub port: u16,
+    pub dir: PathBuf,
+    conf: PathBuf,
+    child: Option<Child>,
+}
+
+impl Redis {
+    /// Starts a server with `extra` config lines (ACL users, cluster mode) and an admin user.
+    pub fn start(dir: &Path, extra: &str) -> Self {
+        let port = free_port();
+        std::fs::create_dir_all(dir).unwrap();
+        let conf = dir.join("redis.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\nsave \"\"\nappendonly no\n\
+                 daemonize no\nlogfile {}\nuser default off\n\
+                 user admin on >{ADMIN_PASSWORD} ~* &* +@all\n{extra}\n",
+                dir.display(),
+                dir.join("redis.log").display()
+            ),
+        )
+        .unwrap();
+        let mut r = Redis { port, dir: dir.to_path_buf(), conf, child: None };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new("redis-server")
+            .arg(&self.conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting redis-server (mount/deps.sh installs it)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if ping(self.port) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server on port {} did not come up: {}", self.port, self.log());
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("redis.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL, as a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().ok();
+            c.wait().ok();
+        }
+    }
+
+    /// Starts again on the same port (empty: persistence is off, as after a lost server).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// `redis-cli` as the admin user; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "--user", "admin", "--pass", ADMIN_PASSWORD])
+            .arg("--no-auth-warning")
+            .args(args)
+            .output()
+            .expect("redis-cli (mount/deps.sh installs redis-tools)");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether something answers RESP on the port (PONG, or NOAUTH when default is off).
+fn ping(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else { return false };
+    s.set_read_timeout(Some(Duration::from_millis(500))).ok();
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    matches!(s.read(&mut buf), Ok(n) if n > 0)
+}
+
+/// A 3-node Redis Cluster on loopback (no replicas).
+pub struct Cluster {
+    pub nodes: Vec<Redis>,
+}
+
+impl Cluster {
+    pub fn start(dir: &Path, acl: &str) -> Self {
+        let nodes: Vec<Redis> = (0..3)
+            .map(|i| {
+                let d = dir.join(format!("node{i}"));
+                Redis::start(
+                    &d,
+                    &format!(
+                        "cluster-enabled yes\ncluster-config-file {}\ncluster-node-timeout 2000\n\
+                         masteruser admin\nmasterauth {ADMIN_PASSWORD}\n{acl}",
+                        d.join("nodes.conf").display()
+                    ),
+                )
+            })
+            .collect();
+        let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        let mut cmd = Command::new("redis-cli");
+        cmd.args([
+            "--user",
+            "admin",
+            "--pass",
+            ADMIN_PASSWORD,
+            "--no-auth-warning",
+            "--cluster",
+            "create",
+        ]);
+        cmd.args(&addrs);
+        cmd.args(["--cluster-replicas", "0", "--cluster-yes"]);
+        let out = cmd.output().expect("redis-cli --cluster create");
+        assert!(out.status.success(), "cluster create: {}", String::from_utf8_lossy(&out.stdout));
+        let c = Cluster { nodes };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !c.nodes.iter().all(|n| n.cli(&["CLUSTER", "INFO"]).contains("cluster_state:ok")) {
+            assert!(Instant::now() < deadline, "the cluster did not become ok");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        c
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(|n| n.url()).collect()
+    }
+}
+
+/// A credentials file as the daemon accepts it (root's, mode 600).
+pub fn credentials(dir: &Path, user: &str, password: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let f = dir.join(format!("{user}.secret"));
+    std::fs::write(&f, format!("username = \"{user}\"\npassword = \"{password}\"\n")).unwrap();
+    std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+    f
+}

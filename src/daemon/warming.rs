@@ -1,0 +1,42 @@
+//! Wiring of the warmer (`crate::warm`) into the daemon: it is started with the server, fed
+//! every exec the overlay reports, shown in status as the `warm` section, and stopped (its
+//! thread joined) with the server.
+
+use std::sync::Arc;
+
+use serde_json::{Value, json};
+
+use crate::config::Config;
+use crate::control::SubsystemStatus;
+use crate::warm::warmer::Environment;
+use crate::warm::{Warmer, pages::Kernel, pressure::MEMORY_PSI};
+
+/// Starts the warmer for this server process.
+pub fn start(cfg: &Config) -> anyhow::Result<Arc<Warmer>> {
+    let env = Environment { psi_path: MEMORY_PSI.into(), mountpoint: cfg.mountpoint.clone() };
+    let warmer = Warmer::start(cfg.warm.clone(), env, Box::new(Kernel::new()))
+        .map_err(|e| anyhow::anyhow!("starting the warm thread: {e}"))?;
+    Ok(Arc::new(warmer))
+}
+
+/// The `warm` section of the status report.
+pub struct WarmSection(pub Arc<Warmer>);
+
+impl SubsystemStatus for WarmSection {
+    fn name(&self) -> &'static str {
+        "warm"
+    }
+
+    fn section(&self) -> Value {
+        let status = self.0.status();
+        let mut v = serde_json::to_value(&status).unwrap_or_else(|_| json!({}));
+        if let Value::Object(map) = &mut v {
+            map.insert("summary".into(), Value::String(status.summary()));
+        }
+        v
+    }
+
+    fn binary(&self, _conn: &rusqlite::Connection, _binary_id: i64) -> Option<Value> {
+        None
+    }
+}

@@ -1,0 +1,345 @@
+//! Prometheus text exposition format (version 0.0.4): optbin's own health, per served
+//! binary its measured gain, and the host's USE figures. [`render`] is a pure function of
+//! the status report and the USE summary; `.optbin/metrics` (for node_exporter's textfile
+//! collector) and the optional HTTP endpoint ([`serve_http`]) serve its bytes.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+
+use super::host::UseSummary;
+use crate::control::StatusReport;
+
+/// `[metrics]` in the config file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSettings {
+    /// Where to serve `GET /metrics` over HTTP, e.g. `127.0.0.1:9187`. Off when unset.
+    pub listen: Option<SocketAddr>,
+    /// Allows `listen` on an address other than loopback (the metrics name every binary the
+    /// machine runs; exposing them is a choice).
+    #[serde(default)]
+    pub allow_remote: bool,
+}
+
+impl MetricsSettings {
+    /// Refuses a non-loopback `listen` unless `allow_remote` says so.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if let Some(addr) = self.listen
+            && !addr.ip().is_loopback()
+            && !self.allow_remote
+        {
+            anyhow::bail!(
+                "[metrics] listen = \"{addr}\" is not a loopback address; set allow_remote = true \
+                 to expose optbin's metrics beyond this machine"
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Collects the families, then writes them with their HELP and TYPE lines once each.
+#[derive(Default)]
+struct Families {
+    /// name -> (type, help, samples as `labels value`)
+    map: BTreeMap<&'static str, (&'static str, &'static str, Vec<String>)>,
+}
+
+impl Families {
+    fn add(
+        &mut self,
+        name: &'static str,
+        kind: &'static str,
+        help: &'static str,
+        labels: &[(&str, &str)],
+        value: f64,
+    ) {
+        if !value.is_finite() {
+            return;
+        }
+        let labels = if labels.is_empty() {
+            String::new()
+        } else {
+            let parts: Vec<String> =
+                labels.iter().map(|(k, v)| format!("{k}=\"{}\"", escape_label(v))).collect();
+            format!("{{{}}}", parts.join(","))
+        };
+        self.map
+            .entry(name)
+            .or_insert((kind, help, Vec::new()))
+            .2
+            .push(format!("{name}{labels} {value}"));
+    }
+
+    fn write(self) -> String {
+        let mut out = String::new();
+        for (name, (kind, help, samples)) in self.map {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            for s in samples {
+                let _ = writeln!(out, "{s}");
+            }
+        }
+        out
+    }
+}
+
+fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn num(v: &Value, pointer: &str) -> Option<f64> {
+    v.pointer(pointer).and_then(Value::as_f64)
+}
+
+/// The metrics page.
+pub fn render(report: &StatusReport, host: Option<&UseSummary>) -> String {
+    let mut f = Families::default();
+    let sections = Value::Object(report.subsystems.clone());
+    let counters: [(&'static str, &str, &'static str); 5] = [
+        ("optbin_profiler_samples_total", "/profiler/samples", "Samples the profiler read."),
+        (
+            "optbin_profiler_lost_records_total",
+            "/profiler/lost_records",
+            "Records the kernel dropped because a ring buffer was full.",
+        ),
+        (
+            "optbin_profiler_unattributed_samples_total",
+            "/profiler/unattributed_samples",
+            "Samples of programs optbin does not profile.",
+        ),
+        (
+            "optbin_profiler_cpu_seconds_total",
+            "/profiler/sampler_cpu_secs",
+            "CPU seconds the sampling thread used.",
+        ),
+        (
+            "optbin_runs_measured_total",
+            "/policy/measurement/runs_measured",
+            "Runs of served binaries measured.",
+        ),
+    ];
+    for (name, pointer, help) in counters {
+        if let Some(v) = num(&sections, pointer) {
+            f.add(name, "counter", help, &[], v);
+        }
+    }
+    for (result, pointer) in [("built", "/optimizer/built"), ("failed", "/optimizer/failed")] {
+        if let Some(v) = num(&sections, pointer) {
+            f.add(
+                "optbin_bolt_jobs_total",
+                "counter",
+                "BOLT jobs finished, by result.",
+                &[("result", result)],
+                v,
+            );
+        }
+    }
+    if let Some(q) = sections.pointer("/optimizer/queued").and_then(Value::as_array) {
+        f.add("optbin_bolt_jobs_queued", "gauge", "BOLT jobs waiting.", &[], q.len() as f64);
+    }
+    f.add(
+        "optbin_binaries_seen",
+        "gauge",
+        "Binaries the mount has seen.",
+        &[],
+        report.binaries.len() as f64,
+    );
+    let mut states: BTreeMap<&str, u64> = BTreeMap::new();
+    for b in &report.binaries {
+        for v in &b.variants {
+            *states.entry(v.state.as_str()).or_default() += 1;
+        }
+    }
+    for state in ["ready", "canary", "served", "rejected", "quarantined", "retired"] {
+        let n = states.get(state).copied().unwrap_or(0);
+        f.add(
+            "optbin_variants",
+            "gauge",
+            "Variants in the catalog, by state.",
+            &[("state", state)],
+            n as f64,
+        );
+    }
+    for b in &report.binaries {
+        let Some(gain) =
+            b.details.get("policy").and_then(|p| p.get("gain")).filter(|g| !g.is_null())
+        else {
+            continue;
+        };
+        let labels = [("binary", b.path.as_str())];
+        if let Some(r) = gain.get("ratio").and_then(Value::as_f64) {
+            f.add(
+                "optbin_binary_time_ratio",
+                "gauge",
+                "Measured time of the variant over the original's (below 1 is faster).",
+                &labels,
+                r,
+            );
+        }
+        if let Some(r) = gain.get("variant_runs").and_then(Value::as_f64) {
+            f.add(
+                "optbin_binary_variant_runs",
+                "gauge",
+                "Measured runs of the variant.",
+                &labels,
+                r,
+            );
+        }
+        f.add(
+            "optbin_binary_served_optimized",
+            "gauge",
+            "1 when a variant serves every exec.",
+            &labels,
+            f64::from(u8::from(b.served.starts_with("variant") && !b.served.contains('%'))),
+        );
+    }
+    if let Some(h) = host {
+        for r in &h.resources {
+            let labels = [("resource", r.resource.as_str())];
+            if let Some(u) = r.utilization {
+                f.add(
+                    "optbin_host_utilization_ratio",
+                    "gauge",
+                    "USE: utilization of the resource (0..1).",
+                    &labels,
+                    u,
+                );
+            }
+            if let Some(s) = r.saturation {
+                let labels =
+                    [("resource", r.resource.as_str()), ("measure", r.saturation_kind.as_str())];
+                f.add(
+                    "optbin_host_saturation",
+                    "gauge",
+                    "USE: saturation of the resource, in the unit its measure label names.",
+                    &labels,
+                    s,
+                );
+            }
+            if let Some(e) = r.errors {
+                f.add(
+                    "optbin_host_errors",
+                    "gauge",
+                    "USE: errors of the resource in the last interval.",
+                    &labels,
+                    e as f64,
+                );
+            }
+        }
+    }
+    f.write()
+}
+
+/// Serves `GET /metrics` (the latest rendering in `page`) on `addr` until `shutdown`.
+/// Anything else gets 404; one request per connection.
+pub async fn serve_http(
+    addr: SocketAddr,
+    page: watch::Receiver<Arc<Vec<u8>>>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listening for metrics on {addr}"))?;
+    tracing::info!(%addr, "serving metrics over HTTP");
+    loop {
+        let (mut conn, peer) = tokio::select! {
+            _ = shutdown.changed() => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting a metrics connection failed");
+                    continue;
+                }
+            },
+        };
+        let page = page.clone();
+        tokio::spawn(async move {
+            let reply = async {
+                let mut buf = vec![0u8; 4096];
+                let mut len = 0;
+                while !buf[..len].windows(4).any(|w| w == b"\r\n\r\n") && len < buf.len() {
+                    let n = conn.read(&mut buf[len..]).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    len += n;
+                }
+                let head = String::from_utf8_lossy(&buf[..len]);
+                let mut first = head.lines().next().unwrap_or("").split_whitespace();
+                let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
+                let (status, ctype, body): (&str, &str, Vec<u8>) = if method == "GET"
+                    && (path == "/metrics" || path.starts_with("/metrics?"))
+                {
+                    ("200 OK", "text/plain; version=0.0.4; charset=utf-8", page.borrow().to_vec())
+                } else {
+                    ("404 Not Found", "text/plain", b"only GET /metrics is served here\n".to_vec())
+                };
+                let header = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                conn.write_all(header.as_bytes()).await?;
+                conn.write_all(&body).await?;
+                conn.shutdown().await
+            };
+            let timed = tokio::time::timeout(std::time::Duration::from_secs(10), reply).await;
+            if let Ok(Err(e)) = timed {
+                tracing::debug!(%peer, error = %e, "metrics request failed");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::observe::host::UseRow;
+
+    #[test]
+    fn the_page_parses_as_prometheus_text() {
+        let mut report = StatusReport::default();
+        report
+            .subsystems
+            .insert("profiler".into(), serde_json::json!({"samples": 12, "lost_records": 0}));
+        report
+            .subsystems
+            .insert("optimizer".into(), serde_json::json!({"built": 1, "failed": 2, "queued": []}));
+        let host = UseSummary {
+            at: 0,
+            interval_secs: 10.0,
+            resources: vec![UseRow {
+                resource: "cpu".into(),
+                utilization: Some(0.5),
+                saturation_kind: "psi some avg10".into(),
+                saturation: Some(0.2),
+                errors: None,
+                ..Default::default()
+            }],
+        };
+        let text = render(&report, Some(&host));
+        let lines = text.lines().map(|l| Ok(l.to_string()));
+        let scrape = prometheus_parse::Scrape::parse(lines).unwrap();
+        let names: Vec<&str> = scrape.samples.iter().map(|s| s.metric.as_str()).collect();
+        assert!(names.contains(&"optbin_profiler_samples_total"), "{text}");
+        assert!(names.contains(&"optbin_host_utilization_ratio"));
+        assert_eq!(text.matches("# TYPE optbin_bolt_jobs_total").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn remote_listening_must_be_asked_for() {
+        let s: MetricsSettings = toml::from_str("listen = \"0.0.0.0:9187\"").unwrap();
+        assert!(s.validate().unwrap_err().to_string().contains("allow_remote"));
+        let ok: MetricsSettings = toml::from_str("listen = \"127.0.0.1:9187\"").unwrap();
+        ok.validate().unwrap();
+        let bad = toml::from_str::<MetricsSettings>("listn = \"127.0.0.1:1\"").unwrap_err();
+        assert!(bad.to_string().contains("listn"), "{bad}");
+    }
+}
