@@ -9,7 +9,7 @@
 //! settings struct that lives with its domain (`profile::Settings` for `[profile]`,
 //! `bolt::Settings` for `[optimizer]`, `policy::Settings` for `[policy]`, `warm::Settings`
 //! for `[warm]`, `fuse::SupervisorSettings` for `[supervisor]`, `observe::MetricsSettings`
-//! for `[metrics]`), implements [`Section`] (its name and its own range checks), and is
+//! for `[metrics]`, `train::TrainSettings` for `[train]`), implements [`Section`] (its name and its own range checks), and is
 //! handed down from [`Config`]. `[fleet]` is optional as a whole (absent: this machine
 //! alone), so it is an `Option` checked with `fleet::FleetSettings::validate`.
 //! A new section is one such struct plus one field in [`FileConfig`] and one in [`Config`].
@@ -61,6 +61,9 @@ pub struct FileConfig {
     pub metrics: crate::observe::MetricsSettings,
     /// `[fleet]`: sharing profiles and verdicts through Redis; absent = this machine alone.
     pub fleet: Option<crate::fleet::FleetSettings>,
+    /// `[train]`: training commands (`crate::train`).
+    #[serde(default)]
+    pub train: crate::train::TrainSettings,
 }
 
 /// One `[section]` of the config file: a typed struct owned by its domain, parsed with
@@ -113,6 +116,13 @@ impl Section for crate::observe::MetricsSettings {
     const NAME: &'static str = "metrics";
     fn validate(&self) -> anyhow::Result<()> {
         crate::observe::MetricsSettings::validate(self)
+    }
+}
+
+impl Section for crate::train::TrainSettings {
+    const NAME: &'static str = "train";
+    fn validate(&self) -> anyhow::Result<()> {
+        crate::train::TrainSettings::validate(self)
     }
 }
 
@@ -202,6 +212,8 @@ pub struct Config {
     /// `[fleet]` with its values checked (the credentials file and the machine id are
     /// read when the fleet starts); None: this machine alone.
     pub fleet: Option<crate::fleet::FleetSettings>,
+    /// `[train]`, validated.
+    pub train: crate::train::TrainSettings,
 }
 
 /// Validates a section, naming it in the error.
@@ -301,6 +313,7 @@ impl Config {
             supervisor: validated(file.supervisor)?,
             metrics: validated(file.metrics)?,
             fleet,
+            train: validated(file.train)?,
         })
     }
 
@@ -532,6 +545,7 @@ mod tests {
                 "intervl_secs",
                 "[fleet]",
             ),
+            ("[train]\ncheck_sec = 3\n", "check_sec", "[train]"),
             ("[polcy]\nmeasure = false\n", "polcy", ""),
         ] {
             let err = format!("{:#}", resolve(text).unwrap_err());
@@ -569,6 +583,7 @@ mod tests {
         assert_eq!(cfg.supervisor, crate::fuse::SupervisorSettings::default());
         assert_eq!(cfg.metrics, crate::observe::MetricsSettings::default());
         assert_eq!(cfg.fleet, None);
+        assert_eq!(cfg.train, crate::train::TrainSettings::default());
         let cfg = resolve("[profile]\nmin_samples = 500\n").unwrap();
         assert_eq!(cfg.profile.thresholds().min_samples, 500);
         assert_eq!(cfg.profile.min_runs, crate::profile::Settings::default().min_runs);
