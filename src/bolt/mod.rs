@@ -14,6 +14,8 @@
 //! - [`status`]: what the optimizer shows in status.
 //! - [`settings`]: the `[optimizer]` section of the config file.
 //! - [`perf2bolt`]: converts `perf.data` into fdata (tests and benchmarks).
+//! - [`stale`]: profiles kept per path in BOLT's YAML format, so that a new version of a
+//!   binary is built at once from the previous version's profile.
 
 pub mod applicability;
 pub mod discover;
@@ -27,6 +29,7 @@ pub mod retry_policy;
 pub mod runner;
 pub mod sandbox;
 pub mod settings;
+pub mod stale;
 pub mod status;
 pub mod verify;
 
