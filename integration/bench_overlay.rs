@@ -1,7 +1,14 @@
-//! Benchmark of the overlay against the original paths, measured side by side in one run
-//! (interleaved rounds, medians): exec+exit of a small served binary through
-//! `<mount>/bin`, reading a ~100 MB served file with a warm page cache, and the first exec
-//! of binaries never seen before. `OPTBIN_BENCH_QUICK=1` shrinks the counts.
+//! Benchmark of the mount against the original paths, measured side by side in one run
+//! (interleaved rounds, order alternating; ratios of each pair, their median and a 95%
+//! interval of that median): exec+exit of a small served binary and of one served as a
+//! symlink (stripped) through `<mount>/bin`, reading a ~100 MB served file with a warm and
+//! with a cold page cache, and the first exec of binaries never seen before.
+//!
+//! The mount is the real daemon in its default configuration (per-exec measurement on,
+//! the profiler, the warmer: what a user gets), logging at the default level. The
+//! benchmark checks that the runs through the mount were measured.
+//! `OPTBIN_BENCH_QUICK=1` shrinks the counts; `OPTBIN_BENCH_BINARY=/path/to/optbin` runs
+//! another build of the daemon (to compare before and after a change in one place).
 
 #[path = "common/bench.rs"]
 mod bench;
@@ -9,19 +16,43 @@ mod bench;
 mod common;
 
 use std::io::Read;
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use common::daemon::{Daemon, OPTBIN};
 use common::*;
 use optbin::fs::{NoEvents, Overlay, OverlayConfig, ServingTable, StaticControl};
 use optbin::fuse::{MountOptions, mount_background};
 
-fn median(mut v: Vec<f64>) -> f64 {
+fn main() {
+    bench::run("bench_overlay", bench_overlay);
+}
+
+/// Median and a distribution-free 95% interval of the median (order statistics of the
+/// binomial: ranks n/2 -+ 0.98 sqrt(n), clamped).
+struct Summary {
+    median: f64,
+    low: f64,
+    high: f64,
+}
+
+fn summary(mut v: Vec<f64>) -> Summary {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    let median = if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 };
+    let half = 0.98 * (n as f64).sqrt();
+    let lo = ((n as f64 / 2.0 - half).floor().max(0.0) as usize).min(n - 1);
+    let hi = ((n as f64 / 2.0 + half).ceil() as usize).min(n - 1);
+    Summary { median, low: v[lo], high: v[hi] }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.3} [{:.3}, {:.3}]", self.median, self.low, self.high)
+    }
 }
 
 fn exec_once(path: &Path) {
@@ -38,51 +69,29 @@ fn exec_round(path: &Path, n: usize) -> f64 {
     start.elapsed().as_secs_f64() * 1e6 / n as f64
 }
 
-/// Interleaved rounds of `per_round` execs of `a` and `b` (order alternating), returning
-/// the per-exec times of each and the ratios b/a per round.
-fn paired_exec_rounds(
-    a: &Path,
-    b: &Path,
-    rounds: usize,
-    per_round: usize,
-) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let (mut ta, mut tb, mut ratios) = (vec![], vec![], vec![]);
-    for r in 0..rounds {
-        let (x, y) = if r % 2 == 0 {
-            let x = exec_round(a, per_round);
-            (x, exec_round(b, per_round))
-        } else {
-            let y = exec_round(b, per_round);
-            (exec_round(a, per_round), y)
-        };
-        ta.push(x);
-        tb.push(y);
-        ratios.push(y / x);
-    }
-    (ta, tb, ratios)
+/// Per-round values of `a` and `b` and the ratios b/a, `rounds` pairs, order alternating.
+struct Paired {
+    a: Vec<f64>,
+    b: Vec<f64>,
+    ratios: Vec<f64>,
 }
 
-/// Interleaved full reads of `a` and `b` (order alternating): MB/s of each, ratios b/a.
-fn paired_read_rounds(
-    a: &Path,
-    b: &Path,
-    rounds: usize,
-    buf: &mut Vec<u8>,
-) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    let (mut ta, mut tb, mut ratios) = (vec![], vec![], vec![]);
+/// `run(false)` measures `a`, `run(true)` measures `b`.
+fn paired(rounds: usize, mut run: impl FnMut(bool) -> f64) -> Paired {
+    let mut p = Paired { a: vec![], b: vec![], ratios: vec![] };
     for r in 0..rounds {
         let (x, y) = if r % 2 == 0 {
-            let x = read_round(a, buf);
-            (x, read_round(b, buf))
+            let x = run(false);
+            (x, run(true))
         } else {
-            let y = read_round(b, buf);
-            (read_round(a, buf), y)
+            let y = run(true);
+            (run(false), y)
         };
-        ta.push(x);
-        tb.push(y);
-        ratios.push(y / x);
+        p.a.push(x);
+        p.b.push(y);
+        p.ratios.push(y / x);
     }
-    (ta, tb, ratios)
+    p
 }
 
 /// Reads the whole file, returns MB/s.
@@ -94,28 +103,68 @@ fn read_round(path: &Path, buf: &mut Vec<u8>) -> f64 {
     buf.len() as f64 / 1e6 / secs
 }
 
+/// Drops the page cache of `path` (its clean pages: `POSIX_FADV_DONTNEED`).
+fn evict(path: &Path) {
+    let f = std::fs::File::open(path).unwrap();
+    // SAFETY: a valid descriptor; fadvise has no memory preconditions.
+    let rc = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    assert_eq!(rc, 0, "fadvise DONTNEED of {}", path.display());
+}
+
+/// Evicts `real` and every file the daemon may serve it from (the private copies of
+/// originals under the state directory): through the mount, passthrough reads the copy.
+fn evict_all(real: &Path, state: &Path) {
+    evict(real);
+    let mut dirs = vec![state.join("originals")];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            match e.file_type() {
+                Ok(t) if t.is_dir() => dirs.push(p),
+                Ok(t) if t.is_file() => evict(&p),
+                _ => {}
+            }
+        }
+    }
+}
+
 fn timed_exec(path: &Path) -> f64 {
     let start = Instant::now();
     exec_once(path);
     start.elapsed().as_secs_f64() * 1e6
 }
 
-fn main() {
-    bench::run("bench_overlay", bench_overlay);
+/// The first number under `key` anywhere in `v`.
+fn find_number(v: &serde_json::Value, key: &str) -> Option<u64> {
+    match v {
+        serde_json::Value::Object(m) => m
+            .get(key)
+            .and_then(|x| x.as_u64())
+            .or_else(|| m.values().find_map(|x| find_number(x, key))),
+        serde_json::Value::Array(a) => a.iter().find_map(|x| find_number(x, key)),
+        _ => None,
+    }
+}
+
+fn runs_measured(d: &Daemon) -> u64 {
+    find_number(&d.status_json(), "runs_measured").expect("status.json says runs_measured")
 }
 
 fn bench_overlay() {
-    let quick = std::env::var("OPTBIN_BENCH_QUICK").is_ok_and(|v| v == "1");
+    let quick = bench::quick();
     // Many short interleaved rounds: this machine is shared and noisy, and a median of
     // many paired ratios resists load changes better than a few long rounds.
     let (execs, rounds, big_mb, read_rounds, fresh) =
-        if quick { (200, 10, 20, 7, 7) } else { (2000, 40, 100, 21, 21) };
+        if quick { (300, 15, 20, 7, 7) } else { (3000, 60, 100, 21, 21) };
+    let per_round = execs / rounds;
 
     let tmp = open_tempdir();
     let root = tmp.path().canonicalize().unwrap();
     let bin = root.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     prog(&bin.join("small"), "small", &[]);
+    // The same program stripped: nothing to optimize, served as a symlink to the original.
+    prog(&bin.join("stripped"), "stripped", &["-s"]);
     // A big served file: a real program with data appended (still an ELF with symbols).
     prog(&bin.join("big"), "big", &[]);
     {
@@ -126,77 +175,78 @@ fn bench_overlay() {
             f.write_all(&chunk).unwrap();
         }
     }
-    let mount = root.join("mnt");
-    let overlay = Overlay::new(
-        OverlayConfig {
-            mountpoint: mount.clone(),
-            overlay_dirs: vec![bin.clone()],
-            originals: None,
-        },
-        ServingTable::new(),
-        None,
-        Arc::new(StaticControl::default()),
-        Arc::new(NoEvents),
-    )
-    .unwrap();
-    let guard = mount_background(overlay, &MountOptions::new(&mount)).unwrap();
-    let view = mount.join("bin");
+    let binary =
+        std::env::var_os("OPTBIN_BENCH_BINARY").map_or(PathBuf::from(OPTBIN), PathBuf::from);
+    let (mount, state) = (root.join("mnt"), root.join("state"));
+    let config = root.join("config.toml");
+    std::fs::write(&config, "# the defaults\n").unwrap();
+    let d = Daemon::start_as(&binary, "info", &mount, &[&bin], &state, Some(&config));
+    let view = d.bin();
     let mirror = |name: &str| in_mount(&mount, &bin.join(name));
     assert!(
         std::fs::symlink_metadata(mirror("small")).unwrap().file_type().is_file(),
-        "small is served"
+        "small is served as a file"
+    );
+    assert!(
+        std::fs::symlink_metadata(mirror("stripped")).unwrap().file_type().is_symlink(),
+        "stripped is served as a symlink"
     );
     assert!(
         std::fs::symlink_metadata(mirror("big")).unwrap().file_type().is_file(),
-        "big is served"
+        "big is served as a file"
     );
 
     // exec + exit
     exec_once(&bin.join("small"));
     exec_once(&view.join("small"));
-    let per_round = execs / rounds;
-    let (orig_exec, mount_exec, exec_ratios) =
-        paired_exec_rounds(&bin.join("small"), &view.join("small"), rounds, per_round);
+    let measured_before = runs_measured(&d);
+    let (native_small, mount_small) = (bin.join("small"), view.join("small"));
+    let served =
+        paired(rounds, |b| exec_round(if b { &mount_small } else { &native_small }, per_round));
+    // Per-exec measurement is on: the runs through the mount were measured.
+    let expect = measured_before + (rounds * per_round) as u64 * 9 / 10;
+    d.wait_for(Duration::from_secs(30), "the runs through the mount measured", |d| {
+        (runs_measured(d) >= expect).then_some(())
+    });
+    let measured = runs_measured(&d) - measured_before;
+    let (native_stripped, mount_stripped) = (bin.join("stripped"), view.join("stripped"));
+    exec_once(&mount_stripped);
+    let symlinked = paired(rounds, |b| {
+        exec_round(if b { &mount_stripped } else { &native_stripped }, per_round)
+    });
     // A/A control: the same comparison of the original with itself shows the noise floor.
-    let (_, _, control_ratios) =
-        paired_exec_rounds(&bin.join("small"), &bin.join("small"), rounds, per_round);
+    let control = paired(rounds, |_| exec_round(&native_small, per_round));
 
-    // reading a big served file, page cache warm for both
+    // reading a big served file, page cache warm for both, then cold for both
     let mut buf = Vec::with_capacity((big_mb + 1) << 20);
-    read_round(&bin.join("big"), &mut buf);
-    read_round(&view.join("big"), &mut buf);
-    let (orig_read, mount_read, read_ratios) =
-        paired_read_rounds(&bin.join("big"), &view.join("big"), read_rounds, &mut buf);
-    assert_eq!(std::fs::read(view.join("big")).unwrap(), std::fs::read(bin.join("big")).unwrap());
+    let (native_big, mount_big) = (bin.join("big"), view.join("big"));
+    read_round(&native_big, &mut buf);
+    read_round(&mount_big, &mut buf);
+    let warm =
+        paired(read_rounds, |b| read_round(if b { &mount_big } else { &native_big }, &mut buf));
+    let cold = paired(read_rounds, |b| {
+        evict_all(&native_big, &state);
+        read_round(if b { &mount_big } else { &native_big }, &mut buf)
+    });
+    assert_eq!(std::fs::read(&mount_big).unwrap(), std::fs::read(&native_big).unwrap());
 
     // first exec of binaries never seen before (fresh copies: new names, new inodes)
-    let (mut orig_first, mut mount_first, mut first_ratios) = (vec![], vec![], vec![]);
-    let small = std::fs::read(bin.join("small")).unwrap();
-    for i in 0..fresh {
-        let a: PathBuf = bin.join(format!("fresh-a{i}"));
-        let b: PathBuf = bin.join(format!("fresh-b{i}"));
-        for p in [&a, &b] {
-            std::fs::write(p, &small).unwrap();
-            std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-                .unwrap();
-        }
-        // Let inotify's invalidations of the new names pass.
+    let small = std::fs::read(&native_small).unwrap();
+    let mut n = 0;
+    let first = paired(fresh, |through_mount| {
+        n += 1;
+        let name = format!("fresh-{n}");
+        let real = bin.join(&name);
+        std::fs::write(&real, &small).unwrap();
+        chmod(&real, 0o755);
+        // Let inotify's invalidation of the new name pass.
         std::thread::sleep(Duration::from_millis(20));
-        let (o, m) = if i % 2 == 0 {
-            let o = timed_exec(&a);
-            (o, timed_exec(&view.join(format!("fresh-b{i}"))))
-        } else {
-            let m = timed_exec(&view.join(format!("fresh-b{i}")));
-            (timed_exec(&a), m)
-        };
-        orig_first.push(o);
-        mount_first.push(m);
-        first_ratios.push(m / o);
-    }
-    drop(guard);
+        timed_exec(&if through_mount { view.join(&name) } else { real })
+    });
+    drop(d);
     assert!(!is_mounted(&mount));
 
-    // The same without passthrough (the fallback for kernels without it): why it matters.
+    // Without passthrough (the fallback for kernels without it), no daemon: why it matters.
     let mount2 = root.join("mnt2");
     let overlay = Overlay::new(
         OverlayConfig {
@@ -215,58 +265,81 @@ fn bench_overlay() {
     let guard = mount_background(overlay, &opts).unwrap();
     let view2 = mount2.join("bin");
     exec_once(&view2.join("small"));
-    let (_, _, fallback_exec) =
-        paired_exec_rounds(&bin.join("small"), &view2.join("small"), rounds / 2, per_round);
-    read_round(&view2.join("big"), &mut buf);
-    let (_, fallback_read_mbs, fallback_read) =
-        paired_read_rounds(&bin.join("big"), &view2.join("big"), read_rounds.div_ceil(2), &mut buf);
+    let fallback_small = view2.join("small");
+    let fallback_exec = paired(rounds / 2, |b| {
+        exec_round(if b { &fallback_small } else { &native_small }, per_round)
+    });
+    let fallback_big = view2.join("big");
+    read_round(&fallback_big, &mut buf);
+    let fallback_read = paired(read_rounds.div_ceil(2), |b| {
+        read_round(if b { &fallback_big } else { &native_big }, &mut buf)
+    });
     drop(guard);
     assert!(!is_mounted(&mount2));
 
+    let med = |v: &[f64]| summary(v.to_vec()).median;
     println!();
     println!(
-        "overlay benchmark ({}; medians of interleaved rounds)",
-        if quick { "quick" } else { "full" }
+        "overlay benchmark ({} mode; the daemon in its default configuration, {measured} of the \
+         {} execs through the mount measured; ratio: median of the paired rounds' ratios \
+         [95% interval of that median])",
+        if quick { "quick" } else { "full" },
+        rounds * per_round,
     );
-    println!("| measure | original | through the mount | ratio (median of pairs) | target |");
+    println!("| measure | original | through the mount | ratio | target |");
     println!("|---|---|---|---|---|");
     println!(
-        "| exec+exit, {execs} execs in {rounds} rounds | {:.0} us | {:.0} us | {:.3} | <= 1.05 |",
-        median(orig_exec),
-        median(mount_exec),
-        median(exec_ratios.clone())
-    );
-    let exec_ratios_for_assert = exec_ratios;
-    println!(
-        "| A/A control: exec+exit original vs original, same rounds | - | - | {:.3} | ~1.00 |",
-        median(control_ratios)
+        "| exec+exit of a served binary, {execs} execs in {rounds} rounds | {:.0} us | {:.0} us | {} | <= 1.02 |",
+        med(&served.a),
+        med(&served.b),
+        summary(served.ratios.clone())
     );
     println!(
-        "| read {big_mb} MB served file, warm cache, {read_rounds} rounds | {:.0} MB/s | {:.0} MB/s | {:.3} (throughput) | >= 0.9 |",
-        median(orig_read),
-        median(mount_read),
-        median(read_ratios.clone())
+        "| exec+exit of a binary served as a symlink (stripped), same rounds | {:.0} us | {:.0} us | {} | <= 1.01 |",
+        med(&symlinked.a),
+        med(&symlinked.b),
+        summary(symlinked.ratios.clone())
     );
-    let read_ratios_for_assert = read_ratios;
     println!(
-        "| without passthrough: exec+exit, {} execs | - | - | {:.3} | - |",
+        "| A/A control: exec+exit original vs original, same rounds | {:.0} us | {:.0} us | {} | ~1.00 |",
+        med(&control.a),
+        med(&control.b),
+        summary(control.ratios.clone())
+    );
+    println!(
+        "| read {big_mb} MB served file, warm cache, {read_rounds} rounds | {:.0} MB/s | {:.0} MB/s | {} (throughput) | >= 0.97 |",
+        med(&warm.a),
+        med(&warm.b),
+        summary(warm.ratios.clone())
+    );
+    println!(
+        "| read {big_mb} MB served file, cold cache, {read_rounds} rounds | {:.0} MB/s | {:.0} MB/s | {} (throughput) | >= 0.97 |",
+        med(&cold.a),
+        med(&cold.b),
+        summary(cold.ratios.clone())
+    );
+    println!(
+        "| first exec of an unseen binary, {fresh} binaries | {:.0} us | {:.0} us | {} | - |",
+        med(&first.a),
+        med(&first.b),
+        summary(first.ratios.clone())
+    );
+    println!(
+        "| without passthrough, no daemon: exec+exit, {} execs | {:.0} us | {:.0} us | {} | - |",
         rounds / 2 * per_round,
-        median(fallback_exec)
+        med(&fallback_exec.a),
+        med(&fallback_exec.b),
+        summary(fallback_exec.ratios.clone())
     );
     println!(
-        "| without passthrough: read {big_mb} MB, warm cache | - | {:.0} MB/s | {:.3} (throughput) | - |",
-        median(fallback_read_mbs),
-        median(fallback_read)
-    );
-    println!(
-        "| first exec of an unseen binary, {fresh} binaries | {:.0} us | {:.0} us | {:.3} | - |",
-        median(orig_first),
-        median(mount_first),
-        median(first_ratios)
+        "| without passthrough, no daemon: read {big_mb} MB, warm cache | {:.0} MB/s | {:.0} MB/s | {} (throughput) | - |",
+        med(&fallback_read.a),
+        med(&fallback_read.b),
+        summary(fallback_read.ratios.clone())
     );
     // Bounds that this machine's noise does not reach (see the A/A control) but a broken
     // fast path does (no passthrough, no kernel caching, an exec that waits on the daemon).
-    let (exec_ratio, read_ratio) = (median(exec_ratios_for_assert), median(read_ratios_for_assert));
+    let (exec_ratio, read_ratio) = (med(&served.ratios), med(&warm.ratios));
     assert!(exec_ratio < 2.0, "exec+exit through the mount costs {exec_ratio:.3}x native");
     assert!(read_ratio > 0.5, "reading through the mount runs at {read_ratio:.3}x native");
 }

@@ -43,6 +43,9 @@ pub struct FileConfig {
     pub metrics: Option<crate::observe::MetricsSettings>,
     /// `[fleet]`: sharing profiles and verdicts through Redis; absent = this machine alone.
     pub fleet: Option<crate::fleet::FleetSettings>,
+    /// `[train]`: training commands (`crate::train`).
+    #[serde(default)]
+    pub train: crate::train::TrainSettings,
 }
 
 impl FileConfig {
@@ -85,6 +88,8 @@ pub struct Config {
     pub supervisor: crate::fuse::SupervisorSettings,
     pub metrics: crate::observe::MetricsSettings,
     pub fleet: Option<crate::fleet::FleetSettings>,
+    /// `[train]`, validated.
+    pub train: crate::train::TrainSettings,
 }
 
 /// The subsystem sections of the config file, as written.
@@ -168,6 +173,7 @@ impl Config {
             }
         }
         file.warm.validate()?;
+        file.train.validate()?;
         Ok(Self {
             mountpoint,
             state_dir,
@@ -189,6 +195,7 @@ impl Config {
                 m
             },
             fleet: file.fleet,
+            train: file.train,
         })
     }
 

@@ -23,4 +23,5 @@ pub mod observe;
 pub mod policy;
 pub mod profile;
 pub mod store;
+pub mod train;
 pub mod warm;

@@ -15,17 +15,35 @@ pub struct Daemon {
     pub state: PathBuf,
     pub overlay: Vec<PathBuf>,
     pub config: Option<PathBuf>,
+    /// The `optbin` executable run and its `RUST_LOG` (see [`Daemon::start_as`]).
+    binary: PathBuf,
+    log_filter: String,
     child: Option<Child>,
 }
 
 impl Daemon {
     /// Starts the daemon and waits until its status file answers.
     pub fn start(mnt: &Path, overlay: &[&Path], state: &Path, config: Option<&Path>) -> Self {
+        Self::start_as(Path::new(OPTBIN), "optbin=debug,info", mnt, overlay, state, config)
+    }
+
+    /// As [`Daemon::start`], running `binary` with `RUST_LOG=log_filter` (benchmarks run the
+    /// daemon as a user would, at the default log level, and may compare another build).
+    pub fn start_as(
+        binary: &Path,
+        log_filter: &str,
+        mnt: &Path,
+        overlay: &[&Path],
+        state: &Path,
+        config: Option<&Path>,
+    ) -> Self {
         let mut d = Daemon {
             mnt: mnt.to_path_buf(),
             state: state.to_path_buf(),
             overlay: overlay.iter().map(|p| p.to_path_buf()).collect(),
             config: config.map(Path::to_path_buf),
+            binary: binary.to_path_buf(),
+            log_filter: log_filter.to_string(),
             child: None,
         };
         d.spawn();
@@ -33,7 +51,7 @@ impl Daemon {
     }
 
     fn spawn(&mut self) {
-        let mut cmd = Command::new(OPTBIN);
+        let mut cmd = Command::new(&self.binary);
         cmd.arg("mount").arg(&self.mnt).arg("--foreground").arg("--state-dir").arg(&self.state);
         for o in &self.overlay {
             cmd.arg("--overlay").arg(o);
@@ -47,7 +65,7 @@ impl Daemon {
             .open(self.log_path())
             .expect("daemon log");
         cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
-        cmd.env("RUST_LOG", "optbin=debug,info");
+        cmd.env("RUST_LOG", &self.log_filter);
         std::fs::create_dir_all(&self.state).ok();
         self.child = Some(cmd.spawn().expect("starting optbin"));
         let deadline = Instant::now() + Duration::from_secs(60);

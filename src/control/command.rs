@@ -54,6 +54,8 @@ pub enum Command {
     Optimize { name: String },
     /// Forget profile, variants and measurements of this binary.
     Reset { name: String },
+    /// Run this binary's training commands now.
+    Train { name: String },
 }
 
 impl Command {
@@ -64,7 +66,8 @@ impl Command {
             | Self::Exclude { name }
             | Self::Include { name }
             | Self::Optimize { name }
-            | Self::Reset { name } => name,
+            | Self::Reset { name }
+            | Self::Train { name } => name,
         }
     }
 }
@@ -78,6 +81,7 @@ impl fmt::Display for Command {
             Self::Include { name } => write!(f, "include {name}"),
             Self::Optimize { name } => write!(f, "optimize {name}"),
             Self::Reset { name } => write!(f, "reset {name}"),
+            Self::Train { name } => write!(f, "train {name}"),
         }
     }
 }
@@ -88,7 +92,7 @@ impl fmt::Display for Command {
 pub struct ParseError(pub String);
 
 pub const USAGE: &str = "pin NAME original|bolted | unpin NAME | exclude NAME | include NAME | \
-                         optimize NAME | reset NAME";
+                         optimize NAME | reset NAME | train NAME";
 
 /// Parses the bytes of one write.
 pub fn parse(bytes: &[u8]) -> Result<Command, ParseError> {
@@ -140,6 +144,7 @@ pub fn parse(bytes: &[u8]) -> Result<Command, ParseError> {
         "include" => Ok(Command::Include { name: one_name(verb)? }),
         "optimize" => Ok(Command::Optimize { name: one_name(verb)? }),
         "reset" => Ok(Command::Reset { name: one_name(verb)? }),
+        "train" => Ok(Command::Train { name: one_name(verb)? }),
         other => Err(ParseError(format!("unknown command {other:?}; expected one of: {USAGE}"))),
     }
 }
@@ -184,6 +189,7 @@ mod tests {
             "include a",
             "optimize a",
             "reset a",
+            "train a",
         ] {
             assert_eq!(parse(text.as_bytes()).unwrap().to_string(), text);
         }

@@ -28,6 +28,8 @@ pub struct Actions {
     pub mountpoint: PathBuf,
     pub refresh: Refresh,
     pub hooks: Option<Arc<dyn CommandHooks>>,
+    /// Training commands (`train NAME`).
+    pub train: Option<Arc<crate::train::Trainer>>,
 }
 
 impl ControlActions for Actions {
@@ -56,6 +58,10 @@ impl ControlActions for Actions {
             }
             Command::Optimize { .. } => self.hooks()?.optimize(&path)?,
             Command::Reset { .. } => self.hooks()?.reset(&path)?,
+            Command::Train { .. } => match &self.train {
+                Some(t) => t.train_now(&path)?,
+                None => return Err(ActionError::invalid("this daemon runs without training")),
+            },
         };
         let (event_path, detail) = (path.to_string_lossy().into_owned(), command.to_string());
         self.catalog.spawn("control event", move |c| {
@@ -112,6 +118,7 @@ mod tests {
             mountpoint: "/mnt/x".into(),
             refresh: Arc::new(move |p: &Path| r2.lock().unwrap().push(p.to_path_buf())),
             hooks: None,
+            train: None,
         };
         actions.apply(&Command::Exclude { name: "tool".into() }).unwrap();
         actions.apply(&Command::Pin { name: "tool".into(), target: PinTarget::Original }).unwrap();

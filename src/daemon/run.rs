@@ -92,6 +92,10 @@ pub fn start_server(
     subsystems.push(Arc::new(crate::daemon::warming::WarmSection(warmer.clone())));
     subsystems.extend(fleet.as_ref().map(|f| f.status()));
 
+    // Training commands (src/train): run through the mount when the machine is idle.
+    let trainer =
+        crate::train::Trainer::new(cfg.train.clone(), cfg.mountpoint.clone(), cfg.overlay.clone());
+    subsystems.push(trainer.status());
     // Pictures, the host's USE summary, metrics and the HTML report (src/observe).
     let observe =
         crate::observe::Observe::new(&cfg.metrics, &cfg.mountpoint, &catalog, profiling.stacks());
@@ -116,6 +120,7 @@ pub fn start_server(
         mountpoint: cfg.mountpoint.clone(),
         refresh: Arc::new(move |p| r2.refresh(p)),
         hooks: Some(optimizing.hooks()),
+        train: Some(trainer.clone()),
     };
     let reporter: Arc<dyn crate::control::StatusSource> = Arc::new(reporter);
     let control = Arc::new(
@@ -177,6 +182,7 @@ pub fn start_server(
             shutdown.clone(),
         );
     }
+    trainer.spawn(rt.handle(), shutdown.clone());
     tracing::info!(generation = ctx.generation, "server ready");
 
     Ok(Served {

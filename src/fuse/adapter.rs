@@ -1,8 +1,9 @@
 //! The thin `fuser::Filesystem` adapter: maps each request's arguments to a call of the
 //! overlay core ([`Overlay`] and its [`HandleTable`]: handles, reads, listings), maps errors
-//! to errnos (logged; ENOENT at debug) and replies. What stays here is what needs fuser's
-//! types: registering FUSE passthrough backing ids, and the reply buffers. It never panics
-//! into fuser (a panic in the core becomes EIO).
+//! to errnos (logged: refusals a user can trigger at debug level, faults as warnings) and
+//! replies. What stays here is what needs fuser's types: registering FUSE passthrough
+//! backing ids, and the reply buffers. It never panics into fuser (a panic in the core
+//! becomes EIO).
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -62,8 +63,8 @@ impl OptbinFs {
         match catch_unwind(AssertUnwindSafe(|| crate::fs::in_request(|| f(overlay)))) {
             Ok(Ok(v)) => Ok(v),
             Ok(Err(e)) => {
-                if e.errno == libc::ENOENT {
-                    tracing::debug!(what, error = %e, "request failed");
+                if is_user_refusal(e.errno) {
+                    tracing::debug!(what, errno = errno_name(e.errno), error = %e, "request refused");
                 } else {
                     tracing::warn!(what, errno = errno_name(e.errno), error = %e, "request failed");
                 }
@@ -79,6 +80,38 @@ impl OptbinFs {
     fn generation(&self) -> u64 {
         self.shared.generation.load(Ordering::Relaxed)
     }
+}
+
+/// Whether a refusal is the answer to what the caller asked (a name that is not there, a
+/// permission the caller lacks, a write to the read-only mount, a path that is too long or
+/// loops, a bad control command, a binary replaced under a lookup...) rather than a fault of
+/// ours. Any user can trigger those at will, as often as they like: they are logged at
+/// debug level, so that no user can grow the log. Everything else (EIO, ENOSPC, EMFILE...)
+/// is unexpected and warned about.
+fn is_user_refusal(errno: i32) -> bool {
+    matches!(
+        errno,
+        libc::ENOENT
+            | libc::EACCES
+            | libc::EPERM
+            | libc::EROFS
+            | libc::ENOTDIR
+            | libc::EISDIR
+            | libc::ELOOP
+            | libc::ENAMETOOLONG
+            | libc::EINVAL
+            | libc::EEXIST
+            | libc::ENOTEMPTY
+            | libc::ENODATA
+            | libc::ENOSYS
+            | libc::ENOTTY
+            | libc::EBADF
+            | libc::ESTALE
+            | libc::EAGAIN
+            | libc::EBUSY
+            | libc::EXDEV
+            | libc::EFBIG
+    )
 }
 
 fn caller(req: &Request) -> Caller {
@@ -491,5 +524,31 @@ impl Filesystem for OptbinFs {
 
     fn removexattr(&self, _r: &Request, _i: INodeNo, _n: &OsStr, reply: ReplyEmpty) {
         reply.error(READ_ONLY);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_user_refusal;
+
+    #[test]
+    fn refusals_a_user_can_trigger_are_not_warnings_and_faults_are() {
+        for errno in [
+            libc::ENOENT,
+            libc::EACCES,
+            libc::EPERM,
+            libc::EROFS,
+            libc::ENOTDIR,
+            libc::EISDIR,
+            libc::ELOOP,
+            libc::ENAMETOOLONG,
+            libc::EINVAL,
+            libc::ESTALE,
+        ] {
+            assert!(is_user_refusal(errno), "errno {errno} is a user's doing");
+        }
+        for errno in [libc::EIO, libc::ENOSPC, libc::EMFILE, libc::ENFILE, libc::ENOMEM] {
+            assert!(!is_user_refusal(errno), "errno {errno} is a fault to warn about");
+        }
     }
 }

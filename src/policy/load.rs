@@ -58,6 +58,33 @@ pub fn load_binary(
     binary_id: i64,
     pipeline: &dyn PipelineView,
 ) -> anyhow::Result<BinaryInput> {
+    load(conn, binary_id, pipeline, RunsWanted::Always)
+}
+
+/// Loads what a decision about one binary needs: as [`load_binary`], except that the runs
+/// are left out when the binary has no variant the policy judges. They are evidence about
+/// variants only, and reading the newest [`RUNS_PER_BINARY`] of them for every batch of
+/// runs stored was the daemon's largest cost per exec of a binary without variants.
+pub fn load_for_decision(
+    conn: &Connection,
+    binary_id: i64,
+    pipeline: &dyn PipelineView,
+) -> anyhow::Result<BinaryInput> {
+    load(conn, binary_id, pipeline, RunsWanted::WithVariants)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunsWanted {
+    Always,
+    WithVariants,
+}
+
+fn load(
+    conn: &Connection,
+    binary_id: i64,
+    pipeline: &dyn PipelineView,
+    runs_wanted: RunsWanted,
+) -> anyhow::Result<BinaryInput> {
     let decisions = runs::decisions_of(conn, binary_id)?;
     let period_start = |variant: i64, actions: &[&str]| {
         decisions
@@ -71,7 +98,7 @@ pub fn load_binary(
     // optimized, and their (slower) runs are no one's evidence.
     let not_policed: std::collections::HashSet<i64> =
         rows.iter().filter(|v| !is_policed_kind(&v.kind)).map(|v| v.id).collect();
-    let variants = rows
+    let variants: Vec<VariantInput> = rows
         .into_iter()
         .filter(|v| is_policed_kind(&v.kind))
         .filter_map(|v| {
@@ -90,7 +117,13 @@ pub fn load_binary(
             })
         })
         .collect();
-    let runs = runs::runs_of_binary(conn, binary_id, RUNS_PER_BINARY)?
+    let skip_runs = runs_wanted == RunsWanted::WithVariants && variants.is_empty();
+    let stored = if skip_runs {
+        Vec::new()
+    } else {
+        runs::runs_of_binary(conn, binary_id, RUNS_PER_BINARY)?
+    };
+    let runs = stored
         .into_iter()
         .filter(|r| r.variant_id.is_none_or(|v| !not_policed.contains(&v)))
         .map(|r| RunInput {

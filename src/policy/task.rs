@@ -16,7 +16,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use rusqlite::Connection;
 use tokio::sync::{mpsc, watch};
 
-use super::load::{PipelineView, apply, controls_of, load_binary};
+use super::load::{PipelineView, apply, controls_of, load_for_decision};
 use super::{PolicyConfig, ServeDecision, Stage, decide, evaluate};
 use crate::catalog::{Catalog, base, runs};
 use crate::clock::Clock;
@@ -76,7 +76,7 @@ pub fn reevaluate_binary(
     pipeline: &dyn PipelineView,
     now_ms: i64,
 ) -> anyhow::Result<Vec<(String, ServeDecision, Stage)>> {
-    let input = load_binary(conn, binary_id, pipeline)?;
+    let input = load_for_decision(conn, binary_id, pipeline)?;
     let eval = evaluate(&input, cfg);
     apply(conn, &input, &eval, now_ms)?;
     let mut out = Vec::new();

@@ -59,7 +59,8 @@ impl Settings {
         if self.half_life_secs == 0 {
             anyhow::bail!("[warm] half_life_secs must be at least 1");
         }
-        if !(self.min_heat >= 0.0) {
+        // NaN is refused too.
+        if self.min_heat.is_nan() || self.min_heat < 0.0 {
             anyhow::bail!("[warm] min_heat must be >= 0, got {}", self.min_heat);
         }
         Ok(())

@@ -24,6 +24,16 @@ use super::settings::Settings;
 /// fault in its start-up pages, short enough to catch most processes still alive.
 pub const CAPTURE_AFTER: Duration = Duration::from_millis(50);
 
+/// A file's working set is captured at most once per this interval: the pages a run touches
+/// are much the same from one run to the next, and a capture (the process's mappings, the
+/// residency of the binary and its libraries) cost more CPU than a short exec itself when
+/// done for every exec of a binary run in a loop.
+pub const CAPTURE_EVERY: Duration = Duration::from_secs(1);
+
+/// After an exec arrives, the warmer waits this long and takes every exec that came
+/// meanwhile in one go (one wake-up per burst, not one per exec).
+const BATCH_WINDOW: Duration = Duration::from_millis(20);
+
 /// At most this many execs wait for their capture; more are counted but not captured
 /// (a fork bomb must not grow the warmer's memory).
 const MAX_PENDING: usize = 4096;
@@ -210,6 +220,8 @@ struct State {
     /// flight, and is not counted again.
     requested: HashMap<PathBuf, PageSet>,
     pending: Vec<Pending>,
+    /// When each file's last capture was scheduled (see [`CAPTURE_EVERY`]).
+    scheduled: HashMap<PathBuf, Instant>,
 }
 
 impl State {
@@ -235,6 +247,7 @@ impl State {
             libraries: HashMap::new(),
             requested: HashMap::new(),
             pending: Vec::new(),
+            scheduled: HashMap::new(),
         }
     }
 
@@ -249,7 +262,22 @@ impl State {
             let wake =
                 self.pending.iter().map(|p| p.due).min().map_or(next_check, |d| d.min(next_check));
             match rx.recv_timeout(wake.saturating_duration_since(Instant::now())) {
-                Ok(Msg::Exec { file, pid }) => self.exec(file, pid),
+                Ok(Msg::Exec { file, pid }) => {
+                    self.exec(file, pid);
+                    // Execs come in bursts (a loop, a build): take what arrives within a
+                    // short window at once rather than waking up for each of them.
+                    std::thread::sleep(BATCH_WINDOW);
+                    let mut stop = false;
+                    for msg in rx.try_iter() {
+                        match msg {
+                            Msg::Exec { file, pid } => self.exec(file, pid),
+                            Msg::Shutdown => stop = true,
+                        }
+                    }
+                    if stop {
+                        break;
+                    }
+                }
                 Ok(Msg::Shutdown) | Err(RecvTimeoutError::Disconnected) => break,
                 Err(RecvTimeoutError::Timeout) => {}
             }
@@ -281,8 +309,12 @@ impl State {
         for lib in self.libraries.get(&file).cloned().unwrap_or_default() {
             self.heat.touch(&lib, now, 1.0);
         }
-        if self.pending.len() < MAX_PENDING {
-            self.pending.push(Pending { file, pid, due: Instant::now() + CAPTURE_AFTER });
+        let at = Instant::now();
+        let recent =
+            self.scheduled.get(&file).is_some_and(|t| at.duration_since(*t) < CAPTURE_EVERY);
+        if !recent && self.pending.len() < MAX_PENDING {
+            self.scheduled.insert(file.clone(), at);
+            self.pending.push(Pending { file, pid, due: at + CAPTURE_AFTER });
         }
     }
 
@@ -349,6 +381,7 @@ impl State {
             self.working_sets.remove(&gone);
             self.libraries.remove(&gone);
             self.requested.remove(&gone);
+            self.scheduled.remove(&gone);
             let _ = self.cache.lock(&gone, &[]);
         }
         let pressure = pressure::read(&self.env.psi_path);
@@ -531,6 +564,21 @@ mod tests {
         assert_eq!(s.pages_reread, 3);
         assert_eq!(s.kept.len(), 1);
         assert_eq!(s.kept[0].working_set_bytes, 3 * 4096);
+    }
+
+    #[test]
+    fn execs_of_a_file_in_a_loop_are_captured_once_per_interval_and_all_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut st = state(settings(), FakeCache::default(), &dir.path().join("no-psi"));
+        let (a, b) = (PathBuf::from("/bin/a"), PathBuf::from("/bin/b"));
+        for _ in 0..100 {
+            st.exec(a.clone(), u32::MAX);
+        }
+        st.exec(b.clone(), u32::MAX);
+        assert_eq!(st.pending.len(), 2, "one capture per file within CAPTURE_EVERY");
+        assert_eq!(st.status.lock().unwrap().execs_seen, 101);
+        let t = st.now_secs();
+        assert!(st.heat.heat_of(&a, t) > st.heat.heat_of(&b, t), "every exec still heats its file");
     }
 
     #[test]

@@ -1,0 +1,149 @@
+//! Training commands in the real daemon: a program compiled here is never run by the test;
+//! a training file in `[train] dir` makes the daemon run it through the mount (as nobody,
+//! at idle priority) until its profile matured, BOLT built a variant, the canary measured
+//! it against the original and the policy decided. Files with unknown keys, and a file not
+//! owned by root that asks for root, are refused with the reason in status. `train NAME`
+//! on the control file runs a binary's commands at once.
+
+#[path = "common/branchy.rs"]
+mod branchy;
+#[path = "common/mod.rs"]
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::daemon::{Daemon, catalog_read_only};
+use serde_json::Value;
+
+fn config(scratch: &Path, train_dir: &Path) -> String {
+    format!(
+        r#"[profile]
+frequency_hz = 999
+flush_secs = 1
+window_secs = 2
+identify_after_samples = 20
+min_samples = 1500
+min_runs = 2
+min_stability = 0.5
+
+[optimizer]
+scratch_dir = {:?}
+min_text_bytes = 1024
+check_interval_secs = 1
+timeout_secs = 120
+
+[policy]
+min_runs = 8
+looks = 3
+rescan_ms = 200
+
+[train]
+dir = {:?}
+check_secs = 1
+idle_load = 1000.0
+"#,
+        scratch.display().to_string(),
+        train_dir.display().to_string()
+    )
+}
+
+fn stage(binary: &Value) -> String {
+    match &binary["details"]["policy"]["stage"] {
+        Value::String(s) => s.clone(),
+        Value::Object(m) => m.keys().next().cloned().unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+#[test]
+fn training_matures_optimizes_and_canaries_a_binary_nobody_ran() {
+    let started = Instant::now();
+    let tmp = common::open_tempdir();
+    let root = tmp.path().canonicalize().unwrap();
+    let bin = root.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    common::chmod(&bin, 0o755);
+    let prog = bin.join("prog");
+    common::cc(branchy::PROGRAM, &prog, &["-fPIE", "-pie", "-Wl,--emit-relocs"]);
+    let train = root.join("train.d");
+    std::fs::create_dir(&train).unwrap();
+    std::fs::write(
+        train.join("prog.toml"),
+        "binary = \"prog\"\nargs = [\"10000000\"]\nuser = \"nobody\"\nruns = 10\ntimeout_secs = 30\n",
+    )
+    .unwrap();
+    std::fs::write(train.join("typo.toml"), "binary = \"prog\"\nargv = [\"1\"]\n").unwrap();
+    let rootish = train.join("rootish.toml");
+    std::fs::write(&rootish, "binary = \"prog\"\nuser = \"root\"\n").unwrap();
+    std::os::unix::fs::chown(&rootish, Some(65534), Some(65534)).unwrap();
+    std::fs::write(root.join("config.toml"), config(&root.join("scratch"), &train)).unwrap();
+    let d = Daemon::start(
+        &root.join("mnt"),
+        &[&bin],
+        &root.join("state"),
+        Some(&root.join("config.toml")),
+    );
+
+    // The bad files are refused, each with its reason, in the training section.
+    let section = d.wait_for(Duration::from_secs(30), "training section", |d| {
+        let s = d.status_json()["subsystems"]["training"].clone();
+        (s["refused"].as_array().is_some_and(|r| r.len() == 2)).then_some(s)
+    });
+    let refused = section["refused"].to_string();
+    assert!(refused.contains("unknown field `argv`"), "{refused}");
+    assert!(refused.contains("owned by uid 65534"), "{refused}");
+    assert_eq!(section["commands"].as_array().unwrap().len(), 1, "{section:#}");
+    assert!(d.status_text().contains("REFUSED"), "{}", d.status_text());
+
+    // Nobody runs prog; the training command alone carries it to a decision.
+    let mut stages: Vec<String> = Vec::new();
+    let last = loop {
+        let b = d.binary(&prog);
+        let key = b.as_ref().map(stage).unwrap_or_default();
+        if !key.is_empty() && stages.last() != Some(&key) {
+            stages.push(key.clone());
+        }
+        if key == "serving_optimized" || key == "serving_original" {
+            break b.unwrap();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(420),
+            "no decision; stages {stages:?}; training {:#}\n{}",
+            d.status_json()["subsystems"]["training"],
+            common::daemon::tail(&d.log(), 40)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    println!(
+        "decided in {:.0} s by training alone: {stages:?}: {}",
+        started.elapsed().as_secs_f64(),
+        last["details"]["policy"]["stage_text"]
+    );
+    assert!(stages.iter().any(|s| s == "canary"), "{stages:?}");
+    let runs = last["details"]["training"]["runs"].as_u64().unwrap();
+    assert!(runs >= 16, "{last:#}");
+
+    // The canary's runs, both arms, came from training (the test never ran prog).
+    let c = catalog_read_only(&d.state);
+    let count = |sql: &str| -> i64 { c.query_row(sql, [], |r| r.get(0)).unwrap() };
+    let variant_runs = count("SELECT count(*) FROM runs WHERE variant_id IS NOT NULL");
+    let original_runs = count("SELECT count(*) FROM runs WHERE variant_id IS NULL");
+    assert!(variant_runs >= 8 && original_runs >= 8, "{variant_runs} {original_runs}");
+    drop(c);
+    let runs_now = d.binary(&prog).unwrap()["details"]["training"]["runs"].as_u64().unwrap();
+    assert!(
+        (variant_runs + original_runs) as u64 <= runs_now,
+        "every measured run was a training run: {variant_runs}+{original_runs} vs {runs_now}"
+    );
+    let runs = runs_now;
+
+    // `train NAME` runs it now, whatever the stage; an unknown name is refused.
+    d.control("train prog").unwrap();
+    d.wait_for(Duration::from_secs(30), "train prog ran", |d| {
+        let n = d.binary(&prog)?["details"]["training"]["runs"].as_u64()?;
+        (n >= runs + 10).then_some(())
+    });
+    assert!(d.control("train nosuchprog").is_err());
+    assert!(d.last_error().contains("no binary named"), "{}", d.last_error());
+}
