@@ -79,6 +79,7 @@ impl Optimizer {
                 sandbox,
                 profiles: profiles.clone(),
                 clock: Arc::new(SystemClock),
+                kept_profiles: None,
             },
         );
         let (shutdown, rx) = watch::channel(false);
@@ -120,6 +121,7 @@ impl Optimizer {
                     stdin: None,
                     timeout: Duration::from_secs(60),
                 }),
+                stale: None,
             })
             .unwrap();
         let start = Instant::now();

@@ -122,6 +122,7 @@ impl Rig {
             sandbox,
             profiles: profiles.clone(),
             clock: Arc::new(SystemClock),
+            kept_profiles: None,
         };
         let (handle, worker) = optimizer(config, deps);
         let (shutdown, rx) = watch::channel(false);
@@ -152,6 +153,7 @@ impl Rig {
                 stdin: None,
                 timeout: Duration::from_secs(20),
             }),
+            stale: None,
         }
     }
 

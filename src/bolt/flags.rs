@@ -27,14 +27,19 @@ use std::path::Path;
 
 use super::applicability::BoltMode;
 use super::job::{BoltPlan, ProfileInput};
+use super::stale::yaml_beside;
 
 /// Arguments for `llvm-bolt`, given where the input, output and profile are.
-/// `fdata` is the profile's path as the runner placed it (ignored for instrumentation).
+/// `placed_profile` is the profile's path as the runner placed it (ignored for
+/// instrumentation).
+/// A build from fdata also writes its profile as YAML beside the output (`-w`), for the
+/// next version of the binary; a build from such a YAML of a previous version adds
+/// `-infer-stale-profile` (see [`super::stale`]).
 pub fn bolt_args(
     plan: &BoltPlan,
     input: &Path,
     output: &Path,
-    fdata: Option<&Path>,
+    placed_profile: Option<&Path>,
 ) -> Vec<String> {
     let mut args = vec![input.display().to_string(), "-o".into(), output.display().to_string()];
     match &plan.profile {
@@ -48,9 +53,15 @@ pub fn bolt_args(
                 args.push(format!("-instrumentation-binpath={}", bin.display()));
             }
         }
-        ProfileInput::Fdata(original) => {
-            let data = fdata.unwrap_or(original);
+        ProfileInput::Fdata(original) | ProfileInput::StaleYaml(original) => {
+            let data = placed_profile.unwrap_or(original);
             args.push(format!("-data={}", data.display()));
+            if let ProfileInput::StaleYaml(_) = plan.profile {
+                args.push("-infer-stale-profile".into());
+            } else {
+                // Kept for the binary's next version (see `super::stale`).
+                args.push(format!("-w={}", yaml_beside(output).display()));
+            }
             args.push("-reorder-blocks=ext-tsp".into());
             if plan.mode == BoltMode::Relocations {
                 args.push("-reorder-functions=cdsort".into());
@@ -97,9 +108,20 @@ mod tests {
         );
         assert_eq!(
             args.join(" "),
-            "in -o out -data=s/profile.fdata -reorder-blocks=ext-tsp -reorder-functions=cdsort \
-             -split-functions -split-all-cold -split-eh -dyno-stats -use-gnu-stack"
+            "in -o out -data=s/profile.fdata -w=out.yaml -reorder-blocks=ext-tsp \
+             -reorder-functions=cdsort -split-functions -split-all-cold -split-eh -dyno-stats \
+             -use-gnu-stack"
         );
+    }
+
+    #[test]
+    fn a_stale_profile_is_inferred_and_not_written_again() {
+        let mut p = plan(BoltMode::Relocations, true);
+        p.profile = ProfileInput::StaleYaml(PathBuf::from("/kept.yaml"));
+        let args = bolt_args(&p, Path::new("in"), Path::new("out"), Some(Path::new("s/p.yaml")));
+        assert_eq!(&args[3..5], ["-data=s/p.yaml", "-infer-stale-profile"]);
+        assert!(!args.iter().any(|a| a.starts_with("-w")), "{args:?}");
+        assert!(args.contains(&"-reorder-functions=cdsort".to_string()));
     }
 
     #[test]

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::applicability::BoltMode;
 use super::sandbox::ScratchDir;
+use super::stale::StaleMatch;
 use crate::identity::ContentId;
 
 /// Where BOLT's profile comes from.
@@ -25,6 +26,16 @@ pub enum ProfileInput {
     /// which only root may: a run by any other user aborts with "failed to open binary
     /// path".
     Instrument { profile_file: PathBuf, append_pid: bool, binpath: Option<PathBuf> },
+    /// Optimize with the YAML profile of a previous version of the binary
+    /// (`-infer-stale-profile` matches it to this one; see [`super::stale`]).
+    StaleYaml(PathBuf),
+}
+
+impl ProfileInput {
+    /// Whether the build optimizes from a profile (not `-instrument`).
+    pub fn optimizes(&self) -> bool {
+        !matches!(self, ProfileInput::Instrument { .. })
+    }
 }
 
 /// The flags-level choices of one attempt; the ladder moves between these.
@@ -93,6 +104,11 @@ pub struct BoltSuccess {
     pub version: String,
     /// The exact arguments given to `llvm-bolt` (paths are inside the scratch directory).
     pub args: Vec<String>,
+    /// The profile BOLT wrote in its YAML form (`-w`), when it did: kept for the next
+    /// version of the binary (see [`super::stale`]).
+    pub profile_yaml: Option<PathBuf>,
+    /// How a stale profile matched, read from BOLT's output (stale builds only).
+    pub stale_match: Option<StaleMatch>,
 }
 
 /// A failed run.

@@ -13,6 +13,8 @@
 //! - [`queue`]: the tokio task that takes requests and drives all of the above.
 //! - [`status`]: what the optimizer shows in status.
 //! - [`perf2bolt`]: converts `perf.data` into fdata (tests and benchmarks).
+//! - [`stale`]: profiles kept per path in BOLT's YAML format, so that a new version of a
+//!   binary is built at once from the previous version's profile.
 
 pub mod applicability;
 pub mod discover;
@@ -25,6 +27,7 @@ pub mod queue;
 pub mod retry_policy;
 pub mod runner;
 pub mod sandbox;
+pub mod stale;
 pub mod status;
 pub mod verify;
 

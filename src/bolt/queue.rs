@@ -25,6 +25,7 @@ use super::ladder::{Next, Rung, next_rung};
 use super::retry_policy::{DEFAULT_GROWTH, Decision, decide};
 use super::runner::BoltRunner;
 use super::sandbox::{Sandbox, SandboxLimits};
+use super::stale::{self, STALE_PROFILE_SAMPLES, StaleProfiles, StaleSource};
 use super::status::{FinishedView, JobEnd, OptimizerStatus, QueuedView, RunningView};
 use super::verify::{SmokeCommand, verify};
 use crate::catalog::Catalog;
@@ -62,6 +63,9 @@ pub struct OptimizeRequest {
     pub origin: RequestOrigin,
     /// A command safe to run the binary with, to compare the variant's output.
     pub smoke: Option<SmokeCommand>,
+    /// Build from this profile of a previous version of the binary (a new version with no
+    /// mature profile of its own; see [`super::stale`]) instead of the binary's own.
+    pub stale: Option<StaleSource>,
 }
 
 #[derive(Debug, Clone)]
@@ -101,6 +105,9 @@ pub struct OptimizerDeps {
     pub sandbox: Sandbox,
     pub profiles: Arc<dyn ProfileSource>,
     pub clock: Arc<dyn Clock>,
+    /// Where the profile of each successful build is kept for the binary's next version;
+    /// None keeps nothing.
+    pub kept_profiles: Option<StaleProfiles>,
 }
 
 /// Why a request was refused.
@@ -300,23 +307,29 @@ async fn build(shared: &Arc<Shared>, req: &OptimizeRequest) -> anyhow::Result<(u
     }
 
     let profile_dir = tempfile::tempdir().context("creating the profile directory")?;
-    let fdata = profile_dir.path().join("profile.fdata");
-    let profiles = deps.profiles.clone();
-    let out = fdata.clone();
-    let info = tokio::task::spawn_blocking(move || profiles.write_fdata(binary_id, &out))
-        .await?
-        .context("writing the profile")?;
+    let (profile, info) = match &req.stale {
+        // Recorded as a tiny profile: the binary's own mature profile replaces it.
+        Some(source) => (
+            ProfileInput::StaleYaml(source.yaml.clone()),
+            ProfileInfo { samples: STALE_PROFILE_SAMPLES },
+        ),
+        None => {
+            let fdata = profile_dir.path().join("profile.fdata");
+            let profiles = deps.profiles.clone();
+            let out = fdata.clone();
+            let info = tokio::task::spawn_blocking(move || profiles.write_fdata(binary_id, &out))
+                .await?
+                .context("writing the profile")?;
+            (ProfileInput::Fdata(fdata), info)
+        }
+    };
     if info.samples == 0 {
         return Ok((0, JobEnd::Skipped { why: "the profile is empty".into() }));
     }
 
     let mode = assess(&req.facts, &req.profile, &shared.config.applicability).mode;
-    let mut rung = Rung::first(BoltPlan {
-        mode,
-        split_functions: true,
-        skip_funcs: vec![],
-        profile: ProfileInput::Fdata(fdata),
-    });
+    let mut rung =
+        Rung::first(BoltPlan { mode, split_functions: true, skip_funcs: vec![], profile });
     let mut attempt = 0u32;
     loop {
         attempt += 1;
@@ -345,6 +358,12 @@ async fn build(shared: &Arc<Shared>, req: &OptimizeRequest) -> anyhow::Result<(u
         let Some(kind) = tried.kind else {
             let stored = tried.stored.context("a success has a stored variant")?;
             let sha256 = stored.file.content.hex();
+            if let Some(origin) = stored.origin.clone() {
+                let name = req.name.clone();
+                deps.catalog.spawn("stale profile event", move |c| {
+                    base::record_event(c, now, Some(&name), "bolt", &origin)
+                });
+            }
             let variant_id = record_variant(shared, record, stored, info.samples, now).await?;
             collect_garbage(shared).await;
             return Ok((attempt, JobEnd::Built { variant_id, sha256 }));
@@ -451,6 +470,8 @@ struct Stored {
     file: StoredVariant,
     /// What verification checked, and BOLT's cost.
     note: String,
+    /// For a build from a previous version's profile: which, and how it matched.
+    origin: Option<String>,
 }
 
 /// Verifies a successful run's output and stores it; failures pass through.
@@ -464,7 +485,7 @@ async fn try_store(
             return Ok(Tried {
                 kind: Some(f.kind),
                 tail: f.tail,
-                flags: recorded_flags(&f.args),
+                flags: recorded_flags(&f.args, req.stale.as_ref()),
                 wall_ms: f.wall.as_millis() as u64,
                 peak_rss_kib: f.peak_rss_kib,
                 stored: None,
@@ -479,12 +500,25 @@ async fn try_store(
     let mut tried = Tried {
         kind: None,
         tail: success.tail.clone(),
-        flags: recorded_flags(&success.args),
+        flags: recorded_flags(&success.args, req.stale.as_ref()),
         wall_ms: success.wall.as_millis() as u64,
         peak_rss_kib: success.peak_rss_kib,
         stored: None,
     };
     let (wall_ms, rss) = (tried.wall_ms, tried.peak_rss_kib);
+    let origin = req.stale.as_ref().map(|s| stale::note(&s.kept, success.stale_match));
+    let note_start = origin.as_ref().map(|o| format!("{o}; ")).unwrap_or_default();
+    // Only a build from the binary's own profile leaves a profile for its next version.
+    let keep = match (&shared.deps.kept_profiles, &req.stale, &success.profile_yaml) {
+        (Some(kept), None, Some(yaml)) => Some((
+            kept.clone(),
+            yaml.clone(),
+            req.name.clone(),
+            req.content,
+            success.version.clone(),
+        )),
+        _ => None,
+    };
     let checked = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         // Verify a root-owned copy: the sandbox user can still write to the scratch output.
         let staged = store.stage(&success.output)?;
@@ -493,11 +527,18 @@ async fn try_store(
         {
             Ok(report) => {
                 let note = format!(
-                    "checked: {}; BOLT took {wall_ms} ms, peak {} MiB",
+                    "{note_start}checked: {}; BOLT took {wall_ms} ms, peak {} MiB",
                     report.checks.join(", "),
                     rss / 1024
                 );
-                Ok(Ok(Stored { file: store.commit(staged)?, note }))
+                let file = store.commit(staged)?;
+                if let Some((kept, yaml, name, content, version)) = keep
+                    && let Err(e) = kept.keep(&name, &content, &version, &yaml)
+                {
+                    // The variant is fine; only the next version's head start is lost.
+                    tracing::warn!(binary = %name, error = %format!("{e:#}"), "keeping the profile for upgrades failed");
+                }
+                Ok(Ok(Stored { file, note, origin }))
             }
             Err(why) => Ok(Err(why)),
         }
@@ -510,11 +551,19 @@ async fn try_store(
     Ok(tried)
 }
 
-/// The flags as recorded: without the scratch paths of input, output and profile.
-fn recorded_flags(args: &[String]) -> String {
+/// The flags as recorded: without the scratch paths of input, output and profile; a
+/// previous version's profile is named by that version (see [`stale::data_flag`]).
+fn recorded_flags(args: &[String], stale: Option<&StaleSource>) -> String {
     args.iter()
         .skip(3)
-        .map(|a| if a.starts_with("-data=") { "-data=<profile>".to_string() } else { a.clone() })
+        .map(|a| match a {
+            _ if a.starts_with("-data=") => match stale {
+                Some(s) => stale::data_flag(&s.kept),
+                None => "-data=<profile>".to_string(),
+            },
+            _ if a.starts_with("-w=") => "-w=<profile.yaml>".to_string(),
+            _ => a.clone(),
+        })
         .collect::<Vec<_>>()
         .join(" ")
 }
@@ -533,10 +582,16 @@ mod tests {
 
     #[test]
     fn recorded_flags_hide_scratch_paths() {
-        let args: Vec<String> =
-            ["/s/input", "-o", "/s/work/output", "-data=/s/profile.fdata", "-dyno-stats"]
-                .map(String::from)
-                .to_vec();
-        assert_eq!(recorded_flags(&args), "-data=<profile> -dyno-stats");
+        let args: Vec<String> = [
+            "/s/input",
+            "-o",
+            "/s/work/output",
+            "-data=/s/profile.fdata",
+            "-w=/s/o.yaml",
+            "-plt=hot",
+        ]
+        .map(String::from)
+        .to_vec();
+        assert_eq!(recorded_flags(&args, None), "-data=<profile> -w=<profile.yaml> -plt=hot");
     }
 }

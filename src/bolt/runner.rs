@@ -14,6 +14,7 @@ use super::discover::BoltTool;
 use super::flags::bolt_args;
 use super::job::{BoltFailure, BoltJob, BoltOutcome, BoltSuccess, FailureKind, ProfileInput};
 use super::sandbox::{Sandbox, SandboxCommand, SandboxLimits, Termination};
+use super::stale::{StaleMatch, yaml_beside};
 use crate::identity::ContentId;
 
 /// How much of BOLT's output is kept for status and the catalog.
@@ -72,18 +73,19 @@ impl BoltRunner for SandboxedBoltRunner {
                     got.short()
                 );
             }
-            let fdata = match &job.plan.profile {
+            let profile = match &job.plan.profile {
                 ProfileInput::Fdata(p) => Some(scratch.place(p, "profile.fdata", 0o644)?),
+                ProfileInput::StaleYaml(p) => Some(scratch.place(p, "profile.yaml", 0o644)?),
                 ProfileInput::Instrument { .. } => None,
             };
-            Ok((input, fdata))
+            Ok((input, profile))
         })();
-        let (input, fdata) = match placed {
+        let (input, profile) = match placed {
             Ok(p) => p,
             Err(e) => return failed(FailureKind::Setup(format!("{e:#}")), String::new(), vec![]),
         };
         let output = scratch.work().join("output");
-        let args = bolt_args(&job.plan, &input, &output, fdata.as_deref());
+        let args = bolt_args(&job.plan, &input, &output, profile.as_deref());
         let ran = self.sandbox.run(&SandboxCommand {
             program: &self.tool.llvm_bolt,
             args: &args,
@@ -112,6 +114,14 @@ impl BoltRunner for SandboxedBoltRunner {
         };
         match kind {
             None => BoltOutcome::Ok(BoltSuccess {
+                profile_yaml: Some(yaml_beside(&output)).filter(|y| is_regular_file(y)),
+                stale_match: match job.plan.profile {
+                    // The match is reported before the passes: look at all of the output kept.
+                    ProfileInput::StaleYaml(_) => {
+                        StaleMatch::parse(&ran.stdout.tail_text(usize::MAX))
+                    }
+                    _ => None,
+                },
                 output,
                 scratch,
                 tail,

@@ -5,7 +5,7 @@
 //! The queue checks again when the job starts; a refusal at submission is normal (already
 //! queued) and only logged at debug level.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -16,8 +16,9 @@ use super::Shared;
 use super::candidate::{current_binary, profile_numbers, verdict};
 use crate::bolt::history::build_history;
 use crate::bolt::retry_policy::{DEFAULT_GROWTH, Decision, decide};
+use crate::bolt::stale::{STALE_PROFILE_SAMPLES, StaleSource};
 use crate::bolt::{ApplicabilityConfig, OptimizeRequest, ProfileNumbers, RequestOrigin};
-use crate::catalog::base;
+use crate::catalog::{base, bolt_jobs};
 use crate::identity::{ContentId, FileKey};
 use crate::profile::maturity::MaturityThresholds;
 use crate::profile::profile_summary;
@@ -71,6 +72,10 @@ pub struct Rules {
     /// The fleet's profiles and verdicts (`[fleet]`): a mature fleet profile makes a
     /// binary due here too, and enough rejections elsewhere hold a build back.
     pub fleet: Option<Arc<crate::fleet::FleetView>>,
+    /// The profiles kept per path from earlier builds (`crate::bolt::stale`): a new
+    /// version at such a path with no mature profile of its own and no build yet is
+    /// built from its previous version's profile at once.
+    pub kept: HashMap<String, StaleSource>,
 }
 
 /// The indexed binaries at paths of the overlaid directories that the config permits and
@@ -95,12 +100,15 @@ pub async fn current_paths(shared: &Shared) -> anyhow::Result<Vec<(PathBuf, File
 /// One scan: submits every binary due for a build; returns how many were queued.
 async fn submit_matured(shared: &Arc<Shared>) -> anyhow::Result<usize> {
     let current = current_paths(shared).await?;
+    let kept_profiles = shared.kept_profiles.clone();
+    let kept = tokio::task::spawn_blocking(move || kept_profiles.kept()).await?;
     let rules = Rules {
         thresholds: shared.thresholds,
         applicability: shared.applicability.clone(),
         bolt_version: shared.bolt.tool().map(|t| t.version.to_string()).unwrap_or_default(),
         instrumented_runs_needed: shared.instrumentation.as_ref().map(|i| i.budget.max_runs),
         fleet: shared.fleet.get().cloned(),
+        kept,
     };
     let requests = shared
         .catalog
@@ -152,7 +160,7 @@ pub fn matured_request(
         (Some(l), Some(f)) if f.samples > l.samples => f,
         (Some(l), _) => l,
         (None, Some(f)) => f,
-        (None, None) => return Ok(None),
+        (None, None) => return stale_request(conn, path, binary, rules),
     };
     if let Some(why) = rules
         .fleet
@@ -189,6 +197,49 @@ pub fn matured_request(
         origin: RequestOrigin::Matured,
         // optbin knows no command that is safe to run an arbitrary program with.
         smoke: None,
+        stale: None,
+    }))
+}
+
+/// The build request from the previous version's kept profile for `binary` (a version
+/// with no mature profile of its own) at `path`, when it is due one: a profile is kept for
+/// the path from another content, BOLT never ran on this content, and its facts make it
+/// a candidate (its own profile cannot say yet; the previous version's did).
+fn stale_request(
+    conn: &Connection,
+    path: &Path,
+    binary: base::BinaryRow,
+    rules: &Rules,
+) -> anyhow::Result<Option<OptimizeRequest>> {
+    let name = path.to_string_lossy().into_owned();
+    let Some(source) = rules.kept.get(&name).and_then(|s| s.for_content(&binary.sha256)) else {
+        return Ok(None);
+    };
+    if bolt_jobs::job_of(conn, binary.id)?.is_some() {
+        return Ok(None);
+    }
+    if !verdict(&binary.facts, None, &rules.applicability).applicability.candidate {
+        return Ok(None);
+    }
+    let Some(content) = ContentId::parse(&binary.sha256) else {
+        anyhow::bail!("binary {} has a malformed sha256 in the catalog", binary.id);
+    };
+    Ok(Some(OptimizeRequest {
+        binary_id: binary.id,
+        name,
+        original: path.to_path_buf(),
+        content,
+        facts: binary.facts,
+        // The previous version's profile was judged worth a build; this version's own
+        // share of the samples is not known yet.
+        profile: ProfileNumbers {
+            samples: STALE_PROFILE_SAMPLES,
+            own_text_share: 1.0,
+            front_end: None,
+        },
+        origin: RequestOrigin::Matured,
+        smoke: None,
+        stale: Some(source.clone()),
     }))
 }
 
@@ -242,7 +293,7 @@ fn instrumented_numbers(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::{Catalog, bolt_jobs, profiles};
+    use crate::catalog::{Catalog, profiles};
     use crate::elf::ElfFacts;
 
     fn facts() -> ElfFacts {
@@ -265,6 +316,7 @@ mod tests {
             bolt_version: "22.1.8".into(),
             instrumented_runs_needed: Some(2),
             fleet: None,
+            kept: HashMap::new(),
         };
         let catalog = Catalog::in_memory().unwrap();
         let text = path.to_string_lossy().into_owned();
@@ -298,6 +350,7 @@ mod tests {
             bolt_version: "22.1.8".into(),
             instrumented_runs_needed: None,
             fleet: None,
+            kept: HashMap::new(),
         };
         let catalog = Catalog::in_memory().unwrap();
         let text = path.to_string_lossy().into_owned();

@@ -1,5 +1,7 @@
-//! `optimize NAME` (queue a build now, whatever the history says) and `reset NAME` (forget
-//! the binary's profile, measurements, variants and BOLT history). Both act on the content
+//! `optimize NAME` (queue a build now, whatever the history says; from the previous
+//! version's kept profile when the binary has none of its own yet) and `reset NAME` (forget
+//! the binary's profile, measurements, variants and BOLT history, and the profile kept for
+//! its next version). Both act on the content
 //! now at the path; a path without an indexed binary is EINVAL with the reason.
 //!
 //! Called from FUSE request threads (plain threads), so the catalog is used blocking.
@@ -9,6 +11,7 @@ use std::sync::Arc;
 
 use super::Shared;
 use super::candidate::{current_binary, profile_numbers, verdict};
+use crate::bolt::stale::STALE_PROFILE_SAMPLES;
 use crate::bolt::{OptimizeRequest, ProfileNumbers, RequestOrigin};
 use crate::catalog::{base, bolt_jobs, profiles, runs};
 use crate::control::ActionError;
@@ -77,15 +80,30 @@ impl CommandHooks for OptimizerHooks {
         }
         let content = ContentId::parse(&binary.sha256)
             .ok_or_else(|| ActionError::io("a malformed sha256 in the catalog"))?;
+        let name = path.to_string_lossy().into_owned();
+        // No profile of its own yet: the previous version's, if one is kept.
+        let stale = match &profile {
+            None => self.shared.kept_profiles.previous_version(&name, &content),
+            Some(_) => None,
+        };
+        let profile = match (&stale, profile) {
+            (Some(_), _) => ProfileNumbers {
+                samples: STALE_PROFILE_SAMPLES,
+                own_text_share: 1.0,
+                front_end: None,
+            },
+            (None, p) => p.unwrap_or_default(),
+        };
         let request = OptimizeRequest {
             binary_id: binary.id,
-            name: path.to_string_lossy().into_owned(),
+            name,
             original: path.to_path_buf(),
             content,
             facts: binary.facts,
-            profile: profile.unwrap_or_default(),
+            profile,
             origin: RequestOrigin::User,
             smoke: None,
+            stale,
         };
         self.shared.handle.submit(request).map_err(|why| ActionError::invalid(why.0))?;
         Ok(format!("{} queued for BOLT", path.display()))
@@ -123,6 +141,8 @@ impl CommandHooks for OptimizerHooks {
             })
             .map_err(|e| ActionError::io(format!("the catalog could not reset it: {e:#}")))?;
         self.collect_garbage();
+        // Also the profile kept for the path's next version: a reset starts over.
+        self.shared.kept_profiles.forget(&path.to_string_lossy());
         Ok(format!(
             "{}: profile, measurements, BOLT history and {retired} variant(s) forgotten",
             path.display()

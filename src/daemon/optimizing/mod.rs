@@ -1,6 +1,7 @@
 //! The optimizer in the running daemon: finds BOLT, builds the job queue over the catalog,
 //! the variant store and a sandbox, and connects it to the rest:
-//! - [`driver`]: a task that submits binaries whose profile matured;
+//! - [`driver`]: a task that submits binaries whose profile matured, and new versions of
+//!   binaries built before, from their previous version's kept profile;
 //! - [`hooks`]: the `optimize NAME` and `reset NAME` control commands;
 //! - [`report`]: the "optimizer" status section and per-binary details, and the
 //!   pipeline stage the policy shows;
@@ -32,6 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::sync::watch;
 
+use crate::bolt::stale::StaleProfiles;
 use crate::bolt::status::OptimizerStatus;
 use crate::bolt::{
     ApplicabilityConfig, BoltRunner, BoltState, OptimizerConfig, OptimizerDeps, OptimizerHandle,
@@ -72,6 +74,8 @@ pub struct Shared {
     status_copy: Mutex<Option<(Instant, Arc<OptimizerStatus>)>>,
     /// The fleet's profiles and verdicts, when `[fleet]` is on (set by [`Optimizing::use_fleet`]).
     pub fleet: FleetSlot,
+    /// The profiles kept per path for the binaries' next versions.
+    pub kept_profiles: StaleProfiles,
 }
 
 /// Where the optimizer finds the fleet's view once the daemon has one.
@@ -146,6 +150,7 @@ impl Optimizing {
         };
         let instrumentation = instrumenting::InstrumentSetup::from_config(cfg)?;
         let fleet = FleetSlot::default();
+        let kept_profiles = StaleProfiles::in_state_dir(&cfg.state_dir);
         let deps = OptimizerDeps {
             catalog: catalog.clone(),
             store: store.clone(),
@@ -157,6 +162,7 @@ impl Optimizing {
                 fleet: fleet.clone(),
             }),
             clock,
+            kept_profiles: Some(kept_profiles.clone()),
         };
         let (handle, worker) = optimizer(config, deps);
         let shared = Arc::new(Shared {
@@ -174,6 +180,7 @@ impl Optimizing {
             sandbox,
             status_copy: Mutex::new(None),
             fleet,
+            kept_profiles,
         });
         Ok(Self { shared, worker: Mutex::new(Some(worker)), scratch_created })
     }

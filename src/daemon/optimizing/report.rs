@@ -12,6 +12,7 @@ use super::Shared;
 use super::candidate::{profile_numbers, verdict};
 use crate::bolt::history::build_history;
 use crate::bolt::retry_policy::{DEFAULT_GROWTH, Decision, RequestOrigin, decide};
+use crate::bolt::stale;
 use crate::bolt::status::{JobEnd, OptimizerStatus};
 use crate::bolt::{ProfileNumbers, assess};
 use crate::catalog::{base, bolt_jobs, runs};
@@ -86,17 +87,37 @@ impl SubsystemStatus for OptimizerReport {
                  a profile twice as big",
                 j.last_outcome, j.attempts
             )),
+            Some(j)
+                if j.last_outcome == "ok"
+                    && j.flags.as_deref().and_then(stale::version_in_flags).is_some() =>
+            {
+                Some(format!(
+                    "built with BOLT {} from the previous version's profile ({} attempt(s))",
+                    j.bolt_version, j.attempts
+                ))
+            }
             Some(j) if j.last_outcome == "ok" => Some(format!(
                 "built with BOLT {} from {} samples ({} attempt(s))",
                 j.bolt_version, j.profile_samples, j.attempts
             )),
             Some(j) => Some(format!("last BOLT attempt: {}", j.last_outcome)),
         };
-        let summary = [queue.clone(), history, Some(v.applicability.reason.clone())]
+        // A variant that bridges an upgrade says from which version and how it matched.
+        let stale_profile = base::variants_of(conn, binary_id)
+            .ok()?
             .into_iter()
-            .flatten()
-            .collect::<Vec<_>>()
-            .join("; ");
+            .rev()
+            .filter(|v| v.kind == "bolt" && v.state != "retired")
+            .find_map(|v| {
+                let version = stale::version_in_flags(v.flags.as_deref()?)?;
+                Some(format!("variant {} {}", v.id, stale::describe(version, None)))
+            });
+        let summary =
+            [queue.clone(), history, stale_profile.clone(), Some(v.applicability.reason.clone())]
+                .into_iter()
+                .flatten()
+                .collect::<Vec<_>>()
+                .join("; ");
         Some(json!({
             "summary": summary,
             "candidate": v.applicability.candidate,
@@ -106,6 +127,7 @@ impl SubsystemStatus for OptimizerReport {
             "facts_only": v.facts_only,
             "queue": queue,
             "job": job,
+            "stale_profile": stale_profile,
         }))
     }
 }
