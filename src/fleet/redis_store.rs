@@ -17,7 +17,7 @@ use super::store::{FleetStore, Push, PushKind, RawIdentity, Ttl};
 use crate::identity::ContentId;
 
 enum Client {
-    Single(redis::Client),
+    Single(Box<redis::Client>),
     Cluster(Box<redis::cluster::ClusterClient>),
 }
 
@@ -87,14 +87,14 @@ impl RedisStore {
             .collect::<anyhow::Result<Vec<_>>>()?;
         let client = if infos.len() == 1 {
             let info = infos.into_iter().next().unwrap();
-            Client::Single(match ca_pem {
+            Client::Single(Box::new(match ca_pem {
                 Some(pem) => redis::Client::build_with_tls(
                     info,
                     redis::TlsCertificates { client_tls: None, root_cert: Some(pem.to_vec()) },
                 )
                 .context("[fleet] setting up TLS with the ca_file")?,
                 None => redis::Client::open(info)?,
-            })
+            }))
         } else {
             let mut b = redis::cluster::ClusterClientBuilder::new(infos)
                 .connection_timeout(timeout)
