@@ -30,11 +30,7 @@ impl Fleet {
     pub fn new(settings: Option<&FleetSettings>) -> anyhow::Result<Option<Self>> {
         let Some(settings) = settings else { return Ok(None) };
         let resolved = settings.resolve()?;
-        let store = Arc::new(RedisStore::new(
-            &resolved.urls,
-            resolved.credentials.as_ref(),
-            resolved.timeout(),
-        )?);
+        let store = Arc::new(RedisStore::from_settings(&resolved)?);
         let view = Arc::new(FleetView::new(
             resolved.machine.clone(),
             resolved.settings.mode.writes(),

@@ -14,6 +14,12 @@
 //! version of a path removes the copies of its older versions (running processes keep
 //! their unlinked inode). The cost: one copy per served version (`copy_file_range`, or a
 //! reflink where the filesystem has them) on its first open, and its disk space.
+//!
+//! Copies are not synced to disk (an `fdatasync` per copy was most of a first exec's wait,
+//! and far more on a busy disk): a copy is published by rename once completely written, so
+//! within one boot every copy is whole, whatever happens to the daemon. Only a crash of
+//! the machine can leave a torn copy behind, so the directory remembers the boot it was
+//! filled in (`.boot`, the kernel's boot id) and is emptied when that is not this boot.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -37,10 +43,12 @@ pub struct Snapshots {
 }
 
 impl Snapshots {
-    /// Uses (and creates, root-only) `dir`.
+    /// Uses (and creates, root-only) `dir`; empties it when it was filled during an earlier
+    /// boot (see the module doc).
     pub fn new(dir: &Path) -> io::Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+        forget_other_boots(dir, &boot_id()?)?;
         Ok(Self { dir: dir.to_path_buf(), known: Mutex::default(), warned: Default::default() })
     }
 
@@ -146,7 +154,6 @@ impl Snapshots {
                 io::copy(&mut source, &mut copy)
                     .map_err(|e| FsError::io(e, format!("copying {}", original.display())))?;
             }
-            copy.sync_data().map_err(|e| FsError::io(e, "syncing a copy"))?;
             let after = source.metadata().map_err(|e| FsError::io(e, "stat of an original"))?;
             let now = std::fs::metadata(original).map(|m| FileKey::from_metadata(&m));
             if FileKey::from_metadata(&after) != *key || now.ok() != Some(*key) {
@@ -182,6 +189,34 @@ impl Snapshots {
     }
 }
 
+/// The marker of the boot the copies were made in.
+const BOOT_MARKER: &str = ".boot";
+
+/// This boot's id (random per boot, from the kernel).
+fn boot_id() -> io::Result<String> {
+    Ok(std::fs::read_to_string("/proc/sys/kernel/random/boot_id")?.trim().to_string())
+}
+
+/// Removes every file in `dir` unless its marker says `boot`, then marks it with `boot`.
+fn forget_other_boots(dir: &Path, boot: &str) -> io::Result<()> {
+    let marker = dir.join(BOOT_MARKER);
+    if std::fs::read_to_string(&marker).is_ok_and(|m| m.trim() == boot) {
+        return Ok(());
+    }
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir)?.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_file())
+            && std::fs::remove_file(entry.path()).is_ok()
+        {
+            removed += 1;
+        }
+    }
+    if removed > 0 {
+        tracing::info!(dir = %dir.display(), removed, "copies of originals from an earlier boot removed");
+    }
+    std::fs::write(&marker, boot)
+}
+
 fn open_read(path: &Path) -> io::Result<File> {
     OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC).open(path)
 }
@@ -198,6 +233,26 @@ fn reflink(source: &File, copy: &File) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn copies_of_an_earlier_boot_are_removed_and_those_of_this_boot_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("copies");
+        let original = tmp.path().join("prog");
+        std::fs::write(&original, b"bytes").unwrap();
+        let key = FileKey::of(&original).unwrap();
+        let snapshots = Snapshots::new(&dir).unwrap();
+        drop(snapshots.open(&original, &key).unwrap());
+        let copy = snapshots.path_of(&original, &key);
+        // A restarted daemon in the same boot keeps the copy.
+        Snapshots::new(&dir).unwrap();
+        assert!(copy.exists(), "a copy of this boot is kept");
+        // After a reboot (another boot id) the copy may be torn: it goes.
+        std::fs::write(dir.join(BOOT_MARKER), "an-earlier-boot").unwrap();
+        Snapshots::new(&dir).unwrap();
+        assert!(!copy.exists(), "a copy of an earlier boot is removed");
+        assert_eq!(std::fs::read_to_string(dir.join(BOOT_MARKER)).unwrap(), boot_id().unwrap());
+    }
 
     #[test]
     fn a_copy_keeps_its_bytes_when_the_original_is_rewritten_in_place() {

@@ -284,12 +284,17 @@ impl Renderer {
         let all: Vec<(&StackSample, u64)> = stacks.iter().map(|(s, n)| (s, *n)).collect();
         let machine = fold_all(&all, true, &variant_paths, &self.mountpoint, &mut symbols);
         let total: u64 = all.iter().map(|(_, n)| n).sum();
-        let machine_svg = flame::render(
-            &format!("CPU of the whole machine, last {} min", self.stacks.window_secs() / 60),
-            &format!("{total} samples; {}", flame::unwinding_note(&all)),
-            &machine,
-        );
+        let machine_title =
+            format!("CPU of the whole machine, last {} min", self.stacks.window_secs() / 60);
+        let machine_subtitle = format!("{total} samples; {}", flame::unwinding_note(&all));
+        let machine_svg = flame::render(&machine_title, &machine_subtitle, &machine);
         files.insert(FLAME.into(), to_rendered(FLAME, machine_svg));
+        // The report's copy: the same graph at a fixed width (see `flame::render_inline`).
+        let inline_flame = flame::render_inline(&machine_title, &machine_subtitle, &machine)
+            .map(|svg| String::from_utf8_lossy(&svg).into_owned())
+            .unwrap_or_else(|e| {
+                flame::empty_svg(&machine_title, &format!("could not be rendered: {e:#}"))
+            });
 
         // Per binary.
         let mut per_binary: HashMap<&Path, BinaryStacks> = HashMap::new();
@@ -409,14 +414,9 @@ impl Renderer {
         let metrics_page = report.as_ref().map(|r| metrics::render(r, host).into_bytes());
         if let (Some(r), Some(m)) = (&report, &metrics_page) {
             files.insert(METRICS.into(), Ok(Arc::new(m.clone())));
-            let flame_svg = files
-                .get(FLAME)
-                .and_then(|f| f.as_ref().ok())
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default();
             files.insert(
                 REPORT.into(),
-                Ok(Arc::new(html::render(r, &flame_svg, &sections, host).into_bytes())),
+                Ok(Arc::new(html::render(r, &inline_flame, &sections, host).into_bytes())),
             );
         }
 
