@@ -9,7 +9,7 @@
 # OPTBIN_BENCH_QUICK=1 runs the short modes instead (and says so in the document).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-all=(bench_overlay bench_sampling bench_policing bench_policy bench_optimizer bench_pipeline bench_warm)
+all=(bench_overlay bench_sampling bench_policing bench_policy bench_optimizer bench_pipeline bench_warm bench_fleet)
 if [ $# -gt 0 ]; then names=("$@"); else names=("${all[@]}"); fi
 export OPTBIN_BENCH_QUICK="${OPTBIN_BENCH_QUICK-0}"
 mode=full

@@ -11,9 +11,11 @@
 //!    network counters), Redis memory per binary identity, and pull + parse + merge time of
 //!    one identity with N contributions (median and range of several).
 //!
-//! `OPTBIN_BENCH_QUICK=1` (the default of run-tests.sh): 100 machines x 40 binaries and
+//! A program (`harness = false`). `OPTBIN_BENCH_QUICK=1` (the smoke mode of run-tests.sh): 100 machines x 40 binaries and
 //! small maturity thresholds; unset: 500 x 200.
 
+#[path = "common/bench.rs"]
+mod bench;
 #[path = "common/branchy.rs"]
 mod branchy;
 #[path = "common/mod.rs"]
@@ -35,8 +37,13 @@ use optbin::fleet::settings::Credentials;
 use optbin::fleet::store::{FleetStore, Push, PushKind, Ttl};
 use optbin::identity::ContentId;
 
-fn quick() -> bool {
-    std::env::var("OPTBIN_BENCH_QUICK").is_ok_and(|v| v == "1")
+use bench::quick;
+
+fn main() {
+    bench::run("bench_fleet", || {
+        many_machines_push_and_pull_profiles();
+        first_run_to_built_variant_with_and_without_the_fleet();
+    });
 }
 
 fn rt() -> tokio::runtime::Runtime {
@@ -85,7 +92,6 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-#[test]
 fn many_machines_push_and_pull_profiles() {
     let (machines, binaries, functions) = if quick() { (100, 40, 150) } else { (500, 200, 150) };
     let tmp = tempfile::tempdir().unwrap();
@@ -227,7 +233,6 @@ fn built(d: &Daemon) -> bool {
         > 0
 }
 
-#[test]
 fn first_run_to_built_variant_with_and_without_the_fleet() {
     let min_samples = if quick() { 1500 } else { 20_000 };
     let tmp = common::open_tempdir();

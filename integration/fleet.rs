@@ -10,7 +10,7 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleet_support::{Cluster, Redis, credentials, reader_acl, writer_acl};
+use fleet_support::{Cluster, Redis, TestCa, credentials, reader_acl, writer_acl};
 use optbin::catalog::profiles::WindowBatch;
 use optbin::catalog::{Catalog, base, profiles};
 use optbin::clock::SystemClock;
@@ -100,6 +100,55 @@ fn redis_acls_refuse_a_readers_write_and_a_write_to_another_machines_key() {
     );
 }
 
+#[test]
+fn rediss_urls_speak_tls_and_check_the_servers_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path();
+    let ca = TestCa::create(&root.join("ca"));
+    let redis = Redis::start_tls(&root.join("redis"), &writer_acl("m-a", "pw-a"), &ca);
+    let url = redis.url();
+    assert!(url.starts_with("rediss://"), "{url}");
+    let secret = credentials(root, "m-a", "pw-a");
+    let fleet = |ca_file: Option<&Path>| {
+        let ca_line =
+            ca_file.map_or(String::new(), |p| format!("ca_file = {:?}\n", p.display().to_string()));
+        format!(
+            "url = {url:?}\nmachine_id = \"m-a\"\ncredentials = {:?}\ntimeout_ms = 2000\n{ca_line}",
+            secret.display().to_string()
+        )
+    };
+    let rt = rt();
+
+    // With the private CA: a round trip through TLS.
+    let settings: FleetSettings = toml::from_str(&fleet(Some(&ca.ca_pem))).unwrap();
+    let tls = RedisStore::from_settings(&settings.resolve().unwrap()).unwrap();
+    rt.block_on(tls.push("m-a", &push("m-a"), &TTL)).expect("a push over TLS");
+    let pulled = rt.block_on(tls.pull(&[ContentId::of_bytes(BINARY)], 10, 1 << 20)).unwrap();
+    assert_eq!(pulled[0].profiles, vec![("m-a".to_string(), contribution("m-a"))]);
+
+    // Without it, the server's certificate is not trusted (the system's roots do not hold
+    // the test CA): the connection is refused, not made without checking.
+    let settings: FleetSettings = toml::from_str(&fleet(None)).unwrap();
+    let untrusting = RedisStore::from_settings(&settings.resolve().unwrap()).unwrap();
+    let err = rt.block_on(untrusting.identities(10)).unwrap_err();
+    assert!(format!("{err:#}").to_lowercase().contains("certificate"), "{err:#}");
+
+    // Plain text to the TLS port gets no answer.
+    let plain = store(&[url.replacen("rediss://", "redis://", 1)], "m-a", "pw-a");
+    assert!(rt.block_on(plain.identities(10)).is_err());
+
+    // The command line with the CA in the config file.
+    let cfg = root.join("config.toml");
+    std::fs::write(&cfg, format!("[fleet]\n{}", fleet(Some(&ca.ca_pem)))).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_optbin"))
+        .args(["fleet", "status", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("reachable: yes"), "{out:?}");
+}
+
 /// A machine's catalog holding the binary at a path and `windows` windows of samples.
 fn catalog(dir: &Path, windows: i64, per_window: u64) -> Catalog {
     let path = dir.join("tool");
@@ -151,10 +200,7 @@ fn a_three_node_cluster_shares_profiles_like_one_server() {
         std::fs::create_dir_all(&dir).unwrap();
         let secret = credentials(&dir, machine, &format!("pw-{machine}"));
         let resolved = settings(&urls, machine, &secret).resolve().unwrap();
-        let store = Arc::new(
-            RedisStore::new(&resolved.urls, resolved.credentials.as_ref(), resolved.timeout())
-                .unwrap(),
-        );
+        let store = Arc::new(RedisStore::from_settings(&resolved).unwrap());
         let view = Arc::new(FleetView::new(machine.into(), true, 2));
         let mut task = FleetTask::new(
             store,

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, catalog_read_only};
-use fleet_support::{Redis, credentials, writer_acl};
+use fleet_support::{Redis, credentials, reader_acl, writer_acl};
 use serde_json::Value;
 
 /// About 0.1 s of CPU per run.
@@ -50,7 +50,7 @@ int main(int argc, char **argv) {
 }
 "#;
 
-fn config(root: &Path, redis: &Redis, machine: &str, secret: &Path) -> String {
+fn config(root: &Path, redis: &Redis, machine: &str, secret: &Path, mode: &str) -> String {
     format!(
         r#"[profile]
 frequency_hz = 999
@@ -76,6 +76,7 @@ rescan_ms = 200
 url = "{url}"
 credentials = {secret:?}
 machine_id = "{machine}"
+mode = "{mode}"
 interval_secs = 0.5
 timeout_ms = 500
 "#,
@@ -92,6 +93,17 @@ struct Machine {
 }
 
 fn machine(root: &Path, redis: &Redis, id: &str, prog: &Path, tool: &Path) -> Machine {
+    machine_in_mode(root, redis, id, prog, tool, "read-write")
+}
+
+fn machine_in_mode(
+    root: &Path,
+    redis: &Redis,
+    id: &str,
+    prog: &Path,
+    tool: &Path,
+    mode: &str,
+) -> Machine {
     let dir = root.join(id);
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
@@ -99,7 +111,7 @@ fn machine(root: &Path, redis: &Redis, id: &str, prog: &Path, tool: &Path) -> Ma
     std::fs::copy(tool, bin.join("tool")).unwrap();
     let secret = credentials(&dir, id, &format!("pw-{id}"));
     let cfg = dir.join("config.toml");
-    std::fs::write(&cfg, config(&dir, redis, id, &secret)).unwrap();
+    std::fs::write(&cfg, config(&dir, redis, id, &secret, mode)).unwrap();
     let daemon = Daemon::start(&dir.join("mnt"), &[&bin], &dir.join("state"), Some(&cfg));
     Machine { daemon, prog: bin.join("prog"), tool: bin.join("tool") }
 }
@@ -131,7 +143,12 @@ fn bolt_variants(state: &Path) -> i64 {
 fn two_machines_share_profiles_verdicts_and_survive_an_outage() {
     let tmp = common::open_tempdir();
     let root = tmp.path().canonicalize().unwrap();
-    let acl = format!("{}\n{}", writer_acl("m-a", "pw-m-a"), writer_acl("m-b", "pw-m-b"));
+    let acl = format!(
+        "{}\n{}\n{}",
+        writer_acl("m-a", "pw-m-a"),
+        writer_acl("m-b", "pw-m-b"),
+        reader_acl("m-c", "pw-m-c")
+    );
     let mut redis = Redis::start(&root.join("redis"), &acl);
     let src = root.join("src");
     std::fs::create_dir_all(&src).unwrap();
@@ -199,6 +216,35 @@ fn two_machines_share_profiles_verdicts_and_survive_an_outage() {
         .query_row("SELECT profile_samples FROM variants WHERE kind = 'bolt'", [], |r| r.get(0))
         .unwrap();
     assert!(local < 1500 && built >= 1500, "B's own {local} samples, built from {built}");
+    drop(c);
+
+    // A read-only machine (`mode = "read"`, a reader in Redis's ACL) uses the fleet's
+    // profile as B did, and leaves nothing in Redis: not its profile, not its verdicts, not
+    // even its name in the identity's machine set.
+    let c = machine_in_mode(&root, &redis, "m-c", &prog, &tool, "read");
+    let s = c.daemon.wait_for(Duration::from_secs(20), "C's fleet link", |d| {
+        Some(fleet_summary(d)).filter(|s| s.starts_with("fleet: reachable"))
+    });
+    assert!(s.contains("(read-only)"), "{s}");
+    assert_eq!(run_ok(&c.daemon.bin().join("prog"), ITERATIONS), expected);
+    c.daemon.wait_for(Duration::from_secs(60), "C's variant built from the fleet profile", |d| {
+        (bolt_variants(&d.state) > 0).then_some(())
+    });
+    let c_keys = redis.cli(&["--scan", "--pattern", "*m-c*"]);
+    assert_eq!(c_keys.trim(), "", "a read-only machine wrote keys");
+    let machine_sets = redis.cli(&["--scan", "--pattern", "optbin:v1:*:machines"]);
+    for set in machine_sets.lines().filter(|l| !l.is_empty()) {
+        let members = redis.cli(&["SMEMBERS", set]);
+        assert!(!members.lines().any(|m| m == "m-c"), "{set}: {members}");
+    }
+    // And Redis itself refuses its writes (the ACL, not only optbin, keeps it read-only).
+    let refused = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "--user", "m-c", "--pass", "pw-m-c"])
+        .args(["--no-auth-warning", "SET", "optbin:v1:{x}:profile:m-c", "1"])
+        .output()
+        .unwrap();
+    let refused = String::from_utf8_lossy(&refused.stdout);
+    assert!(refused.contains("NOPERM"), "{refused}");
     drop(c);
 
     // 2. A variant quarantined on A is never served on B.

@@ -50,18 +50,76 @@ pub struct Redis {
     pub dir: PathBuf,
     conf: PathBuf,
     child: Option<Child>,
+    /// Serving TLS only (the port is its `tls-port`).
+    tls: bool,
+}
+
+/// A private certificate authority and a server certificate it signed for 127.0.0.1, made
+/// with the `openssl` command.
+pub struct TestCa {
+    pub ca_pem: PathBuf,
+    pub server_pem: PathBuf,
+    pub server_key: PathBuf,
+}
+
+impl TestCa {
+    pub fn create(dir: &Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl").current_dir(dir).args(args).output().unwrap();
+            assert!(out.status.success(), "openssl {args:?}: {out:?}");
+        };
+        let key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+        let words = |line: &str| line.split(' ').map(str::to_string).collect::<Vec<_>>();
+        let mut ca = words(&format!("req -x509 {key} -keyout ca.key -out ca.pem -days 2"));
+        ca.extend(["-subj".into(), "/CN=optbin test CA".into()]);
+        openssl(&ca.iter().map(String::as_str).collect::<Vec<_>>());
+        let mut csr = words(&format!("req {key} -keyout server.key -out server.csr"));
+        csr.extend(["-subj".into(), "/CN=127.0.0.1".into()]);
+        openssl(&csr.iter().map(String::as_str).collect::<Vec<_>>());
+        std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+        let sign = words(
+            "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem \
+             -days 2 -extfile ext.cnf",
+        );
+        openssl(&sign.iter().map(String::as_str).collect::<Vec<_>>());
+        TestCa {
+            ca_pem: dir.join("ca.pem"),
+            server_pem: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+        }
+    }
 }
 
 impl Redis {
     /// Starts a server with `extra` config lines (ACL users, cluster mode) and an admin user.
     pub fn start(dir: &Path, extra: &str) -> Self {
+        Self::start_with(dir, extra, None)
+    }
+
+    /// As [`Redis::start`], serving TLS only, with the certificate `ca` signed.
+    pub fn start_tls(dir: &Path, extra: &str, ca: &TestCa) -> Self {
+        Self::start_with(dir, extra, Some(ca))
+    }
+
+    fn start_with(dir: &Path, extra: &str, tls: Option<&TestCa>) -> Self {
         let port = free_port();
         std::fs::create_dir_all(dir).unwrap();
         let conf = dir.join("redis.conf");
+        let listen = match tls {
+            None => format!("port {port}"),
+            Some(ca) => format!(
+                "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\n\
+                 tls-ca-cert-file {}\ntls-auth-clients no",
+                ca.server_pem.display(),
+                ca.server_key.display(),
+                ca.ca_pem.display()
+            ),
+        };
         std::fs::write(
             &conf,
             format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\nsave \"\"\nappendonly no\n\
+                "{listen}\nbind 127.0.0.1\ndir {}\nsave \"\"\nappendonly no\n\
                  daemonize no\nlogfile {}\nuser default off\n\
                  user admin on >{ADMIN_PASSWORD} ~* &* +@all\n{extra}\n",
                 dir.display(),
@@ -69,7 +127,7 @@ impl Redis {
             ),
         )
         .unwrap();
-        let mut r = Redis { port, dir: dir.to_path_buf(), conf, child: None };
+        let mut r = Redis { port, dir: dir.to_path_buf(), conf, child: None, tls: tls.is_some() };
         r.spawn();
         r
     }
@@ -85,7 +143,13 @@ impl Redis {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if ping(self.port) {
+            // A TLS server cannot be pinged in plain text: listening is enough there.
+            let up = if self.tls {
+                TcpStream::connect(("127.0.0.1", self.port)).is_ok()
+            } else {
+                ping(self.port)
+            };
+            if up {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -94,7 +158,8 @@ impl Redis {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        format!("{scheme}://127.0.0.1:{}/0", self.port)
     }
 
     pub fn log(&self) -> String {

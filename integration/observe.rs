@@ -281,6 +281,29 @@ fn ink(png_path: &Path) -> (f64, usize) {
     (inked as f64 / total.max(1) as f64, colours.len())
 }
 
+/// The longest horizontal run of coloured (not grey or white) pixels in any row of a PNG:
+/// the width the flame graph was drawn at (its frames and its yellow background are the
+/// only wide coloured area of the page).
+fn widest_coloured_run(png_path: &Path) -> usize {
+    let decoder =
+        png::Decoder::new(std::io::BufReader::new(std::fs::File::open(png_path).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    let channels = info.color_type.samples();
+    let row_bytes = info.width as usize * channels;
+    let mut widest = 0;
+    for row in buf[..info.buffer_size()].chunks(row_bytes) {
+        let mut run = 0;
+        for px in row.chunks(channels) {
+            let coloured = channels >= 3 && !(px[0] == px[1] && px[1] == px[2]);
+            run = if coloured { run + 1 } else { 0 };
+            widest = widest.max(run);
+        }
+    }
+    widest
+}
+
 #[test]
 fn pictures_host_summary_metrics_and_report_on_a_real_mount() {
     let tmp = common::open_tempdir();
@@ -418,6 +441,9 @@ fn pictures_host_summary_metrics_and_report_on_a_real_mount() {
     let (share, colours) = ink(&shot);
     println!("screenshot: {:.1}% of pixels inked, {colours} colours", share * 100.0);
     assert!(share > 0.05 && colours > 20, "a blank render? {share} {colours}");
+    // Drawn at its full width in a 1400-pixel window, not squashed into a narrow column.
+    let flame_width = widest_coloured_run(&shot);
+    assert!(flame_width >= 1000, "the flame graph is drawn {flame_width} pixels wide");
     assert!(dom.contains("id=\"flame\"") && dom.contains("caller_a"), "flame graph in the DOM");
     assert!(
         dom.contains("id=\"status\"") && dom.contains(&prog.display().to_string()),

@@ -3,7 +3,9 @@
 # fuse3 (fusermount3), LLVM BOLT (bolt-19 and bolt-22 where the archive has them), perf,
 # gcc (tests compile real C programs), util-linux (setpriv, runuser), redis-server and
 # redis-tools (the fleet tests start their own Redis servers and a Redis Cluster),
-# chromium (the HTML report is checked in a headless browser), curl (the metrics endpoint).
+# chromium (the HTML report is checked in a headless browser), curl (the metrics endpoint),
+# libssl-dev (the fleet's rediss:// links use the system's OpenSSL) and openssl (the TLS
+# test makes its own certificate authority).
 set -euo pipefail
 need=()
 command -v fusermount3 >/dev/null || need+=(fuse3)
@@ -11,6 +13,8 @@ command -v perf >/dev/null || need+=(linux-perf)
 command -v gcc >/dev/null || need+=(gcc)
 command -v setpriv >/dev/null || need+=(util-linux)
 command -v pkg-config >/dev/null || need+=(pkg-config)
+[ -e /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
+command -v openssl >/dev/null || need+=(openssl)
 command -v chromium >/dev/null || need+=(chromium)
 command -v curl >/dev/null || need+=(curl)
 command -v redis-server >/dev/null || need+=(redis-server)

@@ -1,11 +1,24 @@
 //! Configuration: the config file (`/etc/optbin/config.toml`) merged with command-line flags,
 //! then validated into a [`Config`] the daemon can trust (absolute, existing, non-overlapping
-//! paths).
+//! paths, every value in range).
+//!
+//! Three layers, as in ripgrep's flags: [`FileConfig`] is the file as written (every field
+//! optional; an unknown key anywhere is an error that names the key and its section),
+//! [`Overrides`] are the command-line flags, and [`Config::resolve`] merges them into the
+//! validated [`Config`]. The file is parsed once, here: each subsystem's section is a typed
+//! settings struct that lives with its domain (`profile::Settings` for `[profile]`,
+//! `bolt::Settings` for `[optimizer]`, `policy::Settings` for `[policy]`, `warm::Settings`
+//! for `[warm]`, `fuse::SupervisorSettings` for `[supervisor]`, `observe::MetricsSettings`
+//! for `[metrics]`, `train::TrainSettings` for `[train]`), implements [`Section`] (its name and its own range checks), and is
+//! handed down from [`Config`]. `[fleet]` is optional as a whole (absent: this machine
+//! alone), so it is an `Option` checked with `fleet::FleetSettings::validate`.
+//! A new section is one such struct plus one field in [`FileConfig`] and one in [`Config`].
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_MOUNTPOINT: &str = "/opt/optbin";
@@ -28,24 +41,100 @@ pub struct FileConfig {
     /// When not empty, only paths matching one of these are candidates.
     #[serde(default)]
     pub allow: Vec<String>,
-    /// `[profile]`: sampling and maturity settings (parsed by the profiler's wiring).
-    pub profile: Option<toml::Table>,
-    /// `[optimizer]`: BOLT settings (parsed by the optimizer's wiring).
-    pub optimizer: Option<toml::Table>,
-    /// `[policy]`: measurement and promotion settings (parsed by the policy's wiring).
-    pub policy: Option<toml::Table>,
+    /// `[profile]`: sampling, maturity, retention and instrumentation.
+    #[serde(default)]
+    pub profile: crate::profile::Settings,
+    /// `[optimizer]`: how BOLT is found, run and limited, and which binaries are worth it.
+    #[serde(default)]
+    pub optimizer: crate::bolt::Settings,
+    /// `[policy]`: measurement and promotion.
+    #[serde(default)]
+    pub policy: crate::policy::Settings,
     /// `[warm]`: keeping hot binaries in the page cache.
     #[serde(default)]
     pub warm: crate::warm::Settings,
     /// `[supervisor]`: crash limit and safe mode.
-    pub supervisor: Option<crate::fuse::SupervisorSettings>,
+    #[serde(default)]
+    pub supervisor: crate::fuse::SupervisorSettings,
     /// `[metrics]`: the Prometheus HTTP endpoint (`crate::observe`).
-    pub metrics: Option<crate::observe::MetricsSettings>,
+    #[serde(default)]
+    pub metrics: crate::observe::MetricsSettings,
     /// `[fleet]`: sharing profiles and verdicts through Redis; absent = this machine alone.
     pub fleet: Option<crate::fleet::FleetSettings>,
     /// `[train]`: training commands (`crate::train`).
     #[serde(default)]
     pub train: crate::train::TrainSettings,
+}
+
+/// One `[section]` of the config file: a typed struct owned by its domain, parsed with
+/// `#[serde(default, deny_unknown_fields)]` (every key optional, an unknown key an error),
+/// and validated once by [`Config::resolve`].
+pub trait Section: DeserializeOwned + Default {
+    /// The section's name in the file, without brackets.
+    const NAME: &'static str;
+    /// Checks every value is in range; errors name the key.
+    fn validate(&self) -> anyhow::Result<()>;
+}
+
+impl Section for crate::profile::Settings {
+    const NAME: &'static str = "profile";
+    fn validate(&self) -> anyhow::Result<()> {
+        crate::profile::Settings::validate(self)
+    }
+}
+
+impl Section for crate::bolt::Settings {
+    const NAME: &'static str = "optimizer";
+    fn validate(&self) -> anyhow::Result<()> {
+        crate::bolt::Settings::validate(self)
+    }
+}
+
+impl Section for crate::policy::Settings {
+    const NAME: &'static str = "policy";
+    fn validate(&self) -> anyhow::Result<()> {
+        crate::policy::Settings::validate(self)
+    }
+}
+
+impl Section for crate::warm::Settings {
+    const NAME: &'static str = "warm";
+    fn validate(&self) -> anyhow::Result<()> {
+        crate::warm::Settings::validate(self)
+    }
+}
+
+impl Section for crate::fuse::SupervisorSettings {
+    const NAME: &'static str = "supervisor";
+    fn validate(&self) -> anyhow::Result<()> {
+        // Every value is usable: `apply` raises a zero crash limit or retry to one.
+        Ok(())
+    }
+}
+
+impl Section for crate::observe::MetricsSettings {
+    const NAME: &'static str = "metrics";
+    fn validate(&self) -> anyhow::Result<()> {
+        crate::observe::MetricsSettings::validate(self)
+    }
+}
+
+impl Section for crate::train::TrainSettings {
+    const NAME: &'static str = "train";
+    fn validate(&self) -> anyhow::Result<()> {
+        crate::train::TrainSettings::validate(self)
+    }
+}
+
+/// Parses the body of one section (the lines after its `[name]` header) and validates it:
+/// for tests of a section on its own.
+pub fn parse_section<T: Section>(name: &str, body: &str) -> anyhow::Result<T> {
+    debug_assert_eq!(name, T::NAME);
+    let s: T = toml::from_str(body)
+        .map_err(|e| anyhow::anyhow!("{e}"))
+        .with_context(|| format!("in the [{}] section of the config", T::NAME))?;
+    s.validate()?;
+    Ok(s)
 }
 
 impl FileConfig {
@@ -65,8 +154,31 @@ impl FileConfig {
                 return Err(e).with_context(|| format!("reading config file {}", path.display()));
             }
         };
-        toml::from_str(&text).with_context(|| format!("parsing config file {}", path.display()))
+        Self::parse(&text).with_context(|| format!("parsing config file {}", path.display()))
     }
+
+    /// Parses the text of a config file. Errors name the key and the section it is in
+    /// (`in the [profile] section: unknown field `frequncy_hz`, expected one of ...`) and
+    /// show the line.
+    pub fn parse(text: &str) -> anyhow::Result<Self> {
+        toml::from_str(text).map_err(|e| {
+            let section = e.span().and_then(|span| section_at(text, span.start));
+            match section {
+                Some(name) => anyhow::anyhow!("in the [{name}] section: {e}"),
+                None => anyhow::anyhow!("{e}"),
+            }
+        })
+    }
+}
+
+/// The name of the `[table]` header that the byte `offset` of `text` falls under, if any.
+fn section_at(text: &str, offset: usize) -> Option<String> {
+    let before = text.get(..offset.min(text.len()))?;
+    before.lines().rev().find_map(|line| {
+        let line = line.trim();
+        let name = line.strip_prefix('[')?.split(']').next()?.trim();
+        (!name.is_empty() && !name.starts_with('[')).then(|| name.to_string())
+    })
 }
 
 /// Validated configuration.
@@ -81,35 +193,33 @@ pub struct Config {
     pub log: String,
     pub deny: Vec<String>,
     pub allow: Vec<String>,
-    /// Raw subsystem sections; each subsystem's wiring parses and validates its own.
-    pub sections: Sections,
+    /// The `deny` and `allow` patterns, compiled.
+    #[serde(skip)]
+    pub patterns: PathPatterns,
+    /// `[profile]`, validated.
+    pub profile: crate::profile::Settings,
+    /// `[optimizer]`, validated (its scratch directory outside the state directory and the
+    /// mount).
+    pub optimizer: crate::bolt::Settings,
+    /// `[policy]`, validated.
+    pub policy: crate::policy::Settings,
     /// `[warm]`, validated.
     pub warm: crate::warm::Settings,
+    /// `[supervisor]`, validated.
     pub supervisor: crate::fuse::SupervisorSettings,
+    /// `[metrics]`, validated.
     pub metrics: crate::observe::MetricsSettings,
+    /// `[fleet]` with its values checked (the credentials file and the machine id are
+    /// read when the fleet starts); None: this machine alone.
     pub fleet: Option<crate::fleet::FleetSettings>,
     /// `[train]`, validated.
     pub train: crate::train::TrainSettings,
 }
 
-/// The subsystem sections of the config file, as written.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Sections {
-    pub profile: toml::Table,
-    pub optimizer: toml::Table,
-    pub policy: toml::Table,
-}
-
-impl Sections {
-    /// Parses a section into its settings type (unknown keys are errors when the type says
-    /// `deny_unknown_fields`).
-    pub fn parse<T: serde::de::DeserializeOwned>(
-        table: &toml::Table,
-        name: &str,
-    ) -> anyhow::Result<T> {
-        T::deserialize(toml::Value::Table(table.clone()))
-            .with_context(|| format!("in the [{name}] section of the config"))
-    }
+/// Validates a section, naming it in the error.
+fn validated<T: Section>(section: T) -> anyhow::Result<T> {
+    section.validate()?;
+    Ok(section)
 }
 
 /// Flags given on the command line; they win over the file.
@@ -167,13 +277,26 @@ impl Config {
                 }
             );
         }
-        for pattern in file.deny.iter().chain(&file.allow) {
-            if !pattern.starts_with('/') {
-                bail!("allow/deny patterns must be absolute path patterns, got {pattern:?}");
-            }
+        let patterns = PathPatterns::new(&file.deny, &file.allow)?;
+        let optimizer = validated(file.optimizer)?;
+        if optimizer.scratch_dir.starts_with(&state_dir) {
+            bail!(
+                "[optimizer] scratch_dir {} must not be inside the state directory {} (the \
+                 sandbox user cannot enter it)",
+                optimizer.scratch_dir.display(),
+                state_dir.display()
+            );
         }
-        file.warm.validate()?;
-        file.train.validate()?;
+        if optimizer.scratch_dir.starts_with(&mountpoint) {
+            bail!("[optimizer] scratch_dir must not be inside the mountpoint");
+        }
+        let fleet = match file.fleet {
+            Some(fleet) => {
+                fleet.validate()?;
+                Some(fleet)
+            }
+            None => None,
+        };
         Ok(Self {
             mountpoint,
             state_dir,
@@ -182,20 +305,15 @@ impl Config {
             log: cli.log.or(file.log).unwrap_or_else(|| "info".into()),
             deny: file.deny,
             allow: file.allow,
-            sections: Sections {
-                profile: file.profile.unwrap_or_default(),
-                optimizer: file.optimizer.unwrap_or_default(),
-                policy: file.policy.unwrap_or_default(),
-            },
-            warm: file.warm,
-            supervisor: file.supervisor.unwrap_or_default(),
-            metrics: {
-                let m = file.metrics.unwrap_or_default();
-                m.validate()?;
-                m
-            },
-            fleet: file.fleet,
-            train: file.train,
+            patterns,
+            profile: validated(file.profile)?,
+            optimizer,
+            policy: validated(file.policy)?,
+            warm: validated(file.warm)?,
+            supervisor: validated(file.supervisor)?,
+            metrics: validated(file.metrics)?,
+            fleet,
+            train: validated(file.train)?,
         })
     }
 
@@ -209,11 +327,50 @@ impl Config {
 
     /// Whether allow/deny lists let optbin optimize `path` (they never hide it from PATH).
     pub fn permits(&self, path: &Path) -> bool {
-        let text = path.to_string_lossy();
-        if self.deny.iter().any(|p| glob_match(p, &text)) {
-            return false;
-        }
-        self.allow.is_empty() || self.allow.iter().any(|p| glob_match(p, &text))
+        self.patterns.permits(path)
+    }
+}
+
+/// The config's `deny` and `allow` path patterns, compiled once: `*` matches within one
+/// path component, `**` across components (`globset` with `literal_separator`).
+#[derive(Debug, Clone, Default)]
+pub struct PathPatterns {
+    deny: globset::GlobSet,
+    allow: Option<globset::GlobSet>,
+}
+
+impl PathPatterns {
+    /// Compiles the patterns; each must be an absolute path pattern.
+    pub fn new(deny: &[String], allow: &[String]) -> anyhow::Result<Self> {
+        let build = |patterns: &[String]| -> anyhow::Result<globset::GlobSet> {
+            let mut set = globset::GlobSetBuilder::new();
+            for pattern in patterns {
+                if !pattern.starts_with('/') {
+                    bail!("allow/deny patterns must be absolute path patterns, got {pattern:?}");
+                }
+                let glob = globset::GlobBuilder::new(pattern)
+                    .literal_separator(true)
+                    .backslash_escape(true)
+                    .build()
+                    .with_context(|| format!("the allow/deny pattern {pattern:?}"))?;
+                set.add(glob);
+            }
+            set.build().context("compiling the allow/deny patterns")
+        };
+        Ok(Self {
+            deny: build(deny)?,
+            allow: if allow.is_empty() { None } else { Some(build(allow)?) },
+        })
+    }
+
+    /// Whether any path is denied (an allow list alone denies nothing by pattern).
+    pub fn denies_any(&self) -> bool {
+        !self.deny.is_empty()
+    }
+
+    /// Whether `path` is allowed and not denied.
+    pub fn permits(&self, path: &Path) -> bool {
+        !self.deny.is_match(path) && self.allow.as_ref().is_none_or(|a| a.is_match(path))
     }
 }
 
@@ -272,25 +429,6 @@ pub fn normalize(path: &Path) -> PathBuf {
     out
 }
 
-/// Path globbing: `*` matches within one path component, `**` across components.
-pub fn glob_match(pattern: &str, text: &str) -> bool {
-    fn go(p: &[u8], t: &[u8]) -> bool {
-        match p.split_first() {
-            None => t.is_empty(),
-            Some((b'*', rest)) if rest.first() == Some(&b'*') => {
-                let rest = &rest[1..];
-                (0..=t.len()).any(|i| go(rest, &t[i..]))
-            }
-            Some((b'*', rest)) => {
-                let limit = t.iter().position(|&c| c == b'/').unwrap_or(t.len());
-                (0..=limit).any(|i| go(rest, &t[i..]))
-            }
-            Some((&c, rest)) => t.first() == Some(&c) && go(rest, &t[1..]),
-        }
-    }
-    go(pattern.as_bytes(), text.as_bytes())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,6 +479,10 @@ mod tests {
         assert!(format!("{err:#}").contains("must not be inside"));
     }
 
+    fn glob_match(pattern: &str, path: &str) -> bool {
+        PathPatterns::new(&[pattern.to_string()], &[]).unwrap().deny.is_match(path)
+    }
+
     #[test]
     fn globs() {
         assert!(glob_match("/usr/sbin/*", "/usr/sbin/sshd"));
@@ -348,11 +490,102 @@ mod tests {
         assert!(glob_match("/usr/**", "/usr/sbin/x/y"));
         assert!(glob_match("/usr/bin/python3*", "/usr/bin/python3.11"));
         assert!(!glob_match("/usr/bin/python3*", "/usr/bin/perl"));
+        let p = PathPatterns::new(&["/usr/sbin/*".into()], &["/usr/**".into()]).unwrap();
+        assert!(!p.permits(Path::new("/usr/sbin/sshd")));
+        assert!(p.permits(Path::new("/usr/bin/ls")));
+        assert!(!p.permits(Path::new("/opt/x")));
+        assert!(PathPatterns::new(&["usr/*".into()], &[]).is_err());
+    }
+
+    /// The hand-written matcher this replaced backtracked over every split of the text per
+    /// star: this pattern took it exponential time on a path of 40 names.
+    #[test]
+    fn many_stars_match_in_linear_time() {
+        let pattern = format!("/{}x", "**a".repeat(20));
+        let path = format!("/{}", "a/".repeat(40));
+        let started = std::time::Instant::now();
+        assert!(!glob_match(&pattern, &path));
+        assert!(started.elapsed() < std::time::Duration::from_secs(1), "{:?}", started.elapsed());
+    }
+
+    fn resolve(text: &str) -> anyhow::Result<Config> {
+        Config::resolve(
+            FileConfig::parse(text)?,
+            Overrides {
+                mountpoint: Some("/mnt/optbin-test".into()),
+                state_dir: Some("/var/lib/optbin-test".into()),
+                overlay: vec![std::env::temp_dir()],
+                ..Default::default()
+            },
+            None,
+        )
     }
 
     #[test]
     fn config_file_rejects_unknown_keys() {
-        let err = toml::from_str::<FileConfig>("mountpont = \"/x\"").unwrap_err();
+        let err = FileConfig::parse("mountpont = \"/x\"").unwrap_err();
         assert!(err.to_string().contains("mountpont"));
+    }
+
+    #[test]
+    fn an_unknown_key_in_a_section_is_named_with_its_section() {
+        for (text, key, section) in [
+            ("[profile]\nfrequncy_hz = 5\n", "frequncy_hz", "[profile]"),
+            ("log = \"info\"\n[optimizer]\nmin_txt_bytes = 1\n", "min_txt_bytes", "[optimizer]"),
+            (
+                "[profile]\nmin_runs = 2\n\n[policy]\ncanary_shares = 0.2\n",
+                "canary_shares",
+                "[policy]",
+            ),
+            ("[warm]\nbudget_mb = 3\n", "budget_mb", "[warm]"),
+            ("[supervisor]\nmax_crash = 3\n", "max_crash", "[supervisor]"),
+            ("[metrics]\nlisten_on = \"127.0.0.1:1\"\n", "listen_on", "[metrics]"),
+            (
+                "[fleet]\nurl = \"redis://127.0.0.1:1\"\nintervl_secs = 1\n",
+                "intervl_secs",
+                "[fleet]",
+            ),
+            ("[train]\ncheck_sec = 3\n", "check_sec", "[train]"),
+            ("[polcy]\nmeasure = false\n", "polcy", ""),
+        ] {
+            let err = format!("{:#}", resolve(text).unwrap_err());
+            assert!(err.contains(key) && err.contains(section), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_bad_value_is_named_with_its_key() {
+        for (text, key) in [
+            ("[profile]\nmin_samples = \"many\"\n", "min_samples"),
+            ("[profile]\nfrequency_hz = 0\n", "frequency_hz"),
+            ("[optimizer]\nmin_own_text_share = 2\n", "min_own_text_share"),
+            ("[optimizer]\nscratch_dir = \"/var/lib/optbin-test/scratch\"\n", "scratch_dir"),
+            ("[optimizer]\nscratch_dir = \"/mnt/optbin-test/x\"\n", "scratch_dir"),
+            ("[policy]\nrescan_ms = 1\n", "rescan_ms"),
+            ("[policy]\nmin_runs = -1\n", "min_runs"),
+            ("[warm]\nbudget_mib = 8\nlock_mib = 16\n", "lock_mib"),
+            ("[metrics]\nlisten = \"0.0.0.0:9187\"\n", "allow_remote"),
+            ("[fleet]\nurl = \"redis://127.0.0.1:1\"\ninterval_secs = 0\n", "interval_secs"),
+            ("[fleet]\nurl = \"redis://127.0.0.1:1\"\nmachine_id = \"a b\"\n", "machine_id"),
+        ] {
+            let err = format!("{:#}", resolve(text).unwrap_err());
+            assert!(err.contains(key), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn missing_sections_and_keys_are_the_domains_defaults() {
+        let cfg = resolve("").unwrap();
+        assert_eq!(cfg.profile, crate::profile::Settings::default());
+        assert_eq!(cfg.optimizer, crate::bolt::Settings::default());
+        assert_eq!(cfg.policy, crate::policy::Settings::default());
+        assert_eq!(cfg.warm, crate::warm::Settings::default());
+        assert_eq!(cfg.supervisor, crate::fuse::SupervisorSettings::default());
+        assert_eq!(cfg.metrics, crate::observe::MetricsSettings::default());
+        assert_eq!(cfg.fleet, None);
+        assert_eq!(cfg.train, crate::train::TrainSettings::default());
+        let cfg = resolve("[profile]\nmin_samples = 500\n").unwrap();
+        assert_eq!(cfg.profile.thresholds().min_samples, 500);
+        assert_eq!(cfg.profile.min_runs, crate::profile::Settings::default().min_runs);
     }
 }

@@ -10,7 +10,7 @@ use std::os::unix::fs::PermissionsExt;
 use rusqlite::Connection;
 
 use crate::catalog::base;
-use crate::daemon::report::BinFiles;
+use crate::control::BinFiles;
 
 /// The file name prefix; the variant id follows.
 pub const VARIANT_FILE_PREFIX: &str = "variant-";

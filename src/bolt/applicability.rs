@@ -1,9 +1,13 @@
 //! Whether a binary is worth a BOLT run, in which mode, with a score and a reason a human
-//! can read in status. A pure function of the binary's ELF facts, numbers from its profile
-//! and the configured thresholds.
+//! can read in status ([`assess`]: a pure function of the binary's ELF facts, numbers from
+//! its profile and the configured thresholds), judged with what is known so far
+//! ([`verdict`]: before the first sample only the facts decide), and the candidacy rules the
+//! status table shows ([`candidacy`]: the user's exclusion and the config's lists first).
 
+use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 
+use crate::catalog::profiles;
 use crate::elf::ElfFacts;
 
 /// How BOLT may rewrite the binary.
@@ -65,7 +69,11 @@ pub struct Applicability {
     pub mode: BoltMode,
     /// Higher is more promising; 0 when not a candidate. Comparable between binaries only.
     pub score: f64,
+    /// The verdict and why: `candidate (relocation mode, ...)`, `not a candidate: stripped`.
     pub reason: String,
+    /// Why, without the verdict word (the status table prints that itself).
+    #[serde(skip)]
+    pub why: String,
 }
 
 /// Decides whether BOLT applies to a binary.
@@ -80,6 +88,7 @@ pub fn assess(
         mode,
         score: 0.0,
         reason: format!("not a candidate: {why}"),
+        why,
     };
     if !facts.is_elf {
         return no("not an ELF file".into());
@@ -128,17 +137,95 @@ pub fn assess(
             fe.branch_miss_rate * 100.0
         );
     }
-    Applicability {
-        candidate: true,
-        mode,
-        score,
-        reason: format!(
-            "candidate ({}, .text {}, {:.0}% of samples in own text{pressure})",
-            mode.label(),
-            kib(facts.text_size),
-            share * 100.0
-        ),
+    let why = format!(
+        "{}, .text {}, {:.0}% of samples in own text{pressure}",
+        mode.label(),
+        kib(facts.text_size),
+        share * 100.0
+    );
+    Applicability { candidate: true, mode, score, reason: format!("candidate ({why})"), why }
+}
+
+/// The profile's numbers, from its windows in the catalog; None while it has no own-text
+/// sample.
+pub fn profile_numbers(
+    conn: &Connection,
+    binary_id: i64,
+) -> anyhow::Result<Option<ProfileNumbers>> {
+    let windows = profiles::windows(conn, binary_id)?;
+    let own: u64 = windows.iter().map(|w| w.own_samples).sum();
+    let outside: u64 = windows.iter().map(|w| w.outside_samples).sum();
+    if own == 0 {
+        return Ok(None);
     }
+    Ok(Some(ProfileNumbers {
+        samples: own,
+        own_text_share: own as f64 / (own + outside) as f64,
+        front_end: None,
+    }))
+}
+
+/// Whether BOLT applies, and whether that was judged with the profile or by the ELF facts
+/// alone (no samples yet: the own-text share is unknown).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Verdict {
+    #[serde(flatten)]
+    pub applicability: Applicability,
+    pub facts_only: bool,
+}
+
+/// [`assess`] with the profile when there is one, else with the facts only (and saying so).
+pub fn verdict(
+    facts: &ElfFacts,
+    profile: Option<&ProfileNumbers>,
+    cfg: &ApplicabilityConfig,
+) -> Verdict {
+    if let Some(p) = profile {
+        return Verdict { applicability: assess(facts, p, cfg), facts_only: false };
+    }
+    // A full share passes the share test, so only the facts decide.
+    let assumed = ProfileNumbers { samples: 0, own_text_share: 1.0, front_end: None };
+    let mut a = assess(facts, &assumed, cfg);
+    if a.candidate {
+        a.score = 0.0;
+        a.why = format!(
+            "by its ELF facts ({}, .text {} KiB); its own-text share is unknown until it is \
+             profiled",
+            a.mode.label(),
+            facts.text_size / 1024
+        );
+        a.reason = format!("candidate {}", a.why);
+    }
+    Verdict { applicability: a, facts_only: true }
+}
+
+/// Where a path stands for BOLT before its verdict: excluded by the user, left alone by the
+/// config's allow/deny lists, or not indexed yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    pub excluded: bool,
+    pub permitted: bool,
+}
+
+/// Whether BOLT could work on this binary, and why (or why not), for the status table:
+/// the user's exclusion and the allow/deny lists first, then [`verdict`], with the profile's
+/// own-text share when known. The reason has no verdict word (the table prints
+/// "candidate: " or "not a candidate: " itself).
+pub fn candidacy(
+    standing: Standing,
+    facts: Option<&ElfFacts>,
+    profile: Option<&ProfileNumbers>,
+    cfg: &ApplicabilityConfig,
+) -> (bool, String) {
+    if standing.excluded {
+        return (false, "excluded by the user".into());
+    }
+    if !standing.permitted {
+        return (false, "left alone by the allow/deny lists of the config".into());
+    }
+    let Some(facts) = facts else { return (false, "not indexed yet".into()) };
+    let v = verdict(facts, profile, cfg).applicability;
+    (v.candidate, v.why)
 }
 
 /// Bigger code has more to gain from layout; grows slowly (log2 of KiB, 1.0 at 64 KiB).
@@ -223,5 +310,46 @@ mod tests {
         let hot = assess(&facts(), &p, &cfg);
         assert!(hot.score > base.score);
         assert!(hot.reason.contains("i-cache 12.0 MPKI"));
+    }
+
+    #[test]
+    fn verdicts_say_what_they_were_judged_by() {
+        let cfg = ApplicabilityConfig { min_text_bytes: 1024, min_own_text_share: 0.3 };
+        let facts = ElfFacts::for_tests(8 * 1024, true);
+        let v = verdict(&facts, None, &cfg);
+        assert!(v.applicability.candidate && v.facts_only);
+        assert!(v.applicability.reason.contains("unknown until it is profiled"));
+        let hot = ProfileNumbers { samples: 900, own_text_share: 0.9, front_end: None };
+        let v = verdict(&facts, Some(&hot), &cfg);
+        assert!(v.applicability.candidate && !v.facts_only);
+        assert!(v.applicability.reason.contains("90% of samples"), "{}", v.applicability.reason);
+        let cold = ProfileNumbers { own_text_share: 0.1, ..hot };
+        assert!(!verdict(&facts, Some(&cold), &cfg).applicability.candidate);
+        let stripped = ElfFacts { has_symbols: false, ..facts };
+        let v = verdict(&stripped, None, &cfg);
+        assert!(!v.applicability.candidate);
+        assert_eq!(v.applicability.reason, "not a candidate: stripped (no .symtab)");
+    }
+
+    #[test]
+    fn candidacy_reasons_have_no_verdict_word_and_the_users_word_comes_first() {
+        let cfg = ApplicabilityConfig::default();
+        let ok = Standing { excluded: false, permitted: true };
+        let stripped = ElfFacts { has_symbols: false, ..facts() };
+        assert_eq!(
+            candidacy(ok, Some(&stripped), None, &cfg),
+            (false, "stripped (no .symtab)".to_string())
+        );
+        assert_eq!(
+            candidacy(ok, Some(&facts()), Some(&profile(0.82)), &cfg),
+            (true, "relocation mode, .text 171 KiB, 82% of samples in own text".to_string())
+        );
+        let (yes, why) = candidacy(ok, Some(&facts()), None, &cfg);
+        assert!(yes && why.starts_with("by its ELF facts (relocation mode"), "{why}");
+        let excluded = Standing { excluded: true, permitted: false };
+        assert_eq!(candidacy(excluded, Some(&facts()), None, &cfg).1, "excluded by the user");
+        let denied = Standing { excluded: false, permitted: false };
+        assert!(candidacy(denied, Some(&facts()), None, &cfg).1.contains("allow/deny"));
+        assert_eq!(candidacy(ok, None, None, &cfg).1, "not indexed yet");
     }
 }

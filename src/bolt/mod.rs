@@ -12,6 +12,7 @@
 //! - [`verify`]: checks an output before it may be stored.
 //! - [`queue`]: the tokio task that takes requests and drives all of the above.
 //! - [`status`]: what the optimizer shows in status.
+//! - [`settings`]: the `[optimizer]` section of the config file.
 //! - [`perf2bolt`]: converts `perf.data` into fdata (tests and benchmarks).
 //! - [`stale`]: profiles kept per path in BOLT's YAML format, so that a new version of a
 //!   binary is built at once from the previous version's profile.
@@ -27,11 +28,14 @@ pub mod queue;
 pub mod retry_policy;
 pub mod runner;
 pub mod sandbox;
+pub mod settings;
 pub mod stale;
 pub mod status;
 pub mod verify;
 
-pub use applicability::{Applicability, ApplicabilityConfig, BoltMode, ProfileNumbers, assess};
+pub use applicability::{
+    Applicability, ApplicabilityConfig, BoltMode, ProfileNumbers, Verdict, assess, verdict,
+};
 pub use discover::{BoltState, BoltTool, BoltVersion, discover};
 pub use job::{
     BoltFailure, BoltJob, BoltOutcome, BoltPlan, BoltSuccess, FailureKind, ProfileInput,
@@ -42,5 +46,6 @@ pub use queue::{
 };
 pub use runner::{BoltRunner, SandboxedBoltRunner};
 pub use sandbox::{Sandbox, SandboxLimits, SandboxUser, ScratchDir};
+pub use settings::Settings;
 pub use status::{JobEnd, OptimizerStatus};
 pub use verify::SmokeCommand;

@@ -15,6 +15,7 @@
 pub mod command;
 pub mod resolve;
 pub mod status;
+pub mod subsystem;
 
 use std::sync::Mutex;
 
@@ -22,6 +23,7 @@ use crate::error::{FsError, FsResult};
 use crate::fs::{ControlFile, ControlPlane};
 pub use command::{Command, PinTarget};
 pub use status::StatusReport;
+pub use subsystem::{BinFiles, BinFilesSet, CommandHooks, SubsystemStatus};
 
 /// Where the status comes from.
 pub trait StatusSource: Send + Sync {

@@ -8,15 +8,7 @@ use crate::catalog::{Catalog, base};
 use crate::clock::Clock;
 use crate::control::command::{Command, PinTarget};
 use crate::control::resolve::resolve_name;
-use crate::control::{ActionError, ControlActions};
-
-/// Hooks into subsystems for the commands that reach beyond controls.
-pub trait CommandHooks: Send + Sync {
-    /// Queue an optimization of `path` now. The error is a sentence for `last_error`.
-    fn optimize(&self, path: &Path) -> Result<String, ActionError>;
-    /// Forget profile, variants and measurements of `path`'s current content.
-    fn reset(&self, path: &Path) -> Result<String, ActionError>;
-}
+use crate::control::{ActionError, CommandHooks, ControlActions};
 
 /// Re-derives and applies what the mount serves for a path after its state changed.
 pub type Refresh = Arc<dyn Fn(&Path) + Send + Sync>;

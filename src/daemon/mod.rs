@@ -4,10 +4,9 @@
 pub mod actions;
 pub mod indexer;
 pub mod optimizing;
-pub mod policing;
 pub mod priority;
 pub mod profiling;
-pub mod refresh;
 pub mod report;
 pub mod run;
+pub mod serving;
 pub mod warming;

@@ -2,11 +2,11 @@
 //! status page the profiler's state and each binary's profile summary, offers
 //! `.optbin/bins/NAME/profile.fdata`, and runs the profiler over the overlay once it exists.
 //!
-//! Two phases, because the control plane (which needs [`Profiling::status`] and
-//! [`Profiling::bin_files`]) is built before the overlay (which [`Profiling::spawn`] needs).
+//! [`Profiling::new`] builds what the control plane needs ([`Profiling::status`],
+//! [`Profiling::bin_files`]); [`Profiling::spawn`] consumes it once the overlay exists (the
+//! profiler resolves mapped files through it) and returns the task for shutdown to await.
 
 mod resolver;
-mod settings;
 mod status;
 
 use std::sync::Arc;
@@ -16,14 +16,14 @@ use tokio::sync::watch;
 
 use crate::catalog::Catalog;
 use crate::config::Config;
-use crate::daemon::report::{BinFiles, SubsystemStatus};
+use crate::control::{BinFiles, SubsystemStatus};
 use crate::fs::Overlay;
+use crate::profile::Settings as ProfileSettings;
 use crate::profile::maturity::MaturityThresholds;
 use crate::profile::stacks::StackStore;
 use crate::profile::{ProfilerStatusHandle, run_profiler};
 
 pub use resolver::OverlayResolver;
-pub use settings::ProfileSettings;
 pub use status::{PROFILE_FILE, ProfileFiles, ProfilerSection, binary_summary, machine_summary};
 
 /// After the profiler stops on an error, it is started again after 10 s, then after twice
@@ -47,16 +47,15 @@ pub struct Profiling {
 }
 
 impl Profiling {
-    /// Parses `[profile]` (errors name the bad key) and creates the status handle.
-    pub fn new(cfg: &Config, catalog: &Catalog) -> anyhow::Result<Self> {
-        let settings = ProfileSettings::from_table(&cfg.sections.profile)?;
-        Ok(Self {
-            settings,
-            config: Arc::new(cfg.clone()),
+    /// The profiler with the validated `[profile]` settings of `cfg`, and its status handle.
+    pub fn new(cfg: Arc<Config>, catalog: &Catalog) -> Self {
+        Self {
+            settings: cfg.profile.clone(),
+            config: cfg,
             catalog: catalog.clone(),
             status: ProfilerStatusHandle::default(),
             stacks: StackStore::default(),
-        })
+        }
     }
 
     /// The recent call stacks the profiler samples (for `crate::observe`).
@@ -103,26 +102,26 @@ impl Profiling {
     }
 
     /// Runs the profiler on `rt` until `shutdown`, resolving mapped files through `overlay`.
-    /// Does nothing when `[profile] enabled = false`.
+    /// Starts nothing when `[profile] enabled = false`.
     pub fn spawn(
-        &self,
+        self,
         rt: &tokio::runtime::Handle,
         overlay: Arc<Overlay>,
         shutdown: watch::Receiver<bool>,
-    ) {
+    ) -> Option<tokio::task::JoinHandle<()>> {
         if !self.settings.enabled {
             tracing::info!("profiler disabled by the config");
-            return;
+            return None;
         }
         let resolver = Arc::new(OverlayResolver::new(overlay, self.config.clone()));
-        rt.spawn(keep_profiling(
-            self.settings.clone(),
-            self.catalog.clone(),
+        Some(rt.spawn(keep_profiling(
+            self.settings,
+            self.catalog,
             resolver,
-            self.status.clone(),
-            self.stacks.clone(),
+            self.status,
+            self.stacks,
             shutdown,
-        ));
+        )))
     }
 }
 

@@ -5,34 +5,14 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::bolt::applicability::{Standing, candidacy, profile_numbers};
 use crate::catalog::{Catalog, base};
 use crate::config::Config;
-use crate::control::StatusSource;
 use crate::control::resolve::resolve_name;
 use crate::control::status::{BinaryStatus, DaemonStatus, StatusReport};
-use crate::daemon::optimizing;
+use crate::control::{BinFiles, StatusSource, SubsystemStatus};
 use crate::fs::ServingTable;
 use crate::identity::FileKey;
-
-/// A subsystem's contribution to the status report.
-pub trait SubsystemStatus: Send + Sync {
-    /// The section name in `status.json` ("profiler", "optimizer", "policy").
-    fn name(&self) -> &'static str;
-    /// The machine-wide section; a `summary` string field is shown in the text table.
-    fn section(&self) -> serde_json::Value;
-    /// Per-binary details (a `summary` string field is shown in the text table).
-    fn binary(&self, conn: &rusqlite::Connection, binary_id: i64) -> Option<serde_json::Value>;
-    /// Why `path` (holding content `binary_id`) is served what it is, when this subsystem
-    /// decides that (the policy does).
-    fn served_reason(
-        &self,
-        _conn: &rusqlite::Connection,
-        _binary_id: i64,
-        _path: &str,
-    ) -> Option<String> {
-        None
-    }
-}
 
 pub struct Reporter {
     pub catalog: Catalog,
@@ -44,42 +24,6 @@ pub struct Reporter {
     pub serving: Arc<ServingTable>,
     /// Per-binary read-only files under `.optbin/bins/` (e.g. the profile).
     pub bin_files: Option<Arc<dyn BinFiles>>,
-}
-
-/// Files under `.optbin/bins/NAME/`.
-pub trait BinFiles: Send + Sync {
-    /// File names offered for every binary that has data (e.g. `profile.fdata`).
-    fn names(&self, conn: &rusqlite::Connection, binary_id: i64) -> Vec<String>;
-    fn contents(
-        &self,
-        conn: &rusqlite::Connection,
-        binary_id: i64,
-        file: &str,
-    ) -> anyhow::Result<Option<Vec<u8>>>;
-}
-
-/// Several subsystems' files under `.optbin/bins/NAME/`; the first that knows a name
-/// answers it.
-pub struct BinFilesSet(pub Vec<Arc<dyn BinFiles>>);
-
-impl BinFiles for BinFilesSet {
-    fn names(&self, conn: &rusqlite::Connection, binary_id: i64) -> Vec<String> {
-        self.0.iter().flat_map(|f| f.names(conn, binary_id)).collect()
-    }
-
-    fn contents(
-        &self,
-        conn: &rusqlite::Connection,
-        binary_id: i64,
-        file: &str,
-    ) -> anyhow::Result<Option<Vec<u8>>> {
-        for f in &self.0 {
-            if let Some(bytes) = f.contents(conn, binary_id, file)? {
-                return Ok(Some(bytes));
-            }
-        }
-        Ok(None)
-    }
 }
 
 impl StatusSource for Reporter {
@@ -107,7 +51,7 @@ impl StatusSource for Reporter {
                     binaries.insert(id, b);
                 }
                 variants.insert(id, base::variants_of(&tx, id)?);
-                if let Some(numbers) = optimizing::candidate::profile_numbers(&tx, id)? {
+                if let Some(numbers) = profile_numbers(&tx, id)? {
                     profiled.insert(id, numbers);
                 }
                 let mut d = serde_json::Map::new();
@@ -122,7 +66,7 @@ impl StatusSource for Reporter {
         })?;
         let (paths, controls, events, binaries, mut variants, mut details, profiled, mut reasons) =
             rows;
-        let applicability = optimizing::applicability_of(&self.config);
+        let applicability = self.config.optimizer.applicability();
         let cfg = &self.config;
         let by_path: HashMap<&str, &base::ControlRow> =
             controls.iter().map(|c| (c.path.as_str(), c)).collect();
@@ -153,13 +97,11 @@ impl StatusSource for Reporter {
             let vs = p.binary_id.and_then(|id| variants.remove(&id)).unwrap_or_default();
             let control = by_path.get(p.path.as_str()).copied();
             let excluded = control.is_some_and(|c| c.excluded);
-            let (candidate, candidate_reason) = optimizing::candidacy(
-                Path::new(&p.path),
+            let (candidate, candidate_reason) = candidacy(
+                Standing { excluded, permitted: cfg.permits(Path::new(&p.path)) },
                 binary.map(|b| &b.facts),
                 p.binary_id.and_then(|id| profiled.get(&id)),
-                cfg,
                 &applicability,
-                excluded,
             );
             let served = served_label(&self.serving, Path::new(&p.path));
             let served_reason = if excluded {
@@ -216,7 +158,11 @@ impl StatusSource for Reporter {
                 }
                 Ok(out)
             })
-            .unwrap_or_default()
+            .unwrap_or_else(|e| {
+                // The listing has no place for an error; the log has.
+                tracing::warn!(error = %format!("{e:#}"), "listing .optbin/bins");
+                Vec::new()
+            })
     }
 
     fn bin_file(&self, relative: &str) -> anyhow::Result<Option<Vec<u8>>> {

@@ -16,10 +16,9 @@ use crate::control::ControlDir;
 use crate::daemon::actions::Actions;
 use crate::daemon::indexer::{self, Indexed, SeenFile};
 use crate::daemon::optimizing::Optimizing;
-use crate::daemon::policing::Policing;
 use crate::daemon::profiling::Profiling;
-use crate::daemon::refresh::Refresher;
 use crate::daemon::report::Reporter;
+use crate::daemon::serving::{Reconciler, Serving};
 use crate::fleet::daemon::Fleet;
 use crate::fs::{FsEvent, Overlay, OverlayConfig, ServingTable};
 use crate::fuse::{MountOptions, ServeContext, Served};
@@ -30,12 +29,9 @@ pub fn run_foreground(cfg: Config) -> anyhow::Result<()> {
     crate::cli::create_private_dir(&cfg.state_dir)?;
     // A bad catalog is reported as what it is, before mounting.
     crate::catalog::health::check(&cfg.catalog_path())?;
-    // A bad [profile] or [policy] fails here, before mounting, rather than in every server
-    // start.
-    crate::daemon::profiling::ProfileSettings::from_table(&cfg.sections.profile)?;
-    crate::daemon::policing::PolicySettings::from_table(&cfg.sections.policy)?;
-    // A bad [fleet] or an unsafe credentials file refuses the start with the reason.
-    crate::fleet::daemon::Fleet::new(cfg.fleet.as_ref())?;
+    // An unreadable machine id or an unsafe credentials file refuses the start with the
+    // reason, before mounting ([fleet]'s values were checked with the rest of the config).
+    Fleet::new(cfg.fleet.as_ref())?;
     let cfg = Arc::new(cfg);
     let mut opts = MountOptions::new(&cfg.mountpoint);
     opts.server_pid_file = Some(cfg.state_dir.join("server.pid"));
@@ -52,6 +48,13 @@ pub fn run_foreground(cfg: Config) -> anyhow::Result<()> {
 }
 
 /// Builds one server process's world. Runs after every (re)start of the server.
+///
+/// Built bottom-up, each part from the parts below it, so nothing is filled in later: the
+/// fleet's view (when `[fleet]` is set), the optimizer over it (its pipeline view), then
+/// measurement and the policy (the one source of serving decisions), the profiler's status,
+/// the warmer, the observability renderer, the control plane over all of them, the overlay
+/// over the control plane, and last the tasks, each of which ends on `shutdown` and is
+/// awaited by the returned stop hook.
 pub fn start_server(
     cfg: Arc<Config>,
     ctx: ServeContext,
@@ -65,30 +68,28 @@ pub fn start_server(
         .context("starting the async runtime")?;
     let catalog = Catalog::open(&cfg.catalog_path())?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-    let serving = ServingTable::new();
-    // Measurement and the policy: the one source of serving decisions (policing.rs).
-    let policing = Arc::new(Policing::new(&cfg, &catalog, serving.clone())?);
-    let refresher = Arc::new(Refresher {
-        catalog: catalog.clone(),
-        serving: serving.clone(),
-        config: cfg.clone(),
-        policing: policing.clone(),
-    });
-    refresher.refresh_all().context("loading pins, exclusions and served variants")?;
-    // Profiler: its status and profile files now, its sampling task once the overlay exists.
-    let profiling = Profiling::new(&cfg, &catalog)?;
-
-    // The optimizer (src/daemon/optimizing): BOLT, its job queue, the maturity driver, the
-    // `optimize`/`reset` commands and the "optimizer" status section.
-    let optimizing = Optimizing::new(&cfg, &catalog, clock.clone())?;
-    // Keeping hot binaries warm (src/warm): fed every exec, stopped with the server.
-    let warmer = crate::daemon::warming::start(&cfg)?;
+    let table = ServingTable::new();
     // Fleet sharing (src/fleet), when `[fleet]` is set: profiles and verdicts via Redis.
     let fleet = Fleet::new(cfg.fleet.as_ref())?;
-    if let Some(f) = &fleet {
-        optimizing.use_fleet(f.view.clone());
-    }
-    let mut subsystems = vec![profiling.status(), optimizing.status(), policing.status()];
+    // The optimizer (src/daemon/optimizing): BOLT, its job queue, the maturity driver, the
+    // `optimize`/`reset` commands and the "optimizer" status section; it builds from the
+    // fleet's mature profiles too and respects its rejections.
+    let optimizing =
+        Optimizing::new(&cfg, &catalog, clock.clone(), fleet.as_ref().map(|f| f.view.clone()))?;
+    // Measurement and the policy: the one source of serving decisions (serving/), told
+    // where the optimizing pipeline is per binary and what the fleet vetoes.
+    let pipeline = match &fleet {
+        Some(f) => f.pipeline(optimizing.pipeline_view()),
+        None => optimizing.pipeline_view(),
+    };
+    let serving = Serving::new(&cfg, &catalog, table.clone(), pipeline);
+    let reconciler = serving.reconciler();
+    reconciler.refresh_all().context("loading pins, exclusions and served variants")?;
+    // Profiler: its status and profile files now, its sampling task once the overlay exists.
+    let profiling = Profiling::new(cfg.clone(), &catalog);
+    // Keeping hot binaries warm (src/warm): fed every exec, stopped with the server.
+    let warmer = crate::daemon::warming::start(&cfg)?;
+    let mut subsystems = vec![profiling.status(), optimizing.status(), serving.status()];
     subsystems.push(Arc::new(crate::daemon::warming::WarmSection(warmer.clone())));
     subsystems.extend(fleet.as_ref().map(|f| f.status()));
 
@@ -106,13 +107,13 @@ pub fn start_server(
         started_at,
         server_restarts: ctx.generation as u32,
         subsystems,
-        serving: serving.clone(),
-        bin_files: Some(Arc::new(crate::daemon::report::BinFilesSet(vec![
+        serving: table.clone(),
+        bin_files: Some(Arc::new(crate::control::BinFilesSet(vec![
             profiling.bin_files(),
             Arc::new(crate::bench::VariantFiles),
         ]))),
     };
-    let r2 = refresher.clone();
+    let r2 = reconciler.clone();
     let actions = Actions {
         catalog: catalog.clone(),
         clock: clock.clone(),
@@ -136,66 +137,80 @@ pub fn start_server(
             // Running programs keep their bytes when an original is rewritten in place.
             originals: Some(cfg.state_dir.join("originals")),
         },
-        serving,
+        table,
         None,
         control,
         // Exec-time opens get their run counters attached before the events go on.
-        policing.event_sink(Arc::new(events_tx)),
+        serving.event_sink(Arc::new(events_tx)),
     )?;
 
     let (shutdown_tx, shutdown) = watch::channel(false);
+    let mut tasks = Tasks::default();
     let (seen_tx, seen_rx) = mpsc::unbounded_channel::<SeenFile>();
     let (indexed_tx, indexed_rx) = mpsc::unbounded_channel::<Indexed>();
-    rt.spawn(route_events(events_rx, seen_tx, warmer.clone(), shutdown.clone()));
-    rt.spawn(indexer::run_indexer(
-        catalog.clone(),
-        clock.clone(),
-        seen_rx,
-        indexed_tx,
-        shutdown.clone(),
-    ));
-    rt.spawn(refresh_indexed(indexed_rx, refresher.clone(), shutdown.clone()));
-    profiling.spawn(rt.handle(), overlay.clone(), shutdown.clone());
-    observe.spawn(rt.handle(), reporter, shutdown.clone());
+    tasks.add(
+        "route events",
+        rt.spawn(route_events(events_rx, seen_tx, warmer.clone(), shutdown.clone())),
+    );
+    tasks.add(
+        "indexer",
+        rt.spawn(indexer::run_indexer(
+            catalog.clone(),
+            clock.clone(),
+            seen_rx,
+            indexed_tx,
+            shutdown.clone(),
+        )),
+    );
+    tasks.add(
+        "refresh indexed",
+        rt.spawn(refresh_indexed(indexed_rx, reconciler.clone(), shutdown.clone())),
+    );
+    for task in observe.spawn(rt.handle(), reporter, shutdown.clone()) {
+        tasks.add("observe", task);
+    }
     // Instrumented variants (instrumentation mode) change what a path serves when built
-    // and when done: the optimizer re-derives it through the refresher. None are built
+    // and when done: the optimizer re-derives it through the reconciler. None are built
     // while the profiler samples branch stacks.
-    let r3 = refresher.clone();
+    let r3 = reconciler.clone();
     let instrument = crate::daemon::optimizing::instrumenting::Hooks {
         refresh: Arc::new(move |p| r3.refresh(p)),
         branch_stacks: profiling.branch_stacks(),
     };
-    let optimizer_queue = optimizing.spawn(rt.handle(), shutdown.clone(), instrument);
-    // The policy task, told where the optimizing pipeline is per binary.
-    let pipeline = optimizing.pipeline_view();
-    let pipeline = match &fleet {
-        Some(f) => f.pipeline(pipeline),
-        None => pipeline,
-    };
-    policing.spawn(rt.handle(), shutdown.clone(), pipeline);
+    if let Some(task) = profiling.spawn(rt.handle(), overlay.clone(), shutdown.clone()) {
+        tasks.add("profiler", task);
+    }
+    for task in optimizing.spawn(rt.handle(), shutdown.clone(), instrument) {
+        tasks.add("optimizer", task);
+    }
+    for task in serving.spawn(rt.handle(), shutdown.clone()) {
+        tasks.add("policy", task);
+    }
     if let Some(f) = &fleet {
-        let r4 = refresher.clone();
-        f.spawn(
+        let r4 = reconciler.clone();
+        let task = f.spawn(
             rt.handle(),
             catalog.clone(),
             clock.clone(),
             Arc::new(move |p| r4.refresh(p)),
             shutdown.clone(),
         );
+        tasks.add("fleet", task);
     }
-    trainer.spawn(rt.handle(), shutdown.clone());
+    if let Some(task) = trainer.spawn(rt.handle(), shutdown.clone()) {
+        tasks.add("training", task);
+    }
     tracing::info!(generation = ctx.generation, "server ready");
 
     Ok(Served {
         overlay,
         shutdown: Box::new(move || {
             let _ = shutdown_tx.send(true);
-            // The optimizer kills running BOLT jobs when told; give it the time to.
-            if let Some(queue) = optimizer_queue {
-                let _ = rt.block_on(async move {
-                    tokio::time::timeout(Duration::from_secs(10), queue).await
-                });
-            }
+            // Every task ends on the signal (the optimizer kills running BOLT jobs and
+            // records them as cancelled): wait for each before the runtime goes.
+            rt.block_on(tasks.join());
+            // Blocking work a task handed off and no longer waits for (a catalog write
+            // queued by a dropped caller) gets a bounded time to finish.
             rt.shutdown_timeout(Duration::from_secs(10));
             warmer.stop();
             match catalog.checkpoint() {
@@ -207,6 +222,38 @@ pub fn start_server(
         }),
     })
 }
+
+/// The server's background tasks, by name, for an orderly shutdown.
+#[derive(Default)]
+struct Tasks {
+    running: Vec<(&'static str, tokio::task::JoinHandle<()>)>,
+}
+
+impl Tasks {
+    fn add(&mut self, name: &'static str, task: tokio::task::JoinHandle<()>) {
+        self.running.push((name, task));
+    }
+
+    /// Waits for every task, saying which ones are still running every
+    /// [`SLOW_SHUTDOWN`] (a task that ignores the signal is a bug to see, not to hide).
+    async fn join(self) {
+        for (name, mut task) in self.running {
+            loop {
+                match tokio::time::timeout(SLOW_SHUTDOWN, &mut task).await {
+                    Ok(Ok(())) => break,
+                    Ok(Err(e)) => {
+                        tracing::error!(task = name, error = %e, "a task failed");
+                        break;
+                    }
+                    Err(_) => tracing::warn!(task = name, "still stopping"),
+                }
+            }
+        }
+    }
+}
+
+/// How long shutdown waits for a task before saying so (and waiting on).
+const SLOW_SHUTDOWN: Duration = Duration::from_secs(10);
 
 /// Sends what the overlay reports to the tasks that act on it.
 async fn route_events(
@@ -234,7 +281,7 @@ async fn route_events(
 /// serves.
 async fn refresh_indexed(
     mut indexed: mpsc::UnboundedReceiver<Indexed>,
-    refresher: Arc<Refresher>,
+    reconciler: Reconciler,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -242,7 +289,7 @@ async fn refresh_indexed(
             _ = shutdown.changed() => break,
             i = indexed.recv() => match i { Some(i) => i, None => break },
         };
-        let r = refresher.clone();
+        let r = reconciler.clone();
         let path: PathBuf = item.path;
         let _ = tokio::task::spawn_blocking(move || r.refresh(&path)).await;
     }

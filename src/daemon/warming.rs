@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde_json::{Value, json};
 
 use crate::config::Config;
-use crate::daemon::report::SubsystemStatus;
+use crate::control::SubsystemStatus;
 use crate::warm::warmer::Environment;
 use crate::warm::{Warmer, pages::Kernel, pressure::MEMORY_PSI};
 

@@ -46,7 +46,7 @@ pub fn run(config: Option<&Path>, cmd: FleetCommand) -> anyhow::Result<ExitCode>
         );
     };
     let resolved = settings.resolve()?;
-    let store = RedisStore::new(&resolved.urls, resolved.credentials.as_ref(), resolved.timeout())?;
+    let store = RedisStore::from_settings(&resolved)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

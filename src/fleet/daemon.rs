@@ -13,7 +13,7 @@ use super::task::{FleetTask, Refresh};
 use super::view::{FleetView, Link};
 use crate::catalog::{Catalog, base, profiles};
 use crate::clock::Clock;
-use crate::daemon::report::SubsystemStatus;
+use crate::control::SubsystemStatus;
 use crate::policy::Pipeline;
 use crate::policy::load::{PipelineView, Veto};
 
@@ -30,11 +30,7 @@ impl Fleet {
     pub fn new(settings: Option<&FleetSettings>) -> anyhow::Result<Option<Self>> {
         let Some(settings) = settings else { return Ok(None) };
         let resolved = settings.resolve()?;
-        let store = Arc::new(RedisStore::new(
-            &resolved.urls,
-            resolved.credentials.as_ref(),
-            resolved.timeout(),
-        )?);
+        let store = Arc::new(RedisStore::from_settings(&resolved)?);
         let view = Arc::new(FleetView::new(
             resolved.machine.clone(),
             resolved.settings.mode.writes(),

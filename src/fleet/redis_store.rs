@@ -12,12 +12,12 @@ use redis::{FromRedisValue, IntoConnectionInfo, Pipeline};
 use tokio::sync::Mutex;
 
 use super::keys;
-use super::settings::Credentials;
+use super::settings::{Credentials, Resolved};
 use super::store::{FleetStore, Push, PushKind, RawIdentity, Ttl};
 use crate::identity::ContentId;
 
 enum Client {
-    Single(redis::Client),
+    Single(Box<redis::Client>),
     Cluster(Box<redis::cluster::ClusterClient>),
 }
 
@@ -43,10 +43,27 @@ pub struct RedisStore {
 }
 
 impl RedisStore {
+    /// The store the resolved `[fleet]` settings describe.
+    pub fn from_settings(r: &Resolved) -> anyhow::Result<Self> {
+        Self::with_ca(&r.urls, r.credentials.as_ref(), r.ca_pem.as_deref(), r.timeout())
+    }
+
     /// Checks the URLs and builds the client; connects on first use.
     pub fn new(
         urls: &[String],
         credentials: Option<&Credentials>,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        Self::with_ca(urls, credentials, None, timeout)
+    }
+
+    /// As [`RedisStore::new`]; `rediss://` URLs verify the servers' certificates against
+    /// `ca_pem` (PEM; one server only, see `FleetSettings::resolve`) when given, else
+    /// against the system's trusted roots.
+    pub fn with_ca(
+        urls: &[String],
+        credentials: Option<&Credentials>,
+        ca_pem: Option<&[u8]>,
         timeout: Duration,
     ) -> anyhow::Result<Self> {
         let infos = urls
@@ -69,7 +86,15 @@ impl RedisStore {
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let client = if infos.len() == 1 {
-            Client::Single(redis::Client::open(infos.into_iter().next().unwrap())?)
+            let info = infos.into_iter().next().unwrap();
+            Client::Single(Box::new(match ca_pem {
+                Some(pem) => redis::Client::build_with_tls(
+                    info,
+                    redis::TlsCertificates { client_tls: None, root_cert: Some(pem.to_vec()) },
+                )
+                .context("[fleet] setting up TLS with the ca_file")?,
+                None => redis::Client::open(info)?,
+            }))
         } else {
             let mut b = redis::cluster::ClusterClientBuilder::new(infos)
                 .connection_timeout(timeout)

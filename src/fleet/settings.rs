@@ -15,8 +15,12 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FleetSettings {
-    /// One `redis://host:port/db` URL, or several (the seed nodes of a Redis Cluster).
+    /// One `redis://host:port/db` URL, or several (the seed nodes of a Redis Cluster);
+    /// `rediss://` for TLS (all of them or none).
     pub url: Urls,
+    /// PEM file of the certificate authority that signed the Redis servers' certificates,
+    /// for `rediss://` URLs. Default: the system's trusted roots.
+    pub ca_file: Option<PathBuf>,
     /// File holding the ACL user and password (`username = "..."`, `password = "..."`);
     /// must be owned by root and not readable by group or others.
     pub credentials: Option<PathBuf>,
@@ -144,6 +148,8 @@ pub struct Resolved {
     pub urls: Vec<String>,
     pub machine: String,
     pub credentials: Option<Credentials>,
+    /// The `ca_file`'s certificates (PEM), checked to hold at least one.
+    pub ca_pem: Option<Vec<u8>>,
 }
 
 impl Resolved {
@@ -162,22 +168,31 @@ impl Resolved {
 }
 
 impl FleetSettings {
-    /// Validates the settings, reads the machine id and the credentials file (checking its
-    /// owner and mode). Every error says what to fix.
-    pub fn resolve(&self) -> anyhow::Result<Resolved> {
+    /// Checks every value (URLs, ranges, the machine id when set) without reading any file;
+    /// the error names the key and says what to fix.
+    pub fn validate(&self) -> anyhow::Result<()> {
         let urls = self.url.list();
         if urls.is_empty() {
             bail!("[fleet] url: give at least one redis:// URL");
         }
+        let tls = urls.iter().filter(|u| u.starts_with("rediss://")).count();
+        if tls != 0 && tls != urls.len() {
+            bail!("[fleet] url: either every URL is rediss:// (TLS) or none is");
+        }
+        if self.ca_file.is_some() && tls == 0 {
+            bail!("[fleet] ca_file is for TLS: give rediss:// URLs, or remove ca_file");
+        }
+        if self.ca_file.is_some() && urls.len() > 1 {
+            // The redis crate's cluster client takes a private CA only when built on rustls;
+            // optbin uses the system's OpenSSL (native-tls).
+            bail!(
+                "[fleet] ca_file works with one Redis server; for a TLS Redis Cluster add the \
+                 CA to the system's trusted roots (update-ca-certificates) and remove ca_file"
+            );
+        }
         for u in &urls {
             if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
                 bail!("[fleet] url {u:?}: must start with redis:// (or rediss:// for TLS)");
-            }
-            if u.starts_with("rediss://") {
-                bail!(
-                    "[fleet] url {u:?}: TLS (rediss://) is not built into this optbin; \
-                     use a TLS tunnel (stunnel, spiped) to a local redis:// port"
-                );
             }
             if url_has_password(u) {
                 bail!(
@@ -204,6 +219,18 @@ impl FleetSettings {
         if self.timeout_ms == 0 {
             bail!("[fleet] timeout_ms must be >= 1");
         }
+        if let Some(machine) = &self.machine_id {
+            super::keys::check_machine_id(machine)
+                .map_err(|why| anyhow::anyhow!("[fleet] machine_id {machine:?}: {why}"))?;
+        }
+        Ok(())
+    }
+
+    /// Validates the settings, reads the machine id and the credentials file (checking its
+    /// owner and mode). Every error says what to fix.
+    pub fn resolve(&self) -> anyhow::Result<Resolved> {
+        self.validate()?;
+        let urls = self.url.list();
         let machine = match &self.machine_id {
             Some(m) => m.clone(),
             None => std::fs::read_to_string("/etc/machine-id")
@@ -217,7 +244,11 @@ impl FleetSettings {
             Some(path) => Some(read_credentials(path)?),
             None => None,
         };
-        Ok(Resolved { settings: self.clone(), urls, machine, credentials })
+        let ca_pem = match &self.ca_file {
+            Some(path) => Some(read_ca(path)?),
+            None => None,
+        };
+        Ok(Resolved { settings: self.clone(), urls, machine, credentials, ca_pem })
     }
 }
 
@@ -226,6 +257,17 @@ fn url_has_password(url: &str) -> bool {
     let rest = url.split_once("://").map_or(url, |(_, r)| r);
     let authority = rest.split('/').next().unwrap_or("");
     authority.split_once('@').is_some_and(|(userinfo, _)| userinfo.contains(':'))
+}
+
+/// Reads the CA file: PEM with at least one certificate (a certificate is public: no owner
+/// or mode check).
+fn read_ca(path: &Path) -> anyhow::Result<Vec<u8>> {
+    let pem = std::fs::read(path)
+        .with_context(|| format!("[fleet] reading the ca_file {}", path.display()))?;
+    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+        bail!("[fleet] the ca_file {} holds no PEM certificate", path.display());
+    }
+    Ok(pem)
 }
 
 /// Reads the credentials file after checking it is root's and private.
@@ -290,6 +332,25 @@ mod tests {
                 .unwrap();
         assert_eq!(s.url.list().len(), 2);
         assert!(!s.mode.writes());
+    }
+
+    #[test]
+    fn tls_is_all_urls_or_none_and_a_ca_file_needs_it() {
+        let bad = |text: &str| format!("{:#}", parse(text).unwrap().resolve().unwrap_err());
+        let mixed = "url = [\"rediss://a:1\", \"redis://b:2\"]\nmachine_id = \"m\"";
+        assert!(bad(mixed).contains("every URL is rediss://"), "{}", bad(mixed));
+        let plain_with_ca = "url = \"redis://a:1\"\nmachine_id = \"m\"\nca_file = \"/x\"";
+        assert!(bad(plain_with_ca).contains("ca_file is for TLS"));
+        let cluster_with_ca = "url = [\"rediss://a:1\", \"rediss://b:2\"]\nmachine_id = \"m\"\n\
+                               ca_file = \"/x\"";
+        assert!(bad(cluster_with_ca).contains("one Redis server"));
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("ca.pem");
+        std::fs::write(&not_pem, "hello").unwrap();
+        let ca = format!("url = \"rediss://a:1\"\nmachine_id = \"m\"\nca_file = {not_pem:?}");
+        assert!(bad(&ca).contains("holds no PEM certificate"), "{}", bad(&ca));
+        let tls = parse("url = \"rediss://a:1/0\"\nmachine_id = \"m\"").unwrap();
+        assert_eq!(tls.resolve().unwrap().ca_pem, None);
     }
 
     #[test]

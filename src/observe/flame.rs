@@ -116,13 +116,35 @@ pub fn unwinding_note(stacks: &[(&StackSample, u64)]) -> String {
     }
 }
 
-/// An SVG flame graph of `lines` (folded, `stack count`). An empty input gives a small SVG
-/// saying so, not an error.
+/// An SVG flame graph of `lines` (folded, `stack count`) as a document of its own: its
+/// width follows the window it is opened in. An empty input gives a small SVG saying so,
+/// not an error.
 pub fn render(title: &str, subtitle: &str, lines: &[String]) -> anyhow::Result<Vec<u8>> {
+    render_with_width(title, subtitle, lines, None)
+}
+
+/// Width of the flame graph inlined in `report.html`, in pixels.
+pub const INLINE_WIDTH: usize = 1200;
+
+/// As [`render`], for inlining in an HTML page: a fixed width in pixels. The fluid width of
+/// a standalone graph comes from inferno's script removing the `width` and `viewBox`
+/// attributes on load, which inside an HTML page leaves the `<svg>` at the default size of
+/// a replaced element (300 pixels wide) and the graph squashed.
+pub fn render_inline(title: &str, subtitle: &str, lines: &[String]) -> anyhow::Result<Vec<u8>> {
+    render_with_width(title, subtitle, lines, Some(INLINE_WIDTH))
+}
+
+fn render_with_width(
+    title: &str,
+    subtitle: &str,
+    lines: &[String],
+    width: Option<usize>,
+) -> anyhow::Result<Vec<u8>> {
     if lines.is_empty() {
         return Ok(empty_svg(title, "no samples in this window yet").into_bytes());
     }
     let mut opts = Options::default();
+    opts.image_width = width;
     opts.title = title.to_string();
     opts.subtitle = Some(subtitle.to_string());
     opts.count_name = "samples".into();
@@ -212,6 +234,22 @@ mod tests {
         parse(&empty);
         let diff = render_diff("d", "s", &lines, &["p;main;hot 9".to_string()]).unwrap();
         parse(std::str::from_utf8(&diff).unwrap());
+    }
+
+    #[test]
+    fn the_inline_graph_has_a_fixed_width_and_the_standalone_one_a_fluid_width() {
+        let lines = vec!["p;main;hot 10".to_string()];
+        let svg_root = |bytes: Vec<u8>| {
+            let text = String::from_utf8(bytes).unwrap();
+            let start = text.find("<svg").unwrap();
+            text[start..start + text[start..].find('>').unwrap()].to_string()
+        };
+        let inline = svg_root(render_inline("t", "s", &lines).unwrap());
+        assert!(inline.contains(&format!("width=\"{INLINE_WIDTH}\"")), "{inline}");
+        let standalone = String::from_utf8(render("t", "s", &lines).unwrap()).unwrap();
+        assert!(standalone.contains("fluiddrawing = true"), "inferno's fluid mode");
+        let inline_text = String::from_utf8(render_inline("t", "s", &lines).unwrap()).unwrap();
+        assert!(inline_text.contains("fluiddrawing = false"), "no fluid mode inline");
     }
 
     #[test]

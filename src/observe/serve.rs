@@ -19,8 +19,8 @@ use super::html::{self, BinarySection};
 use super::metrics::{self, MetricsSettings};
 use crate::catalog::{Catalog, base};
 use crate::clock::{Clock, SystemClock};
+use crate::control::SubsystemStatus;
 use crate::control::{ExtraFiles, StatusReport, StatusSource};
-use crate::daemon::report::SubsystemStatus;
 use crate::profile::attribute::{Frame, StackOwner, StackSample};
 use crate::profile::stacks::StackStore;
 
@@ -83,21 +83,23 @@ impl Observe {
         Arc::new(Section(Arc::clone(&self.cache)))
     }
 
-    /// Starts the render task (and the metrics endpoint, when configured) on `rt`.
+    /// Starts the render task (and the metrics endpoint, when configured) on `rt`; both end
+    /// on `shutdown`. Returns them for shutdown to await.
     pub fn spawn(
         &self,
         rt: &tokio::runtime::Handle,
         status: Arc<dyn StatusSource>,
         shutdown: watch::Receiver<bool>,
-    ) {
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = Vec::new();
         let (page_tx, page_rx) = watch::channel(Arc::new(Vec::new()));
         if let Some(addr) = self.settings.listen {
             let stop = shutdown.clone();
-            rt.spawn(async move {
+            tasks.push(rt.spawn(async move {
                 if let Err(e) = metrics::serve_http(addr, page_rx, stop).await {
                     tracing::error!(error = %format!("{e:#}"), "the metrics endpoint stopped");
                 }
-            });
+            }));
         }
         let renderer = Renderer {
             mountpoint: self.mountpoint.clone(),
@@ -108,7 +110,8 @@ impl Observe {
             clock: Arc::new(SystemClock),
             symbols: Arc::default(),
         };
-        rt.spawn(render_loop(renderer, page_tx, shutdown));
+        tasks.push(rt.spawn(render_loop(renderer, page_tx, shutdown)));
+        tasks
     }
 }
 
@@ -281,12 +284,17 @@ impl Renderer {
         let all: Vec<(&StackSample, u64)> = stacks.iter().map(|(s, n)| (s, *n)).collect();
         let machine = fold_all(&all, true, &variant_paths, &self.mountpoint, &mut symbols);
         let total: u64 = all.iter().map(|(_, n)| n).sum();
-        let machine_svg = flame::render(
-            &format!("CPU of the whole machine, last {} min", self.stacks.window_secs() / 60),
-            &format!("{total} samples; {}", flame::unwinding_note(&all)),
-            &machine,
-        );
+        let machine_title =
+            format!("CPU of the whole machine, last {} min", self.stacks.window_secs() / 60);
+        let machine_subtitle = format!("{total} samples; {}", flame::unwinding_note(&all));
+        let machine_svg = flame::render(&machine_title, &machine_subtitle, &machine);
         files.insert(FLAME.into(), to_rendered(FLAME, machine_svg));
+        // The report's copy: the same graph at a fixed width (see `flame::render_inline`).
+        let inline_flame = flame::render_inline(&machine_title, &machine_subtitle, &machine)
+            .map(|svg| String::from_utf8_lossy(&svg).into_owned())
+            .unwrap_or_else(|e| {
+                flame::empty_svg(&machine_title, &format!("could not be rendered: {e:#}"))
+            });
 
         // Per binary.
         let mut per_binary: HashMap<&Path, BinaryStacks> = HashMap::new();
@@ -406,14 +414,9 @@ impl Renderer {
         let metrics_page = report.as_ref().map(|r| metrics::render(r, host).into_bytes());
         if let (Some(r), Some(m)) = (&report, &metrics_page) {
             files.insert(METRICS.into(), Ok(Arc::new(m.clone())));
-            let flame_svg = files
-                .get(FLAME)
-                .and_then(|f| f.as_ref().ok())
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default();
             files.insert(
                 REPORT.into(),
-                Ok(Arc::new(html::render(r, &flame_svg, &sections, host).into_bytes())),
+                Ok(Arc::new(html::render(r, &inline_flame, &sections, host).into_bytes())),
             );
         }
 

@@ -47,7 +47,7 @@ impl PipelineView for NoPipeline {
 
 /// Whether the policy judges and serves variants of this kind: BOLT builds and variants
 /// placed by hand, not the instrumented variants that only collect a profile (their
-/// serving is the instrumentation budget's, see `crate::daemon::policing`).
+/// serving is the instrumentation budget's, see `crate::policy::instrumented`).
 pub fn is_policed_kind(kind: &str) -> bool {
     kind != "instrumented"
 }

@@ -40,7 +40,9 @@
 //! original; a pin to `original` always the original; a pin to `bolted` always the best
 //! usable variant (never a quarantined one: if none is usable, the original).
 
+pub mod instrumented;
 pub mod load;
+pub mod settings;
 pub mod sim;
 pub mod stats;
 pub mod task;
@@ -51,6 +53,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::measure::RunExit;
+pub use settings::Settings;
 pub use stats::Comparison;
 use stats::{Timed, normal_quantile, paired_compare};
 

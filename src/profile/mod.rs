@@ -17,6 +17,7 @@ pub mod maturity;
 pub mod procmaps;
 pub mod resolve;
 pub mod sampler;
+pub mod settings;
 pub mod source;
 pub mod stacks;
 pub mod summary;
@@ -24,6 +25,7 @@ pub mod symbolize;
 pub mod task;
 
 pub use resolve::{IdentityResolver, PathResolver, Resolved, UnderDirResolver};
+pub use settings::Settings;
 pub use summary::{
     ProfileKind, ProfileSummary, profile_summary, write_fdata, write_profile_for_bolt,
 };

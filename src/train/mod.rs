@@ -24,8 +24,8 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::control::ActionError;
+use crate::control::SubsystemStatus;
 use crate::control::resolve::resolve_name;
-use crate::daemon::report::SubsystemStatus;
 use file::TrainCommand;
 
 pub const DEFAULT_DIR: &str = "/etc/optbin/train.d";
@@ -214,18 +214,19 @@ impl Trainer {
         }
     }
 
-    /// The background task: a round every `check_secs` until shutdown.
+    /// The background task: a round every `check_secs` until shutdown; None when training
+    /// is off. Shutdown awaits it (a running command is killed first).
     pub fn spawn(
         self: &Arc<Self>,
         rt: &tokio::runtime::Handle,
         mut shutdown: watch::Receiver<bool>,
-    ) {
+    ) -> Option<tokio::task::JoinHandle<()>> {
         if !self.settings.enabled {
-            return;
+            return None;
         }
         let me = self.clone();
         let stopper = self.clone();
-        rt.spawn(async move {
+        Some(rt.spawn(async move {
             let every = Duration::from_secs(me.settings.check_secs);
             loop {
                 tokio::select! {
@@ -244,7 +245,7 @@ impl Trainer {
                     _ = &mut round => {}
                 }
             }
-        });
+        }))
     }
 
     /// `train NAME`: runs one round of NAME's commands now (each `runs` times), in the

@@ -107,7 +107,7 @@ async fn submit_matured(shared: &Arc<Shared>) -> anyhow::Result<usize> {
         applicability: shared.applicability.clone(),
         bolt_version: shared.bolt.tool().map(|t| t.version.to_string()).unwrap_or_default(),
         instrumented_runs_needed: shared.instrumentation.as_ref().map(|i| i.budget.max_runs),
-        fleet: shared.fleet.get().cloned(),
+        fleet: shared.fleet.clone(),
         kept,
     };
     let requests = shared

@@ -15,7 +15,7 @@ use crate::bolt::stale::STALE_PROFILE_SAMPLES;
 use crate::bolt::{OptimizeRequest, ProfileNumbers, RequestOrigin};
 use crate::catalog::{base, bolt_jobs, profiles, runs};
 use crate::control::ActionError;
-use crate::daemon::actions::CommandHooks;
+use crate::control::CommandHooks;
 use crate::identity::{ContentId, FileKey};
 
 pub struct OptimizerHooks {

@@ -23,7 +23,8 @@
 //! waits for all its children hangs forever (both measured; see `docs/config.md`).
 //!
 //! Serving the variant to a bounded share of execs is the policy wiring's
-//! (`crate::daemon::policing`); the policy itself never sees such variants
+//! (`crate::daemon::serving`, with the share decided by `crate::policy::instrumented`); the
+//! policy's comparisons never see such variants
 //! (`crate::policy::load::is_policed_kind`).
 
 use std::collections::HashSet;
@@ -44,7 +45,6 @@ use crate::bolt::verify::verify;
 use crate::bolt::{BoltJob, BoltMode, BoltOutcome, BoltPlan, ProfileInput};
 use crate::catalog::{base, profiles, runs};
 use crate::config::Config;
-use crate::daemon::profiling::ProfileSettings;
 use crate::identity::{ContentId, FileKey};
 use crate::profile::instrument::{InstrumentationBudget, collect_runs};
 
@@ -91,7 +91,7 @@ pub struct InstrumentSetup {
 impl InstrumentSetup {
     /// None when `[profile] instrumentation` is off.
     pub fn from_config(cfg: &Config) -> anyhow::Result<Option<Self>> {
-        let settings = ProfileSettings::from_table(&cfg.sections.profile)?;
+        let settings = &cfg.profile;
         Ok(settings.instrumentation_budget().map(|budget| Self {
             budget,
             max_slowdown: settings.instrument_max_slowdown,

@@ -6,12 +6,12 @@
 //! - [`report`]: the "optimizer" status section and per-binary details, and the
 //!   pipeline stage the policy shows;
 //! - [`profiles`]: the profiles BOLT gets, written from the catalog;
-//! - [`candidate`]: per-binary readings (current content, profile numbers, history,
-//!   applicability) shared by all of the above and by the status report.
+//! - [`candidate`]: which content is at a path now, shared by all of the above (the
+//!   candidacy rules themselves are `crate::bolt::applicability`'s).
 //!
-//! Two phases, like the daemon: [`Optimizing::new`] builds everything the control plane
-//! needs (status, hooks; requests submitted meanwhile wait in the queue), and
-//! [`Optimizing::spawn`] starts the tasks once the runtime serves.
+//! [`Optimizing::new`] builds everything the control plane needs (status, hooks; requests
+//! submitted meanwhile wait in the queue); [`Optimizing::spawn`] consumes it and starts the
+//! tasks, returning their handles so shutdown can await each.
 //!
 //! New variants are stored in state `ready`; the policy task picks them up as canaries on
 //! its periodic rescan (a new variant changes its binary's watch fingerprint), so nothing
@@ -24,9 +24,7 @@ pub mod instrumenting;
 pub mod profiles;
 pub mod report;
 pub mod scratch;
-pub mod settings;
 
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,18 +40,15 @@ use crate::bolt::{
 use crate::catalog::Catalog;
 use crate::clock::Clock;
 use crate::config::Config;
-use crate::daemon::actions::CommandHooks;
-use crate::daemon::report::SubsystemStatus;
-use crate::elf::ElfFacts;
+use crate::control::{CommandHooks, SubsystemStatus};
 use crate::policy::load::PipelineView;
 use crate::profile::maturity::MaturityThresholds;
 use crate::store::VariantStore;
-pub use settings::OptimizerSettings;
 
 /// What every part of the wiring shares.
 pub struct Shared {
     pub config: Arc<Config>,
-    pub settings: OptimizerSettings,
+    pub settings: crate::bolt::Settings,
     pub thresholds: MaturityThresholds,
     pub applicability: ApplicabilityConfig,
     pub catalog: Catalog,
@@ -72,14 +67,11 @@ pub struct Shared {
     pub sandbox: Sandbox,
     /// The queue's status as last copied (see [`Shared::queue_status`]).
     status_copy: Mutex<Option<(Instant, Arc<OptimizerStatus>)>>,
-    /// The fleet's profiles and verdicts, when `[fleet]` is on (set by [`Optimizing::use_fleet`]).
-    pub fleet: FleetSlot,
+    /// The fleet's profiles and verdicts, when `[fleet]` is on.
+    pub fleet: Option<Arc<crate::fleet::FleetView>>,
     /// The profiles kept per path for the binaries' next versions.
     pub kept_profiles: StaleProfiles,
 }
-
-/// Where the optimizer finds the fleet's view once the daemon has one.
-pub type FleetSlot = Arc<std::sync::OnceLock<Arc<crate::fleet::FleetView>>>;
 
 /// How long a copy of the queue's status serves per-binary questions.
 const STATUS_COPY_TTL: Duration = Duration::from_millis(250);
@@ -103,20 +95,27 @@ impl Shared {
 /// The optimizer's wiring; see the module doc.
 pub struct Optimizing {
     shared: Arc<Shared>,
-    worker: Mutex<Option<OptimizerWorker>>,
+    worker: OptimizerWorker,
     /// The scratch directory did not exist at start-up: if a job created it, it is removed
     /// again at shutdown (when empty).
     scratch_created: bool,
 }
 
 impl Optimizing {
-    /// Reads `[optimizer]` (and the maturity thresholds of `[profile]`), finds BOLT, opens
-    /// the variant store and checks the scratch directory (the first job creates it). A
+    /// With the validated `[optimizer]` (and the maturity thresholds of `[profile]`): finds
+    /// BOLT, opens the variant store and checks the scratch directory (the first job creates it). A
     /// missing BOLT or an unusable scratch directory turn the optimizer off with the reason
-    /// in status; bad settings and an unusable store are errors.
-    pub fn new(cfg: &Config, catalog: &Catalog, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
-        let settings = OptimizerSettings::from_config(cfg)?;
-        let thresholds = settings::maturity_thresholds(cfg)?;
+    /// in status; bad settings and an unusable store are errors. With the fleet's view
+    /// (`[fleet]` on), builds from the fleet's mature profiles too and respects its
+    /// rejections.
+    pub fn new(
+        cfg: &Config,
+        catalog: &Catalog,
+        clock: Arc<dyn Clock>,
+        fleet: Option<Arc<crate::fleet::FleetView>>,
+    ) -> anyhow::Result<Self> {
+        let settings = cfg.optimizer.clone();
+        let thresholds = cfg.profile.thresholds();
         let store = VariantStore::open(&cfg.state_dir).context("opening the variant store")?;
         let bolt = discover(settings.bolt.as_deref());
         let sandbox =
@@ -149,7 +148,6 @@ impl Optimizing {
             ..OptimizerConfig::default()
         };
         let instrumentation = instrumenting::InstrumentSetup::from_config(cfg)?;
-        let fleet = FleetSlot::default();
         let kept_profiles = StaleProfiles::in_state_dir(&cfg.state_dir);
         let deps = OptimizerDeps {
             catalog: catalog.clone(),
@@ -182,12 +180,7 @@ impl Optimizing {
             fleet,
             kept_profiles,
         });
-        Ok(Self { shared, worker: Mutex::new(Some(worker)), scratch_created })
-    }
-
-    /// Builds from the fleet's mature profiles too, and respects its rejections.
-    pub fn use_fleet(&self, view: Arc<crate::fleet::FleetView>) {
-        let _ = self.shared.fleet.set(view);
+        Ok(Self { shared, worker, scratch_created })
     }
 
     /// The "optimizer" section of `status.json` and its per-binary details.
@@ -209,16 +202,15 @@ impl Optimizing {
     /// `instrument` connects instrumentation mode: what to refresh when an instrumented
     /// variant appears or has collected its runs, and whether the profiler has branch
     /// stacks (then no instrumented variant is built).
-    /// Returns the queue's task: await it after signalling shutdown, before the runtime
-    /// goes, so running BOLT jobs are killed and recorded as cancelled. A second call
-    /// starts nothing.
+    /// Returns the tasks: await them after signalling shutdown, before the runtime goes,
+    /// so running BOLT jobs are killed and recorded as cancelled.
     pub fn spawn(
-        &self,
+        self,
         rt: &tokio::runtime::Handle,
         shutdown: watch::Receiver<bool>,
         instrument: instrumenting::Hooks,
-    ) -> Option<tokio::task::JoinHandle<()>> {
-        let worker = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take()?;
+    ) -> Vec<tokio::task::JoinHandle<()>> {
+        let worker = self.worker;
         let scratch = self.scratch_created.then(|| self.shared.settings.scratch_dir.clone());
         let queue_shutdown = shutdown.clone();
         let queue = rt.spawn(async move {
@@ -227,53 +219,11 @@ impl Optimizing {
                 scratch::remove_if_empty(&dir);
             }
         });
+        let mut tasks = vec![queue];
         if self.shared.off.is_none() {
-            rt.spawn(driver::run_driver(self.shared.clone(), shutdown, instrument));
+            tasks.push(rt.spawn(driver::run_driver(self.shared.clone(), shutdown, instrument)));
         }
-        Some(queue)
-    }
-}
-
-/// The applicability thresholds of `cfg` (defaults when `[optimizer]` does not parse;
-/// [`Optimizing::new`] refuses such a config before anything asks).
-pub fn applicability_of(cfg: &Config) -> ApplicabilityConfig {
-    OptimizerSettings::from_config(cfg).map(|s| s.applicability()).unwrap_or_default()
-}
-
-/// Whether BOLT could work on this binary, and why (or why not), for the status table:
-/// the user's exclusion and the allow/deny lists first, then the optimizer's rules, with
-/// the profile's own-text share when known.
-pub fn candidacy(
-    path: &Path,
-    facts: Option<&ElfFacts>,
-    profile: Option<&crate::bolt::ProfileNumbers>,
-    cfg: &Config,
-    applicability: &ApplicabilityConfig,
-    excluded: bool,
-) -> (bool, String) {
-    if excluded {
-        return (false, "excluded by the user".into());
-    }
-    if !cfg.permits(path) {
-        return (false, "left alone by the allow/deny lists of the config".into());
-    }
-    let Some(facts) = facts else { return (false, "not indexed yet".into()) };
-    let v = candidate::verdict(facts, profile, applicability);
-    (v.applicability.candidate, reason_only(&v.applicability.reason))
-}
-
-/// The status table prints "candidate: " or "not a candidate: " itself: the reason without
-/// the verdict ("candidate (relocation mode, ...)" -> "relocation mode, ...").
-fn reason_only(reason: &str) -> String {
-    if let Some(why) = reason.strip_prefix("not a candidate: ") {
-        return why.to_string();
-    }
-    match reason.strip_prefix("candidate ") {
-        Some(rest) => {
-            let inner = rest.strip_prefix('(').and_then(|r| r.strip_suffix(')'));
-            inner.unwrap_or(rest).to_string()
-        }
-        None => reason.to_string(),
+        tasks
     }
 }
 

@@ -15,7 +15,7 @@ use crate::profile::write_profile_for_bolt;
 pub struct CatalogProfiles {
     pub catalog: Catalog,
     /// The fleet's merged profiles: used instead of the local one when larger or exact.
-    pub fleet: super::FleetSlot,
+    pub fleet: Option<std::sync::Arc<crate::fleet::FleetView>>,
 }
 
 impl ProfileSource for CatalogProfiles {
@@ -30,7 +30,7 @@ impl ProfileSource for CatalogProfiles {
             let written = write_profile_for_bolt(c, binary_id, &mut bytes);
             Ok((written.map(|_| bytes), profile_numbers(c, binary_id)?.map(|p| p.samples), sha256))
         })?;
-        let fleet = self.fleet.get().zip(sha256);
+        let fleet = self.fleet.as_ref().zip(sha256);
         if let Some((view, sha)) = &fleet
             && let Some(merged) = view.profile_for_build(sha, own.unwrap_or(0))
         {
@@ -85,7 +85,7 @@ mod tests {
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("p.fdata");
-        let source = CatalogProfiles { catalog, fleet: Default::default() };
+        let source = CatalogProfiles { catalog, fleet: None };
         assert_eq!(source.write_fdata(id, &out).unwrap(), ProfileInfo { samples: 100 });
         assert_eq!(
             std::fs::read_to_string(&out).unwrap(),

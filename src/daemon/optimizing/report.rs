@@ -16,8 +16,9 @@ use crate::bolt::stale;
 use crate::bolt::status::{JobEnd, OptimizerStatus};
 use crate::bolt::{ProfileNumbers, assess};
 use crate::catalog::{base, bolt_jobs, runs};
+use crate::control::SubsystemStatus;
 use crate::control::status::human_size;
-use crate::daemon::report::SubsystemStatus;
+use crate::control::subsystem::unreadable;
 use crate::policy::Pipeline;
 use crate::policy::load::PipelineView;
 use crate::profile::profile_summary;
@@ -75,10 +76,17 @@ impl SubsystemStatus for OptimizerReport {
     }
 
     fn binary(&self, conn: &Connection, binary_id: i64) -> Option<Value> {
-        let binary = base::binary_by_id(conn, binary_id).ok()??;
-        let profile = profile_numbers(conn, binary_id).ok()?;
+        self.binary_details(conn, binary_id)
+            .unwrap_or_else(|e| Some(unreadable("optimizer status", &e)))
+    }
+}
+
+impl OptimizerReport {
+    fn binary_details(&self, conn: &Connection, binary_id: i64) -> anyhow::Result<Option<Value>> {
+        let Some(binary) = base::binary_by_id(conn, binary_id)? else { return Ok(None) };
+        let profile = profile_numbers(conn, binary_id)?;
         let v = verdict(&binary.facts, profile.as_ref(), &self.shared.applicability);
-        let job = bolt_jobs::job_of(conn, binary_id).ok()?;
+        let job = bolt_jobs::job_of(conn, binary_id)?;
         let queue = queue_state(&self.shared.queue_status(), binary_id);
         let history = match &job {
             None => None,
@@ -103,8 +111,7 @@ impl SubsystemStatus for OptimizerReport {
             Some(j) => Some(format!("last BOLT attempt: {}", j.last_outcome)),
         };
         // A variant that bridges an upgrade says from which version and how it matched.
-        let stale_profile = base::variants_of(conn, binary_id)
-            .ok()?
+        let stale_profile = base::variants_of(conn, binary_id)?
             .into_iter()
             .rev()
             .filter(|v| v.kind == "bolt" && v.state != "retired")
@@ -118,7 +125,7 @@ impl SubsystemStatus for OptimizerReport {
                 .flatten()
                 .collect::<Vec<_>>()
                 .join("; ");
-        Some(json!({
+        Ok(Some(json!({
             "summary": summary,
             "candidate": v.applicability.candidate,
             "mode": v.applicability.mode.label(),
@@ -128,7 +135,7 @@ impl SubsystemStatus for OptimizerReport {
             "queue": queue,
             "job": job,
             "stale_profile": stale_profile,
-        }))
+        })))
     }
 }
 

@@ -9,6 +9,7 @@ use super::*;
 use crate::catalog::{base, bolt_jobs, profiles, runs};
 use crate::clock::SystemClock;
 use crate::config::{FileConfig, Overrides};
+use crate::elf::ElfFacts;
 use crate::identity::{ContentId, FileKey};
 use crate::policy::Pipeline;
 
@@ -86,7 +87,7 @@ fn a_missing_bolt_turns_the_optimizer_off_with_where_it_looked() {
         ),
     );
     let catalog = Catalog::in_memory().unwrap();
-    let o = Optimizing::new(&cfg, &catalog, Arc::new(SystemClock)).unwrap();
+    let o = Optimizing::new(&cfg, &catalog, Arc::new(SystemClock), None).unwrap();
     let section = o.status().section();
     let summary = section["summary"].as_str().unwrap();
     assert!(summary.starts_with("off: BOLT is not installed"), "{summary}");
@@ -109,7 +110,8 @@ fn a_scratch_dir_the_sandbox_user_cannot_reach_turns_it_off() {
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
     let scratch = dir.path().join("scratch");
     let cfg = config(dir.path(), &format!("scratch_dir = {:?}\n", scratch.display().to_string()));
-    let o = Optimizing::new(&cfg, &Catalog::in_memory().unwrap(), Arc::new(SystemClock)).unwrap();
+    let o =
+        Optimizing::new(&cfg, &Catalog::in_memory().unwrap(), Arc::new(SystemClock), None).unwrap();
     let summary = o.status().section()["summary"].as_str().unwrap().to_string();
     assert!(summary.contains("the scratch directory is unusable"), "{summary}");
 }
@@ -121,7 +123,8 @@ fn a_scratch_dir_everyone_may_write_is_refused_and_left_untouched() {
     std::fs::create_dir(&shared).unwrap();
     std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
     let cfg = config(dir.path(), &format!("scratch_dir = {:?}\n", shared.display().to_string()));
-    let o = Optimizing::new(&cfg, &Catalog::in_memory().unwrap(), Arc::new(SystemClock)).unwrap();
+    let o =
+        Optimizing::new(&cfg, &Catalog::in_memory().unwrap(), Arc::new(SystemClock), None).unwrap();
     let summary = o.status().section()["summary"].as_str().unwrap().to_string();
     assert!(summary.contains("writable by everyone"), "{summary}");
     let mode = std::fs::metadata(&shared).unwrap().permissions().mode();
@@ -133,19 +136,18 @@ async fn the_scratch_dir_waits_for_the_first_job() {
     let dir = open_tempdir();
     let scratch = dir.path().join("scratch");
     let cfg = config(dir.path(), &format!("scratch_dir = {:?}\n", scratch.display().to_string()));
-    let o = Optimizing::new(&cfg, &Catalog::in_memory().unwrap(), Arc::new(SystemClock)).unwrap();
+    let o =
+        Optimizing::new(&cfg, &Catalog::in_memory().unwrap(), Arc::new(SystemClock), None).unwrap();
     assert!(o.shared.off.is_none(), "{:?}", o.shared.off);
     assert!(!scratch.exists(), "created before any job needed it");
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let hooks = instrumenting::Hooks::none();
-    let queue =
-        o.spawn(&tokio::runtime::Handle::current(), shutdown.clone(), hooks.clone()).unwrap();
-    assert!(
-        o.spawn(&tokio::runtime::Handle::current(), shutdown, hooks).is_none(),
-        "started twice"
-    );
+    let tasks = o.spawn(&tokio::runtime::Handle::current(), shutdown, hooks);
+    assert_eq!(tasks.len(), 2, "the queue and the driver");
     stop.send(true).unwrap();
-    tokio::time::timeout(std::time::Duration::from_secs(10), queue).await.unwrap().unwrap();
+    for task in tasks {
+        tokio::time::timeout(std::time::Duration::from_secs(10), task).await.unwrap().unwrap();
+    }
     assert!(!scratch.exists());
 }
 
@@ -155,7 +157,7 @@ fn pipeline_stages_and_reset() {
     let scratch = dir.path().join("scratch");
     let cfg = config(dir.path(), &format!("scratch_dir = {:?}\n", scratch.display().to_string()));
     let catalog = Catalog::in_memory().unwrap();
-    let o = Optimizing::new(&cfg, &catalog, Arc::new(SystemClock)).unwrap();
+    let o = Optimizing::new(&cfg, &catalog, Arc::new(SystemClock), None).unwrap();
     assert!(o.shared.off.is_none(), "BOLT is installed here: {:?}", o.shared.off);
 
     let (_, stripped) = indexed(&catalog, &cfg, "stripped", facts(false));
@@ -245,17 +247,4 @@ fn pipeline_stages_and_reset() {
     assert_eq!(pipeline(&o, &catalog, id), Pipeline::Collecting);
     let err = o.hooks().reset(&cfg.overlay[0].join("never-seen")).unwrap_err();
     assert_eq!(err.errno, libc::EINVAL);
-}
-
-#[test]
-fn status_table_reasons_drop_the_verdict_word() {
-    assert_eq!(reason_only("not a candidate: stripped (no .symtab)"), "stripped (no .symtab)");
-    assert_eq!(
-        reason_only("candidate (relocation mode, .text 171 KiB, 82% of samples in own text)"),
-        "relocation mode, .text 171 KiB, 82% of samples in own text"
-    );
-    assert_eq!(
-        reason_only("candidate by its ELF facts (x); its own-text share is unknown"),
-        "by its ELF facts (x); its own-text share is unknown"
-    );
 }

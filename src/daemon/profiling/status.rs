@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use serde_json::{Value, json};
 
 use crate::catalog::profiles;
-use crate::daemon::report::{BinFiles, SubsystemStatus};
+use crate::control::{BinFiles, SubsystemStatus};
 use crate::profile::maturity::{MaturityThresholds, group};
 use crate::profile::{ProfileSummary, ProfilerStatus, ProfilerStatusHandle};
 

@@ -1,20 +1,21 @@
-//! The `[profile]` section of the config file: sampling, maturity and retention settings,
-//! validated and turned into the profiler's own types.
+//! `[profile]` of the config file: sampling, maturity, retention and instrumentation
+//! settings ([`Settings`]), parsed once with the rest of the file (`crate::config`),
+//! validated there, and turned into the profiler's own types here.
 
 use std::time::Duration;
 
 use anyhow::bail;
 use serde::{Deserialize, Serialize};
 
+use super::ProfilerConfig;
+use super::instrument::InstrumentationBudget;
+use super::maturity::MaturityThresholds;
 use crate::catalog::profiles::Retention;
-use crate::profile::ProfilerConfig;
-use crate::profile::instrument::InstrumentationBudget;
-use crate::profile::maturity::MaturityThresholds;
 
 /// `[profile]` as written in the config file; every key is optional (see `docs/config.md`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct ProfileSettings {
+pub struct Settings {
     /// Whether the daemon samples at all. Without it no profile grows and nothing matures.
     pub enabled: bool,
     /// Samples per second per CPU (continuous profilers use 19-100 Hz).
@@ -60,7 +61,7 @@ pub struct ProfileSettings {
     pub instrumentation_dir: Option<std::path::PathBuf>,
 }
 
-impl Default for ProfileSettings {
+impl Default for Settings {
     fn default() -> Self {
         let p = ProfilerConfig::default();
         let t = MaturityThresholds::default();
@@ -92,15 +93,8 @@ impl Default for ProfileSettings {
 
 const DAY_SECS: u64 = 86_400;
 
-impl ProfileSettings {
-    /// Parses and validates the raw `[profile]` table; errors name the offending key.
-    pub fn from_table(table: &toml::Table) -> anyhow::Result<Self> {
-        let s: Self = crate::config::Sections::parse(table, "profile")?;
-        s.validate()?;
-        Ok(s)
-    }
-
-    /// Checks every value is in a range the profiler can work with.
+impl Settings {
+    /// Checks every value is in a range the profiler can work with; errors name the key.
     pub fn validate(&self) -> anyhow::Result<()> {
         let in_range = |key: &str, v: u64, lo: u64, hi: u64| -> anyhow::Result<()> {
             if v < lo || v > hi {
@@ -198,14 +192,14 @@ mod tests {
 
     use super::*;
 
-    fn parse(text: &str) -> anyhow::Result<ProfileSettings> {
-        ProfileSettings::from_table(&toml::from_str::<toml::Table>(text)?)
+    fn parse(text: &str) -> anyhow::Result<Settings> {
+        crate::config::parse_section::<Settings>("profile", text)
     }
 
     #[test]
     fn defaults_are_the_profilers_own() {
         let s = parse("").unwrap();
-        assert_eq!(s, ProfileSettings::default());
+        assert_eq!(s, Settings::default());
         let p = s.profiler_config();
         let d = ProfilerConfig::default();
         assert_eq!(

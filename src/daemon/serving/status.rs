@@ -8,7 +8,8 @@ use std::sync::atomic::Ordering;
 use serde_json::json;
 
 use super::Inner;
-use crate::daemon::report::SubsystemStatus;
+use crate::control::SubsystemStatus;
+use crate::control::subsystem::unreadable;
 use crate::policy::Stage;
 use crate::policy::load::{binary_status, machine_summary};
 
@@ -103,9 +104,11 @@ impl SubsystemStatus for PolicyStatus {
     }
 
     fn binary(&self, conn: &rusqlite::Connection, binary_id: i64) -> Option<serde_json::Value> {
-        let statuses = binary_status(conn, binary_id, &self.inner.config, &*self.inner.pipeline())
-            .map_err(|e| tracing::warn!(binary_id, error = %format!("{e:#}"), "policy status"))
-            .ok()?;
+        let statuses =
+            match binary_status(conn, binary_id, &self.inner.config, &*self.inner.pipeline()) {
+                Ok(s) => s,
+                Err(e) => return Some(unreadable("policy status", &e)),
+            };
         let first = statuses.first()?;
         let runs: Vec<serde_json::Value> =
             first.runs.iter().map(|(v, n)| json!({ "variant": v, "runs": n })).collect();
@@ -156,7 +159,10 @@ impl SubsystemStatus for PolicyStatus {
             return Some(text);
         }
         let statuses =
-            binary_status(conn, binary_id, &self.inner.config, &*self.inner.pipeline()).ok()?;
+            match binary_status(conn, binary_id, &self.inner.config, &*self.inner.pipeline()) {
+                Ok(s) => s,
+                Err(e) => return Some(format!("unknown: the catalog could not be read ({e:#})")),
+            };
         let s = statuses.into_iter().find(|s| s.path == path)?;
         Some(self.stage_text(&s.stage, &s.stage_text))
     }

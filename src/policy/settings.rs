@@ -1,17 +1,17 @@
-//! The `[policy]` section of the config file, parsed and validated into the policy's knobs
-//! and the policy task's timings.
+//! `[policy]` of the config file ([`Settings`]): parsed once with the rest of the file
+//! (`crate::config`), validated there, and turned into the policy's knobs and the policy
+//! task's timings here.
 
-use anyhow::Context;
-use serde::Deserialize;
+use anyhow::{Context, ensure};
+use serde::{Deserialize, Serialize};
 
-use crate::config::Sections;
-use crate::policy::PolicyConfig;
-use crate::policy::task::PolicyTaskOptions;
+use super::PolicyConfig;
+use super::task::PolicyTaskOptions;
 
 /// The `[policy]` section of the config file.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct PolicySettings {
+pub struct Settings {
     /// Measure runs of served binaries (per-exec CPU time and exit status). Without
     /// measurement no canary is run.
     pub measure: bool,
@@ -38,7 +38,7 @@ pub struct PolicySettings {
     pub runs_max_rows: u64,
 }
 
-impl Default for PolicySettings {
+impl Default for Settings {
     fn default() -> Self {
         let p = PolicyConfig::default();
         let t = PolicyTaskOptions::default();
@@ -58,24 +58,45 @@ impl Default for PolicySettings {
     }
 }
 
-impl PolicySettings {
-    /// Parses and validates the raw `[policy]` table.
-    pub fn from_table(table: &toml::Table) -> anyhow::Result<Self> {
-        let s: Self = Sections::parse(table, "policy")?;
-        s.policy_config().validate().context("in the [policy] section of the config")?;
-        anyhow::ensure!(
-            s.rescan_ms >= 10,
-            "in the [policy] section of the config: policy.rescan_ms must be at least 10"
+impl Settings {
+    /// Checks every value is in a range the policy can work with; errors name the key as
+    /// written in the file.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        let share = |key: &str, v: f64| {
+            ensure!((0.0..=1.0).contains(&v), "[policy] {key} = {v} must be within 0..=1");
+            Ok(())
+        };
+        share("canary_share", self.canary_share)?;
+        share("exploration_share", self.exploration_share)?;
+        share("promote_min_gain", self.promote_min_gain)?;
+        ensure!(
+            self.alpha > 0.0 && self.alpha < 0.5,
+            "[policy] alpha = {} must be within 0..0.5 (both excluded)",
+            self.alpha
         );
-        anyhow::ensure!(
-            s.runs_max_age_days >= 1,
-            "in the [policy] section of the config: policy.runs_max_age_days must be at least 1"
+        ensure!(self.min_runs >= 5, "[policy] min_runs = {} must be at least 5", self.min_runs);
+        ensure!(
+            (1..=10).contains(&self.looks),
+            "[policy] looks = {} must be within 1..=10",
+            self.looks
         );
-        anyhow::ensure!(
-            s.runs_max_rows >= 1000,
-            "in the [policy] section of the config: policy.runs_max_rows must be at least 1000"
+        ensure!(
+            self.suspicious_exit_strikes >= 1,
+            "[policy] suspicious_exit_strikes must be at least 1"
         );
-        Ok(s)
+        ensure!(
+            self.rescan_ms >= 10,
+            "[policy] rescan_ms = {} must be at least 10",
+            self.rescan_ms
+        );
+        ensure!(self.runs_max_age_days >= 1, "[policy] runs_max_age_days must be at least 1");
+        ensure!(
+            self.runs_max_rows >= 1000,
+            "[policy] runs_max_rows = {} must be at least 1000",
+            self.runs_max_rows
+        );
+        // The policy's own check, for anything it adds.
+        self.policy_config().validate().context("in the [policy] section of the config")
     }
 
     /// The policy's own knobs.
@@ -96,29 +117,31 @@ impl PolicySettings {
 mod tests {
     use super::*;
 
-    fn table(text: &str) -> toml::Table {
-        toml::from_str(text).unwrap()
+    fn parse(text: &str) -> anyhow::Result<Settings> {
+        crate::config::parse_section::<Settings>("policy", text)
     }
 
     #[test]
     fn settings_default_to_the_policys_defaults_and_name_bad_keys() {
-        let s = PolicySettings::from_table(&toml::Table::new()).unwrap();
+        let s = parse("").unwrap();
         assert_eq!(s.policy_config(), PolicyConfig::default());
         assert!(s.measure);
-        let s = PolicySettings::from_table(&table("canary_share = 0.25\nmin_runs = 6")).unwrap();
+        let s = parse("canary_share = 0.25\nmin_runs = 6").unwrap();
         assert_eq!(s.policy_config().canary_fraction, 0.25);
         assert_eq!(s.policy_config().min_runs_per_arm, 6);
 
-        let err = PolicySettings::from_table(&table("canary_shares = 0.2")).unwrap_err();
+        let err = parse("canary_shares = 0.2").unwrap_err();
         let text = format!("{err:#}");
         assert!(text.contains("canary_shares") && text.contains("[policy]"), "{text}");
-        let err = PolicySettings::from_table(&table("canary_share = 1.5")).unwrap_err();
-        assert!(format!("{err:#}").contains("canary_fraction"), "{err:#}");
-        let err = PolicySettings::from_table(&table("min_runs = 2")).unwrap_err();
+        let err = parse("canary_share = 1.5").unwrap_err();
+        assert!(format!("{err:#}").contains("[policy] canary_share = 1.5"), "{err:#}");
+        let err = parse("alpha = 0.5").unwrap_err();
+        assert!(format!("{err:#}").contains("[policy] alpha"), "{err:#}");
+        let err = parse("min_runs = 2").unwrap_err();
         assert!(format!("{err:#}").contains("min_runs"), "{err:#}");
-        let err = PolicySettings::from_table(&table("rescan_ms = 1")).unwrap_err();
+        let err = parse("rescan_ms = 1").unwrap_err();
         assert!(format!("{err:#}").contains("rescan_ms"), "{err:#}");
-        let err = PolicySettings::from_table(&table("min_runs = \"x\"")).unwrap_err();
+        let err = parse("min_runs = \"x\"").unwrap_err();
         assert!(format!("{err:#}").contains("min_runs"), "{err:#}");
     }
 }

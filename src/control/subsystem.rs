@@ -1,0 +1,80 @@
+//! What each subsystem (profiler, optimizer, policy) offers the control directory: its
+//! status section and per-binary details ([`SubsystemStatus`]), per-binary files under
+//! `bins/` ([`BinFiles`]), and the commands that reach beyond controls ([`CommandHooks`]).
+//! Subsystems implement these; the daemon's wiring hands them to the status report and the
+//! command handler, so no subsystem depends on the wiring.
+
+use std::path::Path;
+
+use super::ActionError;
+
+/// A subsystem's contribution to the status report.
+pub trait SubsystemStatus: Send + Sync {
+    /// The section name in `status.json` ("profiler", "optimizer", "policy").
+    fn name(&self) -> &'static str;
+    /// The machine-wide section; a `summary` string field is shown in the text table.
+    fn section(&self) -> serde_json::Value;
+    /// Per-binary details (a `summary` string field is shown in the text table).
+    fn binary(&self, conn: &rusqlite::Connection, binary_id: i64) -> Option<serde_json::Value>;
+    /// Why `path` (holding content `binary_id`) is served what it is, when this subsystem
+    /// decides that (the policy does).
+    fn served_reason(
+        &self,
+        _conn: &rusqlite::Connection,
+        _binary_id: i64,
+        _path: &str,
+    ) -> Option<String> {
+        None
+    }
+}
+
+/// A subsystem's per-binary details when its part of the catalog could not be read: the
+/// error, shown in status (never an empty section that would look like "nothing yet").
+pub fn unreadable(what: &str, e: &anyhow::Error) -> serde_json::Value {
+    let msg = format!("{e:#}");
+    serde_json::json!({ "error": msg, "summary": format!("{what} unreadable: {msg}") })
+}
+
+/// Files under `.optbin/bins/NAME/`.
+pub trait BinFiles: Send + Sync {
+    /// File names offered for every binary that has data (e.g. `profile.fdata`).
+    fn names(&self, conn: &rusqlite::Connection, binary_id: i64) -> Vec<String>;
+    fn contents(
+        &self,
+        conn: &rusqlite::Connection,
+        binary_id: i64,
+        file: &str,
+    ) -> anyhow::Result<Option<Vec<u8>>>;
+}
+
+/// Several subsystems' files under `.optbin/bins/NAME/`; the first that knows a name
+/// answers it.
+pub struct BinFilesSet(pub Vec<std::sync::Arc<dyn BinFiles>>);
+
+impl BinFiles for BinFilesSet {
+    fn names(&self, conn: &rusqlite::Connection, binary_id: i64) -> Vec<String> {
+        self.0.iter().flat_map(|f| f.names(conn, binary_id)).collect()
+    }
+
+    fn contents(
+        &self,
+        conn: &rusqlite::Connection,
+        binary_id: i64,
+        file: &str,
+    ) -> anyhow::Result<Option<Vec<u8>>> {
+        for f in &self.0 {
+            if let Some(bytes) = f.contents(conn, binary_id, file)? {
+                return Ok(Some(bytes));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Hooks into subsystems for the commands that reach beyond controls.
+pub trait CommandHooks: Send + Sync {
+    /// Queue an optimization of `path` now. The error is a sentence for `last_error`.
+    fn optimize(&self, path: &Path) -> Result<String, ActionError>;
+    /// Forget profile, variants and measurements of `path`'s current content.
+    fn reset(&self, path: &Path) -> Result<String, ActionError>;
+}

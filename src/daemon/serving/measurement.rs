@@ -1,0 +1,132 @@
+//! Measurement in the serving wiring: the measurer (if it runs) and what became of the runs
+//! it saw ([`Measurement`]), the overlay's event sink that attaches run counters to
+//! exec-time opens before the exec completes ([`MeasuringEvents`]), and the task that hands
+//! measured runs to the policy in batches ([`count_runs`]).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch};
+
+use super::instrumented::InstrServing;
+use crate::fs::{EventSink, FsEvent};
+use crate::measure::{ExecOpen, Measurer, RunExit, RunRecord};
+
+/// How long measured runs that ended normally are held to reach the policy as one batch.
+pub const HAND_OVER_EVERY: Duration = Duration::from_millis(100);
+
+/// The measurer (if it runs) and what became of the runs it saw.
+pub(super) struct Measurement {
+    pub(super) measurer: Option<Measurer>,
+    /// Why measurement is off; `None` while it runs.
+    pub(super) off: Option<String>,
+    /// Exec-time opens whose counters could not be attached (those runs are not measured).
+    pub(super) not_attached: AtomicU64,
+    /// Run records received from the measurer since start.
+    pub(super) measured: AtomicU64,
+    /// Of those, runs killed by a signal.
+    pub(super) killed: AtomicU64,
+}
+
+impl Measurement {
+    pub(super) fn off(why: String) -> Self {
+        Self {
+            measurer: None,
+            off: Some(why),
+            not_attached: AtomicU64::new(0),
+            measured: AtomicU64::new(0),
+            killed: AtomicU64::new(0),
+        }
+    }
+
+    pub(super) fn on(measurer: Measurer) -> Self {
+        Self { measurer: Some(measurer), off: None, ..Self::off(String::new()) }
+    }
+
+    pub(super) fn is_on(&self) -> bool {
+        self.measurer.is_some()
+    }
+
+    /// Attaches counters to an exec'ing process; never fails the exec.
+    fn on_exec_open(&self, open: ExecOpen) {
+        let Some(m) = &self.measurer else { return };
+        let pid = open.pid;
+        if let Err(e) = m.on_exec_open(open) {
+            // A process killed while blocked in execve, or out of file descriptors: that
+            // run goes unmeasured, the exec goes on.
+            let n = self.not_attached.fetch_add(1, Ordering::Relaxed);
+            if n == 0 {
+                tracing::warn!(pid, error = %format!("{e:#}"), "a run could not be measured");
+            } else {
+                tracing::debug!(pid, error = %format!("{e:#}"), "a run could not be measured");
+            }
+        }
+    }
+}
+
+/// The overlay's event sink with measurement in front (see the module doc).
+pub(super) struct MeasuringEvents {
+    pub(super) measurement: Arc<Measurement>,
+    pub(super) instr: Arc<InstrServing>,
+    pub(super) next: Arc<dyn EventSink>,
+}
+
+impl EventSink for MeasuringEvents {
+    fn event(&self, event: FsEvent) {
+        if let FsEvent::Opened { original, key, variant_id, pid, exec: true, .. } = &event {
+            self.measurement.on_exec_open(ExecOpen {
+                pid: *pid as i32,
+                original: original.clone(),
+                variant_id: *variant_id,
+                // The catalog attributes the run by the variant or the path's key.
+                binary_id: None,
+                key: *key,
+            });
+            if let Some(v) = variant_id {
+                self.instr.on_exec(original, *v);
+            }
+        }
+        self.next.event(event);
+    }
+}
+
+/// Counts the measurer's records for status on their way to the policy task, and hands
+/// them over in bursts: the task stores and re-evaluates per batch of what is queued, and
+/// one evaluation reads up to thousands of runs of the binary, so a record per exec would
+/// cost an evaluation per exec. A run killed by a signal goes at once, with what is held:
+/// a crash quarantines without waiting.
+pub(super) async fn count_runs(
+    measurement: Arc<Measurement>,
+    mut records: mpsc::UnboundedReceiver<RunRecord>,
+    to_policy: mpsc::UnboundedSender<RunRecord>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut flush = tokio::time::interval(HAND_OVER_EVERY);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut held: Vec<RunRecord> = Vec::new();
+    loop {
+        let urgent = tokio::select! {
+            _ = shutdown.changed() => break,
+            r = records.recv() => match r {
+                Some(record) => {
+                    measurement.measured.fetch_add(1, Ordering::Relaxed);
+                    let killed = matches!(record.exit, RunExit::Signaled(_));
+                    if killed {
+                        measurement.killed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    held.push(record);
+                    killed
+                }
+                None => break,
+            },
+            _ = flush.tick() => true,
+        };
+        if urgent && held.drain(..).any(|r| to_policy.send(r).is_err()) {
+            break;
+        }
+    }
+    for r in held {
+        let _ = to_policy.send(r);
+    }
+}

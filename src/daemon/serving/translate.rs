@@ -1,0 +1,77 @@
+//! The translation of a policy decision into a serving-table entry ([`translate`]), and the
+//! check that a variant's store file is what the catalog says before it is served.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+
+use crate::catalog::base::VariantRow;
+use crate::fs::ServedVariant;
+use crate::identity::FileKey;
+use crate::policy::{ServeDecision, VariantState};
+
+/// What the serving table gets for a path.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target {
+    Original,
+    /// The variant for a `share` of execs (0 < share <= 1), the original for the rest.
+    Variant {
+        variant: ServedVariant,
+        share: f64,
+    },
+}
+
+/// Translates a policy decision for a path whose file has `key` (the key the catalog
+/// recorded for the content the decision is about) into a serving-table entry. `variants`
+/// are the rows of that content's variants. Without measurement a canary is not run; a
+/// promoted variant then gets every exec (exploration runs would not be measured either).
+pub fn translate(
+    decision: ServeDecision,
+    variants: &[VariantRow],
+    key: FileKey,
+    measuring: bool,
+) -> Target {
+    let (variant_id, share) = match decision {
+        ServeDecision::Original => return Target::Original,
+        ServeDecision::Variant(id) => (id, 1.0),
+        ServeDecision::Split { variant_id, variant_share } => (variant_id, variant_share),
+    };
+    let Some(row) = variants.iter().find(|v| v.id == variant_id) else {
+        return Target::Original;
+    };
+    let share = match (measuring, VariantState::parse(&row.state)) {
+        (true, _) => share,
+        (false, Some(VariantState::Canary | VariantState::Ready)) if share < 1.0 => {
+            return Target::Original;
+        }
+        (false, _) => 1.0,
+    };
+    if share.is_nan() || share <= 0.0 {
+        return Target::Original;
+    }
+    Target::Variant {
+        variant: ServedVariant {
+            variant_id,
+            path_in_store: PathBuf::from(&row.store_path),
+            size: row.size,
+            expected_original: key,
+        },
+        share: share.min(1.0),
+    }
+}
+
+/// The overlay checks the size on every open (EIO on a mismatch): refuse to serve a store
+/// file that is missing or not what the catalog says.
+pub fn check_store_file(v: &ServedVariant) -> anyhow::Result<()> {
+    let md = std::fs::metadata(&v.path_in_store)
+        .with_context(|| format!("variant {} at {}", v.variant_id, v.path_in_store.display()))?;
+    anyhow::ensure!(
+        md.is_file() && md.len() == v.size,
+        "variant {} at {} has {} bytes, the catalog says {}",
+        v.variant_id,
+        v.path_in_store.display(),
+        md.len(),
+        v.size
+    );
+    Ok(())
+}
