@@ -252,7 +252,9 @@ fn profiles_grow_mature_and_feed_bolt_through_the_daemon() {
          WHERE b.sha256 = ?1",
         &sha256_hex(&hot),
     );
-    assert_eq!(windows as u64, mature["windows"].as_u64().unwrap());
+    // At least the windows status reported when the profile matured: the last run's
+    // samples may be flushed into a later window after that.
+    assert!(windows as u64 >= mature["windows"].as_u64().unwrap(), "{windows} windows: {mature}");
     let refusals = count(
         "SELECT count(*) FROM profile_binaries p JOIN binaries b ON b.id = p.binary_id
          WHERE b.sha256 = ?1 AND p.refused LIKE 'stripped%'",
