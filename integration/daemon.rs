@@ -453,11 +453,9 @@ fn loop_goes_on(stop: &std::path::Path, more: u64) {
             .unwrap_or(0)
     };
     let target = done() + more;
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while done() < target {
-        assert!(std::time::Instant::now() < deadline, "the command loop stopped going on");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    common::daemon::wait_until(Duration::from_secs(60), "the command loop to go on", || {
+        done() >= target
+    });
 }
 
 fn loop_result(child: std::process::Child) -> (u64, u64, u64, String) {
@@ -638,14 +636,13 @@ fn commands_keep_working_while_the_whole_service_is_killed() {
 
     let out = run(Command::new(OPTBIN).arg("umount").arg(&f.mnt));
     assert_eq!(out.code, Some(0), "{out:?}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while unsafe { libc::kill(holder, 0) } == 0
-        && std::fs::read_to_string(format!("/proc/{holder}/stat"))
-            .is_ok_and(|s| !s.contains(") Z "))
-    {
-        assert!(std::time::Instant::now() < deadline, "the holder outlived umount");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    common::daemon::wait_until(Duration::from_secs(20), "the holder to exit after umount", || {
+        // SAFETY: signal 0 only checks that the holder process exists.
+        let alive = unsafe { libc::kill(holder, 0) } == 0
+            && std::fs::read_to_string(format!("/proc/{holder}/stat"))
+                .is_ok_and(|s| !s.contains(") Z "));
+        !alive
+    });
     assert!(!is_mounted(&f.mnt));
 }
 

@@ -322,12 +322,10 @@ fn two_machines_share_profiles_verdicts_and_survive_an_outage() {
             })
         })
         .collect();
-    // Some runs through both mounts before the outage (a poll with a deadline, not a pause).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while ran.load(Ordering::SeqCst) < 4 {
-        assert!(Instant::now() < deadline, "no runs through the mounts before the outage");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    // Some runs through both mounts before the outage.
+    common::daemon::wait_until(Duration::from_secs(30), "runs through the mounts", || {
+        ran.load(Ordering::SeqCst) >= 4
+    });
     redis.kill();
     let killed = Instant::now();
     let ran_before = ran.load(Ordering::SeqCst);

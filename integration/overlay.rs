@@ -546,18 +546,12 @@ fn slow_marker(pid_file: &Path) -> PathBuf {
 /// Waits until the command loop of the supervised test, which writes its iteration count
 /// to `progress` after each iteration, has completed `n` iterations.
 fn wait_loop_iterations(progress: &Path, n: u64) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let done = std::fs::read_to_string(progress)
-            .ok()
-            .and_then(|s| s.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-        if done >= n {
-            return;
-        }
-        assert!(Instant::now() < deadline, "the command loop stopped at {done} iterations");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let done = || std::fs::read_to_string(progress).ok().and_then(|s| s.trim().parse::<u64>().ok());
+    daemon::wait_until(
+        Duration::from_secs(30),
+        &format!("{n} iterations of the command loop"),
+        || done().unwrap_or(0) >= n,
+    );
 }
 
 fn loop_iterations(progress: &Path) -> u64 {
