@@ -497,6 +497,21 @@ mod tests {
     use crate::catalog::Catalog;
     use crate::elf::ElfFacts;
 
+    /// A binary `r` with relocations and a ready instrumented variant: (binary, variant).
+    fn binary_with_ready_instrumented_variant(
+        c: &rusqlite::Connection,
+    ) -> anyhow::Result<(i64, i64)> {
+        let id = base::upsert_binary(c, &ContentId::of_bytes(b"r"), 4, &facts(true), 1)?;
+        let v = base::NewVariant {
+            binary_id: id,
+            kind: KIND.into(),
+            sha256: ContentId::of_bytes(b"v").hex(),
+            state: "ready".into(),
+            ..Default::default()
+        };
+        Ok((id, base::insert_variant(c, &v, 1)?))
+    }
+
     fn facts(has_relocs: bool) -> ElfFacts {
         ElfFacts::for_tests(8 * 1024, has_relocs)
     }
@@ -554,15 +569,7 @@ mod tests {
         Catalog::in_memory()
             .unwrap()
             .run_blocking(|c| {
-                let id = base::upsert_binary(c, &ContentId::of_bytes(b"r"), 4, &facts(true), 1)?;
-                let v = base::NewVariant {
-                    binary_id: id,
-                    kind: KIND.into(),
-                    sha256: ContentId::of_bytes(b"v").hex(),
-                    state: "ready".into(),
-                    ..Default::default()
-                };
-                let vid = base::insert_variant(c, &v, 1)?;
+                let (id, vid) = binary_with_ready_instrumented_variant(c)?;
                 let run = |variant: Option<i64>, cmd: &str, ns: i64, signal: Option<i32>| {
                     c.execute(
                         "INSERT INTO runs (binary_id, path, variant_id, cmd_hash, task_clock_ns,
@@ -593,15 +600,7 @@ mod tests {
         Catalog::in_memory()
             .unwrap()
             .run_blocking(|c| {
-                let id = base::upsert_binary(c, &ContentId::of_bytes(b"r"), 4, &facts(true), 1)?;
-                let v = base::NewVariant {
-                    binary_id: id,
-                    kind: KIND.into(),
-                    sha256: ContentId::of_bytes(b"v").hex(),
-                    state: "ready".into(),
-                    ..Default::default()
-                };
-                let vid = base::insert_variant(c, &v, 1)?;
+                let (id, vid) = binary_with_ready_instrumented_variant(c)?;
                 let run = |variant: Option<i64>, signal: Option<i32>| {
                     c.execute(
                         "INSERT INTO runs (binary_id, path, variant_id, cmd_hash, task_clock_ns,
