@@ -18,25 +18,6 @@ use common::daemon::{Daemon, OPTBIN};
 use common::*;
 use serde_json::Value;
 
-/// A loop whose `SLOW` build does extra volatile work per iteration; both print the same.
-const WORK_C: &str = r#"
-#include <stdio.h>
-#include <stdlib.h>
-static volatile unsigned long sink;
-int main(int argc, char **argv) {
-    long n = argc > 1 ? atol(argv[1]) : 1000000;
-    unsigned long acc = 0;
-    for (long i = 0; i < n; i++) {
-        acc += (unsigned long)i * 2654435761u;
-#ifdef SLOW
-        for (int k = 0; k < 6; k++) sink += (unsigned long)i ^ k;
-#endif
-    }
-    printf("%s %lu\n", TAG, acc);
-    return 0;
-}
-"#;
-
 const CONFIG: &str = "[profile]\nenabled = false\n";
 
 fn build(out: &Path, tag: &str, slow: bool) {

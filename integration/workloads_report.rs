@@ -16,25 +16,6 @@ use common::daemon::{Daemon, OPTBIN};
 use common::*;
 use serde_json::Value;
 
-/// A loop whose `SLOW` build does extra volatile work per iteration; both print the same.
-const WORK_C: &str = r#"
-#include <stdio.h>
-#include <stdlib.h>
-static volatile unsigned long sink;
-int main(int argc, char **argv) {
-    long n = argc > 1 ? atol(argv[1]) : 1000000;
-    unsigned long acc = 0;
-    for (long i = 0; i < n; i++) {
-        acc += (unsigned long)i * 2654435761u;
-#ifdef SLOW
-        for (int k = 0; k < 6; k++) sink += (unsigned long)i ^ k;
-#endif
-    }
-    printf("%lu\n", acc);
-    return 0;
-}
-"#;
-
 const CONFIG: &str = "[profile]\nenabled = false\n\n[policy]\nmin_runs = 8\nlooks = 3\n\
                       rescan_ms = 200\n";
 

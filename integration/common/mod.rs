@@ -228,3 +228,26 @@ pub fn wait_binary(
 ) -> serde_json::Value {
     d.wait_for(std::time::Duration::from_secs(secs), what, |d| d.binary(path).filter(|b| ok(b)))
 }
+
+/// A loop whose `SLOW` build does extra volatile work per iteration; both print the same
+/// line, `TAG` (default "work") and a checksum.
+pub const WORK_C: &str = r#"
+#include <stdio.h>
+#ifndef TAG
+#define TAG "work"
+#endif
+#include <stdlib.h>
+static volatile unsigned long sink;
+int main(int argc, char **argv) {
+    long n = argc > 1 ? atol(argv[1]) : 1000000;
+    unsigned long acc = 0;
+    for (long i = 0; i < n; i++) {
+        acc += (unsigned long)i * 2654435761u;
+#ifdef SLOW
+        for (int k = 0; k < 6; k++) sink += (unsigned long)i ^ k;
+#endif
+    }
+    printf("%s %lu\n", TAG, acc);
+    return 0;
+}
+"#;
