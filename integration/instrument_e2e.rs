@@ -18,30 +18,6 @@ use std::time::Duration;
 use common::daemon::Daemon;
 use rusqlite::{Connection, OpenFlags};
 
-const PROGRAM: &str = r#"
-#include <stdio.h>
-#include <stdlib.h>
-__attribute__((noinline)) unsigned long step_a(unsigned long s, unsigned long i) { return (i % 7 == 3) ? s * 31 + i : s ^ (i * 3); }
-__attribute__((noinline)) unsigned long step_b(unsigned long s, unsigned long i) { return (s << 1 | s >> 63) + (i & 0xff); }
-__attribute__((noinline)) unsigned long step_c(unsigned long s, unsigned long i) {
-    switch (i & 7) { case 0: return s * 31 + i; case 1: return s ^ 0x5555; case 2: return s + (i >> 3);
-    case 3: return s - i; case 4: return s * 7; case 5: return s | (i << 7); case 6: return s & ~i; default: return s + 1; }
-}
-__attribute__((noinline)) unsigned long hot_loop(unsigned long n) {
-    unsigned long s = 1;
-    for (unsigned long i = 0; i < n; i++) {
-        s = step_a(s, i);
-        if (i & 1) s = step_b(s, i); else s = step_c(s, i);
-    }
-    return s;
-}
-int main(int argc, char **argv) {
-    unsigned long n = argc > 1 ? strtoul(argv[1], 0, 10) : 1000;
-    printf("result %lu\n", hot_loop(n));
-    return 0;
-}
-"#;
-
 const ARG: &str = "200000";
 const MAX_RUNS: i64 = 3;
 
@@ -93,7 +69,7 @@ fn instrumentation_mode_collects_a_profile_through_the_mount_and_bolt_uses_it() 
     let bin = std::fs::canonicalize(dir.path()).unwrap().join("bin");
     std::fs::create_dir(&bin).unwrap();
     let prog = bin.join("prog");
-    common::cc(PROGRAM, &prog, &["-fPIE", "-pie", "-Wl,--emit-relocs"]);
+    common::cc(common::STEPS_C, &prog, &["-fPIE", "-pie", "-Wl,--emit-relocs"]);
     let expected = output(Command::new(&prog).arg(ARG));
     let instr_dir: PathBuf = dir.path().join("instr");
     let config = format!(

@@ -251,3 +251,32 @@ int main(int argc, char **argv) {
     return 0;
 }
 "#;
+
+/// A hot loop over three small branchy functions (`prog N` prints a result of all of them);
+/// `-DMASK=...` (default 0xff) changes `step_b` and the result, as a new version would.
+pub const STEPS_C: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#ifndef MASK
+#define MASK 0xff
+#endif
+__attribute__((noinline)) unsigned long step_a(unsigned long s, unsigned long i) { return (i % 7 == 3) ? s * 31 + i : s ^ (i * 3); }
+__attribute__((noinline)) unsigned long step_b(unsigned long s, unsigned long i) { return (s << 1 | s >> 63) + (i & MASK); }
+__attribute__((noinline)) unsigned long step_c(unsigned long s, unsigned long i) {
+    switch (i & 7) { case 0: return s * 31 + i; case 1: return s ^ 0x5555; case 2: return s + (i >> 3);
+    case 3: return s - i; case 4: return s * 7; case 5: return s | (i << 7); case 6: return s & ~i; default: return s + 1; }
+}
+__attribute__((noinline)) unsigned long hot_loop(unsigned long n) {
+    unsigned long s = 1;
+    for (unsigned long i = 0; i < n; i++) {
+        s = step_a(s, i);
+        if (i & 1) s = step_b(s, i); else s = step_c(s, i);
+    }
+    return s;
+}
+int main(int argc, char **argv) {
+    unsigned long n = argc > 1 ? strtoul(argv[1], 0, 10) : 1000;
+    printf("result %lu\n", hot_loop(n));
+    return 0;
+}
+"#;
