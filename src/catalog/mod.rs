@@ -12,6 +12,7 @@ pub mod health;
 mod migrations;
 pub mod profiles;
 pub mod runs;
+pub mod variant;
 
 use std::path::Path;
 use std::sync::mpsc;
