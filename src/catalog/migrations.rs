@@ -46,6 +46,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "host_use: the USE summary of the host, one a minute",
         sql: crate::observe::history::SCHEMA,
     },
+    Migration {
+        version: 7,
+        name: "variants.profile_digest: the sha256 of the profile each variant was built from",
+        sql: super::profile_digests::SCHEMA,
+    },
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> anyhow::Result<()> {

@@ -25,7 +25,7 @@ use super::store::{FleetStore, Push, PushKind, Ttl};
 use super::trust::summarize;
 use super::view::{FleetView, IdentityView};
 use crate::catalog::base::{VariantKind, VariantState};
-use crate::catalog::{Catalog, base, profiles, runs};
+use crate::catalog::{Catalog, base, profile_digests, profiles, runs};
 use crate::clock::Clock;
 use crate::identity::ContentId;
 
@@ -473,6 +473,7 @@ pub fn verdicts(
         content: content.hex(),
         verdicts: vec![],
     };
+    let digests = profile_digests::of_binary(c, id)?;
     for v in base::variants_of(c, id)?.into_iter().rev() {
         let outcome = match v.state {
             VariantState::Served => Outcome::Promoted,
@@ -493,6 +494,7 @@ pub fn verdicts(
             bolt_version: v.bolt_version,
             flags: v.flags,
             profile_samples: v.profile_samples.map(|n| n.max(0) as u64),
+            profile_digest: digests.get(&v.id).map(ContentId::hex),
             note: v.note.map(|n| n.chars().take(300).collect()),
             at: v.created_at,
         });
