@@ -46,6 +46,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "host_use: the USE summary of the host, one a minute",
         sql: crate::observe::history::SCHEMA,
     },
+    Migration {
+        version: 7,
+        name: "runs: page faults, context switches and the PMU's miss counters per run",
+        sql: super::runs::SCHEMA_RUN_COUNTERS,
+    },
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
