@@ -176,30 +176,50 @@ fn catalog(dir: &Path, windows: i64, per_window: u64) -> Catalog {
     catalog
 }
 
-fn settings(urls: &[String], machine: &str, secret: &Path) -> FleetSettings {
+/// The `[fleet]` section's body for `machine` (with `ca_file` when the servers speak TLS).
+fn fleet_toml(urls: &[String], machine: &str, secret: &Path, ca: Option<&TestCa>) -> String {
     let urls: Vec<String> = urls.iter().map(|u| format!("{u:?}")).collect();
-    toml::from_str(&format!(
-        "url = [{}]\nmachine_id = \"{machine}\"\ncredentials = {:?}\n",
+    let ca_line =
+        ca.map_or(String::new(), |ca| format!("ca_file = {:?}\n", ca.ca_pem.display().to_string()));
+    format!(
+        "url = [{}]\nmachine_id = \"{machine}\"\ncredentials = {:?}\n{ca_line}",
         urls.join(", "),
         secret.display().to_string()
-    ))
-    .unwrap()
+    )
+}
+
+fn settings(urls: &[String], machine: &str, secret: &Path, ca: Option<&TestCa>) -> FleetSettings {
+    toml::from_str(&fleet_toml(urls, machine, secret, ca)).unwrap()
 }
 
 #[test]
 fn a_three_node_cluster_shares_profiles_like_one_server() {
+    cluster_shares_profiles_like_one_server(false);
+}
+
+#[test]
+fn a_tls_cluster_with_a_private_ca_shares_profiles_like_one_server() {
+    cluster_shares_profiles_like_one_server(true);
+}
+
+fn cluster_shares_profiles_like_one_server(tls: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
     let acl = format!("{}\n{}", writer_acl("m-a", "pw-m-a"), writer_acl("m-b", "pw-m-b"));
-    let cluster = Cluster::start(&root.join("cluster"), &acl);
+    let ca = tls.then(|| TestCa::create(&root.join("ca")));
+    let cluster = match &ca {
+        Some(ca) => Cluster::start_tls(&root.join("cluster"), &acl, ca),
+        None => Cluster::start(&root.join("cluster"), &acl),
+    };
     let urls = cluster.urls();
+    assert_eq!(urls.iter().all(|u| u.starts_with("rediss://")), tls, "{urls:?}");
     let rt = rt();
     let mut views = Vec::new();
     for (machine, windows, per_window) in [("m-a", 4, 5_000), ("m-b", 1, 200)] {
         let dir = root.join(machine);
         std::fs::create_dir_all(&dir).unwrap();
         let secret = credentials(&dir, machine, &format!("pw-{machine}"));
-        let resolved = settings(&urls, machine, &secret).resolve().unwrap();
+        let resolved = settings(&urls, machine, &secret, ca.as_ref()).resolve().unwrap();
         let store = Arc::new(RedisStore::from_settings(&resolved).unwrap());
         let view = Arc::new(FleetView::new(machine.into(), true, 2));
         let mut task = FleetTask::new(
@@ -224,16 +244,8 @@ fn a_three_node_cluster_shares_profiles_like_one_server() {
     // The command line against the cluster.
     let dir = root.join("m-a");
     let cfg = dir.join("config.toml");
-    let urls_toml: Vec<String> = urls.iter().map(|u| format!("{u:?}")).collect();
-    std::fs::write(
-        &cfg,
-        format!(
-            "[fleet]\nurl = [{}]\nmachine_id = \"m-a\"\ncredentials = {:?}\n",
-            urls_toml.join(", "),
-            dir.join("m-a.secret").display().to_string()
-        ),
-    )
-    .unwrap();
+    let section = fleet_toml(&urls, "m-a", &dir.join("m-a.secret"), ca.as_ref());
+    std::fs::write(&cfg, format!("[fleet]\n{section}")).unwrap();
     let optbin = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_optbin"))
             .arg("fleet")

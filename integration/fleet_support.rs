@@ -50,8 +50,8 @@ pub struct Redis {
     pub dir: PathBuf,
     conf: PathBuf,
     child: Option<Child>,
-    /// Serving TLS only (the port is its `tls-port`).
-    tls: bool,
+    /// Serving TLS only (the port is its `tls-port`), with this CA's certificate.
+    tls: Option<PathBuf>,
 }
 
 /// A private certificate authority and a server certificate it signed for 127.0.0.1, made
@@ -110,7 +110,7 @@ impl Redis {
             None => format!("port {port}"),
             Some(ca) => format!(
                 "port 0\ntls-port {port}\ntls-cert-file {}\ntls-key-file {}\n\
-                 tls-ca-cert-file {}\ntls-auth-clients no",
+                 tls-ca-cert-file {}\ntls-auth-clients no\ntls-cluster yes\ntls-replication yes",
                 ca.server_pem.display(),
                 ca.server_key.display(),
                 ca.ca_pem.display()
@@ -127,7 +127,8 @@ impl Redis {
             ),
         )
         .unwrap();
-        let mut r = Redis { port, dir: dir.to_path_buf(), conf, child: None, tls: tls.is_some() };
+        let tls = tls.map(|ca| ca.ca_pem.clone());
+        let mut r = Redis { port, dir: dir.to_path_buf(), conf, child: None, tls };
         r.spawn();
         r
     }
@@ -144,7 +145,7 @@ impl Redis {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             // A TLS server cannot be pinged in plain text: listening is enough there.
-            let up = if self.tls {
+            let up = if self.tls.is_some() {
                 TcpStream::connect(("127.0.0.1", self.port)).is_ok()
             } else {
                 ping(self.port)
@@ -158,7 +159,7 @@ impl Redis {
     }
 
     pub fn url(&self) -> String {
-        let scheme = if self.tls { "rediss" } else { "redis" };
+        let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
         format!("{scheme}://127.0.0.1:{}/0", self.port)
     }
 
@@ -180,11 +181,10 @@ impl Redis {
         self.spawn();
     }
 
-    /// `redis-cli` as the admin user; returns stdout.
+    /// `redis-cli` as the admin user (over TLS to a TLS server); returns stdout.
     pub fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string(), "--user", "admin", "--pass", ADMIN_PASSWORD])
-            .arg("--no-auth-warning")
+        let out = admin_cli(self.tls.as_deref())
+            .args(["-p", &self.port.to_string()])
             .args(args)
             .output()
             .expect("redis-cli (mount/deps.sh installs redis-tools)");
@@ -209,6 +209,16 @@ fn ping(port: u16) -> bool {
     matches!(s.read(&mut buf), Ok(n) if n > 0)
 }
 
+/// `redis-cli` as the admin user, over TLS trusting `ca` when given.
+fn admin_cli(ca: Option<&Path>) -> Command {
+    let mut cmd = Command::new("redis-cli");
+    cmd.args(["--user", "admin", "--pass", ADMIN_PASSWORD, "--no-auth-warning"]);
+    if let Some(ca) = ca {
+        cmd.arg("--tls").arg("--cacert").arg(ca);
+    }
+    cmd
+}
+
 /// A 3-node Redis Cluster on loopback (no replicas).
 pub struct Cluster {
     pub nodes: Vec<Redis>,
@@ -216,30 +226,33 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start(dir: &Path, acl: &str) -> Self {
+        Self::start_with(dir, acl, None)
+    }
+
+    /// As [`Cluster::start`], every node serving TLS only (clients and the cluster bus),
+    /// with certificates `ca` signed.
+    pub fn start_tls(dir: &Path, acl: &str, ca: &TestCa) -> Self {
+        Self::start_with(dir, acl, Some(ca))
+    }
+
+    fn start_with(dir: &Path, acl: &str, tls: Option<&TestCa>) -> Self {
         let nodes: Vec<Redis> = (0..3)
             .map(|i| {
                 let d = dir.join(format!("node{i}"));
-                Redis::start(
+                Redis::start_with(
                     &d,
                     &format!(
                         "cluster-enabled yes\ncluster-config-file {}\ncluster-node-timeout 2000\n\
                          masteruser admin\nmasterauth {ADMIN_PASSWORD}\n{acl}",
                         d.join("nodes.conf").display()
                     ),
+                    tls,
                 )
             })
             .collect();
         let addrs: Vec<String> = nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
-        let mut cmd = Command::new("redis-cli");
-        cmd.args([
-            "--user",
-            "admin",
-            "--pass",
-            ADMIN_PASSWORD,
-            "--no-auth-warning",
-            "--cluster",
-            "create",
-        ]);
+        let mut cmd = admin_cli(tls.map(|ca| ca.ca_pem.as_path()));
+        cmd.args(["--cluster", "create"]);
         cmd.args(&addrs);
         cmd.args(["--cluster-replicas", "0", "--cluster-yes"]);
         let out = cmd.output().expect("redis-cli --cluster create");

@@ -18,7 +18,7 @@ use optbin::bolt::{
     OptimizeRequest, OptimizerConfig, OptimizerHandle, ProfileInput, ProfileNumbers, RequestOrigin,
     Sandbox, SandboxUser, SandboxedBoltRunner, SmokeCommand, discover, optimizer, run_optimizer,
 };
-use optbin::catalog::{Catalog, base, bolt_jobs};
+use optbin::catalog::{Catalog, base, bolt_jobs, profile_digests};
 use optbin::clock::SystemClock;
 use optbin::elf::ElfFacts;
 use optbin::identity::ContentId;
@@ -225,6 +225,10 @@ async fn matured_profiles_become_verified_variants_with_the_originals_behaviour(
         assert_eq!(&v.sha256, sha256);
         assert_eq!(v.bolt_version.as_deref(), Some(tool.version.to_string().as_str()));
         assert_eq!(v.profile_samples, Some(samples as i64));
+        // The variant names the exact profile bytes it was built from.
+        let vid = v.id;
+        let digests = rig.catalog.run(move |c| profile_digests::of_binary(c, id)).await.unwrap();
+        assert_eq!(digests.get(&vid), Some(&ContentId::of_file(&fdata).unwrap()), "{name}");
         let flags_used = v.flags.clone().unwrap();
         assert!(flags_used.contains("-reorder-blocks=ext-tsp"), "{flags_used}");
         assert_eq!(

@@ -4,8 +4,8 @@
 # gcc (tests compile real C programs), util-linux (setpriv, runuser), redis-server and
 # redis-tools (the fleet tests start their own Redis servers and a Redis Cluster),
 # chromium (the HTML report is checked in a headless browser), curl (the metrics endpoint),
-# libssl-dev (the fleet's rediss:// links use the system's OpenSSL) and openssl (the TLS
-# test makes its own certificate authority).
+# and openssl (the TLS tests make their own certificate authority; optbin's own TLS is
+# rustls, built in).
 set -euo pipefail
 need=()
 command -v fusermount3 >/dev/null || need+=(fuse3)
@@ -13,7 +13,6 @@ command -v perf >/dev/null || need+=(linux-perf)
 command -v gcc >/dev/null || need+=(gcc)
 command -v setpriv >/dev/null || need+=(util-linux)
 command -v pkg-config >/dev/null || need+=(pkg-config)
-[ -e /usr/include/openssl/ssl.h ] || need+=(libssl-dev)
 command -v openssl >/dev/null || need+=(openssl)
 command -v chromium >/dev/null || need+=(chromium)
 command -v curl >/dev/null || need+=(curl)

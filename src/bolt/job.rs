@@ -36,6 +36,18 @@ impl ProfileInput {
     pub fn optimizes(&self) -> bool {
         !matches!(self, ProfileInput::Instrument { .. })
     }
+
+    /// The sha256 of the profile's bytes, recorded with the variant and shared in the
+    /// fleet's verdicts so that "built from the same inputs" can be checked exactly; None
+    /// for an instrumented build, which has no profile yet.
+    pub fn digest(&self) -> std::io::Result<Option<ContentId>> {
+        match self {
+            ProfileInput::Fdata(path) | ProfileInput::StaleYaml(path) => {
+                ContentId::of_file(path).map(Some)
+            }
+            ProfileInput::Instrument { .. } => Ok(None),
+        }
+    }
 }
 
 /// The flags-level choices of one attempt; the ladder moves between these.

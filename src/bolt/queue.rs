@@ -29,7 +29,7 @@ use super::stale::{self, STALE_PROFILE_SAMPLES, StaleProfiles, StaleSource};
 use super::status::{FinishedView, JobEnd, OptimizerStatus, QueuedView, RunningView};
 use super::verify::{SmokeCommand, verify};
 use crate::catalog::Catalog;
-use crate::catalog::{base, bolt_jobs};
+use crate::catalog::{base, bolt_jobs, profile_digests};
 use crate::clock::Clock;
 use crate::elf::ElfFacts;
 use crate::identity::ContentId;
@@ -326,6 +326,10 @@ async fn build(shared: &Arc<Shared>, req: &OptimizeRequest) -> anyhow::Result<(u
     if info.samples == 0 {
         return Ok((0, JobEnd::Skipped { why: "the profile is empty".into() }));
     }
+    let digest_of = profile.clone();
+    let profile_digest = tokio::task::spawn_blocking(move || digest_of.digest())
+        .await?
+        .context("hashing the profile")?;
 
     let mode = assess(&req.facts, &req.profile, &shared.config.applicability).mode;
     let mut rung =
@@ -364,7 +368,8 @@ async fn build(shared: &Arc<Shared>, req: &OptimizeRequest) -> anyhow::Result<(u
                     base::record_event(c, now, Some(&name), "bolt", &origin)
                 });
             }
-            let variant_id = record_variant(shared, record, stored, info.samples, now).await?;
+            let built_from = BuiltFrom { samples: info.samples, digest: profile_digest };
+            let variant_id = record_variant(shared, record, stored, built_from, now).await?;
             collect_garbage(shared).await;
             return Ok((attempt, JobEnd::Built { variant_id, sha256 }));
         };
@@ -398,13 +403,19 @@ async fn build(shared: &Arc<Shared>, req: &OptimizeRequest) -> anyhow::Result<(u
     }
 }
 
-/// Records a stored variant (kind "bolt", state "ready") and its successful attempt, in one
-/// transaction.
+/// The profile a variant was built from, as recorded with it.
+struct BuiltFrom {
+    samples: u64,
+    digest: Option<ContentId>,
+}
+
+/// Records a stored variant (kind "bolt", state "ready"), the digest of its profile and its
+/// successful attempt, in one transaction.
 async fn record_variant(
     shared: &Arc<Shared>,
     attempt: bolt_jobs::AttemptRecord,
     stored: Stored,
-    profile_samples: u64,
+    built_from: BuiltFrom,
     now: i64,
 ) -> anyhow::Result<i64> {
     let binary_id = attempt.binary_id;
@@ -417,7 +428,7 @@ async fn record_variant(
         state: "ready".into(),
         bolt_version: Some(attempt.bolt_version.clone()),
         flags: Some(attempt.flags.clone()),
-        profile_samples: Some(profile_samples as i64),
+        profile_samples: Some(built_from.samples as i64),
         note: Some(stored.note),
     };
     shared
@@ -427,6 +438,9 @@ async fn record_variant(
             let tx = c.transaction()?;
             bolt_jobs::record_attempt(&tx, &attempt, now)?;
             let id = base::insert_variant(&tx, &variant, now)?;
+            if let Some(digest) = &built_from.digest {
+                profile_digests::set(&tx, id, digest)?;
+            }
             bolt_jobs::set_variant(&tx, binary_id, id)?;
             tx.commit()?;
             Ok(id)

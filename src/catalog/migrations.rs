@@ -48,6 +48,11 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration {
         version: 7,
+        name: "variants.profile_digest: the sha256 of the profile each variant was built from",
+        sql: super::profile_digests::SCHEMA,
+    },
+    Migration {
+        version: 8,
         name: "runs: page faults, context switches and the PMU's miss counters per run",
         sql: super::runs::SCHEMA_RUN_COUNTERS,
     },

@@ -10,6 +10,7 @@ pub mod base;
 pub mod bolt_jobs;
 pub mod health;
 mod migrations;
+pub mod profile_digests;
 pub mod profiles;
 pub mod runs;
 

@@ -63,7 +63,7 @@ pub const SCHEMA_DECISION_SAMPLES: &str = r#"
 ALTER TABLE policy_decisions ADD COLUMN profile_samples INTEGER;
 "#;
 
-/// Migration 7: the per-run counters besides CPU time, instructions and cycles (the
+/// Migration 8: the per-run counters besides CPU time, instructions and cycles (the
 /// software ones every run has, the hardware ones where the PMU offers them). Runs stored
 /// before have NULL: unknown, never zero.
 pub const SCHEMA_RUN_COUNTERS: &str = r#"

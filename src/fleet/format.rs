@@ -84,6 +84,10 @@ pub struct Verdict {
     pub flags: Option<String>,
     /// Samples of the profile the variant was built from.
     pub profile_samples: Option<u64>,
+    /// sha256 of the profile's bytes (fdata or YAML) the variant was built from; absent for
+    /// variants recorded before optimizers kept it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub profile_digest: Option<String>,
     /// The policy's reason (measured gain and interval, the crash).
     pub note: Option<String>,
     pub at: i64,
@@ -279,6 +283,9 @@ impl VerdictList {
             if ContentId::parse(&v.variant).is_none() {
                 return Err(format!("bad variant digest {:?}", truncate(&v.variant, 70)));
             }
+            if let Some(p) = v.profile_digest.as_deref().filter(|p| ContentId::parse(p).is_none()) {
+                return Err(format!("bad profile digest {:?}", truncate(p, 70)));
+            }
             for text in [&v.bolt_version, &v.flags, &v.note].into_iter().flatten() {
                 if text.len() > 1024 {
                     return Err("a verdict's text field is over 1024 bytes".into());
@@ -385,6 +392,7 @@ mod tests {
                 bolt_version: Some("19.1.7".into()),
                 flags: None,
                 profile_samples: Some(100),
+                profile_digest: Some(ContentId::of_bytes(b"profile").hex()),
                 note: Some("crashed".into()),
                 at: 5,
             }],
@@ -393,5 +401,14 @@ mod tests {
         let mut bad = list.clone();
         bad.verdicts[0].variant = "zz".into();
         assert!(VerdictList::parse(&bad.encode(), &c, "m1", 4096).unwrap_err().contains("digest"));
+        let mut bad = list.clone();
+        bad.verdicts[0].profile_digest = Some("not hex".into());
+        let why = VerdictList::parse(&bad.encode(), &c, "m1", 4096).unwrap_err();
+        assert!(why.contains("bad profile digest"), "{why}");
+        // A verdict from before the digest was kept still parses.
+        let mut old = list.clone();
+        old.verdicts[0].profile_digest = None;
+        assert!(!String::from_utf8(old.encode()).unwrap().contains("profile_digest"));
+        assert_eq!(VerdictList::parse(&old.encode(), &c, "m1", 4096).unwrap(), old);
     }
 }

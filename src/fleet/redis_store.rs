@@ -106,7 +106,13 @@ impl RedisStore {
                     b = b.username(u);
                 }
             }
-            Client::Cluster(Box::new(b.build()?))
+            if let Some(pem) = ca_pem {
+                b = b.certs(redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(pem.to_vec()),
+                });
+            }
+            Client::Cluster(Box::new(b.build().context("[fleet] setting up the cluster client")?))
         };
         Ok(Self { client, conn: Mutex::new(None), timeout })
     }

@@ -182,14 +182,6 @@ impl FleetSettings {
         if self.ca_file.is_some() && tls == 0 {
             bail!("[fleet] ca_file is for TLS: give rediss:// URLs, or remove ca_file");
         }
-        if self.ca_file.is_some() && urls.len() > 1 {
-            // The redis crate's cluster client takes a private CA only when built on rustls;
-            // optbin uses the system's OpenSSL (native-tls).
-            bail!(
-                "[fleet] ca_file works with one Redis server; for a TLS Redis Cluster add the \
-                 CA to the system's trusted roots (update-ca-certificates) and remove ca_file"
-            );
-        }
         for u in &urls {
             if !(u.starts_with("redis://") || u.starts_with("rediss://")) {
                 bail!("[fleet] url {u:?}: must start with redis:// (or rediss:// for TLS)");
@@ -341,9 +333,6 @@ mod tests {
         assert!(bad(mixed).contains("every URL is rediss://"), "{}", bad(mixed));
         let plain_with_ca = "url = \"redis://a:1\"\nmachine_id = \"m\"\nca_file = \"/x\"";
         assert!(bad(plain_with_ca).contains("ca_file is for TLS"));
-        let cluster_with_ca = "url = [\"rediss://a:1\", \"rediss://b:2\"]\nmachine_id = \"m\"\n\
-                               ca_file = \"/x\"";
-        assert!(bad(cluster_with_ca).contains("one Redis server"));
         let dir = tempfile::tempdir().unwrap();
         let not_pem = dir.path().join("ca.pem");
         std::fs::write(&not_pem, "hello").unwrap();

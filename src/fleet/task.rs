@@ -24,7 +24,7 @@ use super::settings::Resolved;
 use super::store::{FleetStore, Push, PushKind, Ttl};
 use super::trust::summarize;
 use super::view::{FleetView, IdentityView};
-use crate::catalog::{Catalog, base, profiles, runs};
+use crate::catalog::{Catalog, base, profile_digests, profiles, runs};
 use crate::clock::Clock;
 use crate::identity::ContentId;
 
@@ -469,6 +469,7 @@ pub fn verdicts(
         content: content.hex(),
         verdicts: vec![],
     };
+    let digests = profile_digests::of_binary(c, id)?;
     for v in base::variants_of(c, id)?.into_iter().rev() {
         let outcome = match v.state.as_str() {
             "served" => Outcome::Promoted,
@@ -489,6 +490,7 @@ pub fn verdicts(
             bolt_version: v.bolt_version,
             flags: v.flags,
             profile_samples: v.profile_samples.map(|n| n.max(0) as u64),
+            profile_digest: digests.get(&v.id).map(ContentId::hex),
             note: v.note.map(|n| n.chars().take(300).collect()),
             at: v.created_at,
         });

@@ -209,10 +209,25 @@ fn a_variant_quarantined_anywhere_is_quarantined_here() {
         })
         .unwrap()
     };
-    insert(&a.catalog, a.binary_id, "quarantined");
+    let on_a = insert(&a.catalog, a.binary_id, "quarantined");
+    let profile = ContentId::of_bytes(b"the fdata it was built from");
+    a.catalog
+        .run_blocking(move |c| crate::catalog::profile_digests::set(c, on_a, &profile))
+        .unwrap();
     let on_b = insert(&b.catalog, b.binary_id, "ready");
     let rt = rt();
     rt.block_on(a.task.round()).unwrap();
+    // The verdict names the profile it was built from.
+    let pushed =
+        store.state.lock().unwrap().values[&(sha(), PushKind::Verdicts, "a".to_string())].clone();
+    let list = crate::fleet::format::VerdictList::parse(
+        &pushed,
+        &ContentId::parse(&sha()).unwrap(),
+        "a",
+        1 << 20,
+    )
+    .unwrap();
+    assert_eq!(list.verdicts[0].profile_digest, Some(profile.hex()));
     rt.block_on(b.task.round()).unwrap();
     assert_eq!(
         b.view.vetoed(&variant).as_deref(),

@@ -100,6 +100,7 @@ mod tests {
             bolt_version: Some("19.1.7".into()),
             flags: None,
             profile_samples: Some(samples),
+            profile_digest: None,
             note: Some("why".into()),
             at: 1,
         }
