@@ -45,7 +45,7 @@ use optbin::bolt::flags::bolt_args;
 use optbin::bolt::ladder::{Next, Rung, next_rung};
 use optbin::bolt::perf2bolt::perf_to_fdata;
 use optbin::bolt::{BoltMode, BoltPlan, BoltTool, FailureKind, ProfileInput, discover};
-use optbin::catalog::base::{NewVariant, insert_variant};
+use optbin::catalog::base::{NewVariant, VariantKind, VariantState, insert_variant};
 use optbin::policy::PolicyConfig;
 use optbin::policy::sim::{SimSpec, run_trials};
 use optbin::store::VariantStore;
@@ -717,11 +717,11 @@ fn place_variant(state: &Path, sha256: &str, file: &Path) -> i64 {
         .unwrap();
     let variant = NewVariant {
         binary_id,
-        kind: "bolt".into(),
+        kind: VariantKind::Bolt,
         sha256: stored.content.hex(),
         store_path: stored.path.to_string_lossy().into_owned(),
         size: stored.size,
-        state: "ready".into(),
+        state: VariantState::Ready,
         note: Some("bench_pipeline: byte-identical copy of the original".into()),
         ..Default::default()
     };

@@ -9,7 +9,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use optbin::catalog::base::{NewVariant, insert_variant, upsert_binary, upsert_path, variants_of};
+use optbin::catalog::base::{
+    NewVariant, VariantKind, VariantState, insert_variant, upsert_binary, upsert_path, variants_of,
+};
 use optbin::catalog::{Catalog, runs};
 use optbin::elf::ElfFacts;
 use optbin::identity::{ContentId, FileKey};
@@ -267,9 +269,9 @@ async fn a_real_crash_lands_in_sqlite_and_quarantines_the_variant_at_once() {
                     c,
                     &NewVariant {
                         binary_id: b,
-                        kind: "placed".into(),
+                        kind: VariantKind::Placed,
                         store_path: v,
-                        state: "ready".into(),
+                        state: VariantState::Ready,
                         ..Default::default()
                     },
                     1,
@@ -344,7 +346,7 @@ async fn a_real_crash_lands_in_sqlite_and_quarantines_the_variant_at_once() {
     assert_eq!(incidents[0].cmd_hash, crash_hash);
     assert_eq!(incidents[0].exit, RunExit::Signaled(11));
     assert_eq!(incidents[0].kind, "crash");
-    assert_eq!(states[0].state, "quarantined");
+    assert_eq!(states[0].state, VariantState::Quarantined);
     let status = catalog
         .run(move |c| {
             optbin::policy::load::binary_status(

@@ -428,6 +428,12 @@ fn pictures_host_summary_metrics_and_report_on_a_real_mount() {
     assert!(heat.contains("variant "), "both sides drawn");
     let diff = read(&d, "bins/fp/flame-diff.svg").unwrap();
     xml(&diff);
+    // A real differential graph of the variant against the original: both arms had samples,
+    // and the variant's stacks are drawn with the call paths the original's had.
+    assert!(!diff.contains("needs samples"), "{diff}");
+    for path in ["caller_a", "caller_b", "hot"] {
+        assert!(diff.contains(path), "{path} missing from the differential graph");
+    }
 
     // The report in a real browser: a non-blank page whose DOM holds the flame graph and
     // the tables.

@@ -200,11 +200,11 @@ pub fn place_variant(state_dir: &Path, sha256: &str, file: &Path, state: &str) -
         .unwrap();
     let variant = optbin::catalog::base::NewVariant {
         binary_id,
-        kind: "bolt".into(),
+        kind: optbin::catalog::base::VariantKind::Bolt,
         sha256: stored.content.hex(),
         store_path: stored.path.to_string_lossy().into_owned(),
         size: stored.size,
-        state: state.into(),
+        state: state.parse().unwrap(),
         note: Some("placed by a test".into()),
         ..Default::default()
     };

@@ -71,6 +71,7 @@ impl BinFiles for VariantFiles {
 mod tests {
     use super::*;
     use crate::catalog::Catalog;
+    use crate::catalog::base::{VariantKind, VariantState};
     use crate::elf::ElfFacts;
     use crate::identity::{ContentId, FileKey};
 
@@ -90,11 +91,11 @@ mod tests {
                 base::upsert_path(c, &o.to_string_lossy(), Some(b), &FileKey::of(&o)?, 1)?;
                 let v = base::NewVariant {
                     binary_id: b,
-                    kind: "bolt".into(),
+                    kind: VariantKind::Bolt,
                     sha256: "x".into(),
                     store_path: s.to_string_lossy().into_owned(),
                     size: 13,
-                    state: "ready".into(),
+                    state: VariantState::Ready,
                     ..Default::default()
                 };
                 let vid = base::insert_variant(c, &v, 1)?;

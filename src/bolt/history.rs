@@ -5,22 +5,26 @@
 use rusqlite::Connection;
 
 use super::retry_policy::BuildHistory;
+use crate::catalog::base::{VariantKind, VariantState};
 use crate::catalog::{base, bolt_jobs, runs};
 
 /// The build history of `binary_id`; None when BOLT never ran on this content.
 pub fn build_history(conn: &Connection, binary_id: i64) -> anyhow::Result<Option<BuildHistory>> {
     let Some(job) = bolt_jobs::job_of(conn, binary_id)? else { return Ok(None) };
-    let bolt: Vec<base::VariantRow> =
-        base::variants_of(conn, binary_id)?.into_iter().filter(|v| v.kind == "bolt").collect();
+    let bolt: Vec<base::VariantRow> = base::variants_of(conn, binary_id)?
+        .into_iter()
+        .filter(|v| v.kind == VariantKind::Bolt)
+        .collect();
     // Retired variants were replaced or forgotten; every other one was built from a profile
     // a rebuild has to improve on.
     let variant_samples = bolt
         .iter()
-        .filter(|v| v.state != "retired")
+        .filter(|v| v.state != VariantState::Retired)
         .filter_map(|v| v.profile_samples)
         .max()
         .map(|s| s.max(0) as u64);
-    let measuring = bolt.iter().rev().find(|v| matches!(v.state.as_str(), "ready" | "canary"));
+    let measuring =
+        bolt.iter().rev().find(|v| matches!(v.state, VariantState::Ready | VariantState::Canary));
     let decided_samples = runs::decisions_of(conn, binary_id)?
         .iter()
         .rev()
@@ -73,8 +77,8 @@ mod tests {
                     c,
                     &base::NewVariant {
                         binary_id: id,
-                        kind: "bolt".into(),
-                        state: "canary".into(),
+                        kind: VariantKind::Bolt,
+                        state: VariantState::Canary,
                         profile_samples: Some(400),
                         ..Default::default()
                     },

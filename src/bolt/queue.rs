@@ -30,6 +30,7 @@ use super::stale::{self, STALE_PROFILE_SAMPLES, StaleProfiles, StaleSource};
 use super::status::{FinishedView, JobEnd, OptimizerStatus, QueuedView, RunningView};
 use super::verify::{SmokeCommand, verify};
 use crate::catalog::Catalog;
+use crate::catalog::base::{VariantKind, VariantState};
 use crate::catalog::{base, bolt_jobs, flag_trials, profile_digests};
 use crate::clock::Clock;
 use crate::elf::ElfFacts;
@@ -545,11 +546,11 @@ async fn record_variant(
     let binary_id = attempt.binary_id;
     let variant = base::NewVariant {
         binary_id,
-        kind: "bolt".into(),
+        kind: VariantKind::Bolt,
         sha256: stored.file.content.hex(),
         store_path: stored.file.path.display().to_string(),
         size: stored.file.size,
-        state: "ready".into(),
+        state: VariantState::Ready,
         bolt_version: Some(attempt.bolt_version.clone()),
         flags: Some(attempt.flags.clone()),
         profile_samples: Some(built_from.samples as i64),

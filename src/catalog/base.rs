@@ -1,9 +1,11 @@
 //! The base tables: binaries by content, the paths they were seen at, their variants, the
 //! user's pins and exclusions, and an event log.
 
+use anyhow::Context;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
+pub use crate::catalog::variant::{VariantKind, VariantState};
 use crate::elf::ElfFacts;
 use crate::identity::{ContentId, FileKey};
 
@@ -241,13 +243,11 @@ pub fn set_excluded(conn: &Connection, path: &str, excluded: bool, now: i64) -> 
 pub struct VariantRow {
     pub id: i64,
     pub binary_id: i64,
-    /// `bolt`, `instrumented`, or `placed` (put there through the API, by tests or by hand).
-    pub kind: String,
+    pub kind: VariantKind,
     pub sha256: String,
     pub store_path: String,
     pub size: u64,
-    /// `ready`, `canary`, `served`, `rejected`, `quarantined`, `retired`.
-    pub state: String,
+    pub state: VariantState,
     pub bolt_version: Option<String>,
     pub flags: Option<String>,
     pub profile_samples: Option<i64>,
@@ -256,18 +256,36 @@ pub struct VariantRow {
 }
 
 /// What a new variant row needs; the id and timestamps are the catalog's.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct NewVariant {
     pub binary_id: i64,
-    pub kind: String,
+    pub kind: VariantKind,
     pub sha256: String,
     pub store_path: String,
     pub size: u64,
-    pub state: String,
+    pub state: VariantState,
     pub bolt_version: Option<String>,
     pub flags: Option<String>,
     pub profile_samples: Option<i64>,
     pub note: Option<String>,
+}
+
+/// A BOLT build, ready to be measured: what most new variants are.
+impl Default for NewVariant {
+    fn default() -> Self {
+        Self {
+            binary_id: 0,
+            kind: VariantKind::Bolt,
+            sha256: String::new(),
+            store_path: String::new(),
+            size: 0,
+            state: VariantState::Ready,
+            bolt_version: None,
+            flags: None,
+            profile_samples: None,
+            note: None,
+        }
+    }
 }
 
 pub fn insert_variant(conn: &Connection, v: &NewVariant, now: i64) -> anyhow::Result<i64> {
@@ -315,14 +333,15 @@ pub fn variants_of(conn: &Connection, binary_id: i64) -> anyhow::Result<Vec<Vari
                 note: r.get(11)?,
             })
         })?
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("reading the variants of binary {binary_id}"))?;
     Ok(rows)
 }
 
 pub fn set_variant_state(
     conn: &Connection,
     variant_id: i64,
-    state: &str,
+    state: VariantState,
     note: Option<&str>,
 ) -> anyhow::Result<()> {
     conn.execute(
@@ -394,14 +413,14 @@ mod tests {
                 c,
                 &NewVariant {
                     binary_id: id,
-                    kind: "placed".into(),
-                    state: "ready".into(),
+                    kind: VariantKind::Placed,
+                    state: VariantState::Ready,
                     ..Default::default()
                 },
                 13,
             )?;
-            set_variant_state(c, vid, "served", Some("test"))?;
-            assert_eq!(variants_of(c, id)?[0].state, "served");
+            set_variant_state(c, vid, VariantState::Served, Some("test"))?;
+            assert_eq!(variants_of(c, id)?[0].state, VariantState::Served);
             Ok(())
         })
         .unwrap();

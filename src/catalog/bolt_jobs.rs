@@ -186,7 +186,9 @@ mod tests {
     use super::*;
     use crate::catalog::Catalog;
     use crate::catalog::base::upsert_binary;
-    use crate::catalog::base::{NewVariant, insert_variant, set_variant_state};
+    use crate::catalog::base::{
+        NewVariant, VariantKind, VariantState, insert_variant, set_variant_state,
+    };
     use crate::elf::ElfFacts;
 
     #[test]
@@ -229,15 +231,15 @@ mod tests {
             let (a, b) = (ContentId::of_bytes(b"a"), ContentId::of_bytes(b"b"));
             let v = |sha: &ContentId| NewVariant {
                 binary_id: id,
-                kind: "bolt".into(),
+                kind: VariantKind::Bolt,
                 sha256: sha.hex(),
-                state: "ready".into(),
+                state: VariantState::Ready,
                 ..Default::default()
             };
             insert_variant(c, &v(&a), 14)?;
             let vb = insert_variant(c, &v(&b), 14)?;
             assert_eq!(variants_to_keep(c)?, [a, b].into());
-            set_variant_state(c, vb, "retired", None)?;
+            set_variant_state(c, vb, VariantState::Retired, None)?;
             assert_eq!(variants_to_keep(c)?, [a].into());
             Ok(())
         })

@@ -152,8 +152,8 @@ mod tests {
                 c,
                 &base::NewVariant {
                     binary_id: id,
-                    kind: "bolt".into(),
-                    state: "ready".into(),
+                    kind: crate::catalog::variant::VariantKind::Bolt,
+                    state: crate::catalog::variant::VariantState::Ready,
                     ..Default::default()
                 },
                 2,

@@ -14,6 +14,7 @@ mod migrations;
 pub mod profile_digests;
 pub mod profiles;
 pub mod runs;
+pub mod variant;
 
 use std::path::Path;
 use std::sync::mpsc;

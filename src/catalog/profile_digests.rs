@@ -60,9 +60,9 @@ mod tests {
             )?;
             let variant = |sha: &[u8]| NewVariant {
                 binary_id: bid,
-                kind: "bolt".into(),
+                kind: base::VariantKind::Bolt,
                 sha256: ContentId::of_bytes(sha).hex(),
-                state: "ready".into(),
+                state: base::VariantState::Ready,
                 ..Default::default()
             };
             let with = base::insert_variant(c, &variant(b"v1"), 1)?;

@@ -6,9 +6,11 @@
 
 use std::path::Path;
 
+use anyhow::Context;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
+use crate::catalog::variant::VariantState;
 use crate::measure::{RunExit, RunRecord};
 
 pub const SCHEMA: &str = r#"
@@ -292,8 +294,8 @@ pub struct DecisionRow {
     pub binary_id: i64,
     pub variant_id: Option<i64>,
     pub action: String,
-    pub from_state: Option<String>,
-    pub to_state: Option<String>,
+    pub from_state: Option<VariantState>,
+    pub to_state: Option<VariantState>,
     pub first_run_id: Option<i64>,
     pub detail: String,
     /// The binary's own-text profile samples at the decision.
@@ -341,7 +343,8 @@ pub fn decisions_of(conn: &Connection, binary_id: i64) -> anyhow::Result<Vec<Dec
                 profile_samples: r.get(8)?,
             })
         })?
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("reading the policy decisions of binary {binary_id}"))?;
     Ok(rows)
 }
 
@@ -411,7 +414,9 @@ pub fn variant_cpu_since(conn: &Connection, variant_id: i64, from_run: i64) -> a
 mod tests {
     use super::*;
     use crate::catalog::Catalog;
-    use crate::catalog::base::{NewVariant, insert_variant, upsert_binary, upsert_path};
+    use crate::catalog::base::{
+        NewVariant, VariantKind, insert_variant, upsert_binary, upsert_path,
+    };
     use crate::elf::ElfFacts;
     use crate::identity::{ContentId, FileKey};
     use std::path::PathBuf;
@@ -443,8 +448,8 @@ mod tests {
                 c,
                 &NewVariant {
                     binary_id: bid,
-                    kind: "placed".into(),
-                    state: "canary".into(),
+                    kind: VariantKind::Placed,
+                    state: VariantState::Canary,
                     ..Default::default()
                 },
                 1,
@@ -487,8 +492,8 @@ mod tests {
                     binary_id: bid,
                     variant_id: Some(vid),
                     action: "start_canary".into(),
-                    from_state: Some("ready".into()),
-                    to_state: Some("canary".into()),
+                    from_state: Some(VariantState::Ready),
+                    to_state: Some(VariantState::Canary),
                     first_run_id: Some(7),
                     detail: "d".into(),
                     profile_samples: Some(1234),
@@ -502,7 +507,7 @@ mod tests {
             crate::catalog::base::set_pin(c, "/bin/x", Some("bolted"), 2)?;
             let after = watch_fingerprints(c)?;
             assert_ne!(before, after);
-            crate::catalog::base::set_variant_state(c, vid, "served", None)?;
+            crate::catalog::base::set_variant_state(c, vid, VariantState::Served, None)?;
             assert_ne!(after, watch_fingerprints(c)?);
             assert_eq!(paths_of_binary(c, bid)?, vec!["/bin/x".to_string()]);
             forget_binary(c, bid)?;

@@ -14,8 +14,8 @@ use super::view::{FleetView, Link};
 use crate::catalog::{Catalog, base, profiles};
 use crate::clock::Clock;
 use crate::control::SubsystemStatus;
-use crate::policy::Pipeline;
 use crate::policy::load::{PipelineView, Veto};
+use crate::policy::{Pipeline, VariantState};
 
 /// The fleet's wiring; see the module doc.
 pub struct Fleet {
@@ -105,12 +105,12 @@ impl PipelineView for FleetPipeline {
         self.inner.pipeline(conn, binary_id)
     }
 
-    fn veto(&self, variant_sha256: &str, state: &str) -> Option<Veto> {
+    fn veto(&self, variant_sha256: &str, state: VariantState) -> Option<Veto> {
         if let Some(why) = self.view.vetoed(variant_sha256) {
             return Some(Veto::Never(why));
         }
         // Before the first round has answered (or failed), a new variant waits: it may be
         // one the fleet quarantined.
-        (state == "ready" && self.view.link() == Link::Starting).then_some(Veto::NotYet)
+        (state == VariantState::Ready && self.view.link() == Link::Starting).then_some(Veto::NotYet)
     }
 }

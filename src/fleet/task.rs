@@ -24,6 +24,7 @@ use super::settings::Resolved;
 use super::store::{FleetStore, Push, PushKind, Ttl};
 use super::trust::summarize;
 use super::view::{FleetView, IdentityView};
+use crate::catalog::base::{VariantKind, VariantState};
 use crate::catalog::{Catalog, base, profile_digests, profiles, runs};
 use crate::clock::Clock;
 use crate::identity::ContentId;
@@ -303,12 +304,15 @@ impl<S: FleetStore> FleetTask<S> {
                 let mut paths = Vec::new();
                 for id in binaries_with_live_variants(c)? {
                     for v in base::variants_of(c, id)? {
-                        if !matches!(v.state.as_str(), "ready" | "canary" | "served") {
+                        if !matches!(
+                            v.state,
+                            VariantState::Ready | VariantState::Canary | VariantState::Served
+                        ) {
                             continue;
                         }
                         let Some(reason) = view.vetoed(&v.sha256) else { continue };
                         let note = format!("fleet: {reason}");
-                        base::set_variant_state(c, v.id, "quarantined", Some(&note))?;
+                        base::set_variant_state(c, v.id, VariantState::Quarantined, Some(&note))?;
                         for p in runs::paths_of_binary(c, id)? {
                             base::record_event(c, now, Some(&p), "fleet-quarantine", &note)?;
                             paths.push(p);
@@ -471,13 +475,13 @@ pub fn verdicts(
     };
     let digests = profile_digests::of_binary(c, id)?;
     for v in base::variants_of(c, id)?.into_iter().rev() {
-        let outcome = match v.state.as_str() {
-            "served" => Outcome::Promoted,
-            "rejected" => Outcome::Rejected,
-            "quarantined" => Outcome::Quarantined,
-            _ => continue,
+        let outcome = match v.state {
+            VariantState::Served => Outcome::Promoted,
+            VariantState::Rejected => Outcome::Rejected,
+            VariantState::Quarantined => Outcome::Quarantined,
+            VariantState::Ready | VariantState::Canary | VariantState::Retired => continue,
         };
-        if v.kind == "instrumented" || ContentId::parse(&v.sha256).is_none() {
+        if v.kind == VariantKind::Instrumented || ContentId::parse(&v.sha256).is_none() {
             continue;
         }
         // A quarantine this machine learnt from the fleet is not its own evidence.

@@ -8,6 +8,7 @@ use super::settings::{FleetSettings, Mode, Urls};
 use super::store::{MemoryStore, PushKind};
 use super::task::FleetTask;
 use super::view::{FleetView, Link};
+use crate::catalog::base::VariantState;
 use crate::catalog::profiles::WindowBatch;
 use crate::catalog::{Catalog, base, profiles};
 use crate::clock::ManualClock;
@@ -190,16 +191,15 @@ fn a_variant_quarantined_anywhere_is_quarantined_here() {
     let mut a = machine(&store, "a", Mode::ReadWrite, 2, 1_000);
     let mut b = machine(&store, "b", Mode::ReadWrite, 1, 100);
     let variant = ContentId::of_bytes(b"variant bytes").hex();
-    let insert = |cat: &Catalog, id: i64, state: &'static str| {
+    let insert = |cat: &Catalog, id: i64, state: VariantState| {
         let v = variant.clone();
         cat.run_blocking(move |c| {
             let nv = base::NewVariant {
                 binary_id: id,
-                kind: "bolt".into(),
                 sha256: v,
                 store_path: "/nowhere".into(),
                 size: 1,
-                state: state.into(),
+                state,
                 bolt_version: Some("19.1.7".into()),
                 profile_samples: Some(2000),
                 note: Some("crashed: SIGSEGV".into()),
@@ -209,12 +209,12 @@ fn a_variant_quarantined_anywhere_is_quarantined_here() {
         })
         .unwrap()
     };
-    let on_a = insert(&a.catalog, a.binary_id, "quarantined");
+    let on_a = insert(&a.catalog, a.binary_id, VariantState::Quarantined);
     let profile = ContentId::of_bytes(b"the fdata it was built from");
     a.catalog
         .run_blocking(move |c| crate::catalog::profile_digests::set(c, on_a, &profile))
         .unwrap();
-    let on_b = insert(&b.catalog, b.binary_id, "ready");
+    let on_b = insert(&b.catalog, b.binary_id, VariantState::Ready);
     let rt = rt();
     rt.block_on(a.task.round()).unwrap();
     // The verdict names the profile it was built from.
@@ -239,7 +239,7 @@ fn a_variant_quarantined_anywhere_is_quarantined_here() {
             Ok(base::variants_of(c, b.binary_id)?.into_iter().find(|v| v.id == on_b).unwrap())
         })
         .unwrap();
-    assert_eq!(state.state, "quarantined");
+    assert_eq!(state.state, VariantState::Quarantined);
     assert_eq!(state.note.as_deref(), Some("fleet: quarantined on machine a: crashed: SIGSEGV"));
     // b does not publish a's evidence as its own.
     rt.block_on(b.task.round()).unwrap();

@@ -15,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
 use super::host::UseSummary;
+use crate::catalog::base::VariantState;
 use crate::control::StatusReport;
 
 /// `[metrics]` in the config file.
@@ -152,19 +153,19 @@ pub fn render(report: &StatusReport, host: Option<&UseSummary>) -> String {
         &[],
         report.binaries.len() as f64,
     );
-    let mut states: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut states: BTreeMap<VariantState, u64> = BTreeMap::new();
     for b in &report.binaries {
         for v in &b.variants {
-            *states.entry(v.state.as_str()).or_default() += 1;
+            *states.entry(v.state).or_default() += 1;
         }
     }
-    for state in ["ready", "canary", "served", "rejected", "quarantined", "retired"] {
-        let n = states.get(state).copied().unwrap_or(0);
+    for &state in VariantState::ALL {
+        let n = states.get(&state).copied().unwrap_or(0);
         f.add(
             "optbin_variants",
             "gauge",
             "Variants in the catalog, by state.",
-            &[("state", state)],
+            &[("state", state.as_str())],
             n as f64,
         );
     }

@@ -1,6 +1,6 @@
 //! Instrumentation mode's serving decision (`[profile] instrumentation = "on"`): the share of
 //! execs a binary's instrumented variant (kind `instrumented`) gets. Such a variant is never
-//! a canary and its runs are never compared (`load::is_policed_kind`); it only collects an
+//! a canary and its runs are never compared (`VariantKind::is_policed`); it only collects an
 //! exact profile, so it is served only where the policy serves the original and nothing is
 //! pinned (a pin to the original means exactly the original), and only within the budget.
 

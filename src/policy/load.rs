@@ -21,7 +21,7 @@ pub trait PipelineView: Send + Sync {
     fn pipeline(&self, conn: &Connection, binary_id: i64) -> Pipeline;
     /// Whether something outside the catalog forbids serving a variant with these bytes
     /// (the fleet: quarantined on another machine), given its state here.
-    fn veto(&self, _variant_sha256: &str, _state: &str) -> Option<Veto> {
+    fn veto(&self, _variant_sha256: &str, _state: VariantState) -> Option<Veto> {
         None
     }
 }
@@ -43,13 +43,6 @@ impl PipelineView for NoPipeline {
     fn pipeline(&self, _conn: &Connection, _binary_id: i64) -> Pipeline {
         Pipeline::Seen
     }
-}
-
-/// Whether the policy judges and serves variants of this kind: BOLT builds and variants
-/// placed by hand, not the instrumented variants that only collect a profile (their
-/// serving is the instrumentation budget's, see `crate::policy::instrumented`).
-pub fn is_policed_kind(kind: &str) -> bool {
-    kind != "instrumented"
 }
 
 /// Loads the policy's view of one binary.
@@ -98,16 +91,15 @@ fn load(
     // Instrumented variants only collect a profile: never canaries, never served as
     // optimized, and their (slower) runs are no one's evidence.
     let not_policed: std::collections::HashSet<i64> =
-        rows.iter().filter(|v| !is_policed_kind(&v.kind)).map(|v| v.id).collect();
+        rows.iter().filter(|v| !v.kind.is_policed()).map(|v| v.id).collect();
     let variants: Vec<VariantInput> = rows
         .into_iter()
-        .filter(|v| is_policed_kind(&v.kind))
+        .filter(|v| v.kind.is_policed())
         .filter_map(|v| {
-            // States the policy does not know (other subsystems' bookkeeping) are skipped.
-            let state = match pipeline.veto(&v.sha256, &v.state) {
+            let state = match pipeline.veto(&v.sha256, v.state) {
                 Some(Veto::Never(_)) => VariantState::Quarantined,
                 Some(Veto::NotYet) => return None,
-                None => VariantState::parse(&v.state)?,
+                None => v.state,
             };
             Some(VariantInput {
                 id: v.id,
@@ -183,7 +175,7 @@ pub fn apply(
         )?;
     }
     for t in &eval.transitions {
-        base::set_variant_state(&tx, t.variant_id, t.to.as_str(), Some(&t.detail))?;
+        base::set_variant_state(&tx, t.variant_id, t.to, Some(&t.detail))?;
         runs::record_decision(
             &tx,
             &runs::DecisionRow {
@@ -191,8 +183,8 @@ pub fn apply(
                 binary_id: input.binary_id,
                 variant_id: Some(t.variant_id),
                 action: t.action.as_str().into(),
-                from_state: Some(t.from.as_str().into()),
-                to_state: Some(t.to.as_str().into()),
+                from_state: Some(t.from),
+                to_state: Some(t.to),
                 first_run_id: t.first_run_id,
                 detail: t.detail.clone(),
                 profile_samples: Some(profile_samples),
@@ -313,6 +305,7 @@ pub fn machine_summary(
 mod tests {
     use super::*;
     use crate::catalog::Catalog;
+    use crate::catalog::base::VariantKind;
     use crate::elf::ElfFacts;
     use crate::identity::ContentId;
 
@@ -323,18 +316,17 @@ mod tests {
             .run_blocking(|c| {
                 let id =
                     base::upsert_binary(c, &ContentId::of_bytes(b"b"), 1, &ElfFacts::default(), 0)?;
-                let variant = |kind: &str, sha: &[u8]| base::NewVariant {
+                let variant = |kind: VariantKind, sha: &[u8]| base::NewVariant {
                     binary_id: id,
-                    kind: kind.into(),
+                    kind,
                     sha256: ContentId::of_bytes(sha).hex(),
                     store_path: "/store/x".into(),
                     size: 1,
-                    state: "ready".into(),
                     ..Default::default()
                 };
-                let bolt = base::insert_variant(c, &variant("bolt", b"1"), 1)?;
-                let instr = base::insert_variant(c, &variant("instrumented", b"2"), 1)?;
-                let placed = base::insert_variant(c, &variant("placed", b"3"), 1)?;
+                let bolt = base::insert_variant(c, &variant(VariantKind::Bolt, b"1"), 1)?;
+                let instr = base::insert_variant(c, &variant(VariantKind::Instrumented, b"2"), 1)?;
+                let placed = base::insert_variant(c, &variant(VariantKind::Placed, b"3"), 1)?;
                 for v in [None, Some(bolt), Some(instr), Some(instr)] {
                     c.execute(
                         "INSERT INTO runs (binary_id, path, variant_id, cmd_hash, task_clock_ns,

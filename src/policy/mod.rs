@@ -52,6 +52,8 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+/// A variant's state as stored in the catalog's `variants.state`.
+pub use crate::catalog::variant::VariantState;
 use crate::measure::RunExit;
 pub use settings::Settings;
 pub use stats::Comparison;
@@ -146,43 +148,6 @@ impl PolicyConfig {
 
     fn z_per_look(&self) -> f64 {
         normal_quantile(1.0 - self.level_per_look())
-    }
-}
-
-/// A variant's state as stored in the catalog's `variants.state`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum VariantState {
-    Ready,
-    Canary,
-    Served,
-    Rejected,
-    Quarantined,
-    Retired,
-}
-
-impl VariantState {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Ready => "ready",
-            Self::Canary => "canary",
-            Self::Served => "served",
-            Self::Rejected => "rejected",
-            Self::Quarantined => "quarantined",
-            Self::Retired => "retired",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "ready" => Self::Ready,
-            "canary" => Self::Canary,
-            "served" => Self::Served,
-            "rejected" => Self::Rejected,
-            "quarantined" => Self::Quarantined,
-            "retired" => Self::Retired,
-            _ => return None,
-        })
     }
 }
 

@@ -247,7 +247,8 @@ mod tests {
 
     use super::*;
     use crate::catalog::base::{
-        NewVariant, insert_variant, set_excluded, set_pin, upsert_binary, upsert_path,
+        NewVariant, VariantKind, VariantState, insert_variant, set_excluded, set_pin,
+        upsert_binary, upsert_path,
     };
     use crate::elf::ElfFacts;
     use crate::identity::{ContentId, FileKey};
@@ -306,8 +307,8 @@ mod tests {
                     c,
                     &NewVariant {
                         binary_id: b,
-                        kind: "bolt".into(),
-                        state: "ready".into(),
+                        kind: VariantKind::Bolt,
+                        state: VariantState::Ready,
                         ..Default::default()
                     },
                     1,

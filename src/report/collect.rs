@@ -12,9 +12,9 @@ use std::collections::BTreeSet;
 use rusqlite::{Connection, OptionalExtension};
 
 use super::{BinaryReport, CounterChange, Decision, FORMAT, ProfileSource, Report, VariantReport};
+use crate::catalog::base::VariantState;
 use crate::catalog::{base, bolt_jobs, runs};
 use crate::measure::RunExit;
-use crate::policy::load::is_policed_kind;
 use crate::policy::stats::{normal_quantile, paired_compare};
 use crate::policy::{PairBy, RunInput, cpu_saved_ns, pair_in_exec_order};
 
@@ -87,7 +87,7 @@ fn binary(conn: &Connection, id: i64) -> anyhow::Result<Option<BinaryReport>> {
         .collect();
     let z = normal_quantile(0.975);
     let mut variants = Vec::new();
-    for v in base::variants_of(conn, id)?.into_iter().filter(|v| is_policed_kind(&v.kind)) {
+    for v in base::variants_of(conn, id)?.into_iter().filter(|v| v.kind.is_policed()) {
         let verdict = decisions
             .iter()
             .rev()
@@ -104,7 +104,7 @@ fn binary(conn: &Connection, id: i64) -> anyhow::Result<Option<BinaryReport>> {
             .iter()
             .filter(|r| r.variant_id == Some(v.id) && matches!(r.exit, RunExit::Exited(_)))
             .collect();
-        let cpu_saved = if v.state == "served" {
+        let cpu_saved = if v.state == VariantState::Served {
             let from = decisions
                 .iter()
                 .rev()
@@ -257,6 +257,7 @@ fn counters(original: &[&runs::RunRow], variant: &[&runs::RunRow]) -> Vec<Counte
 mod tests {
     use super::*;
     use crate::catalog::Catalog;
+    use crate::catalog::base::VariantKind;
     use crate::elf::ElfFacts;
     use crate::identity::ContentId;
 
@@ -275,11 +276,11 @@ mod tests {
                     c,
                     &base::NewVariant {
                         binary_id: id,
-                        kind: "bolt".into(),
+                        kind: VariantKind::Bolt,
                         sha256: ContentId::of_bytes(b"lua-bolt").hex(),
                         store_path: "/store/x".into(),
                         size: 10,
-                        state: "served".into(),
+                        state: VariantState::Served,
                         bolt_version: Some("19.1.7".into()),
                         flags: Some("-reorder-blocks=ext-tsp".into()),
                         profile_samples: Some(1234),
@@ -305,8 +306,8 @@ mod tests {
                         binary_id: id,
                         variant_id: Some(v),
                         action: "promote".into(),
-                        from_state: Some("canary".into()),
-                        to_state: Some("served".into()),
+                        from_state: Some(VariantState::Canary),
+                        to_state: Some(VariantState::Served),
                         first_run_id: Some(1),
                         detail: "faster".into(),
                         profile_samples: None,

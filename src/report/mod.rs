@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bench::BenchResult;
 use crate::bench::analyze::MetricResult;
+use crate::catalog::base::{VariantKind, VariantState};
 use crate::policy::stats::Comparison;
 
 /// The version of the report's JSON layout.
@@ -96,10 +97,9 @@ pub struct BoltJob {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VariantReport {
     pub id: i64,
-    /// `bolt` or `placed`.
-    pub kind: String,
-    /// `ready`, `canary`, `served`, `rejected`, `quarantined`, `retired`.
-    pub state: String,
+    /// `bolt` or `placed` (instrumented variants are not reported).
+    pub kind: VariantKind,
+    pub state: VariantState,
     pub bolt_version: Option<String>,
     pub flags: Option<String>,
     /// Own-text samples of the profile it was built from.

@@ -4,6 +4,7 @@
 use std::fmt::Write;
 
 use super::{BinaryReport, CounterChange, Report, VariantReport};
+use crate::catalog::base::VariantState;
 use crate::policy::stats::Comparison;
 
 /// "0.963 [0.947..0.979] n=80", or "-" without a comparison.
@@ -74,8 +75,11 @@ fn decided_cell(v: &VariantReport) -> String {
 /// The whole report as text.
 pub fn text(report: &Report) -> String {
     let mut out = String::new();
-    let served =
-        report.binaries.iter().filter(|b| b.variants.iter().any(|v| v.state == "served")).count();
+    let served = report
+        .binaries
+        .iter()
+        .filter(|b| b.variants.iter().any(|v| v.state == VariantState::Served))
+        .count();
     let saved: u64 = report.binaries.iter().map(|b| b.cpu_saved_ns).sum();
     let _ = writeln!(
         out,
@@ -130,7 +134,7 @@ pub fn text(report: &Report) -> String {
             rows.push([
                 b.name.clone(),
                 v.id.to_string(),
-                v.state.clone(),
+                v.state.to_string(),
                 ratio_cell(v.real_runs.as_ref()),
                 bench,
                 decided_cell(v),

@@ -16,8 +16,8 @@ use crate::bolt::queue::{Challenge, VariantProfiles};
 use crate::bolt::{BoltMode, OptimizeRequest, ProfileNumbers, RequestOrigin};
 use crate::catalog::base;
 use crate::catalog::flag_trials::{self, FlagTrial};
+use crate::catalog::variant::{VariantKind, VariantState};
 use crate::identity::{ContentId, FileKey};
-use crate::policy::load::is_policed_kind;
 
 /// The flag search's rules (from `[optimizer]` and the installed BOLT).
 #[derive(Debug, Clone)]
@@ -54,11 +54,15 @@ pub fn next_challenger(
     usable: &[&'static FlagSet],
     max: usize,
 ) -> NextChallenger {
-    let policed = || variants.iter().filter(|v| is_policed_kind(&v.kind));
-    if let Some(v) = policed().find(|v| matches!(v.state.as_str(), "ready" | "canary")) {
+    let policed = || variants.iter().filter(|v| v.kind.is_policed());
+    if let Some(v) =
+        policed().find(|v| matches!(v.state, VariantState::Ready | VariantState::Canary))
+    {
         return NextChallenger::Wait(format!("variant {} is being measured", v.id));
     }
-    let Some(served) = policed().rev().find(|v| v.state == "served" && v.kind == "bolt") else {
+    let Some(served) =
+        policed().rev().find(|v| v.state == VariantState::Served && v.kind == VariantKind::Bolt)
+    else {
         return NextChallenger::Wait("no BOLT variant is served".into());
     };
     if trials.iter().any(|t| t.outcome == "building") {
@@ -198,11 +202,11 @@ mod tests {
         base::VariantRow {
             id,
             binary_id: 1,
-            kind: "bolt".into(),
+            kind: VariantKind::Bolt,
             sha256: format!("{id}"),
             store_path: String::new(),
             size: 1,
-            state: state.into(),
+            state: VariantState::parse(state).unwrap(),
             bolt_version: None,
             flags: Some("-data=<profile> -reorder-blocks=ext-tsp".into()),
             profile_samples: Some(10),

@@ -25,7 +25,7 @@
 //! Serving the variant to a bounded share of execs is the policy wiring's
 //! (`crate::daemon::serving`, with the share decided by `crate::policy::instrumented`); the
 //! policy's comparisons never see such variants
-//! (`crate::policy::load::is_policed_kind`).
+//! (`crate::catalog::variant::VariantKind::is_policed`).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -43,6 +43,7 @@ use super::driver::current_paths;
 use crate::bolt::runner::prepare_instrumentation_dir;
 use crate::bolt::verify::verify;
 use crate::bolt::{BoltJob, BoltMode, BoltOutcome, BoltPlan, ProfileInput};
+use crate::catalog::base::{VariantKind, VariantState};
 use crate::catalog::{base, profiles, runs};
 use crate::config::Config;
 use crate::identity::{ContentId, FileKey};
@@ -70,9 +71,6 @@ impl Hooks {
 
 /// The name of the instrumented binary's readable copy in its profile directory.
 const BINARY_COPY: &str = "instrumented.bin";
-
-/// The variant kind of instrumented builds.
-pub const KIND: &str = "instrumented";
 
 /// A profile file that does not parse this long after it was last written is dropped
 /// (a run still writing it gets that long to finish).
@@ -210,7 +208,7 @@ impl Instrumenter {
                     let Some(row) = base::path_row(c, &p.to_string_lossy())? else { continue };
                     let Some(id) = row.binary_id else { continue };
                     for v in base::variants_of(c, id)? {
-                        if v.kind == KIND && v.state == "ready" {
+                        if v.kind == VariantKind::Instrumented && v.state == VariantState::Ready {
                             let sha = base::binary_by_id(c, id)?.map(|b| b.sha256);
                             out.push((p.clone(), id, v.id, sha.unwrap_or_default()));
                         }
@@ -232,7 +230,12 @@ impl Instrumenter {
                     // variant is not served again.
                     if let Some(signal) = crash_of(c, binary_id, variant_id)? {
                         let note = format!("an instrumented run crashed (signal {signal})");
-                        base::set_variant_state(c, variant_id, "rejected", Some(&note))?;
+                        base::set_variant_state(
+                            c,
+                            variant_id,
+                            VariantState::Rejected,
+                            Some(&note),
+                        )?;
                         base::record_event(c, now, None, "instrument", &note)?;
                         return Ok(true);
                     }
@@ -243,7 +246,12 @@ impl Instrumenter {
                             "instrumented runs took {x:.1}x the original's CPU time (limit \
                              {max_slowdown}x): instrumentation stopped"
                         );
-                        base::set_variant_state(c, variant_id, "rejected", Some(&note))?;
+                        base::set_variant_state(
+                            c,
+                            variant_id,
+                            VariantState::Rejected,
+                            Some(&note),
+                        )?;
                         base::record_event(c, now, None, "instrument", &note)?;
                         return Ok(true);
                     }
@@ -256,7 +264,7 @@ impl Instrumenter {
                         return Ok(false);
                     }
                     let note = format!("collected {collected} instrumented runs");
-                    base::set_variant_state(c, variant_id, "retired", Some(&note))?;
+                    base::set_variant_state(c, variant_id, VariantState::Retired, Some(&note))?;
                     base::record_event(c, now, None, "instrument", &note)?;
                     Ok(true)
                 })
@@ -327,11 +335,11 @@ impl Instrumenter {
         let (file, checks) = stored;
         let variant = base::NewVariant {
             binary_id: binary.id,
-            kind: KIND.into(),
+            kind: VariantKind::Instrumented,
             sha256: file.content.hex(),
             store_path: file.path.display().to_string(),
             size: file.size,
-            state: "ready".into(),
+            state: VariantState::Ready,
             bolt_version: Some(version),
             flags: Some(flags),
             profile_samples: None,
@@ -377,7 +385,7 @@ pub fn due_binary(
     {
         return Ok(None);
     }
-    if base::variants_of(c, binary.id)?.iter().any(|v| v.kind == KIND) {
+    if base::variants_of(c, binary.id)?.iter().any(|v| v.kind == VariantKind::Instrumented) {
         return Ok(None);
     }
     if profiles::instrumented_runs(c, binary.id)? >= max_runs {
@@ -505,9 +513,9 @@ mod tests {
         let id = base::upsert_binary(c, &ContentId::of_bytes(b"r"), 4, &facts(true), 1)?;
         let v = base::NewVariant {
             binary_id: id,
-            kind: KIND.into(),
+            kind: VariantKind::Instrumented,
             sha256: ContentId::of_bytes(b"v").hex(),
-            state: "ready".into(),
+            state: VariantState::Ready,
             ..Default::default()
         };
         Ok((id, base::insert_variant(c, &v, 1)?))
@@ -553,9 +561,9 @@ mod tests {
                 base::set_excluded(c, &text, false, 4)?;
                 let v = base::NewVariant {
                     binary_id: id,
-                    kind: KIND.into(),
+                    kind: VariantKind::Instrumented,
                     sha256: ContentId::of_bytes(b"v").hex(),
-                    state: "retired".into(),
+                    state: VariantState::Retired,
                     ..Default::default()
                 };
                 base::insert_variant(c, &v, 5)?;

@@ -15,6 +15,7 @@ use crate::bolt::retry_policy::{DEFAULT_GROWTH, Decision, RequestOrigin, decide}
 use crate::bolt::stale;
 use crate::bolt::status::{JobEnd, OptimizerStatus};
 use crate::bolt::{ProfileNumbers, assess};
+use crate::catalog::base::{VariantKind, VariantState};
 use crate::catalog::{base, bolt_jobs, runs};
 use crate::control::SubsystemStatus;
 use crate::control::status::human_size;
@@ -114,7 +115,7 @@ impl OptimizerReport {
         let stale_profile = base::variants_of(conn, binary_id)?
             .into_iter()
             .rev()
-            .filter(|v| v.kind == "bolt" && v.state != "retired")
+            .filter(|v| v.kind == VariantKind::Bolt && v.state != VariantState::Retired)
             .find_map(|v| {
                 let version = stale::version_in_flags(v.flags.as_deref()?)?;
                 Some(format!("variant {} {}", v.id, stale::describe(version, None)))

@@ -201,9 +201,9 @@ fn pipeline_stages_and_reset() {
                 c,
                 &base::NewVariant {
                     binary_id: id,
-                    kind: "bolt".into(),
+                    kind: base::VariantKind::Bolt,
                     sha256: ContentId::of_bytes(b"v").hex(),
-                    state: "ready".into(),
+                    state: base::VariantState::Ready,
                     ..Default::default()
                 },
                 2,
@@ -243,7 +243,7 @@ fn pipeline_stages_and_reset() {
             ))
         })
         .unwrap();
-    assert_eq!(left, (0, true, true, 0, vec!["retired".to_string()]));
+    assert_eq!(left, (0, true, true, 0, vec![base::VariantState::Retired]));
     assert_eq!(pipeline(&o, &catalog, id), Pipeline::Collecting);
     let err = o.hooks().reset(&cfg.overlay[0].join("never-seen")).unwrap_err();
     assert_eq!(err.errno, libc::EINVAL);

@@ -17,13 +17,13 @@ use super::lock;
 use super::measurement::Measurement;
 use super::translate::{Target, check_store_file, translate};
 use crate::catalog::Catalog;
-use crate::catalog::base::{self, VariantRow};
+use crate::catalog::base::{self, VariantRow, VariantState};
 use crate::catalog::profiles::instrumented_runs;
 use crate::clock::Clock;
 use crate::fs::{ServedVariant, ServingTable};
 use crate::identity::FileKey;
 use crate::policy::instrumented::{self, Instrumented};
-use crate::policy::load::{PipelineView, controls_of, is_policed_kind};
+use crate::policy::load::{PipelineView, controls_of};
 use crate::policy::task::{ServingSink, reevaluate_binary};
 use crate::policy::{PolicyConfig, ServeDecision};
 
@@ -177,8 +177,9 @@ impl Inner {
             let target = translate(decision, &variants, key, measuring);
             // Instrumentation mode's variant, when one is ready: whether it gets execs,
             // and how many, the policy decides (`policy::instrumented`).
-            let ready =
-                variants.into_iter().find(|v| !is_policed_kind(&v.kind) && v.state == "ready");
+            let ready = variants
+                .into_iter()
+                .find(|v| !v.kind.is_policed() && v.state == VariantState::Ready);
             let instrumented = match ready {
                 Some(v) if instrumenting => {
                     let pinned = controls_of(c, &text)?.pin.is_some();

@@ -9,7 +9,7 @@ use std::path::Path;
 use super::reconcile::*;
 use super::translate::*;
 use super::*;
-use crate::catalog::base::{self, VariantRow};
+use crate::catalog::base::{self, VariantKind, VariantRow, VariantState};
 use crate::catalog::base::{NewVariant, insert_variant, set_pin, upsert_binary, upsert_path};
 use crate::elf::ElfFacts;
 use crate::fs::FsEvent;
@@ -21,15 +21,15 @@ use crate::measure::tracker::ProcessView;
 use crate::policy::ServeDecision;
 use crate::policy::task::ServingSink;
 
-fn row(id: i64, state: &str) -> VariantRow {
+fn row(id: i64, state: VariantState) -> VariantRow {
     VariantRow {
         id,
         binary_id: 1,
-        kind: "bolt".into(),
+        kind: VariantKind::Bolt,
         sha256: String::new(),
         store_path: format!("/store/{id}"),
         size: 10,
-        state: state.into(),
+        state,
         bolt_version: None,
         flags: None,
         profile_samples: None,
@@ -51,7 +51,7 @@ fn share_of(t: &Target) -> Option<(i64, f64)> {
 
 #[test]
 fn decisions_translate_to_entries_for_the_content_they_are_about() {
-    let rows = [row(3, "canary"), row(4, "served")];
+    let rows = [row(3, VariantState::Canary), row(4, VariantState::Served)];
     let split = |v, s| ServeDecision::Split { variant_id: v, variant_share: s };
     assert_eq!(translate(ServeDecision::Original, &rows, key(), true), Target::Original);
     assert_eq!(share_of(&translate(split(3, 0.5), &rows, key(), true)), Some((3, 0.5)));
@@ -83,7 +83,7 @@ struct World {
     variant_id: i64,
 }
 
-fn world(state: &str) -> World {
+fn world(state: VariantState) -> World {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tool");
     std::fs::write(&path, b"original").unwrap();
@@ -92,11 +92,8 @@ fn world(state: &str) -> World {
     std::fs::write(&store, b"variant!!").unwrap();
     let catalog = Catalog::in_memory().unwrap();
     let key = FileKey::of(&path).unwrap();
-    let (text, store_text, state) = (
-        path.to_string_lossy().into_owned(),
-        store.to_string_lossy().into_owned(),
-        state.to_string(),
-    );
+    let (text, store_text, state) =
+        (path.to_string_lossy().into_owned(), store.to_string_lossy().into_owned(), state);
     let (binary_id, variant_id) = catalog
         .run_blocking(move |c| {
             let b =
@@ -106,7 +103,7 @@ fn world(state: &str) -> World {
                 c,
                 &NewVariant {
                     binary_id: b,
-                    kind: "bolt".into(),
+                    kind: VariantKind::Bolt,
                     store_path: store_text,
                     size: 9,
                     state,
@@ -131,7 +128,7 @@ fn policing(w: &World, table: &Arc<ServingTable>, measured: bool) -> Serving {
 
 #[test]
 fn refresh_applies_the_policy_and_controls_to_the_serving_table() {
-    let w = world("ready");
+    let w = world(VariantState::Ready);
     let serving = ServingTable::new();
     let p = policing(&w, &serving, true);
     p.reconciler().refresh(&w.path);
@@ -140,7 +137,7 @@ fn refresh_applies_the_policy_and_controls_to_the_serving_table() {
     assert_eq!(v.expected_original, FileKey::of(&w.path).unwrap());
     let bid = w.binary_id;
     let states = w.catalog.run_blocking(move |c| base::variants_of(c, bid)).unwrap();
-    assert_eq!(states[0].state, "canary", "the evaluation's transition was recorded");
+    assert_eq!(states[0].state, VariantState::Canary, "the evaluation's transition was recorded");
 
     let text = w.path.to_string_lossy().into_owned();
     w.catalog.run_blocking(move |c| set_pin(c, &text, Some("original"), 2)).unwrap();
@@ -159,7 +156,7 @@ fn refresh_applies_the_policy_and_controls_to_the_serving_table() {
 
 #[test]
 fn without_measurement_canaries_are_not_served_and_status_says_why() {
-    let w = world("ready");
+    let w = world(VariantState::Ready);
     let serving = ServingTable::new();
     let p = policing(&w, &serving, false);
     assert!(!p.measuring());
@@ -183,7 +180,7 @@ fn without_measurement_canaries_are_not_served_and_status_says_why() {
 
 #[test]
 fn the_configs_deny_list_and_the_users_exclusion_serve_the_original_as_a_link() {
-    let w = world("served");
+    let w = world(VariantState::Served);
     let table = ServingTable::new();
     let pattern = format!("{}/*", w.path.parent().unwrap().display());
     let exclusions = Exclusions {
@@ -212,7 +209,7 @@ fn the_configs_deny_list_and_the_users_exclusion_serve_the_original_as_a_link() 
 /// "nothing measured yet" (before, the per-binary policy status was silently left out).
 #[test]
 fn status_shows_catalog_errors() {
-    let w = world("canary");
+    let w = world(VariantState::Canary);
     let status = policing(&w, &ServingTable::new(), true).status();
     let (bid, text) = (w.binary_id, w.path.to_string_lossy().into_owned());
     let (detail, reason) = w
@@ -230,7 +227,7 @@ fn status_shows_catalog_errors() {
 
 #[test]
 fn a_missing_store_file_is_not_served() {
-    let w = world("served");
+    let w = world(VariantState::Served);
     let bid = w.binary_id;
     let store =
         w.catalog.run_blocking(move |c| base::variants_of(c, bid)).unwrap()[0].store_path.clone();
@@ -252,7 +249,7 @@ async fn wait_until(what: &str, ok: impl Fn() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_the_task_would_not_report_is_reconciled() {
-    let w = world("canary");
+    let w = world(VariantState::Canary);
     let serving = ServingTable::new();
     let p = policing(&w, &serving, true);
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -270,7 +267,7 @@ async fn a_change_the_task_would_not_report_is_reconciled() {
     // what it last reported, so it reports nothing. The reconciliation catches it.
     let vid = w.variant_id;
     w.catalog
-        .run(move |c| base::set_variant_state(c, vid, "quarantined", Some("crashed")))
+        .run(move |c| base::set_variant_state(c, vid, VariantState::Quarantined, Some("crashed")))
         .await
         .unwrap();
     let (stop, shutdown) = watch::channel(false);
@@ -316,7 +313,7 @@ fn fake_measurer() -> ((Measurer, mpsc::UnboundedReceiver<RunRecord>), std_mpsc:
 
 #[test]
 fn exec_opens_are_measured_before_the_event_is_forwarded() {
-    let w = world("ready");
+    let w = world(VariantState::Ready);
     let (measured, _events) = fake_measurer();
     let p = Serving::with_measurer(Parts::default(), &w.catalog, ServingTable::new(), Ok(measured));
     let (tx, mut rx) = mpsc::unbounded_channel::<FsEvent>();
@@ -345,7 +342,7 @@ fn exec_opens_are_measured_before_the_event_is_forwarded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_policy_task_drives_the_serving_table() {
-    let w = world("served");
+    let w = world(VariantState::Served);
     let serving = ServingTable::new();
     let p = policing(&w, &serving, true);
     let (stop, shutdown) = watch::channel(false);

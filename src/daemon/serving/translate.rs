@@ -51,9 +51,9 @@ pub fn translate(
     let Some(row) = variants.iter().find(|v| v.id == variant_id) else {
         return Target::Original;
     };
-    let share = match (measuring, VariantState::parse(&row.state)) {
+    let share = match (measuring, row.state) {
         (true, _) => share,
-        (false, Some(VariantState::Canary | VariantState::Ready)) if share < 1.0 => {
+        (false, VariantState::Canary | VariantState::Ready) if share < 1.0 => {
             return Target::Original;
         }
         (false, _) => 1.0,
