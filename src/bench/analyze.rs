@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::bench::run::RunSample;
 use crate::measure::RunExit;
 use crate::measure::counters::Metric;
-use crate::policy::stats::{Comparison, Timed, normal_quantile, paired_compare};
+use crate::policy::stats::{Comparison, Timed, median, normal_quantile, paired_compare};
 
 /// Arm 0 is always the original; arm 1 what it is compared against; arm 2 (with `--aa`) a
 /// second copy of the original.
@@ -87,18 +87,6 @@ fn value(s: &RunSample, metric: &str) -> Option<u64> {
     }
 }
 
-fn median(mut x: Vec<f64>) -> f64 {
-    x.sort_by(f64::total_cmp);
-    let n = x.len();
-    if n == 0 {
-        f64::NAN
-    } else if n % 2 == 1 {
-        x[n / 2]
-    } else {
-        (x[n / 2 - 1] + x[n / 2]) / 2.0
-    }
-}
-
 /// The z of a two-sided 95% interval.
 pub fn z95() -> f64 {
     normal_quantile(0.975)
@@ -129,8 +117,10 @@ pub fn metrics(rounds: &[Round], arms: usize) -> Vec<MetricResult> {
                 };
             }
             let at = |r: &Round, arm: usize| value(&r.samples[arm], metric).unwrap_or(0);
-            let medians =
-                (0..arms).map(|a| median(complete.iter().map(|r| at(r, a) as f64).collect()));
+            let medians = (0..arms).map(|a| {
+                let mut x: Vec<f64> = complete.iter().map(|r| at(r, a) as f64).collect();
+                median(&mut x).unwrap_or(f64::NAN)
+            });
             let compare = |arm: usize| {
                 let pairs: Vec<(Timed<'_>, Timed<'_>)> = complete
                     .iter()

@@ -24,6 +24,9 @@
 //! sorted Walsh averages, with `C = floor(M/2 - z(1-a) * sqrt(Var) - 1/2)` and the
 //! signed-rank variance `Var = n(n+1)(2n+1)/24`: under equal speed the probability that its
 //! upper end falls below 0 (a false "faster") is at most `a`.
+//!
+//! [`median`] is the one median of the crate (the report's counters and the bench analysis
+//! use it too).
 
 /// One timed run: its command hash and CPU time.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -100,9 +103,9 @@ pub fn paired_compare(pairs: &[(Timed<'_>, Timed<'_>)], z: f64) -> Option<Compar
             walsh.push((d[i] + d[j]) / 2.0);
         }
     }
-    walsh.sort_by(f64::total_cmp);
+    // `median` leaves the Walsh averages sorted: the interval's bounds are order statistics.
+    let hl = median(&mut walsh)?;
     let m = walsh.len();
-    let hl = median_sorted(&walsh);
     let nf = n as f64;
     let var = nf * (nf + 1.0) * (2.0 * nf + 1.0) / 24.0;
     let c = (m as f64 / 2.0 - z * var.sqrt() - 0.5).floor();
@@ -121,9 +124,18 @@ fn log_time(ns: u64) -> f64 {
     (ns.max(1) as f64).ln()
 }
 
-fn median_sorted(x: &[f64]) -> f64 {
+/// The median of `x` (the mean of the two middle values when their number is even), `None`
+/// when `x` is empty. Sorts `x` in place by [`f64::total_cmp`] (a NaN sorts last), which
+/// callers that need order statistics besides the median may rely on. The one median of the
+/// crate: the policy, the report's counters and the bench analysis all use it.
+pub fn median(x: &mut [f64]) -> Option<f64> {
+    x.sort_by(f64::total_cmp);
     let n = x.len();
-    if n % 2 == 1 { x[n / 2] } else { (x[n / 2 - 1] + x[n / 2]) / 2.0 }
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(x[n / 2]),
+        _ => Some((x[n / 2 - 1] + x[n / 2]) / 2.0),
+    }
 }
 
 /// The standard normal quantile (Acklam's rational approximation, |error| < 1.2e-9).
@@ -231,12 +243,8 @@ mod tests {
         assert!(c.low < 1.0 && 1.0 < c.high, "{c:?}");
         // The same runs as independent samples, the variant's from the later half of the
         // window: their medians differ by far more than any real gain.
-        let median = |x: &[f64]| {
-            let mut x = x.to_vec();
-            x.sort_by(f64::total_cmp);
-            x[x.len() / 2]
-        };
-        assert!(median(&v[n / 2..]) / median(&o[..n / 2]) > 1.5);
+        let median_of = |x: &[f64]| median(&mut x.to_vec()).unwrap();
+        assert!(median_of(&v[n / 2..]) / median_of(&o[..n / 2]) > 1.5);
     }
 
     #[test]

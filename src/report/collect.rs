@@ -15,7 +15,7 @@ use super::{BinaryReport, CounterChange, Decision, FORMAT, ProfileSource, Report
 use crate::catalog::base::VariantState;
 use crate::catalog::{base, bolt_jobs, runs};
 use crate::measure::RunExit;
-use crate::policy::stats::{normal_quantile, paired_compare};
+use crate::policy::stats::{median, normal_quantile, paired_compare};
 use crate::policy::{PairBy, RunInput, cpu_saved_ns, pair_in_exec_order};
 
 /// Runs of one binary the report looks at (the newest).
@@ -194,15 +194,6 @@ fn profile_source(conn: &Connection, id: i64) -> anyhow::Result<ProfileSource> {
     })
 }
 
-fn median(mut x: Vec<f64>) -> Option<f64> {
-    if x.is_empty() {
-        return None;
-    }
-    x.sort_by(f64::total_cmp);
-    let n = x.len();
-    Some(if n % 2 == 1 { x[n / 2] } else { (x[n / 2 - 1] + x[n / 2]) / 2.0 })
-}
-
 /// A counter of a run: `None` when the run did not have it.
 type Getter = fn(&runs::RunRow) -> Option<f64>;
 
@@ -225,10 +216,10 @@ fn counters(original: &[&runs::RunRow], variant: &[&runs::RunRow]) -> Vec<Counte
     columns()
         .into_iter()
         .map(|(metric, unit, get)| {
-            let o: Vec<f64> = original.iter().filter_map(|r| get(r)).collect();
-            let v: Vec<f64> = variant.iter().filter_map(|r| get(r)).collect();
+            let mut o: Vec<f64> = original.iter().filter_map(|r| get(r)).collect();
+            let mut v: Vec<f64> = variant.iter().filter_map(|r| get(r)).collect();
             let (runs_o, runs_v) = (o.len(), v.len());
-            let (mo, mv) = (median(o), median(v));
+            let (mo, mv) = (median(&mut o), median(&mut v));
             let unsupported = if original.is_empty() && variant.is_empty() {
                 Some("no measured runs yet".to_string())
             } else if runs_o == 0 && runs_v == 0 {
