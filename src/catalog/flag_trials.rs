@@ -1,4 +1,4 @@
-//! The flag search's table (migration 8): per binary content and flag set, what came of
+//! The flag search's table (migration 9): per binary content and flag set, what came of
 //! building and measuring a variant with that set (see `crate::bolt::flags` for the sets
 //! and docs/policy.md for the search).
 //!
