@@ -56,6 +56,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "runs: page faults, context switches and the PMU's miss counters per run",
         sql: super::runs::SCHEMA_RUN_COUNTERS,
     },
+    Migration {
+        version: 9,
+        name: "flag_trials: the flag search's outcome per binary and flag set",
+        sql: super::flag_trials::SCHEMA,
+    },
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
