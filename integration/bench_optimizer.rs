@@ -80,6 +80,7 @@ impl Optimizer {
                 profiles: profiles.clone(),
                 clock: Arc::new(SystemClock),
                 kept_profiles: None,
+                variant_profiles: None,
             },
         );
         let (shutdown, rx) = watch::channel(false);
@@ -122,6 +123,7 @@ impl Optimizer {
                     timeout: Duration::from_secs(60),
                 }),
                 stale: None,
+                challenge: None,
             })
             .unwrap();
         let start = Instant::now();
@@ -174,6 +176,7 @@ fn instrumentation_profile(
             append_pid: false,
             binpath: None,
         },
+        flag_set: &optbin::bolt::flags::DEFAULT_SET,
     });
     for _ in 0..4 {
         let job = BoltJob {

@@ -470,6 +470,7 @@ fn hand_bolt(tool: &BoltTool, bin: &Path, profile: ProfileInput, out: &Path) -> 
         split_functions: !matches!(profile, ProfileInput::Instrument { .. }),
         skip_funcs: vec![],
         profile,
+        flag_set: &optbin::bolt::flags::DEFAULT_SET,
     });
     for _ in 0..6 {
         let fdata = match &rung.plan.profile {

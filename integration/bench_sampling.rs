@@ -204,7 +204,7 @@ fn bench_sampling() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let cpu0 = cpu_secs_self();
-    let (thread0, samples0) = {
+    let (thread0, busy_samples0) = {
         let s = sampling.status.snapshot();
         (s.sampler_cpu_secs, s.samples)
     };
@@ -338,8 +338,8 @@ fn bench_sampling() {
         cpu_share * 100.0,
         thread_share * 100.0,
         whole_share * 100.0,
-        busy_status.samples,
-        (busy_status.samples - samples0) as f64 / elapsed,
+        busy_status.samples - busy_samples0,
+        (busy_status.samples - busy_samples0) as f64 / elapsed,
         busy_status.lost_records
     );
     println!(

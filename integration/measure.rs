@@ -186,9 +186,13 @@ async fn cpu_time_exit_codes_signals_and_command_hashes() {
     assert!(r.wall_ns >= r.task_clock_ns * 9 / 10, "wall {} < cpu {}", r.wall_ns, r.task_clock_ns);
     assert_eq!(r.cmd_hash, cmd_hash_of_args(&["burn", "200", "3"]));
     assert_eq!(r.variant_id, None);
+    // Software counters on every run.
+    assert!(r.counts.page_faults.is_some_and(|n| n > 0), "{r:?}");
+    assert!(r.counts.context_switches.is_some(), "{r:?}");
     // No PMU on this VM: hardware counters are absent, not zero.
     if !optbin::measure::counters::PerfCounterFactory::detect().has_hardware() {
-        assert_eq!((r.instructions, r.cycles), (None, None));
+        assert_eq!((r.counts.instructions, r.counts.cycles), (None, None));
+        assert_eq!((r.counts.branch_misses, r.counts.itlb_misses), (None, None));
     }
 
     // inherit: a child's CPU time (waited for) is counted too.

@@ -123,6 +123,7 @@ impl Rig {
             profiles: profiles.clone(),
             clock: Arc::new(SystemClock),
             kept_profiles: None,
+            variant_profiles: None,
         };
         let (handle, worker) = optimizer(config, deps);
         let (shutdown, rx) = watch::channel(false);
@@ -154,6 +155,7 @@ impl Rig {
                 timeout: Duration::from_secs(20),
             }),
             stale: None,
+            challenge: None,
         }
     }
 
@@ -415,6 +417,7 @@ fn bolt_runs_unprivileged_at_idle_priority_with_limits() {
             split_functions: false,
             skip_funcs: vec![],
             profile: ProfileInput::Fdata(hand_profile(dir.path())),
+            flag_set: &optbin::bolt::flags::DEFAULT_SET,
         },
         cancel: Default::default(),
     };
@@ -480,6 +483,7 @@ int main(void) {
             split_functions: true,
             skip_funcs: vec![],
             profile: ProfileInput::Fdata(hand_profile(dir.path())),
+            flag_set: &optbin::bolt::flags::DEFAULT_SET,
         },
         cancel: Default::default(),
     };

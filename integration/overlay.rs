@@ -795,6 +795,87 @@ fn directory_permissions_are_mirrored_for_every_user() {
     drop(guard);
 }
 
+/// `setfacl ARGS...` (mount/deps.sh installs the acl package).
+fn setfacl(args: &[&str], path: &Path) {
+    let out = Command::new("setfacl").args(args).arg(path).output().expect("setfacl");
+    assert!(out.status.success(), "setfacl {args:?} {}: {out:?}", path.display());
+}
+
+/// Issue 10.1 with POSIX ACLs: an ACL entry on a real directory or file stops (or admits)
+/// the same users through the mount as on the real path, in the mirrors (the kernel reads
+/// the ACL through the mount) and in the PATH view (optbin evaluates it per caller).
+#[test]
+fn acls_on_real_directories_and_files_stop_and_admit_the_same_users() {
+    let tmp = open_tempdir();
+    let root = tmp.path().canonicalize().unwrap();
+    // 0755, but nobody named with no rights; 0700, but nobody named with r-x; an open dir
+    // holding a 0755 program whose own ACL denies nobody.
+    let denied = root.join("denied/bin");
+    let granted = root.join("granted/bin");
+    let open = root.join("open/bin");
+    for d in [&denied, &granted, &open] {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    prog(&denied.join("onlydenied"), "denied", &[]);
+    prog(&denied.join("shared"), "denied", &[]);
+    prog(&granted.join("onlygranted"), "granted", &[]);
+    prog(&open.join("shared"), "open", &[]);
+    prog(&open.join("fileacl"), "fileacl", &[]);
+    setfacl(&["-m", "u:nobody:---"], &denied);
+    chmod(&granted, 0o700);
+    setfacl(&["-m", "u:nobody:r-x"], &granted);
+    setfacl(&["-m", "u:nobody:---"], &open.join("fileacl"));
+    let mnt = root.join("mnt");
+    let (guard, _events) = mount_dirs(&mnt, &[denied.clone(), granted.clone(), open.clone()], None);
+
+    // The mirrors: reading, running and listing as on the real path.
+    let files = [
+        (denied.join("onlydenied"), false),
+        (granted.join("onlygranted"), true),
+        (open.join("shared"), true),
+        (open.join("fileacl"), false),
+    ];
+    for (file, nobody_may) in &files {
+        let through = in_mount(&mnt, file);
+        let (native, mounted) = (run(&mut as_nobody(file)), run(&mut as_nobody(&through)));
+        assert_eq!(native.code == Some(0), *nobody_may, "natively, exec {}", file.display());
+        assert_eq!(
+            (&native.stdout, native.code == Some(0)),
+            (&mounted.stdout, mounted.code == Some(0)),
+            "exec {}: {}",
+            file.display(),
+            mounted.stderr
+        );
+        let (native, mounted) = (nobody("cat", &[file]), nobody("cat", &[&through]));
+        assert_eq!(native.code == Some(0), mounted.code == Some(0), "cat {}", file.display());
+        // Root is not stopped by any of them.
+        assert_eq!(run(&mut Command::new(&through)).code, Some(0), "root runs {}", file.display());
+    }
+    for (dir, nobody_may) in [(&denied, false), (&granted, true), (&open, true)] {
+        let (native, mounted) = (nobody("ls", &[dir]), nobody("ls", &[&in_mount(&mnt, dir)]));
+        assert_eq!(native.code == Some(0), nobody_may, "natively, ls {}", dir.display());
+        assert_eq!(
+            (native.code == Some(0), &native.stdout),
+            (mounted.code == Some(0), &mounted.stdout),
+            "ls {}",
+            dir.display()
+        );
+    }
+    // getfacl through the mount shows the real ACL.
+    let shown = run(Command::new("getfacl").args(["-cp"]).arg(in_mount(&mnt, &granted)));
+    assert!(shown.stdout.contains("user:nobody:r-x"), "{shown:?}");
+
+    // The PATH view: nobody skips the directory its ACL closes, and reaches the one its ACL
+    // opens; root sees the first directory as always.
+    let view = mnt.join("bin");
+    assert_eq!(run(&mut as_nobody(&view.join("shared"))).stdout, "open\n");
+    assert_eq!(run(&mut Command::new(view.join("shared"))).stdout, "denied\n");
+    assert_ne!(run(&mut as_nobody(&view.join("onlydenied"))).code, Some(0));
+    assert_eq!(run(&mut as_nobody(&view.join("onlygranted"))).stdout, "granted\n");
+    assert_ne!(run(&mut as_nobody(&view.join("fileacl"))).code, Some(0));
+    drop(guard);
+}
+
 /// A program that says "ready", waits for a line on stdin, then prints MSG.
 const WAITER_C: &str = r#"
 #include <stdio.h>

@@ -4,6 +4,7 @@
 # gcc (tests compile real C programs), util-linux (setpriv, runuser), redis-server and
 # redis-tools (the fleet tests start their own Redis servers and a Redis Cluster),
 # chromium (the HTML report is checked in a headless browser), curl (the metrics endpoint),
+# acl (setfacl: the mount's tests give real directories POSIX ACLs)
 # and openssl (the TLS tests make their own certificate authority; optbin's own TLS is
 # rustls, built in).
 set -euo pipefail
@@ -14,6 +15,7 @@ command -v gcc >/dev/null || need+=(gcc)
 command -v setpriv >/dev/null || need+=(util-linux)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 command -v openssl >/dev/null || need+=(openssl)
+command -v setfacl >/dev/null || need+=(acl)
 command -v chromium >/dev/null || need+=(chromium)
 command -v curl >/dev/null || need+=(curl)
 command -v redis-server >/dev/null || need+=(redis-server)

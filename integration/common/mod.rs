@@ -172,9 +172,15 @@ pub fn is_mounted(path: &Path) -> bool {
 }
 
 /// Runs `cmd` as `nobody` (uid/gid 65534) via setpriv.
+///
+/// `setpriv` keeps its capabilities until its own execve (it sets KEEPCAPS), so the exec
+/// of `program` would pass every permission check: a shell started as nobody, with no
+/// capabilities left, makes that exec, and an exec refused exits 126 as in any shell.
 pub fn as_nobody(program: &Path) -> Command {
     let mut c = Command::new("setpriv");
-    c.args(["--reuid=65534", "--regid=65534", "--clear-groups"]).arg(program);
+    c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "/bin/sh", "-c"])
+        .arg(r#"exec "$0" "$@""#)
+        .arg(program);
     c
 }
 

@@ -112,6 +112,7 @@ mod tests {
                         canary_from_run: Some(1),
                         served_from_run: None,
                         note: None,
+                        challenger: false,
                     }],
                     runs,
                     next_run_id: 41,

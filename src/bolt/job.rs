@@ -9,6 +9,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::applicability::BoltMode;
+use super::flags::FlagSet;
 use super::sandbox::ScratchDir;
 use super::stale::StaleMatch;
 use crate::identity::ContentId;
@@ -59,6 +60,8 @@ pub struct BoltPlan {
     /// Functions BOLT must leave alone (`-skip-funcs=`), from earlier failures.
     pub skip_funcs: Vec<String>,
     pub profile: ProfileInput,
+    /// The optimization flags (ignored by `-instrument` builds); see [`super::flags`].
+    pub flag_set: &'static FlagSet,
 }
 
 /// A request to the runner.

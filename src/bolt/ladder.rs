@@ -130,6 +130,7 @@ mod tests {
             split_functions: true,
             skip_funcs: vec![],
             profile: ProfileInput::Fdata(PathBuf::from("p")),
+            flag_set: &crate::bolt::flags::DEFAULT_SET,
         })
     }
 

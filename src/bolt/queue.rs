@@ -20,6 +20,7 @@ use tokio::task::JoinSet;
 
 use super::applicability::{ApplicabilityConfig, ProfileNumbers, assess};
 use super::discover::BoltState;
+use super::flags::{DEFAULT_SET, FlagSet};
 use super::job::{BoltJob, BoltOutcome, BoltPlan, FailureKind, ProfileInput};
 use super::ladder::{Next, Rung, next_rung};
 use super::retry_policy::{DEFAULT_GROWTH, Decision, decide};
@@ -30,7 +31,7 @@ use super::status::{FinishedView, JobEnd, OptimizerStatus, QueuedView, RunningVi
 use super::verify::{SmokeCommand, verify};
 use crate::catalog::Catalog;
 use crate::catalog::base::{VariantKind, VariantState};
-use crate::catalog::{base, bolt_jobs, profile_digests};
+use crate::catalog::{base, bolt_jobs, flag_trials, profile_digests};
 use crate::clock::Clock;
 use crate::elf::ElfFacts;
 use crate::identity::ContentId;
@@ -67,6 +68,71 @@ pub struct OptimizeRequest {
     /// Build from this profile of a previous version of the binary (a new version with no
     /// mature profile of its own; see [`super::stale`]) instead of the binary's own.
     pub stale: Option<StaleSource>,
+    /// A challenger of the flag search: another flag set, built from the served variant's
+    /// profile (None: a build with the default flags).
+    pub challenge: Option<Challenge>,
+}
+
+/// What makes a build a challenger of the served variant (see docs/policy.md).
+#[derive(Debug, Clone)]
+pub struct Challenge {
+    pub flag_set: &'static FlagSet,
+    /// The profile the served variant was built from (kept by [`VariantProfiles`]).
+    pub profile: ProfileInput,
+}
+
+/// The profile each stored variant was built from, kept beside the store as
+/// `<variant sha256>.fdata` (or `.yaml` for a build from a previous version's profile),
+/// so that challengers of a served variant are built from exactly its profile: a
+/// challenger measured against a variant built from a smaller profile would be measuring
+/// the profile, not the flags.
+#[derive(Debug, Clone)]
+pub struct VariantProfiles {
+    pub dir: PathBuf,
+}
+
+impl VariantProfiles {
+    /// The kept profile of the variant with content `sha256`, if there is one.
+    pub fn profile_of(&self, sha256: &str) -> Option<ProfileInput> {
+        let fdata = self.dir.join(format!("{sha256}.fdata"));
+        let yaml = self.dir.join(format!("{sha256}.yaml"));
+        if fdata.is_file() {
+            Some(ProfileInput::Fdata(fdata))
+        } else if yaml.is_file() {
+            Some(ProfileInput::StaleYaml(yaml))
+        } else {
+            None
+        }
+    }
+
+    /// Keeps `profile` as the profile of the variant with content `sha256`.
+    pub fn keep(&self, sha256: &str, profile: &ProfileInput) -> anyhow::Result<()> {
+        let (from, ext) = match profile {
+            ProfileInput::Fdata(p) => (p, "fdata"),
+            ProfileInput::StaleYaml(p) => (p, "yaml"),
+            ProfileInput::Instrument { .. } => return Ok(()),
+        };
+        std::fs::create_dir_all(&self.dir)
+            .with_context(|| format!("creating {}", self.dir.display()))?;
+        let to = self.dir.join(format!("{sha256}.{ext}"));
+        if from != &to {
+            std::fs::copy(from, &to)
+                .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Removes the profiles of variants whose content is not in `keep`.
+    pub fn gc(&self, keep: &std::collections::HashSet<ContentId>) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let stem = name.split('.').next().unwrap_or("");
+            if ContentId::parse(stem).is_none_or(|c| !keep.contains(&c)) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -109,6 +175,9 @@ pub struct OptimizerDeps {
     /// Where the profile of each successful build is kept for the binary's next version;
     /// None keeps nothing.
     pub kept_profiles: Option<StaleProfiles>,
+    /// Where the profile of each stored variant is kept for its challengers; None keeps
+    /// nothing (then no challenger can be built).
+    pub variant_profiles: Option<VariantProfiles>,
 }
 
 /// Why a request was refused.
@@ -301,20 +370,58 @@ async fn build(shared: &Arc<Shared>, req: &OptimizeRequest) -> anyhow::Result<(u
         return Ok((0, JobEnd::Skipped { why: "excluded by the user".into() }));
     }
     let samples = req.profile.samples;
-    if let Decision::Skip(why) =
-        decide(history.as_ref(), samples, &version, req.origin, shared.config.growth)
+    // A challenger is the flag search's decision (bounded there); the retry policy is
+    // about rebuilding with the default flags.
+    if req.challenge.is_none()
+        && let Decision::Skip(why) =
+            decide(history.as_ref(), samples, &version, req.origin, shared.config.growth)
     {
         return Ok((0, JobEnd::Skipped { why }));
     }
+    let flag_set = req.challenge.as_ref().map_or(&DEFAULT_SET, |c| c.flag_set);
+    let challenger = req.challenge.is_some();
+    let now = deps.clock.unix_secs();
+    deps.catalog
+        .run(move |c| flag_trials::start(c, binary_id, flag_set.name, challenger, now))
+        .await?;
+    let result = build_with(shared, req, &runner, &version, flag_set).await;
+    let (variant_id, outcome, detail) = match &result {
+        Ok((_, JobEnd::Built { variant_id, .. })) => (Some(*variant_id), "built", String::new()),
+        Ok((_, JobEnd::Failed { kind, why, .. })) => (None, "failed", format!("{kind}: {why}")),
+        Ok((_, JobEnd::Skipped { why })) => (None, "skipped", why.clone()),
+        Ok((_, JobEnd::Cancelled)) => (None, "cancelled", String::new()),
+        Err(e) => (None, "failed", format!("{e:#}")),
+    };
+    let now = deps.clock.unix_secs();
+    deps.catalog
+        .run(move |c| {
+            flag_trials::finish(c, binary_id, flag_set.name, variant_id, outcome, &detail, now)
+        })
+        .await?;
+    result
+}
+
+/// The build itself, once it is due: profile, ladder, verify, store, record.
+async fn build_with(
+    shared: &Arc<Shared>,
+    req: &OptimizeRequest,
+    runner: &Arc<dyn BoltRunner>,
+    version: &str,
+    flag_set: &'static FlagSet,
+) -> anyhow::Result<(u32, JobEnd)> {
+    let deps = &shared.deps;
+    let binary_id = req.binary_id;
 
     let profile_dir = tempfile::tempdir().context("creating the profile directory")?;
-    let (profile, info) = match &req.stale {
+    let (profile, info) = match (&req.challenge, &req.stale) {
+        // The served variant's own profile; its size is what that variant recorded.
+        (Some(c), _) => (c.profile.clone(), ProfileInfo { samples: req.profile.samples.max(1) }),
         // Recorded as a tiny profile: the binary's own mature profile replaces it.
-        Some(source) => (
+        (None, Some(source)) => (
             ProfileInput::StaleYaml(source.yaml.clone()),
             ProfileInfo { samples: STALE_PROFILE_SAMPLES },
         ),
-        None => {
+        (None, None) => {
             let fdata = profile_dir.path().join("profile.fdata");
             let profiles = deps.profiles.clone();
             let out = fdata.clone();
@@ -333,8 +440,13 @@ async fn build(shared: &Arc<Shared>, req: &OptimizeRequest) -> anyhow::Result<(u
         .context("hashing the profile")?;
 
     let mode = assess(&req.facts, &req.profile, &shared.config.applicability).mode;
-    let mut rung =
-        Rung::first(BoltPlan { mode, split_functions: true, skip_funcs: vec![], profile });
+    let mut rung = Rung::first(BoltPlan {
+        mode,
+        split_functions: flag_set.split,
+        skip_funcs: vec![],
+        profile: profile.clone(),
+        flag_set,
+    });
     let mut attempt = 0u32;
     loop {
         attempt += 1;
@@ -355,7 +467,7 @@ async fn build(shared: &Arc<Shared>, req: &OptimizeRequest) -> anyhow::Result<(u
             ladder_step: rung.label(),
             flags: tried.flags.clone(),
             profile_samples: info.samples,
-            bolt_version: version.clone(),
+            bolt_version: version.to_string(),
             wall_ms: tried.wall_ms,
             peak_rss_kib: tried.peak_rss_kib,
         };
@@ -368,6 +480,15 @@ async fn build(shared: &Arc<Shared>, req: &OptimizeRequest) -> anyhow::Result<(u
                 deps.catalog.spawn("stale profile event", move |c| {
                     base::record_event(c, now, Some(&name), "bolt", &origin)
                 });
+            }
+            if let Some(kept) = &deps.variant_profiles {
+                let (kept, sha) = (kept.clone(), sha256.clone());
+                let profile = profile.clone();
+                let done = tokio::task::spawn_blocking(move || kept.keep(&sha, &profile)).await?;
+                if let Err(e) = done {
+                    // The variant is fine; only its challengers cannot be built.
+                    tracing::warn!(binary = %req.name, error = %format!("{e:#}"), "keeping the variant's profile failed");
+                }
             }
             let built_from = BuiltFrom { samples: info.samples, digest: profile_digest };
             let variant_id = record_variant(shared, record, stored, built_from, now).await?;
@@ -387,9 +508,12 @@ async fn build(shared: &Arc<Shared>, req: &OptimizeRequest) -> anyhow::Result<(u
             Next::Retry(r) => rung = r,
             Next::Abandon => return Ok((attempt, JobEnd::Cancelled)),
             Next::GiveUp(why) => {
-                deps.catalog
-                    .run(move |c| bolt_jobs::set_failed_until_change(c, binary_id, true, now))
-                    .await?;
+                // A challenger's flags failing says nothing about the default flags.
+                if req.challenge.is_none() {
+                    deps.catalog
+                        .run(move |c| bolt_jobs::set_failed_until_change(c, binary_id, true, now))
+                        .await?;
+                }
                 return Ok((
                     attempt,
                     JobEnd::Failed {
@@ -459,7 +583,15 @@ async fn collect_garbage(shared: &Arc<Shared>) {
         }
     };
     let store = shared.deps.store.clone();
-    match tokio::task::spawn_blocking(move || store.gc(&keep)).await {
+    let profiles = shared.deps.variant_profiles.clone();
+    match tokio::task::spawn_blocking(move || {
+        if let Some(p) = profiles {
+            p.gc(&keep);
+        }
+        store.gc(&keep)
+    })
+    .await
+    {
         Ok(Ok(r)) if r.removed > 0 => {
             tracing::info!(removed = r.removed, freed = r.freed_bytes, "variant gc")
         }

@@ -35,7 +35,16 @@ pub struct Settings {
     pub min_own_text_share: f64,
     /// Seconds between two looks for binaries whose profile matured.
     pub check_interval_secs: u64,
+    /// Once a variant is served, build challengers with other flag sets
+    /// (`crate::bolt::flags::FLAG_SETS`) and canary each against it (docs/policy.md).
+    pub flag_search: bool,
+    /// Challengers per binary content at most (0..=5, the candidate sets there are).
+    pub max_challengers: usize,
 }
+
+/// Challengers per binary by default: see docs/policy.md ("Flag search") for the cost
+/// that bounds it.
+pub const DEFAULT_MAX_CHALLENGERS: usize = 3;
 
 impl Default for Settings {
     fn default() -> Self {
@@ -50,6 +59,8 @@ impl Default for Settings {
             min_text_bytes: applicability.min_text_bytes,
             min_own_text_share: applicability.min_own_text_share,
             check_interval_secs: 10,
+            flag_search: true,
+            max_challengers: DEFAULT_MAX_CHALLENGERS,
         }
     }
 }
@@ -79,6 +90,12 @@ impl Settings {
             self.min_own_text_share
         );
         ensure!(self.check_interval_secs > 0, "[optimizer] check_interval_secs must be above 0");
+        let sets = super::flags::FLAG_SETS.len() - 1;
+        ensure!(
+            self.max_challengers <= sets,
+            "[optimizer] max_challengers = {} must be within 0..={sets} (the candidate flag sets)",
+            self.max_challengers
+        );
         Ok(())
     }
 
@@ -130,5 +147,9 @@ mod tests {
         assert!(text.contains("min_own_text_share"), "{text}");
         let text = format!("{:#}", parse("scratch_dir = \"rel\"\n").unwrap_err());
         assert!(text.contains("scratch_dir"), "{text}");
+        let text = format!("{:#}", parse("max_challengers = 9\n").unwrap_err());
+        assert!(text.contains("max_challengers"), "{text}");
+        let s = parse("flag_search = false\nmax_challengers = 1\n").unwrap();
+        assert!(!s.flag_search && s.max_challengers == 1);
     }
 }

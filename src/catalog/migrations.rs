@@ -51,6 +51,16 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "variants.profile_digest: the sha256 of the profile each variant was built from",
         sql: super::profile_digests::SCHEMA,
     },
+    Migration {
+        version: 8,
+        name: "runs: page faults, context switches and the PMU's miss counters per run",
+        sql: super::runs::SCHEMA_RUN_COUNTERS,
+    },
+    Migration {
+        version: 9,
+        name: "flag_trials: the flag search's outcome per binary and flag set",
+        sql: super::flag_trials::SCHEMA,
+    },
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> anyhow::Result<()> {

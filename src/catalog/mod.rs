@@ -8,6 +8,7 @@
 
 pub mod base;
 pub mod bolt_jobs;
+pub mod flag_trials;
 pub mod health;
 mod migrations;
 pub mod profile_digests;

@@ -11,6 +11,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::variant::VariantState;
+use crate::measure::counters::RunCounts;
 use crate::measure::{RunExit, RunRecord};
 
 pub const SCHEMA: &str = r#"
@@ -64,6 +65,18 @@ pub const SCHEMA_DECISION_SAMPLES: &str = r#"
 ALTER TABLE policy_decisions ADD COLUMN profile_samples INTEGER;
 "#;
 
+/// Migration 8: the per-run counters besides CPU time, instructions and cycles (the
+/// software ones every run has, the hardware ones where the PMU offers them). Runs stored
+/// before have NULL: unknown, never zero.
+pub const SCHEMA_RUN_COUNTERS: &str = r#"
+ALTER TABLE runs ADD COLUMN page_faults INTEGER;
+ALTER TABLE runs ADD COLUMN context_switches INTEGER;
+ALTER TABLE runs ADD COLUMN branch_misses INTEGER;
+ALTER TABLE runs ADD COLUMN l1i_misses INTEGER;
+ALTER TABLE runs ADD COLUMN itlb_misses INTEGER;
+ALTER TABLE runs ADD COLUMN cache_misses INTEGER;
+"#;
+
 /// A stored run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunRow {
@@ -73,8 +86,8 @@ pub struct RunRow {
     pub variant_id: Option<i64>,
     pub cmd_hash: String,
     pub task_clock_ns: u64,
-    pub instructions: Option<u64>,
-    pub cycles: Option<u64>,
+    /// The run's other counters; `None` where not counted.
+    pub counts: RunCounts,
     pub wall_ns: u64,
     pub exit: RunExit,
     pub at_ms: i64,
@@ -118,8 +131,10 @@ pub fn insert_runs(
     {
         let mut stmt = tx.prepare(
             "INSERT INTO runs (binary_id, path, variant_id, cmd_hash, task_clock_ns,
-                               instructions, cycles, wall_ns, exit_code, exit_signal, at_ms)
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11
+                               instructions, cycles, wall_ns, exit_code, exit_signal, at_ms,
+                               page_faults, context_switches, branch_misses, l1i_misses,
+                               itlb_misses, cache_misses)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17
              WHERE ?3 IS NULL OR EXISTS (SELECT 1 FROM variants WHERE id = ?3)",
         )?;
         for r in records {
@@ -128,18 +143,25 @@ pub fn insert_runs(
                 RunExit::Exited(c) => (Some(c), None),
                 RunExit::Signaled(s) => (None, Some(s)),
             };
+            let c = |v: Option<u64>| v.map(|v| v as i64);
             let n = stmt.execute(params![
                 binary_id,
                 r.original.to_string_lossy(),
                 r.variant_id,
                 r.cmd_hash,
                 r.task_clock_ns as i64,
-                r.instructions.map(|v| v as i64),
-                r.cycles.map(|v| v as i64),
+                c(r.counts.instructions),
+                c(r.counts.cycles),
                 r.wall_ns as i64,
                 code,
                 sig,
-                r.at_ms
+                r.at_ms,
+                c(r.counts.page_faults),
+                c(r.counts.context_switches),
+                c(r.counts.branch_misses),
+                c(r.counts.l1i_misses),
+                c(r.counts.itlb_misses),
+                c(r.counts.cache_misses),
             ])?;
             out.push((n == 1).then(|| StoredRun { run_id: tx.last_insert_rowid(), binary_id }));
         }
@@ -149,11 +171,13 @@ pub fn insert_runs(
 }
 
 const RUN_COLUMNS: &str = "id, binary_id, path, variant_id, cmd_hash, task_clock_ns, \
-     instructions, cycles, wall_ns, exit_code, exit_signal, at_ms";
+     instructions, cycles, wall_ns, exit_code, exit_signal, at_ms, page_faults, \
+     context_switches, branch_misses, l1i_misses, itlb_misses, cache_misses";
 
 fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
     let code: Option<i32> = r.get(9)?;
     let sig: Option<i32> = r.get(10)?;
+    let count = |i| r.get::<_, Option<i64>>(i).map(|v| v.map(|v| v as u64));
     Ok(RunRow {
         id: r.get(0)?,
         binary_id: r.get(1)?,
@@ -161,8 +185,16 @@ fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
         variant_id: r.get(3)?,
         cmd_hash: r.get(4)?,
         task_clock_ns: r.get::<_, i64>(5)? as u64,
-        instructions: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
-        cycles: r.get::<_, Option<i64>>(7)?.map(|v| v as u64),
+        counts: RunCounts {
+            instructions: count(6)?,
+            cycles: count(7)?,
+            page_faults: count(12)?,
+            context_switches: count(13)?,
+            branch_misses: count(14)?,
+            l1i_misses: count(15)?,
+            itlb_misses: count(16)?,
+            cache_misses: count(17)?,
+        },
         wall_ns: r.get::<_, i64>(8)? as u64,
         exit: match (code, sig) {
             (_, Some(s)) => RunExit::Signaled(s),
@@ -429,8 +461,12 @@ mod tests {
             variant_id: variant,
             cmd_hash: "c".into(),
             task_clock_ns: 10,
-            instructions: None,
-            cycles: Some(5),
+            counts: RunCounts {
+                cycles: Some(5),
+                page_faults: Some(77),
+                context_switches: Some(2),
+                ..RunCounts::default()
+            },
             wall_ns: 20,
             exit,
             at_ms: at,
@@ -476,7 +512,10 @@ mod tests {
             assert_eq!(rows.len(), 2);
             assert_eq!(rows[0].exit, RunExit::Exited(3));
             assert_eq!(rows[1].exit, RunExit::Signaled(11));
-            assert_eq!(rows[1].cycles, Some(5));
+            assert_eq!(rows[1].counts.cycles, Some(5));
+            assert_eq!(rows[1].counts.page_faults, Some(77));
+            assert_eq!(rows[1].counts.context_switches, Some(2));
+            assert_eq!((rows[1].counts.instructions, rows[1].counts.itlb_misses), (None, None));
             assert_eq!(next_run_id(c)?, rows[1].id + 2);
             assert_eq!(runs_of_path(c, Path::new("/bin/x"), 100)?.len(), 3);
             // Age: the run at 100 ms goes; cap 1: only the newest stays.

@@ -9,6 +9,7 @@
 
 use serde::Serialize;
 
+use crate::bolt::status::SearchStatus;
 use crate::catalog::bolt_jobs::BoltJobRow;
 use crate::fleet::view::FleetBinary;
 use crate::observe::heatmap::HeatFigures;
@@ -107,6 +108,8 @@ pub struct ProfilerBinary {
 pub struct OptimizerBinary {
     pub candidate: bool,
     pub facts_only: bool,
+    /// The search for better BOLT flags on this content.
+    pub flag_search: SearchStatus,
     pub job: Option<BoltJobRow>,
     pub mode: &'static str,
     /// "queued" / "optimizing (attempt 2: no-split)".
@@ -198,6 +201,13 @@ mod tests {
             Stage::Queued,
             Stage::Optimizing,
             Stage::Canary { variant_id: 1, variant_runs: 2, original_runs: 3, last: None },
+            Stage::Challenge {
+                served_id: 1,
+                challenger_id: 2,
+                challenger_runs: 3,
+                served_runs: 4,
+                last: None,
+            },
             Stage::ServingOptimized { variant_id: 1, gain: None },
             Stage::ServingOriginal { reason: "slower".into() },
             Stage::Crashed { variant_id: 1, detail: "SIGSEGV".into() },

@@ -8,11 +8,14 @@
 //! search the first directory holding NAME gets the next one they may search (or ENOENT).
 //! Such answers are never cached by the kernel (entry TTL 0).
 //!
-//! The check reads mode bits (owner, group including supplementary groups, others);
-//! POSIX ACLs on the real directories are not consulted.
+//! The check reads each directory's POSIX ACL where it has one (the kernel's rules, in
+//! [`super::acl`]), else its mode bits (owner, group including supplementary groups,
+//! others). The kernel's own check on the mirrors reads the same ACLs (`FUSE_POSIX_ACL`).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+
+use super::acl;
 
 /// The credentials a FUSE request carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,9 +44,13 @@ impl Caller {
 }
 
 /// Whether every directory from `/` down to `dir` may be searched by everyone (the others'
-/// `x` bit): then no caller needs checking.
+/// `x` bit, and no ACL that could name a user or group to stop): then no caller needs
+/// checking.
 pub fn searchable_by_all(dir: &Path) -> bool {
-    dir.ancestors().all(|d| std::fs::metadata(d).is_ok_and(|m| m.mode() & 0o001 != 0))
+    dir.ancestors().all(|d| {
+        std::fs::metadata(d).is_ok_and(|m| m.mode() & 0o001 != 0)
+            && matches!(acl::read(d, acl::ACCESS), Ok(None))
+    })
 }
 
 /// Whether `caller` may search every directory from `/` down to `dir`.
@@ -54,6 +61,19 @@ pub fn may_search(caller: &Caller, dir: &Path) -> bool {
     let mut groups: Option<Vec<u32>> = None;
     dir.ancestors().all(|d| {
         let Ok(md) = std::fs::metadata(d) else { return false };
+        match acl::read(d, acl::ACCESS) {
+            Ok(Some(value)) => {
+                let groups = groups.get_or_insert_with(|| caller.groups());
+                let asker = acl::Asker { uid: caller.uid, gid: caller.gid, groups };
+                let owner = acl::Owner { uid: md.uid(), gid: md.gid() };
+                if let Some(allowed) = acl::allows(&value, owner, &asker, 0o1) {
+                    return allowed;
+                }
+            }
+            Ok(None) => {}
+            // Unreadable ACL: refuse rather than guess more rights than the kernel gives.
+            Err(_) => return false,
+        }
         let bit = if md.uid() == caller.uid {
             0o100
         } else if md.gid() == caller.gid

@@ -47,6 +47,7 @@
 //!   excluded paths reach the user unchanged, as symlinks to the real files.
 
 mod access;
+pub mod acl;
 mod classify;
 mod control;
 mod events;

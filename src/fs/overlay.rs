@@ -300,6 +300,28 @@ impl Overlay {
         Ok((node.attr, ttl))
     }
 
+    /// The POSIX ACL attribute `name` (`system.posix_acl_access` or `_default`) of the real
+    /// file or directory node `ino` mirrors, in the kernel's binary form: what the kernel's
+    /// permission check on the mount reads (see [`super::acl`]). ENODATA when the real one
+    /// has none (its mode bits decide), and for the overlay's own nodes and other names.
+    pub fn acl(&self, ino: u64, name: &OsStr) -> FsResult<Vec<u8>> {
+        let none = || FsError::new(libc::ENODATA, "no such attribute");
+        let Some(name) = name.to_str().filter(|n| super::acl::is_acl(OsStr::new(n))) else {
+            return Err(none());
+        };
+        let node = self.node(ino)?;
+        let real = match &node.kind {
+            NodeKind::Tree(real) => real.clone(),
+            NodeKind::File(f) => f.original.clone(),
+            _ => return Err(none()),
+        };
+        match super::acl::read(&real, name) {
+            Ok(Some(value)) => Ok(value),
+            Ok(None) => Err(none()),
+            Err(e) => Err(FsError::io(e, format!("reading the ACL of {}", real.display()))),
+        }
+    }
+
     pub fn readlink(&self, ino: u64) -> FsResult<PathBuf> {
         match &self.node(ino)?.kind {
             NodeKind::Link(target) => Ok(target.clone()),

@@ -17,6 +17,10 @@
 //! canary would come in long runs). So a draw is reused for lookups of the same original
 //! within [`DRAW_REUSE`]: every exec gets the variant with probability exactly p.
 //!
+//! A second variant may share the execs too (a challenger's canary: the challenger, the
+//! served variant and the original each get a share): a draw below the first share picks
+//! the first variant, below the sum of both shares the second, else the original.
+//!
 //! Draws come in antithetic pairs: a fresh uniform `u` for one exec, `1 - u` for the next.
 //! Each exec still gets the variant with probability exactly p, but for a 0.5 canary the
 //! two execs of a pair always get one arm each, in random order: consecutive runs of the
@@ -74,6 +78,8 @@ struct ServedShare {
     variant: ServedVariant,
     /// Within 0..=1: the probability that one exec gets the variant.
     share: f64,
+    /// A second variant and its probability (within 0..=1-share).
+    second: Option<(ServedVariant, f64)>,
 }
 
 #[derive(Default)]
@@ -90,8 +96,16 @@ struct Table {
 #[derive(Debug, Clone, Copy)]
 struct Draws {
     at: Instant,
-    chose: bool,
+    chose: Arm,
     owed: Option<f64>,
+}
+
+/// Which of an entry's arms a draw chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arm {
+    Original,
+    First,
+    Second,
 }
 
 /// The shared serving table. Cheap to read; writes notify subscribers.
@@ -147,14 +161,30 @@ impl ServingTable {
     /// as 0), the original to the rest, each exec drawn at random. A share of 1.0 is
     /// [`ServingTable::serve`].
     pub fn serve_share(&self, original: &Path, variant: ServedVariant, share: f64) {
-        let share = if share.is_nan() { 0.0 } else { share.clamp(0.0, 1.0) };
+        self.serve_arms(original, variant, share, None);
+    }
+
+    /// As [`ServingTable::serve_share`], with a `second` variant for its share of execs
+    /// (clamped to what the first leaves); the original gets the rest.
+    pub fn serve_arms(
+        &self,
+        original: &Path,
+        variant: ServedVariant,
+        share: f64,
+        second: Option<(ServedVariant, f64)>,
+    ) {
+        let clamp = |s: f64, max: f64| if s.is_nan() { 0.0 } else { s.clamp(0.0, max) };
+        let share = clamp(share, 1.0);
+        let second = second.map(|(v, s)| (v, clamp(s, 1.0 - share))).filter(|(_, s)| *s > 0.0);
         let changed = {
             let mut t = self.write();
             let known = t.known.entry(original.to_path_buf()).or_default();
-            if !known.contains(&variant) {
-                known.push(variant.clone());
+            for v in std::iter::once(&variant).chain(second.as_ref().map(|(v, _)| v)) {
+                if !known.contains(v) {
+                    known.push(v.clone());
+                }
             }
-            let entry = ServedShare { variant, share };
+            let entry = ServedShare { variant, share, second };
             t.served.insert(original.to_path_buf(), entry.clone()) != Some(entry)
         };
         if changed {
@@ -204,6 +234,11 @@ impl ServingTable {
         self.read().served.get(original).map(|s| (s.variant.clone(), s.share))
     }
 
+    /// The second variant configured for `original` with its share, if any.
+    pub fn second_share(&self, original: &Path) -> Option<(ServedVariant, f64)> {
+        self.read().served.get(original).and_then(|s| s.second.clone())
+    }
+
     fn forget_draw(&self, original: &Path) {
         self.draws.lock().unwrap_or_else(|e| e.into_inner()).remove(original);
     }
@@ -218,9 +253,10 @@ impl ServingTable {
         let Some(s) = t.served.get(original).filter(|s| s.variant.expected_original == *key) else {
             return Choice::default();
         };
+        let second_share = s.second.as_ref().map_or(0.0, |(_, p)| *p);
         if s.share >= 1.0 {
             Choice { variant: Some(s.variant.clone()), per_exec: false }
-        } else if s.share <= 0.0 {
+        } else if s.share <= 0.0 && second_share <= 0.0 {
             Choice::default()
         } else {
             let mut draws = self.draws.lock().unwrap_or_else(|e| e.into_inner());
@@ -232,12 +268,23 @@ impl ServingTable {
                         Some(u) => (u, None),
                         None => (draw, Some(1.0 - draw)),
                     };
-                    let chose = u < s.share;
+                    let chose = if u < s.share {
+                        Arm::First
+                    } else if u < s.share + second_share {
+                        Arm::Second
+                    } else {
+                        Arm::Original
+                    };
                     draws.insert(original.to_path_buf(), Draws { at: now, chose, owed });
                     chose
                 }
             };
-            Choice { variant: chose_variant.then(|| s.variant.clone()), per_exec: true }
+            let variant = match chose_variant {
+                Arm::Original => None,
+                Arm::First => Some(s.variant.clone()),
+                Arm::Second => s.second.as_ref().map(|(v, _)| v.clone()),
+            };
+            Choice { variant, per_exec: true }
         }
     }
 
@@ -456,5 +503,28 @@ mod tests {
         }
         // Binomial(600, 0.3): mean 180, sd 11.2; 6 sd either side.
         assert!((113..=247).contains(&hits), "{hits} of {n} lookups got the variant");
+    }
+
+    #[test]
+    fn a_second_variant_gets_its_share_and_the_original_the_rest() {
+        let table = ServingTable::new();
+        let original = Path::new("/usr/bin/x");
+        let (a, b) = (variant(7, key(1)), variant(8, key(1)));
+        table.serve_arms(original, a.clone(), 0.45, Some((b.clone(), 0.5)));
+        assert_eq!(table.second_share(original).map(|s| s.1), Some(0.5));
+        assert_eq!(table.known_variants(original).len(), 2);
+        let t0 = Instant::now();
+        let at = |i: u64, draw: f64| {
+            let now = t0 + DRAW_REUSE * 2 * (i as u32 + 1);
+            table.choice(original, &key(1), draw, now).variant.map(|v| v.variant_id)
+        };
+        // Fresh draws and their antithetic partners.
+        assert_eq!(at(0, 0.1), Some(7));
+        assert_eq!(at(1, 0.7), Some(8), "1 - 0.1 = 0.9 is in the second's share");
+        assert_eq!(at(2, 0.97), None);
+        assert_eq!(at(3, 0.5), Some(7), "1 - 0.97 = 0.03");
+        // The second's share is clamped to what the first leaves.
+        table.serve_arms(original, a, 0.8, Some((b, 0.5)));
+        assert!((table.second_share(original).unwrap().1 - 0.2).abs() < 1e-9);
     }
 }

@@ -210,6 +210,9 @@ impl Filesystem for OptbinFs {
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_ATOMIC_O_TRUNC,
             InitFlags::FUSE_PARALLEL_DIROPS,
+            // The kernel's permission check reads each node's ACL (Overlay::acl): the real
+            // files' and directories' ACLs stop or admit the same users on the mount.
+            InitFlags::FUSE_POSIX_ACL,
         ] {
             let _ = config.add_capabilities(optional);
         }
@@ -501,8 +504,16 @@ impl Filesystem for OptbinFs {
         reply.ok();
     }
 
-    fn getxattr(&self, _r: &Request, _i: INodeNo, _n: &OsStr, _s: u32, reply: ReplyXattr) {
-        reply.error(Errno::ENODATA);
+    fn getxattr(&self, _r: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if !crate::fs::acl::is_acl(name) {
+            return reply.error(Errno::ENODATA);
+        }
+        match self.with("getxattr", |o| o.acl(ino.0, name)) {
+            Ok(value) if size == 0 => reply.size(value.len() as u32),
+            Ok(value) if value.len() > size as usize => reply.error(Errno::ERANGE),
+            Ok(value) => reply.data(&value),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn listxattr(&self, _r: &Request, _i: INodeNo, size: u32, reply: ReplyXattr) {

@@ -49,7 +49,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::identity::FileKey;
-use counters::{CounterFactory, PerfCounterFactory};
+use counters::{CounterFactory, PerfCounterFactory, RunCounts};
 use proc_connector::{ProcConnector, ProcEvent};
 use tracker::{LiveProcesses, ProcessView, RunTracker};
 
@@ -87,8 +87,8 @@ pub struct RunRecord {
     pub cmd_hash: String,
     /// CPU time of the process and its children that exited before it (task-clock).
     pub task_clock_ns: u64,
-    pub instructions: Option<u64>,
-    pub cycles: Option<u64>,
+    /// The run's other counters (see [`counters::RunCounts`]).
+    pub counts: RunCounts,
     /// Exec completion to exit, by the kernel's monotonic clock.
     pub wall_ns: u64,
     pub exit: RunExit,
@@ -155,7 +155,7 @@ impl Measurer {
     }
 
     /// Called by the overlay on an exec-time open: attaches counters to the pid (one
-    /// perf_event_open per counter, nothing slower) and remembers what was served.
+    /// perf_event_open per counter, nothing slower; see [`PerfCounterFactory`]) and remembers what was served.
     pub fn on_exec_open(&self, event: ExecOpen) -> anyhow::Result<()> {
         let registered_ns = monotonic_ns();
         let counters = self
@@ -272,7 +272,13 @@ mod tests {
     struct Fixed;
     impl RunCounters for Fixed {
         fn read(&mut self) -> io::Result<CounterReading> {
-            Ok(CounterReading { task_clock_ns: 42, instructions: Some(7), cycles: Some(9) })
+            let counts = RunCounts {
+                page_faults: Some(3),
+                instructions: Some(7),
+                cycles: Some(9),
+                ..RunCounts::default()
+            };
+            Ok(CounterReading { task_clock_ns: 42, counts })
         }
     }
     struct FixedFactory;
@@ -315,7 +321,11 @@ mod tests {
         let r = records.blocking_recv().unwrap();
         assert_eq!(r.exit, RunExit::Signaled(libc::SIGABRT));
         assert_eq!(r.wall_ns, 1_000);
-        assert_eq!((r.task_clock_ns, r.instructions, r.cycles), (42, Some(7), Some(9)));
+        assert_eq!(
+            (r.task_clock_ns, r.counts.instructions, r.counts.cycles),
+            (42, Some(7), Some(9))
+        );
+        assert_eq!((r.counts.page_faults, r.counts.itlb_misses), (Some(3), None));
         assert_eq!(r.cmd_hash, cmdline::cmd_hash_of_args(&["tool", "--fast"]));
         assert_eq!(m.pending(), 0);
         drop(m); // stops and joins the reader thread

@@ -147,8 +147,7 @@ impl RunTracker {
                     variant_id: p.open.variant_id,
                     cmd_hash,
                     task_clock_ns: reading.task_clock_ns,
-                    instructions: reading.instructions,
-                    cycles: reading.cycles,
+                    counts: reading.counts,
                     wall_ns: ts_ns.saturating_sub(exec_ts),
                     exit: decode_wait_status(status),
                     at_ms: now_ms,
@@ -193,7 +192,7 @@ mod tests {
     struct FixedCounters(u64);
     impl RunCounters for FixedCounters {
         fn read(&mut self) -> std::io::Result<CounterReading> {
-            Ok(CounterReading { task_clock_ns: self.0, instructions: None, cycles: None })
+            Ok(CounterReading { task_clock_ns: self.0, ..Default::default() })
         }
     }
 

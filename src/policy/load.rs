@@ -10,7 +10,7 @@ use super::{
     BinaryInput, Controls, Evaluation, Pin, Pipeline, PolicyConfig, RunInput, Stage, VariantInput,
     VariantState, cpu_saved_ns, decide, evaluate,
 };
-use crate::catalog::{base, runs};
+use crate::catalog::{base, flag_trials, runs};
 
 /// Runs of a binary the policy looks at (the newest; the last look needs 2 x 320).
 pub const RUNS_PER_BINARY: u32 = 4000;
@@ -87,6 +87,7 @@ fn load(
             .and_then(|d| d.first_run_id)
     };
     let rows = base::variants_of(conn, binary_id)?;
+    let challengers = flag_trials::challenger_variants(conn, binary_id)?;
     // Instrumented variants only collect a profile: never canaries, never served as
     // optimized, and their (slower) runs are no one's evidence.
     let not_policed: std::collections::HashSet<i64> =
@@ -106,6 +107,7 @@ fn load(
                 canary_from_run: period_start(v.id, &["start_canary", "recanary"]),
                 served_from_run: period_start(v.id, &["promote"]),
                 note: v.note,
+                challenger: challengers.contains(&v.id),
             })
         })
         .collect();
@@ -188,6 +190,13 @@ pub fn apply(
                 profile_samples: Some(profile_samples),
             },
         )?;
+        flag_trials::set_outcome_of_variant(
+            &tx,
+            t.variant_id,
+            t.to.as_str(),
+            &t.detail,
+            now_ms / 1000,
+        )?;
         base::record_event(
             &tx,
             now_ms / 1000,
@@ -232,7 +241,7 @@ pub fn binary_status(
     runs.sort();
     let gain = match &eval.stage {
         Stage::ServingOptimized { gain, .. } => *gain,
-        Stage::Canary { last, .. } => *last,
+        Stage::Canary { last, .. } | Stage::Challenge { last, .. } => *last,
         _ => None,
     };
     let last_incident = runs::incidents_of(conn, binary_id)?.into_iter().next().map(|i| i.detail);
@@ -271,6 +280,10 @@ pub fn machine_summary(
     for binary_id in runs::binaries_to_watch(conn)? {
         let input = load_binary(conn, binary_id, pipeline)?;
         let eval = evaluate(&input, cfg);
+        if let Stage::Challenge { .. } = eval.stage {
+            // Served all along; its gain is measured again once the challenge is decided.
+            s.binaries_optimized += 1;
+        }
         if let Stage::ServingOptimized { variant_id, gain } = eval.stage {
             s.binaries_optimized += 1;
             let from = input

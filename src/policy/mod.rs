@@ -161,6 +161,9 @@ pub struct VariantInput {
     /// First run id of its current served period.
     pub served_from_run: Option<i64>,
     pub note: Option<String>,
+    /// Built by the flag search with another flag set: its canary is measured against the
+    /// served variant, not the original (see [`challenger_step`]).
+    pub challenger: bool,
 }
 
 /// A measured run as the policy sees it.
@@ -309,6 +312,15 @@ pub enum Stage {
         variant_id: i64,
         gain: Option<Comparison>,
     },
+    /// A variant is served and a challenger (another flag set) is measured against it.
+    Challenge {
+        served_id: i64,
+        challenger_id: i64,
+        challenger_runs: usize,
+        served_runs: usize,
+        /// The challenger against the served variant at the latest look, if one happened.
+        last: Option<Comparison>,
+    },
     ServingOriginal {
         reason: String,
     },
@@ -334,6 +346,7 @@ impl Stage {
             Stage::Queued => "queued",
             Stage::Optimizing => "optimizing",
             Stage::Canary { .. } => "canary",
+            Stage::Challenge { .. } => "challenge",
             Stage::ServingOptimized { .. } => "serving_optimized",
             Stage::ServingOriginal { .. } => "serving_original",
             Stage::Crashed { .. } => "crashed",
@@ -366,6 +379,17 @@ impl fmt::Display for Stage {
                 Some(g) => write!(f, "serving optimized (variant {variant_id}, {})", g.describe()),
                 None => write!(f, "serving optimized (variant {variant_id})"),
             },
+            Stage::Challenge { served_id, challenger_id, challenger_runs, served_runs, last } => {
+                write!(
+                    f,
+                    "serving optimized (variant {served_id}); challenger {challenger_id}: \
+                     {challenger_runs} runs vs {served_runs} of variant {served_id}"
+                )?;
+                if let Some(c) = last {
+                    write!(f, "; so far {}", c.describe())?;
+                }
+                Ok(())
+            }
             Stage::ServingOriginal { reason } => write!(f, "serving original: {reason}"),
             Stage::Crashed { variant_id, detail } => {
                 write!(f, "serving original: variant {variant_id} crashed ({detail})")
@@ -397,6 +421,15 @@ pub enum ServeDecision {
         variant_id: i64,
         variant_share: f64,
     },
+    /// A challenger's canary: the challenger for `challenger_share` of execs, the original
+    /// for `original_share` (exploration: the served gain stays measured), the served
+    /// variant for the rest.
+    Challenge {
+        served: i64,
+        challenger: i64,
+        challenger_share: f64,
+        original_share: f64,
+    },
 }
 
 impl ServeDecision {
@@ -407,6 +440,15 @@ impl ServeDecision {
             ServeDecision::Variant(v) => Some(v),
             ServeDecision::Split { variant_id, variant_share } => {
                 (draw < variant_share).then_some(variant_id)
+            }
+            ServeDecision::Challenge { served, challenger, challenger_share, original_share } => {
+                if draw < challenger_share {
+                    Some(challenger)
+                } else if draw < 1.0 - original_share {
+                    Some(served)
+                } else {
+                    None
+                }
             }
         }
     }
@@ -453,24 +495,57 @@ pub fn evaluate(input: &BinaryInput, cfg: &PolicyConfig) -> Evaluation {
 
     // A variant in canary wins over a served one (the served one resumes if it is rejected).
     let mut stage_serve = None;
+    // The variant a challenger is measured against: the served one.
+    let served_id = |states: &HashMap<i64, VariantState>, v: &VariantInput| {
+        input
+            .variants
+            .iter()
+            .rev()
+            .find(|o| o.id != v.id && states[&o.id] == VariantState::Served)
+            .map(|o| o.id)
+    };
     if let Some(v) = newest_in(&states, VariantState::Canary) {
         let from = v.canary_from_run.unwrap_or(0);
-        let step = canary_step(input, v, from, cfg, &mut states, &mut transitions);
+        let step = match (v.challenger, served_id(&states, v)) {
+            (true, Some(served)) => {
+                challenger_step(input, v, served, from, cfg, &mut states, &mut transitions)
+            }
+            (true, None) => {
+                reject_orphan(v, VariantState::Canary, &mut states, &mut transitions);
+                None
+            }
+            (false, _) => Some(canary_step(input, v, from, cfg, &mut states, &mut transitions)),
+        };
         if matches!(states[&v.id], VariantState::Canary | VariantState::Served) {
-            stage_serve = Some(step);
+            stage_serve = step;
         }
     } else if let Some(v) = newest_in(&states, VariantState::Ready) {
-        states.insert(v.id, VariantState::Canary);
-        transitions.push(Transition {
-            variant_id: v.id,
-            from: VariantState::Ready,
-            to: VariantState::Canary,
-            action: Action::StartCanary,
-            detail: format!("canary: {:.0}% of execs", cfg.canary_fraction * 100.0),
-            first_run_id: Some(input.next_run_id),
-            comparison: None,
-        });
-        stage_serve = Some(canary_stage(v.id, 0, 0, None, cfg));
+        let served = served_id(&states, v);
+        if v.challenger && served.is_none() {
+            reject_orphan(v, VariantState::Ready, &mut states, &mut transitions);
+        } else {
+            states.insert(v.id, VariantState::Canary);
+            let detail = match (v.challenger, served) {
+                (true, Some(s)) => format!(
+                    "challenger of variant {s}: {:.0}% of execs",
+                    challenger_share(cfg) * 100.0
+                ),
+                _ => format!("canary: {:.0}% of execs", cfg.canary_fraction * 100.0),
+            };
+            transitions.push(Transition {
+                variant_id: v.id,
+                from: VariantState::Ready,
+                to: VariantState::Canary,
+                action: Action::StartCanary,
+                detail,
+                first_run_id: Some(input.next_run_id),
+                comparison: None,
+            });
+            stage_serve = Some(match (v.challenger, served) {
+                (true, Some(s)) => challenge_stage(s, v.id, 0, 0, None, cfg),
+                _ => canary_stage(v.id, 0, 0, None, cfg),
+            });
+        }
     }
     if stage_serve.is_none()
         && let Some(v) = newest_in(&states, VariantState::Served)
@@ -549,8 +624,19 @@ pub fn pair_in_exec_order<'a>(
     variant_id: i64,
     by: PairBy,
 ) -> Vec<(Timed<'a>, Timed<'a>)> {
+    pair_arms(runs, variant_id, None, by)
+}
+
+/// As [`pair_in_exec_order`], with the runs of `baseline` (None: the original) as the
+/// other arm: a challenger is paired with the served variant.
+pub fn pair_arms<'a>(
+    runs: impl Iterator<Item = &'a RunInput>,
+    variant_id: i64,
+    baseline: Option<i64>,
+    by: PairBy,
+) -> Vec<(Timed<'a>, Timed<'a>)> {
     let mut sorted: Vec<&RunInput> = runs
-        .filter(|r| r.variant_id.is_none() || r.variant_id == Some(variant_id))
+        .filter(|r| r.variant_id == baseline || r.variant_id == Some(variant_id))
         .filter(|r| matches!(r.exit, RunExit::Exited(_)))
         .collect();
     sorted.sort_by_key(|r| r.id);
@@ -559,7 +645,7 @@ pub fn pair_in_exec_order<'a>(
     let mut pairs = Vec::new();
     for r in sorted {
         let t = Timed { cmd: &r.cmd_hash, cpu_ns: r.cpu_ns };
-        let is_variant = r.variant_id.is_some();
+        let is_variant = r.variant_id == Some(variant_id);
         let key = match by {
             PairBy::Command => r.cmd_hash.as_str(),
             PairBy::Nothing => "",
@@ -602,25 +688,8 @@ fn canary_step(
     let window = || input.runs.iter().filter(|r| r.id >= from_run);
     let var_runs = timed(window().filter(|r| r.variant_id == Some(v.id))).len();
     let orig_runs = timed(window().filter(|r| r.variant_id.is_none())).len();
-    let pairs = pair_in_exec_order(window(), v.id, PairBy::Command);
-    let checkpoints = cfg.checkpoints();
-    let look = checkpoints.iter().rposition(|&c| c <= pairs.len());
-    let by_command = look.map(|look| {
-        let c = checkpoints[look];
-        (c, look + 1 == checkpoints.len(), paired_compare(&pairs[..c], cfg.z_per_look()))
-    });
-    let verdict = match by_command {
-        Some((_, _, Some(k))) if promotes(&k, cfg) => Some(Verdict::Promote(k)),
-        Some((_, _, Some(k))) if k.low > 1.0 => Some(Verdict::Reject(k, k.describe())),
-        Some((c, true, Some(k))) => Some(Verdict::Reject(
-            k,
-            format!("not faster beyond noise after {c} runs per arm: {}", k.describe()),
-        )),
-        _ => None,
-    };
-    let verdict = verdict.or_else(|| budget_look(input, v, from_run, pairs.len(), cfg));
+    let (verdict, last) = look_verdict(input, v, None, from_run, cfg);
     let Some(verdict) = verdict else {
-        let last = by_command.and_then(|(_, _, k)| k);
         return canary_stage(v.id, var_runs, orig_runs, last, cfg);
     };
 
@@ -677,6 +746,144 @@ fn canary_step(
     }
 }
 
+/// The canary's verdict at its latest look (None: undecided), with the comparison of that
+/// look: the variant's runs since `from_run` paired with `baseline`'s (None: the
+/// original's) at the looks of [`PolicyConfig::checkpoints`], then the budget look.
+fn look_verdict(
+    input: &BinaryInput,
+    v: &VariantInput,
+    baseline: Option<i64>,
+    from_run: i64,
+    cfg: &PolicyConfig,
+) -> (Option<Verdict>, Option<Comparison>) {
+    let window = || input.runs.iter().filter(|r| r.id >= from_run);
+    let pairs = pair_arms(window(), v.id, baseline, PairBy::Command);
+    let checkpoints = cfg.checkpoints();
+    let look = checkpoints.iter().rposition(|&c| c <= pairs.len());
+    let by_command = look.map(|look| {
+        let c = checkpoints[look];
+        (c, look + 1 == checkpoints.len(), paired_compare(&pairs[..c], cfg.z_per_look()))
+    });
+    let verdict = match by_command {
+        Some((_, _, Some(k))) if promotes(&k, cfg) => Some(Verdict::Promote(k)),
+        Some((_, _, Some(k))) if k.low > 1.0 => Some(Verdict::Reject(k, k.describe())),
+        Some((c, true, Some(k))) => Some(Verdict::Reject(
+            k,
+            format!("not faster beyond noise after {c} runs per arm: {}", k.describe()),
+        )),
+        _ => None,
+    };
+    let verdict = verdict.or_else(|| budget_look(input, v, baseline, from_run, pairs.len(), cfg));
+    (verdict, by_command.and_then(|(_, _, k)| k))
+}
+
+/// The share of execs a challenger gets: the canary share of what exploration leaves.
+pub fn challenger_share(cfg: &PolicyConfig) -> f64 {
+    cfg.canary_fraction * (1.0 - cfg.exploration_share)
+}
+
+fn challenge_stage(
+    served_id: i64,
+    challenger_id: i64,
+    challenger_runs: usize,
+    served_runs: usize,
+    last: Option<Comparison>,
+    cfg: &PolicyConfig,
+) -> (Stage, ServeDecision) {
+    (
+        Stage::Challenge { served_id, challenger_id, challenger_runs, served_runs, last },
+        ServeDecision::Challenge {
+            served: served_id,
+            challenger: challenger_id,
+            challenger_share: challenger_share(cfg),
+            original_share: cfg.exploration_share,
+        },
+    )
+}
+
+/// A challenger's canary: its runs paired with the served variant's, decided at the same
+/// looks and level as any canary. Promoted (clearly faster than the served variant, by at
+/// least `promote_min_gain`): it is served and the old one retired. Rejected (slower, or
+/// not faster beyond the noise at the last look): the served variant goes on (None).
+fn challenger_step(
+    input: &BinaryInput,
+    v: &VariantInput,
+    served: i64,
+    from_run: i64,
+    cfg: &PolicyConfig,
+    states: &mut HashMap<i64, VariantState>,
+    transitions: &mut Vec<Transition>,
+) -> Option<(Stage, ServeDecision)> {
+    let window = || input.runs.iter().filter(|r| r.id >= from_run);
+    let arm_runs = |id: i64| timed(window().filter(|r| r.variant_id == Some(id))).len();
+    let (verdict, last) = look_verdict(input, v, Some(served), from_run, cfg);
+    let Some(verdict) = verdict else {
+        return Some(challenge_stage(served, v.id, arm_runs(v.id), arm_runs(served), last, cfg));
+    };
+    let (to, action, detail, k) = match verdict {
+        Verdict::Promote(k) => (
+            VariantState::Served,
+            Action::Promote,
+            format!("promoted over variant {served}: {}", k.describe()),
+            k,
+        ),
+        Verdict::Reject(k, reason) => (
+            VariantState::Rejected,
+            Action::Reject,
+            format!("against variant {served}: {reason}"),
+            k,
+        ),
+    };
+    states.insert(v.id, to);
+    transitions.push(Transition {
+        variant_id: v.id,
+        from: VariantState::Canary,
+        to,
+        action,
+        detail,
+        first_run_id: (to == VariantState::Served).then_some(input.next_run_id),
+        comparison: Some(k),
+    });
+    if to != VariantState::Served {
+        return None;
+    }
+    states.insert(served, VariantState::Retired);
+    transitions.push(Transition {
+        variant_id: served,
+        from: VariantState::Served,
+        to: VariantState::Retired,
+        action: Action::Retire,
+        detail: format!("replaced by challenger {}", v.id),
+        first_run_id: None,
+        comparison: None,
+    });
+    // The new variant's gain against the original is measured from here on (exploration).
+    Some((
+        Stage::ServingOptimized { variant_id: v.id, gain: None },
+        ServeDecision::Split { variant_id: v.id, variant_share: 1.0 - cfg.exploration_share },
+    ))
+}
+
+/// A challenger with no served variant left to measure against (it was quarantined,
+/// drifted or unpinned meanwhile) is rejected: it was never measured against the original.
+fn reject_orphan(
+    v: &VariantInput,
+    from: VariantState,
+    states: &mut HashMap<i64, VariantState>,
+    transitions: &mut Vec<Transition>,
+) {
+    states.insert(v.id, VariantState::Rejected);
+    transitions.push(Transition {
+        variant_id: v.id,
+        from,
+        to: VariantState::Rejected,
+        action: Action::Reject,
+        detail: "challenger without a served variant to measure against".into(),
+        first_run_id: None,
+        comparison: None,
+    });
+}
+
 /// What a look decided.
 enum Verdict {
     Promote(Comparison),
@@ -705,6 +912,7 @@ fn promotes(k: &Comparison, cfg: &PolicyConfig) -> bool {
 fn budget_look(
     input: &BinaryInput,
     v: &VariantInput,
+    baseline: Option<i64>,
     from_run: i64,
     pairs_by_command: usize,
     cfg: &PolicyConfig,
@@ -720,7 +928,7 @@ fn budget_look(
         .nth(budget - 1)?
         .id;
     let upto = || input.runs.iter().filter(|r| r.id >= from_run && r.id <= end);
-    let pairs = pair_in_exec_order(upto(), v.id, PairBy::Nothing);
+    let pairs = pair_arms(upto(), v.id, baseline, PairBy::Nothing);
     let k = paired_compare(&pairs, cfg.z_per_look())?;
     if promotes(&k, cfg) {
         return Some(Verdict::Promote(k));

@@ -155,6 +155,7 @@ fn one_variant(state: VariantState, from_run: Option<i64>) -> BinaryInput {
             canary_from_run: from_run,
             served_from_run: from_run,
             note: None,
+            challenger: false,
         }],
         runs: Vec::new(),
         next_run_id: 1,

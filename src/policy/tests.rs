@@ -6,7 +6,14 @@ use super::sim::{SimSpec, run_trials, simulate_canary, simulate_served};
 use super::*;
 
 fn variant(id: i64, state: VariantState) -> VariantInput {
-    VariantInput { id, state, canary_from_run: Some(1), served_from_run: None, note: None }
+    VariantInput {
+        id,
+        state,
+        canary_from_run: Some(1),
+        served_from_run: None,
+        note: None,
+        challenger: false,
+    }
 }
 
 fn run(id: i64, variant_id: Option<i64>, cmd: &str, cpu_ns: u64, exit: RunExit) -> RunInput {
@@ -232,6 +239,7 @@ fn any_input() -> impl Strategy<Value = BinaryInput> {
                 canary_from_run: Some(1),
                 served_from_run: Some(1),
                 note: None,
+                challenger: false,
             })
             .collect();
         let n = variants.len() as i64;
@@ -466,4 +474,127 @@ fn pairs_are_adjacent_runs_of_one_command() {
     let pairs = pair_in_exec_order(runs.iter(), 4, PairBy::Command);
     let ns: Vec<(u64, u64)> = pairs.iter().map(|(v, o)| (v.cpu_ns, o.cpu_ns)).collect();
     assert_eq!(ns, vec![(11, 12), (22, 20)]);
+}
+
+fn challenger(id: i64, state: VariantState) -> VariantInput {
+    VariantInput { challenger: true, ..variant(id, state) }
+}
+
+fn served(id: i64) -> VariantInput {
+    VariantInput { served_from_run: Some(1), ..variant(id, VariantState::Served) }
+}
+
+/// `n` pairs of a served variant's run and the challenger's (`ratio` of its CPU time),
+/// with an original run twice as slow after every tenth pair (exploration).
+fn duel(n: usize, ratio: f64, served_id: i64, challenger_id: i64) -> Vec<RunInput> {
+    let mut runs = Vec::new();
+    let mut id = 0;
+    let mut push = |v: Option<i64>, ns: f64, runs: &mut Vec<RunInput>| {
+        id += 1;
+        runs.push(run(id, v, "a", ns as u64, RunExit::Exited(0)));
+    };
+    for i in 0..n {
+        let noise = 1.0 + 0.1 * (((i * 7919) % 101) as f64 / 100.0 - 0.5);
+        let base = 1e8 * noise;
+        push(Some(served_id), base, &mut runs);
+        push(Some(challenger_id), base * ratio, &mut runs);
+        if i % 10 == 9 {
+            push(None, 2.0 * base, &mut runs);
+        }
+    }
+    runs
+}
+
+#[test]
+fn a_ready_challenger_is_canaried_against_the_served_variant() {
+    let cfg = PolicyConfig::default();
+    let e = evaluate(&input(vec![served(3), challenger(4, VariantState::Ready)], vec![]), &cfg);
+    assert_eq!(e.transitions.len(), 1);
+    assert_eq!(e.transitions[0].action, Action::StartCanary);
+    assert!(e.transitions[0].detail.contains("challenger of variant 3"), "{:?}", e.transitions);
+    let ServeDecision::Challenge { served, challenger, challenger_share, original_share } = e.serve
+    else {
+        panic!("{:?}", e.serve)
+    };
+    assert_eq!((served, challenger), (3, 4));
+    assert!((challenger_share - 0.475).abs() < 1e-9 && (original_share - 0.05).abs() < 1e-9);
+    // The original keeps its exploration share; the rest is split between the two arms.
+    assert_eq!(e.serve.choose(0.1), Some(4));
+    assert_eq!(e.serve.choose(0.6), Some(3));
+    assert_eq!(e.serve.choose(0.97), None);
+    assert!(matches!(e.stage, Stage::Challenge { served_id: 3, challenger_id: 4, .. }));
+    assert!(e.stage.to_string().contains("challenger 4"), "{}", e.stage);
+    // A pin to bolted serves the served variant, not the challenger.
+    assert_eq!(e.pin_target, Some(3));
+}
+
+#[test]
+fn a_clearly_faster_challenger_replaces_the_served_variant() {
+    let cfg = PolicyConfig::default();
+    let vs = vec![served(3), challenger(4, VariantState::Canary)];
+    let e = evaluate(&input(vs, duel(20, 0.9, 3, 4)), &cfg);
+    assert_eq!(e.states[&4], VariantState::Served, "{}", e.stage);
+    assert_eq!(e.states[&3], VariantState::Retired);
+    let promote = e.transitions.iter().find(|t| t.action == Action::Promote).unwrap();
+    assert!(promote.detail.contains("over variant 3"), "{}", promote.detail);
+    assert!(promote.detail.contains("faster by 10."), "{}", promote.detail);
+    assert!(
+        matches!(e.serve, ServeDecision::Split { variant_id: 4, variant_share } if (variant_share - 0.95).abs() < 1e-9),
+        "{:?}",
+        e.serve
+    );
+}
+
+#[test]
+fn an_equal_or_slower_challenger_is_rejected_and_the_served_variant_stays() {
+    let cfg = PolicyConfig::default();
+    let last_look = *cfg.checkpoints().last().unwrap();
+    // Equal: undecided at every look but the last, rejected there.
+    let vs = vec![served(3), challenger(4, VariantState::Canary)];
+    let e = evaluate(&input(vs.clone(), duel(last_look - 1, 1.0, 3, 4)), &cfg);
+    assert!(e.transitions.is_empty(), "{:?}", e.transitions);
+    assert!(matches!(e.stage, Stage::Challenge { .. }), "{}", e.stage);
+    let e = evaluate(&input(vs.clone(), duel(last_look, 1.0, 3, 4)), &cfg);
+    assert_eq!(e.states[&4], VariantState::Rejected, "{}", e.stage);
+    assert_eq!(e.states[&3], VariantState::Served);
+    assert!(e.transitions[0].detail.contains("against variant 3"), "{:?}", e.transitions);
+    assert!(matches!(e.serve, ServeDecision::Split { variant_id: 3, .. }), "{:?}", e.serve);
+    assert!(matches!(e.stage, Stage::ServingOptimized { variant_id: 3, .. }), "{}", e.stage);
+    // Slower: rejected at the first look.
+    let e = evaluate(&input(vs, duel(20, 1.1, 3, 4)), &cfg);
+    assert_eq!(e.states[&4], VariantState::Rejected);
+    assert!(e.transitions[0].detail.contains("slower"), "{:?}", e.transitions);
+    assert!(matches!(e.serve, ServeDecision::Split { variant_id: 3, .. }));
+}
+
+#[test]
+fn a_challenger_is_never_judged_against_the_original() {
+    // Equal to the served variant, twice as fast as the original: as a plain canary it
+    // would be promoted; as a challenger it is not faster than what is served.
+    let cfg = PolicyConfig::default();
+    let mut runs = duel(40, 1.0, 3, 4);
+    let mut id = runs.len() as i64;
+    for _ in 0..40 {
+        id += 1;
+        runs.push(run(id, None, "a", 2e8 as u64, RunExit::Exited(0)));
+        id += 1;
+        runs.push(run(id, Some(4), "a", 1e8 as u64, RunExit::Exited(0)));
+    }
+    let e = evaluate(&input(vec![served(3), challenger(4, VariantState::Canary)], runs), &cfg);
+    assert_ne!(e.states[&4], VariantState::Served, "{}", e.stage);
+}
+
+#[test]
+fn a_crashing_challenger_is_quarantined_and_an_orphan_rejected() {
+    let cfg = PolicyConfig::default();
+    let mut runs = duel(5, 1.0, 3, 4);
+    runs.push(run(100, Some(4), "a", 1, RunExit::Signaled(libc::SIGSEGV)));
+    let e = evaluate(&input(vec![served(3), challenger(4, VariantState::Canary)], runs), &cfg);
+    assert_eq!(e.states[&4], VariantState::Quarantined);
+    assert!(matches!(e.serve, ServeDecision::Split { variant_id: 3, .. }), "{:?}", e.serve);
+
+    // No served variant left to measure against: rejected, the original is served.
+    let e = evaluate(&input(vec![challenger(4, VariantState::Ready)], vec![]), &cfg);
+    assert_eq!(e.states[&4], VariantState::Rejected);
+    assert_eq!(e.serve, ServeDecision::Original);
 }

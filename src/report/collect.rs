@@ -202,9 +202,9 @@ fn columns() -> Vec<(&'static str, &'static str, Getter)> {
     vec![
         ("cpu", "ns", |r| Some(r.task_clock_ns as f64)),
         ("wall", "ns", |r| Some(r.wall_ns as f64)),
-        ("instructions", "count", |r| r.instructions.map(|v| v as f64)),
-        ("cycles", "count", |r| r.cycles.map(|v| v as f64)),
-        ("IPC", "ratio", |r| match (r.instructions, r.cycles) {
+        ("instructions", "count", |r| r.counts.instructions.map(|v| v as f64)),
+        ("cycles", "count", |r| r.counts.cycles.map(|v| v as f64)),
+        ("IPC", "ratio", |r| match (r.counts.instructions, r.counts.cycles) {
             (Some(i), Some(c)) if c > 0 => Some(i as f64 / c as f64),
             _ => None,
         }),

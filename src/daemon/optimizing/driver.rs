@@ -48,6 +48,13 @@ pub async fn run_driver(
                     Ok(n) => tracing::info!(n, "matured profiles queued for BOLT"),
                     Err(e) => tracing::warn!(error = %format!("{e:#}"), "looking for matured profiles failed"),
                 }
+                if shared.settings.flag_search {
+                    match submit_challengers(&shared).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(n, "flag search: challengers queued for BOLT"),
+                        Err(e) => tracing::warn!(error = %format!("{e:#}"), "flag search failed"),
+                    }
+                }
                 if shared.instrumentation.is_some()
                     && let Err(e) = instrumenter.tick(&shared).await
                 {
@@ -136,6 +143,37 @@ async fn submit_matured(shared: &Arc<Shared>) -> anyhow::Result<usize> {
     Ok(queued)
 }
 
+/// One scan of the flag search: submits a challenger for every binary due one (see
+/// [`super::challengers`]); returns how many were queued.
+async fn submit_challengers(shared: &Arc<Shared>) -> anyhow::Result<usize> {
+    let current = current_paths(shared).await?;
+    let rules = shared.search.clone();
+    let requests = shared
+        .catalog
+        .run(move |c| {
+            let mut seen = HashSet::new();
+            let mut out = Vec::new();
+            for (path, key) in current {
+                if let Some(req) = super::challengers::challenger_request(c, &path, &key, &rules)?
+                    && seen.insert(req.binary_id)
+                {
+                    out.push(req);
+                }
+            }
+            Ok(out)
+        })
+        .await?;
+    let mut queued = 0;
+    for req in requests {
+        let name = req.name.clone();
+        match shared.handle.submit(req) {
+            Ok(()) => queued += 1,
+            Err(why) => tracing::debug!(binary = %name, reason = %why, "challenger not queued"),
+        }
+    }
+    Ok(queued)
+}
+
 /// The build request for the binary at `path` (whose file has `key` now), when it is due
 /// one: not excluded, mature, a candidate, and allowed by the retry policy.
 pub fn matured_request(
@@ -198,6 +236,7 @@ pub fn matured_request(
         // optbin knows no command that is safe to run an arbitrary program with.
         smoke: None,
         stale: None,
+        challenge: None,
     }))
 }
 
@@ -240,6 +279,7 @@ fn stale_request(
         origin: RequestOrigin::Matured,
         smoke: None,
         stale: Some(source.clone()),
+        challenge: None,
     }))
 }
 

@@ -104,6 +104,7 @@ impl CommandHooks for OptimizerHooks {
             origin: RequestOrigin::User,
             smoke: None,
             stale,
+            challenge: None,
         };
         self.shared.handle.submit(request).map_err(|why| ActionError::invalid(why.0))?;
         Ok(format!("{} queued for BOLT", path.display()))
@@ -136,6 +137,7 @@ impl CommandHooks for OptimizerHooks {
                     [id],
                 )?;
                 bolt_jobs::forget(&tx, id)?;
+                crate::catalog::flag_trials::forget(&tx, id)?;
                 tx.commit()?;
                 Ok(retired)
             })

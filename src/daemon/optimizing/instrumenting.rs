@@ -304,6 +304,7 @@ impl Instrumenter {
                     append_pid: true,
                     binpath: Some(dir.join(BINARY_COPY)),
                 },
+                flag_set: &crate::bolt::flags::DEFAULT_SET,
             },
             cancel: self.cancel.clone(),
         };

@@ -2,6 +2,8 @@
 //! the variant store and a sandbox, and connects it to the rest:
 //! - [`driver`]: a task that submits binaries whose profile matured, and new versions of
 //!   binaries built before, from their previous version's kept profile;
+//! - [`challengers`]: the flag search's challengers of served variants (what it builds
+//!   next and its status);
 //! - [`hooks`]: the `optimize NAME` and `reset NAME` control commands;
 //! - [`report`]: the "optimizer" status section and per-binary details, and the
 //!   pipeline stage the policy shows;
@@ -18,6 +20,7 @@
 //! here has to tell it.
 
 pub mod candidate;
+pub mod challengers;
 pub mod driver;
 pub mod hooks;
 pub mod instrumenting;
@@ -31,6 +34,9 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tokio::sync::watch;
 
+use crate::bolt::BoltMode;
+use crate::bolt::flags::{BoltOptions, DEFAULT_SET};
+use crate::bolt::queue::VariantProfiles;
 use crate::bolt::stale::StaleProfiles;
 use crate::bolt::status::OptimizerStatus;
 use crate::bolt::{
@@ -71,6 +77,8 @@ pub struct Shared {
     pub fleet: Option<Arc<crate::fleet::FleetView>>,
     /// The profiles kept per path for the binaries' next versions.
     pub kept_profiles: StaleProfiles,
+    /// The flag search's rules (candidate sets this BOLT accepts, the bound).
+    pub search: challengers::SearchRules,
 }
 
 /// How long a copy of the queue's status serves per-binary questions.
@@ -149,6 +157,20 @@ impl Optimizing {
         };
         let instrumentation = instrumenting::InstrumentSetup::from_config(cfg)?;
         let kept_profiles = StaleProfiles::in_state_dir(&cfg.state_dir);
+        let variant_profiles = VariantProfiles { dir: cfg.state_dir.join("variant-profiles") };
+        let usable = match bolt.tool().map(|t| BoltOptions::probe(&t.llvm_bolt)) {
+            Some(Ok(options)) => options.usable_sets(BoltMode::Relocations),
+            Some(Err(e)) => {
+                tracing::warn!(error = %format!("{e:#}"), "reading BOLT's options failed; no flag search");
+                vec![&DEFAULT_SET]
+            }
+            None => vec![&DEFAULT_SET],
+        };
+        let search = challengers::SearchRules {
+            usable,
+            max_challengers: settings.max_challengers,
+            profiles: variant_profiles.clone(),
+        };
         let deps = OptimizerDeps {
             catalog: catalog.clone(),
             store: store.clone(),
@@ -161,6 +183,7 @@ impl Optimizing {
             }),
             clock,
             kept_profiles: Some(kept_profiles.clone()),
+            variant_profiles: Some(variant_profiles),
         };
         let (handle, worker) = optimizer(config, deps);
         let shared = Arc::new(Shared {
@@ -179,6 +202,7 @@ impl Optimizing {
             status_copy: Mutex::new(None),
             fleet,
             kept_profiles,
+            search,
         });
         Ok(Self { shared, worker, scratch_created })
     }

@@ -126,15 +126,28 @@ impl OptimizerReport {
                 let version = stale::version_in_flags(v.flags.as_deref()?)?;
                 Some(format!("variant {} {}", v.id, stale::describe(version, None)))
             });
-        let summary =
-            [queue.clone(), history, stale_profile.clone(), Some(v.applicability.reason.clone())]
-                .into_iter()
-                .flatten()
-                .collect::<Vec<_>>()
-                .join("; ");
+        let search = super::challengers::search_status(
+            conn,
+            binary_id,
+            self.shared.settings.flag_search,
+            &self.shared.search.usable,
+            self.shared.search.max_challengers,
+        )?;
+        let summary = [
+            queue.clone(),
+            history,
+            stale_profile.clone(),
+            search.summary(),
+            Some(v.applicability.reason.clone()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>()
+        .join("; ");
         Ok(Some(OptimizerBinary {
             candidate: v.applicability.candidate,
             facts_only: v.facts_only,
+            flag_search: search,
             job,
             mode: v.applicability.mode.label(),
             queue,

@@ -195,8 +195,9 @@ impl Inner {
             }
             None => target,
         };
-        if let Target::Variant { variant, .. } = &target
+        if let Target::Variant { variant, second, .. } = &target
             && let Err(e) = check_store_file(variant)
+                .and_then(|()| second.as_ref().map_or(Ok(()), |(v, _)| check_store_file(v)))
         {
             tracing::warn!(error = %format!("{e:#}"), "a variant cannot be served; serving the original");
             return Ok((decision, Target::Original));
@@ -235,6 +236,7 @@ impl Inner {
                 expected_original: key,
             },
             share,
+            second: None,
         }
     }
 
@@ -255,10 +257,13 @@ impl Inner {
                 self.serving.serve(path, None);
             }
             Target::Original => {}
-            Target::Variant { variant, share } => {
-                if now.as_ref() != Some(&(variant.clone(), share)) {
-                    tracing::info!(path = %path.display(), variant = variant.variant_id, share, "serving a variant");
-                    self.serving.serve_share(path, variant, share);
+            Target::Variant { variant, share, second } => {
+                if now.as_ref() != Some(&(variant.clone(), share))
+                    || self.serving.second_share(path) != second
+                {
+                    let second_id = second.as_ref().map(|(v, _)| v.variant_id);
+                    tracing::info!(path = %path.display(), variant = variant.variant_id, share, ?second_id, "serving a variant");
+                    self.serving.serve_arms(path, variant, share, second);
                 }
             }
         }

@@ -46,7 +46,7 @@ fn key() -> FileKey {
 fn share_of(t: &Target) -> Option<(i64, f64)> {
     match t {
         Target::Original => None,
-        Target::Variant { variant, share } => Some((variant.variant_id, *share)),
+        Target::Variant { variant, share, .. } => Some((variant.variant_id, *share)),
     }
 }
 

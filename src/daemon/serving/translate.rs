@@ -18,6 +18,9 @@ pub enum Target {
     Variant {
         variant: ServedVariant,
         share: f64,
+        /// A second variant and its share (a challenger's canary: `variant` is the
+        /// challenger, this the served variant); the original gets what both leave.
+        second: Option<(ServedVariant, f64)>,
     },
 }
 
@@ -35,6 +38,15 @@ pub fn translate(
         ServeDecision::Original => return Target::Original,
         ServeDecision::Variant(id) => (id, 1.0),
         ServeDecision::Split { variant_id, variant_share } => (variant_id, variant_share),
+        ServeDecision::Challenge { served, challenger, challenger_share, original_share } => {
+            return translate_challenge(
+                variants,
+                key,
+                measuring,
+                (served, 1.0 - challenger_share - original_share),
+                (challenger, challenger_share),
+            );
+        }
     };
     let Some(row) = variants.iter().find(|v| v.id == variant_id) else {
         return Target::Original;
@@ -49,14 +61,45 @@ pub fn translate(
     if share.is_nan() || share <= 0.0 {
         return Target::Original;
     }
-    Target::Variant {
-        variant: ServedVariant {
-            variant_id,
-            path_in_store: PathBuf::from(&row.store_path),
-            size: row.size,
-            expected_original: key,
+    Target::Variant { variant: served_variant(row, key), share: share.min(1.0), second: None }
+}
+
+fn served_variant(row: &VariantRow, key: FileKey) -> ServedVariant {
+    ServedVariant {
+        variant_id: row.id,
+        path_in_store: PathBuf::from(&row.store_path),
+        size: row.size,
+        expected_original: key,
+    }
+}
+
+/// A challenger's canary: the challenger and the served variant share the execs with the
+/// original. Without measurement no canary runs: the served variant gets every exec. A
+/// challenger whose row is gone leaves the served variant as a promoted one would be.
+fn translate_challenge(
+    variants: &[VariantRow],
+    key: FileKey,
+    measuring: bool,
+    (served, served_share): (i64, f64),
+    (challenger, challenger_share): (i64, f64),
+) -> Target {
+    let row = |id: i64| variants.iter().find(|v| v.id == id);
+    let Some(served_row) = row(served) else { return Target::Original };
+    let served_alone = |share: f64| Target::Variant {
+        variant: served_variant(served_row, key),
+        share,
+        second: None,
+    };
+    if !measuring {
+        return served_alone(1.0);
+    }
+    match row(challenger) {
+        Some(c) => Target::Variant {
+            variant: served_variant(c, key),
+            share: challenger_share,
+            second: Some((served_variant(served_row, key), served_share)),
         },
-        share: share.min(1.0),
+        None => served_alone(served_share + challenger_share),
     }
 }
 
