@@ -635,6 +635,19 @@ fn pipeline(b: &Bench, root: &Path, rounds: usize, report: &mut Vec<String>) -> 
     for e in policy_events(&daemon.state, &original) {
         report.push(format!("    {e}"));
     }
+    // The flag search (docs/policy.md): every flag set tried on this binary so far, with its
+    // outcome, and what the search does next (it starts once a variant is served).
+    let search = &final_entry["details"]["optimizer"]["flag_search"];
+    report.push(format!("  flag search: {}", search["next"].as_str().unwrap_or("(not in status)")));
+    for t in search["tried"].as_array().into_iter().flatten() {
+        report.push(format!(
+            "    {:<16} {}: {} {}",
+            t["flag_set"].as_str().unwrap_or("?"),
+            if t["challenger"] == true { "challenger" } else { "first build" },
+            t["outcome"].as_str().unwrap_or("?"),
+            t["detail"].as_str().unwrap_or("")
+        ));
+    }
 
     // Measurement: restarted without the profiler, the decision stays in the catalog.
     std::fs::write(&config, "[profile]\nenabled = false\n").unwrap();
@@ -703,8 +716,62 @@ fn pipeline(b: &Bench, root: &Path, rounds: usize, report: &mut Vec<String>) -> 
             ratio_text(&per_round)
         ));
     }
+    bolt_report(&mnt, &name, &outcome, served_variant, report);
     daemon.stop();
     served_variant
+}
+
+/// `optbin report --json --mount MNT` at the end of a program's pipeline: printed, and
+/// checked to list the program with its figures (a decided program's variants with the
+/// policy's verdict; a promoted one with its real-run CPU ratio).
+fn bolt_report(
+    mnt: &Path,
+    name: &str,
+    outcome: &Result<Value, Option<Value>>,
+    promoted: bool,
+    report: &mut Vec<String>,
+) {
+    let out = Command::new(common::daemon::OPTBIN)
+        .args(["report", "--json", "--mount"])
+        .arg(mnt)
+        .output()
+        .expect("running optbin report");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "optbin report: {out:?}");
+    println!("optbin report --json --mount {}:\n{stdout}", mnt.display());
+    let r: Value = serde_json::from_str(&stdout).expect("the report is JSON");
+    let bins = r["binaries"].as_array().cloned().unwrap_or_default();
+    let Some(b) = bins.iter().find(|b| b["name"] == name) else {
+        panic!("optbin report does not list {name}: {r:#}");
+    };
+    report.push(format!("  optbin report: {name}, cpu saved {} ns", b["cpu_saved_ns"]));
+    let variants = b["variants"].as_array().cloned().unwrap_or_default();
+    for v in &variants {
+        let real = |k: &str| {
+            v["real_runs"][k].as_f64().map_or_else(|| "-".to_string(), |x| format!("{x:.3}"))
+        };
+        report.push(format!(
+            "    variant {} ({}): verdict {}, real-run cpu ratio {} [{}, {}]",
+            v["id"],
+            v["state"].as_str().unwrap_or("?"),
+            v["decision"]["action"].as_str().unwrap_or("none"),
+            real("ratio"),
+            real("low"),
+            real("high")
+        ));
+    }
+    if outcome.is_ok() && !variants.is_empty() {
+        assert!(
+            variants.iter().any(|v| v["decision"]["action"].is_string()),
+            "{name} was decided but the report has no verdict: {b:#}"
+        );
+    }
+    if promoted {
+        let served = variants.iter().find(|v| v["state"] == "served");
+        let served = served.unwrap_or_else(|| panic!("{name}: no served variant: {b:#}"));
+        assert_eq!(served["decision"]["action"], "promote", "{served:#}");
+        assert!(served["real_runs"]["ratio"].as_f64().is_some(), "no ratio: {served:#}");
+    }
 }
 /// Places `file` as a `ready` BOLT variant of the binary with `sha256`: published in the
 /// daemon's store, a row in its catalog (what the optimizer does with BOLT's output).

@@ -112,6 +112,12 @@ fn report_lists_what_bolt_did_with_real_runs_decision_counters_and_bench() {
         optbin::measure::counters::Metric::Instructions,
         optbin::measure::counters::Metric::Cycles,
     ]);
+    // Page faults and context switches are software counters: every run has them.
+    let faults = counters.iter().find(|c| c["metric"] == "page-faults").unwrap();
+    assert!(faults["original"].as_f64().unwrap() > 0.0, "{faults}");
+    assert!(faults["variant"].as_f64().unwrap() > 0.0, "{faults}");
+    let switches = counters.iter().find(|c| c["metric"] == "context-switches").unwrap();
+    assert!(switches["unsupported"].is_null(), "{switches}");
     let ipc = counters.iter().find(|c| c["metric"] == "IPC").unwrap();
     if hardware.iter().any(|(_, why)| why.is_some()) {
         assert!(r["hardware_counters"].as_str().unwrap().starts_with("not "), "{r:#}");

@@ -208,6 +208,12 @@ fn columns() -> Vec<(&'static str, &'static str, Getter)> {
             (Some(i), Some(c)) if c > 0 => Some(i as f64 / c as f64),
             _ => None,
         }),
+        ("page-faults", "count", |r| r.counts.page_faults.map(|v| v as f64)),
+        ("context-switches", "count", |r| r.counts.context_switches.map(|v| v as f64)),
+        ("branch-misses", "count", |r| r.counts.branch_misses.map(|v| v as f64)),
+        ("L1-icache-load-misses", "count", |r| r.counts.l1i_misses.map(|v| v as f64)),
+        ("iTLB-load-misses", "count", |r| r.counts.itlb_misses.map(|v| v as f64)),
+        ("cache-misses", "count", |r| r.counts.cache_misses.map(|v| v as f64)),
     ]
 }
 
