@@ -117,13 +117,26 @@ async fn submit_matured(shared: &Arc<Shared>) -> anyhow::Result<usize> {
         fleet: shared.fleet.clone(),
         kept,
     };
+    submit_requests(shared, current, rules, matured_request, "matured build").await
+}
+
+/// Makes the request (if any) for each current path with `request` on the catalog thread,
+/// one per binary, and submits them; returns how many were queued. `what` names them in
+/// the log.
+async fn submit_requests<R: Send + 'static>(
+    shared: &Arc<Shared>,
+    current: Vec<(PathBuf, FileKey)>,
+    rules: R,
+    request: fn(&Connection, &Path, &FileKey, &R) -> anyhow::Result<Option<OptimizeRequest>>,
+    what: &'static str,
+) -> anyhow::Result<usize> {
     let requests = shared
         .catalog
         .run(move |c| {
             let mut seen = HashSet::new();
             let mut out = Vec::new();
             for (path, key) in current {
-                if let Some(req) = matured_request(c, &path, &key, &rules)?
+                if let Some(req) = request(c, &path, &key, &rules)?
                     && seen.insert(req.binary_id)
                 {
                     out.push(req);
@@ -137,7 +150,7 @@ async fn submit_matured(shared: &Arc<Shared>) -> anyhow::Result<usize> {
         let name = req.name.clone();
         match shared.handle.submit(req) {
             Ok(()) => queued += 1,
-            Err(why) => tracing::debug!(binary = %name, reason = %why, "matured build not queued"),
+            Err(why) => tracing::debug!(binary = %name, reason = %why, "{what} not queued"),
         }
     }
     Ok(queued)
@@ -148,30 +161,8 @@ async fn submit_matured(shared: &Arc<Shared>) -> anyhow::Result<usize> {
 async fn submit_challengers(shared: &Arc<Shared>) -> anyhow::Result<usize> {
     let current = current_paths(shared).await?;
     let rules = shared.search.clone();
-    let requests = shared
-        .catalog
-        .run(move |c| {
-            let mut seen = HashSet::new();
-            let mut out = Vec::new();
-            for (path, key) in current {
-                if let Some(req) = super::challengers::challenger_request(c, &path, &key, &rules)?
-                    && seen.insert(req.binary_id)
-                {
-                    out.push(req);
-                }
-            }
-            Ok(out)
-        })
-        .await?;
-    let mut queued = 0;
-    for req in requests {
-        let name = req.name.clone();
-        match shared.handle.submit(req) {
-            Ok(()) => queued += 1,
-            Err(why) => tracing::debug!(binary = %name, reason = %why, "challenger not queued"),
-        }
-    }
-    Ok(queued)
+    submit_requests(shared, current, rules, super::challengers::challenger_request, "challenger")
+        .await
 }
 
 /// The build request for the binary at `path` (whose file has `key` now), when it is due
