@@ -635,6 +635,19 @@ fn pipeline(b: &Bench, root: &Path, rounds: usize, report: &mut Vec<String>) -> 
     for e in policy_events(&daemon.state, &original) {
         report.push(format!("    {e}"));
     }
+    // The flag search (docs/policy.md): every flag set tried on this binary so far, with its
+    // outcome, and what the search does next (it starts once a variant is served).
+    let search = &final_entry["details"]["optimizer"]["flag_search"];
+    report.push(format!("  flag search: {}", search["next"].as_str().unwrap_or("(not in status)")));
+    for t in search["tried"].as_array().into_iter().flatten() {
+        report.push(format!(
+            "    {:<16} {}: {} {}",
+            t["flag_set"].as_str().unwrap_or("?"),
+            if t["challenger"] == true { "challenger" } else { "first build" },
+            t["outcome"].as_str().unwrap_or("?"),
+            t["detail"].as_str().unwrap_or("")
+        ));
+    }
 
     // Measurement: restarted without the profiler, the decision stays in the catalog.
     std::fs::write(&config, "[profile]\nenabled = false\n").unwrap();

@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use serde::{Deserialize, Serialize};
 
 use super::discover::BoltState;
+use crate::catalog::flag_trials::FlagTrial;
 
 /// Finished jobs kept in memory for status; the catalog keeps everything.
 const RECENT: usize = 16;
@@ -118,5 +119,42 @@ impl OptimizerStatus {
         recent.push_front(done);
         recent.truncate(RECENT);
         self.recent = recent.into();
+    }
+}
+
+/// The flag search as status shows it for one binary.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SearchStatus {
+    pub on: bool,
+    pub max_challengers: usize,
+    /// The challenger being built or measured: its flag set and state.
+    pub current: Option<FlagTrial>,
+    /// Every flag set tried on this content, with its outcome.
+    pub tried: Vec<FlagTrial>,
+    /// What the search does next ("variant 3 is being measured", "done: ...").
+    pub next: String,
+}
+
+impl SearchStatus {
+    /// "flag search: no-split rejected, cleanup-passes canary (2 of 3)".
+    pub fn summary(&self) -> Option<String> {
+        if !self.on {
+            return None;
+        }
+        let challengers: Vec<String> = self
+            .tried
+            .iter()
+            .filter(|t| t.challenger)
+            .map(|t| format!("{} {}", t.flag_set, t.outcome))
+            .collect();
+        if challengers.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "flag search: {} ({} of {})",
+            challengers.join(", "),
+            challengers.len(),
+            self.max_challengers
+        ))
     }
 }

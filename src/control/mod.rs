@@ -13,6 +13,7 @@
 //! carries commands out ([`ControlActions`]).
 
 pub mod command;
+pub mod details;
 pub mod resolve;
 pub mod status;
 pub mod subsystem;

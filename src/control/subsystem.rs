@@ -1,5 +1,6 @@
 //! What each subsystem (profiler, optimizer, policy) offers the control directory: its
-//! status section and per-binary details ([`SubsystemStatus`]), per-binary files under
+//! status section and per-binary details ([`SubsystemStatus`], filling the typed structs of
+//! [`super::details`]), per-binary files under
 //! `bins/` ([`BinFiles`]), and the commands that reach beyond controls ([`CommandHooks`]).
 //! Subsystems implement these; the daemon's wiring hands them to the status report and the
 //! command handler, so no subsystem depends on the wiring.
@@ -7,6 +8,7 @@
 use std::path::Path;
 
 use super::ActionError;
+use super::details::BinaryDetails;
 
 /// A subsystem's contribution to the status report.
 pub trait SubsystemStatus: Send + Sync {
@@ -14,8 +16,9 @@ pub trait SubsystemStatus: Send + Sync {
     fn name(&self) -> &'static str;
     /// The machine-wide section; a `summary` string field is shown in the text table.
     fn section(&self) -> serde_json::Value;
-    /// Per-binary details (a `summary` string field is shown in the text table).
-    fn binary(&self, conn: &rusqlite::Connection, binary_id: i64) -> Option<serde_json::Value>;
+    /// Fills this subsystem's part of a binary's status (its field of `details`; its
+    /// `summary` is shown in the text table). Nothing to say: leave it `None`.
+    fn binary(&self, conn: &rusqlite::Connection, binary_id: i64, details: &mut BinaryDetails);
     /// Why `path` (holding content `binary_id`) is served what it is, when this subsystem
     /// decides that (the policy does).
     fn served_reason(
@@ -26,13 +29,6 @@ pub trait SubsystemStatus: Send + Sync {
     ) -> Option<String> {
         None
     }
-}
-
-/// A subsystem's per-binary details when its part of the catalog could not be read: the
-/// error, shown in status (never an empty section that would look like "nothing yet").
-pub fn unreadable(what: &str, e: &anyhow::Error) -> serde_json::Value {
-    let msg = format!("{e:#}");
-    serde_json::json!({ "error": msg, "summary": format!("{what} unreadable: {msg}") })
 }
 
 /// Files under `.optbin/bins/NAME/`.
@@ -77,4 +73,17 @@ pub trait CommandHooks: Send + Sync {
     fn optimize(&self, path: &Path) -> Result<String, ActionError>;
     /// Forget profile, variants and measurements of `path`'s current content.
     fn reset(&self, path: &Path) -> Result<String, ActionError>;
+}
+
+/// A subsystem's `details` entry for one binary as `status.json` shows it (tests check the
+/// JSON shape users and scripts read).
+#[cfg(test)]
+pub fn binary_json(
+    s: &dyn SubsystemStatus,
+    conn: &rusqlite::Connection,
+    binary_id: i64,
+) -> Option<serde_json::Value> {
+    let mut details = BinaryDetails::default();
+    s.binary(conn, binary_id, &mut details);
+    serde_json::to_value(&details).ok()?.get(s.name()).cloned()
 }

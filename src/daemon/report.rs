@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::bolt::applicability::{Standing, candidacy, profile_numbers};
 use crate::catalog::{Catalog, base};
 use crate::config::Config;
+use crate::control::details::BinaryDetails;
 use crate::control::resolve::resolve_name;
 use crate::control::status::{BinaryStatus, DaemonStatus, StatusReport};
 use crate::control::{BinFiles, StatusSource, SubsystemStatus};
@@ -54,11 +55,9 @@ impl StatusSource for Reporter {
                 if let Some(numbers) = profile_numbers(&tx, id)? {
                     profiled.insert(id, numbers);
                 }
-                let mut d = serde_json::Map::new();
+                let mut d = BinaryDetails::default();
                 for s in &subsystems {
-                    if let Some(v) = s.binary(&tx, id) {
-                        d.insert(s.name().to_string(), v);
-                    }
+                    s.binary(&tx, id, &mut d);
                 }
                 details.insert(id, d);
             }

@@ -36,7 +36,11 @@ impl SubsystemStatus for WarmSection {
         v
     }
 
-    fn binary(&self, _conn: &rusqlite::Connection, _binary_id: i64) -> Option<Value> {
-        None
+    fn binary(
+        &self,
+        _: &rusqlite::Connection,
+        _: i64,
+        _: &mut crate::control::details::BinaryDetails,
+    ) {
     }
 }

@@ -14,6 +14,7 @@ use super::view::{FleetView, Link};
 use crate::catalog::{Catalog, base, profiles};
 use crate::clock::Clock;
 use crate::control::SubsystemStatus;
+use crate::control::details::BinaryDetails;
 use crate::policy::load::{PipelineView, Veto};
 use crate::policy::{Pipeline, VariantState};
 
@@ -88,10 +89,12 @@ impl SubsystemStatus for FleetStatus {
         self.view.section()
     }
 
-    fn binary(&self, conn: &Connection, binary_id: i64) -> Option<serde_json::Value> {
-        let binary = base::binary_by_id(conn, binary_id).ok()??;
-        let runs: u64 = profiles::windows(conn, binary_id).ok()?.iter().map(|w| w.runs).sum();
-        self.view.binary_details(&binary.sha256, runs)
+    fn binary(&self, conn: &Connection, binary_id: i64, details: &mut BinaryDetails) {
+        details.fleet = (|| {
+            let binary = base::binary_by_id(conn, binary_id).ok()??;
+            let runs: u64 = profiles::windows(conn, binary_id).ok()?.iter().map(|w| w.runs).sum();
+            self.view.binary_details(&binary.sha256, runs)
+        })();
     }
 }
 

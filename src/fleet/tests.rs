@@ -113,7 +113,7 @@ fn a_machine_that_ran_once_gets_the_fleets_mature_profile() {
     assert!(fdata.starts_with("no_lbr cpu-clock:\n"), "{fdata}");
     assert!(fdata.contains("1 hot 10 18270\n"), "{fdata}");
     let details = b.view.binary_details(&sha(), 1).unwrap();
-    assert_eq!(details["summary"], "fleet: 2 machines, 20,300 samples; local: 1 run");
+    assert_eq!(details.summary, "fleet: 2 machines, 20,300 samples; local: 1 run");
     // Nothing changed: the next round pushes nothing.
     let before = store.state.lock().unwrap().pushes;
     rt.block_on(a.task.round()).unwrap();

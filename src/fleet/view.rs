@@ -3,7 +3,7 @@
 //! fleet's store, the local catalog never holds other machines' data. Reads never wait on
 //! the network.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, RwLock};
 
 use serde::Serialize;
@@ -217,7 +217,7 @@ impl FleetView {
     }
 
     /// Per-binary details: where the profile came from.
-    pub fn binary_details(&self, sha256: &str, local_runs: u64) -> Option<serde_json::Value> {
+    pub fn binary_details(&self, sha256: &str, local_runs: u64) -> Option<FleetBinary> {
         let s = self.read();
         let v = s.identities.get(sha256)?;
         let local =
@@ -235,15 +235,32 @@ impl FleetView {
             ),
             None => format!("fleet: no profile yet; local: {local}"),
         };
-        Some(serde_json::json!({
-            "summary": summary,
-            "profile": v.merged.as_deref(),
-            "built_from": s.built_from.get(sha256),
-            "quarantined_elsewhere": v.verdicts.quarantined,
-            "rejected_on": v.verdicts.rejected.iter().map(|r| &r.0).collect::<Vec<_>>(),
-            "promoted_on": v.verdicts.promoted_on,
-        }))
+        Some(FleetBinary {
+            built_from: s.built_from.get(sha256).cloned(),
+            profile: v.merged.clone(),
+            promoted_on: v.verdicts.promoted_on.clone(),
+            quarantined_elsewhere: v.verdicts.quarantined.clone(),
+            rejected_on: v.verdicts.rejected.iter().map(|r| r.0.clone()).collect(),
+            summary,
+        })
     }
+}
+
+/// The fleet's status of one binary (`details.fleet` in `status.json`): where its profile
+/// came from and what other machines decided about its variants.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetBinary {
+    pub built_from: Option<String>,
+    #[serde(serialize_with = "shared_profile")]
+    pub profile: Option<Arc<Merged>>,
+    pub promoted_on: BTreeSet<String>,
+    pub quarantined_elsewhere: BTreeMap<String, String>,
+    pub rejected_on: Vec<String>,
+    pub summary: String,
+}
+
+fn shared_profile<S: serde::Serializer>(p: &Option<Arc<Merged>>, s: S) -> Result<S::Ok, S::Error> {
+    p.as_deref().serialize(s)
 }
 
 /// Mature by the same thresholds as a local profile: samples, runs and stability (the

@@ -170,13 +170,12 @@ pub fn render(report: &StatusReport, host: Option<&UseSummary>) -> String {
         );
     }
     for b in &report.binaries {
-        let Some(gain) =
-            b.details.get("policy").and_then(|p| p.get("gain")).filter(|g| !g.is_null())
-        else {
+        let Some(gain) = b.details.policy().and_then(|p| p.gain.as_ref()) else {
             continue;
         };
         let labels = [("binary", b.path.as_str())];
-        if let Some(r) = gain.get("ratio").and_then(Value::as_f64) {
+        {
+            let r = gain.ratio;
             f.add(
                 "optbin_binary_time_ratio",
                 "gauge",
@@ -185,7 +184,8 @@ pub fn render(report: &StatusReport, host: Option<&UseSummary>) -> String {
                 r,
             );
         }
-        if let Some(r) = gain.get("variant_runs").and_then(Value::as_f64) {
+        {
+            let r = gain.variant_runs as f64;
             f.add(
                 "optbin_binary_variant_runs",
                 "gauge",

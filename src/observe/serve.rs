@@ -20,6 +20,7 @@ use super::metrics::{self, MetricsSettings};
 use crate::catalog::{Catalog, base};
 use crate::clock::{Clock, SystemClock};
 use crate::control::SubsystemStatus;
+use crate::control::details::{BinaryDetails, ObserveBinary};
 use crate::control::{ExtraFiles, StatusReport, StatusSource};
 use crate::profile::attribute::{Frame, StackOwner, StackSample};
 use crate::profile::stacks::StackStore;
@@ -140,7 +141,13 @@ impl SubsystemStatus for Section {
         json!({ "summary": summary })
     }
 
-    fn binary(&self, conn: &rusqlite::Connection, binary_id: i64) -> Option<Value> {
+    fn binary(&self, conn: &rusqlite::Connection, binary_id: i64, details: &mut BinaryDetails) {
+        details.observe = self.figures_of(conn, binary_id);
+    }
+}
+
+impl Section {
+    fn figures_of(&self, conn: &rusqlite::Connection, binary_id: i64) -> Option<ObserveBinary> {
         let sha = base::binary_by_id(conn, binary_id).ok()??.sha256;
         let figures = self.0.figures.read().ok()?.get(&sha)?.clone();
         let summary = match figures.variant_hot_pages {
@@ -152,9 +159,7 @@ impl SubsystemStatus for Section {
                 format!("hot code: {} pages hold 90% of the samples", figures.original_hot_pages)
             }
         };
-        let mut v = serde_json::to_value(&figures).ok()?;
-        v.as_object_mut()?.insert("summary".into(), Value::String(summary));
-        Some(v)
+        Some(ObserveBinary { figures, summary })
     }
 }
 
@@ -384,10 +389,9 @@ impl Renderer {
                     if !status.variants.is_empty() {
                         let gain = status
                             .details
-                            .get("policy")
-                            .and_then(|p| p.pointer("/gain/text"))
-                            .and_then(Value::as_str)
-                            .map(String::from);
+                            .policy()
+                            .and_then(|p| p.gain.as_ref())
+                            .map(|g| g.text.clone());
                         sections.push(BinarySection {
                             name: name.clone(),
                             gain,

@@ -337,6 +337,27 @@ pub enum Stage {
     },
 }
 
+impl Stage {
+    /// The stage's name as `status.json` keys it (`canary`, `serving_optimized`, ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            Stage::Seen => "seen",
+            Stage::Collecting => "collecting",
+            Stage::Queued => "queued",
+            Stage::Optimizing => "optimizing",
+            Stage::Canary { .. } => "canary",
+            Stage::Challenge { .. } => "challenge",
+            Stage::ServingOptimized { .. } => "serving_optimized",
+            Stage::ServingOriginal { .. } => "serving_original",
+            Stage::Crashed { .. } => "crashed",
+            Stage::BoltFailed(_) => "bolt_failed",
+            Stage::NotCandidate(_) => "not_candidate",
+            Stage::Excluded => "excluded",
+            Stage::Pinned { .. } => "pinned",
+        }
+    }
+}
+
 impl fmt::Display for Stage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

@@ -25,6 +25,7 @@ use tokio::sync::watch;
 
 use crate::control::ActionError;
 use crate::control::SubsystemStatus;
+use crate::control::details::{BinaryDetails, TrainingBinary};
 use crate::control::resolve::resolve_name;
 use file::TrainCommand;
 
@@ -333,7 +334,13 @@ impl SubsystemStatus for TrainStatus {
         })
     }
 
-    fn binary(&self, conn: &rusqlite::Connection, binary_id: i64) -> Option<Value> {
+    fn binary(&self, conn: &rusqlite::Connection, binary_id: i64, details: &mut BinaryDetails) {
+        details.training = self.training_of(conn, binary_id);
+    }
+}
+
+impl TrainStatus {
+    fn training_of(&self, conn: &rusqlite::Connection, binary_id: i64) -> Option<TrainingBinary> {
         let paths = crate::catalog::runs::paths_of_binary(conn, binary_id).ok()?;
         let t = &self.0;
         let st = t.lock();
@@ -349,15 +356,15 @@ impl SubsystemStatus for TrainStatus {
             mine.iter().map(|c| st.progress.get(&c.file).cloned().unwrap_or_default()).collect();
         let runs: u64 = progress.iter().map(|p| p.runs).sum();
         let last = progress.iter().filter_map(|p| p.last_outcome.clone()).next_back();
-        Some(json!({
-            "commands": mine.len(),
-            "runs": runs,
-            "summary": format!(
+        Some(TrainingBinary {
+            commands: mine.len(),
+            runs,
+            summary: format!(
                 "training: {runs} run(s) of {} command(s){}",
                 mine.len(),
                 last.map(|l| format!(", last {l}")).unwrap_or_default()
             ),
-        }))
+        })
     }
 }
 

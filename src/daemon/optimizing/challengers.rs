@@ -8,11 +8,11 @@
 use std::path::Path;
 
 use rusqlite::Connection;
-use serde::Serialize;
 
 use super::candidate::current_binary;
 use crate::bolt::flags::{FlagSet, challenger_sets};
 use crate::bolt::queue::{Challenge, VariantProfiles};
+use crate::bolt::status::SearchStatus;
 use crate::bolt::{BoltMode, OptimizeRequest, ProfileNumbers, RequestOrigin};
 use crate::catalog::base;
 use crate::catalog::flag_trials::{self, FlagTrial};
@@ -125,43 +125,6 @@ pub fn challenger_request(
         stale: None,
         challenge: Some(Challenge { flag_set, profile }),
     }))
-}
-
-/// The flag search as status shows it for one binary.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct SearchStatus {
-    pub on: bool,
-    pub max_challengers: usize,
-    /// The challenger being built or measured: its flag set and state.
-    pub current: Option<FlagTrial>,
-    /// Every flag set tried on this content, with its outcome.
-    pub tried: Vec<FlagTrial>,
-    /// What the search does next ("variant 3 is being measured", "done: ...").
-    pub next: String,
-}
-
-impl SearchStatus {
-    /// "flag search: no-split rejected, cleanup-passes canary (2 of 3)".
-    pub fn summary(&self) -> Option<String> {
-        if !self.on {
-            return None;
-        }
-        let challengers: Vec<String> = self
-            .tried
-            .iter()
-            .filter(|t| t.challenger)
-            .map(|t| format!("{} {}", t.flag_set, t.outcome))
-            .collect();
-        if challengers.is_empty() {
-            return None;
-        }
-        Some(format!(
-            "flag search: {} ({} of {})",
-            challengers.join(", "),
-            challengers.len(),
-            self.max_challengers
-        ))
-    }
 }
 
 /// The flag search's status for a binary.

@@ -18,8 +18,8 @@ use crate::bolt::{ProfileNumbers, assess};
 use crate::catalog::base::{VariantKind, VariantState};
 use crate::catalog::{base, bolt_jobs, runs};
 use crate::control::SubsystemStatus;
+use crate::control::details::{BinaryDetails, Detail, OptimizerBinary};
 use crate::control::status::human_size;
-use crate::control::subsystem::unreadable;
 use crate::policy::Pipeline;
 use crate::policy::load::PipelineView;
 use crate::profile::profile_summary;
@@ -76,14 +76,20 @@ impl SubsystemStatus for OptimizerReport {
         })
     }
 
-    fn binary(&self, conn: &Connection, binary_id: i64) -> Option<Value> {
-        self.binary_details(conn, binary_id)
-            .unwrap_or_else(|e| Some(unreadable("optimizer status", &e)))
+    fn binary(&self, conn: &Connection, binary_id: i64, details: &mut BinaryDetails) {
+        details.optimizer = self
+            .binary_details(conn, binary_id)
+            .map(|d| d.map(Detail::Read))
+            .unwrap_or_else(|e| Some(Detail::unreadable("optimizer status", &e)));
     }
 }
 
 impl OptimizerReport {
-    fn binary_details(&self, conn: &Connection, binary_id: i64) -> anyhow::Result<Option<Value>> {
+    pub(super) fn binary_details(
+        &self,
+        conn: &Connection,
+        binary_id: i64,
+    ) -> anyhow::Result<Option<OptimizerBinary>> {
         let Some(binary) = base::binary_by_id(conn, binary_id)? else { return Ok(None) };
         let profile = profile_numbers(conn, binary_id)?;
         let v = verdict(&binary.facts, profile.as_ref(), &self.shared.applicability);
@@ -138,18 +144,18 @@ impl OptimizerReport {
         .flatten()
         .collect::<Vec<_>>()
         .join("; ");
-        Ok(Some(json!({
-            "summary": summary,
-            "candidate": v.applicability.candidate,
-            "mode": v.applicability.mode.label(),
-            "score": v.applicability.score,
-            "reason": v.applicability.reason,
-            "facts_only": v.facts_only,
-            "queue": queue,
-            "job": job,
-            "stale_profile": stale_profile,
-            "flag_search": search,
-        })))
+        Ok(Some(OptimizerBinary {
+            candidate: v.applicability.candidate,
+            facts_only: v.facts_only,
+            flag_search: search,
+            job,
+            mode: v.applicability.mode.label(),
+            queue,
+            reason: v.applicability.reason,
+            score: v.applicability.score,
+            stale_profile,
+            summary,
+        }))
     }
 }
 

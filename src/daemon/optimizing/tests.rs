@@ -172,11 +172,16 @@ fn pipeline_stages_and_reset() {
     assert_eq!(pipeline(&o, &catalog, id), Pipeline::Collecting);
     let details = catalog.run_blocking({
         let report = o.status();
-        move |c| Ok(report.binary(c, id))
+        move |c| {
+            let mut d = crate::control::details::BinaryDetails::default();
+            report.binary(c, id, &mut d);
+            Ok(d)
+        }
     });
-    let details = details.unwrap().unwrap();
-    assert_eq!(details["facts_only"], true);
-    assert!(details["summary"].as_str().unwrap().contains("unknown until it is profiled"));
+    let details = details.unwrap().optimizer.unwrap();
+    let details = details.read().unwrap();
+    assert!(details.facts_only);
+    assert!(details.summary.contains("unknown until it is profiled"), "{}", details.summary);
 
     catalog
         .run_blocking(move |c| {

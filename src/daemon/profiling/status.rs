@@ -5,6 +5,7 @@ use rusqlite::Connection;
 use serde_json::{Value, json};
 
 use crate::catalog::profiles;
+use crate::control::details::{BinaryDetails, Detail, ProfilerBinary};
 use crate::control::{BinFiles, SubsystemStatus};
 use crate::profile::maturity::{MaturityThresholds, group};
 use crate::profile::{ProfileSummary, ProfilerStatus, ProfilerStatusHandle};
@@ -44,30 +45,26 @@ impl SubsystemStatus for ProfilerSection {
         v
     }
 
-    fn binary(&self, conn: &Connection, binary_id: i64) -> Option<Value> {
-        match has_any_profile(conn, binary_id) {
-            Ok(false) => return None,
-            Ok(true) => {}
-            Err(e) => return Some(unreadable(&e)),
-        }
-        match crate::profile::profile_summary(conn, binary_id, &self.thresholds) {
-            Ok(s) => {
-                let mut summary = binary_summary(&s);
-                if let Some(needed) = self.instrumented_runs_needed {
-                    summary = instrumented_progress(summary, s.instrumented_runs, needed);
+    fn binary(&self, conn: &Connection, binary_id: i64, details: &mut BinaryDetails) {
+        let unreadable = |e| Some(Detail::unreadable("profile", &e));
+        details.profiler = match has_any_profile(conn, binary_id) {
+            Ok(false) => None,
+            Ok(true) => match crate::profile::profile_summary(conn, binary_id, &self.thresholds) {
+                Ok(s) => {
+                    let mut summary = binary_summary(&s);
+                    if let Some(needed) = self.instrumented_runs_needed {
+                        summary = instrumented_progress(summary, s.instrumented_runs, needed);
+                    }
+                    Some(Detail::Read(ProfilerBinary {
+                        profile: s,
+                        instrumented_runs_needed: self.instrumented_runs_needed,
+                        summary,
+                    }))
                 }
-                let mut v = serde_json::to_value(&s).unwrap_or_else(|_| json!({}));
-                if let Value::Object(map) = &mut v {
-                    map.insert("summary".into(), Value::String(summary));
-                    map.insert(
-                        "instrumented_runs_needed".into(),
-                        json!(self.instrumented_runs_needed),
-                    );
-                }
-                Some(v)
-            }
-            Err(e) => Some(unreadable(&e)),
-        }
+                Err(e) => unreadable(e),
+            },
+            Err(e) => unreadable(e),
+        };
     }
 }
 
@@ -75,11 +72,6 @@ impl SubsystemStatus for ProfilerSection {
 fn has_any_profile(conn: &Connection, binary_id: i64) -> anyhow::Result<bool> {
     Ok(profiles::profile_head(conn, binary_id)?.is_some()
         || profiles::instrumented_runs(conn, binary_id)? > 0)
-}
-
-fn unreadable(e: &anyhow::Error) -> Value {
-    let msg = format!("{e:#}");
-    json!({ "error": msg, "summary": format!("profile unreadable: {msg}") })
 }
 
 /// One line about sampling, e.g. `cpu-clock at 99 Hz (hardware cycles not supported
@@ -276,6 +268,7 @@ mod tests {
 
     #[test]
     fn per_binary_summary_from_the_catalog() {
+        use crate::control::subsystem::binary_json;
         let (cat, [sampled, stripped, unknown]) = catalog();
         let section = ProfilerSection {
             enabled: true,
@@ -287,9 +280,9 @@ mod tests {
         let (a, b, c) = cat
             .run_blocking(move |c| {
                 Ok((
-                    section.binary(c, sampled),
-                    section.binary(c, stripped),
-                    section.binary(c, unknown),
+                    binary_json(&section, c, sampled),
+                    binary_json(&section, c, stripped),
+                    binary_json(&section, c, unknown),
                 ))
             })
             .unwrap();

@@ -9,9 +9,9 @@ use serde_json::json;
 
 use super::Inner;
 use crate::control::SubsystemStatus;
-use crate::control::subsystem::unreadable;
+use crate::control::details::{BinaryDetails, Detail, Gain, PathStage, PolicyBinary, RunCount};
 use crate::policy::Stage;
-use crate::policy::load::{binary_status, machine_summary};
+use crate::policy::load::{BinaryStatus as PathStatus, binary_status, machine_summary};
 
 /// The "policy" status section.
 pub(super) struct PolicyStatus {
@@ -109,50 +109,12 @@ impl SubsystemStatus for PolicyStatus {
         })
     }
 
-    fn binary(&self, conn: &rusqlite::Connection, binary_id: i64) -> Option<serde_json::Value> {
-        let statuses =
+    fn binary(&self, conn: &rusqlite::Connection, binary_id: i64, details: &mut BinaryDetails) {
+        details.policy =
             match binary_status(conn, binary_id, &self.inner.config, &*self.inner.pipeline()) {
-                Ok(s) => s,
-                Err(e) => return Some(unreadable("policy status", &e)),
+                Ok(statuses) => self.binary_detail(&statuses).map(Detail::Read),
+                Err(e) => Some(Detail::unreadable("policy status", &e)),
             };
-        let first = statuses.first()?;
-        let runs: Vec<serde_json::Value> =
-            first.runs.iter().map(|(v, n)| json!({ "variant": v, "runs": n })).collect();
-        let runs_text: Vec<String> = first
-            .runs
-            .iter()
-            .map(|(v, n)| match v {
-                None => format!("original: {n}"),
-                Some(id) => format!("variant {id}: {n}"),
-            })
-            .collect();
-        let stage_text = self.stage_text(&first.stage, &first.stage_text);
-        let mut summary = stage_text.clone();
-        if !runs_text.is_empty() {
-            summary.push_str(&format!("; runs: {}", runs_text.join(", ")));
-        }
-        if let Some(i) = &first.last_incident {
-            summary.push_str(&format!("; last incident: {i}"));
-        }
-        Some(json!({
-            "stage": first.stage,
-            "stage_text": stage_text,
-            "runs": runs,
-            "gain": first.gain.map(|g| json!({
-                "ratio": g.ratio,
-                "low": g.low,
-                "high": g.high,
-                "variant_runs": g.variant_runs,
-                "original_runs": g.original_runs,
-                "text": g.describe(),
-            })),
-            "last_incident": first.last_incident,
-            "paths": statuses.iter().map(|s| json!({
-                "path": s.path,
-                "stage_text": self.stage_text(&s.stage, &s.stage_text),
-            })).collect::<Vec<_>>(),
-            "summary": summary,
-        }))
     }
 
     fn served_reason(
@@ -175,6 +137,42 @@ impl SubsystemStatus for PolicyStatus {
 }
 
 impl PolicyStatus {
+    /// The policy's status of a binary, from the status of each of its paths.
+    fn binary_detail(&self, statuses: &[PathStatus]) -> Option<PolicyBinary> {
+        let first = statuses.first()?;
+        let runs_text: Vec<String> = first
+            .runs
+            .iter()
+            .map(|(v, n)| match v {
+                None => format!("original: {n}"),
+                Some(id) => format!("variant {id}: {n}"),
+            })
+            .collect();
+        let stage_text = self.stage_text(&first.stage, &first.stage_text);
+        let mut summary = stage_text.clone();
+        if !runs_text.is_empty() {
+            summary.push_str(&format!("; runs: {}", runs_text.join(", ")));
+        }
+        if let Some(i) = &first.last_incident {
+            summary.push_str(&format!("; last incident: {i}"));
+        }
+        Some(PolicyBinary {
+            gain: first.gain.as_ref().map(Gain::from),
+            last_incident: first.last_incident.clone(),
+            paths: statuses
+                .iter()
+                .map(|s| PathStage {
+                    path: s.path.clone(),
+                    stage_text: self.stage_text(&s.stage, &s.stage_text),
+                })
+                .collect(),
+            runs: first.runs.iter().map(|&(variant, runs)| RunCount { runs, variant }).collect(),
+            stage: first.stage.clone(),
+            stage_text,
+            summary,
+        })
+    }
+
     /// The policy's stage text, honest about canaries that do not run without measurement.
     fn stage_text(&self, stage: &Stage, text: &str) -> String {
         match (stage, &self.inner.measurement.off) {

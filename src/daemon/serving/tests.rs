@@ -11,6 +11,7 @@ use super::translate::*;
 use super::*;
 use crate::catalog::base::{self, VariantKind, VariantRow, VariantState};
 use crate::catalog::base::{NewVariant, insert_variant, set_pin, upsert_binary, upsert_path};
+use crate::control::subsystem::binary_json;
 use crate::elf::ElfFacts;
 use crate::fs::FsEvent;
 use crate::identity::ContentId;
@@ -171,7 +172,9 @@ fn without_measurement_canaries_are_not_served_and_status_says_why() {
     let (bid, text) = (w.binary_id, w.path.to_string_lossy().into_owned());
     let (detail, reason) = w
         .catalog
-        .run_blocking(move |c| Ok((status.binary(c, bid), status.served_reason(c, bid, &text))))
+        .run_blocking(move |c| {
+            Ok((binary_json(&*status, c, bid), status.served_reason(c, bid, &text)))
+        })
         .unwrap();
     let reason = reason.unwrap();
     assert!(reason.starts_with("canary") && reason.contains("measurement is off"), "{reason}");
@@ -216,7 +219,7 @@ fn status_shows_catalog_errors() {
         .catalog
         .run_blocking(move |c| {
             c.execute_batch("DROP TABLE runs")?;
-            Ok((status.binary(c, bid), status.served_reason(c, bid, &text)))
+            Ok((binary_json(&*status, c, bid), status.served_reason(c, bid, &text)))
         })
         .unwrap();
     let detail = detail.expect("a policy section for the binary");
