@@ -88,6 +88,10 @@ pub struct Verdict {
     /// variants recorded before optimizers kept it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile_digest: Option<String>,
+    /// The flag set it was built with (`default`, or a challenger's set of the flag
+    /// search); absent for variants recorded before the flag search.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flag_set: Option<String>,
     /// The policy's reason (measured gain and interval, the crash).
     pub note: Option<String>,
     pub at: i64,
@@ -286,7 +290,7 @@ impl VerdictList {
             if let Some(p) = v.profile_digest.as_deref().filter(|p| ContentId::parse(p).is_none()) {
                 return Err(format!("bad profile digest {:?}", truncate(p, 70)));
             }
-            for text in [&v.bolt_version, &v.flags, &v.note].into_iter().flatten() {
+            for text in [&v.bolt_version, &v.flags, &v.note, &v.flag_set].into_iter().flatten() {
                 if text.len() > 1024 {
                     return Err("a verdict's text field is over 1024 bytes".into());
                 }
@@ -393,6 +397,7 @@ mod tests {
                 flags: None,
                 profile_samples: Some(100),
                 profile_digest: Some(ContentId::of_bytes(b"profile").hex()),
+                flag_set: Some("default".into()),
                 note: Some("crashed".into()),
                 at: 5,
             }],

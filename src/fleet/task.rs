@@ -25,7 +25,7 @@ use super::store::{FleetStore, Push, PushKind, Ttl};
 use super::trust::summarize;
 use super::view::{FleetView, IdentityView};
 use crate::catalog::base::{VariantKind, VariantState};
-use crate::catalog::{Catalog, base, profile_digests, profiles, runs};
+use crate::catalog::{Catalog, base, flag_trials, profile_digests, profiles, runs};
 use crate::clock::Clock;
 use crate::identity::ContentId;
 
@@ -474,6 +474,10 @@ pub fn verdicts(
         verdicts: vec![],
     };
     let digests = profile_digests::of_binary(c, id)?;
+    let flag_sets: std::collections::HashMap<i64, String> = flag_trials::trials_of(c, id)?
+        .into_iter()
+        .filter_map(|t| Some((t.variant_id?, t.flag_set)))
+        .collect();
     for v in base::variants_of(c, id)?.into_iter().rev() {
         let outcome = match v.state {
             VariantState::Served => Outcome::Promoted,
@@ -495,6 +499,7 @@ pub fn verdicts(
             flags: v.flags,
             profile_samples: v.profile_samples.map(|n| n.max(0) as u64),
             profile_digest: digests.get(&v.id).map(ContentId::hex),
+            flag_set: flag_sets.get(&v.id).cloned(),
             note: v.note.map(|n| n.chars().take(300).collect()),
             at: v.created_at,
         });

@@ -2,10 +2,12 @@
 //!
 //! - A variant whose bytes (sha256) were quarantined on any machine is never served here:
 //!   the policy treats it as quarantined the moment it is known (see `FleetView::vetoed`).
-//! - Variants rejected on `quorum` machines or more, built with this BOLT version from a
-//!   profile at least half the size of the one this machine would build from, are "the
-//!   same inputs": this machine does not build again until its profile doubles (the local
-//!   retry policy's 2x rule, applied to the fleet's evidence).
+//! - Variants rejected on `quorum` machines or more, built with this BOLT version and the
+//!   default flags from a profile at least half the size of the one this machine would
+//!   build from, are "the same inputs": this machine does not build again until its
+//!   profile doubles (the local retry policy's 2x rule, applied to the fleet's evidence).
+//!   A rejected challenger of the flag search (another flag set, measured against a served
+//!   variant) says nothing about a first build with the default flags, and is not counted.
 //! - A promotion elsewhere changes nothing in the local policy: each machine still
 //!   canaries and measures before it serves (docs/fleet.md says why).
 
@@ -18,7 +20,7 @@ use super::format::{Outcome, VerdictList};
 pub struct Verdicts {
     /// Variant sha256 -> who quarantined it and why.
     pub quarantined: BTreeMap<String, String>,
-    /// (machine, bolt version, profile samples) of rejections.
+    /// (machine, bolt version, profile samples) of rejections of default-flag builds.
     pub rejected: Vec<(String, Option<String>, Option<u64>)>,
     /// Machines that serve a promoted variant.
     pub promoted_on: BTreeSet<String>,
@@ -38,11 +40,11 @@ pub fn summarize(lists: &[VerdictList]) -> Verdicts {
                         )
                     });
                 }
-                Outcome::Rejected => out.rejected.push((
-                    list.machine.clone(),
-                    v.bolt_version.clone(),
-                    v.profile_samples,
-                )),
+                // Verdicts from before the flag search name no set: they were default builds.
+                Outcome::Rejected if v.flag_set.as_deref().is_none_or(|s| s == "default") => out
+                    .rejected
+                    .push((list.machine.clone(), v.bolt_version.clone(), v.profile_samples)),
+                Outcome::Rejected => {}
                 Outcome::Promoted => {
                     out.promoted_on.insert(list.machine.clone());
                 }
@@ -101,6 +103,7 @@ mod tests {
             flags: None,
             profile_samples: Some(samples),
             profile_digest: None,
+            flag_set: None,
             note: Some("why".into()),
             at: 1,
         }
@@ -131,5 +134,23 @@ mod tests {
         assert!(rebuild_blocked(&v, "19.1.7", 2100, 2).is_none(), "a profile 2x a's");
         let one = summarize(&[list("a", vec![verdict(b"v1", Outcome::Rejected, 1000)])]);
         assert!(rebuild_blocked(&one, "19.1.7", 1000, 2).is_none());
+    }
+
+    #[test]
+    fn rejected_challengers_of_the_flag_search_do_not_hold_back_a_default_build() {
+        let with_set = |variant: &[u8], set: &str| Verdict {
+            flag_set: Some(set.into()),
+            ..verdict(variant, Outcome::Rejected, 1000)
+        };
+        let challengers = summarize(&[
+            list("a", vec![with_set(b"v1", "hfsort")]),
+            list("b", vec![with_set(b"v2", "no-split")]),
+        ]);
+        assert!(rebuild_blocked(&challengers, "19.1.7", 1500, 2).is_none());
+        let defaults = summarize(&[
+            list("a", vec![with_set(b"v1", "default")]),
+            list("b", vec![verdict(b"v2", Outcome::Rejected, 1000)]),
+        ]);
+        assert!(rebuild_blocked(&defaults, "19.1.7", 1500, 2).is_some());
     }
 }
