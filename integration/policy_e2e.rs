@@ -210,6 +210,13 @@ fn canary_split_quarantine_on_crash_pins_and_exclusion() {
     }
     let text = std::fs::read_to_string(daemon.mnt.join(".optbin/status")).unwrap();
     assert!(text.contains("policy: measuring runs"), "{text}");
+    // Which counters runs get is said once for the machine; without a PMU, that it has none.
+    let pmu = optbin::measure::counters::PerfCounterFactory::detect();
+    if pmu.has_hardware() {
+        assert!(text.contains("counters: task-clock, page-faults, context-switches"), "{text}");
+    } else {
+        assert_eq!(text.matches("counters: no PMU here").count(), 1, "{text}");
+    }
     eprintln!("{text}");
     daemon.stop();
     eprintln!("policy_e2e took {:.1} s", started.elapsed().as_secs_f64());

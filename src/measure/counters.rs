@@ -97,6 +97,27 @@ pub trait RunCounters: Send {
 /// Attaches counters to a process that is about to exec.
 pub trait CounterFactory: Send + Sync {
     fn attach(&self, pid: i32) -> io::Result<Box<dyn RunCounters>>;
+
+    /// The hardware counters every run gets (none where there is no PMU).
+    fn hardware(&self) -> Vec<Metric> {
+        Vec::new()
+    }
+}
+
+/// One line for status about which counters runs get: says once, for the machine, what a
+/// machine without a PMU cannot count (rather than showing zeros per binary).
+pub fn counters_line(hardware: &[Metric]) -> String {
+    let missing: Vec<&str> =
+        HARDWARE.iter().filter(|m| !hardware.contains(m)).map(|m| m.name()).collect();
+    if hardware.is_empty() {
+        return format!("counters: no PMU here ({} not supported)", missing.join(", "));
+    }
+    let counted: Vec<&str> = SOFTWARE.iter().chain(hardware).map(|m| m.name()).collect();
+    let mut line = format!("counters: {}", counted.join(", "));
+    if !missing.is_empty() {
+        line.push_str(&format!(" ({} not supported)", missing.join(", ")));
+    }
+    line
 }
 
 /// The software counters of every run, in group order (task-clock leads the group).
@@ -246,6 +267,10 @@ pub fn scale_group(values: &[u64], enabled_ns: u64, running_ns: u64) -> Vec<Opti
 }
 
 impl CounterFactory for PerfCounterFactory {
+    fn hardware(&self) -> Vec<Metric> {
+        self.hardware.clone()
+    }
+
     fn attach(&self, pid: i32) -> io::Result<Box<dyn RunCounters>> {
         let software = CounterGroup::open(&SOFTWARE, pid)?;
         // Hardware failures are not fatal: a run without them still has the software ones.
@@ -497,6 +522,21 @@ mod tests {
         // Asking for every hardware counter on a machine without them still measures.
         let r = run_held(&PerfCounterFactory::with_hardware(&HARDWARE), "/bin/true");
         assert!(r.task_clock_ns > 0 && r.counts.page_faults.is_some(), "{r:?}");
+    }
+
+    #[test]
+    fn the_counters_line_says_once_what_the_machine_lacks() {
+        assert_eq!(
+            counters_line(&[]),
+            "counters: no PMU here (instructions, cycles, branch-misses, \
+             L1-icache-load-misses, iTLB-load-misses, cache-misses not supported)"
+        );
+        assert_eq!(
+            counters_line(&[Metric::Instructions, Metric::Cycles]),
+            "counters: task-clock, page-faults, context-switches, instructions, cycles \
+             (branch-misses, L1-icache-load-misses, iTLB-load-misses, cache-misses not supported)"
+        );
+        assert!(!counters_line(&HARDWARE).contains("not supported"));
     }
 
     #[test]

@@ -166,6 +166,11 @@ impl Measurer {
         Ok(())
     }
 
+    /// The hardware counters every run gets (none where there is no PMU).
+    pub fn hardware_counters(&self) -> Vec<counters::Metric> {
+        self.counters.hardware()
+    }
+
     /// Measurements waiting for their process to end.
     pub fn pending(&self) -> usize {
         lock(&self.tracker).pending()

@@ -42,8 +42,12 @@ impl PolicyStatus {
             Some(x) => (x.pending(), x.dropped()),
             None => (0, Default::default()),
         };
+        let hardware = m.measurer.as_ref().map(|x| x.hardware_counters()).unwrap_or_default();
+        let counters = crate::measure::counters::counters_line(&hardware);
         let json = json!({
             "on": m.is_on(),
+            "hardware_counters": hardware.iter().map(|h| h.name()).collect::<Vec<_>>(),
+            "counters": counters,
             "why_off": m.off,
             "runs_measured": measured,
             "runs_killed_by_signal": killed,
@@ -63,7 +67,9 @@ impl PolicyStatus {
                  {not_recorded} measured but not recorded: the catalog could not store them, \
                  is the state directory full?)"
             ),
-            None => format!("measuring runs ({measured} measured since start, {lost} lost)"),
+            None => {
+                format!("measuring runs ({measured} measured since start, {lost} lost); {counters}")
+            }
             Some(why) => format!("measurement off, no canaries ({why})"),
         };
         (json, text)
