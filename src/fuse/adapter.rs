@@ -8,8 +8,8 @@
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use fuser::{
@@ -24,18 +24,14 @@ use crate::fs::{
     Attr, Caller, DirectoryReplier, Handle, HandleTable, Invalidator, NodeType, Opened, Overlay,
 };
 
-/// State shared between the adapter (owned by the fuser session) and whoever fills it in:
-/// the supervisor forks server processes from a session made before the overlay exists.
-#[derive(Debug, Default)]
-pub struct Shared {
-    pub overlay: OnceLock<Arc<Overlay>>,
+pub struct OptbinFs {
+    /// The core every request goes to. `None` only in the adapter that answers the kernel's
+    /// INIT for the supervisor before any overlay exists ([`OptbinFs::handshake_only`]): no
+    /// request past INIT ever reaches it, and one that did would get EIO.
+    overlay: Option<Arc<Overlay>>,
     /// Server process generation, in the top bits of file handles so that a restarted
     /// server never reuses a handle number a previous one gave out.
-    pub generation: AtomicU64,
-}
-
-pub struct OptbinFs {
-    shared: Arc<Shared>,
+    generation: u64,
     handles: HandleTable<BackingId>,
     /// Whether to ask the kernel for passthrough at all.
     want_passthrough: bool,
@@ -44,9 +40,25 @@ pub struct OptbinFs {
 }
 
 impl OptbinFs {
-    pub fn new(shared: Arc<Shared>, want_passthrough: bool) -> Self {
+    /// The adapter over `overlay`, for the server process of `generation`.
+    pub fn new(overlay: Arc<Overlay>, generation: u64, want_passthrough: bool) -> Self {
+        Self::with_overlay(Some(overlay), generation, want_passthrough)
+    }
+
+    /// An adapter with no core, only to answer the kernel's INIT (the supervisor's handshake
+    /// on a new mount, before the first server builds its overlay).
+    pub fn handshake_only(want_passthrough: bool) -> Self {
+        Self::with_overlay(None, 0, want_passthrough)
+    }
+
+    fn with_overlay(
+        overlay: Option<Arc<Overlay>>,
+        generation: u64,
+        want_passthrough: bool,
+    ) -> Self {
         Self {
-            shared,
+            overlay,
+            generation,
             handles: HandleTable::default(),
             want_passthrough,
             passthrough: AtomicBool::new(false),
@@ -56,7 +68,7 @@ impl OptbinFs {
     /// Runs `f` on the overlay, turning a missing overlay or a panic into EIO.
     fn with<T>(&self, what: &str, f: impl FnOnce(&Overlay) -> FsResult<T>) -> Result<T, Errno> {
         raise_request_thread_priority();
-        let Some(overlay) = self.shared.overlay.get() else {
+        let Some(overlay) = self.overlay.as_deref() else {
             tracing::error!(what, "request before the overlay was set up");
             return Err(Errno::EIO);
         };
@@ -78,7 +90,7 @@ impl OptbinFs {
     }
 
     fn generation(&self) -> u64 {
-        self.shared.generation.load(Ordering::Relaxed)
+        self.generation
     }
 }
 

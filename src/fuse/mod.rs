@@ -17,7 +17,7 @@ mod mount;
 pub mod safe_mode;
 mod supervisor;
 
-pub use adapter::{NotifierInvalidator, OptbinFs, Shared};
+pub use adapter::{NotifierInvalidator, OptbinFs};
 pub use mount::{
     FS_NAME, MountEntry, MountGuard, MountOptions, MountState, SupervisorSettings, Unmounted,
     mount_background, mount_entry, mount_state, prepare_mountpoint, unmount, unmount_lazily,

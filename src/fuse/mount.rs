@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use fuser::{Config, MountOption, SessionACL};
 
 use crate::fs::Overlay;
-use crate::fuse::adapter::{NotifierInvalidator, OptbinFs, Shared};
+use crate::fuse::adapter::{NotifierInvalidator, OptbinFs};
 
 /// The source name of optbin mounts in /proc/mounts.
 pub const FS_NAME: &str = "optbin";
@@ -326,10 +326,8 @@ pub fn mount_background(overlay: Arc<Overlay>, opts: &MountOptions) -> anyhow::R
             mountpoint.display()
         );
     }
-    let shared = Arc::new(Shared::default());
-    let _ = shared.overlay.set(overlay.clone());
     let session = fuser::Session::new(
-        OptbinFs::new(shared, opts.passthrough),
+        OptbinFs::new(overlay.clone(), 0, opts.passthrough),
         &mountpoint,
         &fuser_config(opts),
     )

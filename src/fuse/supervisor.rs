@@ -42,7 +42,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, bail};
 
 use crate::fs::{Overlay, OverlayConfig};
-use crate::fuse::adapter::{NotifierInvalidator, OptbinFs, Shared};
+use crate::fuse::adapter::{NotifierInvalidator, OptbinFs};
 use crate::fuse::connection::Connection;
 use crate::fuse::fdstore::{self, StoredState};
 use crate::fuse::mount::{MountOptions, fuser_config, prepare_mountpoint, unmount};
@@ -104,7 +104,7 @@ where
         None => {
             let mountpoint = prepare_mountpoint(&opts.mountpoint)?;
             let conn = Connection::mount(&mountpoint)?;
-            let fs = OptbinFs::new(Arc::new(Shared::default()), opts.passthrough);
+            let fs = OptbinFs::handshake_only(opts.passthrough);
             if let Err(e) = conn.handshake(fs, &fuser_config(opts)) {
                 let _ = unmount(&mountpoint);
                 return Err(e);
@@ -366,14 +366,11 @@ impl Supervisor<'_> {
             Err(e) => return fail(e),
         };
         let overlay = served.overlay.clone();
-        let shared = Arc::new(Shared::default());
-        shared.generation.store(generation, std::sync::atomic::Ordering::SeqCst);
-        let _ = shared.overlay.set(overlay.clone());
-        let session =
-            match self.conn.session(OptbinFs::new(shared, opts.passthrough), &fuser_config(opts)) {
-                Ok(s) => s,
-                Err(e) => return fail(e.context("making the FUSE session")),
-            };
+        let fs = OptbinFs::new(overlay.clone(), generation, opts.passthrough);
+        let session = match self.conn.session(fs, &fuser_config(opts)) {
+            Ok(s) => s,
+            Err(e) => return fail(e.context("making the FUSE session")),
+        };
         if let Err(e) = overlay.attach(Arc::new(NotifierInvalidator(session.notifier()))) {
             return fail(e.context("attaching the overlay"));
         }
@@ -560,7 +557,7 @@ mod tests {
         let mnt = std::fs::canonicalize(dir.path()).unwrap();
         let opts = MountOptions::new(&mnt);
         let conn = Connection::mount(&mnt).unwrap();
-        let fs = || OptbinFs::new(Arc::new(Shared::default()), false);
+        let fs = || OptbinFs::handshake_only(false);
         conn.handshake(fs(), &fuser_config(&opts)).unwrap();
         assert!(mounted(&mnt));
         let mut config = fuser_config(&opts);
