@@ -40,13 +40,29 @@ pub struct Timed<'a> {
 pub struct Comparison {
     /// Hodges-Lehmann estimate of variant/original CPU time.
     pub ratio: f64,
-    /// Interval ends (0 and infinity when there are too few runs to bound it).
+    /// Interval ends (0 and infinity when there are too few runs to bound it). JSON has no
+    /// infinity: an unbounded end is written as `null` and read back as infinity.
     pub low: f64,
+    #[serde(with = "unbounded")]
     pub high: f64,
     pub variant_runs: usize,
     pub original_runs: usize,
     /// Commands that had runs in both arms.
     pub commands: usize,
+}
+
+/// An interval end that may be infinite, as JSON (`null` for infinity; serde_json would
+/// write `null` and then refuse to read it back as a number).
+mod unbounded {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(v: &f64, s: S) -> Result<S::Ok, S::Error> {
+        if v.is_finite() { s.serialize_f64(*v) } else { s.serialize_none() }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+        Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::INFINITY))
+    }
 }
 
 impl Comparison {
@@ -189,6 +205,25 @@ pub fn normal_quantile(p: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_unbounded_interval_survives_json() {
+        let k = Comparison {
+            ratio: 0.99,
+            low: 0.0,
+            high: f64::INFINITY,
+            variant_runs: 3,
+            original_runs: 3,
+            commands: 1,
+        };
+        let text = serde_json::to_string(&k).unwrap();
+        assert!(text.contains("\"high\":null"), "{text}");
+        assert_eq!(serde_json::from_str::<Comparison>(&text).unwrap(), k);
+        let bounded = Comparison { high: 1.2, ..k };
+        let back: Comparison =
+            serde_json::from_str(&serde_json::to_string(&bounded).unwrap()).unwrap();
+        assert_eq!(back, bounded);
+    }
 
     #[test]
     fn quantiles_are_right() {
