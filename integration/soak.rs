@@ -312,6 +312,13 @@ fn soak_mixed_load_with_upgrades_switches_and_server_kills() {
         );
     }
     let problems = tally.problems.lock().unwrap().join("\n");
+    if failed + wrong > 0 {
+        // What the daemon said about it (a request it answered with an error is a warning).
+        let log = d.log();
+        let said: Vec<&str> =
+            log.lines().filter(|l| l.contains("WARN") || l.contains("ERROR")).collect();
+        println!("soak: the daemon's warnings and errors:\n{}", said.join("\n"));
+    }
     assert_eq!((failed, wrong), (0, 0), "failed or wrong commands:\n{problems}");
     assert_eq!(load(&tally.control_failed), 0, "failed control writes:\n{problems}");
     assert!(commands >= secs, "the load was too light: {commands} commands in {secs} s");
