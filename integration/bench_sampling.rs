@@ -154,7 +154,7 @@ fn status_kb(field: &str) -> u64 {
 /// Keeps both cores busy with the workload for `secs`, from two shell loops: the processes
 /// are started by the shells, not by this process, whose CPU time is then the profiler's
 /// alone. Returns the shells; each prints one line per run.
-fn busy_machine_apart(prog: &Path, secs: f64, iterations: u64) -> Vec<std::process::Child> {
+fn busy_machine(prog: &Path, secs: f64, iterations: u64) -> Vec<std::process::Child> {
     let script = r#"end=$(( $(date +%s%N) / 1000000 + $2 ))
 while [ $(( $(date +%s%N) / 1000000 )) -lt "$end" ]; do "$0" "$1" >/dev/null; echo run; done"#;
     (0..2)
@@ -171,21 +171,27 @@ while [ $(( $(date +%s%N) / 1000000 )) -lt "$end" ]; do "$0" "$1" >/dev/null; ec
         .collect()
 }
 
-/// Keeps both cores busy with the workload until `until`.
-fn busy_machine(prog: &Path, until: Instant, iterations: u64) -> Vec<std::thread::JoinHandle<u32>> {
-    (0..2)
-        .map(|_| {
-            let prog = prog.to_path_buf();
-            std::thread::spawn(move || {
-                let mut runs = 0;
-                while Instant::now() < until {
-                    run_work(&prog, iterations);
-                    runs += 1;
-                }
-                runs
-            })
-        })
-        .collect()
+/// Waits for the shell loops of [`busy_machine`] to end; returns the runs they made.
+fn runs_of(shells: Vec<std::process::Child>) -> usize {
+    let mut runs = 0;
+    for shell in shells {
+        let out = shell.wait_with_output().expect("the shell loop ends");
+        assert!(out.status.success(), "the busy loop failed: {out:?}");
+        runs += out.stdout.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count();
+    }
+    runs
+}
+
+/// The highest resident set of this process seen while polling it until `until`, at least
+/// `peak`. (The interval only paces the readings; nothing is asserted after it.)
+fn peak_rss_until(until: Instant, mut peak: u64) -> u64 {
+    loop {
+        peak = peak.max(status_kb("VmRSS:"));
+        if Instant::now() >= until {
+            return peak;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn main() {
@@ -215,13 +221,9 @@ fn bench_sampling() {
     let sampling = start(&rt, &catalog, default.clone());
     let start_cpu = cpu_secs_self();
     let started = Instant::now();
-    let shells = busy_machine_apart(&prog, warmup_secs + busy_secs, iterations / 4);
-    let mut peak_rss = rss_before;
+    let shells = busy_machine(&prog, warmup_secs + busy_secs, iterations / 4);
     let warm_at = started + Duration::from_secs_f64(warmup_secs);
-    while Instant::now() < warm_at {
-        peak_rss = peak_rss.max(status_kb("VmRSS:"));
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let peak_rss = peak_rss_until(warm_at, rss_before);
     let cpu0 = cpu_secs_self();
     let (thread0, busy_samples0) = {
         let s = sampling.status.snapshot();
@@ -229,16 +231,8 @@ fn bench_sampling() {
     };
     let t0 = Instant::now();
     let end = started + Duration::from_secs_f64(warmup_secs + busy_secs);
-    while Instant::now() < end {
-        peak_rss = peak_rss.max(status_kb("VmRSS:"));
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let mut busy_runs = 0;
-    for shell in shells {
-        let out = shell.wait_with_output().expect("the shell loop ends");
-        assert!(out.status.success(), "the busy loop failed: {out:?}");
-        busy_runs += out.stdout.split(|b| *b == b'\n').filter(|l| !l.is_empty()).count();
-    }
+    let peak_rss = peak_rss_until(end, peak_rss);
+    let busy_runs = runs_of(shells);
     let elapsed = t0.elapsed().as_secs_f64();
     let cpu = cpu_secs_self() - cpu0;
     let whole_share = (cpu_secs_self() - start_cpu) / started.elapsed().as_secs_f64();
@@ -315,9 +309,7 @@ fn bench_sampling() {
     let s = start(&rt, &catalog, high);
     let samples0 = s.status.snapshot().samples;
     let t0 = Instant::now();
-    for w in busy_machine(&prog, t0 + Duration::from_secs_f64(high_secs), iterations / 4) {
-        w.join().unwrap();
-    }
+    runs_of(busy_machine(&prog, high_secs, iterations / 4));
     // The clock stops before the profiler does: its final flush (hashing new binaries)
     // is not ingestion time.
     let high_elapsed = t0.elapsed().as_secs_f64();
@@ -327,10 +319,7 @@ fn bench_sampling() {
     // 4. Overflow: 10 kHz per CPU into a one-page ring buffer.
     let tiny = ProfilerConfig { frequency_hz: 10_000, buffer_bytes: 4096, ..default.clone() };
     let s = start(&rt, &catalog, tiny);
-    let t0 = Instant::now();
-    for w in busy_machine(&prog, t0 + Duration::from_secs_f64(high_secs / 2.0), iterations / 4) {
-        w.join().unwrap();
-    }
+    runs_of(busy_machine(&prog, high_secs / 2.0, iterations / 4));
     let tiny_status = stop(&rt, s);
 
     println!();
