@@ -43,36 +43,63 @@ impl Caller {
     }
 }
 
-/// Whether every directory from `/` down to `dir` may be searched by everyone (the others'
-/// `x` bit, and no ACL that could name a user or group to stop): then no caller needs
-/// checking.
-pub fn searchable_by_all(dir: &Path) -> bool {
-    dir.ancestors().all(|d| {
-        std::fs::metadata(d).is_ok_and(|m| m.mode() & 0o001 != 0)
-            && matches!(acl::read(d, acl::ACCESS), Ok(None))
-    })
+/// Who may search every directory from `/` down to `dir`, from one reading of each
+/// directory (its attributes and its ACL).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SearchRights {
+    /// Everyone: the others' `x` bit on every directory and no ACL that could name a user
+    /// or group to stop. Then no caller needs checking, and the answer may be cached.
+    pub by_all: bool,
+    /// The caller asked about.
+    pub by_caller: bool,
 }
 
-/// Whether `caller` may search every directory from `/` down to `dir`.
-pub fn may_search(caller: &Caller, dir: &Path) -> bool {
+/// One directory on the way, as read once.
+struct Step {
+    md: std::fs::Metadata,
+    /// Its access ACL; Err when it could not be read.
+    acl: Result<Option<Vec<u8>>, ()>,
+}
+
+impl Step {
+    fn searchable_by_all(&self) -> bool {
+        self.md.mode() & 0o001 != 0 && matches!(self.acl, Ok(None))
+    }
+}
+
+pub fn search_rights(caller: &Caller, dir: &Path) -> SearchRights {
+    let mut steps = Vec::new();
+    for d in dir.ancestors() {
+        let Ok(md) = std::fs::metadata(d) else {
+            return SearchRights { by_all: false, by_caller: false };
+        };
+        steps.push(Step { md, acl: acl::read(d, acl::ACCESS).map_err(|_| ()) });
+    }
+    let by_all = steps.iter().all(Step::searchable_by_all);
+    // The caller is only asked about when not everyone may pass (their groups are read
+    // from /proc then, and only if a directory's group needs them).
+    let by_caller = by_all || caller_may_pass(caller, &steps);
+    SearchRights { by_all, by_caller }
+}
+
+fn caller_may_pass(caller: &Caller, steps: &[Step]) -> bool {
     if caller.uid == 0 {
         return true;
     }
     let mut groups: Option<Vec<u32>> = None;
-    dir.ancestors().all(|d| {
-        let Ok(md) = std::fs::metadata(d) else { return false };
-        match acl::read(d, acl::ACCESS) {
+    steps.iter().all(|Step { md, acl }| {
+        match acl {
             Ok(Some(value)) => {
                 let groups = groups.get_or_insert_with(|| caller.groups());
                 let asker = acl::Asker { uid: caller.uid, gid: caller.gid, groups };
                 let owner = acl::Owner { uid: md.uid(), gid: md.gid() };
-                if let Some(allowed) = acl::allows(&value, owner, &asker, 0o1) {
+                if let Some(allowed) = acl::allows(value, owner, &asker, 0o1) {
                     return allowed;
                 }
             }
             Ok(None) => {}
             // Unreadable ACL: refuse rather than guess more rights than the kernel gives.
-            Err(_) => return false,
+            Err(()) => return false,
         }
         let bit = if md.uid() == caller.uid {
             0o100
@@ -108,16 +135,16 @@ mod tests {
         let owner = Caller { uid: me.uid(), gid: 12345, pid: u32::MAX };
         // The ancestors of the temp dir may be searchable by all or not, depending on where
         // it is: compare with what they are.
-        let above = searchable_by_all(&root);
-        assert_eq!(searchable_by_all(&open), above);
-        assert!(!searchable_by_all(&deep), "a 0700 dir two levels up");
-        assert!(!may_search(&nobody, &deep));
-        assert_eq!(may_search(&nobody, &open), above);
-        assert!(may_search(&Caller::ROOT, &deep));
+        let above = search_rights(&Caller::ROOT, &root).by_all;
+        assert_eq!(search_rights(&Caller::ROOT, &open).by_all, above);
+        assert!(!search_rights(&Caller::ROOT, &deep).by_all, "a 0700 dir two levels up");
+        assert!(!search_rights(&nobody, &deep).by_caller);
+        assert_eq!(search_rights(&nobody, &open).by_caller, above);
+        assert!(search_rights(&Caller::ROOT, &deep).by_caller);
         if owner.uid != 0 {
-            assert!(may_search(&owner, &deep));
+            assert!(search_rights(&owner, &deep).by_caller);
         }
         set(&root.join("locked"), 0o701).unwrap();
-        assert_eq!(may_search(&nobody, &deep), above, "the others' x bit is enough");
+        assert_eq!(search_rights(&nobody, &deep).by_caller, above, "the others' x bit is enough");
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use crate::error::{FsError, FsResult};
-use crate::fs::access::{may_search, searchable_by_all};
+use crate::fs::access::search_rights;
 use crate::fs::classify::Presentation;
 use crate::fs::layout::{CONTROL_DIR, PATH_VIEW};
 use crate::fs::node::{
@@ -158,9 +158,9 @@ impl Overlay {
             if !crate::fs::runs_from_path(&d.path.join(name)) {
                 continue;
             }
-            let for_all = searchable_by_all(&d.path);
-            per_caller |= !for_all;
-            if for_all || may_search(caller, &d.path) {
+            let rights = search_rights(caller, &d.path);
+            per_caller |= !rights.by_all;
+            if rights.by_caller {
                 return Some((d.path.clone(), d.mirrored, per_caller));
             }
         }
