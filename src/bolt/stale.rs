@@ -25,6 +25,11 @@ use crate::identity::ContentId;
 /// The profile size a stale build is recorded with (see the module doc).
 pub const STALE_PROFILE_SAMPLES: u64 = 1;
 
+/// What a stale build's request says of its profile: the previous version's profile was
+/// judged worth a build; this version's own share of the samples is not known yet.
+pub const STALE_PROFILE_NUMBERS: super::ProfileNumbers =
+    super::ProfileNumbers { samples: STALE_PROFILE_SAMPLES, own_text_share: 1.0, front_end: None };
+
 /// Where BOLT writes the YAML profile of a build whose output is `output`.
 pub fn yaml_beside(output: &Path) -> PathBuf {
     output.with_extension("yaml")

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use rusqlite::Connection;
 
-use super::candidate::current_binary;
+use super::candidate::{current_binary, request};
 use crate::bolt::flags::{FlagSet, challenger_sets};
 use crate::bolt::queue::{Challenge, VariantProfiles};
 use crate::bolt::status::SearchStatus;
@@ -17,7 +17,7 @@ use crate::bolt::{BoltMode, OptimizeRequest, ProfileNumbers, RequestOrigin};
 use crate::catalog::base;
 use crate::catalog::flag_trials::{self, FlagTrial};
 use crate::catalog::variant::{VariantKind, VariantState};
-use crate::identity::{ContentId, FileKey};
+use crate::identity::FileKey;
 
 /// The flag search's rules (from `[optimizer]` and the installed BOLT).
 #[derive(Debug, Clone)]
@@ -106,25 +106,14 @@ pub fn challenger_request(
         tracing::debug!(binary = %path.display(), variant = served.id, "no kept profile: no challenger");
         return Ok(None);
     };
-    let Some(content) = ContentId::parse(&binary.sha256) else {
-        anyhow::bail!("binary {} has a malformed sha256 in the catalog", binary.id);
+    // Exactly the served variant's profile, whatever its size.
+    let numbers = ProfileNumbers {
+        samples: served.profile_samples.unwrap_or(1).max(1) as u64,
+        own_text_share: 1.0,
+        front_end: None,
     };
-    Ok(Some(OptimizeRequest {
-        binary_id: binary.id,
-        name: path.to_string_lossy().into_owned(),
-        original: path.to_path_buf(),
-        content,
-        facts: binary.facts,
-        profile: ProfileNumbers {
-            samples: served.profile_samples.unwrap_or(1).max(1) as u64,
-            own_text_share: 1.0,
-            front_end: None,
-        },
-        origin: RequestOrigin::Matured,
-        smoke: None,
-        stale: None,
-        challenge: Some(Challenge { flag_set, profile }),
-    }))
+    let request = request(path, binary, numbers, RequestOrigin::Matured)?;
+    Ok(Some(OptimizeRequest { challenge: Some(Challenge { flag_set, profile }), ..request }))
 }
 
 /// The flag search's status for a binary.

@@ -13,13 +13,13 @@ use rusqlite::Connection;
 use tokio::sync::watch;
 
 use super::Shared;
-use super::candidate::{current_binary, profile_numbers, verdict};
+use super::candidate::{current_binary, profile_numbers, request, verdict};
 use crate::bolt::history::build_history;
 use crate::bolt::retry_policy::{DEFAULT_GROWTH, Decision, decide};
-use crate::bolt::stale::{STALE_PROFILE_SAMPLES, StaleSource};
+use crate::bolt::stale::{STALE_PROFILE_NUMBERS, StaleSource};
 use crate::bolt::{ApplicabilityConfig, OptimizeRequest, ProfileNumbers, RequestOrigin};
 use crate::catalog::{base, bolt_jobs};
-use crate::identity::{ContentId, FileKey};
+use crate::identity::FileKey;
 use crate::profile::maturity::MaturityThresholds;
 use crate::profile::profile_summary;
 
@@ -213,22 +213,7 @@ pub fn matured_request(
     if let Decision::Skip(_) = due {
         return Ok(None);
     }
-    let Some(content) = ContentId::parse(&binary.sha256) else {
-        anyhow::bail!("binary {} has a malformed sha256 in the catalog", binary.id);
-    };
-    Ok(Some(OptimizeRequest {
-        binary_id: binary.id,
-        name: path.to_string_lossy().into_owned(),
-        original: path.to_path_buf(),
-        content,
-        facts: binary.facts,
-        profile: numbers,
-        origin: RequestOrigin::Matured,
-        // optbin knows no command that is safe to run an arbitrary program with.
-        smoke: None,
-        stale: None,
-        challenge: None,
-    }))
+    request(path, binary, numbers, RequestOrigin::Matured).map(Some)
 }
 
 /// The build request from the previous version's kept profile for `binary` (a version
@@ -251,27 +236,8 @@ fn stale_request(
     if !verdict(&binary.facts, None, &rules.applicability).applicability.candidate {
         return Ok(None);
     }
-    let Some(content) = ContentId::parse(&binary.sha256) else {
-        anyhow::bail!("binary {} has a malformed sha256 in the catalog", binary.id);
-    };
-    Ok(Some(OptimizeRequest {
-        binary_id: binary.id,
-        name,
-        original: path.to_path_buf(),
-        content,
-        facts: binary.facts,
-        // The previous version's profile was judged worth a build; this version's own
-        // share of the samples is not known yet.
-        profile: ProfileNumbers {
-            samples: STALE_PROFILE_SAMPLES,
-            own_text_share: 1.0,
-            front_end: None,
-        },
-        origin: RequestOrigin::Matured,
-        smoke: None,
-        stale: Some(source.clone()),
-        challenge: None,
-    }))
+    let request = request(path, binary, STALE_PROFILE_NUMBERS, RequestOrigin::Matured)?;
+    Ok(Some(OptimizeRequest { stale: Some(source.clone()), ..request }))
 }
 
 /// The sampled profile's numbers when it is mature, else None.
@@ -326,6 +292,7 @@ mod tests {
     use super::*;
     use crate::catalog::{Catalog, profiles};
     use crate::elf::ElfFacts;
+    use crate::identity::ContentId;
 
     fn facts() -> ElfFacts {
         ElfFacts::for_tests(8 * 1024, true)

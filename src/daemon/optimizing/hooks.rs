@@ -10,8 +10,8 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::Shared;
-use super::candidate::{current_binary, profile_numbers, verdict};
-use crate::bolt::stale::STALE_PROFILE_SAMPLES;
+use super::candidate::{current_binary, profile_numbers, request, verdict};
+use crate::bolt::stale::STALE_PROFILE_NUMBERS;
 use crate::bolt::{OptimizeRequest, ProfileNumbers, RequestOrigin};
 use crate::catalog::{base, bolt_jobs, profiles, runs};
 use crate::control::ActionError;
@@ -80,32 +80,18 @@ impl CommandHooks for OptimizerHooks {
         }
         let content = ContentId::parse(&binary.sha256)
             .ok_or_else(|| ActionError::io("a malformed sha256 in the catalog"))?;
-        let name = path.to_string_lossy().into_owned();
         // No profile of its own yet: the previous version's, if one is kept.
         let stale = match &profile {
-            None => self.shared.kept_profiles.previous_version(&name, &content),
+            None => self.shared.kept_profiles.previous_version(&path.to_string_lossy(), &content),
             Some(_) => None,
         };
-        let profile = match (&stale, profile) {
-            (Some(_), _) => ProfileNumbers {
-                samples: STALE_PROFILE_SAMPLES,
-                own_text_share: 1.0,
-                front_end: None,
-            },
-            (None, p) => p.unwrap_or_default(),
+        let numbers = match &stale {
+            Some(_) => STALE_PROFILE_NUMBERS,
+            None => profile.unwrap_or_default(),
         };
-        let request = OptimizeRequest {
-            binary_id: binary.id,
-            name,
-            original: path.to_path_buf(),
-            content,
-            facts: binary.facts,
-            profile,
-            origin: RequestOrigin::User,
-            smoke: None,
-            stale,
-            challenge: None,
-        };
+        let request = request(path, binary, numbers, RequestOrigin::User)
+            .map_err(|e| ActionError::io(format!("{e:#}")))?;
+        let request = OptimizeRequest { stale, ..request };
         self.shared.handle.submit(request).map_err(|why| ActionError::invalid(why.0))?;
         Ok(format!("{} queued for BOLT", path.display()))
     }
