@@ -120,18 +120,12 @@ pub fn counters_line(hardware: &[Metric]) -> String {
     line
 }
 
-/// The software counters of every run, in group order (task-clock leads the group).
-const SOFTWARE: [Metric; 3] = [Metric::TaskClock, Metric::PageFaults, Metric::ContextSwitches];
+/// The software counters of every run, in group order (task-clock leads the group): the
+/// first three of [`Metric::ALL`].
+const SOFTWARE: &[Metric] = Metric::ALL.split_at(3).0;
 
-/// The hardware counters a run gets where the PMU offers them, in group order.
-const HARDWARE: [Metric; 6] = [
-    Metric::Instructions,
-    Metric::Cycles,
-    Metric::BranchMisses,
-    Metric::L1IcacheLoadMisses,
-    Metric::ItlbLoadMisses,
-    Metric::CacheMisses,
-];
+/// The hardware counters a run gets where the PMU offers them, in group order: the rest.
+const HARDWARE: &[Metric] = Metric::ALL.split_at(3).1;
 
 /// perf_event_open on the pid: one group of software counters (task-clock, page-faults,
 /// context-switches), always, and one group of the hardware counters the PMU offers. Each
@@ -157,10 +151,8 @@ pub struct PerfCounterFactory {
 impl PerfCounterFactory {
     /// Probes once which hardware counters the PMU offers (none on this VM).
     pub fn detect() -> Self {
-        let hardware: Vec<Metric> = probe(&HARDWARE)
-            .into_iter()
-            .filter_map(|(m, why)| why.is_none().then_some(m))
-            .collect();
+        let hardware: Vec<Metric> =
+            probe(HARDWARE).into_iter().filter_map(|(m, why)| why.is_none().then_some(m)).collect();
         if hardware.is_empty() {
             tracing::info!(
                 "no hardware PMU counters: measuring task-clock, page-faults and \
@@ -272,7 +264,7 @@ impl CounterFactory for PerfCounterFactory {
     }
 
     fn attach(&self, pid: i32) -> io::Result<Box<dyn RunCounters>> {
-        let software = CounterGroup::open(&SOFTWARE, pid)?;
+        let software = CounterGroup::open(SOFTWARE, pid)?;
         // Hardware failures are not fatal: a run without them still has the software ones.
         let hardware = if self.hardware.is_empty() {
             None
@@ -515,12 +507,12 @@ mod tests {
         assert!(r.task_clock_ns > 1_000_000, "{r:?}");
         assert!(r.counts.page_faults.is_some_and(|n| n > 10), "{r:?}");
         assert!(r.counts.context_switches.is_some(), "{r:?}");
-        for m in HARDWARE {
+        for &m in HARDWARE {
             let counted = r.counts.get(m).is_some();
             assert_eq!(counted, factory.hardware().contains(&m), "{}: {r:?}", m.name());
         }
         // Asking for every hardware counter on a machine without them still measures.
-        let r = run_held(&PerfCounterFactory::with_hardware(&HARDWARE), "/bin/true");
+        let r = run_held(&PerfCounterFactory::with_hardware(HARDWARE), "/bin/true");
         assert!(r.task_clock_ns > 0 && r.counts.page_faults.is_some(), "{r:?}");
     }
 
@@ -536,7 +528,7 @@ mod tests {
             "counters: task-clock, page-faults, context-switches, instructions, cycles \
              (branch-misses, L1-icache-load-misses, iTLB-load-misses, cache-misses not supported)"
         );
-        assert!(!counters_line(&HARDWARE).contains("not supported"));
+        assert!(!counters_line(HARDWARE).contains("not supported"));
     }
 
     #[test]

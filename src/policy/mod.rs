@@ -265,6 +265,29 @@ pub struct Transition {
     pub comparison: Option<Comparison>,
 }
 
+impl Transition {
+    /// A canary's end by a look's verdict (`k`); a promotion starts the served period at
+    /// the next run.
+    fn canary_decided(
+        input: &BinaryInput,
+        variant_id: i64,
+        to: VariantState,
+        action: Action,
+        detail: String,
+        k: Comparison,
+    ) -> Self {
+        Transition {
+            variant_id,
+            from: VariantState::Canary,
+            to,
+            action,
+            detail,
+            first_run_id: (to == VariantState::Served).then_some(input.next_run_id),
+            comparison: Some(k),
+        }
+    }
+}
+
 /// Why a variant was quarantined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -695,15 +718,7 @@ fn canary_step(
 
     let mut decide_to = |to: VariantState, action: Action, detail: String, k: Comparison| {
         states.insert(v.id, to);
-        transitions.push(Transition {
-            variant_id: v.id,
-            from: VariantState::Canary,
-            to,
-            action,
-            detail,
-            first_run_id: (to == VariantState::Served).then_some(input.next_run_id),
-            comparison: Some(k),
-        });
+        transitions.push(Transition::canary_decided(input, v.id, to, action, detail, k));
     };
     match verdict {
         Verdict::Promote(k) => {
@@ -835,15 +850,7 @@ fn challenger_step(
         ),
     };
     states.insert(v.id, to);
-    transitions.push(Transition {
-        variant_id: v.id,
-        from: VariantState::Canary,
-        to,
-        action,
-        detail,
-        first_run_id: (to == VariantState::Served).then_some(input.next_run_id),
-        comparison: Some(k),
-    });
+    transitions.push(Transition::canary_decided(input, v.id, to, action, detail, k));
     if to != VariantState::Served {
         return None;
     }
