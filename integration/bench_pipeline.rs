@@ -835,12 +835,17 @@ fn upgrade_case(
     std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::rename(&staged, original).unwrap();
     let new_sha = hex::encode(Sha256::digest(std::fs::read(original).unwrap()));
-    let runs = Arc::new(AtomicUsize::new(0));
+    let is_new = |e: &Value| e["sha256"].as_str() == Some(new_sha.as_str());
+    // The first run of the new version; the milestones start once status shows it.
     let t0 = Instant::now();
+    run_quiet(&served, &b.train);
+    let runs = Arc::new(AtomicUsize::new(1));
+    daemon.wait_for(Duration::from_secs(60), "the new version in status", |d| {
+        d.binary_named(&name).filter(|e| is_new(e))
+    });
     let poller =
         Poller::start(daemon.mnt.join(".optbin/status.json"), name.clone(), runs.clone(), t0);
     let budget = Duration::from_secs(1500);
-    let is_new = |e: &Value| e["sha256"].as_str() == Some(new_sha.as_str());
     let outcome =
         run_until(daemon, &served, b, &name, &runs, t0, t0 + budget, |e| is_new(e) && decided(e));
     let (total_runs, total_min) = (runs.load(Ordering::SeqCst), t0.elapsed().as_secs_f64() / 60.0);
