@@ -379,7 +379,8 @@ fn page_resident(path: &Path, page: usize) -> bool {
     let map = unsafe { memmap2::Mmap::map(&f).unwrap() };
     let mut v = [0u8; 1];
     // SAFETY: one page of the mapping, one byte of result.
-    let rc = unsafe { libc::mincore(map.as_ptr().add(page * 4096) as *mut _, 4096, v.as_mut_ptr()) };
+    let rc =
+        unsafe { libc::mincore(map.as_ptr().add(page * 4096) as *mut _, 4096, v.as_mut_ptr()) };
     assert_eq!(rc, 0);
     v[0] & 1 != 0
 }

@@ -55,6 +55,8 @@ fn split(runs: &[Range<usize>], hot: &Range<usize>) -> (Vec<Range<usize>>, Vec<R
 }
 
 #[cfg(test)]
+// Lists of page runs: a list holding one run is meant, not a list of its pages.
+#[allow(clippy::single_range_in_vec_init)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

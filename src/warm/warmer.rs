@@ -479,7 +479,8 @@ impl State {
                 reread += new_pages as u64;
             }
             self.requested.insert(path.clone(), asked);
-            let hot_pages = lost[i].hot.clone().map_or(0, |h| h.filter(|&p| ws.contains(p)).count());
+            let hot_pages =
+                lost[i].hot.clone().map_or(0, |h| h.filter(|&p| ws.contains(p)).count());
             let mut locked_bytes = 0;
             if self.settings.lock_bytes() > 0 && ws_bytes <= lock_left {
                 let runs = ws.missing_from(&PageSet::empty(ws.pages()));
