@@ -383,8 +383,11 @@ fn umount(mnt: &Path, timeout: Duration) -> anyhow::Result<ExitCode> {
         }
     };
     if let Some(pid) = pid {
-        // SAFETY: kill(pid, 0) only probes whether the process exists.
-        while Instant::now() < deadline && unsafe { libc::kill(pid as libc::pid_t, 0) } == 0 {
+        let alive = || {
+            rustix::process::Pid::from_raw(pid as i32)
+                .is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
+        };
+        while Instant::now() < deadline && alive() {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
