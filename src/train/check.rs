@@ -169,24 +169,28 @@ pub fn command_name(cmd: &TrainCommand) -> String {
         .map_or_else(|| cmd.file.display().to_string(), |n| n.to_string_lossy().into_owned())
 }
 
-/// Records a mismatch for the policy and makes it act on it now.
-pub fn record_mismatch(
-    check: &OutputCheck,
-    original: &Path,
-    binary_id: i64,
-    variant_id: i64,
-    cmd_file: &Path,
-    detail: &str,
-    exit: Option<RunExit>,
-    at_ms: i64,
-) -> anyhow::Result<()> {
-    let (command, detail) = (cmd_file.display().to_string(), detail.to_string());
-    check.catalog.run_blocking(move |c| {
-        runs::insert_output_mismatch(c, at_ms, binary_id, variant_id, &command, exit, &detail)?;
+impl OutputCheck {
+    /// Records a mismatch for the policy and makes it act on it now.
+    pub fn record_mismatch(
+        &self,
+        original: &Path,
+        binary_id: i64,
+        variant_id: i64,
+        cmd_file: &Path,
+        detail: &str,
+        exit: Option<RunExit>,
+    ) -> anyhow::Result<()> {
+        let (command, detail) = (cmd_file.display().to_string(), detail.to_string());
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        self.catalog.run_blocking(move |c| {
+            runs::insert_output_mismatch(c, at_ms, binary_id, variant_id, &command, exit, &detail)?;
+            Ok(())
+        })?;
+        (self.refresh)(original);
         Ok(())
-    })?;
-    (check.refresh)(original);
-    Ok(())
+    }
 }
 
 /// Where a check's result is kept per command and variant.

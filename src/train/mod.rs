@@ -212,16 +212,7 @@ impl Trainer {
             }
             tracing::info!(file = %cmd.file.display(), variant = v.id, ?verdict, "output check");
             if let Verdict::Differs { detail, exit } = &verdict {
-                check::record_mismatch(
-                    checker,
-                    original,
-                    binary_id,
-                    v.id,
-                    &cmd.file,
-                    detail,
-                    *exit,
-                    now_secs() * 1000,
-                )?;
+                checker.record_mismatch(original, binary_id, v.id, &cmd.file, detail, *exit)?;
             }
             self.lock().checks.insert(key, (cmd.clone(), verdict, now_secs()));
         }
