@@ -902,7 +902,7 @@ fn equal_speed_trials(plan: &AaPlan, lua: &Program, root: &Path, report: &mut Ve
     let sim = run_trials(&SimSpec::default(), &plan.policy(), 2000, 7);
     report.push(format!(
         "  simulated (optbin::policy::sim, noise sigma 0.15, 5% outliers, same settings): \
-         {} promoted / {} trials ({:.2}%), median {} execs to a decision",
+         {} promoted / {} trials ({:.2}%), median {:.0} execs to a decision",
         sim.promoted,
         sim.trials,
         100.0 * sim.promotion_rate(),

@@ -66,8 +66,8 @@ fn bench_policy() {
                 s.promotion_rate() * 100.0,
                 s.rejection_rate() * 100.0,
                 s.undecided as f64 / trials as f64 * 100.0,
-                s.median_execs_to_decision,
-                s.median_execs_to_promotion.map_or("-".into(), |e| e.to_string()),
+                format!("{:.0}", s.median_execs_to_decision),
+                s.median_execs_to_promotion.map_or("-".into(), |e| format!("{e:.0}")),
             );
             if ratio == 1.0 {
                 equal_rates.push((sigma, s.promotion_rate()));
@@ -127,7 +127,7 @@ fn unique_commands(cfg: &PolicyConfig, trials: usize) {
             "equal".to_string()
         };
         println!(
-            "{label:>10} | promoted {:>5.1}%, rejected {:>5.1}%, undecided {:>4.1}%, median {} \
+            "{label:>10} | promoted {:>5.1}%, rejected {:>5.1}%, undecided {:>4.1}%, median {:.0} \
              execs to a decision",
             s.promotion_rate() * 100.0,
             s.rejection_rate() * 100.0,

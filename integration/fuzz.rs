@@ -203,8 +203,8 @@ fn valid_command() -> impl Strategy<Value = (Command, String)> {
     let name = prop_oneof!["[a-z][a-z0-9_+-]{0,15}", "/[a-z]{1,8}(/[a-z][a-z0-9_+-]{0,8}){1,3}",];
     (0..VERBS.len() + 1, name).prop_map(|(v, name)| {
         let cmd = match v {
-            0 => Command::Pin { name, target: command::PinTarget::Original },
-            1 => Command::Pin { name, target: command::PinTarget::Bolted },
+            0 => Command::Pin { name, target: optbin::policy::Pin::Original },
+            1 => Command::Pin { name, target: optbin::policy::Pin::Bolted },
             2 => Command::Unpin { name },
             3 => Command::Exclude { name },
             4 => Command::Include { name },

@@ -5,7 +5,7 @@ use anyhow::Context;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 
-pub use crate::catalog::variant::{VariantKind, VariantState};
+pub use crate::catalog::variant::{Pin, VariantKind, VariantState};
 use crate::elf::ElfFacts;
 use crate::identity::{ContentId, FileKey};
 
@@ -193,8 +193,8 @@ fn path_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PathRow> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct ControlRow {
     pub path: String,
-    /// `original` or `bolted` (None: unpinned).
-    pub pin: Option<String>,
+    /// None: unpinned.
+    pub pin: Option<Pin>,
     pub excluded: bool,
 }
 
@@ -219,7 +219,7 @@ pub fn control_row(conn: &Connection, path: &str) -> anyhow::Result<Option<Contr
         .optional()?)
 }
 
-pub fn set_pin(conn: &Connection, path: &str, pin: Option<&str>, now: i64) -> anyhow::Result<()> {
+pub fn set_pin(conn: &Connection, path: &str, pin: Option<Pin>, now: i64) -> anyhow::Result<()> {
     conn.execute(
         "INSERT INTO controls (path, pin, excluded, updated_at) VALUES (?1, ?2, 0, ?3)
          ON CONFLICT(path) DO UPDATE SET pin = excluded.pin, updated_at = excluded.updated_at",
@@ -402,10 +402,12 @@ mod tests {
             let key = FileKey { dev: 1, ino: 2, size: 3, mtime_ns: 4, ctime_ns: 5 };
             upsert_path(c, "/usr/bin/x", Some(id), &key, 10)?;
             assert_eq!(path_row(c, "/usr/bin/x")?.unwrap().key, key);
-            set_pin(c, "/usr/bin/x", Some("original"), 11)?;
+            set_pin(c, "/usr/bin/x", Some(Pin::Original), 11)?;
             set_excluded(c, "/usr/bin/y", true, 11)?;
             let ctl = controls(c)?;
             assert_eq!(ctl.len(), 2);
+            assert_eq!(ctl[0].pin, Some(Pin::Original));
+            assert_eq!(control_row(c, "/usr/bin/y")?.unwrap().pin, None);
             set_pin(c, "/usr/bin/x", None, 12)?;
             set_excluded(c, "/usr/bin/y", false, 12)?;
             assert!(controls(c)?.is_empty());

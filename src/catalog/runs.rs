@@ -592,7 +592,7 @@ mod tests {
             assert_eq!(binaries_to_watch(c)?, vec![bid]);
             let before = watch_fingerprints(c)?;
             assert_eq!(before.len(), 1);
-            crate::catalog::base::set_pin(c, "/bin/x", Some("bolted"), 2)?;
+            crate::catalog::base::set_pin(c, "/bin/x", Some(crate::catalog::base::Pin::Bolted), 2)?;
             let after = watch_fingerprints(c)?;
             assert_ne!(before, after);
             crate::catalog::base::set_variant_state(c, vid, VariantState::Served, None)?;

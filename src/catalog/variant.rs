@@ -1,6 +1,6 @@
-//! The closed vocabularies of the `variants` table: a variant's state and its kind, as
-//! enums that SQLite stores as the same lowercase words it always held (`ready`, `bolt`,
-//! ...), so the database needs no migration. A word the program does not know, read back
+//! The closed vocabularies of the catalog: a variant's state and its kind (`variants`), and a
+//! user's pin (`controls.pin`), as enums that SQLite stores as the same lowercase words it
+//! always held (`ready`, `bolt`, `original`, ...), so the database needs no migration. A word the program does not know, read back
 //! from SQLite, is an error naming the word and the column, not a silent default.
 
 use std::fmt;
@@ -105,6 +105,17 @@ impl VariantKind {
     /// serving is the instrumentation budget's, see `crate::policy::instrumented`).
     pub fn is_policed(self) -> bool {
         self != Self::Instrumented
+    }
+}
+
+stored_words! {
+    /// What a user's `pin` holds a path to (`controls.pin`; the control file's `pin NAME
+    /// original|bolted`). The policy obeys it.
+    Pin, "pin" {
+        /// Always serve the original.
+        Original => "original",
+        /// Always serve the optimized variant, when there is one.
+        Bolted => "bolted",
     }
 }
 

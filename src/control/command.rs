@@ -13,36 +13,13 @@
 
 use std::fmt;
 
-/// What a `pin` holds a binary to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum PinTarget {
-    Original,
-    Bolted,
-}
-
-impl PinTarget {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Original => "original",
-            Self::Bolted => "bolted",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "original" => Some(Self::Original),
-            "bolted" => Some(Self::Bolted),
-            _ => None,
-        }
-    }
-}
+use crate::policy::Pin;
 
 /// A parsed control command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     /// Always serve this binary's original (or its optimized variant, when there is one).
-    Pin { name: String, target: PinTarget },
+    Pin { name: String, target: Pin },
     /// Let the policy choose again.
     Unpin { name: String },
     /// Never profile, optimize or serve a variant of this binary: it reaches users as a
@@ -130,7 +107,7 @@ pub fn parse(bytes: &[u8]) -> Result<Command, ParseError> {
         "pin" => match args {
             [name, target] => {
                 let name = checked_name(name)?;
-                let target = PinTarget::parse(target).ok_or_else(|| {
+                let target = Pin::parse(target).ok_or_else(|| {
                     ParseError(format!(
                         "`pin` target must be `original` or `bolted`, got {target:?}"
                     ))
@@ -166,11 +143,11 @@ mod tests {
     fn parses_every_verb() {
         assert_eq!(
             parse(b"pin node original\n").unwrap(),
-            Command::Pin { name: "node".into(), target: PinTarget::Original }
+            Command::Pin { name: "node".into(), target: Pin::Original }
         );
         assert_eq!(
             parse(b"pin /usr/bin/node bolted").unwrap(),
-            Command::Pin { name: "/usr/bin/node".into(), target: PinTarget::Bolted }
+            Command::Pin { name: "/usr/bin/node".into(), target: Pin::Bolted }
         );
         assert_eq!(parse(b"unpin node").unwrap(), Command::Unpin { name: "node".into() });
         assert_eq!(parse(b"exclude node\n").unwrap(), Command::Exclude { name: "node".into() });

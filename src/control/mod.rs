@@ -15,6 +15,7 @@
 pub mod command;
 pub mod details;
 pub mod resolve;
+pub mod sections;
 pub mod status;
 pub mod subsystem;
 
@@ -22,7 +23,7 @@ use std::sync::Mutex;
 
 use crate::error::{FsError, FsResult};
 use crate::fs::{ControlFile, ControlPlane};
-pub use command::{Command, PinTarget};
+pub use command::Command;
 pub use status::StatusReport;
 pub use subsystem::{BinFiles, BinFilesSet, CommandHooks, SubsystemStatus};
 

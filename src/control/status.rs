@@ -6,6 +6,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::details::BinaryDetails;
+use super::sections::MachineSections;
 use crate::catalog::base::{ControlRow, EventRow, VariantRow};
 use crate::elf::ElfFacts;
 
@@ -20,8 +21,8 @@ pub struct StatusReport {
     pub overlay_skipped: Vec<String>,
     pub binaries: Vec<BinaryStatus>,
     pub controls: Vec<ControlRow>,
-    /// Subsystem sections (profiler, optimizer, policy), each as its own JSON object.
-    pub subsystems: serde_json::Map<String, serde_json::Value>,
+    /// Subsystem sections (profiler, optimizer, policy, ...), by subsystem name.
+    pub subsystems: MachineSections,
     pub recent_events: Vec<EventRow>,
 }
 
@@ -50,7 +51,7 @@ pub struct BinaryStatus {
     /// `original` or `variant <id>`.
     pub served: String,
     pub served_reason: String,
-    pub pin: Option<String>,
+    pub pin: Option<crate::policy::Pin>,
     pub excluded: bool,
     pub variants: Vec<VariantRow>,
     /// Subsystem details for this binary (profile, optimizer, policy), by subsystem name.
@@ -70,10 +71,8 @@ pub fn render_text(r: &StatusReport) -> String {
     for s in &r.overlay_skipped {
         let _ = writeln!(out, "  skipped: {s}");
     }
-    for (name, section) in &r.subsystems {
-        if let Some(summary) = section.get("summary").and_then(|s| s.as_str()) {
-            let _ = writeln!(out, "{name}: {summary}");
-        }
+    for (name, summary) in r.subsystems.summaries() {
+        let _ = writeln!(out, "{name}: {summary}");
     }
     let candidates = r.binaries.iter().filter(|b| b.candidate).count();
     let in_stage =
@@ -251,7 +250,7 @@ mod tests {
                 served: "original".into(),
                 served_reason: "serving original: slower by 2.1% (interval 1.3%..2.9% slower)"
                     .into(),
-                pin: Some("original".into()),
+                pin: Some(crate::policy::Pin::Original),
                 ..Default::default()
             }],
             ..Default::default()

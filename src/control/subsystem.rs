@@ -1,6 +1,6 @@
 //! What each subsystem (profiler, optimizer, policy) offers the control directory: its
 //! status section and per-binary details ([`SubsystemStatus`], filling the typed structs of
-//! [`super::details`]), per-binary files under
+//! [`super::sections`] and [`super::details`]), per-binary files under
 //! `bins/` ([`BinFiles`]), and the commands that reach beyond controls ([`CommandHooks`]).
 //! Subsystems implement these; the daemon's wiring hands them to the status report and the
 //! command handler, so no subsystem depends on the wiring.
@@ -9,13 +9,15 @@ use std::path::Path;
 
 use super::ActionError;
 use super::details::BinaryDetails;
+use super::sections::MachineSections;
 
 /// A subsystem's contribution to the status report.
 pub trait SubsystemStatus: Send + Sync {
     /// The section name in `status.json` ("profiler", "optimizer", "policy").
     fn name(&self) -> &'static str;
-    /// The machine-wide section; a `summary` string field is shown in the text table.
-    fn section(&self) -> serde_json::Value;
+    /// Fills this subsystem's machine-wide section (its field of `sections`; its `summary`
+    /// is shown in the text status).
+    fn section(&self, sections: &mut MachineSections);
     /// Fills this subsystem's part of a binary's status (its field of `details`; its
     /// `summary` is shown in the text table). Nothing to say: leave it `None`.
     fn binary(&self, conn: &rusqlite::Connection, binary_id: i64, details: &mut BinaryDetails);
@@ -86,4 +88,14 @@ pub fn binary_json(
     let mut details = BinaryDetails::default();
     s.binary(conn, binary_id, &mut details);
     serde_json::to_value(&details).ok()?.get(s.name()).cloned()
+}
+
+/// A subsystem's machine-wide section as `status.json` shows it (tests check the JSON shape
+/// users and scripts read).
+#[cfg(test)]
+pub fn section_json(s: &dyn SubsystemStatus) -> serde_json::Value {
+    let mut sections = MachineSections::default();
+    s.section(&mut sections);
+    let json = serde_json::to_value(&sections).expect("a section serializes");
+    json.get(s.name()).cloned().unwrap_or_else(|| panic!("no {} section", s.name()))
 }

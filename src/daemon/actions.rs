@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::catalog::{Catalog, base};
 use crate::clock::Clock;
-use crate::control::command::{Command, PinTarget};
+use crate::control::command::Command;
 use crate::control::resolve::resolve_name;
 use crate::control::{ActionError, CommandHooks, ControlActions};
 
@@ -32,7 +32,7 @@ impl ControlActions for Actions {
         let now = self.clock.unix_secs();
         let done = match command {
             Command::Pin { target, .. } => {
-                let pin = target.as_str();
+                let pin = *target;
                 self.write(move |c| base::set_pin(c, &text, Some(pin), now))?;
                 format!("{} pinned to {}", path.display(), target.as_str())
             }
@@ -81,15 +81,11 @@ impl Actions {
     }
 }
 
-/// The pin a control row holds, typed.
-pub fn pin_of(row: &base::ControlRow) -> Option<PinTarget> {
-    row.pin.as_deref().and_then(PinTarget::parse)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::clock::SystemClock;
+    use crate::policy::Pin;
     use std::sync::Mutex;
 
     #[test]
@@ -113,11 +109,11 @@ mod tests {
             train: None,
         };
         actions.apply(&Command::Exclude { name: "tool".into() }).unwrap();
-        actions.apply(&Command::Pin { name: "tool".into(), target: PinTarget::Original }).unwrap();
+        actions.apply(&Command::Pin { name: "tool".into(), target: Pin::Original }).unwrap();
         let rows = catalog.run_blocking(|c| base::controls(c)).unwrap();
         assert_eq!(rows.len(), 1);
         assert!(rows[0].excluded);
-        assert_eq!(pin_of(&rows[0]), Some(PinTarget::Original));
+        assert_eq!(rows[0].pin, Some(Pin::Original));
         assert_eq!(refreshed.lock().unwrap().len(), 2);
 
         let err = actions.apply(&Command::Exclude { name: "nope".into() }).unwrap_err();

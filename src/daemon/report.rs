@@ -89,7 +89,7 @@ impl StatusSource for Reporter {
             ..Default::default()
         };
         for s in &self.subsystems {
-            report.subsystems.insert(s.name().to_string(), s.section());
+            s.section(&mut report.subsystems);
         }
         for p in paths {
             let binary = p.binary_id.and_then(|id| binaries.get(&id));
@@ -133,7 +133,7 @@ impl StatusSource for Reporter {
                 candidate_reason,
                 served,
                 served_reason,
-                pin: control.and_then(|c| c.pin.clone()),
+                pin: control.and_then(|c| c.pin),
                 excluded,
                 variants: vs,
                 details: p.binary_id.and_then(|id| details.remove(&id)).unwrap_or_default(),

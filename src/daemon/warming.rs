@@ -4,10 +4,9 @@
 
 use std::sync::Arc;
 
-use serde_json::{Value, json};
-
 use crate::config::Config;
 use crate::control::SubsystemStatus;
+use crate::control::sections::{MachineSections, WarmMachine};
 use crate::warm::warmer::Environment;
 use crate::warm::{Warmer, pages::Kernel, pressure::MEMORY_PSI};
 
@@ -27,13 +26,9 @@ impl SubsystemStatus for WarmSection {
         "warm"
     }
 
-    fn section(&self) -> Value {
+    fn section(&self, sections: &mut MachineSections) {
         let status = self.0.status();
-        let mut v = serde_json::to_value(&status).unwrap_or_else(|_| json!({}));
-        if let Value::Object(map) = &mut v {
-            map.insert("summary".into(), Value::String(status.summary()));
-        }
-        v
+        sections.warm = Some(WarmMachine { summary: status.summary(), status });
     }
 
     fn binary(

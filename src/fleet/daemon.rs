@@ -15,6 +15,7 @@ use crate::catalog::{Catalog, base, profiles};
 use crate::clock::Clock;
 use crate::control::SubsystemStatus;
 use crate::control::details::BinaryDetails;
+use crate::control::sections::MachineSections;
 use crate::policy::load::{PipelineView, Veto};
 use crate::policy::{Pipeline, VariantState};
 
@@ -85,8 +86,8 @@ impl SubsystemStatus for FleetStatus {
         "fleet"
     }
 
-    fn section(&self) -> serde_json::Value {
-        self.view.section()
+    fn section(&self, sections: &mut MachineSections) {
+        sections.fleet = Some(self.view.section());
     }
 
     fn binary(&self, conn: &Connection, binary_id: i64, details: &mut BinaryDetails) {

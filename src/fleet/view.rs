@@ -182,7 +182,7 @@ impl FleetView {
     }
 
     /// The machine-wide status section.
-    pub fn section(&self) -> serde_json::Value {
+    pub fn section(&self) -> FleetMachine {
         let s = self.read();
         let link = s.link.clone().unwrap_or(Link::Starting);
         let summary = match &link {
@@ -200,20 +200,19 @@ impl FleetView {
                 s.queued
             ),
         };
-        let quarantined: BTreeMap<&String, &String> = s.quarantined.iter().collect();
-        serde_json::json!({
-            "summary": summary,
-            "machine": self.machine,
-            "mode": if self.writes { "read-write" } else { "read" },
-            "link": link,
-            "queued_pushes": s.queued,
-            "pushed_total": s.pushed_total,
-            "dropped_pushes": s.dropped_total,
-            "refused_total": s.refused_total,
-            "refused_recent": s.refusals,
-            "last_round": s.last_round,
-            "quarantined_variants": quarantined,
-        })
+        FleetMachine {
+            dropped_pushes: s.dropped_total,
+            last_round: s.last_round,
+            link,
+            machine: self.machine.clone(),
+            mode: if self.writes { "read-write" } else { "read" },
+            pushed_total: s.pushed_total,
+            quarantined_variants: s.quarantined.clone().into_iter().collect(),
+            queued_pushes: s.queued,
+            refused_recent: s.refusals.clone(),
+            refused_total: s.refused_total,
+            summary,
+        }
     }
 
     /// Per-binary details: where the profile came from.
@@ -244,6 +243,25 @@ impl FleetView {
             summary,
         })
     }
+}
+
+/// The fleet's machine-wide status (`subsystems.fleet` in `status.json`): the link to
+/// Redis, pushes and refusals, and the variants other machines quarantined.
+#[derive(Debug, Clone, Serialize)]
+pub struct FleetMachine {
+    pub dropped_pushes: u64,
+    pub last_round: Option<i64>,
+    pub link: Link,
+    pub machine: String,
+    /// `read-write` or `read`.
+    pub mode: &'static str,
+    pub pushed_total: u64,
+    /// Variant sha256 -> why a machine quarantined it.
+    pub quarantined_variants: BTreeMap<String, String>,
+    pub queued_pushes: usize,
+    pub refused_recent: VecDeque<Refusal>,
+    pub refused_total: u64,
+    pub summary: String,
 }
 
 /// The fleet's status of one binary (`details.fleet` in `status.json`): where its profile

@@ -41,10 +41,8 @@ pub fn render(
         esc(&report.mountpoint),
         report.daemon.pid
     );
-    for (name, section) in &report.subsystems {
-        if let Some(s) = section.get("summary").and_then(|s| s.as_str()) {
-            let _ = writeln!(o, "<p><b>{}</b>: {}</p>", esc(name), esc(s));
-        }
+    for (name, s) in report.subsystems.summaries() {
+        let _ = writeln!(o, "<p><b>{}</b>: {}</p>", esc(name), esc(s));
     }
 
     o.push_str("<h2>Host: utilization, saturation, errors</h2>\n");

@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
@@ -96,55 +95,51 @@ fn escape_label(v: &str) -> String {
     v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
-fn num(v: &Value, pointer: &str) -> Option<f64> {
-    v.pointer(pointer).and_then(Value::as_f64)
-}
-
 /// The metrics page.
 pub fn render(report: &StatusReport, host: Option<&UseSummary>) -> String {
     let mut f = Families::default();
-    let sections = Value::Object(report.subsystems.clone());
-    let counters: [(&'static str, &str, &'static str); 5] = [
-        ("optbin_profiler_samples_total", "/profiler/samples", "Samples the profiler read."),
-        (
-            "optbin_profiler_lost_records_total",
-            "/profiler/lost_records",
-            "Records the kernel dropped because a ring buffer was full.",
-        ),
-        (
-            "optbin_profiler_unattributed_samples_total",
-            "/profiler/unattributed_samples",
-            "Samples of programs optbin does not profile.",
-        ),
-        (
-            "optbin_profiler_cpu_seconds_total",
-            "/profiler/sampler_cpu_secs",
-            "CPU seconds the sampling thread used.",
-        ),
-        (
-            "optbin_runs_measured_total",
-            "/policy/measurement/runs_measured",
-            "Runs of served binaries measured.",
-        ),
-    ];
-    for (name, pointer, help) in counters {
-        if let Some(v) = num(&sections, pointer) {
+    let sections = &report.subsystems;
+    if let Some(p) = &sections.profiler {
+        let p = &p.status;
+        let counters: [(&'static str, f64, &'static str); 4] = [
+            ("optbin_profiler_samples_total", p.samples as f64, "Samples the profiler read."),
+            (
+                "optbin_profiler_lost_records_total",
+                p.lost_records as f64,
+                "Records the kernel dropped because a ring buffer was full.",
+            ),
+            (
+                "optbin_profiler_unattributed_samples_total",
+                p.unattributed_samples as f64,
+                "Samples of programs optbin does not profile.",
+            ),
+            (
+                "optbin_profiler_cpu_seconds_total",
+                p.sampler_cpu_secs,
+                "CPU seconds the sampling thread used.",
+            ),
+        ];
+        for (name, v, help) in counters {
             f.add(name, "counter", help, &[], v);
         }
     }
-    for (result, pointer) in [("built", "/optimizer/built"), ("failed", "/optimizer/failed")] {
-        if let Some(v) = num(&sections, pointer) {
+    if let Some(p) = &sections.policy {
+        let v = p.measurement.runs_measured as f64;
+        f.add("optbin_runs_measured_total", "counter", "Runs of served binaries measured.", &[], v);
+    }
+    if let Some(o) = &sections.optimizer {
+        let o = &o.status;
+        for (result, v) in [("built", o.built), ("failed", o.failed)] {
             f.add(
                 "optbin_bolt_jobs_total",
                 "counter",
                 "BOLT jobs finished, by result.",
                 &[("result", result)],
-                v,
+                v as f64,
             );
         }
-    }
-    if let Some(q) = sections.pointer("/optimizer/queued").and_then(Value::as_array) {
-        f.add("optbin_bolt_jobs_queued", "gauge", "BOLT jobs waiting.", &[], q.len() as f64);
+        let queued = o.queued.len() as f64;
+        f.add("optbin_bolt_jobs_queued", "gauge", "BOLT jobs waiting.", &[], queued);
     }
     f.add(
         "optbin_binaries_seen",
@@ -302,17 +297,35 @@ pub async fn serve_http(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bolt::discover::BoltState;
+    use crate::bolt::status::OptimizerStatus;
+    use crate::control::sections::{DiskCaps, OptimizerMachine, OrError, ProfilerMachine};
     use crate::observe::host::UseRow;
+    use crate::profile::ProfilerStatus;
 
     #[test]
     fn the_page_parses_as_prometheus_text() {
         let mut report = StatusReport::default();
-        report
-            .subsystems
-            .insert("profiler".into(), serde_json::json!({"samples": 12, "lost_records": 0}));
-        report
-            .subsystems
-            .insert("optimizer".into(), serde_json::json!({"built": 1, "failed": 2, "queued": []}));
+        report.subsystems.profiler = Some(ProfilerMachine {
+            status: ProfilerStatus { samples: 12, ..Default::default() },
+            disk_caps: DiskCaps { per_binary_bytes: 1, total_bytes: 2 },
+            enabled: true,
+            summary: String::new(),
+            thresholds: Default::default(),
+        });
+        let mut status = OptimizerStatus::new(&BoltState::Missing { looked_in: vec![] });
+        (status.built, status.failed) = (1, 2);
+        report.subsystems.optimizer = Some(OptimizerMachine {
+            applicability: Default::default(),
+            status,
+            failures: vec![],
+            maturity: Default::default(),
+            off: None,
+            scratch_dir: "/tmp".into(),
+            store: OrError::Read(Default::default()),
+            store_dir: "/var/lib/optbin/variants".into(),
+            summary: String::new(),
+        });
         let host = UseSummary {
             at: 0,
             interval_secs: 10.0,
@@ -330,6 +343,9 @@ mod tests {
         let scrape = prometheus_parse::Scrape::parse(lines).unwrap();
         let names: Vec<&str> = scrape.samples.iter().map(|s| s.metric.as_str()).collect();
         assert!(names.contains(&"optbin_profiler_samples_total"), "{text}");
+        assert!(text.contains("optbin_profiler_samples_total 12\n"), "{text}");
+        assert!(text.contains("optbin_bolt_jobs_total{result=\"failed\"} 2\n"), "{text}");
+        assert!(text.contains("optbin_bolt_jobs_queued 0\n"), "{text}");
         assert!(names.contains(&"optbin_host_utilization_ratio"));
         assert_eq!(text.matches("# TYPE optbin_bolt_jobs_total").count(), 1, "{text}");
     }

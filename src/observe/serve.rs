@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use super::flame::{self, SymbolCache};
@@ -21,6 +20,7 @@ use crate::catalog::{Catalog, base};
 use crate::clock::{Clock, SystemClock};
 use crate::control::SubsystemStatus;
 use crate::control::details::{BinaryDetails, ObserveBinary};
+use crate::control::sections::{MachineSections, ObserveMachine};
 use crate::control::{ExtraFiles, StatusReport, StatusSource};
 use crate::profile::attribute::{Frame, StackOwner, StackSample};
 use crate::profile::stacks::StackStore;
@@ -136,9 +136,9 @@ impl SubsystemStatus for Section {
         "observe"
     }
 
-    fn section(&self) -> Value {
+    fn section(&self, sections: &mut MachineSections) {
         let summary = self.0.summary.read().map(|s| s.clone()).unwrap_or_default();
-        json!({ "summary": summary })
+        sections.observe = Some(ObserveMachine { summary });
     }
 
     fn binary(&self, conn: &rusqlite::Connection, binary_id: i64, details: &mut BinaryDetails) {

@@ -7,7 +7,7 @@ use rusqlite::Connection;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    BinaryInput, Controls, Evaluation, Pin, Pipeline, PolicyConfig, RunInput, Stage, VariantInput,
+    BinaryInput, Controls, Evaluation, Pipeline, PolicyConfig, RunInput, Stage, VariantInput,
     VariantState, cpu_saved_ns, decide, evaluate,
 };
 use crate::catalog::{base, flag_trials, runs};
@@ -145,7 +145,7 @@ pub fn controls_of(conn: &Connection, path: &str) -> anyhow::Result<Controls> {
     Ok(rows
         .into_iter()
         .find(|c| c.path == path)
-        .map(|c| Controls { pin: c.pin.as_deref().and_then(Pin::parse), excluded: c.excluded })
+        .map(|c| Controls { pin: c.pin, excluded: c.excluded })
         .unwrap_or_default())
 }
 

@@ -208,23 +208,9 @@ pub struct BinaryInput {
     pub next_run_id: i64,
 }
 
-/// A user's pin.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Pin {
-    Original,
-    Bolted,
-}
-
-impl Pin {
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "original" => Some(Self::Original),
-            "bolted" => Some(Self::Bolted),
-            _ => None,
-        }
-    }
-}
+/// A user's pin: the catalog's stored word, the control file's target and the policy's
+/// input are this one enum.
+pub use crate::catalog::variant::Pin;
 
 /// The user's controls over one path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

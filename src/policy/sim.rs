@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
 
+use super::stats::median;
 use super::{
     BinaryInput, PolicyConfig, RunInput, ServeDecision, VariantInput, VariantState, evaluate,
 };
@@ -229,10 +230,10 @@ pub struct TrialSummary {
     pub promoted: usize,
     pub rejected: usize,
     pub undecided: usize,
-    /// Median execs until a decision (promotion or rejection).
-    pub median_execs_to_decision: usize,
+    /// Median execs until a decision (promotion or rejection); 0 when none was decided.
+    pub median_execs_to_decision: f64,
     /// Median execs until promotion (over promoted trials).
-    pub median_execs_to_promotion: Option<usize>,
+    pub median_execs_to_promotion: Option<f64>,
 }
 
 impl TrialSummary {
@@ -254,21 +255,17 @@ pub fn run_trials(spec: &SimSpec, cfg: &PolicyConfig, trials: usize, seed0: u64)
         match simulate_canary(spec, cfg, seed0 + i as u64) {
             SimOutcome::Promoted { execs, .. } => {
                 s.promoted += 1;
-                decided.push(execs);
-                promoted.push(execs);
+                decided.push(execs as f64);
+                promoted.push(execs as f64);
             }
             SimOutcome::Rejected { execs, .. } => {
                 s.rejected += 1;
-                decided.push(execs);
+                decided.push(execs as f64);
             }
             SimOutcome::Undecided { .. } => s.undecided += 1,
         }
     }
-    let median = |v: &mut Vec<usize>| {
-        v.sort_unstable();
-        v.get(v.len() / 2).copied()
-    };
-    s.median_execs_to_decision = median(&mut decided).unwrap_or(0);
+    s.median_execs_to_decision = median(&mut decided).unwrap_or(0.0);
     s.median_execs_to_promotion = median(&mut promoted);
     s
 }

@@ -247,7 +247,7 @@ mod tests {
 
     use super::*;
     use crate::catalog::base::{
-        NewVariant, VariantKind, VariantState, insert_variant, set_excluded, set_pin,
+        NewVariant, Pin, VariantKind, VariantState, insert_variant, set_excluded, set_pin,
         upsert_binary, upsert_path,
     };
     use crate::elf::ElfFacts;
@@ -367,9 +367,9 @@ mod tests {
         assert!((19_000_000..=21_000_000).contains(&summary.cpu_saved_ns), "{summary:?}");
 
         // Pins and exclusions reach the serving table on the next rescan.
-        catalog.run(|c| set_pin(c, "/usr/bin/tool", Some("original"), 2)).await.unwrap();
+        catalog.run(|c| set_pin(c, "/usr/bin/tool", Some(Pin::Original), 2)).await.unwrap();
         wait_for(&sink, ServeDecision::Original).await;
-        catalog.run(|c| set_pin(c, "/usr/bin/tool", Some("bolted"), 3)).await.unwrap();
+        catalog.run(|c| set_pin(c, "/usr/bin/tool", Some(Pin::Bolted), 3)).await.unwrap();
         wait_for(&sink, ServeDecision::Variant(vid)).await;
         catalog.run(|c| set_excluded(c, "/usr/bin/tool", true, 4)).await.unwrap();
         wait_for(&sink, ServeDecision::Original).await;

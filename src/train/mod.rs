@@ -26,13 +26,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::control::ActionError;
 use crate::control::SubsystemStatus;
 use crate::control::details::{BinaryDetails, OutputCheckStatus, TrainingBinary};
 use crate::control::resolve::resolve_name;
+use crate::control::sections::{MachineSections, RefusedFile, TrainingCommand, TrainingMachine};
 use check::{CheckKey, OutputCheck, Verdict};
 use file::TrainCommand;
 
@@ -349,7 +350,7 @@ impl SubsystemStatus for TrainStatus {
         "training"
     }
 
-    fn section(&self) -> Value {
+    fn section(&self, sections: &mut MachineSections) {
         let t = &self.0;
         let st = t.lock();
         let runs: u64 = st.progress.values().map(|p| p.runs).sum();
@@ -369,19 +370,30 @@ impl SubsystemStatus for TrainStatus {
             }
             s
         };
-        json!({
-            "enabled": t.settings.enabled,
-            "dir": t.settings.dir,
-            "idle_load": t.settings.idle_load,
-            "load_per_cpu": st.load_per_cpu,
-            "idle": st.idle,
-            "commands": st.commands.iter().map(|c| json!({
-                "file": c.file, "binary": c.binary, "args": c.args, "user": c.user,
-                "progress": st.progress.get(&c.file).cloned().unwrap_or_default(),
-            })).collect::<Vec<_>>(),
-            "refused": st.refused.iter().map(|(f, why)| json!({"file": f, "error": why})).collect::<Vec<_>>(),
-            "summary": summary,
-        })
+        sections.training = Some(TrainingMachine {
+            commands: st
+                .commands
+                .iter()
+                .map(|c| TrainingCommand {
+                    args: c.args.clone(),
+                    binary: c.binary.clone(),
+                    file: c.file.clone(),
+                    progress: st.progress.get(&c.file).cloned().unwrap_or_default(),
+                    user: c.user.clone(),
+                })
+                .collect(),
+            dir: t.settings.dir.clone(),
+            enabled: t.settings.enabled,
+            idle: st.idle,
+            idle_load: t.settings.idle_load,
+            load_per_cpu: st.load_per_cpu,
+            refused: st
+                .refused
+                .iter()
+                .map(|(file, why)| RefusedFile { error: why.clone(), file: file.clone() })
+                .collect(),
+            summary,
+        });
     }
 
     fn binary(&self, conn: &rusqlite::Connection, binary_id: i64, details: &mut BinaryDetails) {
@@ -460,7 +472,8 @@ mod tests {
         for s in ["serving_optimized", "serving_original", "excluded", "pinned", "crashed"] {
             assert!(!needs_runs(s), "{s}");
         }
-        let e = json!({"details": {"policy": {"stage": {"canary": {"variant_id": 1}}}}});
+        let e =
+            serde_json::json!({"details": {"policy": {"stage": {"canary": {"variant_id": 1}}}}});
         assert_eq!(stage_key(&e), "canary");
     }
 }

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 
 use rusqlite::Connection;
-use serde_json::{Value, json};
 
 use super::Shared;
 use super::candidate::{profile_numbers, verdict};
@@ -19,6 +18,7 @@ use crate::catalog::base::{VariantKind, VariantState};
 use crate::catalog::{base, bolt_jobs, runs};
 use crate::control::SubsystemStatus;
 use crate::control::details::{BinaryDetails, Detail, OptimizerBinary};
+use crate::control::sections::{FailedJob, MachineSections, OptimizerMachine, OrError};
 use crate::control::status::human_size;
 use crate::policy::Pipeline;
 use crate::policy::load::PipelineView;
@@ -38,42 +38,31 @@ impl SubsystemStatus for OptimizerReport {
         "optimizer"
     }
 
-    fn section(&self) -> Value {
+    fn section(&self, sections: &mut MachineSections) {
         let shared = &self.shared;
         let status = shared.handle.status();
-        let failures = shared
-            .catalog
-            .run_blocking(|c| {
-                let mut out = Vec::new();
-                for job in bolt_jobs::recent_failures(c, FAILURES_SHOWN)? {
-                    let paths = runs::paths_of_binary(c, job.binary_id)?;
-                    out.push(json!({ "paths": paths, "job": job }));
-                }
-                Ok(out)
-            })
-            .unwrap_or_else(|e| vec![json!({ "error": format!("{e:#}") })]);
-        let store = shared.store.disk_usage();
-        let summary = section_summary(shared, &status, store.as_ref().ok());
-        json!({
-            "summary": summary,
-            "off": shared.off,
-            "bolt": status.bolt,
-            "scratch_dir": shared.settings.scratch_dir,
-            "queued": status.queued,
-            "running": status.running,
-            "recent": status.recent,
-            "failures": failures,
-            "built": status.built,
-            "failed": status.failed,
-            "skipped": status.skipped,
-            "store": match &store {
-                Ok(u) => json!(u),
-                Err(e) => json!({ "error": format!("{e:#}") }),
-            },
-            "store_dir": shared.store.root(),
-            "maturity": shared.thresholds,
-            "applicability": shared.applicability,
-        })
+        let failures = shared.catalog.run_blocking(|c| {
+            let mut out = Vec::new();
+            for job in bolt_jobs::recent_failures(c, FAILURES_SHOWN)? {
+                let paths = runs::paths_of_binary(c, job.binary_id)?;
+                out.push(OrError::Read(FailedJob { job, paths }));
+            }
+            Ok(out)
+        });
+        // An unreadable list is one entry saying why, where the failures would be.
+        let failures = failures.unwrap_or_else(|e| vec![OrError::of(Err(e))]);
+        let store = OrError::of(shared.store.disk_usage());
+        sections.optimizer = Some(OptimizerMachine {
+            summary: section_summary(shared, &status, store.read()),
+            applicability: shared.applicability.clone(),
+            status,
+            failures,
+            maturity: shared.thresholds,
+            off: shared.off.clone(),
+            scratch_dir: shared.settings.scratch_dir.clone(),
+            store,
+            store_dir: shared.store.root().to_path_buf(),
+        });
     }
 
     fn binary(&self, conn: &Connection, binary_id: i64, details: &mut BinaryDetails) {

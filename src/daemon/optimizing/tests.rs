@@ -9,6 +9,7 @@ use super::*;
 use crate::catalog::{base, bolt_jobs, profiles, runs};
 use crate::clock::SystemClock;
 use crate::config::{FileConfig, Overrides};
+use crate::control::subsystem::section_json;
 use crate::elf::ElfFacts;
 use crate::identity::{ContentId, FileKey};
 use crate::policy::Pipeline;
@@ -88,7 +89,7 @@ fn a_missing_bolt_turns_the_optimizer_off_with_where_it_looked() {
     );
     let catalog = Catalog::in_memory().unwrap();
     let o = Optimizing::new(&cfg, &catalog, Arc::new(SystemClock), None).unwrap();
-    let section = o.status().section();
+    let section = section_json(&*o.status());
     let summary = section["summary"].as_str().unwrap();
     assert!(summary.starts_with("off: BOLT is not installed"), "{summary}");
     assert!(summary.contains("/nonexistent/llvm-bolt: not found"), "{summary}");
@@ -112,7 +113,7 @@ fn a_scratch_dir_the_sandbox_user_cannot_reach_turns_it_off() {
     let cfg = config(dir.path(), &format!("scratch_dir = {:?}\n", scratch.display().to_string()));
     let o =
         Optimizing::new(&cfg, &Catalog::in_memory().unwrap(), Arc::new(SystemClock), None).unwrap();
-    let summary = o.status().section()["summary"].as_str().unwrap().to_string();
+    let summary = section_json(&*o.status())["summary"].as_str().unwrap().to_string();
     assert!(summary.contains("the scratch directory is unusable"), "{summary}");
 }
 
@@ -125,7 +126,7 @@ fn a_scratch_dir_everyone_may_write_is_refused_and_left_untouched() {
     let cfg = config(dir.path(), &format!("scratch_dir = {:?}\n", shared.display().to_string()));
     let o =
         Optimizing::new(&cfg, &Catalog::in_memory().unwrap(), Arc::new(SystemClock), None).unwrap();
-    let summary = o.status().section()["summary"].as_str().unwrap().to_string();
+    let summary = section_json(&*o.status())["summary"].as_str().unwrap().to_string();
     assert!(summary.contains("writable by everyone"), "{summary}");
     let mode = std::fs::metadata(&shared).unwrap().permissions().mode();
     assert_eq!(mode & 0o7777, 0o1777);

@@ -2,10 +2,10 @@
 //! `.optbin/bins/NAME/`.
 
 use rusqlite::Connection;
-use serde_json::{Value, json};
 
 use crate::catalog::profiles;
 use crate::control::details::{BinaryDetails, Detail, ProfilerBinary};
+use crate::control::sections::{DiskCaps, MachineSections, ProfilerMachine};
 use crate::control::{BinFiles, SubsystemStatus};
 use crate::profile::maturity::{MaturityThresholds, group};
 use crate::profile::{ProfileSummary, ProfilerStatus, ProfilerStatusHandle};
@@ -29,20 +29,18 @@ impl SubsystemStatus for ProfilerSection {
         "profiler"
     }
 
-    fn section(&self) -> Value {
-        let snapshot = self.status.snapshot();
-        let summary = machine_summary(self.enabled, &snapshot);
-        let mut v = serde_json::to_value(&snapshot).unwrap_or_else(|_| json!({}));
-        if let Value::Object(map) = &mut v {
-            map.insert("summary".into(), Value::String(summary));
-            map.insert("enabled".into(), Value::Bool(self.enabled));
-            map.insert("thresholds".into(), json!(self.thresholds));
-            map.insert(
-                "disk_caps".into(),
-                json!({ "per_binary_bytes": self.disk_caps.0, "total_bytes": self.disk_caps.1 }),
-            );
-        }
-        v
+    fn section(&self, sections: &mut MachineSections) {
+        let status = self.status.snapshot();
+        sections.profiler = Some(ProfilerMachine {
+            summary: machine_summary(self.enabled, &status),
+            status,
+            disk_caps: DiskCaps {
+                per_binary_bytes: self.disk_caps.0,
+                total_bytes: self.disk_caps.1,
+            },
+            enabled: self.enabled,
+            thresholds: self.thresholds,
+        });
     }
 
     fn binary(&self, conn: &Connection, binary_id: i64, details: &mut BinaryDetails) {

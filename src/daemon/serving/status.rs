@@ -5,12 +5,13 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use serde_json::json;
-
 use super::Inner;
 use crate::control::SubsystemStatus;
 use crate::control::details::{
     BinaryDetails, CounterChanges, Detail, Gain, PathStage, PolicyBinary, RunCount,
+};
+use crate::control::sections::{
+    DroppedRuns, MachineSections, MeasurementStatus, OrError, PolicyFigures, PolicyMachine,
 };
 use crate::policy::Stage;
 use crate::policy::load::{
@@ -38,7 +39,7 @@ impl PolicyStatus {
         ))
     }
 
-    fn measurement_json(&self) -> (serde_json::Value, String) {
+    fn measurement(&self) -> (MeasurementStatus, String) {
         let m = &self.inner.measurement;
         let measured = m.measured.load(Ordering::Relaxed);
         let killed = m.killed.load(Ordering::Relaxed);
@@ -50,22 +51,6 @@ impl PolicyStatus {
         };
         let hardware = m.measurer.as_ref().map(|x| x.hardware_counters()).unwrap_or_default();
         let counters = crate::measure::counters::counters_line(&hardware);
-        let json = json!({
-            "on": m.is_on(),
-            "hardware_counters": hardware.iter().map(|h| h.name()).collect::<Vec<_>>(),
-            "counters": counters,
-            "why_off": m.off,
-            "runs_measured": measured,
-            "runs_killed_by_signal": killed,
-            "pending": pending,
-            "dropped": {
-                "not_attached": not_attached,
-                "exec_failed": dropped.exec_failed,
-                "lost": dropped.lost,
-                "unreadable": dropped.unreadable,
-                "not_recorded": not_recorded,
-            },
-        });
         let lost = not_attached + dropped.lost + dropped.unreadable + not_recorded;
         let text = match &m.off {
             None if not_recorded > 0 => format!(
@@ -78,7 +63,23 @@ impl PolicyStatus {
             }
             Some(why) => format!("measurement off, no canaries ({why})"),
         };
-        (json, text)
+        let status = MeasurementStatus {
+            counters,
+            dropped: DroppedRuns {
+                exec_failed: dropped.exec_failed,
+                lost: dropped.lost,
+                not_attached,
+                not_recorded,
+                unreadable: dropped.unreadable,
+            },
+            hardware_counters: hardware.iter().map(|h| h.name()).collect(),
+            on: m.is_on(),
+            pending,
+            runs_killed_by_signal: killed,
+            runs_measured: measured,
+            why_off: m.off.clone(),
+        };
+        (status, text)
     }
 }
 
@@ -87,32 +88,32 @@ impl SubsystemStatus for PolicyStatus {
         "policy"
     }
 
-    fn section(&self) -> serde_json::Value {
-        let (measurement, measurement_text) = self.measurement_json();
+    fn section(&self, sections: &mut MachineSections) {
+        let (measurement, measurement_text) = self.measurement();
         let (cfg, pipeline) = (self.inner.config.clone(), self.inner.pipeline());
-        let summary =
-            self.inner.catalog.run_blocking(move |c| machine_summary(c, &cfg, &*pipeline));
-        let (machine, machine_text) = match summary {
-            Ok(s) => (
-                json!({
-                    "binaries_optimized": s.binaries_optimized,
-                    "cpu_saved_ns": s.cpu_saved_ns,
-                }),
-                format!(
-                    "{} binar{} served optimized, {:.1} s CPU time saved",
-                    s.binaries_optimized,
-                    if s.binaries_optimized == 1 { "y" } else { "ies" },
-                    s.cpu_saved_ns as f64 / 1e9
-                ),
+        let machine = OrError::of(
+            self.inner.catalog.run_blocking(move |c| machine_summary(c, &cfg, &*pipeline)).map(
+                |s| PolicyFigures {
+                    binaries_optimized: s.binaries_optimized,
+                    cpu_saved_ns: s.cpu_saved_ns,
+                },
             ),
-            Err(e) => (json!({ "error": format!("{e:#}") }), "summary unavailable".into()),
+        );
+        let machine_text = match machine.read() {
+            Some(s) => format!(
+                "{} binar{} served optimized, {:.1} s CPU time saved",
+                s.binaries_optimized,
+                if s.binaries_optimized == 1 { "y" } else { "ies" },
+                s.cpu_saved_ns as f64 / 1e9
+            ),
+            None => "summary unavailable".into(),
         };
-        json!({
-            "measurement": measurement,
-            "machine": machine,
-            "config": self.inner.config,
-            "summary": format!("{measurement_text}; {machine_text}"),
-        })
+        sections.policy = Some(PolicyMachine {
+            config: self.inner.config.clone(),
+            machine,
+            measurement,
+            summary: format!("{measurement_text}; {machine_text}"),
+        });
     }
 
     fn binary(&self, conn: &rusqlite::Connection, binary_id: i64, details: &mut BinaryDetails) {

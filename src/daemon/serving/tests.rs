@@ -10,8 +10,8 @@ use super::reconcile::*;
 use super::translate::*;
 use super::*;
 use crate::catalog::base::{self, VariantKind, VariantRow, VariantState};
-use crate::catalog::base::{NewVariant, insert_variant, set_pin, upsert_binary, upsert_path};
-use crate::control::subsystem::binary_json;
+use crate::catalog::base::{NewVariant, Pin, insert_variant, set_pin, upsert_binary, upsert_path};
+use crate::control::subsystem::{binary_json, section_json};
 use crate::elf::ElfFacts;
 use crate::fs::FsEvent;
 use crate::identity::ContentId;
@@ -141,11 +141,11 @@ fn refresh_applies_the_policy_and_controls_to_the_serving_table() {
     assert_eq!(states[0].state, VariantState::Canary, "the evaluation's transition was recorded");
 
     let text = w.path.to_string_lossy().into_owned();
-    w.catalog.run_blocking(move |c| set_pin(c, &text, Some("original"), 2)).unwrap();
+    w.catalog.run_blocking(move |c| set_pin(c, &text, Some(Pin::Original), 2)).unwrap();
     p.reconciler().refresh(&w.path);
     assert_eq!(serving.served_share(&w.path), None, "a pin to the original wins");
     let text = w.path.to_string_lossy().into_owned();
-    w.catalog.run_blocking(move |c| set_pin(c, &text, Some("bolted"), 3)).unwrap();
+    w.catalog.run_blocking(move |c| set_pin(c, &text, Some(Pin::Bolted), 3)).unwrap();
     p.reconciler().refresh(&w.path);
     assert_eq!(serving.served_share(&w.path).map(|x| x.1), Some(1.0));
 
@@ -164,7 +164,7 @@ fn without_measurement_canaries_are_not_served_and_status_says_why() {
     p.reconciler().refresh(&w.path);
     assert_eq!(serving.served_share(&w.path), None);
     let status = p.status();
-    let section = status.section();
+    let section = section_json(&*status);
     assert_eq!(section["measurement"]["on"], false);
     assert_eq!(section["measurement"]["why_off"], "not here");
     let summary = section["summary"].as_str().unwrap();
@@ -338,7 +338,7 @@ fn exec_opens_are_measured_before_the_event_is_forwarded() {
     assert_eq!(forwarded.len(), 4, "every event goes on");
     let m = p.inner.measurement.measurer.as_ref().unwrap();
     assert_eq!(m.pending(), 1, "only the exec-time open that could attach is pending");
-    let section = p.status().section();
+    let section = section_json(&*p.status());
     assert_eq!(section["measurement"]["dropped"]["not_attached"], 1);
     assert_eq!(section["measurement"]["pending"], 1);
 }
@@ -363,7 +363,7 @@ async fn the_policy_task_drives_the_serving_table() {
     assert_eq!(got, Some((w.variant_id, 0.95)));
     // A pin noticed by the rescan alone (no refresh call) reaches the table too.
     let text = w.path.to_string_lossy().into_owned();
-    w.catalog.run(move |c| set_pin(c, &text, Some("original"), 2)).await.unwrap();
+    w.catalog.run(move |c| set_pin(c, &text, Some(Pin::Original), 2)).await.unwrap();
     for _ in 0..400 {
         if serving.served_share(&w.path).is_none() {
             break;
