@@ -323,6 +323,56 @@ fn variant_switch_and_upgrade_underneath() {
     assert!(!is_mounted(&f.mount));
 }
 
+/// Several processes opening a served file for the first time at the same moment (a shell
+/// script's parallel jobs, `make -j`): with FUSE passthrough each open carries a backing
+/// id, and the kernel refuses with EIO an open whose backing differs from the one already
+/// attached to the node by an open still in progress. They must all succeed.
+#[test]
+fn simultaneous_first_opens_of_a_served_file_all_succeed() {
+    let f = fixture();
+    const FILES: usize = 40;
+    const OPENERS: usize = 6;
+    let names: Vec<String> = (0..FILES).map(|i| format!("fresh{i}")).collect();
+    for n in &names {
+        std::fs::copy(f.one.join("prog"), f.one.join(n)).unwrap();
+    }
+    let (guard, _events, _control) = mount(&f, ServingTable::new());
+    let mut failures = Vec::new();
+    for n in &names {
+        let path = in_mount(&f.mount, &f.one.join(n));
+        let start = Arc::new(std::sync::Barrier::new(OPENERS));
+        let opened = Arc::new(std::sync::Barrier::new(OPENERS));
+        let threads: Vec<_> = (0..OPENERS)
+            .map(|_| {
+                let (path, start, opened) = (path.clone(), start.clone(), opened.clone());
+                std::thread::spawn(move || {
+                    start.wait();
+                    let file = std::fs::File::open(&path);
+                    // Every opener holds its file until all have opened: the first one's
+                    // backing stays attached while the others open.
+                    opened.wait();
+                    file.map(drop)
+                })
+            })
+            .collect();
+        for t in threads {
+            if let Err(e) = t.join().unwrap() {
+                failures.push(format!("{n}: {e}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} opens failed: {failures:?}",
+        failures.len(),
+        FILES * OPENERS
+    );
+    // And the files still run.
+    same_run(&f.one.join("prog"), &in_mount(&f.mount, &f.one.join("fresh0")), &[]);
+    drop(guard);
+    assert!(!is_mounted(&f.mount));
+}
+
 #[test]
 fn without_passthrough_optbin_serves_the_reads() {
     let f = fixture();

@@ -1,8 +1,9 @@
 //! Keeping hot binaries warm, on a real mount with the real page cache: a program compiled
 //! here runs through the mount; the daemon ranks it (and the libraries its processes map)
 //! by execs, and when its pages are evicted it reads them back within the check interval,
-//! never beyond the budget; real memory pressure (a thrashing process in a small memory
-//! cgroup) makes warming stand back and status say why.
+//! never beyond the budget; a served BOLT variant's packed hot code (its new `.text`) is
+//! known to the warmer and comes back after eviction; real memory pressure (a thrashing
+//! process in a small memory cgroup) makes warming stand back and status say why.
 
 #[path = "common/mod.rs"]
 mod common;
@@ -267,4 +268,119 @@ fn memory_pressure_makes_warming_stand_back_and_status_say_why() {
         (w["checks"].as_u64().unwrap() >= checks + 2).then_some(())
     });
     drop(cg);
+}
+
+/// A hot loop in one function and a few cold ones, so BOLT has something to pack.
+const HOT_C: &str = r#"
+#include <stdio.h>
+__attribute__((noinline)) long cold_a(long x) { return x * 3 + 1; }
+__attribute__((noinline)) long cold_b(long x) { return x * 5 - 2; }
+__attribute__((noinline)) long hot(long x) { return x * 7 + (x >> 3); }
+int main(int argc, char **argv) {
+    long s = 0;
+    for (long i = 0; i < 2000000; i++) s += hot(i);
+    if (argc > 5) s += cold_a(argc) + cold_b(argc);
+    printf("%ld\n", s);
+    return 0;
+}
+"#;
+
+/// BOLTs `bin` (built with relocations) with an instrumentation profile of one run, with
+/// the flags optbin uses in relocation mode; returns the variant.
+fn bolt_variant(bin: &Path, dir: &Path) -> PathBuf {
+    let tool = optbin::bolt::discover::discover(None).tool().cloned().expect("BOLT is installed");
+    let (instr, fdata, out) = (dir.join("hot.instr"), dir.join("hot.fdata"), dir.join("hot.bolt"));
+    let bolt = |args: &[String]| {
+        let o = Command::new(&tool.llvm_bolt).args(args).output().unwrap();
+        assert!(o.status.success(), "llvm-bolt {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    bolt(&[
+        s(bin),
+        "-instrument".into(),
+        format!("-instrumentation-file={}", s(&fdata)),
+        "-o".into(),
+        s(&instr),
+    ]);
+    run(&instr);
+    let mut args = vec![s(bin), format!("-data={}", s(&fdata)), "-o".into(), s(&out)];
+    args.extend(
+        [
+            "-reorder-blocks=ext-tsp",
+            "-reorder-functions=cdsort",
+            "-split-functions",
+            "-split-all-cold",
+            "-split-eh",
+            "-use-gnu-stack",
+        ]
+        .map(String::from),
+    );
+    bolt(&args);
+    out
+}
+
+#[test]
+fn a_served_bolt_variants_packed_hot_code_is_found_and_read_back() {
+    use object::{Object, ObjectSection, ObjectSymbol};
+    let dir = common::open_tempdir();
+    let (over, mnt, state) = layout(dir.path());
+    let tool = over.join("hot");
+    common::cc(HOT_C, &tool, &["-Wl,--emit-relocs"]);
+    let variant = bolt_variant(&tool, dir.path());
+
+    // The range found is the section holding the hot function, BOLT's new `.text`.
+    let hot = optbin::warm::hot::packed_hot_text(&variant).unwrap().expect("no packed hot text");
+    let bytes = std::fs::read(&variant).unwrap();
+    let obj = object::File::parse(&*bytes).unwrap();
+    let sym = obj.symbols().find(|s| s.name() == Ok("hot")).expect("symbol hot");
+    let section = obj.section_by_index(sym.section_index().unwrap()).unwrap();
+    assert_eq!(section.name().unwrap(), ".text");
+    let (off, size) = section.file_range().unwrap();
+    assert_eq!(hot, off..off + size);
+    assert!(obj.section_by_name(".bolt.org.text").is_some());
+    assert_eq!(optbin::warm::hot::packed_hot_text(&tool).unwrap(), None, "the original has none");
+
+    // Served through the mount, the warmer keeps the variant with its hot pages.
+    let cfg = config(dir.path(), "budget_mib = 64");
+    let d = Daemon::start(&mnt, &[&over], &state, Some(&cfg));
+    std::fs::metadata(d.bin().join("hot")).unwrap();
+    let sha = d
+        .wait_for(Duration::from_secs(20), "the tool indexed", |d| {
+            d.binary(&tool).and_then(|b| b["sha256"].as_str().map(str::to_string))
+        })
+        .to_string();
+    common::place_variant(&state, &sha, &variant, "served");
+    d.wait_for(Duration::from_secs(20), "the variant served", |d| {
+        d.binary(&tool).filter(|b| b["served"].as_str().is_some_and(|s| s.starts_with("variant")))
+    });
+    for _ in 0..6 {
+        run(&d.bin().join("hot"));
+    }
+    let kept = d.wait_for(Duration::from_secs(20), "the variant kept with hot pages", |d| {
+        let w = warm(d);
+        w["kept"].as_array()?.iter().find(|k| k["hot_bytes"].as_u64() > Some(0)).cloned()
+    });
+    let stored = PathBuf::from(kept["path"].as_str().unwrap());
+    assert!(stored.starts_with(&state), "kept with hot pages, not in the store: {kept}");
+    assert!(kept["hot_bytes"].as_u64() <= kept["working_set_bytes"].as_u64(), "{kept}");
+
+    // Its hot pages come back after eviction.
+    let first_hot_page = (hot.start / 4096) as usize;
+    evict(&stored);
+    d.wait_for(Duration::from_secs(15), "the variant's hot pages read back", |_| {
+        page_resident(&stored, first_hot_page).then_some(())
+    });
+}
+
+/// Whether page `page` of `path` is resident.
+fn page_resident(path: &Path, page: usize) -> bool {
+    let f = File::open(path).unwrap();
+    // SAFETY: read-only mapping, only its residency is read.
+    let map = unsafe { memmap2::Mmap::map(&f).unwrap() };
+    let mut v = [0u8; 1];
+    // SAFETY: one page of the mapping, one byte of result.
+    let rc =
+        unsafe { libc::mincore(map.as_ptr().add(page * 4096) as *mut _, 4096, v.as_mut_ptr()) };
+    assert_eq!(rc, 0);
+    v[0] & 1 != 0
 }

@@ -133,17 +133,25 @@ impl<B> HandleTable<B> {
         self.lock().backing_by_ino.get(&ino).and_then(Weak::upgrade)
     }
 
-    /// Registers a new backing id of node `ino` and retains it.
-    pub fn register_backing(&self, ino: u64, id: Arc<B>) {
+    /// Registers a new backing id of node `ino` and retains it, and returns the id to
+    /// answer the open with: `id`, or the one another open of the same node registered
+    /// meanwhile (opens run on several threads). The kernel refuses, with EIO to the
+    /// process, an open whose backing differs from the one an open file of the node
+    /// already uses; the caller drops an `id` not returned.
+    pub fn register_backing(&self, ino: u64, id: Arc<B>) -> Arc<B> {
         let mut inner = self.lock();
+        if let Some(live) = inner.backing_by_ino.get(&ino).and_then(Weak::upgrade) {
+            return live;
+        }
         inner.backing_by_ino.insert(ino, Arc::downgrade(&id));
         if inner.retained.iter().any(|(i, _)| *i == ino) {
-            return;
+            return id;
         }
         if inner.retained.len() >= RETAINED_BACKINGS {
             inner.retained.pop_front();
         }
-        inner.retained.push_back((ino, id));
+        inner.retained.push_back((ino, id.clone()));
+        id
     }
 
     /// The name of the writable control file behind `fh` (EBADF for anything else).
@@ -288,6 +296,11 @@ mod tests {
             Some(&(RETAINED_BACKINGS as u32 + 4))
         );
         assert!(table.backing_of(0).is_none(), "no handle holds the evicted one");
+        // Two opens of one node racing: the second one's id is not used.
+        let first = table.register_backing(7_000, Arc::new(1));
+        assert_eq!(*table.register_backing(7_000, Arc::new(2)), 1);
+        drop(first);
+        assert_eq!(*table.register_backing(7_000, Arc::new(3)), 1, "the retained one is live");
         assert!(table.remove(a).is_some());
         assert!(table.remove(a).is_none());
     }

@@ -376,11 +376,7 @@ impl Filesystem for OptbinFs {
                     match self.handles.backing_of(ino.0) {
                         Some(id) => Some(id),
                         None => match reply.open_backing(&*file) {
-                            Ok(id) => {
-                                let id = Arc::new(id);
-                                self.handles.register_backing(ino.0, id.clone());
-                                Some(id)
-                            }
+                            Ok(id) => Some(self.handles.register_backing(ino.0, Arc::new(id))),
                             Err(e) => {
                                 tracing::warn!(error = %e, "passthrough refused: serving reads");
                                 None

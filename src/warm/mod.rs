@@ -9,6 +9,8 @@
 //!   the budget. Pure.
 //! - [`pages`]: the page cache seen through a small trait: a file's resident pages
 //!   (`mincore` of a read-only mapping) and reading ranges back (`posix_fadvise(WILLNEED)`).
+//! - [`hot`]: where a BOLT variant's hot code is packed (its new `.text`).
+//! - [`order`]: in which order lost pages are read back: packed hot code first. Pure.
 //! - [`pressure`]: memory pressure from PSI (`/proc/pressure/memory`); warming backs off
 //!   when the kernel is short of memory instead of fighting it.
 //! - [`maps`]: the regular files a process maps (its shared libraries).
@@ -16,9 +18,12 @@
 //!
 //! A file's *working set* is the union of the pages seen resident right after its runs (the
 //! pages runs actually touched, plus the kernel's readahead). Only those pages are read
-//! back, hottest file first; for a BOLT variant they are the packed hot pages.
+//! back: first the pages of BOLT variants' packed hot code, then the rest, hottest file
+//! first.
 
+pub mod hot;
 pub mod maps;
+pub mod order;
 pub mod pages;
 pub mod pressure;
 pub mod rank;

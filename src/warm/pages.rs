@@ -86,7 +86,7 @@ impl PageSet {
     }
 }
 
-/// What the warmer needs of the page cache.
+/// What the warmer needs of the page cache (and of the files in it).
 pub trait PageCache: Send {
     /// The size of a page in bytes.
     fn page_size(&self) -> u64;
@@ -97,6 +97,9 @@ pub trait PageCache: Send {
     /// Locks these page runs of `path` in memory (replacing what was locked of it before);
     /// an empty list unlocks. Returns the bytes now locked for `path`.
     fn lock(&mut self, path: &Path, runs: &[Range<usize>]) -> io::Result<u64>;
+    /// The pages of `path` that hold packed hot code (a BOLT variant's new `.text`, see
+    /// [`super::hot`]), read back before any other; `None` when it has none.
+    fn hot_pages(&mut self, path: &Path) -> io::Result<Option<Range<usize>>>;
 }
 
 /// The kernel's page cache.
@@ -187,6 +190,11 @@ impl PageCache for Kernel {
         }
         self.locked.insert(path.to_path_buf(), (map, bytes));
         Ok(bytes)
+    }
+
+    fn hot_pages(&mut self, path: &Path) -> io::Result<Option<Range<usize>>> {
+        let page = self.page_size();
+        Ok(super::hot::packed_hot_text(path)?.map(|bytes| super::hot::pages_of(&bytes, page)))
     }
 }
 

@@ -1,10 +1,12 @@
 //! The warmer: one thread owns the heat table, the working sets and the page-cache handle.
 //! Execs arrive on a channel (never blocking the FUSE thread that reports them); every
 //! `interval_secs` it checks memory pressure, picks the hottest files that fit the budget,
-//! and reads back the pages of their working sets that were evicted. Shutdown is a message;
-//! [`Warmer::stop`] waits for the thread.
+//! and reads back the pages of their working sets that were evicted (BOLT variants' packed
+//! hot code first, see [`super::order`]). Shutdown is a message; [`Warmer::stop`] waits for
+//! the thread.
 
 use std::collections::{BTreeSet, HashMap};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 
 use super::maps;
+use super::order::{Lost, read_back_order};
 use super::pages::{PageCache, PageSet};
 use super::pressure;
 use super::rank::{Heat, within_budget};
@@ -44,6 +47,9 @@ pub struct KeptFile {
     pub path: PathBuf,
     pub heat: f64,
     pub working_set_bytes: u64,
+    /// Bytes of the working set in packed hot code (a BOLT variant's `.text`): read back
+    /// before any other file's pages.
+    pub hot_bytes: u64,
     /// Bytes of the working set resident at the last check, before reading anything back.
     pub resident_bytes: u64,
     pub locked_bytes: u64,
@@ -222,6 +228,8 @@ struct State {
     pending: Vec<Pending>,
     /// When each file's last capture was scheduled (see [`CAPTURE_EVERY`]).
     scheduled: HashMap<PathBuf, Instant>,
+    /// Each exec'd file's packed hot code (pages), looked up once.
+    hot: HashMap<PathBuf, Option<Range<usize>>>,
 }
 
 impl State {
@@ -248,6 +256,7 @@ impl State {
             requested: HashMap::new(),
             pending: Vec::new(),
             scheduled: HashMap::new(),
+            hot: HashMap::new(),
         }
     }
 
@@ -326,6 +335,7 @@ impl State {
         self.pending = rest;
         let t = self.now_secs();
         let mut files: BTreeSet<PathBuf> = BTreeSet::new();
+        let mut execed: BTreeSet<PathBuf> = BTreeSet::new();
         for p in due {
             let mut libs = maps::of_process(p.pid, &self.env.mountpoint);
             libs.remove(&p.file);
@@ -345,9 +355,22 @@ impl State {
             }
             files.insert(p.file.clone());
             files.extend(self.libraries.get(&p.file).cloned().unwrap_or_default());
+            execed.insert(p.file);
         }
         for f in files {
             self.capture_working_set(&f);
+        }
+        // After the capture: looking at the section headers reads a page or two of the file
+        // that runs do not need.
+        for f in execed {
+            if !self.hot.contains_key(&f) {
+                match self.cache.hot_pages(&f) {
+                    Ok(hot) => {
+                        self.hot.insert(f, hot);
+                    }
+                    Err(e) => self.note_error(format!("reading sections of {}: {e}", f.display())),
+                }
+            }
         }
     }
 
@@ -382,6 +405,7 @@ impl State {
             self.libraries.remove(&gone);
             self.requested.remove(&gone);
             self.scheduled.remove(&gone);
+            self.hot.remove(&gone);
             let _ = self.cache.lock(&gone, &[]);
         }
         let pressure = pressure::read(&self.env.psi_path);
@@ -413,35 +437,50 @@ impl State {
             .collect();
         let sizes: Vec<u64> = ranked.iter().map(|r| r.2).collect();
         let keep = within_budget(&sizes, self.settings.budget_bytes());
+        // What each kept file lost, hottest first.
+        let mut kept_now: Vec<(PathBuf, f64, u64, PageSet)> = Vec::new();
+        for i in keep {
+            let (path, heat, ws_bytes) = ranked[i].clone();
+            match self.cache.residency(&path) {
+                Ok(resident) => kept_now.push((path, heat, ws_bytes, resident)),
+                Err(e) => self.note_error(format!("reading residency of {}: {e}", path.display())),
+            }
+        }
+        let lost: Vec<Lost> = kept_now
+            .iter()
+            .map(|(path, _, _, resident)| Lost {
+                runs: self.working_sets[path].missing_from(resident),
+                hot: self.hot.get(path).cloned().flatten(),
+            })
+            .collect();
+        let mut failed = vec![false; kept_now.len()];
+        for (i, runs) in read_back_order(&lost) {
+            let path = &kept_now[i].0;
+            if let Err(e) = self.cache.fetch(path, &runs) {
+                failed[i] = true;
+                self.note_error(format!("reading back {}: {e}", path.display()));
+            }
+        }
         let mut kept = Vec::new();
         let mut reread = 0u64;
         let mut lock_left = self.settings.lock_bytes();
-        for i in keep {
-            let (path, heat, ws_bytes) = ranked[i].clone();
-            let resident = match self.cache.residency(&path) {
-                Ok(r) => r,
-                Err(e) => {
-                    self.note_error(format!("reading residency of {}: {e}", path.display()));
-                    continue;
-                }
-            };
+        for (i, (path, heat, ws_bytes, resident)) in kept_now.into_iter().enumerate() {
             let ws = &self.working_sets[&path];
-            let missing = ws.missing_from(&resident);
             let mut asked = PageSet::empty(ws.pages());
-            for page in missing.iter().flat_map(|r| r.clone()) {
+            for page in lost[i].runs.iter().flat_map(|r| r.clone()) {
                 asked.insert(page);
             }
+            // Pages asked at the previous check and still missing are in flight: counted once.
             let new_pages = match self.requested.get(&path) {
                 Some(before) => asked.count() - asked.intersection_count(before),
                 None => asked.count(),
             };
-            if !missing.is_empty() {
-                match self.cache.fetch(&path, &missing) {
-                    Ok(()) => reread += new_pages as u64,
-                    Err(e) => self.note_error(format!("reading back {}: {e}", path.display())),
-                }
+            if !failed[i] {
+                reread += new_pages as u64;
             }
             self.requested.insert(path.clone(), asked);
+            let hot_pages =
+                lost[i].hot.clone().map_or(0, |h| h.filter(|&p| ws.contains(p)).count());
             let mut locked_bytes = 0;
             if self.settings.lock_bytes() > 0 && ws_bytes <= lock_left {
                 let runs = ws.missing_from(&PageSet::empty(ws.pages()));
@@ -457,6 +496,7 @@ impl State {
                 path,
                 heat,
                 working_set_bytes: ws_bytes,
+                hot_bytes: hot_pages as u64 * page,
                 resident_bytes: ws.intersection_count(&resident) as u64 * page,
                 locked_bytes,
             });
@@ -498,6 +538,10 @@ mod tests {
     struct FakeInner {
         files: HashMap<PathBuf, Vec<bool>>,
         fetched_pages: u64,
+        /// Packed hot code per file.
+        hot: HashMap<PathBuf, Range<usize>>,
+        /// Every run fetched, in order.
+        fetch_log: Vec<(PathBuf, Range<usize>)>,
     }
 
     impl PageCache for FakeCache {
@@ -520,10 +564,14 @@ mod tests {
                 }
             }
             g.fetched_pages += n;
+            g.fetch_log.extend(runs.iter().map(|r| (path.to_path_buf(), r.clone())));
             Ok(())
         }
         fn lock(&mut self, _: &Path, runs: &[Range<usize>]) -> std::io::Result<u64> {
             Ok(runs.iter().map(|r| r.len() as u64 * 4096).sum())
+        }
+        fn hot_pages(&mut self, path: &Path) -> std::io::Result<Option<Range<usize>>> {
+            Ok(self.0.lock().unwrap().hot.get(path).cloned())
         }
     }
 
@@ -603,6 +651,46 @@ mod tests {
         // b (3 execs, 100) and c (2, 50) fit; a (1 exec, 200) would exceed 256 pages.
         assert_eq!(kept, ["/b", "/c"]);
         assert!(s.kept_bytes <= st.settings.budget_bytes());
+    }
+
+    #[test]
+    fn a_variants_packed_hot_code_is_read_back_before_hotter_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = FakeCache::default();
+        let (lib, variant) = (PathBuf::from("/lib/libhot.so"), PathBuf::from("/store/variant"));
+        {
+            let mut g = cache.0.lock().unwrap();
+            g.files.insert(lib.clone(), vec![true; 8]);
+            // Runs touched pages 0..2 (headers, start-up code) and 10..14 (hot code).
+            let mut v = vec![false; 16];
+            for p in [0, 1, 10, 11, 12, 13] {
+                v[p] = true;
+            }
+            g.files.insert(variant.clone(), v);
+            g.hot.insert(variant.clone(), 10..16);
+        }
+        let mut st = state(settings(), cache.clone(), &dir.path().join("no-psi"));
+        // The library is hotter (more execs) than the variant.
+        for _ in 0..3 {
+            st.exec(lib.clone(), u32::MAX);
+        }
+        st.exec(variant.clone(), u32::MAX);
+        st.capture_due(Instant::now() + CAPTURE_AFTER);
+        {
+            let mut g = cache.0.lock().unwrap();
+            g.files.insert(lib.clone(), vec![false; 8]);
+            g.files.insert(variant.clone(), vec![false; 16]);
+        }
+        st.check();
+        let g = cache.0.lock().unwrap();
+        assert_eq!(
+            g.fetch_log,
+            vec![(variant.clone(), 10..14), (lib.clone(), 0..8), (variant.clone(), 0..2)]
+        );
+        let s = st.status.lock().unwrap().clone();
+        let kept: Vec<_> = s.kept.iter().map(|k| (k.path.clone(), k.hot_bytes)).collect();
+        assert_eq!(kept, vec![(lib, 0), (variant, 4 * 4096)]);
+        assert_eq!(s.pages_reread, 8 + 6);
     }
 
     #[test]
