@@ -5,6 +5,9 @@
 //! - the stages as status.json showed them, each with the runs and minutes since the first
 //!   run (instrumented variant, profile mature, variant stored, canary, the decision), and
 //!   the minutes and runs from the first run to the served variant;
+//! - in full mode, once a variant is served, the program keeps running until the flag
+//!   search has canaried its challengers against it (`OPTBIN_BENCH_FLAG_SEARCH=0` skips
+//!   this), so that what is measured is the search's winner; every flag set's outcome;
 //! - then, after a restart of the daemon without the profiler (so that no rebuild from the
 //!   growing profile starts a new canary in the middle), CPU time (user + sys, wait4) of
 //!   interleaved rounds, every arm once per round in a rotating order: the original run
@@ -16,7 +19,11 @@
 //!   the median (distribution-free, from order statistics);
 //! - the same for a second workload the profile never saw (mount vs original, and A/A);
 //! - for a program BOLT does not speed up (ripgrep built with `--emit-relocs`): what was
-//!   served and that it is not slower.
+//!   served and that it is not slower;
+//! - in full mode, the upgrade case: Lua rebuilt with a few functions changed is renamed
+//!   over the optimized original; the runs and minutes until the policy decides about the
+//!   new version, how many functions BOLT matched from the old version's profile, and the
+//!   new version's served ratio against its own original (with its A/A control).
 //!
 //! Run: `integration/bench.sh bench_pipeline` (full mode, about an hour; or
 //! `cargo bench --bench bench_pipeline`).
@@ -49,7 +56,7 @@ use optbin::catalog::base::{NewVariant, VariantKind, VariantState, insert_varian
 use optbin::policy::PolicyConfig;
 use optbin::policy::sim::{SimSpec, run_trials};
 use optbin::store::VariantStore;
-use programs::{Program, build_lua, crate_sources, gcc, quick, time_run};
+use programs::{Program, build_lua, build_lua_with, crate_sources, gcc, quick, time_run};
 use serde_json::Value;
 
 /// The equal-speed trials' settings: the policy's defaults.
@@ -79,6 +86,15 @@ struct Bench {
     unseen: Vec<String>,
     /// Whether BOLT is expected to help (hand-run BOLT variants are built and measured).
     hand_bolt: bool,
+    /// A second build of the program with a few functions changed, for the upgrade case
+    /// (full mode): renamed over the served original once the pipeline is done.
+    upgrade: Option<Upgrade>,
+}
+
+/// The upgrade case's second build and what differs.
+struct Upgrade {
+    bin: PathBuf,
+    change: &'static str,
 }
 
 /// A Lua workload unlike the training one (closures, coroutines, string building, floats).
@@ -209,11 +225,21 @@ fn build_sqlite2(cache: &Path, work: &Path) -> Bench {
         train: vec!["20".into()],
         unseen: vec!["3".into(), sql.display().to_string()],
         hand_bolt: true,
+        upgrade: None,
     }
 }
 
+/// Lua's upgrade: the same sources rebuilt with a different C-stack limit, which changes
+/// the functions that check it (a handful in ldo.c, lstate.c and lparser.c) and nothing
+/// else; the output is the same.
+const LUA_UPGRADE_DEFINE: &str = "-DLUAI_MAXCCALLS=250";
+
 fn lua_bench(cache: &Path, work: &Path) -> Bench {
     let Program { bin, measure, .. } = build_lua(cache, work);
+    let upgrade = (!quick()).then(|| Upgrade {
+        bin: build_lua_with(cache, work, &[LUA_UPGRADE_DEFINE]).bin,
+        change: "rebuilt with -DLUAI_MAXCCALLS=250 (the functions that check the C-stack limit)",
+    });
     let script = work.join("unseen.lua");
     std::fs::write(&script, LUA_UNSEEN).unwrap();
     std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -223,6 +249,7 @@ fn lua_bench(cache: &Path, work: &Path) -> Bench {
         train: measure,
         unseen: vec![script.display().to_string(), "8".into()],
         hand_bolt: true,
+        upgrade,
     }
 }
 
@@ -259,6 +286,7 @@ fn ripgrep_bench(cache: &Path) -> Option<Bench> {
             corpus.display().to_string(),
         ],
         hand_bolt: false,
+        upgrade: None,
     })
 }
 
@@ -541,6 +569,61 @@ fn hand_variants(b: &Bench, dir: &Path, report: &mut Vec<String>) -> Vec<(String
     out
 }
 
+/// Runs the training workload through the mount (`served`) until the status entry of
+/// `name` satisfies `done` (Ok with it) or `deadline` passes (Err with the last entry seen),
+/// printing where the pipeline is every 30 s. `runs` counts every run; `t0` is the first.
+#[allow(clippy::too_many_arguments)]
+fn run_until(
+    daemon: &Daemon,
+    served: &Path,
+    b: &Bench,
+    name: &str,
+    runs: &AtomicUsize,
+    t0: Instant,
+    deadline: Instant,
+    done: impl Fn(&Value) -> bool,
+) -> Result<Value, Option<Value>> {
+    let mut last_print = Instant::now();
+    loop {
+        run_quiet(served, &b.train);
+        runs.fetch_add(1, Ordering::SeqCst);
+        let entry = daemon.binary_named(name);
+        if let Some(e) = &entry {
+            if done(e) {
+                std::thread::sleep(Duration::from_millis(300));
+                return Ok(daemon.binary_named(name).unwrap_or_else(|| e.clone()));
+            }
+            if last_print.elapsed() > Duration::from_secs(30) {
+                println!(
+                    "  [{name}] {:>4} runs, {:>5.1} min: {}",
+                    runs.load(Ordering::SeqCst),
+                    t0.elapsed().as_secs_f64() / 60.0,
+                    stage_text(e)
+                );
+                last_print = Instant::now();
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(entry);
+        }
+    }
+}
+
+/// The flag search's line in status: what it does next ("done: ..." once it has ended).
+fn search_next(b: &Value) -> String {
+    b["details"]["optimizer"]["flag_search"]["next"].as_str().unwrap_or("").to_string()
+}
+
+/// Whether the flag search has nothing left to do for the binary: it ended, is off, or
+/// nothing is served to challenge; and no challenger is being built or measured.
+fn search_settled(b: &Value) -> bool {
+    let next = search_next(b);
+    let idle = b["details"]["optimizer"]["flag_search"]["current"].is_null();
+    idle && (next.starts_with("done")
+        || next.starts_with("off")
+        || next.contains("no BOLT variant"))
+}
+
 /// One program through the whole pipeline with the default configuration; its report rows
 /// appended to `report`. Returns whether a variant was served.
 fn pipeline(b: &Bench, root: &Path, rounds: usize, report: &mut Vec<String>) -> bool {
@@ -562,31 +645,8 @@ fn pipeline(b: &Bench, root: &Path, rounds: usize, report: &mut Vec<String>) -> 
     let runs = Arc::new(AtomicUsize::new(0));
     let t0 = Instant::now();
     let poller = Poller::start(mnt.join(".optbin/status.json"), name.clone(), runs.clone(), t0);
-    let mut last_print = Instant::now();
     let budget = Duration::from_secs(if quick() { 900 } else { 1500 });
-    let outcome = loop {
-        run_quiet(&served, &b.train);
-        runs.fetch_add(1, Ordering::SeqCst);
-        let entry = daemon.binary_named(&name);
-        if let Some(e) = &entry {
-            if decided(e) {
-                std::thread::sleep(Duration::from_millis(300));
-                break Ok(e.clone());
-            }
-            if last_print.elapsed() > Duration::from_secs(30) {
-                println!(
-                    "  [{name}] {:>4} runs, {:>5.1} min: {}",
-                    runs.load(Ordering::SeqCst),
-                    t0.elapsed().as_secs_f64() / 60.0,
-                    stage_text(e)
-                );
-                last_print = Instant::now();
-            }
-        }
-        if t0.elapsed() > budget {
-            break Err(entry);
-        }
-    };
+    let outcome = run_until(&daemon, &served, b, &name, &runs, t0, t0 + budget, decided);
     let (total_runs, total_min) = (runs.load(Ordering::SeqCst), t0.elapsed().as_secs_f64() / 60.0);
     let milestones = poller.finish();
     report.push(format!(
@@ -621,6 +681,32 @@ fn pipeline(b: &Bench, root: &Path, rounds: usize, report: &mut Vec<String>) -> 
             false
         }
     };
+    // Full mode: keep the program running while the flag search challenges the served
+    // variant (each challenger is canaried against it like any variant), until the search
+    // has ended, so that what is measured below is the search's winner.
+    let search_runs = served_variant
+        && !quick()
+        && std::env::var("OPTBIN_BENCH_FLAG_SEARCH").map_or(true, |v| v != "0");
+    if search_runs {
+        let (runs0, s0) = (runs.load(Ordering::SeqCst), Instant::now());
+        let budget = Duration::from_secs(2400);
+        let searched =
+            run_until(&daemon, &served, b, &name, &runs, t0, s0 + budget, search_settled);
+        let after = runs.load(Ordering::SeqCst) - runs0;
+        let mins = s0.elapsed().as_secs_f64() / 60.0;
+        report.push(match searched {
+            Ok(e) => format!(
+                "  FLAG SEARCH ended after {after} more runs, {mins:.1} min: {}; serving: {}",
+                search_next(&e),
+                stage_text(&e)
+            ),
+            Err(e) => format!(
+                "  FLAG SEARCH not ended within {:.0} min ({after} more runs): {}",
+                budget.as_secs_f64() / 60.0,
+                e.as_ref().map(search_next).unwrap_or_default()
+            ),
+        });
+    }
     let final_entry = daemon.binary_named(&name).unwrap_or(Value::Null);
     for v in final_entry["variants"].as_array().into_iter().flatten() {
         report.push(format!(
@@ -717,8 +803,132 @@ fn pipeline(b: &Bench, root: &Path, rounds: usize, report: &mut Vec<String>) -> 
         ));
     }
     bolt_report(&mnt, &name, &outcome, served_variant, report);
+    if let Some(up) = &b.upgrade {
+        upgrade_case(&mut daemon, &config, &original, b, up, rounds, report);
+    }
     daemon.stop();
     served_variant
+}
+
+/// The upgrade case (issue 12): with the default configuration again, the second build is
+/// renamed over the original the pipeline optimized, and the workload runs through the
+/// mount until the policy decides about the new version. Reports how many functions BOLT
+/// matched from the old version's profile, the runs and minutes to the decision, and the
+/// new version's served CPU-time ratio against its own original, side by side.
+fn upgrade_case(
+    daemon: &mut Daemon,
+    config: &Path,
+    original: &Path,
+    b: &Bench,
+    up: &Upgrade,
+    rounds: usize,
+    report: &mut Vec<String>,
+) {
+    use sha2::{Digest, Sha256};
+    let name = original.file_name().unwrap().to_string_lossy().to_string();
+    let served = daemon.bin().join(&name);
+    report.push(format!("  UPGRADE: {}", up.change));
+    std::fs::write(config, "").unwrap();
+    daemon.restart();
+    let staged = original.with_extension("upgrade");
+    std::fs::copy(&up.bin, &staged).unwrap();
+    std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::rename(&staged, original).unwrap();
+    let new_sha = hex::encode(Sha256::digest(std::fs::read(original).unwrap()));
+    let is_new = |e: &Value| e["sha256"].as_str() == Some(new_sha.as_str());
+    // The first run of the new version; the milestones start once status shows it.
+    let t0 = Instant::now();
+    run_quiet(&served, &b.train);
+    let runs = Arc::new(AtomicUsize::new(1));
+    daemon.wait_for(Duration::from_secs(60), "the new version in status", |d| {
+        d.binary_named(&name).filter(|e| is_new(e))
+    });
+    let poller =
+        Poller::start(daemon.mnt.join(".optbin/status.json"), name.clone(), runs.clone(), t0);
+    let budget = Duration::from_secs(1500);
+    let outcome =
+        run_until(daemon, &served, b, &name, &runs, t0, t0 + budget, |e| is_new(e) && decided(e));
+    let (total_runs, total_min) = (runs.load(Ordering::SeqCst), t0.elapsed().as_secs_f64() / 60.0);
+    for m in poller.finish() {
+        report.push(format!(
+            "    {:<22} after {:>4} runs, {:>5.1} min   {}",
+            m.what,
+            m.runs,
+            m.secs / 60.0,
+            m.detail
+        ));
+    }
+    // BOLT's own count of what the old profile matched, as the daemon logged it.
+    let conn = common::daemon::catalog_read_only(&daemon.state);
+    let bridge: Vec<String> = conn
+        .prepare(
+            "SELECT detail FROM events WHERE kind = 'bolt' AND path = ?1 \
+             AND detail LIKE 'built from the stale profile%' ORDER BY id",
+        )
+        .unwrap()
+        .query_map([original.to_string_lossy()], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    drop(conn);
+    if bridge.is_empty() {
+        report.push("    no variant was built from the old version's profile".into());
+    }
+    for line in &bridge {
+        report.push(format!("    {line}"));
+    }
+    let promoted = match &outcome {
+        Ok(e) => {
+            let promoted = stage_key(e).as_deref() == Some("serving_optimized");
+            report.push(format!(
+                "    new version DECIDED after {total_runs} runs, {total_min:.1} min from its first run: {}{}",
+                stage_text(e),
+                if promoted { " (variant SERVED)" } else { "" }
+            ));
+            promoted
+        }
+        Err(e) => {
+            report.push(format!(
+                "    new version NOT DECIDED within {:.0} min ({total_runs} runs): {}",
+                budget.as_secs_f64() / 60.0,
+                e.as_ref().map(stage_text).unwrap_or_else(|| "(not in status)".into())
+            ));
+            false
+        }
+    };
+    std::fs::write(config, "[profile]\nenabled = false\n").unwrap();
+    daemon.restart();
+    let entry = daemon.binary_named(&name).unwrap_or(Value::Null);
+    let variant = entry["variants"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|v| v["kind"] != "instrumented")
+        .find(|v| v["state"] == "served")
+        .and_then(|v| v["store_path"].as_str().map(PathBuf::from))
+        .filter(|p| p.exists());
+    let arm = |label: &str, bin: &Path| Arm {
+        label: label.to_string(),
+        bin: bin.to_path_buf(),
+        args: b.train.clone(),
+    };
+    let mut arms = vec![
+        arm("new version: original (base)", original),
+        arm("new version: through the mount", &served),
+        arm("new version: A/A original again", original),
+    ];
+    if let Some(v) = &variant {
+        arms.push(arm("new version: served variant's bytes, directly", v));
+    }
+    let results = interleaved(&arms, rounds);
+    report.push(format!(
+        "    CPU time ratio to the new original, median [95% interval], {rounds} interleaved \
+         rounds{}:",
+        if promoted { "" } else { " (no variant of the new version is served)" }
+    ));
+    for (i, a) in arms.iter().enumerate().skip(1) {
+        report.push(format!("      {:<48} cpu {}", a.label, ratio_text(&results[i].0)));
+    }
 }
 
 /// `optbin report --json --mount MNT` at the end of a program's pipeline: printed, and

@@ -167,6 +167,12 @@ pub fn gcc(out: &Path, args: &[String]) {
 }
 
 pub fn build_lua(cache: &Path, work: &Path) -> Program {
+    build_lua_with(cache, work, &[])
+}
+
+/// Lua built with extra compiler arguments (`defines`, e.g. `-DLUAI_MAXCCALLS=250`): a
+/// second build of the same program with a few functions changed (an upgrade).
+pub fn build_lua_with(cache: &Path, work: &Path, defines: &[&str]) -> Program {
     let src = crate_sources("lua-src-", "lua-src = \"*\"");
     let lua = std::fs::read_dir(&src)
         .unwrap()
@@ -179,6 +185,7 @@ pub fn build_lua(cache: &Path, work: &Path) -> Program {
     std::fs::write(&driver, LUA_DRIVER).unwrap();
     let mut args: Vec<String> =
         ["-O2", "-g0", "-DLUA_USE_POSIX", "-Wl,--emit-relocs"].map(String::from).to_vec();
+    args.extend(defines.iter().map(|d| d.to_string()));
     args.push(format!("-I{}", lua.display()));
     args.push(driver.display().to_string());
     let mut files: Vec<String> = std::fs::read_dir(&lua)
@@ -192,7 +199,8 @@ pub fn build_lua(cache: &Path, work: &Path) -> Program {
     files.sort();
     args.extend(files);
     args.push("-lm".into());
-    let bin = cache.join(format!("lua-bench-{}", lua.file_name().unwrap().to_string_lossy()));
+    let tag: String = defines.iter().map(|d| format!("-{}", d.trim_start_matches("-D"))).collect();
+    let bin = cache.join(format!("lua-bench-{}{tag}", lua.file_name().unwrap().to_string_lossy()));
     gcc(&bin, &args);
     let script = work.join("work.lua");
     std::fs::write(&script, LUA_WORKLOAD).unwrap();
