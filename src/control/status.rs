@@ -91,8 +91,8 @@ pub fn render_text(r: &StatusReport) -> String {
             .iter()
             .map(|b| {
                 [
-                    if b.name.is_empty() { "-".into() } else { b.name.clone() },
-                    b.path.clone(),
+                    if b.name.is_empty() { "-".into() } else { one_line(&b.name) },
+                    one_line(&b.path),
                     b.sha256
                         .as_deref()
                         .map_or("(hashing)".into(), |s| s[..12.min(s.len())].to_string()),
@@ -102,27 +102,12 @@ pub fn render_text(r: &StatusReport) -> String {
                 ]
             })
             .collect();
-        let header = ["NAME", "PATH", "SHA256", "SIZE", "ELF", "SERVED"];
-        let mut widths = header.map(str::len);
-        for row in &rows {
-            for (w, cell) in widths.iter_mut().zip(row) {
-                *w = (*w).max(cell.chars().count());
-            }
-        }
-        let line = |cells: &[String]| {
-            let mut s = String::new();
-            for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
-                if i + 1 == cells.len() {
-                    s.push_str(cell);
-                } else {
-                    let _ = write!(s, "{cell:<w$}  ");
-                }
-            }
-            s
-        };
-        let _ = writeln!(out, "{}", line(&header.map(String::from)));
-        for (row, b) in rows.iter().zip(&r.binaries) {
-            let _ = writeln!(out, "{}", line(row));
+        let mut lines =
+            table(["NAME", "PATH", "SHA256", "SIZE", "ELF", "SERVED"], &rows).into_iter();
+        let _ = writeln!(out, "{}", lines.next().unwrap_or_default());
+        // One line per row (cells are single lines), each followed by its binary's reasons.
+        for (line, b) in lines.zip(&r.binaries) {
+            let _ = writeln!(out, "{line}");
             let _ = writeln!(
                 out,
                 "    {}: {}",
@@ -172,6 +157,24 @@ pub fn render_text(r: &StatusReport) -> String {
     out
 }
 
+/// The binaries' table: columns left-aligned, two spaces apart, no borders, no trailing
+/// blanks; the header line first, then one line per row.
+fn table<const N: usize>(header: [&str; N], rows: &[[String; N]]) -> Vec<String> {
+    let mut t = comfy_table::Table::new();
+    t.load_style(comfy_table::presets::NOTHING);
+    t.set_header(header);
+    t.add_rows(rows.iter().map(|r| r.to_vec()));
+    for c in t.column_iter_mut() {
+        c.set_padding((0, 2));
+    }
+    t.lines().map(|l| l.trim_end().to_string()).collect()
+}
+
+/// A file name on one table line: a newline in it (legal in a name) is shown escaped.
+fn one_line(s: &str) -> String {
+    s.replace('\n', "\\n")
+}
+
 /// `secs` since the epoch as UTC, to the second: `2026-11-22T09:40:52Z`.
 fn utc_time(secs: i64) -> String {
     let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0) as u64);
@@ -211,15 +214,9 @@ pub fn facts_summary(f: &ElfFacts) -> String {
     format!("{} .text {}", parts.join(","), human_size(f.text_size))
 }
 
+/// A size in binary units, as `ls -sh`: `512B`, `2.0K`, `98.0M`.
 pub fn human_size(bytes: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "K", "M", "G"];
-    let mut v = bytes as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit + 1 < UNITS.len() {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 { format!("{bytes}B") } else { format!("{v:.1}{}", UNITS[unit]) }
+    bytesize::ByteSize(bytes).display().iec_short().to_string()
 }
 
 #[cfg(test)]
@@ -285,5 +282,23 @@ mod tests {
         assert_eq!(human_size(512), "512B");
         assert_eq!(human_size(2048), "2.0K");
         assert_eq!(human_size(98 * 1024 * 1024), "98.0M");
+        assert_eq!(human_size(3 << 40), "3.0T");
+    }
+
+    #[test]
+    fn the_table_aligns_columns_two_spaces_apart() {
+        let rows = [
+            ["lua".to_string(), "/usr/bin/lua".into(), "original".into()],
+            [one_line("a\nb"), one_line("/usr/bin/a\nb"), "variant 12".into()],
+        ];
+        let lines = table(["NAME", "PATH", "SERVED"], &rows);
+        assert_eq!(
+            lines,
+            [
+                "NAME  PATH           SERVED",
+                "lua   /usr/bin/lua   original",
+                "a\\nb  /usr/bin/a\\nb  variant 12",
+            ]
+        );
     }
 }

@@ -134,17 +134,7 @@ fn instrumented_progress(summary: String, runs: u64, needed: u64) -> String {
 
 /// 1234567 -> "1.2 MB" (decimal units, as `df -H`).
 pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["kB", "MB", "GB", "TB"];
-    if n < 1000 {
-        return format!("{n} B");
-    }
-    let mut v = n as f64 / 1000.0;
-    let mut unit = 0;
-    while v >= 1000.0 && unit < UNITS.len() - 1 {
-        v /= 1000.0;
-        unit += 1;
-    }
-    format!("{v:.1} {}", UNITS[unit])
+    bytesize::ByteSize(n).display().si().to_string()
 }
 
 /// `profile.fdata` for every binary with a sampled profile.
