@@ -73,6 +73,36 @@ fn report_lists_what_bolt_did_with_real_runs_decision_counters_and_bench() {
         matches!(stage(&b).as_str(), "serving_optimized" | "serving_original").then_some(b)
     });
     assert_eq!(stage(&decided), "serving_optimized", "{decided:#}");
+    // Status sets the counters of the original and the served variant side by side, next
+    // to the gain: page faults and context switches always, the PMU's where present.
+    let hardware = optbin::measure::counters::probe(&[
+        optbin::measure::counters::Metric::Instructions,
+        optbin::measure::counters::Metric::Cycles,
+    ]);
+    let no_pmu = hardware.iter().any(|(_, why)| why.is_some());
+    let policy = &decided["details"]["policy"];
+    assert_eq!(policy["counters"]["variant"], variant, "{policy:#}");
+    let metrics = policy["counters"]["metrics"].as_array().unwrap();
+    let metric = |name: &str| metrics.iter().find(|c| c["metric"] == name).unwrap().clone();
+    let faults = metric("page-faults");
+    let (fo, fv) = (faults["original"].as_f64().unwrap(), faults["variant"].as_f64().unwrap());
+    assert!(fo > 0.0 && fv > 0.0, "{faults}");
+    assert!(metric("context-switches")["unsupported"].is_null());
+    let summary = policy["summary"].as_str().unwrap();
+    println!("status: {summary}");
+    let said = format!("counters per run, original -> variant {variant}: ");
+    assert!(summary.contains(&said), "{summary}");
+    assert!(summary.contains(&format!("page-faults {fo:.0} -> {fv:.0}")), "{summary}");
+    let ipc = metric("IPC");
+    if no_pmu {
+        assert!(ipc["original"].is_null() && ipc["variant"].is_null(), "{ipc}");
+        assert!(ipc["unsupported"].as_str().unwrap().starts_with("not supported"), "{ipc}");
+        assert!(!summary.contains("IPC"), "no figure for a counter the machine lacks: {summary}");
+    } else {
+        assert!(summary.contains("IPC "), "{summary}");
+    }
+    let text = d.status_text();
+    assert!(text.contains(&said), "{text}");
     // A few runs of the served variant: CPU time saved.
     for _ in 0..5 {
         assert_eq!(run(as_nobody(&served).arg("2000000")).code, Some(0));
@@ -108,10 +138,6 @@ fn report_lists_what_bolt_did_with_real_runs_decision_counters_and_bench() {
     let counters = v["counters"].as_array().unwrap();
     let cpu = counters.iter().find(|c| c["metric"] == "cpu").unwrap();
     assert!(cpu["change_percent"].as_f64().unwrap() < -20.0, "{cpu}");
-    let hardware = optbin::measure::counters::probe(&[
-        optbin::measure::counters::Metric::Instructions,
-        optbin::measure::counters::Metric::Cycles,
-    ]);
     // Page faults and context switches are software counters: every run has them.
     let faults = counters.iter().find(|c| c["metric"] == "page-faults").unwrap();
     assert!(faults["original"].as_f64().unwrap() > 0.0, "{faults}");

@@ -147,3 +147,138 @@ fn training_matures_optimizes_and_canaries_a_binary_nobody_ran() {
     assert!(d.control("train nosuchprog").is_err());
     assert!(d.last_error().contains("no binary named"), "{}", d.last_error());
 }
+
+/// The status entry of `variant` in a binary's status.
+fn variant_state(binary: &Value, variant: i64) -> String {
+    let vs = binary["variants"].as_array().cloned().unwrap_or_default();
+    let v = vs.iter().find(|v| v["id"].as_i64() == Some(variant));
+    v.and_then(|v| v["state"].as_str()).unwrap_or_default().to_string()
+}
+
+/// The verdict of the output check of `variant` in a binary's training status.
+fn check_verdict(binary: &Value, variant: i64) -> Option<Value> {
+    let checks = binary["details"]["training"]["output_checks"].as_array()?;
+    checks.iter().find(|c| c["variant"].as_i64() == Some(variant)).cloned()
+}
+
+#[test]
+fn a_variant_whose_output_differs_on_a_training_command_is_rejected_by_the_policy() {
+    let tmp = common::open_tempdir();
+    let root = tmp.path().canonicalize().unwrap();
+    let bin = root.join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    common::chmod(&bin, 0o755);
+    // Two binaries, each with a variant: one prints another answer (a miscompile), the
+    // other the same answer faster.
+    let (differs, same) = (bin.join("differs"), bin.join("same"));
+    common::cc(common::WORK_C, &differs, &["-DSLOW"]);
+    common::cc(common::WORK_C, &same, &["-DSLOW"]);
+    let wrong = root.join("wrong");
+    common::cc(common::WORK_C, &wrong, &["-DSLOW", "-DTAG=\"miscompiled\""]);
+    let fast = root.join("fast");
+    common::cc(common::WORK_C, &fast, &[]);
+    let train = root.join("train.d");
+    std::fs::create_dir(&train).unwrap();
+    // Training never runs by itself here (only `train NAME`); canaries never decide by speed.
+    let config = "[profile]\nenabled = false\n\n[policy]\nmin_runs = 200\nlooks = 1\n\
+                  rescan_ms = 200\n\n"
+        .to_string()
+        + &format!("[train]\nenabled = false\ndir = {:?}\n", train.display().to_string());
+    let d = common::start_daemon(&root, &bin, &config);
+
+    let mut variants = Vec::new();
+    for (prog, file) in [(&differs, &wrong), (&same, &fast)] {
+        let out = common::run(std::process::Command::new(common::in_mount(&d.mnt, prog)).arg("1"));
+        assert_eq!(out.code, Some(0), "{out:?}");
+        let b = common::wait_binary(&d, prog, 30, "indexed", |b| b["sha256"].is_string());
+        let v = common::place_variant(&d.state, b["sha256"].as_str().unwrap(), file, "ready");
+        common::wait_binary(&d, prog, 30, "canary", |b| stage(b) == "canary");
+        variants.push(v);
+    }
+    let (wrong_id, fast_id) = (variants[0], variants[1]);
+
+    // The canary serves the wrong variant to some execs (half, drawn at random).
+    let served = common::in_mount(&d.mnt, &differs);
+    let outputs: Vec<String> =
+        (0..20).map(|_| common::run(common::as_nobody(&served).arg("1000")).stdout).collect();
+    assert!(outputs.iter().any(|o| o.starts_with("miscompiled ")), "{outputs:?}");
+    assert!(outputs.iter().any(|o| o.starts_with("work ")), "{outputs:?}");
+
+    for name in ["differs", "same"] {
+        std::fs::write(
+            train.join(format!("{name}.toml")),
+            format!("binary = \"{name}\"\nargs = [\"1000\"]\nuser = \"nobody\"\nruns = 2\n"),
+        )
+        .unwrap();
+    }
+    d.control("train differs").unwrap();
+    let b = common::wait_binary(&d, &differs, 60, "the wrong variant rejected", |b| {
+        variant_state(b, wrong_id) == "rejected"
+    });
+    let text = b["details"]["policy"]["stage_text"].as_str().unwrap();
+    println!("differs: {text}");
+    assert_eq!(stage(&b), "serving_original", "{b:#}");
+    assert!(
+        text.contains("output differs from the original's on training command differs.toml"),
+        "{text}"
+    );
+    assert!(text.contains("miscompiled"), "the variant's output is shown: {text}");
+    let check = check_verdict(&b, wrong_id).expect("the check is in the training status");
+    assert_eq!(check["verdict"], "differs", "{check}");
+    assert_eq!(b["served"], "original", "{b:#}");
+    // The decision went through the policy's log, with the reason.
+    let c = catalog_read_only(&d.state);
+    let (action, detail): (String, String) = c
+        .query_row(
+            "SELECT action, detail FROM policy_decisions WHERE variant_id = ?1 ORDER BY id DESC",
+            [wrong_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(action, "reject");
+    assert!(detail.starts_with("output differs"), "{detail}");
+    drop(c);
+    // No exec gets it any more.
+    for _ in 0..20 {
+        let out = common::run(common::as_nobody(&served).arg("1000"));
+        assert!(out.stdout.starts_with("work "), "{out:?}");
+    }
+    let status = d.status_text();
+    assert!(status.contains("OUTPUT DIFFERS"), "{status}");
+
+    // `optbin report` shows the rejection and its reason.
+    let db = root.join("bench.db");
+    let out = common::run(std::process::Command::new(common::daemon::OPTBIN).args([
+        "report",
+        "differs",
+        "--json",
+        "--mount",
+        &d.mnt.to_string_lossy(),
+        "--db",
+        &db.to_string_lossy(),
+    ]));
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let r: Value = serde_json::from_str(&out.stdout).unwrap();
+    let v = r["binaries"][0]["variants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["id"].as_i64() == Some(wrong_id))
+        .cloned()
+        .unwrap();
+    assert_eq!(v["decision"]["action"], "reject", "{v:#}");
+    assert!(v["decision"]["detail"].as_str().unwrap().starts_with("output differs"), "{v:#}");
+
+    // A variant with the original's output passes the same check and stays in canary.
+    d.control("train same").unwrap();
+    let b = d.wait_for(Duration::from_secs(60), "the same-output variant checked", |d| {
+        let b = d.binary(&same)?;
+        let runs = b["details"]["training"]["runs"].as_u64()?;
+        (check_verdict(&b, fast_id).is_some() && runs >= 2).then_some(b)
+    });
+    assert_eq!(check_verdict(&b, fast_id).unwrap()["verdict"], "same", "{b:#}");
+    assert_eq!(variant_state(&b, fast_id), "canary", "{b:#}");
+    assert_eq!(stage(&b), "canary", "{b:#}");
+    let summary = b["details"]["training"]["summary"].as_str().unwrap();
+    assert!(summary.contains("same output as the original"), "{summary}");
+}

@@ -113,6 +113,7 @@ mod tests {
                         served_from_run: None,
                         note: None,
                         challenger: false,
+                        output_mismatch: None,
                     }],
                     runs,
                     next_run_id: 41,

@@ -290,6 +290,51 @@ pub fn insert_incident(
     Ok(conn.last_insert_rowid())
 }
 
+/// The incident kind of a training command whose output differed between the original and
+/// a variant (recorded by `crate::train::check`, acted on by the policy).
+pub const OUTPUT_MISMATCH: &str = "output_mismatch";
+
+/// Records that `variant_id` gave another stdout or exit status than the original on the
+/// training command `command` (no run id: the check's runs are not measured runs; `exit`
+/// is how the variant's run ended, None when it did not end by itself).
+pub fn insert_output_mismatch(
+    conn: &Connection,
+    at_ms: i64,
+    binary_id: i64,
+    variant_id: i64,
+    command: &str,
+    exit: Option<RunExit>,
+    detail: &str,
+) -> anyhow::Result<i64> {
+    let (code, sig) = match exit {
+        Some(RunExit::Exited(c)) => (Some(c), None),
+        Some(RunExit::Signaled(s)) => (None, Some(s)),
+        None => (None, None),
+    };
+    conn.execute(
+        "INSERT INTO incidents (at_ms, binary_id, variant_id, run_id, cmd_hash, kind,
+                                exit_code, exit_signal, detail)
+         VALUES (?1, ?2, ?3, NULL, ?4, ?5, ?6, ?7, ?8)",
+        params![at_ms, binary_id, variant_id, command, OUTPUT_MISMATCH, code, sig, detail],
+    )?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// Per variant of a binary, the detail of its newest output mismatch.
+pub fn output_mismatches_of(
+    conn: &Connection,
+    binary_id: i64,
+) -> anyhow::Result<std::collections::HashMap<i64, String>> {
+    let mut stmt = conn.prepare(
+        "SELECT variant_id, detail FROM incidents
+         WHERE binary_id = ?1 AND kind = ?2 AND variant_id IS NOT NULL ORDER BY id",
+    )?;
+    let rows = stmt
+        .query_map(params![binary_id, OUTPUT_MISMATCH], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    Ok(rows)
+}
+
 /// A binary's incidents, newest first.
 pub fn incidents_of(conn: &Connection, binary_id: i64) -> anyhow::Result<Vec<IncidentRow>> {
     let mut stmt = conn.prepare(
@@ -401,8 +446,9 @@ pub fn binaries_to_watch(conn: &Connection) -> anyhow::Result<Vec<i64>> {
     Ok(rows)
 }
 
-/// For every watched binary, a text that changes whenever its variants' states or its
-/// paths' controls change: the policy re-evaluates a binary on a rescan only then.
+/// For every watched binary, a text that changes whenever its variants' states, its
+/// paths' controls or its recorded output mismatches change: the policy re-evaluates a
+/// binary on a rescan only then.
 pub fn watch_fingerprints(conn: &Connection) -> anyhow::Result<Vec<(i64, String)>> {
     let mut stmt = conn.prepare(
         "SELECT b.id,
@@ -415,6 +461,9 @@ pub fn watch_fingerprints(conn: &Connection) -> anyhow::Result<Vec<(i64, String)
                           FROM (SELECT c.path, c.pin, c.excluded FROM controls c
                                 JOIN paths p ON p.path = c.path
                                 WHERE p.binary_id = b.id ORDER BY c.path) c), '')
+                || '|' ||
+                (SELECT count(*) FROM incidents i
+                 WHERE i.binary_id = b.id AND i.kind = 'output_mismatch')
          FROM binaries b
          WHERE b.id IN (SELECT binary_id FROM variants)
             OR b.id IN (SELECT p.binary_id FROM paths p JOIN controls c ON c.path = p.path)

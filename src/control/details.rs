@@ -15,6 +15,8 @@ use crate::fleet::view::FleetBinary;
 use crate::observe::heatmap::HeatFigures;
 use crate::policy::{Comparison, Stage};
 use crate::profile::ProfileSummary;
+use crate::report::CounterChange;
+use crate::train::check::Verdict;
 
 /// Every subsystem's status of one binary; a subsystem with nothing to say is absent.
 /// Fields in name order, the order `status.json` always had.
@@ -124,6 +126,8 @@ pub struct OptimizerBinary {
 /// The policy's view of a binary: its stage, runs per variant and measured gain.
 #[derive(Debug, Clone, Serialize)]
 pub struct PolicyBinary {
+    /// The per-run counters of the original and the variant in play.
+    pub counters: Option<CounterChanges>,
     pub gain: Option<Gain>,
     pub last_incident: Option<String>,
     /// The stage of each path holding this content.
@@ -159,6 +163,17 @@ impl From<&Comparison> for Gain {
     }
 }
 
+/// The per-run counters of the original and of the variant canaried, served or pinned
+/// (medians per run from the measured runs), next to the CPU-time gain. A counter the
+/// machine lacks has no figures and says why (`unsupported`), never a zero.
+#[derive(Debug, Clone, Serialize)]
+pub struct CounterChanges {
+    pub metrics: Vec<CounterChange>,
+    /// The counters with figures, in a few words ("page-faults 95 -> 80 (-15.8%), ...").
+    pub text: Option<String>,
+    pub variant: i64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct PathStage {
     pub path: String,
@@ -184,8 +199,35 @@ pub struct ObserveBinary {
 #[derive(Debug, Clone, Serialize)]
 pub struct TrainingBinary {
     pub commands: usize,
+    /// The output check of each command against each variant in play (by variant).
+    pub output_checks: Vec<OutputCheckStatus>,
     pub runs: u64,
     pub summary: String,
+}
+
+/// One training command's output checked against one variant (`crate::train::check`).
+#[derive(Debug, Clone, Serialize)]
+pub struct OutputCheckStatus {
+    /// The training file's name.
+    pub command: String,
+    /// When, in unix seconds.
+    pub at: i64,
+    pub variant: i64,
+    /// `same`, `differs` (with `detail`) or `not_compared` (with `why`).
+    #[serde(flatten)]
+    pub verdict: Verdict,
+}
+
+impl OutputCheckStatus {
+    /// "variant 3 on prog.toml: same output as the original".
+    pub fn text(&self) -> String {
+        let what = match &self.verdict {
+            Verdict::Same => "same output as the original".to_string(),
+            Verdict::Differs { .. } => "OUTPUT DIFFERS from the original's (rejected)".to_string(),
+            Verdict::NotCompared { why } => format!("not compared: {why}"),
+        };
+        format!("variant {} on {}: {what}", self.variant, self.command)
+    }
 }
 
 #[cfg(test)]

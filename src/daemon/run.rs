@@ -94,8 +94,18 @@ pub fn start_server(
     subsystems.extend(fleet.as_ref().map(|f| f.status()));
 
     // Training commands (src/train): run through the mount when the machine is idle.
-    let trainer =
-        crate::train::Trainer::new(cfg.train.clone(), cfg.mountpoint.clone(), cfg.overlay.clone());
+    // Their output check records a variant's different output for the policy to act on.
+    let r5 = reconciler.clone();
+    let check = crate::train::check::OutputCheck {
+        catalog: catalog.clone(),
+        refresh: Arc::new(move |p| r5.refresh(p)),
+    };
+    let trainer = crate::train::Trainer::new(
+        cfg.train.clone(),
+        cfg.mountpoint.clone(),
+        cfg.overlay.clone(),
+        Some(check),
+    );
     subsystems.push(trainer.status());
     // Pictures, the host's USE summary, metrics and the HTML report (src/observe).
     let observe =

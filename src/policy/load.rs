@@ -88,6 +88,7 @@ fn load(
     };
     let rows = base::variants_of(conn, binary_id)?;
     let challengers = flag_trials::challenger_variants(conn, binary_id)?;
+    let mismatches = runs::output_mismatches_of(conn, binary_id)?;
     // Instrumented variants only collect a profile: never canaries, never served as
     // optimized, and their (slower) runs are no one's evidence.
     let not_policed: std::collections::HashSet<i64> =
@@ -108,6 +109,7 @@ fn load(
                 served_from_run: period_start(v.id, &["promote"]),
                 note: v.note,
                 challenger: challengers.contains(&v.id),
+                output_mismatch: mismatches.get(&v.id).cloned(),
             })
         })
         .collect();

@@ -35,10 +35,14 @@
 //! An exit code the original never gave for that command (when the original has runs of
 //! it) is a strike: exit codes also depend on input (grep's 1 for "no match"), so a single
 //! one is weak evidence; `suspicious_exit_strikes` strikes quarantine the variant.
+//! A variant whose stdout or exit status differed from the original's on a training command
+//! (the training check, `crate::train::check`, records it; the original agreed with itself)
+//! is rejected at once from `ready`, `canary` or `served`, with the check's reason.
 //!
 //! Controls override the measured choice per path: an excluded path always gets the
 //! original; a pin to `original` always the original; a pin to `bolted` always the best
-//! usable variant (never a quarantined one: if none is usable, the original).
+//! usable variant (never a quarantined one, nor one whose output differed: if none is
+//! usable, the original).
 
 pub mod instrumented;
 pub mod load;
@@ -164,6 +168,9 @@ pub struct VariantInput {
     /// Built by the flag search with another flag set: its canary is measured against the
     /// served variant, not the original (see [`challenger_step`]).
     pub challenger: bool,
+    /// Why its output differed from the original's on a training command, if it did (the
+    /// training check's record): it is rejected and never a pin's target.
+    pub output_mismatch: Option<String>,
 }
 
 /// A measured run as the policy sees it.
@@ -498,6 +505,8 @@ pub fn evaluate(input: &BinaryInput, cfg: &PolicyConfig) -> Evaluation {
         });
     }
 
+    reject_output_mismatches(input, &mut states, &mut transitions);
+
     let newest_in = |states: &HashMap<i64, VariantState>, s: VariantState| {
         input.variants.iter().rev().find(|v| states[&v.id] == s)
     };
@@ -573,8 +582,37 @@ pub fn evaluate(input: &BinaryInput, cfg: &PolicyConfig) -> Evaluation {
         VariantState::Retired,
     ]
     .iter()
-    .find_map(|s| newest_in(&states, *s).map(|v| v.id));
+    .find_map(|s| {
+        input.variants.iter().rev().find(|v| states[&v.id] == *s && v.output_mismatch.is_none())
+    })
+    .map(|v| v.id);
     Evaluation { transitions, incidents, stage, serve, pin_target, states }
+}
+
+/// Rejects every variant still in play whose output differed from the original's on a
+/// training command: a wrong answer is never served, whatever its speed.
+fn reject_output_mismatches(
+    input: &BinaryInput,
+    states: &mut HashMap<i64, VariantState>,
+    transitions: &mut Vec<Transition>,
+) {
+    for v in &input.variants {
+        let Some(why) = &v.output_mismatch else { continue };
+        let from = states[&v.id];
+        if !matches!(from, VariantState::Ready | VariantState::Canary | VariantState::Served) {
+            continue;
+        }
+        states.insert(v.id, VariantState::Rejected);
+        transitions.push(Transition {
+            variant_id: v.id,
+            from,
+            to: VariantState::Rejected,
+            action: Action::Reject,
+            detail: why.clone(),
+            first_run_id: None,
+            comparison: None,
+        });
+    }
 }
 
 /// Applies a path's controls to an evaluation: the stage status shows and what to serve.

@@ -157,6 +157,7 @@ fn one_variant(state: VariantState, from_run: Option<i64>) -> BinaryInput {
             served_from_run: from_run,
             note: None,
             challenger: false,
+            output_mismatch: None,
         }],
         runs: Vec::new(),
         next_run_id: 1,

@@ -13,6 +13,7 @@ fn variant(id: i64, state: VariantState) -> VariantInput {
         served_from_run: None,
         note: None,
         challenger: false,
+        output_mismatch: None,
     }
 }
 
@@ -68,6 +69,35 @@ fn crash_quarantines_at_once_unless_the_original_crashes_the_same_way() {
     let e = evaluate(&input(vec![variant(4, VariantState::Canary)], runs), &cfg);
     assert!(e.incidents.is_empty());
     assert_eq!(e.states[&4], VariantState::Canary);
+}
+
+#[test]
+fn an_output_mismatch_rejects_a_canary_or_served_variant_and_is_never_pinned() {
+    let cfg = PolicyConfig::default();
+    let why = "output differs from the original's on training command t.toml";
+    let wrong = |v: VariantInput| VariantInput { output_mismatch: Some(why.into()), ..v };
+    for from in [VariantState::Ready, VariantState::Canary, VariantState::Served] {
+        let e = evaluate(&input(vec![wrong(variant(4, from))], vec![]), &cfg);
+        assert_eq!(e.states[&4], VariantState::Rejected, "{from:?}");
+        assert_eq!(e.transitions.len(), 1, "{:?}", e.transitions);
+        let t = &e.transitions[0];
+        assert_eq!((t.action, t.from, t.detail.as_str()), (Action::Reject, from, why));
+        assert_eq!(e.serve, ServeDecision::Original);
+        assert_eq!(e.stage, Stage::ServingOriginal { reason: why.into() });
+        // Pinned to bolted: a variant that gave a wrong answer is not served either.
+        assert_eq!(
+            decide(&e, &Controls { pin: Some(Pin::Bolted), excluded: false }).1,
+            ServeDecision::Original
+        );
+    }
+    // Already decided otherwise: nothing to do; the other variant goes on untouched.
+    let e = evaluate(
+        &input(vec![wrong(variant(3, VariantState::Quarantined)), served(4)], vec![]),
+        &cfg,
+    );
+    assert!(e.transitions.is_empty(), "{:?}", e.transitions);
+    assert_eq!(e.states[&4], VariantState::Served);
+    assert_eq!(e.pin_target, Some(4));
 }
 
 #[test]
@@ -240,6 +270,7 @@ fn any_input() -> impl Strategy<Value = BinaryInput> {
                 served_from_run: Some(1),
                 note: None,
                 challenger: false,
+                output_mismatch: None,
             })
             .collect();
         let n = variants.len() as i64;

@@ -128,7 +128,7 @@ fn binary(conn: &Connection, id: i64) -> anyhow::Result<Option<BinaryReport>> {
             size: v.size,
             decision,
             real_runs,
-            counters: counters(&original_runs, &variant_runs),
+            counters: counter_changes(&original_runs, &variant_runs),
             cpu_saved_ns: cpu_saved,
             bench: Vec::new(),
         });
@@ -217,8 +217,26 @@ fn columns() -> Vec<(&'static str, &'static str, Getter)> {
     ]
 }
 
+/// The counters of `variant_id` against the original on the binary's newest `newest` runs
+/// (normal exits only), as the report shows them; status shows them for the variant in play.
+pub fn counters_of_variant(
+    conn: &Connection,
+    binary_id: i64,
+    variant_id: i64,
+    newest: u32,
+) -> anyhow::Result<Vec<CounterChange>> {
+    let rows = runs::runs_of_binary(conn, binary_id, newest)?;
+    let arm = |v: Option<i64>| -> Vec<&runs::RunRow> {
+        rows.iter().filter(|r| r.variant_id == v && matches!(r.exit, RunExit::Exited(_))).collect()
+    };
+    Ok(counter_changes(&arm(None), &arm(Some(variant_id))))
+}
+
 /// Medians per run of each counter for the original and the variant.
-fn counters(original: &[&runs::RunRow], variant: &[&runs::RunRow]) -> Vec<CounterChange> {
+pub fn counter_changes(
+    original: &[&runs::RunRow],
+    variant: &[&runs::RunRow],
+) -> Vec<CounterChange> {
     columns()
         .into_iter()
         .map(|(metric, unit, get)| {

@@ -61,6 +61,26 @@ fn counter_line(c: &CounterChange) -> String {
     )
 }
 
+/// The counters a run has besides its times, in a few words each, for status:
+/// `IPC 1.210 -> 1.340, page-faults 95 -> 80 (-15.8%)`. Counters without a figure on either
+/// side are left out (status says once, for the machine, which ones it lacks); None when
+/// none has one.
+pub fn counters_brief(changes: &[CounterChange]) -> Option<String> {
+    let parts: Vec<String> = changes
+        .iter()
+        .filter(|c| c.metric != "cpu" && c.metric != "wall" && c.unsupported.is_none())
+        .filter_map(|c| {
+            let (o, v) = (c.original?, c.variant?);
+            let change = match c.change_percent {
+                Some(p) if c.unit != "ratio" => format!(" ({p:+.1}%)"),
+                _ => String::new(),
+            };
+            Some(format!("{} {} -> {}{change}", c.metric, value(o, &c.unit), value(v, &c.unit)))
+        })
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
 fn decided_cell(v: &VariantReport) -> String {
     match &v.decision {
         Some(d) => format!(

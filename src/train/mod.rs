@@ -9,7 +9,13 @@
 //! mount's own `status.json` says) and only when the one-minute load average per CPU is
 //! below `[train] idle_load`. The `training` section of status shows each command's runs
 //! and last outcome, and every file that was refused with the reason.
+//!
+//! While a binary has a variant in canary or served, each training command's first run
+//! with that variant is preceded by the output check ([`check`]): a variant whose stdout or
+//! exit status differs from the original's is rejected by the policy; each binary's
+//! `training` status lists the checks and their verdicts.
 
+pub mod check;
 pub mod file;
 pub mod run;
 
@@ -25,9 +31,10 @@ use tokio::sync::watch;
 
 use crate::control::ActionError;
 use crate::control::SubsystemStatus;
-use crate::control::details::{BinaryDetails, TrainingBinary};
+use crate::control::details::{BinaryDetails, OutputCheckStatus, TrainingBinary};
 use crate::control::resolve::resolve_name;
 use crate::control::sections::{MachineSections, RefusedFile, TrainingCommand, TrainingMachine};
+use check::{CheckKey, OutputCheck, Verdict};
 use file::TrainCommand;
 
 pub const DEFAULT_DIR: &str = "/etc/optbin/train.d";
@@ -79,6 +86,9 @@ struct State {
     progress: HashMap<PathBuf, Progress>,
     load_per_cpu: Option<f64>,
     idle: bool,
+    /// The output check's verdicts per command file and variant, with the command checked
+    /// (a changed file is checked again) and when (unix seconds).
+    checks: HashMap<CheckKey, (TrainCommand, Verdict, i64)>,
 }
 
 /// The training subsystem of one server process.
@@ -86,6 +96,8 @@ pub struct Trainer {
     settings: TrainSettings,
     mountpoint: PathBuf,
     overlay: Vec<PathBuf>,
+    /// None: no output check (a trainer without a catalog).
+    check: Option<OutputCheck>,
     state: Mutex<State>,
     stop: AtomicBool,
 }
@@ -120,11 +132,17 @@ fn needs_runs(stage: &str) -> bool {
 }
 
 impl Trainer {
-    pub fn new(settings: TrainSettings, mountpoint: PathBuf, overlay: Vec<PathBuf>) -> Arc<Self> {
+    pub fn new(
+        settings: TrainSettings,
+        mountpoint: PathBuf,
+        overlay: Vec<PathBuf>,
+        check: Option<OutputCheck>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             settings,
             mountpoint,
             overlay,
+            check,
             state: Mutex::new(State::default()),
             stop: AtomicBool::new(false),
         })
@@ -149,8 +167,14 @@ impl Trainer {
         resolve_name(&cmd.binary, &self.overlay, &self.mountpoint).map_err(|e| e.to_string())
     }
 
-    /// Runs `cmd` once and records the outcome.
+    /// Runs `cmd` once and records the outcome; first the output check of each variant in
+    /// play not yet checked with this command.
     fn run_one(&self, cmd: &TrainCommand, original: &Path) {
+        if let Err(e) = self.check_outputs(cmd, original) {
+            tracing::warn!(file = %cmd.file.display(), error = %format!("{e:#}"), "output check failed");
+            self.lock().progress.entry(cmd.file.clone()).or_default().last_error =
+                Some(format!("output check: {e:#}"));
+        }
         let result = run::run(cmd, &self.mountpoint, original, &self.stop);
         let mut st = self.lock();
         let p = st.progress.entry(cmd.file.clone()).or_default();
@@ -168,6 +192,32 @@ impl Trainer {
                 p.last_error = Some(format!("{e:#}"));
             }
         }
+    }
+
+    /// The output check of `cmd` against each canaried or served variant of `original` it
+    /// was not checked with; a difference is recorded for the policy, which rejects it.
+    fn check_outputs(&self, cmd: &TrainCommand, original: &Path) -> anyhow::Result<()> {
+        let Some(checker) = &self.check else { return Ok(()) };
+        let Some((binary_id, variants)) = check::variants_in_play(&checker.catalog, original)?
+        else {
+            return Ok(());
+        };
+        for v in variants {
+            let key = (cmd.file.clone(), v.id);
+            if self.lock().checks.get(&key).is_some_and(|(checked, _, _)| checked == cmd) {
+                continue;
+            }
+            let verdict = check::check_variant(cmd, &self.mountpoint, original, &v, &self.stop)?;
+            if self.stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            tracing::info!(file = %cmd.file.display(), variant = v.id, ?verdict, "output check");
+            if let Verdict::Differs { detail, exit } = &verdict {
+                checker.record_mismatch(original, binary_id, v.id, &cmd.file, detail, *exit)?;
+            }
+            self.lock().checks.insert(key, (cmd.clone(), verdict, now_secs()));
+        }
+        Ok(())
     }
 
     /// One look: reload the files, check the load, run each command whose binary still
@@ -368,14 +418,33 @@ impl TrainStatus {
             mine.iter().map(|c| st.progress.get(&c.file).cloned().unwrap_or_default()).collect();
         let runs: u64 = progress.iter().map(|p| p.runs).sum();
         let last = progress.iter().filter_map(|p| p.last_outcome.clone()).next_back();
+        let mut output_checks: Vec<OutputCheckStatus> = st
+            .checks
+            .iter()
+            .filter(|((file, _), _)| mine.iter().any(|c| &c.file == file))
+            .map(|((_, variant), (cmd, verdict, at))| OutputCheckStatus {
+                command: check::command_name(cmd),
+                variant: *variant,
+                verdict: verdict.clone(),
+                at: *at,
+            })
+            .collect();
+        output_checks.sort_by(|a, b| (a.variant, &a.command).cmp(&(b.variant, &b.command)));
+        let checks_text: Vec<String> = output_checks.iter().map(OutputCheckStatus::text).collect();
         Some(TrainingBinary {
             commands: mine.len(),
             runs,
             summary: format!(
-                "training: {runs} run(s) of {} command(s){}",
+                "training: {runs} run(s) of {} command(s){}{}",
                 mine.len(),
-                last.map(|l| format!(", last {l}")).unwrap_or_default()
+                last.map(|l| format!(", last {l}")).unwrap_or_default(),
+                if checks_text.is_empty() {
+                    String::new()
+                } else {
+                    format!("; output checks: {}", checks_text.join("; "))
+                }
             ),
+            output_checks,
         })
     }
 }

@@ -1,14 +1,19 @@
-//! Running one training command through the mount: as its user, at idle priority
-//! (`nice` 19 and `SCHED_IDLE`), in its own process group, killed at its time limit.
+//! Running one training command: through the mount (a training run), or with a given file
+//! and its stdout captured (the output check's runs, [`run_captured`]); either way as its
+//! user, at idle priority (`nice` 19 and `SCHED_IDLE`), in its own process group, killed at
+//! its time limit.
 
+use std::ffi::OsStr;
+use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::Serialize;
+use sha2::{Digest, Sha256};
 
 use crate::train::file::TrainCommand;
 
@@ -48,13 +53,80 @@ pub fn run(
 ) -> anyhow::Result<(Outcome, Duration)> {
     let program = through_mount(mountpoint, original);
     let argv0 = original.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    let mut c = Command::new(&program);
+    let mut c = command(cmd, mountpoint, &program, &argv0);
+    c.stdout(Stdio::null());
+    let started = Instant::now();
+    let mut child = c.spawn().with_context(|| format!("starting {}", program.display()))?;
+    let outcome = wait(&mut child, cmd.timeout_secs, started, stop)?;
+    Ok((outcome, started.elapsed()))
+}
+
+/// What a run wrote to stdout: its digest, length and first bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Captured {
+    pub sha256: String,
+    pub len: u64,
+    pub preview: String,
+}
+
+/// How many bytes of stdout are kept to show a difference.
+pub const PREVIEW: usize = 120;
+
+/// Runs `cmd` with `program` (argv[0] the original's name, as through the mount) and
+/// captures its stdout; the output check's runs.
+pub fn run_captured(
+    cmd: &TrainCommand,
+    mountpoint: &Path,
+    program: &Path,
+    argv0: &OsStr,
+    stop: &AtomicBool,
+) -> anyhow::Result<(Outcome, Captured)> {
+    let mut c = command(cmd, mountpoint, program, argv0);
+    c.stdout(Stdio::piped());
+    let started = Instant::now();
+    let mut child = c.spawn().with_context(|| format!("starting {}", program.display()))?;
+    let mut stdout = child.stdout.take().context("the child's stdout")?;
+    // Read on the side: a full pipe must not stall the child while we watch the clock.
+    let reader = std::thread::spawn(move || -> std::io::Result<Captured> {
+        let mut hasher = Sha256::new();
+        let (mut preview, mut len) = (Vec::new(), 0u64);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match stdout.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            hasher.update(&buf[..n]);
+            let take = n.min(PREVIEW.saturating_sub(preview.len()));
+            preview.extend_from_slice(&buf[..take]);
+            len += n as u64;
+        }
+        let preview = String::from_utf8_lossy(&preview).into_owned();
+        Ok(Captured { sha256: hex::encode(hasher.finalize()), len, preview })
+    });
+    let outcome = wait(&mut child, cmd.timeout_secs, started, stop)?;
+    // Whatever the command left running in its group would hold the pipe open.
+    // SAFETY: signalling the process group the child led (ESRCH when it is empty).
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    let captured = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("the stdout reader panicked"))?
+        .context("reading the program's stdout")?;
+    Ok((outcome, captured))
+}
+
+/// The command as a training run gets it: its argv, directory, a minimal environment with
+/// the mount's PATH first, its user, at idle priority in its own process group.
+fn command(cmd: &TrainCommand, mountpoint: &Path, program: &Path, argv0: &OsStr) -> Command {
+    let mut c = Command::new(program);
     c.arg0(argv0).args(&cmd.args).current_dir(&cmd.dir);
     c.env_clear();
     c.env("PATH", format!("{}:/usr/local/bin:/usr/bin:/bin", mountpoint.join("bin").display()));
     c.env("HOME", "/");
     c.envs(&cmd.env);
-    c.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    c.stdin(Stdio::null()).stderr(Stdio::null());
     c.uid(cmd.uid).gid(cmd.gid);
     // std drops supplementary groups itself when root sets a uid, before pre_exec runs.
     // SAFETY: only async-signal-safe calls between fork and exec.
@@ -67,18 +139,26 @@ pub fn run(
             Ok(())
         });
     }
-    let started = Instant::now();
-    let mut child = c.spawn().with_context(|| format!("starting {}", program.display()))?;
-    let deadline = started + Duration::from_secs(cmd.timeout_secs);
+    c
+}
+
+/// Waits for `child` until it ends, its time limit passes or `stop` is set (then its
+/// process group is killed).
+fn wait(
+    child: &mut Child,
+    timeout_secs: u64,
+    started: Instant,
+    stop: &AtomicBool,
+) -> anyhow::Result<Outcome> {
+    let deadline = started + Duration::from_secs(timeout_secs);
     loop {
         if let Some(status) = child.try_wait()? {
             use std::os::unix::process::ExitStatusExt;
-            let outcome = match (status.code(), status.signal()) {
+            return Ok(match (status.code(), status.signal()) {
                 (Some(c), _) => Outcome::Exited(c),
                 (None, Some(s)) => Outcome::Signaled(s),
                 _ => Outcome::Exited(-1),
-            };
-            return Ok((outcome, started.elapsed()));
+            });
         }
         let why = if stop.load(Ordering::Relaxed) {
             Some(Outcome::Stopped)
@@ -92,7 +172,7 @@ pub fn run(
             unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
             let _ = child.kill();
             let _ = child.wait();
-            return Ok((why, started.elapsed()));
+            return Ok(why);
         }
         std::thread::sleep(Duration::from_millis(20));
     }

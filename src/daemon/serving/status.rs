@@ -7,12 +7,18 @@ use std::sync::atomic::Ordering;
 
 use super::Inner;
 use crate::control::SubsystemStatus;
-use crate::control::details::{BinaryDetails, Detail, Gain, PathStage, PolicyBinary, RunCount};
+use crate::control::details::{
+    BinaryDetails, CounterChanges, Detail, Gain, PathStage, PolicyBinary, RunCount,
+};
 use crate::control::sections::{
     DroppedRuns, MachineSections, MeasurementStatus, OrError, PolicyFigures, PolicyMachine,
 };
 use crate::policy::Stage;
-use crate::policy::load::{BinaryStatus as PathStatus, binary_status, machine_summary};
+use crate::policy::load::{
+    BinaryStatus as PathStatus, RUNS_PER_BINARY, binary_status, machine_summary,
+};
+use crate::report::collect::counters_of_variant;
+use crate::report::render::counters_brief;
 
 /// The "policy" status section.
 pub(super) struct PolicyStatus {
@@ -113,7 +119,9 @@ impl SubsystemStatus for PolicyStatus {
     fn binary(&self, conn: &rusqlite::Connection, binary_id: i64, details: &mut BinaryDetails) {
         details.policy =
             match binary_status(conn, binary_id, &self.inner.config, &*self.inner.pipeline()) {
-                Ok(statuses) => self.binary_detail(&statuses).map(Detail::Read),
+                Ok(statuses) => self
+                    .binary_detail(&statuses)
+                    .map(|p| Detail::Read(with_counters(conn, binary_id, p))),
                 Err(e) => Some(Detail::unreadable("policy status", &e)),
             };
     }
@@ -158,6 +166,7 @@ impl PolicyStatus {
             summary.push_str(&format!("; last incident: {i}"));
         }
         Some(PolicyBinary {
+            counters: None,
             gain: first.gain.as_ref().map(Gain::from),
             last_incident: first.last_incident.clone(),
             paths: statuses
@@ -183,4 +192,35 @@ impl PolicyStatus {
             _ => text.to_string(),
         }
     }
+}
+
+/// The variant whose counters status sets against the original's: the one canaried,
+/// served (during a challenge, the served one) or pinned.
+fn variant_in_play(stage: &Stage) -> Option<i64> {
+    match *stage {
+        Stage::Canary { variant_id, .. } | Stage::ServingOptimized { variant_id, .. } => {
+            Some(variant_id)
+        }
+        Stage::Challenge { served_id, .. } => Some(served_id),
+        Stage::Pinned { variant_id, .. } => variant_id,
+        _ => None,
+    }
+}
+
+/// Adds the counters of the original and the variant in play (and their text to the
+/// summary, after the gain); a catalog error leaves them out, with a warning.
+fn with_counters(conn: &rusqlite::Connection, binary_id: i64, mut p: PolicyBinary) -> PolicyBinary {
+    let Some(variant) = variant_in_play(&p.stage) else { return p };
+    match counters_of_variant(conn, binary_id, variant, RUNS_PER_BINARY) {
+        Ok(metrics) => {
+            let text = counters_brief(&metrics);
+            if let Some(t) = &text {
+                p.summary
+                    .push_str(&format!("; counters per run, original -> variant {variant}: {t}"));
+            }
+            p.counters = Some(CounterChanges { metrics, text, variant });
+        }
+        Err(e) => tracing::warn!(variant, error = %format!("{e:#}"), "reading runs for status"),
+    }
+    p
 }
