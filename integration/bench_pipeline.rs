@@ -609,6 +609,36 @@ fn run_until(
     }
 }
 
+/// Reports how `run_until` ended (the decision, or none within `budget`), after `runs`
+/// runs and minutes; returns whether a variant was served.
+fn report_decision(
+    prefix: &str,
+    outcome: &Result<Value, Option<Value>>,
+    (runs, mins): (usize, f64),
+    budget: Duration,
+    report: &mut Vec<String>,
+) -> bool {
+    match outcome {
+        Ok(e) => {
+            let promoted = stage_key(e).as_deref() == Some("serving_optimized");
+            report.push(format!(
+                "{prefix}DECIDED after {runs} runs, {mins:.1} min from the first run: {}{}",
+                stage_text(e),
+                if promoted { " (variant SERVED)" } else { "" }
+            ));
+            promoted
+        }
+        Err(e) => {
+            report.push(format!(
+                "{prefix}NOT DECIDED within {:.0} min ({runs} runs): {}",
+                budget.as_secs_f64() / 60.0,
+                e.as_ref().map(stage_text).unwrap_or_else(|| "(not in status)".into())
+            ));
+            false
+        }
+    }
+}
+
 /// The flag search's line in status: what it does next ("done: ..." once it has ended).
 fn search_next(b: &Value) -> String {
     b["details"]["optimizer"]["flag_search"]["next"].as_str().unwrap_or("").to_string()
@@ -662,25 +692,7 @@ fn pipeline(b: &Bench, root: &Path, rounds: usize, report: &mut Vec<String>) -> 
             m.detail
         ));
     }
-    let served_variant = match &outcome {
-        Ok(e) => {
-            let promoted = stage_key(e).as_deref() == Some("serving_optimized");
-            report.push(format!(
-                "  DECIDED after {total_runs} runs, {total_min:.1} min from the first run: {}{}",
-                stage_text(e),
-                if promoted { " (variant SERVED)" } else { "" }
-            ));
-            promoted
-        }
-        Err(e) => {
-            report.push(format!(
-                "  NOT DECIDED within {:.0} min ({total_runs} runs): {}",
-                budget.as_secs_f64() / 60.0,
-                e.as_ref().map(stage_text).unwrap_or_else(|| "(not in status)".into())
-            ));
-            false
-        }
-    };
+    let served_variant = report_decision("  ", &outcome, (total_runs, total_min), budget, report);
     // Full mode: keep the program running while the flag search challenges the served
     // variant (each challenger is canaried against it like any variant), until the search
     // has ended, so that what is measured below is the search's winner.
@@ -877,25 +889,8 @@ fn upgrade_case(
     for line in &bridge {
         report.push(format!("    {line}"));
     }
-    let promoted = match &outcome {
-        Ok(e) => {
-            let promoted = stage_key(e).as_deref() == Some("serving_optimized");
-            report.push(format!(
-                "    new version DECIDED after {total_runs} runs, {total_min:.1} min from its first run: {}{}",
-                stage_text(e),
-                if promoted { " (variant SERVED)" } else { "" }
-            ));
-            promoted
-        }
-        Err(e) => {
-            report.push(format!(
-                "    new version NOT DECIDED within {:.0} min ({total_runs} runs): {}",
-                budget.as_secs_f64() / 60.0,
-                e.as_ref().map(stage_text).unwrap_or_else(|| "(not in status)".into())
-            ));
-            false
-        }
-    };
+    let promoted =
+        report_decision("    new version ", &outcome, (total_runs, total_min), budget, report);
     std::fs::write(config, "[profile]\nenabled = false\n").unwrap();
     daemon.restart();
     let entry = daemon.binary_named(&name).unwrap_or(Value::Null);
