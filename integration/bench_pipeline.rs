@@ -313,6 +313,19 @@ struct Milestone {
     detail: String,
 }
 
+impl Milestone {
+    /// The milestone as a report line, indented by `indent`.
+    fn line(&self, indent: &str) -> String {
+        format!(
+            "{indent}{:<22} after {:>4} runs, {:>5.1} min   {}",
+            self.what,
+            self.runs,
+            self.secs / 60.0,
+            self.detail
+        )
+    }
+}
+
 /// Polls status.json every 100 ms while the run loop runs, recording each change of the
 /// policy's stage (and of the variant it is about), the profile's maturity and each stored
 /// variant, with the runs done by then.
@@ -683,15 +696,7 @@ fn pipeline(b: &Bench, root: &Path, rounds: usize, report: &mut Vec<String>) -> 
         "{name}: default configuration, runs through the mount ({} per run)",
         b.train.join(" ")
     ));
-    for m in &milestones {
-        report.push(format!(
-            "  {:<22} after {:>4} runs, {:>5.1} min   {}",
-            m.what,
-            m.runs,
-            m.secs / 60.0,
-            m.detail
-        ));
-    }
+    report.extend(milestones.iter().map(|m| m.line("  ")));
     let served_variant = report_decision("  ", &outcome, (total_runs, total_min), budget, report);
     // Full mode: keep the program running while the flag search challenges the served
     // variant (each challenger is canaried against it like any variant), until the search
@@ -861,15 +866,7 @@ fn upgrade_case(
     let outcome =
         run_until(daemon, &served, b, &name, &runs, t0, t0 + budget, |e| is_new(e) && decided(e));
     let (total_runs, total_min) = (runs.load(Ordering::SeqCst), t0.elapsed().as_secs_f64() / 60.0);
-    for m in poller.finish() {
-        report.push(format!(
-            "    {:<22} after {:>4} runs, {:>5.1} min   {}",
-            m.what,
-            m.runs,
-            m.secs / 60.0,
-            m.detail
-        ));
-    }
+    report.extend(poller.finish().iter().map(|m| m.line("    ")));
     // BOLT's own count of what the old profile matched, as the daemon logged it.
     let conn = common::daemon::catalog_read_only(&daemon.state);
     let bridge: Vec<String> = conn
