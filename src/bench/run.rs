@@ -37,6 +37,36 @@ pub struct RunSpec<'a> {
 /// How many bytes of stdout are kept to show a mismatch.
 pub const STDOUT_PREVIEW: usize = 240;
 
+/// What a run wrote to stdout: its digest, length and first bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Captured {
+    pub sha256: String,
+    pub len: u64,
+    pub preview: String,
+}
+
+/// Reads `r` to its end: the sha256 of all of it, its length, and its first `preview_max`
+/// bytes (lossy UTF-8).
+pub fn capture(r: &mut impl Read, preview_max: usize) -> std::io::Result<Captured> {
+    let mut hasher = Sha256::new();
+    let (mut preview, mut len) = (Vec::new(), 0u64);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        hasher.update(&buf[..n]);
+        let take = n.min(preview_max.saturating_sub(preview.len()));
+        preview.extend_from_slice(&buf[..take]);
+        len += n as u64;
+    }
+    let preview = String::from_utf8_lossy(&preview).into_owned();
+    Ok(Captured { sha256: hex::encode(hasher.finalize()), len, preview })
+}
+
 /// One run's measurements.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunSample {
@@ -140,24 +170,7 @@ pub fn run_once(spec: &RunSpec<'_>) -> anyhow::Result<RunSample> {
     anyhow::ensure!(pid as u32 == child.id(), "pid handshake mismatch");
 
     let mut stdout = child.stdout.take().context("child stdout")?;
-    let mut hasher = Sha256::new();
-    let mut preview = Vec::new();
-    let mut len = 0u64;
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        let n = match stdout.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e).context("reading the program's stdout"),
-        };
-        hasher.update(&buf[..n]);
-        if preview.len() < STDOUT_PREVIEW {
-            let take = n.min(STDOUT_PREVIEW - preview.len());
-            preview.extend_from_slice(&buf[..take]);
-        }
-        len += n as u64;
-    }
+    let out = capture(&mut stdout, STDOUT_PREVIEW).context("reading the program's stdout")?;
     let mut status = 0i32;
     // SAFETY: a zeroed rusage is a valid out-parameter.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
@@ -184,9 +197,9 @@ pub fn run_once(spec: &RunSpec<'_>) -> anyhow::Result<RunSample> {
         cpu_ns: tv(usage.ru_utime) + tv(usage.ru_stime),
         max_rss_kb: usage.ru_maxrss as u64,
         exit,
-        stdout_sha256: hex::encode(hasher.finalize()),
-        stdout_len: len,
-        stdout_preview: String::from_utf8_lossy(&preview).into_owned(),
+        stdout_sha256: out.sha256,
+        stdout_len: out.len,
+        stdout_preview: out.preview,
         counters: Default::default(),
         unsupported: Default::default(),
     };

@@ -4,7 +4,6 @@
 //! its time limit.
 
 use std::ffi::OsStr;
-use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -13,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
+use crate::bench::run::capture;
 use crate::train::file::TrainCommand;
 
 /// How a training run ended.
@@ -61,13 +60,8 @@ pub fn run(
     Ok((outcome, started.elapsed()))
 }
 
-/// What a run wrote to stdout: its digest, length and first bytes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Captured {
-    pub sha256: String,
-    pub len: u64,
-    pub preview: String,
-}
+/// What a run wrote to stdout (the same digest `optbin bench` compares).
+pub use crate::bench::run::Captured;
 
 /// How many bytes of stdout are kept to show a difference.
 pub const PREVIEW: usize = 120;
@@ -87,25 +81,7 @@ pub fn run_captured(
     let mut child = c.spawn().with_context(|| format!("starting {}", program.display()))?;
     let mut stdout = child.stdout.take().context("the child's stdout")?;
     // Read on the side: a full pipe must not stall the child while we watch the clock.
-    let reader = std::thread::spawn(move || -> std::io::Result<Captured> {
-        let mut hasher = Sha256::new();
-        let (mut preview, mut len) = (Vec::new(), 0u64);
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = match stdout.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            hasher.update(&buf[..n]);
-            let take = n.min(PREVIEW.saturating_sub(preview.len()));
-            preview.extend_from_slice(&buf[..take]);
-            len += n as u64;
-        }
-        let preview = String::from_utf8_lossy(&preview).into_owned();
-        Ok(Captured { sha256: hex::encode(hasher.finalize()), len, preview })
-    });
+    let reader = std::thread::spawn(move || capture(&mut stdout, PREVIEW));
     let outcome = wait(&mut child, cmd.timeout_secs, started, stop)?;
     // Whatever the command left running in its group would hold the pipe open.
     // SAFETY: signalling the process group the child led (ESRCH when it is empty).
