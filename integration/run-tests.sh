@@ -18,6 +18,6 @@ fi
 # optimized test programs either way. Tests share two cores: run test binaries one
 # at a time, each test file's tests in parallel only where they say so.
 if [ "${OPTBIN_SKIP_BENCH_SMOKE-0}" != 1 ]; then
-    OPTBIN_BENCH_QUICK=1 cargo test --release --locked --benches
+    OPTBIN_BENCH_QUICK=1 cargo test --release --locked --no-fail-fast --benches
 fi
-cargo test --release --locked -- --test-threads=1 "$@"
+cargo test --release --locked --no-fail-fast -- --test-threads=1 "$@"

@@ -192,7 +192,13 @@ fn a_variant_whose_output_differs_on_a_training_command_is_rejected_by_the_polic
         assert_eq!(out.code, Some(0), "{out:?}");
         let b = common::wait_binary(&d, prog, 30, "indexed", |b| b["sha256"].is_string());
         let v = common::place_variant(&d.state, b["sha256"].as_str().unwrap(), file, "ready");
-        common::wait_binary(&d, prog, 30, "canary", |b| stage(b) == "canary");
+        // The status's stage comes from the catalog; the serving table follows it a moment
+        // later (the applier), so wait for the table to serve the canary too.
+        let canary_served = format!("variant {v} for ");
+        common::wait_binary(&d, prog, 30, "canary served", |b| {
+            stage(b) == "canary"
+                && b["served"].as_str().is_some_and(|s| s.starts_with(&canary_served))
+        });
         variants.push(v);
     }
     let (wrong_id, fast_id) = (variants[0], variants[1]);
