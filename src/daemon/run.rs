@@ -20,7 +20,7 @@ use crate::daemon::profiling::Profiling;
 use crate::daemon::report::Reporter;
 use crate::daemon::serving::{Reconciler, Serving};
 use crate::fleet::daemon::Fleet;
-use crate::fs::{FsEvent, Overlay, OverlayConfig, ServingTable};
+use crate::fs::{EventSink, FsEvent, Overlay, OverlayConfig, ServingTable};
 use crate::fuse::{MountOptions, ServeContext, Served};
 use crate::observe::SharedStatus;
 
@@ -139,7 +139,8 @@ pub fn start_server(
             .with_files(observe.files())
             .with_files(crate::report::file::ReportFile::new(catalog.clone())),
     );
-    let (events_tx, events_rx) = mpsc::unbounded_channel::<FsEvent>();
+    let (seen_tx, seen_rx) = mpsc::unbounded_channel::<SeenFile>();
+    let events = RouteEvents { seen: seen_tx, warmer: warmer.clone() };
     let overlay = Overlay::new(
         OverlayConfig {
             mountpoint: cfg.mountpoint.clone(),
@@ -151,17 +152,12 @@ pub fn start_server(
         None,
         control,
         // Exec-time opens get their run counters attached before the events go on.
-        serving.event_sink(Arc::new(events_tx)),
+        serving.event_sink(Arc::new(events)),
     )?;
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let mut tasks = Tasks::default();
-    let (seen_tx, seen_rx) = mpsc::unbounded_channel::<SeenFile>();
     let (indexed_tx, indexed_rx) = mpsc::unbounded_channel::<Indexed>();
-    tasks.add(
-        "route events",
-        rt.spawn(route_events(events_rx, seen_tx, warmer.clone(), shutdown.clone())),
-    );
     tasks.add(
         "indexer",
         rt.spawn(indexer::run_indexer(
@@ -265,23 +261,23 @@ impl Tasks {
 /// How long shutdown waits for a task before saying so (and waiting on).
 const SLOW_SHUTDOWN: Duration = Duration::from_secs(10);
 
-/// Sends what the overlay reports to the tasks that act on it.
-async fn route_events(
-    mut events: mpsc::UnboundedReceiver<FsEvent>,
+/// Hands what the overlay reports to those that act on it, on the request thread and
+/// without the async runtime: an exec's open goes to the warmer's own thread, a file seen
+/// for the first time to the indexer. (A task in between cost a wake-up of the runtime per
+/// exec, more daemon CPU than the rest of the exec's bookkeeping: docs/mount.md.)
+struct RouteEvents {
     seen: mpsc::UnboundedSender<SeenFile>,
     warmer: Arc<crate::warm::Warmer>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let event = tokio::select! {
-            _ = shutdown.changed() => break,
-            e = events.recv() => match e { Some(e) => e, None => break },
-        };
+}
+
+impl EventSink for RouteEvents {
+    fn event(&self, event: FsEvent) {
         match event {
             FsEvent::Seen { original, key } => {
-                let _ = seen.send(SeenFile { path: original, key });
+                // A closed indexer means the server is stopping.
+                let _ = self.seen.send(SeenFile { path: original, key });
             }
-            FsEvent::Opened { backing, pid, exec: true, .. } => warmer.note_exec(backing, pid),
+            FsEvent::Opened { backing, pid, exec: true, .. } => self.warmer.note_exec(backing, pid),
             FsEvent::Opened { .. } => {}
         }
     }

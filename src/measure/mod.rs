@@ -46,7 +46,7 @@ pub static RUNS_NOT_RECORDED: AtomicU64 = AtomicU64::new(0);
 
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::identity::FileKey;
 use counters::{CounterFactory, PerfCounterFactory, RunCounts};
@@ -115,6 +115,7 @@ pub struct Measurer {
     counters: Arc<dyn CounterFactory>,
     stop: Arc<AtomicBool>,
     reader: Option<JoinHandle<()>>,
+    killed: Arc<Notify>,
 }
 
 impl std::fmt::Debug for Measurer {
@@ -143,15 +144,26 @@ impl Measurer {
         let tracker = Arc::new(Mutex::new(RunTracker::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::unbounded_channel();
+        let killed = Arc::new(Notify::new());
         let reader = {
             let tracker = tracker.clone();
             let stop = stop.clone();
+            let out = Records { tx, killed: killed.clone() };
             std::thread::Builder::new()
                 .name("optbin-measure".into())
-                .spawn(move || read_loop(&mut source, &procs, &tracker, &stop, &tx))
+                .spawn(move || read_loop(&mut source, &procs, &tracker, &stop, &out))
                 .context("starting the measurement thread")?
         };
-        Ok((Self { tracker, counters, stop, reader: Some(reader) }, rx))
+        Ok((Self { tracker, counters, stop, reader: Some(reader), killed }, rx))
+    }
+
+    /// Notified after a record of a run killed by a signal was sent. A consumer that must
+    /// act on crashes at once waits for this and drains the records with `try_recv`, and
+    /// otherwise on a timer: unlike awaiting `recv`, that costs no wake-up per run (a
+    /// wake-up of the async runtime per exec cost the daemon more CPU than the rest of a
+    /// run's bookkeeping).
+    pub fn killed_runs(&self) -> Arc<Notify> {
+        self.killed.clone()
     }
 
     /// Called by the overlay on an exec-time open: attaches counters to the pid (one
@@ -228,12 +240,28 @@ fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
+/// Where the reader thread sends finished runs (see [`Measurer::killed_runs`]).
+struct Records {
+    tx: mpsc::UnboundedSender<RunRecord>,
+    killed: Arc<Notify>,
+}
+
+impl Records {
+    fn send(&self, record: RunRecord) {
+        let killed = matches!(record.exit, RunExit::Signaled(_));
+        // A closed receiver means nobody wants records any more: keep draining.
+        if self.tx.send(record).is_ok() && killed {
+            self.killed.notify_one();
+        }
+    }
+}
+
 fn read_loop(
     source: &mut dyn ProcEventSource,
     procs: &dyn ProcessView,
     tracker: &Mutex<RunTracker>,
     stop: &AtomicBool,
-    out: &mpsc::UnboundedSender<RunRecord>,
+    out: &Records,
 ) {
     raise_priority();
     let mut events = Vec::new();
@@ -251,8 +279,7 @@ fn read_loop(
         let mut t = lock(tracker);
         for ev in events.drain(..) {
             if let Some(record) = t.on_event(ev, procs, now_ms()) {
-                // A closed receiver means nobody wants records any more: keep draining.
-                let _ = out.send(record);
+                out.send(record);
             }
         }
         if last_sweep.elapsed() >= Duration::from_secs(1) {
@@ -335,5 +362,42 @@ mod tests {
         assert_eq!(m.pending(), 0);
         drop(m); // stops and joins the reader thread
         assert!(records.blocking_recv().is_none());
+    }
+
+    #[test]
+    fn only_a_run_killed_by_a_signal_signals_its_record() {
+        let (tx, rx) = std_mpsc::channel();
+        let (m, mut records) =
+            Measurer::with_parts(Arc::new(FixedFactory), ChannelSource(rx), Procs).unwrap();
+        let killed = m.killed_runs();
+        let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        // Polled once: whether a signal is waiting now.
+        let signalled = || {
+            rt.block_on(async { tokio::time::timeout(Duration::ZERO, killed.notified()).await })
+                .is_ok()
+        };
+        let mut run = |pid, status| {
+            let open = ExecOpen {
+                pid,
+                original: PathBuf::from("/usr/bin/tool"),
+                variant_id: None,
+                binary_id: Some(1),
+                key: FileKey { dev: 1, ino: 2, size: 3, mtime_ns: 4, ctime_ns: 5 },
+            };
+            m.on_exec_open(open).unwrap();
+            // Events stamped after the registration (earlier ones are an older process's).
+            let t = monotonic_ns();
+            tx.send(ProcEvent::Exec { pid, tgid: pid, ts_ns: t + 10 }).unwrap();
+            tx.send(ProcEvent::Exit { pid, tgid: pid, status, ts_ns: t + 20 }).unwrap();
+            records.blocking_recv().unwrap()
+        };
+        // The reader thread handles runs in order: once the record of a later run has come,
+        // whatever the earlier run signalled is there.
+        for (pid, status, signals) in [(80, 0, false), (81, 6, true), (82, 9 << 8, false)] {
+            run(pid, status);
+            let later = run(pid + 100, 0);
+            assert_eq!(later.exit, RunExit::Exited(0));
+            assert_eq!(signalled(), signals, "run {pid} with status {status}");
+        }
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 use super::instrumented::InstrServing;
 use crate::fs::{EventSink, FsEvent};
@@ -94,39 +94,43 @@ impl EventSink for MeasuringEvents {
 /// Counts the measurer's records for status on their way to the policy task, and hands
 /// them over in bursts: the task stores and re-evaluates per batch of what is queued, and
 /// one evaluation reads up to thousands of runs of the binary, so a record per exec would
-/// cost an evaluation per exec. A run killed by a signal goes at once, with what is held:
-/// a crash quarantines without waiting.
+/// cost an evaluation per exec. The records are drained every [`HAND_OVER_EVERY`] without
+/// awaiting each one (a wake-up of the runtime per exec cost more daemon CPU than the
+/// run's bookkeeping, see docs/mount.md); a run killed by a signal wakes this at once
+/// (`killed`, [`crate::measure::Measurer::killed_runs`]): a crash quarantines without
+/// waiting.
 pub(super) async fn count_runs(
     measurement: Arc<Measurement>,
     mut records: mpsc::UnboundedReceiver<RunRecord>,
+    killed: Arc<Notify>,
     to_policy: mpsc::UnboundedSender<RunRecord>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut flush = tokio::time::interval(HAND_OVER_EVERY);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut held: Vec<RunRecord> = Vec::new();
     loop {
-        let urgent = tokio::select! {
-            _ = shutdown.changed() => break,
-            r = records.recv() => match r {
-                Some(record) => {
+        let stopping = tokio::select! {
+            _ = shutdown.changed() => true,
+            _ = flush.tick() => false,
+            _ = killed.notified() => false,
+        };
+        let closed = loop {
+            match records.try_recv() {
+                Ok(record) => {
                     measurement.measured.fetch_add(1, Ordering::Relaxed);
-                    let killed = matches!(record.exit, RunExit::Signaled(_));
-                    if killed {
+                    if matches!(record.exit, RunExit::Signaled(_)) {
                         measurement.killed.fetch_add(1, Ordering::Relaxed);
                     }
-                    held.push(record);
-                    killed
+                    if to_policy.send(record).is_err() {
+                        return;
+                    }
                 }
-                None => break,
-            },
-            _ = flush.tick() => true,
+                Err(mpsc::error::TryRecvError::Empty) => break false,
+                Err(mpsc::error::TryRecvError::Disconnected) => break true,
+            }
         };
-        if urgent && held.drain(..).any(|r| to_policy.send(r).is_err()) {
+        if stopping || closed {
             break;
         }
-    }
-    for r in held {
-        let _ = to_policy.send(r);
     }
 }

@@ -51,7 +51,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 
 use crate::catalog::Catalog;
 use crate::clock::SystemClock;
@@ -106,8 +106,9 @@ pub struct Exclusions {
 pub struct Serving {
     inner: Arc<Inner>,
     settings: PolicySettings,
-    /// The measurer's records, for the policy task (None without a measurer).
-    records: Option<mpsc::UnboundedReceiver<RunRecord>>,
+    /// The measurer's records and its killed-run signal, for the policy task (None without
+    /// a measurer).
+    records: Option<(mpsc::UnboundedReceiver<RunRecord>, Arc<Notify>)>,
 }
 
 impl std::fmt::Debug for Serving {
@@ -159,7 +160,10 @@ impl Serving {
         measured: Result<(Measurer, mpsc::UnboundedReceiver<RunRecord>), String>,
     ) -> Self {
         let (measurement, records) = match measured {
-            Ok((m, rx)) => (Measurement::on(m), Some(rx)),
+            Ok((m, rx)) => {
+                let killed = m.killed_runs();
+                (Measurement::on(m), Some((rx, killed)))
+            }
             Err(why) => (Measurement::off(why), None),
         };
         let inner = Arc::new(Inner {
@@ -218,10 +222,11 @@ impl Serving {
     ) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = Vec::new();
         let (runs_tx, runs_rx) = mpsc::unbounded_channel();
-        if let Some(records) = self.records {
+        if let Some((records, killed)) = self.records {
             tasks.push(rt.spawn(count_runs(
                 self.inner.measurement.clone(),
                 records,
+                killed,
                 runs_tx,
                 shutdown.clone(),
             )));
