@@ -127,7 +127,10 @@ pub fn run_once(spec: &RunSpec<'_>) -> anyhow::Result<RunSample> {
             }
             let mut go = [0u8];
             if rustix::io::read(&go_r, &mut go) != Ok(1) {
-                return Err(std::io::Error::other("the bench runner went away"));
+                // The bench runner went away. std hands the parent only an errno (EINVAL
+                // for an error without one), so say that without allocating: malloc after
+                // fork in a threaded process can deadlock.
+                return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
             }
             Ok(())
         });
