@@ -202,7 +202,8 @@ fn shell_quote(s: &str) -> String {
 /// EPIPE and end in an error message). Only for commands that print and exit, never the
 /// daemon.
 fn quiet_on_closed_pipe() {
-    // SAFETY: resetting a signal disposition to its default.
+    // libc: rustix sets signal dispositions only in its unstable `runtime` module.
+    // SAFETY: resetting a signal disposition to its default installs no handler of ours.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
 }
 
@@ -307,10 +308,11 @@ fn spawn_background(cfg: &Config, config_file: Option<&Path>) -> anyhow::Result<
         cmd.arg("--config").arg(f);
     }
     cmd.stdin(std::process::Stdio::null()).stdout(log.try_clone()?).stderr(log);
-    // SAFETY: setsid is async-signal-safe; it detaches the daemon from our terminal.
+    // SAFETY: the closure only makes the setsid system call (rustix's is a raw syscall,
+    // async-signal-safe, no allocation); it detaches the daemon from our terminal.
     unsafe {
         cmd.pre_exec(|| {
-            libc::setsid();
+            let _ = rustix::process::setsid();
             Ok(())
         });
     }

@@ -195,7 +195,7 @@ pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let name = args.name.clone().context("NAME is required")?;
-    if args.drop_caches && unsafe { libc::geteuid() } != 0 {
+    if args.drop_caches && !rustix::process::geteuid().is_root() {
         bail!("--drop-caches needs root: it writes /proc/sys/vm/drop_caches");
     }
     if let Some(cpu) = args.cpu {
@@ -223,19 +223,17 @@ pub fn main(args: BenchArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn check_cpu(cpu: usize) -> anyhow::Result<()> {
-    // SAFETY: a zeroed cpu_set_t is valid; sched_getaffinity fills it.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    anyhow::ensure!(r == 0, "sched_getaffinity: {}", std::io::Error::last_os_error());
-    if cpu >= libc::CPU_SETSIZE as usize || !unsafe { libc::CPU_ISSET(cpu, &set) } {
+    use rustix::thread::{CpuSet, sched_getaffinity};
+    let set = sched_getaffinity(None)
+        .map_err(|e| anyhow::anyhow!("sched_getaffinity: {}", std::io::Error::from(e)))?;
+    if cpu >= CpuSet::MAX_CPU || !set.is_set(cpu) {
         bail!("--cpu {cpu}: this process may not run on CPU {cpu}");
     }
     Ok(())
 }
 
 fn drop_caches() -> anyhow::Result<()> {
-    // SAFETY: sync has no preconditions.
-    unsafe { libc::sync() };
+    rustix::fs::sync();
     std::fs::write("/proc/sys/vm/drop_caches", b"3").context("writing /proc/sys/vm/drop_caches")
 }
 

@@ -15,7 +15,7 @@ pub fn human(v: f64, unit: &str) -> String {
         "ns" if v >= 1e9 => format!("{:.3} s", v / 1e9),
         "ns" if v >= 1e6 => format!("{:.2} ms", v / 1e6),
         "ns" => format!("{:.1} us", v / 1e3),
-        "KiB" => format!("{:.1} MiB", v / 1024.0),
+        "KiB" => bytesize::ByteSize((v * 1024.0) as u64).display().iec().to_string(),
         _ if v >= 1e9 => format!("{:.2} G", v / 1e9),
         _ if v >= 1e6 => format!("{:.2} M", v / 1e6),
         _ if v >= 1e4 => format!("{:.1} k", v / 1e3),
@@ -205,4 +205,16 @@ pub fn job_list(rows: &[JobRow]) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_in_binary_units_and_times_in_their_scale() {
+        assert_eq!(human(20_000.0, "KiB"), "19.5 MiB");
+        assert_eq!(human(512.0, "KiB"), "512.0 KiB");
+        assert_eq!(human(2.5e6, "ns"), "2.50 ms");
+    }
 }

@@ -10,12 +10,15 @@
 
 use std::ffi::OsString;
 use std::io::Read;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use anyhow::Context;
+use rustix::pipe::{PipeFlags, pipe_with};
+use rustix::thread::{CpuSet, sched_setaffinity};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -85,58 +88,49 @@ pub struct RunSample {
     pub unsupported: std::collections::BTreeMap<String, String>,
 }
 
-fn pipe() -> anyhow::Result<(i32, i32)> {
-    let mut fds = [0i32; 2];
-    // SAFETY: fds is a valid array of two ints.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error()).context("pipe2");
-    }
-    Ok((fds[0], fds[1]))
-}
-
-fn close(fd: i32) {
-    // SAFETY: closing a descriptor this module created and owns.
-    unsafe { libc::close(fd) };
+fn pipe() -> anyhow::Result<(OwnedFd, OwnedFd)> {
+    pipe_with(PipeFlags::CLOEXEC).map_err(std::io::Error::from).context("pipe2")
 }
 
 /// Runs `spec` once and measures it.
 pub fn run_once(spec: &RunSpec<'_>) -> anyhow::Result<RunSample> {
     let (pid_r, pid_w) = pipe()?;
-    let (go_r, go_w) = match pipe() {
-        Ok(p) => p,
-        Err(e) => {
-            close(pid_r);
-            close(pid_w);
-            return Err(e);
-        }
-    };
+    let (go_r, go_w) = pipe()?;
+    // The child closes its copies of the helper's ends, so that its read of `go_r` ends
+    // when the helper goes away.
+    let (child_closes_pid_r, child_closes_go_w) = (pid_r.as_raw_fd(), go_w.as_raw_fd());
     let mut cmd = Command::new(spec.program);
     cmd.arg0(spec.argv0).args(spec.args);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
     let cpu_set = spec.cpu.map(|cpu| {
-        // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it.
-        let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-        unsafe { libc::CPU_SET(cpu, &mut set) };
+        let mut set = CpuSet::new();
+        set.set(cpu);
         set
     });
-    // SAFETY: only async-signal-safe calls (getpid, write, read, close, sched_setaffinity)
-    // run between fork and exec.
+    // SAFETY: only async-signal-safe calls (sched_setaffinity, getpid, close, write, read;
+    // rustix's are raw system calls that allocate nothing) run between fork and exec. The
+    // closure owns `pid_w` and `go_r`: the parent's copies close when `cmd` is dropped.
     unsafe {
         cmd.pre_exec(move || {
-            if let Some(set) = &cpu_set
-                && libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) != 0
-            {
-                return Err(std::io::Error::last_os_error());
+            if let Some(set) = &cpu_set {
+                sched_setaffinity(None, set)?;
             }
-            let pid = libc::getpid();
-            libc::close(pid_r);
-            libc::close(go_w);
-            if libc::write(pid_w, (&pid as *const i32).cast(), 4) != 4 {
-                return Err(std::io::Error::last_os_error());
+            let pid = rustix::process::getpid().as_raw_nonzero().get();
+            // libc: these are the child's copies of descriptors the parent's helper owns,
+            // known here only by number (rustix's close of a raw fd is as unsafe).
+            libc::close(child_closes_pid_r);
+            libc::close(child_closes_go_w);
+            match rustix::io::write(&pid_w, &pid.to_ne_bytes()) {
+                Ok(4) => {}
+                Ok(_) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Err(e) => return Err(e.into()),
             }
-            let mut go = 0u8;
-            if libc::read(go_r, (&mut go as *mut u8).cast(), 1) != 1 {
-                return Err(std::io::Error::other("the bench runner went away"));
+            let mut go = [0u8];
+            if rustix::io::read(&go_r, &mut go) != Ok(1) {
+                // The bench runner went away. std hands the parent only an errno (EINVAL
+                // for an error without one), so say that without allocating: malloc after
+                // fork in a threaded process can deadlock.
+                return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
             }
             Ok(())
         });
@@ -145,24 +139,22 @@ pub fn run_once(spec: &RunSpec<'_>) -> anyhow::Result<RunSample> {
     // The helper: learn the pid, attach counters, let the child exec.
     let helper = std::thread::spawn(move || {
         let mut buf = [0u8; 4];
-        // SAFETY: reading 4 bytes into a 4-byte buffer from our pipe.
-        let n = unsafe { libc::read(pid_r, buf.as_mut_ptr().cast(), 4) };
-        close(pid_r);
-        if n != 4 {
-            close(go_w);
+        let n = rustix::io::read(&pid_r, &mut buf);
+        drop(pid_r);
+        if n != Ok(4) {
+            drop(go_w);
             return None;
         }
         let pid = i32::from_ne_bytes(buf);
         let counters = MetricCounters::open(pid, &metrics);
         let start = Instant::now();
-        // SAFETY: writing one byte to our pipe.
-        unsafe { libc::write(go_w, [1u8].as_ptr().cast(), 1) };
-        close(go_w);
+        let _ = rustix::io::write(&go_w, &[1u8]);
+        drop(go_w);
         Some((pid, counters, start))
     });
     let spawned = cmd.spawn();
-    close(pid_w);
-    close(go_r);
+    // Closes the parent's `pid_w` and `go_r`, which the pre_exec closure owns.
+    drop(cmd);
     let attached = helper.join().map_err(|_| anyhow::anyhow!("the counter thread panicked"))?;
     let mut child = spawned.with_context(|| format!("running {}", spec.program.display()))?;
     let (pid, mut counters, start) =
@@ -172,7 +164,8 @@ pub fn run_once(spec: &RunSpec<'_>) -> anyhow::Result<RunSample> {
     let mut stdout = child.stdout.take().context("child stdout")?;
     let out = capture(&mut stdout, STDOUT_PREVIEW).context("reading the program's stdout")?;
     let mut status = 0i32;
-    // SAFETY: a zeroed rusage is a valid out-parameter.
+    // libc: rustix's waits do not return the child's rusage.
+    // SAFETY: a zeroed rusage (plain integers) is a valid out-parameter.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     let reaped = loop {
         // SAFETY: reaping our own child, with valid out-pointers.

@@ -105,8 +105,8 @@ pub fn assess(
     if facts.text_size < cfg.min_text_bytes {
         return no(format!(
             ".text {} below the {} threshold",
-            kib(facts.text_size),
-            kib(cfg.min_text_bytes)
+            iec(facts.text_size),
+            iec(cfg.min_text_bytes)
         ));
     }
     let share = profile.own_text_share.clamp(0.0, 1.0);
@@ -140,7 +140,7 @@ pub fn assess(
     let why = format!(
         "{}, .text {}, {:.0}% of samples in own text{pressure}",
         mode.label(),
-        kib(facts.text_size),
+        iec(facts.text_size),
         share * 100.0
     );
     Applicability { candidate: true, mode, score, reason: format!("candidate ({why})"), why }
@@ -189,10 +189,10 @@ pub fn verdict(
     if a.candidate {
         a.score = 0.0;
         a.why = format!(
-            "by its ELF facts ({}, .text {} KiB); its own-text share is unknown until it is \
+            "by its ELF facts ({}, .text {}); its own-text share is unknown until it is \
              profiled",
             a.mode.label(),
-            facts.text_size / 1024
+            iec(facts.text_size)
         );
         a.reason = format!("candidate {}", a.why);
     }
@@ -234,12 +234,9 @@ fn size_factor(text_bytes: u64) -> f64 {
     (kib.log2() / 6.0).max(0.1)
 }
 
-fn kib(bytes: u64) -> String {
-    if bytes >= 10 * 1024 * 1024 {
-        format!("{} MiB", bytes / (1024 * 1024))
-    } else {
-        format!("{} KiB", bytes / 1024)
-    }
+/// A size in binary units: `171.0 KiB`, `12.5 MiB`.
+fn iec(bytes: u64) -> String {
+    bytesize::ByteSize(bytes).display().iec().to_string()
 }
 
 #[cfg(test)]
@@ -261,7 +258,7 @@ mod tests {
         assert_eq!(a.mode, BoltMode::Relocations);
         assert_eq!(
             a.reason,
-            "candidate (relocation mode, .text 171 KiB, 82% of samples in own text)"
+            "candidate (relocation mode, .text 171.0 KiB, 82% of samples in own text)"
         );
         assert!(a.score > 0.0);
     }
@@ -342,7 +339,7 @@ mod tests {
         );
         assert_eq!(
             candidacy(ok, Some(&facts()), Some(&profile(0.82)), &cfg),
-            (true, "relocation mode, .text 171 KiB, 82% of samples in own text".to_string())
+            (true, "relocation mode, .text 171.0 KiB, 82% of samples in own text".to_string())
         );
         let (yes, why) = candidacy(ok, Some(&facts()), None, &cfg);
         assert!(yes && why.starts_with("by its ELF facts (relocation mode"), "{why}");

@@ -674,9 +674,9 @@ async fn try_store(
         {
             Ok(report) => {
                 let note = format!(
-                    "{note_start}checked: {}; BOLT took {wall_ms} ms, peak {} MiB",
+                    "{note_start}checked: {}; BOLT took {wall_ms} ms, peak {}",
                     report.checks.join(", "),
-                    rss / 1024
+                    bytesize::ByteSize::kib(rss).display().iec()
                 );
                 let file = store.commit(staged)?;
                 if let Some((kept, yaml, name, content, version)) = keep

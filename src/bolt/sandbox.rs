@@ -25,6 +25,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use rustix::process::{
+    Pid, Signal, WaitId, WaitIdOptions, kill_process_group, test_kill_process_group, waitid,
+};
 use serde::{Deserialize, Serialize};
 
 /// The most of a child's stdout/stderr kept (its end).
@@ -43,8 +46,7 @@ impl SandboxUser {
     /// `optbin` if it exists, else `nobody`; None when optbin is not root (it cannot switch
     /// users, and already runs unprivileged).
     pub fn resolve() -> Option<Self> {
-        // SAFETY: geteuid cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
+        if !rustix::process::geteuid().is_root() {
             return None;
         }
         ["optbin", "nobody"].iter().find_map(|n| Self::lookup(n))
@@ -53,6 +55,8 @@ impl SandboxUser {
     /// Looks a user up in the password database.
     pub fn lookup(name: &str) -> Option<Self> {
         let cname = CString::new(name).ok()?;
+        // libc: rustix has no user database lookup (getpwnam_r goes through NSS).
+        // SAFETY: passwd is plain data (integers and pointers); all-zero is a valid value.
         let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
         let mut buf = vec![0u8; 4096];
         let mut result: *mut libc::passwd = std::ptr::null_mut();
@@ -256,7 +260,7 @@ impl Sandbox {
         let started = Instant::now();
         let child =
             command.spawn().with_context(|| format!("starting {}", cmd.program.display()))?;
-        let pid = child.id() as libc::pid_t;
+        let pid = Pid::from_child(&child);
         let mut ended = None;
         loop {
             if exited_without_reaping(pid)? {
@@ -274,8 +278,7 @@ impl Sandbox {
         }
         // The leader is a zombie or still running: its pid (= the group id) cannot be
         // reused yet, so this kills only what it started.
-        // SAFETY: plain system call.
-        unsafe { libc::kill(-pid, libc::SIGKILL) };
+        let _ = kill_process_group(pid, Signal::KILL);
         let (status, rusage) = reap(pid)?;
         let wall = started.elapsed();
         wait_for_group_gone(pid);
@@ -304,14 +307,18 @@ struct ChildSetup {
 }
 
 impl ChildSetup {
+    /// Runs in the child between fork and exec: async-signal-safe calls only (rustix's are
+    /// raw system calls that allocate nothing; an Errno converts to io::Error without one).
     fn apply(&self) -> std::io::Result<()> {
+        use rustix::process::{Resource, Rlimit, setpriority_process, setrlimit};
         let check = |rc: libc::c_int| {
             if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
         };
         const IOPRIO_WHO_PROCESS: libc::c_long = 1;
         const IOPRIO_CLASS_IDLE: libc::c_long = 3;
         const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
-        // SAFETY: plain system calls with valid arguments, async-signal-safe.
+        // libc: rustix has no ioprio_set.
+        // SAFETY: ioprio_set takes integers only and touches no memory of ours.
         unsafe {
             // Best effort: a kernel without an I/O scheduler that honours classes still runs.
             libc::syscall(
@@ -320,48 +327,43 @@ impl ChildSetup {
                 0,
                 IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
             );
-            check(libc::setpriority(libc::PRIO_PROCESS, 0, 19))?;
-            let param = libc::sched_param { sched_priority: 0 };
-            check(libc::sched_setscheduler(0, libc::SCHED_IDLE, &param))?;
-            let limit = |res, v: u64| {
-                let r = libc::rlimit { rlim_cur: v, rlim_max: v };
-                check(libc::setrlimit(res, &r))
-            };
-            limit(libc::RLIMIT_AS, self.memory)?;
-            limit(libc::RLIMIT_FSIZE, self.file_size)?;
-            limit(libc::RLIMIT_CORE, 0)?;
-            if let Some((uid, gid)) = self.ids {
+        }
+        setpriority_process(None, 19)?;
+        let param = libc::sched_param { sched_priority: 0 };
+        // libc: rustix has no sched_setscheduler.
+        // SAFETY: `param` is a valid sched_param for the call.
+        check(unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) })?;
+        let limit = |res, v: u64| setrlimit(res, Rlimit { current: Some(v), maximum: Some(v) });
+        limit(Resource::As, self.memory)?;
+        limit(Resource::Fsize, self.file_size)?;
+        limit(Resource::Core, 0)?;
+        if let Some((uid, gid)) = self.ids {
+            // libc: rustix's set_thread_* change only the calling thread's ids; the drop of
+            // privileges stays with libc's process-wide calls.
+            // SAFETY: setgroups with a count of 0 reads no list; setgid/setuid take ids.
+            unsafe {
                 check(libc::setgroups(0, std::ptr::null()))?;
                 check(libc::setgid(gid))?;
                 check(libc::setuid(uid))?;
             }
-            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong))?;
-            check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1 as libc::c_ulong, 0, 0, 0))?;
         }
+        rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+        rustix::thread::set_no_new_privs(true)?;
         Ok(())
     }
 }
 
 /// True once `pid` has exited; leaves it a zombie so its process group id stays reserved.
-fn exited_without_reaping(pid: libc::pid_t) -> anyhow::Result<bool> {
+fn exited_without_reaping(pid: Pid) -> anyhow::Result<bool> {
+    let options = WaitIdOptions::EXITED | WaitIdOptions::NOHANG | WaitIdOptions::NOWAIT;
     loop {
-        // SAFETY: info is a valid out-pointer.
-        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-        let rc = unsafe {
-            libc::waitid(
-                libc::P_PID,
-                pid as libc::id_t,
-                &mut info,
-                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
-            )
-        };
-        if rc == 0 {
-            // SAFETY: waitid filled info (or left it zeroed when nothing changed).
-            return Ok(unsafe { info.si_pid() } != 0);
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(e).context("waiting for the sandboxed child");
+        // None when nothing changed (the kernel left si_pid 0).
+        match waitid(WaitId::Pid(pid), options) {
+            Ok(status) => return Ok(status.is_some()),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                return Err(std::io::Error::from(e)).context("waiting for the sandboxed child");
+            }
         }
     }
 }
@@ -369,22 +371,24 @@ fn exited_without_reaping(pid: libc::pid_t) -> anyhow::Result<bool> {
 /// Signals are delivered asynchronously: give the rest of the group a moment to die, so
 /// that nothing of a job outlives [`Sandbox::run`] (bounded: a zombie whose new parent
 /// never reaps it still counts as a member).
-fn wait_for_group_gone(pgid: libc::pid_t) {
+fn wait_for_group_gone(pgid: Pid) {
     for _ in 0..50 {
-        // SAFETY: plain system calls.
-        if unsafe { libc::kill(-pgid, 0) } != 0 {
+        if test_kill_process_group(pgid).is_err() {
             return;
         }
-        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        let _ = kill_process_group(pgid, Signal::KILL);
         std::thread::sleep(POLL);
     }
 }
 
-fn reap(pid: libc::pid_t) -> anyhow::Result<(libc::c_int, libc::rusage)> {
+fn reap(pid: Pid) -> anyhow::Result<(libc::c_int, libc::rusage)> {
+    let pid = pid.as_raw_nonzero().get();
     loop {
         let mut status = 0;
-        // SAFETY: valid out-pointers.
+        // libc: rustix's waits do not return the child's rusage.
+        // SAFETY: rusage is plain integers; all-zero is a valid value.
         let mut rusage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: `status` and `rusage` are valid out-pointers for the call.
         let rc = unsafe { libc::wait4(pid, &mut status, 0, &mut rusage) };
         if rc == pid {
             return Ok((status, rusage));
@@ -439,7 +443,7 @@ mod tests {
         let out = String::from_utf8(r.stdout.tail.clone()).unwrap();
         let lines: Vec<&str> = out.lines().collect();
         // The suite runs as root; as another user this would check nothing, so it fails.
-        assert_eq!(unsafe { libc::geteuid() }, 0, "run the tests as root");
+        assert!(rustix::process::geteuid().is_root(), "run the tests as root");
         assert_ne!(lines[0], "0", "ran as root: {out}");
         assert_eq!(lines[1], "19", "nice: {out}");
         assert_eq!(lines[2], (1u64 << 20).to_string(), "ulimit -v in KiB: {out}");

@@ -4,17 +4,18 @@
 /// Puts the calling thread at nice 19 and the idle I/O class. Best effort: failures are
 /// ignored (the work still gets done, only less politely).
 pub fn lower_current_thread() {
-    // SAFETY: plain syscalls on the calling thread with constant arguments.
+    let tid = rustix::thread::gettid();
+    let _ = rustix::process::setpriority_process(Some(tid), 19);
+    const IOPRIO_CLASS_IDLE: libc::c_long = 3;
+    const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
+    const IOPRIO_WHO_PROCESS: libc::c_long = 1;
+    // libc: rustix has no ioprio_set.
+    // SAFETY: ioprio_set takes three integers and touches no memory of ours.
     unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
-        const IOPRIO_CLASS_IDLE: libc::c_long = 3;
-        const IOPRIO_CLASS_SHIFT: libc::c_long = 13;
-        const IOPRIO_WHO_PROCESS: libc::c_long = 1;
         libc::syscall(
             libc::SYS_ioprio_set,
             IOPRIO_WHO_PROCESS,
-            tid as libc::c_long,
+            tid.as_raw_nonzero().get() as libc::c_long,
             IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
         );
     }

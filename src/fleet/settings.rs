@@ -377,7 +377,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
         // The tests run as root (the daemon needs it); elsewhere only the owner check fails.
-        if unsafe { libc::geteuid() } == 0 {
+        if rustix::process::geteuid().is_root() {
             let c = read_credentials(&f).unwrap();
             assert_eq!(c.username.as_deref(), Some("m1"));
             assert!(!format!("{c:?}").contains("hunter2"));

@@ -16,9 +16,7 @@
 //! The value is the kernel's own binary form (`posix_acl_xattr`: a little-endian version
 //! 2 header, then 8-byte entries of tag, permission and id), passed through untouched.
 
-use std::ffi::CString;
 use std::io;
-use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 /// The access ACL: the one permission checks use.
@@ -42,26 +40,22 @@ pub fn is_acl(name: &std::ffi::OsStr) -> bool {
 /// The ACL attribute `name` of `path` (following symlinks), or None when it has none (its
 /// mode bits say everything) or the filesystem has no ACLs.
 pub fn read(path: &Path, name: &str) -> io::Result<Option<Vec<u8>>> {
-    let c_path = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-    let c_name = CString::new(name).expect("a constant name");
     // An ACL is at most a few hundred bytes; grow if the kernel says it is larger.
     let mut buf = vec![0u8; 512];
     loop {
-        // SAFETY: both strings are NUL-terminated and live across the call; the kernel
-        // writes at most `buf.len()` bytes into `buf`.
-        let n = unsafe {
-            libc::getxattr(c_path.as_ptr(), c_name.as_ptr(), buf.as_mut_ptr().cast(), buf.len())
-        };
-        if n >= 0 {
-            buf.truncate(n as usize);
-            return Ok(Some(buf));
-        }
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            Some(libc::ENODATA) | Some(libc::ENOTSUP) => return Ok(None),
-            Some(libc::ERANGE) if buf.len() < 1 << 20 => buf.resize(buf.len() * 4, 0),
-            _ => return Err(err),
+        // A path with a NUL byte fails with EINVAL, as before the call.
+        match rustix::fs::getxattr(path, name, &mut buf[..]) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Ok(Some(buf));
+            }
+            Err(e) if e == rustix::io::Errno::NODATA || e == rustix::io::Errno::NOTSUP => {
+                return Ok(None);
+            }
+            Err(e) if e == rustix::io::Errno::RANGE && buf.len() < 1 << 20 => {
+                buf.resize(buf.len() * 4, 0)
+            }
+            Err(e) => return Err(e.into()),
         }
     }
 }

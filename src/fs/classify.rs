@@ -164,13 +164,8 @@ impl Classifier {
 }
 
 fn has_file_capabilities(real: &Path) -> bool {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(path) = std::ffi::CString::new(real.as_os_str().as_bytes()) else { return false };
-    // SAFETY: valid C strings; a null buffer of size 0 only asks for the value's size.
-    let size = unsafe {
-        libc::lgetxattr(path.as_ptr(), c"security.capability".as_ptr(), std::ptr::null_mut(), 0)
-    };
-    size > 0
+    // A size query (no buffer); a path with a NUL byte fails, which means no capabilities.
+    matches!(rustix::fs::lgetxattr_query(real, c"security.capability"), Ok(size) if size > 0)
 }
 
 fn sniff_file(real: &Path) -> io::Result<(Metadata, Sniffed)> {

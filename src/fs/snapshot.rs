@@ -138,8 +138,7 @@ impl Snapshots {
         let tmp = self.dir.join(format!(
             ".tmp-{}-{}",
             std::process::id(),
-            // SAFETY: gettid has no preconditions.
-            unsafe { libc::gettid() }
+            rustix::thread::gettid().as_raw_nonzero()
         ));
         let result = (|| -> FsResult<()> {
             let mut copy = OpenOptions::new()
@@ -224,10 +223,7 @@ fn open_read(path: &Path) -> io::Result<File> {
 /// Shares the extents of `source` with `copy` where the filesystem can (btrfs, XFS): no data
 /// is copied then.
 fn reflink(source: &File, copy: &File) -> bool {
-    use std::os::fd::AsRawFd;
-    const FICLONE: libc::c_ulong = 0x4004_9409;
-    // SAFETY: both descriptors are open files owned by the caller; FICLONE takes an fd.
-    unsafe { libc::ioctl(copy.as_raw_fd(), FICLONE, source.as_raw_fd()) == 0 }
+    rustix::fs::ioctl_ficlone(copy, source).is_ok()
 }
 
 #[cfg(test)]

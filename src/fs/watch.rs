@@ -2,8 +2,8 @@
 //! cached entries the moment something changes underneath: a package upgrade replacing
 //! `/usr/bin/x` is seen by the very next exec, although entries are cached for long.
 
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
 use std::collections::HashMap;
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::Weak;
@@ -66,10 +66,10 @@ fn watch_loop(
 ) {
     let mut buffer = vec![0u8; 64 * 1024];
     while !stop.load(Ordering::SeqCst) {
-        let mut pfd = libc::pollfd { fd: inotify.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-        // SAFETY: one valid pollfd; a timeout so that `stop` is noticed.
-        let ready = unsafe { libc::poll(&mut pfd, 1, 200) };
-        if ready <= 0 {
+        let mut pfd = [PollFd::new(&inotify, PollFlags::IN)];
+        // A timeout so that `stop` is noticed.
+        let ready = poll(&mut pfd, Some(&Timespec { tv_sec: 0, tv_nsec: 200_000_000 }));
+        if !matches!(ready, Ok(n) if n > 0) {
             continue;
         }
         let events = match inotify.read_events(&mut buffer) {

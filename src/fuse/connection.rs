@@ -18,12 +18,16 @@
 //!   explicit [`crate::fuse::unmount`].
 
 use std::ffi::CString;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use anyhow::{Context, bail};
 use fuser::{Config, Filesystem, Session, SessionACL};
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
+use rustix::io::Errno;
+use rustix::mount::{MountFlags, UnmountFlags, mount, unmount};
+use rustix::net::{AddressFamily, SocketFlags, SocketType, socketpair};
 
 /// A mounted FUSE connection and the INIT request the kernel opened it with.
 #[derive(Debug)]
@@ -59,28 +63,17 @@ impl Connection {
             "fd={},rootmode={:o},user_id={},group_id={},default_permissions,allow_other",
             fuse.as_raw_fd(),
             mode,
-            // SAFETY: getuid/getgid cannot fail.
-            unsafe { libc::getuid() },
-            unsafe { libc::getgid() },
+            rustix::process::getuid().as_raw(),
+            rustix::process::getgid().as_raw(),
         );
         let source = CString::new(crate::fuse::FS_NAME)?;
         let target = CString::new(mountpoint.as_os_str().as_bytes())
             .context("mountpoint contains a NUL byte")?;
         let fstype = CString::new("fuse")?;
         let data = CString::new(data)?;
-        let flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOATIME;
-        // SAFETY: valid C strings; mount(2) does not keep the pointers.
-        let r = unsafe {
-            libc::mount(
-                source.as_ptr(),
-                target.as_ptr(),
-                fstype.as_ptr(),
-                flags,
-                data.as_ptr().cast(),
-            )
-        };
-        if r != 0 {
-            let e = std::io::Error::last_os_error();
+        let flags = MountFlags::NOSUID | MountFlags::NODEV | MountFlags::NOATIME;
+        if let Err(e) = mount(&*source, &*target, &*fstype, flags, &*data) {
+            let e = std::io::Error::from(e);
             if e.raw_os_error() == Some(libc::EPERM) {
                 bail!("mounting {}: {e} (optbin mounts as root)", mountpoint.display());
             }
@@ -89,8 +82,7 @@ impl Connection {
         let init = match read_init(&fuse) {
             Ok(init) => init,
             Err(e) => {
-                // SAFETY: a valid C string.
-                unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+                let _ = unmount(&*target, UnmountFlags::DETACH);
                 return Err(e);
             }
         };
@@ -119,6 +111,8 @@ impl Connection {
     /// mount guard.
     pub fn session<FS: Filesystem>(&self, fs: FS, config: &Config) -> anyhow::Result<Session<FS>> {
         let (session, _reply) = self.replay(fs, config)?;
+        // libc: rustix's dup3 takes the target as an `&mut OwnedFd` of ours; this one is
+        // owned by the fuser session.
         // SAFETY: both descriptors are valid; dup3 atomically replaces the session's socket
         // with the live connection (no thread reads it yet).
         let r = unsafe {
@@ -135,32 +129,20 @@ impl Connection {
         fs: FS,
         config: &Config,
     ) -> anyhow::Result<(Session<FS>, Vec<u8>)> {
-        let mut pair = [0; 2];
-        // SAFETY: a valid array of two ints.
-        let r = unsafe {
-            libc::socketpair(
-                libc::AF_UNIX,
-                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-                0,
-                pair.as_mut_ptr(),
-            )
-        };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error()).context("socketpair");
-        }
-        // SAFETY: fresh descriptors we own.
         let (ours, fusers) =
-            unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
+            socketpair(AddressFamily::UNIX, SocketType::SEQPACKET, SocketFlags::CLOEXEC, None)
+                .map_err(std::io::Error::from)
+                .context("socketpair")?;
         write_all(ours.as_fd(), &self.init).context("replaying INIT")?;
         let session = Session::from_fd(fs, fusers, SessionACL::All, config.clone())
             .context("the FUSE handshake")?;
         let mut reply = vec![0u8; 4096];
-        // SAFETY: reads into a buffer of the given length.
-        let n = unsafe { libc::read(ours.as_raw_fd(), reply.as_mut_ptr().cast(), reply.len()) };
-        if n <= 0 {
-            return Err(std::io::Error::last_os_error()).context("reading fuser's INIT answer");
-        }
-        reply.truncate(n as usize);
+        let n = match rustix::io::read(&ours, &mut reply[..]) {
+            Ok(0) => Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof)),
+            Ok(n) => Ok(n),
+            Err(e) => Err(e.into()),
+        };
+        reply.truncate(n.context("reading fuser's INIT answer")?);
         Ok((session, reply))
     }
 
@@ -194,26 +176,24 @@ impl AsFd for Connection {
 
 /// Whether a `/dev/fuse` descriptor's connection still exists.
 pub fn alive(fd: BorrowedFd<'_>) -> bool {
-    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: 0, revents: 0 };
-    // SAFETY: one valid pollfd, no wait.
-    unsafe { libc::poll(&mut pfd, 1, 0) };
-    pfd.revents & libc::POLLERR == 0
+    let mut pfd = [PollFd::from_borrowed_fd(fd, PollFlags::empty())];
+    // No wait. A failed poll leaves revents empty: alive, as before.
+    let _ = poll(&mut pfd, Some(&Timespec { tv_sec: 0, tv_nsec: 0 }));
+    !pfd[0].revents().contains(PollFlags::ERR)
 }
 
 fn read_init(fuse: &OwnedFd) -> anyhow::Result<Vec<u8>> {
     // The kernel refuses reads into buffers smaller than a request could be.
     let mut buf = vec![0u8; (1 << 20) + 4096];
     loop {
-        // SAFETY: reads into a buffer of the given length.
-        let n = unsafe { libc::read(fuse.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) {
-                continue;
+        let n = match rustix::io::read(fuse, &mut buf[..]) {
+            Ok(n) => n,
+            Err(Errno::INTR | Errno::AGAIN) => continue,
+            Err(e) => {
+                return Err(std::io::Error::from(e)).context("reading the kernel's INIT request");
             }
-            return Err(e).context("reading the kernel's INIT request");
-        }
-        buf.truncate(n as usize);
+        };
+        buf.truncate(n);
         check_init(&buf)?;
         return Ok(buf);
     }
@@ -230,12 +210,8 @@ fn check_init(init: &[u8]) -> anyhow::Result<()> {
 }
 
 fn write_all(fd: BorrowedFd<'_>, bytes: &[u8]) -> std::io::Result<()> {
-    // SAFETY: writes from a valid buffer of the given length.
-    let n = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if n as usize != bytes.len() {
+    let n = rustix::io::write(fd, bytes)?;
+    if n != bytes.len() {
         return Err(std::io::Error::other(format!("short write: {n} of {}", bytes.len())));
     }
     Ok(())

@@ -18,10 +18,17 @@
 //! ([`STATE_NAME`]) holding the next server generation (8 bytes) and the kernel's INIT
 //! request, which a new session needs (see [`crate::fuse::connection`]).
 
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{IoSlice, IoSliceMut, Read, Seek, SeekFrom, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 
 use anyhow::{Context, bail};
+use rustix::net::{
+    AddressFamily, RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags, SocketAddrUnix, SocketFlags, SocketType, recvmsg, sendmsg,
+    sendmsg_addr, socket_with,
+};
 
 use crate::fuse::connection::Connection;
 
@@ -37,13 +44,10 @@ pub struct StoredState {
 impl StoredState {
     /// A new memfd holding `generation` and the INIT request.
     pub fn create(generation: u64, init: &[u8]) -> anyhow::Result<Self> {
-        // SAFETY: a valid C string; flags are plain bits.
-        let fd = unsafe { libc::memfd_create(c"optbin-fuse-state".as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error()).context("memfd_create");
-        }
-        // SAFETY: a fresh descriptor we own.
-        let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+        let fd = rustix::fs::memfd_create(c"optbin-fuse-state", rustix::fs::MemfdFlags::CLOEXEC)
+            .map_err(std::io::Error::from)
+            .context("memfd_create")?;
+        let mut file = std::fs::File::from(fd);
         file.write_all(&generation.to_le_bytes())?;
         file.write_all(init)?;
         Ok(Self { file })
@@ -72,8 +76,8 @@ impl StoredState {
         Ok((generation, bytes[8..].to_vec()))
     }
 
-    pub fn raw_fd(&self) -> RawFd {
-        self.file.as_raw_fd()
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.file.as_fd()
     }
 }
 
@@ -108,8 +112,7 @@ pub fn take_stored() -> anyhow::Result<Option<Adopted>> {
         let fd = 3 + i;
         // SAFETY: sd_listen_fds(3): descriptors 3.. are ours; each is taken once.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: setting FD_CLOEXEC on our own descriptor.
-        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        let _ = rustix::io::fcntl_setfd(&owned, rustix::io::FdFlags::CLOEXEC);
         match names.get(i as usize).copied() {
             Some(FUSE_NAME) => fuse = Some(owned),
             Some(STATE_NAME) => state = Some(StoredState::from_fd(owned)),
@@ -139,10 +142,8 @@ pub fn available() -> bool {
 
 /// Hands copies of the connection and its state to the keeper. Returns whether it was sent.
 pub fn store(connection: &Connection, state: &StoredState) -> bool {
-    use std::os::fd::AsFd;
-    let sent =
-        notify(&format!("FDSTORE=1\nFDNAME={FUSE_NAME}\n"), &[connection.as_fd().as_raw_fd()])
-            .and_then(|()| notify(&format!("FDSTORE=1\nFDNAME={STATE_NAME}\n"), &[state.raw_fd()]));
+    let sent = notify(&format!("FDSTORE=1\nFDNAME={FUSE_NAME}\n"), &[connection.as_fd()])
+        .and_then(|()| notify(&format!("FDSTORE=1\nFDNAME={STATE_NAME}\n"), &[state.as_fd()]));
     match sent {
         Ok(()) => {
             tracing::info!("the FUSE connection is kept in the service manager's descriptor store");
@@ -165,123 +166,71 @@ pub fn forget() {
 }
 
 /// Sends one sd_notify datagram with `fds` attached (SCM_RIGHTS).
-pub fn notify(message: &str, fds: &[RawFd]) -> anyhow::Result<()> {
+pub fn notify(message: &str, fds: &[BorrowedFd<'_>]) -> anyhow::Result<()> {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { bail!("no NOTIFY_SOCKET") };
     let addr = unix_addr(path.as_encoded_bytes())?;
-    // SAFETY: plain socket creation.
-    let sock = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if sock < 0 {
-        return Err(std::io::Error::last_os_error()).context("socket");
-    }
-    // SAFETY: a fresh descriptor we own.
-    let sock = unsafe { OwnedFd::from_raw_fd(sock) };
-    send_with_fds(sock.as_raw_fd(), Some(&addr), message.as_bytes(), fds)
+    let sock = socket_with(AddressFamily::UNIX, SocketType::DGRAM, SocketFlags::CLOEXEC, None)
+        .map_err(std::io::Error::from)
+        .context("socket")?;
+    send_with_fds(sock.as_fd(), Some(&addr), message.as_bytes(), fds)
         .context("sending to NOTIFY_SOCKET")
 }
 
-/// A sockaddr_un for a path, or an abstract name written `@name`.
-pub fn unix_addr(path: &[u8]) -> anyhow::Result<(libc::sockaddr_un, libc::socklen_t)> {
-    // SAFETY: sockaddr_un is plain data.
-    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
-    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
-    if path.is_empty() || path.len() >= addr.sun_path.len() {
+/// A Unix socket address for a path, or an abstract name written `@name`.
+pub fn unix_addr(path: &[u8]) -> anyhow::Result<SocketAddrUnix> {
+    // sun_path's size, as before: a path must leave room for its NUL.
+    const SUN_PATH: usize = 108;
+    if path.is_empty() || path.len() >= SUN_PATH {
         bail!("bad socket address ({} bytes)", path.len());
     }
-    for (i, b) in path.iter().enumerate() {
-        addr.sun_path[i] = *b as libc::c_char;
-    }
-    if path[0] == b'@' {
-        addr.sun_path[0] = 0;
-    }
-    let base = std::mem::offset_of!(libc::sockaddr_un, sun_path);
-    Ok((addr, (base + path.len()) as libc::socklen_t))
+    let addr = match path.strip_prefix(b"@") {
+        Some(name) => SocketAddrUnix::new_abstract_name(name),
+        None => SocketAddrUnix::new(std::ffi::OsStr::from_bytes(path)),
+    };
+    addr.map_err(std::io::Error::from).context("bad socket address")
 }
 
 /// sendmsg(2) of `data` with `fds` as SCM_RIGHTS.
 pub fn send_with_fds(
-    sock: RawFd,
-    addr: Option<&(libc::sockaddr_un, libc::socklen_t)>,
+    sock: BorrowedFd<'_>,
+    addr: Option<&SocketAddrUnix>,
     data: &[u8],
-    fds: &[RawFd],
+    fds: &[BorrowedFd<'_>],
 ) -> anyhow::Result<()> {
-    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut _, iov_len: data.len() };
-    let fd_bytes = std::mem::size_of_val(fds) as u32;
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = if fds.is_empty() { 0 } else { (unsafe { libc::CMSG_SPACE(fd_bytes) }) as usize };
-    let mut control = vec![0u8; space];
-    // SAFETY: msghdr is plain data; every pointer set below outlives the sendmsg call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    if let Some((a, len)) = addr {
-        msg.msg_name = a as *const _ as *mut _;
-        msg.msg_namelen = *len;
+    let iov = [IoSlice::new(data)];
+    let space = if fds.is_empty() { 0 } else { rustix::cmsg_space!(ScmRights(fds.len())) };
+    let mut space = vec![MaybeUninit::uninit(); space];
+    let mut control = SendAncillaryBuffer::new(&mut space);
+    if !fds.is_empty() && !control.push(SendAncillaryMessage::ScmRights(fds)) {
+        bail!("no room for {} descriptors", fds.len());
     }
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    if !fds.is_empty() {
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = space as _;
-        // SAFETY: the control buffer has room for one header with the descriptors.
-        unsafe {
-            let cmsg = libc::CMSG_FIRSTHDR(&msg);
-            (*cmsg).cmsg_level = libc::SOL_SOCKET;
-            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-            (*cmsg).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
-            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(cmsg).cast(), fds.len());
-        }
-    }
-    // SAFETY: a valid message.
-    if unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) } < 0 {
-        return Err(std::io::Error::last_os_error().into());
-    }
+    let sent = match addr {
+        Some(addr) => sendmsg_addr(sock, addr, &iov, &mut control, SendFlags::NOSIGNAL),
+        None => sendmsg(sock, &iov, &mut control, SendFlags::NOSIGNAL),
+    };
+    sent.map_err(std::io::Error::from)?;
     Ok(())
 }
 
 /// recvmsg(2) of one datagram, the descriptors that came with it and, on a socket with
 /// SO_PASSCRED, the sender's uid.
 pub fn recv_with_fds(
-    sock: RawFd,
+    sock: BorrowedFd<'_>,
     buf: &mut [u8],
 ) -> std::io::Result<(usize, Vec<OwnedFd>, Option<libc::uid_t>)> {
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
-    // Room for a few descriptors.
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = (unsafe {
-        libc::CMSG_SPACE((16 * std::mem::size_of::<RawFd>()) as u32)
-            + libc::CMSG_SPACE(std::mem::size_of::<libc::ucred>() as u32)
-    }) as usize;
-    let mut control = vec![0u8; space];
-    // SAFETY: msghdr is plain data; its pointers outlive the call.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = space as _;
-    // SAFETY: a valid message buffer.
-    let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // Room for a few descriptors and the sender's credentials.
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(16), ScmCredentials(1))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let received =
+        recvmsg(sock, &mut [IoSliceMut::new(buf)], &mut control, RecvFlags::CMSG_CLOEXEC)?;
     let mut fds = Vec::new();
     let mut uid = None;
-    // SAFETY: walks the control messages the kernel filled in.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(cmsg) as *const RawFd;
-                let len = (*cmsg).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                for i in 0..len / std::mem::size_of::<RawFd>() {
-                    fds.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(i))));
-                }
-            }
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_CREDENTIALS
-            {
-                let cred: libc::ucred =
-                    std::ptr::read_unaligned(libc::CMSG_DATA(cmsg) as *const libc::ucred);
-                uid = Some(cred.uid);
-            }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+    for message in control.drain() {
+        match message {
+            RecvAncillaryMessage::ScmRights(received_fds) => fds.extend(received_fds),
+            RecvAncillaryMessage::ScmCredentials(cred) => uid = Some(cred.uid.as_raw()),
+            _ => {}
         }
     }
-    Ok((n as usize, fds, uid))
+    Ok((received.bytes, fds, uid))
 }

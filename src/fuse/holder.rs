@@ -17,13 +17,17 @@
 //! to the daemon.
 
 use std::ffi::{CString, OsString};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use rustix::event::{PollFd, PollFlags, Timespec, poll};
+use rustix::net::sockopt::set_socket_passcred;
+use rustix::net::{AddressFamily, SocketFlags, SocketType, bind, socket_with};
+use rustix::process::{Pid, Signal, WaitOptions, kill_process, waitpid};
 
 use crate::fuse::fdstore;
 
@@ -43,7 +47,9 @@ pub fn run(mountpoint: &Path, command: &[OsString]) -> anyhow::Result<ExitCode> 
     }
     let name = format!("@optbin-holder-{}", std::process::id());
     let sock = bind_notify_socket(&name)?;
-    // SAFETY: installs a handler that only stores to an atomic.
+    // libc: rustix installs signal handlers only in its unstable `runtime` module.
+    // SAFETY: installs a handler that only stores to an atomic (async-signal-safe); the
+    // sigaction struct is plain data, zeroed then filled.
     unsafe {
         let mut action: libc::sigaction = std::mem::zeroed();
         action.sa_sigaction = record_signal as *const () as usize;
@@ -56,21 +62,25 @@ pub fn run(mountpoint: &Path, command: &[OsString]) -> anyhow::Result<ExitCode> 
     let mut stopping = false;
     loop {
         let pid = spawn(command, &name, &stored)?;
-        tracing::info!(pid, stored = stored.len(), "holder: daemon started");
+        tracing::info!(
+            pid = pid.as_raw_nonzero().get(),
+            stored = stored.len(),
+            "holder: daemon started"
+        );
         let status = loop {
             receive(&sock, &mut stored);
-            let mut status = 0;
-            // SAFETY: waiting for our own child.
-            if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+            if let Ok(Some((_, status))) = waitpid(Some(pid), WaitOptions::NOHANG) {
                 // Take what it stored just before it died.
                 receive(&sock, &mut stored);
-                break status;
+                break status.as_raw();
             }
             let sig = SIGNAL.swap(0, std::sync::atomic::Ordering::SeqCst);
             if sig != 0 {
                 stopping = true;
-                // SAFETY: signalling our own child.
-                unsafe { libc::kill(pid, sig) };
+                // SIGTERM or SIGINT, the signals recorded above.
+                if let Some(sig) = Signal::from_named_raw(sig) {
+                    let _ = kill_process(pid, sig);
+                }
             }
         };
         let clean = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
@@ -108,46 +118,31 @@ fn fd_alive(fd: &OwnedFd) -> bool {
 }
 
 fn bind_notify_socket(name: &str) -> anyhow::Result<OwnedFd> {
-    // SAFETY: plain socket creation.
-    let raw = unsafe {
-        libc::socket(libc::AF_UNIX, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK, 0)
-    };
-    if raw < 0 {
-        return Err(std::io::Error::last_os_error()).context("socket");
-    }
-    // SAFETY: a fresh descriptor we own.
-    let sock = unsafe { OwnedFd::from_raw_fd(raw) };
-    let (addr, len) = fdstore::unix_addr(name.as_bytes())?;
+    let sock = socket_with(
+        AddressFamily::UNIX,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC | SocketFlags::NONBLOCK,
+        None,
+    )
+    .map_err(std::io::Error::from)
+    .context("socket")?;
+    let addr = fdstore::unix_addr(name.as_bytes())?;
     // The kernel attaches each sender's credentials: only root may store here.
-    let on: libc::c_int = 1;
-    // SAFETY: a valid option value of the given size.
-    unsafe {
-        libc::setsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PASSCRED,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    // SAFETY: a valid address of the given length.
-    if unsafe { libc::bind(sock.as_raw_fd(), (&addr as *const libc::sockaddr_un).cast(), len) } != 0
-    {
-        return Err(std::io::Error::last_os_error()).context("binding the holder's socket");
-    }
+    let _ = set_socket_passcred(&sock, true);
+    bind(&sock, &addr).map_err(std::io::Error::from).context("binding the holder's socket")?;
     Ok(sock)
 }
 
 /// Takes the datagrams waiting on the socket (up to 100 ms for the first).
 fn receive(sock: &OwnedFd, stored: &mut Vec<(String, OwnedFd)>) {
-    let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid pollfd.
-    if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
+    let mut pfd = [PollFd::new(sock, PollFlags::IN)];
+    if !matches!(poll(&mut pfd, Some(&Timespec { tv_sec: 0, tv_nsec: 100_000_000 })), Ok(n) if n > 0)
+    {
         return;
     }
     let mut buf = vec![0u8; 4096];
     loop {
-        let Ok((n, fds, uid)) = fdstore::recv_with_fds(sock.as_raw_fd(), &mut buf) else {
+        let Ok((n, fds, uid)) = fdstore::recv_with_fds(sock.as_fd(), &mut buf) else {
             return;
         };
         // The socket's name is abstract (no file permissions): only root's messages count.
@@ -180,7 +175,7 @@ fn spawn(
     command: &[OsString],
     notify_name: &str,
     stored: &[(String, OwnedFd)],
-) -> anyhow::Result<libc::pid_t> {
+) -> anyhow::Result<Pid> {
     let argv: Vec<CString> =
         command.iter().map(|a| CString::new(a.as_bytes())).collect::<Result<_, _>>()?;
     let mut env: Vec<CString> = std::env::vars_os()
@@ -206,16 +201,7 @@ fn spawn(
     // Moved out of the way of 3.. first, so that dup2 in the child cannot clobber them.
     let high: Vec<OwnedFd> = stored
         .iter()
-        .map(|(_, fd)| {
-            // SAFETY: duplicating our own descriptor.
-            let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100) };
-            if n < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                // SAFETY: a fresh descriptor we own.
-                Ok(unsafe { OwnedFd::from_raw_fd(n) })
-            }
-        })
+        .map(|(_, fd)| rustix::io::fcntl_dupfd_cloexec(fd, 100).map_err(std::io::Error::from))
         .collect::<Result<_, _>>()
         .context("duplicating the stored descriptors")?;
     let mut argv_ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
@@ -229,6 +215,8 @@ fn spawn(
         env_ptrs.push(listen_pid.cast_const().cast());
     }
     env_ptrs.push(std::ptr::null());
+    // libc: rustix has no safe fork (only the unsafe `runtime::kernel_fork`); the child
+    // between fork and execve stays with libc's plain calls on raw descriptors.
     // SAFETY: the holder is single-threaded; the child only calls async-signal-safe
     // functions (dup2, getpid, execve, _exit) and writes into memory prepared above.
     unsafe {
@@ -260,6 +248,6 @@ fn spawn(
             libc::execve(argv_ptrs[0], argv_ptrs.as_ptr(), env_ptrs.as_ptr());
             libc::_exit(127);
         }
-        Ok(pid)
+        Pid::from_raw(pid).context("fork returned no pid")
     }
 }

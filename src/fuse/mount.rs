@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use fuser::{Config, MountOption, SessionACL};
+use rustix::mount::UnmountFlags;
 
 use crate::fs::Overlay;
 use crate::fuse::adapter::{NotifierInvalidator, OptbinFs};
@@ -211,12 +212,7 @@ fn cpath(path: &Path) -> anyhow::Result<CString> {
 
 fn detach(mountpoint: &Path) -> std::io::Result<()> {
     let c = cpath(mountpoint).map_err(std::io::Error::other)?;
-    // SAFETY: a valid C string.
-    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    Ok(rustix::mount::unmount(&*c, UnmountFlags::DETACH)?)
 }
 
 /// Detaches the mount at once (MNT_DETACH): never waits on its server.
@@ -243,11 +239,10 @@ pub enum Unmounted {
 pub fn unmount(mountpoint: &Path) -> anyhow::Result<Unmounted> {
     let mountpoint = crate::fs::absolute_mountpoint(mountpoint)?;
     let c = cpath(&mountpoint)?;
-    // SAFETY: a valid C string.
-    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+    let Err(err) = rustix::mount::unmount(&*c, UnmountFlags::empty()) else {
         return Ok(Unmounted::Clean);
-    }
-    let err = std::io::Error::last_os_error();
+    };
+    let err = std::io::Error::from(err);
     match err.raw_os_error() {
         Some(libc::EBUSY) => {
             detach(&mountpoint)

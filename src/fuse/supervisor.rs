@@ -34,12 +34,16 @@
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, bail};
+use rustix::pipe::{PipeFlags, pipe_with};
+use rustix::process::{
+    Pid, Signal, WaitOptions, getppid, kill_process, set_parent_process_death_signal, waitpid,
+};
 
 use crate::fs::{Overlay, OverlayConfig};
 use crate::fuse::adapter::{NotifierInvalidator, OptbinFs};
@@ -118,6 +122,7 @@ where
     set_oom_score_adj(-1000);
 
     let signals = signal_set(&[libc::SIGTERM, libc::SIGINT, libc::SIGCHLD]);
+    // libc: rustix masks signals and installs handlers only in its unstable `runtime` module.
     // SAFETY: plain signal mask manipulation on a valid set; the handler only stores to
     // an atomic (async-signal-safe).
     unsafe {
@@ -147,7 +152,7 @@ where
         let started = Instant::now();
         let (pid, errors) = supervisor.fork_server(&mode, generation, resend, &mut start)?;
         tracing::info!(
-            pid,
+            pid = pid.as_raw_nonzero().get(),
             generation,
             safe_mode = matches!(mode, Mode::Safe(_)),
             "server started"
@@ -276,19 +281,15 @@ impl Supervisor<'_> {
         generation: u64,
         resend: bool,
         start: &mut F,
-    ) -> anyhow::Result<(libc::pid_t, OwnedFd)>
+    ) -> anyhow::Result<(Pid, OwnedFd)>
     where
         F: FnMut(ServeContext) -> anyhow::Result<Served>,
     {
-        let mut pipe = [0; 2];
-        // SAFETY: a valid array of two ints.
-        if unsafe { libc::pipe2(pipe.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return Err(std::io::Error::last_os_error()).context("pipe2");
-        }
-        // SAFETY: fresh descriptors we own.
         let (read_end, write_end) =
-            unsafe { (OwnedFd::from_raw_fd(pipe[0]), OwnedFd::from_raw_fd(pipe[1])) };
+            pipe_with(PipeFlags::CLOEXEC).map_err(std::io::Error::from).context("pipe2")?;
         let supervisor_pid = std::process::id();
+        // libc: rustix has no safe fork (only the unsafe `runtime::kernel_fork`, which
+        // skips libc's at-fork handlers).
         // SAFETY: the supervisor is single-threaded (documented requirement), so the child
         // starts from a consistent copy of it.
         let pid = unsafe { libc::fork() };
@@ -301,7 +302,7 @@ impl Supervisor<'_> {
             // Never return into the supervisor's code in the child.
             std::process::exit(code);
         }
-        Ok((pid, read_end))
+        Ok((Pid::from_raw(pid).context("fork returned no pid")?, read_end))
     }
 
     /// The server process. Returns its exit code.
@@ -320,18 +321,13 @@ impl Supervisor<'_> {
         // When the supervisor dies: with a keeper holding the connection, leave the mount
         // to the next supervisor (hand over); without one, stop cleanly (unmount) rather
         // than serve unsupervised.
-        let parent_death = if self.stored { libc::SIGUSR1 } else { libc::SIGTERM };
-        // SAFETY: prctl/getppid/sigprocmask have no memory-safety preconditions.
-        unsafe {
-            let handover = signal_set(&[libc::SIGUSR1]);
-            libc::sigprocmask(libc::SIG_BLOCK, &handover, std::ptr::null_mut());
-            libc::prctl(libc::PR_SET_PDEATHSIG, parent_death);
-            if libc::getppid() as u32 != supervisor_pid {
-                return EXIT_HANDED_OVER;
-            }
-            let chld = signal_set(&[libc::SIGCHLD]);
-            libc::sigprocmask(libc::SIG_UNBLOCK, &chld, std::ptr::null_mut());
+        let parent_death = if self.stored { Signal::USR1 } else { Signal::TERM };
+        change_signal_mask(libc::SIG_BLOCK, &[libc::SIGUSR1]);
+        let _ = set_parent_process_death_signal(Some(parent_death));
+        if getppid().map(|p| p.as_raw_nonzero().get() as u32) != Some(supervisor_pid) {
+            return EXIT_HANDED_OVER;
         }
+        change_signal_mask(libc::SIG_UNBLOCK, &[libc::SIGCHLD]);
         set_oom_score_adj(0);
         let opts = self.opts;
         if let Some(pid_file) = &opts.server_pid_file
@@ -393,7 +389,8 @@ impl Supervisor<'_> {
         let signals = signal_set(&[libc::SIGTERM, libc::SIGINT, libc::SIGUSR1]);
         let spawned = std::thread::Builder::new().name("optbin-signals".into()).spawn(move || {
             let mut sig = 0;
-            // SAFETY: waits for the blocked signals.
+            // libc: rustix waits for signals only in its unstable `runtime` module.
+            // SAFETY: waits for the blocked signals of a valid set; writes `sig` only.
             unsafe { libc::sigwait(&signals, &mut sig) };
             if sig == libc::SIGUSR1 {
                 tracing::info!("handing the mount over to the next server");
@@ -450,6 +447,8 @@ extern "C" fn record_stop_signal(sig: libc::c_int) {
     STOP_SIGNAL.store(sig, std::sync::atomic::Ordering::SeqCst);
 }
 
+/// A signal set for sigprocmask and the waits. libc: rustix handles signal sets only in its
+/// unstable `runtime` module.
 fn signal_set(signals: &[i32]) -> libc::sigset_t {
     // SAFETY: sigset_t is plain data initialized by sigemptyset.
     unsafe {
@@ -462,6 +461,13 @@ fn signal_set(signals: &[i32]) -> libc::sigset_t {
     }
 }
 
+/// sigprocmask(2): `how` (SIG_BLOCK, SIG_UNBLOCK) the calling thread's mask with `signals`.
+fn change_signal_mask(how: libc::c_int, signals: &[i32]) {
+    let set = signal_set(signals);
+    // SAFETY: a valid, initialized set; the old mask is not asked for.
+    unsafe { libc::sigprocmask(how, &set, std::ptr::null_mut()) };
+}
+
 struct Ended {
     status: i32,
     /// A stop (SIGTERM/SIGINT) was requested and forwarded.
@@ -472,14 +478,11 @@ struct Ended {
 
 /// Waits for the server to end, forwarding SIGTERM/SIGINT; at `hand_over_at`, tells it to
 /// hand over (SIGUSR1).
-fn wait_for(pid: libc::pid_t, signals: &libc::sigset_t, hand_over_at: Option<Instant>) -> Ended {
+fn wait_for(pid: Pid, signals: &libc::sigset_t, hand_over_at: Option<Instant>) -> Ended {
     let mut ended = Ended { status: 0, stopping: false, leaving_safe_mode: false };
     loop {
-        let mut status = 0;
-        // SAFETY: waiting for our own child.
-        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
-        if r == pid {
-            ended.status = status;
+        if let Ok(Some((_, status))) = waitpid(Some(pid), WaitOptions::NOHANG) {
+            ended.status = status.as_raw();
             return ended;
         }
         if !ended.stopping
@@ -487,10 +490,10 @@ fn wait_for(pid: libc::pid_t, signals: &libc::sigset_t, hand_over_at: Option<Ins
             && hand_over_at.is_some_and(|t| Instant::now() >= t)
         {
             ended.leaving_safe_mode = true;
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(pid, libc::SIGUSR1) };
+            let _ = kill_process(pid, Signal::USR1);
         }
         let timeout = libc::timespec { tv_sec: 0, tv_nsec: 100_000_000 };
+        // libc: rustix waits for signals only in its unstable `runtime` module.
         // SAFETY: valid set and timeout; the info struct is not needed.
         let mut sig = unsafe { libc::sigtimedwait(signals, std::ptr::null_mut(), &timeout) };
         let recorded = STOP_SIGNAL.swap(0, std::sync::atomic::Ordering::SeqCst);
@@ -500,8 +503,9 @@ fn wait_for(pid: libc::pid_t, signals: &libc::sigset_t, hand_over_at: Option<Ins
         if sig == libc::SIGTERM || sig == libc::SIGINT {
             tracing::info!(sig, "stop requested; forwarding to the server");
             ended.stopping = true;
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(pid, sig) };
+            if let Some(sig) = Signal::from_named_raw(sig) {
+                let _ = kill_process(pid, sig);
+            }
         }
     }
 }

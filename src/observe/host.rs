@@ -20,6 +20,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::time::Instant;
 
+use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
 
 /// CPU time counters summed over all CPUs, in clock ticks.
@@ -336,14 +337,18 @@ pub fn summarize(
         saturation: mem_sat,
         errors: Some(ooms),
         detail: format!(
-            "{} MiB of {} MiB in use, {swapped:.0} pages swapped/s",
-            (after.mem_total_kb - after.mem_available_kb.min(after.mem_total_kb)) / 1024,
-            after.mem_total_kb / 1024
+            "{} of {} in use, {swapped:.0} pages swapped/s",
+            ByteSize::kib(after.mem_total_kb - after.mem_available_kb.min(after.mem_total_kb))
+                .display()
+                .iec(),
+            ByteSize::kib(after.mem_total_kb).display().iec()
         ),
         hint: (mem_saturated || mem_util > MEMORY_UTILIZATION).then(|| {
             let top: Vec<String> = top_resident()
                 .iter()
-                .map(|(name, pid, kb)| format!("{name} ({pid}) {} MiB", kb / 1024))
+                .map(|(name, pid, kb)| {
+                    format!("{name} ({pid}) {}", ByteSize::kib(*kb).display().iec())
+                })
                 .collect();
             format!(
                 "memory {}: the top resident processes are {}",
@@ -392,9 +397,9 @@ pub fn summarize(
             saturation: Some(drops),
             errors: Some(errors),
             detail: format!(
-                "rx {:.1} KiB/s, tx {:.1} KiB/s{}",
-                rx / 1024.0,
-                tx / 1024.0,
+                "rx {}/s, tx {}/s{}",
+                ByteSize(rx as u64).display().iec(),
+                ByteSize(tx as u64).display().iec(),
                 n.speed_mbps
                     .map_or(", link speed unknown".into(), |s| format!(", link {s} Mbit/s"))
             ),

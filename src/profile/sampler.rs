@@ -115,6 +115,8 @@ impl PerfSource {
             .map(|s| libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 })
             .collect();
         let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+        // libc: perf-event2's Sampler has no AsFd, so rustix's poll would need an unsafe
+        // BorrowedFd::borrow_raw of the same descriptors.
         // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs for the whole call.
         let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
         if rc < 0 {

@@ -281,12 +281,11 @@ fn sampling_loop(
 
 /// CPU time of the calling thread.
 pub fn thread_cpu_secs() -> f64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid timespec to write to.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    if rc != 0 {
+    use rustix::time::{ClockId, DynamicClockId, clock_gettime_dynamic};
+    // The fallible variant: plain clock_gettime panics when the clock fails.
+    let Ok(ts) = clock_gettime_dynamic(DynamicClockId::Known(ClockId::ThreadCPUTime)) else {
         return 0.0;
-    }
+    };
     ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 

@@ -60,7 +60,9 @@ pub const DEFAULT_TIMEOUT_SECS: u64 = 60;
 /// A user's uid and primary gid (`getpwnam_r`).
 pub fn lookup_user(name: &str) -> anyhow::Result<(u32, u32)> {
     let cname = std::ffi::CString::new(name).context("a user name with a NUL byte")?;
-    // SAFETY: getpwnam_r with a buffer we own; the result points into it.
+    // libc: rustix has no user database lookup (getpwnam_r goes through NSS).
+    // SAFETY: getpwnam_r with a buffer we own; the result points into it, and only the
+    // plain uid and gid are copied out while the buffer lives.
     unsafe {
         let mut pwd: libc::passwd = std::mem::zeroed();
         let mut buf = vec![0 as libc::c_char; 16 * 1024];

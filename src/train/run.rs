@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use rustix::process::{Pid, Signal, kill_process_group};
 use serde::Serialize;
 
 use crate::bench::run::capture;
@@ -84,8 +85,8 @@ pub fn run_captured(
     let reader = std::thread::spawn(move || capture(&mut stdout, PREVIEW));
     let outcome = wait(&mut child, cmd.timeout_secs, started, stop)?;
     // Whatever the command left running in its group would hold the pipe open.
-    // SAFETY: signalling the process group the child led (ESRCH when it is empty).
-    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    // Signalling the process group the child led (ESRCH when it is empty).
+    let _ = kill_process_group(Pid::from_child(&child), Signal::KILL);
     let captured = reader
         .join()
         .map_err(|_| anyhow::anyhow!("the stdout reader panicked"))?
@@ -105,11 +106,13 @@ fn command(cmd: &TrainCommand, mountpoint: &Path, program: &Path, argv0: &OsStr)
     c.stdin(Stdio::null()).stderr(Stdio::null());
     c.uid(cmd.uid).gid(cmd.gid);
     // std drops supplementary groups itself when root sets a uid, before pre_exec runs.
-    // SAFETY: only async-signal-safe calls between fork and exec.
+    // SAFETY: only async-signal-safe calls between fork and exec (rustix's are raw system
+    // calls that allocate nothing; sched_setscheduler reads a param on the stack).
     unsafe {
         c.pre_exec(|| {
-            libc::setpgid(0, 0);
-            libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+            let _ = rustix::process::setpgid(None, None);
+            let _ = rustix::process::setpriority_process(None, 19);
+            // libc: rustix has no sched_setscheduler.
             let param = libc::sched_param { sched_priority: 0 };
             libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
             Ok(())
@@ -144,8 +147,8 @@ fn wait(
             None
         };
         if let Some(why) = why {
-            // SAFETY: signalling the process group the child leads.
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            // Signalling the process group the child leads.
+            let _ = kill_process_group(Pid::from_child(child), Signal::KILL);
             let _ = child.kill();
             let _ = child.wait();
             return Ok(why);

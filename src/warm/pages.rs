@@ -11,9 +11,11 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
+use std::num::NonZeroU64;
 use std::ops::Range;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{Advice, fadvise};
 
 /// A set of page indices of one file.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -116,9 +118,8 @@ impl Kernel {
 }
 
 pub fn system_page_size() -> u64 {
-    // SAFETY: sysconf has no preconditions.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if n > 0 { n as u64 } else { 4096 }
+    // The kernel's AT_PAGESZ, which sysconf(_SC_PAGESIZE) reads too.
+    rustix::param::page_size() as u64
 }
 
 fn map(path: &Path) -> io::Result<Option<(File, memmap2::Mmap)>> {
@@ -141,6 +142,7 @@ impl PageCache for Kernel {
         let Some((_file, map)) = map(path)? else { return Ok(PageSet::empty(0)) };
         let pages = map.len().div_ceil(self.page_size() as usize);
         let mut vec = vec![0u8; pages];
+        // libc: rustix has no mincore.
         // SAFETY: the mapping is `map.len()` bytes long and `vec` has one byte per page.
         let rc = unsafe { libc::mincore(map.as_ptr() as *mut _, map.len(), vec.as_mut_ptr()) };
         if rc != 0 {
@@ -152,16 +154,11 @@ impl PageCache for Kernel {
 
     fn fetch(&mut self, path: &Path, runs: &[Range<usize>]) -> io::Result<()> {
         let file = File::open(path)?;
-        let ps = self.page_size() as i64;
+        let ps = self.page_size();
         for r in runs {
-            let (off, len) = (r.start as i64 * ps, (r.end - r.start) as i64 * ps);
-            // SAFETY: plain syscall on an open descriptor.
-            let rc = unsafe {
-                libc::posix_fadvise(file.as_raw_fd(), off, len, libc::POSIX_FADV_WILLNEED)
-            };
-            if rc != 0 {
-                return Err(io::Error::from_raw_os_error(rc));
-            }
+            let (off, len) = (r.start as u64 * ps, (r.end - r.start) as u64 * ps);
+            // A length of 0 (None) means to the end of the file, as for posix_fadvise.
+            fadvise(&file, off, NonZeroU64::new(len), Advice::WillNeed)?;
         }
         Ok(())
     }
@@ -181,7 +178,9 @@ impl PageCache for Kernel {
             if len == 0 {
                 continue;
             }
-            // SAFETY: [off, off+len) lies inside the mapping.
+            // libc: rustix's mlock takes the same raw pointer and is as unsafe.
+            // SAFETY: [off, off+len) lies inside the mapping, which stays alive in
+            // `self.locked` for as long as the lock should last.
             let rc = unsafe { libc::mlock(map.as_ptr().add(off) as *const _, len) };
             if rc != 0 {
                 return Err(io::Error::last_os_error());
@@ -203,7 +202,8 @@ pub fn set_idle_io_priority() -> io::Result<()> {
     const IOPRIO_WHO_PROCESS: libc::c_int = 1;
     const IOPRIO_CLASS_IDLE: libc::c_int = 3;
     const IOPRIO_CLASS_SHIFT: libc::c_int = 13;
-    // SAFETY: ioprio_set on the calling thread (who 0).
+    // libc: rustix has no ioprio_set.
+    // SAFETY: ioprio_set on the calling thread (who 0) takes integers only.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_ioprio_set,
@@ -242,8 +242,7 @@ mod tests {
         let mut k = Kernel::new();
         let evict = || {
             let f = File::open(&path).unwrap();
-            // SAFETY: plain syscall.
-            unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+            let _ = fadvise(&f, 0, None, Advice::DontNeed);
         };
         evict();
         let before = k.residency(&path).unwrap();

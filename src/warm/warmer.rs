@@ -93,16 +93,16 @@ impl WarmStatus {
         if !self.enabled {
             return "off ([warm] budget_mib = 0)".into();
         }
-        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let iec = |b: u64| bytesize::ByteSize(b).display().iec();
         let mut s = if self.backing_off {
             let why = self.last_backoff.as_ref().map_or("", |b| b.reason.as_str());
             format!("backing off: {why}")
         } else {
             format!(
-                "{} files kept warm, {:.1} of {:.0} MiB resident, {} pages re-read",
+                "{} files kept warm, {} of {} resident, {} pages re-read",
                 self.kept.len(),
-                mib(self.resident_bytes),
-                mib(self.budget_bytes),
+                iec(self.resident_bytes),
+                iec(self.budget_bytes),
                 self.pages_reread
             )
         };
@@ -529,6 +529,22 @@ impl State {
 mod tests {
     use super::*;
     use std::ops::Range;
+
+    /// The line docs/warm.md shows.
+    #[test]
+    fn the_summary_says_sizes_in_binary_units() {
+        let status = WarmStatus {
+            enabled: true,
+            budget_bytes: 256 << 20,
+            resident_bytes: 13_002_342,
+            pages_reread: 530,
+            ..WarmStatus::default()
+        };
+        assert_eq!(
+            status.summary(),
+            "0 files kept warm, 12.4 MiB of 256.0 MiB resident, 530 pages re-read"
+        );
+    }
 
     /// A page cache in memory: files of a given page count, residency flags, a log of
     /// fetches.
