@@ -94,6 +94,17 @@ fn paired(rounds: usize, mut run: impl FnMut(bool) -> f64) -> Paired {
     p
 }
 
+/// One row of the report: the medians of both sides in `unit`, the ratio with its interval.
+fn row(label: &str, p: &Paired, unit: &str, ratio_note: &str, target: &str) {
+    let med = |v: &[f64]| summary(v.to_vec()).median;
+    println!(
+        "| {label} | {:.0} {unit} | {:.0} {unit} | {}{ratio_note} | {target} |",
+        med(&p.a),
+        med(&p.b),
+        summary(p.ratios.clone())
+    );
+}
+
 /// The daemon's private copy of `original` under the state directory (the file that
 /// passthrough reads through the mount): the file there with the original's size.
 fn private_copy_of(original: &Path, state: &Path) -> Option<PathBuf> {
@@ -321,66 +332,51 @@ fn bench_overlay() {
     );
     println!("| measure | original | through the mount | ratio | target |");
     println!("|---|---|---|---|---|");
-    println!(
-        "| exec+exit of a served binary, {execs} execs in {rounds} rounds | {:.0} us | {:.0} us | {} | <= 1.02 |",
-        med(&served.a),
-        med(&served.b),
-        summary(served.ratios.clone())
+    let exec = |label: String, p: &Paired, target: &str| row(&label, p, "us", "", target);
+    let read =
+        |label: String, p: &Paired, target: &str| row(&label, p, "MB/s", " (throughput)", target);
+    exec(
+        format!("exec+exit of a served binary, {execs} execs in {rounds} rounds"),
+        &served,
+        "<= 1.02",
     );
-    println!(
-        "| exec+exit of a binary served as a symlink (stripped), same rounds | {:.0} us | {:.0} us | {} | <= 1.01 |",
-        med(&symlinked.a),
-        med(&symlinked.b),
-        summary(symlinked.ratios.clone())
+    exec(
+        "exec+exit of a binary served as a symlink (stripped), same rounds".into(),
+        &symlinked,
+        "<= 1.01",
     );
-    println!(
-        "| A/A control: exec+exit original vs original, same rounds | {:.0} us | {:.0} us | {} | ~1.00 |",
-        med(&control.a),
-        med(&control.b),
-        summary(control.ratios.clone())
+    exec("A/A control: exec+exit original vs original, same rounds".into(), &control, "~1.00");
+    read(
+        format!("read {big_mb} MB served file, warm cache, {read_rounds} rounds"),
+        &warm,
+        ">= 0.97",
     );
-    println!(
-        "| read {big_mb} MB served file, warm cache, {read_rounds} rounds | {:.0} MB/s | {:.0} MB/s | {} (throughput) | >= 0.97 |",
-        med(&warm.a),
-        med(&warm.b),
-        summary(warm.ratios.clone())
+    read(
+        "warm read, split: the private copy read natively vs the original".into(),
+        &copy_vs_original,
+        "-",
     );
-    println!(
-        "| warm read, split: the private copy read natively vs the original | {:.0} MB/s | {:.0} MB/s | {} (throughput) | - |",
-        med(&copy_vs_original.a),
-        med(&copy_vs_original.b),
-        summary(copy_vs_original.ratios.clone())
+    read(
+        "warm read, split: through the mount vs the private copy read natively".into(),
+        &mount_vs_copy,
+        "-",
     );
-    println!(
-        "| warm read, split: through the mount vs the private copy read natively | {:.0} MB/s | {:.0} MB/s | {} (throughput) | - |",
-        med(&mount_vs_copy.a),
-        med(&mount_vs_copy.b),
-        summary(mount_vs_copy.ratios.clone())
+    read(
+        format!("read {big_mb} MB served file, cold cache, {read_rounds} rounds"),
+        &cold,
+        ">= 0.97",
     );
-    println!(
-        "| read {big_mb} MB served file, cold cache, {read_rounds} rounds | {:.0} MB/s | {:.0} MB/s | {} (throughput) | >= 0.97 |",
-        med(&cold.a),
-        med(&cold.b),
-        summary(cold.ratios.clone())
+    exec(format!("first exec of an unseen binary, {fresh} binaries"), &first, "-");
+    let fallback_execs = rounds / 2 * per_round;
+    exec(
+        format!("without passthrough, no daemon: exec+exit, {fallback_execs} execs"),
+        &fallback_exec,
+        "-",
     );
-    println!(
-        "| first exec of an unseen binary, {fresh} binaries | {:.0} us | {:.0} us | {} | - |",
-        med(&first.a),
-        med(&first.b),
-        summary(first.ratios.clone())
-    );
-    println!(
-        "| without passthrough, no daemon: exec+exit, {} execs | {:.0} us | {:.0} us | {} | - |",
-        rounds / 2 * per_round,
-        med(&fallback_exec.a),
-        med(&fallback_exec.b),
-        summary(fallback_exec.ratios.clone())
-    );
-    println!(
-        "| without passthrough, no daemon: read {big_mb} MB, warm cache | {:.0} MB/s | {:.0} MB/s | {} (throughput) | - |",
-        med(&fallback_read.a),
-        med(&fallback_read.b),
-        summary(fallback_read.ratios.clone())
+    read(
+        format!("without passthrough, no daemon: read {big_mb} MB, warm cache"),
+        &fallback_read,
+        "-",
     );
     // Bounds that this machine's noise does not reach (see the A/A control) but a broken
     // fast path does (no passthrough, no kernel caching, an exec that waits on the daemon).
