@@ -133,8 +133,7 @@ impl Overlay {
             events,
             invalidations: Mutex::new(None),
             last_rebuild: Mutex::new(None),
-            // SAFETY: getuid/getgid cannot fail.
-            uid_gid: unsafe { (libc::getuid(), libc::getgid()) },
+            uid_gid: (rustix::process::getuid().as_raw(), rustix::process::getgid().as_raw()),
             started: SystemTime::now(),
             watch: RwLock::new(None),
             snapshots,

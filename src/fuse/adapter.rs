@@ -153,13 +153,9 @@ fn raise_request_thread_priority() {
     if PRIORITY_RAISED.with(|p| p.replace(true)) {
         return;
     }
-    // SAFETY: gettid and setpriority on the calling thread have no memory preconditions.
-    let r = unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, REQUEST_THREAD_NICE)
-    };
-    if r != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot raise the request thread priority");
+    let tid = rustix::thread::gettid();
+    if let Err(e) = rustix::process::setpriority_process(Some(tid), REQUEST_THREAD_NICE) {
+        tracing::debug!(error = %std::io::Error::from(e), "cannot raise the request thread priority");
     }
 }
 

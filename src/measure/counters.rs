@@ -396,7 +396,7 @@ impl MetricCounters {
     /// exec). Kernel-side counting is included only for root (`perf_event_paranoid` 2
     /// refuses it to users); the caller learns which by [`MetricCounters::user_only`].
     pub fn open(pid: i32, metrics: &[Metric]) -> Self {
-        let with_kernel = unsafe { libc::geteuid() } == 0;
+        let with_kernel = rustix::process::geteuid().is_root();
         let slots = metrics
             .iter()
             .map(|&m| {
@@ -470,32 +470,36 @@ mod tests {
     /// reaches a served binary (blocked while the counters are attached by `attach`), and
     /// returns what `attach` gave once the child exited.
     fn run_held_with<T>(script: &str, attach: impl FnOnce(i32) -> T) -> T {
-        let sh = std::ffi::CString::new("/bin/sh").unwrap();
+        let sh = c"/bin/sh";
         let argv: Vec<std::ffi::CString> =
             ["sh", "-c", script].iter().map(|a| std::ffi::CString::new(*a).unwrap()).collect();
         let mut ptrs: Vec<*const libc::c_char> = argv.iter().map(|a| a.as_ptr()).collect();
         ptrs.push(std::ptr::null());
-        let mut fds = [0i32; 2];
-        // SAFETY: a valid array of two ints; the child calls only async-signal-safe functions.
-        unsafe {
-            assert_eq!(libc::pipe(fds.as_mut_ptr()), 0);
+        let (held, release) = rustix::pipe::pipe().unwrap();
+        let mut b = [0u8; 1];
+        // libc: rustix has no safe fork (only the unsafe `runtime::kernel_fork`) and no execv.
+        // SAFETY: the child (of a multi-threaded test process) only makes async-signal-safe
+        // calls (rustix's read is a raw system call; execv, _exit) on memory prepared above.
+        let pid = unsafe {
             let pid = libc::fork();
             if pid == 0 {
-                let mut b = 0u8;
-                libc::read(fds[0], (&mut b as *mut u8).cast(), 1);
+                let _ = rustix::io::read(&held, &mut b[..]);
                 libc::execv(sh.as_ptr(), ptrs.as_ptr());
                 libc::_exit(127);
             }
-            assert!(pid > 0);
-            let attached = attach(pid);
-            libc::write(fds[1], [1u8].as_ptr().cast(), 1);
-            let mut status = 0;
-            libc::waitpid(pid, &mut status, 0);
-            libc::close(fds[0]);
-            libc::close(fds[1]);
-            assert_eq!(status, 0, "the child failed");
-            attached
-        }
+            pid
+        };
+        assert!(pid > 0, "fork failed");
+        let attached = attach(pid);
+        rustix::io::write(&release, &[1]).unwrap();
+        let (_, status) = rustix::process::waitpid(
+            rustix::process::Pid::from_raw(pid),
+            rustix::process::WaitOptions::empty(),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(status.as_raw(), 0, "the child failed");
+        attached
     }
 
     fn run_held(factory: &PerfCounterFactory, script: &str) -> CounterReading {

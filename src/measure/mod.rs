@@ -216,23 +216,25 @@ fn lock(t: &Mutex<RunTracker>) -> std::sync::MutexGuard<'_, RunTracker> {
 /// throttling bounds it regardless). Falls back to nice -15, then to nothing.
 fn raise_priority() {
     let param = libc::sched_param { sched_priority: 1 };
-    // SAFETY: plain syscalls on the calling thread (pid 0 / its tid).
-    unsafe {
-        if libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) == 0 {
-            return;
-        }
-        let tid = libc::gettid();
-        if libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, -15) != 0 {
-            tracing::debug!("could not raise the measurement thread's priority");
-        }
+    // libc: rustix has no sched_setscheduler.
+    // SAFETY: pid 0 is the calling thread; the kernel only reads `param`, a live local.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } == 0 {
+        return;
+    }
+    let tid = rustix::thread::gettid();
+    if rustix::process::setpriority_process(Some(tid), -15).is_err() {
+        tracing::debug!("could not raise the measurement thread's priority");
     }
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of the proc connector's timestamps.
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: ts is a valid timespec; CLOCK_MONOTONIC always exists on Linux.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    use rustix::time::{ClockId, DynamicClockId, clock_gettime_dynamic};
+    // The fallible variant (the same vDSO call): plain clock_gettime panics when the clock
+    // fails; 0 then, as before.
+    let Ok(ts) = clock_gettime_dynamic(DynamicClockId::Known(ClockId::Monotonic)) else {
+        return 0;
+    };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 

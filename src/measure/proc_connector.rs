@@ -11,8 +11,10 @@
 //! reader thread for nothing (a third of its cost per exec measured on this machine).
 //! [`ProcEvent::Fork`] then never arrives; the pid-reuse it detects is caught by the sweep.
 
+use rustix::io::Errno;
+use rustix::net::{self, netlink, sockopt};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use super::RunExit;
@@ -64,52 +66,26 @@ impl ProcConnector {
     /// Opens, binds and subscribes; `poll_timeout` bounds how long [`Self::recv`] blocks, so
     /// the reading thread can notice a shutdown.
     pub fn open(poll_timeout: Duration) -> io::Result<Self> {
-        // SAFETY: plain socket(2); the returned fd is owned right below.
-        let raw = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-                libc::NETLINK_CONNECTOR,
-            )
-        };
-        if raw < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: raw is a fresh, valid descriptor nobody else owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let fd = net::socket_with(
+            net::AddressFamily::NETLINK,
+            net::SocketType::DGRAM,
+            net::SocketFlags::CLOEXEC,
+            Some(netlink::CONNECTOR),
+        )?;
         // A big receive buffer: every fork/exec/exit on the machine lands here, and a full
         // buffer drops events (ENOBUFS). FORCE works as root; the plain one is the fallback.
-        let want: libc::c_int = 8 << 20;
-        if setsockopt(&fd, libc::SO_RCVBUFFORCE, &want).is_err() {
-            let _ = setsockopt(&fd, libc::SO_RCVBUF, &want);
+        let want = 8 << 20;
+        if sockopt::set_socket_recv_buffer_size_force(&fd, want).is_err() {
+            let _ = sockopt::set_socket_recv_buffer_size(&fd, want);
         }
-        let tv = libc::timeval {
-            tv_sec: poll_timeout.as_secs() as libc::time_t,
-            tv_usec: poll_timeout.subsec_micros() as libc::suseconds_t,
-        };
-        setsockopt(&fd, libc::SO_RCVTIMEO, &tv)?;
-        // SAFETY: zeroed sockaddr_nl is a valid value; fields set below.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        addr.nl_pid = 0; // let the kernel pick a unique port: several listeners may coexist
-        addr.nl_groups = CN_IDX_PROC;
-        // SAFETY: addr is a properly initialised sockaddr_nl of the size passed.
-        let rc = unsafe {
-            libc::bind(
-                fd.as_raw_fd(),
-                (&addr as *const libc::sockaddr_nl).cast(),
-                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        // A zero timeout meant "block forever" to the kernel; rustix spells that None (it
+        // refuses a zero duration).
+        let timeout = Some(poll_timeout).filter(|t| !t.is_zero());
+        sockopt::set_socket_timeout(&fd, sockopt::Timeout::Recv, timeout)?;
+        // Port 0: the kernel picks a unique one, so several listeners may coexist.
+        net::bind(&fd, &netlink::SocketAddrNetlink::new(0, CN_IDX_PROC))?;
         let msg = listen_message(kernel_filters_events());
-        // SAFETY: msg is a valid buffer of msg.len() bytes.
-        let sent = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        net::send(&fd, &msg, net::SendFlags::empty())?;
         Ok(Self { fd, buf: vec![0u8; 64 * 1024] })
     }
 
@@ -117,49 +93,28 @@ impl ProcConnector {
     /// A timeout returns Ok with nothing appended; ENOBUFS (events were dropped by the
     /// kernel) is returned as an error of kind `OutOfMemory` so the caller can note the loss.
     pub fn recv(&mut self, out: &mut Vec<ProcEvent>) -> io::Result<()> {
-        // SAFETY: buf is valid for buf.len() bytes.
-        let n = unsafe {
-            libc::recv(self.fd.as_raw_fd(), self.buf.as_mut_ptr().cast(), self.buf.len(), 0)
+        let n = match net::recv(&self.fd, &mut self.buf[..], net::RecvFlags::empty()) {
+            Ok((n, _)) => n,
+            Err(Errno::AGAIN | Errno::INTR) => return Ok(()),
+            Err(Errno::NOBUFS) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::OutOfMemory,
+                    io::Error::from(Errno::NOBUFS),
+                ));
+            }
+            Err(e) => return Err(e.into()),
         };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            return match e.raw_os_error() {
-                Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(()),
-                Some(libc::ENOBUFS) => Err(io::Error::new(io::ErrorKind::OutOfMemory, e)),
-                _ => Err(e),
-            };
-        }
-        parse_datagram(&self.buf[..n as usize], out);
+        parse_datagram(&self.buf[..n], out);
         Ok(())
     }
-}
-
-fn setsockopt<T>(fd: &OwnedFd, opt: libc::c_int, value: &T) -> io::Result<()> {
-    // SAFETY: value points to a live T of the size passed.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            opt,
-            (value as *const T).cast(),
-            std::mem::size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
 }
 
 /// Whether the kernel filters proc connector events per listener (Linux >= 6.6: a
 /// `proc_input { mcast_op, event_type }` listen message). Older kernels ignore a listen
 /// message of that size altogether, so it is only sent where it is understood.
 fn kernel_filters_events() -> bool {
-    // SAFETY: uname fills the zeroed struct it is given.
-    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
-    if unsafe { libc::uname(&mut u) } != 0 {
-        return false;
-    }
-    // SAFETY: release is NUL-terminated by uname.
-    let release = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) };
-    release_at_least(&release.to_string_lossy(), (6, 6))
+    let uname = rustix::system::uname();
+    release_at_least(&uname.release().to_string_lossy(), (6, 6))
 }
 
 /// Whether a kernel release string (`6.18.3-amd64`) is at least `major.minor`.

@@ -35,9 +35,14 @@ impl ProcessView for LiveProcesses {
     }
 
     fn is_alive(&self, pid: i32) -> bool {
-        // SAFETY: signal 0 only checks existence and permission.
-        let rc = unsafe { libc::kill(pid, 0) };
-        rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+        // A measured pid is a FUSE caller's, positive. As kill(2) had it: 0 (our own process
+        // group) is alive; a negative one names a group, never a measured process.
+        if pid < 0 {
+            return false;
+        }
+        let Some(pid) = rustix::process::Pid::from_raw(pid) else { return true };
+        // kill(pid, 0): existence and permission only; EPERM means it exists.
+        rustix::process::test_kill_process(pid) != Err(rustix::io::Errno::SRCH)
     }
 }
 
