@@ -351,6 +351,24 @@ pub fn set_variant_state(
     Ok(())
 }
 
+/// Moves a variant from state `from` to `to` (with `note`, when given). Returns false, and
+/// writes nothing, when the variant is no longer in `from`: someone else (a control
+/// command, the fleet, the optimizer, a test) changed it since the caller read it, and a
+/// decision made on the old state must not overwrite the new one.
+pub fn transition_variant_state(
+    conn: &Connection,
+    variant_id: i64,
+    from: VariantState,
+    to: VariantState,
+    note: Option<&str>,
+) -> anyhow::Result<bool> {
+    let changed = conn.execute(
+        "UPDATE variants SET state = ?3, note = COALESCE(?4, note) WHERE id = ?1 AND state = ?2",
+        params![variant_id, from, to, note],
+    )?;
+    Ok(changed == 1)
+}
+
 pub fn record_event(
     conn: &Connection,
     now: i64,

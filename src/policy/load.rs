@@ -149,16 +149,26 @@ pub fn controls_of(conn: &Connection, path: &str) -> anyhow::Result<Controls> {
         .unwrap_or_default())
 }
 
+/// Whether [`apply`] wrote an evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Written,
+    /// A variant's state changed after the input was loaded: nothing was written, and the
+    /// binary must be evaluated again from the catalog as it is now.
+    Stale,
+}
+
 /// Writes an evaluation's transitions and incidents (state changes, decision log, incident
-/// records, events) in one transaction.
+/// records, events) in one transaction; each transition only from the state the evaluation
+/// saw (see [`base::transition_variant_state`]), or nothing at all.
 pub fn apply(
     conn: &mut Connection,
     input: &BinaryInput,
     eval: &Evaluation,
     now_ms: i64,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Applied> {
     if eval.transitions.is_empty() && eval.incidents.is_empty() {
-        return Ok(());
+        return Ok(Applied::Written);
     }
     let tx = conn.transaction()?;
     let path = runs::paths_of_binary(&tx, input.binary_id)?.into_iter().next();
@@ -177,7 +187,14 @@ pub fn apply(
         )?;
     }
     for t in &eval.transitions {
-        base::set_variant_state(&tx, t.variant_id, t.to, Some(&t.detail))?;
+        if !base::transition_variant_state(&tx, t.variant_id, t.from, t.to, Some(&t.detail))? {
+            tracing::debug!(
+                variant = t.variant_id,
+                from = t.from.as_str(),
+                "the variant's state changed during the evaluation; evaluating again"
+            );
+            return Ok(Applied::Stale); // dropping `tx` rolls back what was written
+        }
         runs::record_decision(
             &tx,
             &runs::DecisionRow {
@@ -208,7 +225,7 @@ pub fn apply(
         )?;
     }
     tx.commit()?;
-    Ok(())
+    Ok(Applied::Written)
 }
 
 /// What status shows for one binary.

@@ -16,7 +16,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use rusqlite::Connection;
 use tokio::sync::{mpsc, watch};
 
-use super::load::{PipelineView, apply, controls_of, load_for_decision};
+use super::load::{Applied, PipelineView, apply, controls_of, load_for_decision};
 use super::{PolicyConfig, ServeDecision, Stage, decide, evaluate};
 use crate::catalog::{Catalog, base, runs};
 use crate::clock::Clock;
@@ -76,9 +76,20 @@ pub fn reevaluate_binary(
     pipeline: &dyn PipelineView,
     now_ms: i64,
 ) -> anyhow::Result<Vec<(String, ServeDecision, Stage)>> {
-    let input = load_for_decision(conn, binary_id, pipeline)?;
-    let eval = evaluate(&input, cfg);
-    apply(conn, &input, &eval, now_ms)?;
+    let mut attempts = 0;
+    let eval = loop {
+        let input = load_for_decision(conn, binary_id, pipeline)?;
+        let eval = evaluate(&input, cfg);
+        attempts += 1;
+        match apply(conn, &input, &eval, now_ms)? {
+            Applied::Written => break eval,
+            // Another writer changed a variant meanwhile; it will not keep doing so.
+            Applied::Stale if attempts < STALE_RETRIES => continue,
+            Applied::Stale => anyhow::bail!(
+                "binary {binary_id}: its variants kept changing during {attempts} evaluations"
+            ),
+        }
+    };
     let mut out = Vec::new();
     for path in runs::paths_of_binary(conn, binary_id)? {
         let (stage, serve) = decide(&eval, &controls_of(conn, &path)?);
@@ -86,6 +97,9 @@ pub fn reevaluate_binary(
     }
     Ok(out)
 }
+
+/// How many times [`reevaluate_binary`] evaluates a binary whose variants changed under it.
+const STALE_RETRIES: u32 = 3;
 
 fn now_ms(clock: &dyn Clock) -> i64 {
     clock.now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
@@ -391,5 +405,55 @@ mod tests {
 
         stop.send(true).unwrap();
         task.await.unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_decision_on_a_state_that_changed_meanwhile_is_not_written() {
+        let catalog = Catalog::in_memory().unwrap();
+        let (bid, vid) = catalog
+            .run_blocking(|c| {
+                let b =
+                    upsert_binary(c, &ContentId::of_bytes(b"tool"), 1, &ElfFacts::default(), 1)?;
+                let key = FileKey { dev: 1, ino: 1, size: 1, mtime_ns: 1, ctime_ns: 1 };
+                upsert_path(c, "/usr/bin/tool", Some(b), &key, 1)?;
+                let new = NewVariant {
+                    binary_id: b,
+                    kind: VariantKind::Bolt,
+                    state: VariantState::Ready,
+                    ..Default::default()
+                };
+                Ok((b, insert_variant(c, &new, 1)?))
+            })
+            .unwrap();
+        let cfg = PolicyConfig::default();
+        let (stale, now) = catalog
+            .run_blocking(move |c| {
+                // The policy reads the ready variant and decides to canary it...
+                let input = load_for_decision(c, bid, &NoPipeline)?;
+                let eval = evaluate(&input, &cfg);
+                assert!(eval.transitions.iter().any(|t| t.to == VariantState::Canary));
+                // ...while someone else serves it (here: by hand, as a test or a pin would).
+                base::set_variant_state(c, vid, VariantState::Served, None)?;
+                let applied = apply(c, &input, &eval, 1_000)?;
+                let now = base::variants_of(c, bid)?[0].state;
+                Ok((applied, now))
+            })
+            .unwrap();
+        assert_eq!(stale, Applied::Stale);
+        assert_eq!(now, VariantState::Served, "the newer state stays");
+        // Evaluated again from the catalog as it is, the variant is served.
+        let cfg = PolicyConfig::default();
+        let decided = catalog
+            .run_blocking(move |c| reevaluate_binary(c, bid, &cfg, &NoPipeline, 2_000))
+            .unwrap();
+        let served = match decided[0].1 {
+            ServeDecision::Variant(v) => v == vid,
+            // A served variant may leave a few execs to the original (exploration).
+            ServeDecision::Split { variant_id, variant_share } => {
+                variant_id == vid && variant_share > 0.5
+            }
+            _ => false,
+        };
+        assert!(served, "{decided:?}");
     }
 }
