@@ -292,6 +292,27 @@ mod tests {
         panic!("sink never got {want:?}: {:?}", sink.0.lock().unwrap());
     }
 
+    /// A catalog with /usr/bin/tool, its binary and one ready BOLT variant of it.
+    fn catalog_with_a_ready_variant() -> (Catalog, i64, i64) {
+        let catalog = Catalog::in_memory().unwrap();
+        let (bid, vid) = catalog
+            .run_blocking(|c| {
+                let b =
+                    upsert_binary(c, &ContentId::of_bytes(b"tool"), 1, &ElfFacts::default(), 1)?;
+                let key = FileKey { dev: 1, ino: 1, size: 1, mtime_ns: 1, ctime_ns: 1 };
+                upsert_path(c, "/usr/bin/tool", Some(b), &key, 1)?;
+                let new = NewVariant {
+                    binary_id: b,
+                    kind: VariantKind::Bolt,
+                    state: VariantState::Ready,
+                    ..Default::default()
+                };
+                Ok((b, insert_variant(c, &new, 1)?))
+            })
+            .unwrap();
+        (catalog, bid, vid)
+    }
+
     fn record(binary_id: i64, variant_id: Option<i64>, cpu_ns: u64) -> RunRecord {
         RunRecord {
             original: PathBuf::from("/usr/bin/tool"),
@@ -309,27 +330,7 @@ mod tests {
 
     #[tokio::test]
     async fn canary_promotion_controls_and_summary_through_the_task() {
-        let catalog = Catalog::in_memory().unwrap();
-        let (bid, vid) = catalog
-            .run(|c| {
-                let b =
-                    upsert_binary(c, &ContentId::of_bytes(b"tool"), 1, &ElfFacts::default(), 1)?;
-                let key = FileKey { dev: 1, ino: 1, size: 1, mtime_ns: 1, ctime_ns: 1 };
-                upsert_path(c, "/usr/bin/tool", Some(b), &key, 1)?;
-                let v = insert_variant(
-                    c,
-                    &NewVariant {
-                        binary_id: b,
-                        kind: VariantKind::Bolt,
-                        state: VariantState::Ready,
-                        ..Default::default()
-                    },
-                    1,
-                )?;
-                Ok((b, v))
-            })
-            .await
-            .unwrap();
+        let (catalog, bid, vid) = catalog_with_a_ready_variant();
         let (tx, rx) = mpsc::unbounded_channel();
         let sink = Arc::new(Sink::default());
         let (stop, shutdown) = watch::channel(false);
@@ -409,22 +410,7 @@ mod tests {
 
     #[test]
     fn a_decision_on_a_state_that_changed_meanwhile_is_not_written() {
-        let catalog = Catalog::in_memory().unwrap();
-        let (bid, vid) = catalog
-            .run_blocking(|c| {
-                let b =
-                    upsert_binary(c, &ContentId::of_bytes(b"tool"), 1, &ElfFacts::default(), 1)?;
-                let key = FileKey { dev: 1, ino: 1, size: 1, mtime_ns: 1, ctime_ns: 1 };
-                upsert_path(c, "/usr/bin/tool", Some(b), &key, 1)?;
-                let new = NewVariant {
-                    binary_id: b,
-                    kind: VariantKind::Bolt,
-                    state: VariantState::Ready,
-                    ..Default::default()
-                };
-                Ok((b, insert_variant(c, &new, 1)?))
-            })
-            .unwrap();
+        let (catalog, bid, vid) = catalog_with_a_ready_variant();
         let cfg = PolicyConfig::default();
         let (stale, now) = catalog
             .run_blocking(move |c| {
