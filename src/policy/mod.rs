@@ -602,16 +602,7 @@ fn reject_output_mismatches(
         if !matches!(from, VariantState::Ready | VariantState::Canary | VariantState::Served) {
             continue;
         }
-        states.insert(v.id, VariantState::Rejected);
-        transitions.push(Transition {
-            variant_id: v.id,
-            from,
-            to: VariantState::Rejected,
-            action: Action::Reject,
-            detail: why.clone(),
-            first_run_id: None,
-            comparison: None,
-        });
+        reject_without_comparison(v.id, from, why.clone(), states, transitions);
     }
 }
 
@@ -903,13 +894,25 @@ fn reject_orphan(
     states: &mut HashMap<i64, VariantState>,
     transitions: &mut Vec<Transition>,
 ) {
-    states.insert(v.id, VariantState::Rejected);
+    let why = "challenger without a served variant to measure against".to_string();
+    reject_without_comparison(v.id, from, why, states, transitions);
+}
+
+/// Rejects a variant for a reason other than a measured comparison.
+fn reject_without_comparison(
+    variant_id: i64,
+    from: VariantState,
+    detail: String,
+    states: &mut HashMap<i64, VariantState>,
+    transitions: &mut Vec<Transition>,
+) {
+    states.insert(variant_id, VariantState::Rejected);
     transitions.push(Transition {
-        variant_id: v.id,
+        variant_id,
         from,
         to: VariantState::Rejected,
         action: Action::Reject,
-        detail: "challenger without a served variant to measure against".into(),
+        detail,
         first_run_id: None,
         comparison: None,
     });
