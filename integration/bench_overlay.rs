@@ -185,10 +185,7 @@ fn bench_overlay() {
         if quick { (300, 15, 20, 7, 7) } else { (3000, 60, 100, 21, 21) };
     let per_round = execs / rounds;
 
-    let tmp = open_tempdir();
-    let root = tmp.path().canonicalize().unwrap();
-    let bin = root.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
+    let (_tmp, root, bin) = open_test_root();
     prog(&bin.join("small"), "small", &[]);
     // The same program stripped: nothing to optimize, served as a symlink to the original.
     prog(&bin.join("stripped"), "stripped", &["-s"]);

@@ -74,10 +74,7 @@ fn run(program: &Path) -> String {
 #[test]
 fn a_program_run_through_the_mount_is_profiled_optimized_canaried_and_decided() {
     let started = Instant::now();
-    let tmp = common::open_tempdir();
-    let root = tmp.path().canonicalize().unwrap();
-    let bin = root.join("bin");
-    std::fs::create_dir(&bin).unwrap();
+    let (_tmp, root, bin) = common::open_test_root();
     let prog = bin.join("prog");
     common::cc(branchy::PROGRAM, &prog, &["-fPIE", "-pie", "-Wl,--emit-relocs"]);
     let expected = run(&prog);

@@ -306,10 +306,7 @@ fn widest_coloured_run(png_path: &Path) -> usize {
 
 #[test]
 fn pictures_host_summary_metrics_and_report_on_a_real_mount() {
-    let tmp = common::open_tempdir();
-    let root = tmp.path().canonicalize().unwrap();
-    let bin = root.join("bin");
-    std::fs::create_dir(&bin).unwrap();
+    let (_tmp, root, bin) = common::open_test_root();
     let prog = bin.join("fp");
     common::cc(PROGRAM, &prog, &["-fno-omit-frame-pointer", "-fPIE", "-pie", "-Wl,--emit-relocs"]);
     let port = free_port();

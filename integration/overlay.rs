@@ -973,10 +973,7 @@ fn finish_waiter(
 /// running process its bytes (natively the write fails with ETXTBSY).
 #[test]
 fn a_running_program_keeps_its_bytes_when_the_original_is_written_in_place() {
-    let tmp = open_tempdir();
-    let root = tmp.path().canonicalize().unwrap();
-    let bin = root.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
+    let (_tmp, root, bin) = open_test_root();
     let original = bin.join("waiter");
     let (old, new) = (root.join("waiter.old"), root.join("waiter.new"));
     cc(WAITER_C, &old, &["-DMSG=\"AAAA\""]);
@@ -1069,10 +1066,7 @@ fn relative_links_that_climb_above_the_mirror_resolve() {
 /// changes, each name comes once) and announces no binary.
 #[test]
 fn a_listing_is_a_stable_snapshot_and_announces_nothing() {
-    let tmp = open_tempdir();
-    let root = tmp.path().canonicalize().unwrap();
-    let bin = root.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
+    let (_tmp, root, bin) = open_test_root();
     prog(&bin.join("prog"), "p", &[]);
     let name = |i: usize| format!("script-with-a-rather-long-name-to-fill-pages-{i:05}");
     let before: std::collections::BTreeSet<String> =

@@ -80,10 +80,7 @@ fn stage(binary: &serde_json::Value) -> String {
 #[test]
 fn canary_split_quarantine_on_crash_pins_and_exclusion() {
     let started = Instant::now();
-    let tmp = open_tempdir();
-    let root = tmp.path().canonicalize().unwrap();
-    let bin = root.join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
+    let (_tmp, root, bin) = open_test_root();
     let tool = bin.join("tool");
     cc(TOOL_C, &tool, &["-DTAG=\"original\""]);
     let variant_file = root.join("tool.variant");

@@ -313,10 +313,7 @@ fn symbol_address(file: &Path, name: &str) -> u64 {
 
 #[test]
 fn a_canarys_samples_stay_out_of_the_originals_profile() {
-    let tmp = common::open_tempdir();
-    let root = tmp.path().canonicalize().unwrap();
-    let bin = root.join("bin");
-    std::fs::create_dir(&bin).unwrap();
+    let (_tmp, root, bin) = common::open_test_root();
     // Two builds whose hot function sits at different addresses: the original has the
     // padding first, the variant its hot loop first, where the original has padding.
     let flags = ["-fno-toplevel-reorder", "-no-pie", "-DSEED=1"];

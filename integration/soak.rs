@@ -105,10 +105,7 @@ fn check_output(name: &str, out: &str, arg: &str, from: u64, to: u64) -> bool {
 fn soak_mixed_load_with_upgrades_switches_and_server_kills() {
     let secs = env_secs("OPTBIN_SOAK_SECS", 60);
     let kill_every = env_secs("OPTBIN_SOAK_KILL_SECS", (secs / 4).clamp(5, 180));
-    let tmp = common::open_tempdir();
-    let root = tmp.path().canonicalize().unwrap();
-    let bin = root.join("bin");
-    std::fs::create_dir(&bin).unwrap();
+    let (_tmp, root, bin) = common::open_test_root();
     common::chmod(&bin, 0o755);
     let a = bin.join("a");
     common::prog(&a, "a-v0", &[]);

@@ -59,10 +59,7 @@ fn stage(binary: &Value) -> String {
 #[test]
 fn training_matures_optimizes_and_canaries_a_binary_nobody_ran() {
     let started = Instant::now();
-    let tmp = common::open_tempdir();
-    let root = tmp.path().canonicalize().unwrap();
-    let bin = root.join("bin");
-    std::fs::create_dir(&bin).unwrap();
+    let (_tmp, root, bin) = common::open_test_root();
     common::chmod(&bin, 0o755);
     let prog = bin.join("prog");
     common::cc(branchy::PROGRAM, &prog, &["-fPIE", "-pie", "-Wl,--emit-relocs"]);
@@ -163,10 +160,7 @@ fn check_verdict(binary: &Value, variant: i64) -> Option<Value> {
 
 #[test]
 fn a_variant_whose_output_differs_on_a_training_command_is_rejected_by_the_policy() {
-    let tmp = common::open_tempdir();
-    let root = tmp.path().canonicalize().unwrap();
-    let bin = root.join("bin");
-    std::fs::create_dir(&bin).unwrap();
+    let (_tmp, root, bin) = common::open_test_root();
     common::chmod(&bin, 0o755);
     // Two binaries, each with a variant: one prints another answer (a miscompile), the
     // other the same answer faster.

@@ -15,6 +15,16 @@ pub fn open_tempdir() -> tempfile::TempDir {
     dir
 }
 
+/// A test's private directory ([`open_tempdir`]), its canonical path (the overlay and
+/// the mount see resolved paths) and an empty `bin` in it to overlay.
+pub fn open_test_root() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = open_tempdir();
+    let root = tmp.path().canonicalize().expect("canonical tempdir");
+    let bin = root.join("bin");
+    std::fs::create_dir(&bin).expect("creating bin");
+    (tmp, root, bin)
+}
+
 /// Compiles C `source` into `out` with gcc and `flags`.
 pub fn cc(source: &str, out: &Path, flags: &[&str]) {
     let src = out.with_extension("c");
