@@ -9,6 +9,11 @@ pub trait Clock: Send + Sync + 'static {
     fn unix_secs(&self) -> i64 {
         self.now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
     }
+
+    /// Milliseconds since the Unix epoch (0 before it): the catalog's `at_ms` columns.
+    fn unix_ms(&self) -> i64 {
+        self.now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    }
 }
 
 /// The real clock.

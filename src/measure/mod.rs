@@ -36,7 +36,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 /// Measured runs the catalog could not store (a full state directory, an I/O error), since
 /// this server process started. The policy task adds a failed batch here; status shows it
@@ -48,6 +48,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
 
+use crate::clock::{Clock, SystemClock};
 use crate::identity::FileKey;
 use counters::{CounterFactory, PerfCounterFactory, RunCounts};
 use proc_connector::{ProcConnector, ProcEvent};
@@ -238,10 +239,6 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
 /// Where the reader thread sends finished runs (see [`Measurer::killed_runs`]).
 struct Records {
     tx: mpsc::UnboundedSender<RunRecord>,
@@ -280,7 +277,7 @@ fn read_loop(
         }
         let mut t = lock(tracker);
         for ev in events.drain(..) {
-            if let Some(record) = t.on_event(ev, procs, now_ms()) {
+            if let Some(record) = t.on_event(ev, procs, SystemClock.unix_ms()) {
                 out.send(record);
             }
         }

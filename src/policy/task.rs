@@ -11,7 +11,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use rusqlite::Connection;
 use tokio::sync::{mpsc, watch};
@@ -101,10 +101,6 @@ pub fn reevaluate_binary(
 /// How many times [`reevaluate_binary`] evaluates a binary whose variants changed under it.
 const STALE_RETRIES: u32 = 3;
 
-fn now_ms(clock: &dyn Clock) -> i64 {
-    clock.now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
 /// Runs until `shutdown` turns true (or the record channel closes): stores runs in batches,
 /// re-evaluates the binaries they touched, rescans every watched binary periodically,
 /// rotates old runs, and tells `sink` whenever a path's decision changes.
@@ -158,7 +154,7 @@ pub async fn run_policy(
             }
             _ = rotate.tick() => {
                 let (age, rows, now) =
-                    (opts.runs_max_age.as_millis() as i64, opts.runs_max_rows, now_ms(&*opts.clock));
+                    (opts.runs_max_age.as_millis() as i64, opts.runs_max_rows, opts.clock.unix_ms());
                 match catalog.run(move |c| runs::rotate_runs(c, now, age, rows)).await {
                     Ok(n) if n > 0 => tracing::info!(n, "old runs rotated out"),
                     Ok(_) => {}
@@ -194,7 +190,7 @@ async fn ingest(
     batch: Vec<RunRecord>,
     opts: &PolicyTaskOptions,
 ) -> anyhow::Result<Decisions> {
-    let (cfg, pipeline, now) = (opts.config.clone(), opts.pipeline.clone(), now_ms(&*opts.clock));
+    let (cfg, pipeline, now) = (opts.config.clone(), opts.pipeline.clone(), opts.clock.unix_ms());
     catalog
         .run(move |conn| {
             let stored = runs::insert_runs(conn, &batch).inspect_err(|_| {
@@ -225,7 +221,7 @@ async fn rescan_changed(
     fingerprints: &mut HashMap<i64, String>,
     serving: Vec<(String, Option<i64>)>,
 ) -> anyhow::Result<Decisions> {
-    let (cfg, pipeline, now) = (opts.config.clone(), opts.pipeline.clone(), now_ms(&*opts.clock));
+    let (cfg, pipeline, now) = (opts.config.clone(), opts.pipeline.clone(), opts.clock.unix_ms());
     let known = std::mem::take(fingerprints);
     let (out, seen) = catalog
         .run(move |conn| {

@@ -18,10 +18,7 @@ impl ReportFile {
 
     /// The report as JSON bytes.
     pub fn render(&self) -> anyhow::Result<Vec<u8>> {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
+        let now_ms = crate::clock::Clock::unix_ms(&crate::clock::SystemClock);
         let report = self.catalog.run_blocking(move |c| super::collect::collect(c, now_ms))?;
         let mut bytes = serde_json::to_vec_pretty(&report)?;
         bytes.push(b'\n');

@@ -181,9 +181,7 @@ impl OutputCheck {
         exit: Option<RunExit>,
     ) -> anyhow::Result<()> {
         let (command, detail) = (cmd_file.display().to_string(), detail.to_string());
-        let at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
+        let at_ms = crate::clock::Clock::unix_ms(&crate::clock::SystemClock);
         self.catalog.run_blocking(move |c| {
             runs::insert_output_mismatch(c, at_ms, binary_id, variant_id, &command, exit, &detail)?;
             Ok(())

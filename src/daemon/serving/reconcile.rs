@@ -7,7 +7,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
 
@@ -102,10 +102,6 @@ impl Inner {
         self.pipeline.clone()
     }
 
-    fn now_ms(&self) -> i64 {
-        self.clock.now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-    }
-
     pub(super) fn refresh(&self, path: &Path) {
         let _order = self.apply_order.lock().unwrap_or_else(|e| e.into_inner());
         match self.apply_exclusion(path) {
@@ -155,7 +151,7 @@ impl Inner {
         let original = (ServeDecision::Original, Target::Original);
         let Ok(key) = FileKey::of(path) else { return Ok(original) };
         let text = path.to_string_lossy().into_owned();
-        let (cfg, pipeline, now) = (self.config.clone(), self.pipeline(), self.now_ms());
+        let (cfg, pipeline, now) = (self.config.clone(), self.pipeline(), self.clock.unix_ms());
         let measuring = self.measurement.is_on();
         let instrumenting = self.instr.budget().is_some();
         let original = (original.0, original.1, None);
