@@ -181,11 +181,12 @@ impl StatusSource for Reporter {
     }
 }
 
-/// What the serving table serves for `path` now: `original (link)` (excluded),
+/// What the serving table serves for `path` now: `original (link)` (excluded, or passed
+/// through until it has a variant),
 /// `original`, `variant N`, or `variant N for P% of execs` (a canary, or a served variant
 /// that leaves the rest to the original to keep measuring it).
 fn served_label(serving: &ServingTable, path: &Path) -> String {
-    if serving.is_excluded(path) {
+    if serving.is_excluded(path) || serving.passes_through(path) {
         return "original (link)".into();
     }
     let key = FileKey::of(path).ok();

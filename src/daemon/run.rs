@@ -69,6 +69,9 @@ pub fn start_server(
     let catalog = Catalog::open(&cfg.catalog_path())?;
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let table = ServingTable::new();
+    // Binaries with no variant to serve run natively (docs/mount.md, "Native until a
+    // variant"): set before the overlay answers its first lookup.
+    table.set_native_until_variant(cfg.policy.native_until_variant);
     // Fleet sharing (src/fleet), when `[fleet]` is set: profiles and verdicts via Redis.
     let fleet = Fleet::new(cfg.fleet.as_ref())?;
     // The optimizer (src/daemon/optimizing): BOLT, its job queue, the maturity driver, the
@@ -89,6 +92,16 @@ pub fn start_server(
     let profiling = Profiling::new(cfg.clone(), &catalog);
     // Keeping hot binaries warm (src/warm): fed every exec, stopped with the server.
     let warmer = crate::daemon::warming::start(&cfg)?;
+    let native = crate::daemon::warming::native_execs(
+        warmer.clone(),
+        table.clone(),
+        cfg.overlay.clone(),
+    );
+    if !serving.set_exec_hook(native) && cfg.policy.native_until_variant {
+        tracing::info!(
+            "runs are not measured: binaries passed through until they have a variant are not kept warm"
+        );
+    }
     let mut subsystems = vec![profiling.status(), optimizing.status(), serving.status()];
     subsystems.push(Arc::new(crate::daemon::warming::WarmSection(warmer.clone())));
     subsystems.extend(fleet.as_ref().map(|f| f.status()));

@@ -231,7 +231,16 @@ impl Overlay {
         if let Some(key) = classified.newly_seen {
             self.events.event(FsEvent::Seen { original: real.clone(), key });
         }
-        match classified.presentation {
+        let presentation = match classified.presentation {
+            // Optimizable, but no variant to serve yet: it runs natively until it has one
+            // (`ServingTable::set_native_until_variant`). Classified first all the same: the
+            // indexer must see it.
+            Presentation::Served { .. } if self.serving.passes_through(&real) => {
+                Presentation::LinkToReal
+            }
+            p => p,
+        };
+        match presentation {
             Presentation::VerbatimLink(target) => {
                 let target = link_target_in_mirror(dir, target);
                 let attr = self.link_attr(&target, Some(&classified.md));

@@ -89,6 +89,9 @@ struct Table {
     /// server process the kernel may still hold their node ids, which must stay resolvable.
     known: HashMap<PathBuf, Vec<ServedVariant>>,
     excluded: HashSet<PathBuf>,
+    /// Originals with no variant configured are passed through (see
+    /// [`ServingTable::set_native_until_variant`]).
+    native_until_variant: bool,
 }
 
 /// The per-exec draws of an original: the last one (when, and whether it chose the
@@ -221,6 +224,25 @@ impl ServingTable {
 
     pub fn is_excluded(&self, original: &Path) -> bool {
         self.read().excluded.contains(original)
+    }
+
+    /// With `on`, an original that has no variant configured is presented as a symlink to
+    /// itself, as an excluded one is: its execs make no FUSE request and run natively, at
+    /// native speed, and they are not measured (a run of the original is evidence only
+    /// next to runs of a variant, see `crate::policy`). The first variant configured for it
+    /// turns it into a served file (the change invalidates its entries like any other).
+    /// Off (the table's default, and the in-process overlay's): every optimizable original
+    /// is served as a file through the mount.
+    pub fn set_native_until_variant(&self, on: bool) {
+        // Set once at start, before anything is looked up: no cached entry to invalidate.
+        self.write().native_until_variant = on;
+    }
+
+    /// Whether `original` is passed through because it has no variant configured (see
+    /// [`ServingTable::set_native_until_variant`]).
+    pub fn passes_through(&self, original: &Path) -> bool {
+        let t = self.read();
+        t.native_until_variant && !t.served.contains_key(original)
     }
 
     /// The variant configured for `original`, if any (whether or not it is still valid for

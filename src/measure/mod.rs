@@ -34,7 +34,8 @@ pub mod tracker;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -109,6 +110,11 @@ impl ProcEventSource for ProcConnector {
     }
 }
 
+/// Told of every completed exec on the machine: the process id and its executable's path
+/// (`/proc/PID/exe`, read by the reader thread at the exec event, while the process is
+/// surely alive). Runs on the reader thread: it must be quick and must not block.
+pub type ExecHook = Box<dyn Fn(u32, &Path) + Send + Sync>;
+
 /// Attaches counters on exec-time opens and emits a [`RunRecord`] per finished run.
 /// Dropping it stops its reader thread.
 pub struct Measurer {
@@ -117,6 +123,7 @@ pub struct Measurer {
     stop: Arc<AtomicBool>,
     reader: Option<JoinHandle<()>>,
     killed: Arc<Notify>,
+    exec_hook: Arc<OnceLock<ExecHook>>,
 }
 
 impl std::fmt::Debug for Measurer {
@@ -146,16 +153,23 @@ impl Measurer {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::unbounded_channel();
         let killed = Arc::new(Notify::new());
+        let exec_hook = Arc::new(OnceLock::new());
         let reader = {
             let tracker = tracker.clone();
             let stop = stop.clone();
-            let out = Records { tx, killed: killed.clone() };
+            let out = Records { tx, killed: killed.clone(), exec_hook: exec_hook.clone() };
             std::thread::Builder::new()
                 .name("optbin-measure".into())
                 .spawn(move || read_loop(&mut source, &procs, &tracker, &stop, &out))
                 .context("starting the measurement thread")?
         };
-        Ok((Self { tracker, counters, stop, reader: Some(reader), killed }, rx))
+        Ok((Self { tracker, counters, stop, reader: Some(reader), killed, exec_hook }, rx))
+    }
+
+    /// Sets the hook told of every exec on the machine (see [`ExecHook`]); the first one
+    /// set stays. Without a hook no executable path is read.
+    pub fn set_exec_hook(&self, hook: ExecHook) {
+        let _ = self.exec_hook.set(hook);
     }
 
     /// Notified after a record of a run killed by a signal was sent. A consumer that must
@@ -239,10 +253,12 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Where the reader thread sends finished runs (see [`Measurer::killed_runs`]).
+/// Where the reader thread sends finished runs (see [`Measurer::killed_runs`]) and
+/// completed execs ([`ExecHook`]).
 struct Records {
     tx: mpsc::UnboundedSender<RunRecord>,
     killed: Arc<Notify>,
+    exec_hook: Arc<OnceLock<ExecHook>>,
 }
 
 impl Records {
@@ -251,6 +267,13 @@ impl Records {
         // A closed receiver means nobody wants records any more: keep draining.
         if self.tx.send(record).is_ok() && killed {
             self.killed.notify_one();
+        }
+    }
+
+    fn exec(&self, pid: i32, procs: &dyn ProcessView) {
+        let Some(hook) = self.exec_hook.get() else { return };
+        if let Some(exe) = procs.exe(pid) {
+            hook(pid as u32, &exe);
         }
     }
 }
@@ -277,8 +300,17 @@ fn read_loop(
         }
         let mut t = lock(tracker);
         for ev in events.drain(..) {
+            let exec = match ev {
+                ProcEvent::Exec { tgid, .. } => Some(tgid),
+                _ => None,
+            };
             if let Some(record) = t.on_event(ev, procs, SystemClock.unix_ms()) {
                 out.send(record);
+            }
+            // After the tracker: a measured run's command line is read first (a program
+            // that exits within a millisecond is gone soon).
+            if let Some(pid) = exec {
+                out.exec(pid, procs);
             }
         }
         if last_sweep.elapsed() >= Duration::from_secs(1) {

@@ -10,6 +10,7 @@
 //! program exec'ing another served program) replaces the first: the last opened is what runs.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::cmdline::{UNKNOWN_CMD, cmd_hash};
@@ -23,6 +24,10 @@ pub trait ProcessView {
     fn cmdline(&self, pid: i32) -> Option<Vec<u8>>;
     /// Whether the pid still exists (a zombie counts as alive).
     fn is_alive(&self, pid: i32) -> bool;
+    /// `/proc/PID/exe`, or None when the process is gone (or a view has no executables).
+    fn exe(&self, _pid: i32) -> Option<PathBuf> {
+        None
+    }
 }
 
 /// The real `/proc` and `kill(pid, 0)`.
@@ -32,6 +37,10 @@ pub struct LiveProcesses;
 impl ProcessView for LiveProcesses {
     fn cmdline(&self, pid: i32) -> Option<Vec<u8>> {
         super::cmdline::read_cmdline(pid)
+    }
+
+    fn exe(&self, pid: i32) -> Option<PathBuf> {
+        std::fs::read_link(format!("/proc/{pid}/exe")).ok()
     }
 
     fn is_alive(&self, pid: i32) -> bool {

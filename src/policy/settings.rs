@@ -15,6 +15,11 @@ pub struct Settings {
     /// Measure runs of served binaries (per-exec CPU time and exit status). Without
     /// measurement no canary is run.
     pub measure: bool,
+    /// A binary with no variant to serve runs natively: the mount presents it as a symlink
+    /// to the real file (no FUSE request, no counters, native speed) until a variant of it
+    /// is canaried, served or pinned. Off: every optimizable binary is served through the
+    /// mount and each of its runs measured, also when there is nothing to compare it with.
+    pub native_until_variant: bool,
     /// Share of execs a canary variant gets (0..=1).
     pub canary_share: f64,
     /// Runs per arm (variant and original) at the first look (>= 5); later looks at 2x,
@@ -44,6 +49,7 @@ impl Default for Settings {
         let t = PolicyTaskOptions::default();
         Self {
             measure: true,
+            native_until_variant: true,
             canary_share: p.canary_fraction,
             min_runs: p.min_runs_per_arm,
             looks: p.looks,

@@ -192,6 +192,18 @@ impl Serving {
         self.inner.measurement.is_on()
     }
 
+    /// Tells `hook` of every exec on the machine (see [`crate::measure::ExecHook`]); false,
+    /// and nothing is told, when runs are not measured (no process events are read then).
+    pub fn set_exec_hook(&self, hook: crate::measure::ExecHook) -> bool {
+        match &self.inner.measurement.measurer {
+            Some(m) => {
+                m.set_exec_hook(hook);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The "policy" section of the status report.
     pub fn status(&self) -> Arc<dyn SubsystemStatus> {
         Arc::new(PolicyStatus { inner: self.inner.clone() })
