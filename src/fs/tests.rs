@@ -181,6 +181,45 @@ fn node_ids_survive_a_restart_and_change_with_the_variant_and_the_original() {
     assert_eq!(excluded.attr.kind, NodeType::Symlink);
 }
 
+#[test]
+fn a_binary_with_no_variant_is_passed_through_until_it_has_one() {
+    let f = fixture();
+    let serving = ServingTable::new();
+    serving.set_native_until_variant(true);
+    let (o, rx) = overlay(&f, serving.clone());
+    let (path, real) = (format!("{}/prog", rel(&f.bin1)), f.bin1.join("prog"));
+
+    // No variant: a symlink to the real file (it runs natively), still announced to the
+    // indexer; a listing says the same.
+    let native = walk(&o, &path);
+    assert_eq!(native.attr.kind, NodeType::Symlink);
+    assert_eq!(o.readlink(native.attr.ino).unwrap(), real);
+    let seen = rx.try_iter().any(|e| matches!(e, FsEvent::Seen { original, .. } if original == real));
+    assert!(seen, "a passed-through binary is announced");
+    let dir = walk(&o, &rel(&f.bin1));
+    let listed = o.readdir(dir.attr.ino).unwrap();
+    let entry = listed.iter().find(|e| e.name == "prog").expect("prog listed");
+    assert_eq!(entry.kind, NodeType::Symlink);
+
+    // A variant to serve: a served file from the next lookup on; none again: a symlink.
+    let store = f.mount.parent().unwrap().join("store-9");
+    std::fs::write(&store, b"variant").unwrap();
+    let variant = ServedVariant {
+        variant_id: 9,
+        path_in_store: store,
+        size: 7,
+        expected_original: FileKey::of(&real).unwrap(),
+    };
+    serving.serve_share(&real, variant, 0.5);
+    assert!(!serving.passes_through(&real));
+    assert_eq!(walk(&o, &path).attr.kind, NodeType::RegularFile);
+    serving.serve(&real, None);
+    assert_eq!(walk(&o, &path).attr.kind, NodeType::Symlink);
+
+    // Binaries that are not optimizable stay what they were (the script: a symlink).
+    assert_eq!(walk(&o, &format!("{}/script", rel(&f.bin1))).attr.kind, NodeType::Symlink);
+}
+
 /// A canary-style chooser: alternates between the original and a variant on every lookup.
 struct Alternating {
     variant: ServedVariant,

@@ -395,6 +395,51 @@ mod tests {
         assert!(records.blocking_recv().is_none());
     }
 
+    /// A view whose processes all run `/usr/bin/tool`.
+    struct ProcsWithExe;
+    impl ProcessView for ProcsWithExe {
+        fn cmdline(&self, pid: i32) -> Option<Vec<u8>> {
+            Procs.cmdline(pid)
+        }
+        fn is_alive(&self, _pid: i32) -> bool {
+            true
+        }
+        fn exe(&self, _pid: i32) -> Option<PathBuf> {
+            Some(PathBuf::from("/usr/bin/tool"))
+        }
+    }
+
+    #[test]
+    fn the_exec_hook_hears_every_exec_measured_or_not() {
+        let (tx, rx) = std_mpsc::channel();
+        let (m, mut records) =
+            Measurer::with_parts(Arc::new(FixedFactory), ChannelSource(rx), ProcsWithExe).unwrap();
+        let (heard_tx, heard) = std_mpsc::channel();
+        let heard_tx = Mutex::new(heard_tx);
+        m.set_exec_hook(Box::new(move |pid, exe| {
+            let _ = heard_tx.lock().unwrap().send((pid, exe.to_path_buf()));
+        }));
+        // pid 90 is not measured (nothing opened it through the mount); pid 91 is.
+        let open = ExecOpen {
+            pid: 91,
+            original: PathBuf::from("/usr/bin/tool"),
+            variant_id: None,
+            binary_id: Some(1),
+            key: FileKey { dev: 1, ino: 2, size: 3, mtime_ns: 4, ctime_ns: 5 },
+        };
+        m.on_exec_open(open).unwrap();
+        let t = monotonic_ns();
+        // A thread's exec is reported under its thread group.
+        tx.send(ProcEvent::Exec { pid: 95, tgid: 90, ts_ns: t + 10 }).unwrap();
+        tx.send(ProcEvent::Exec { pid: 91, tgid: 91, ts_ns: t + 20 }).unwrap();
+        tx.send(ProcEvent::Exit { pid: 91, tgid: 91, status: 0, ts_ns: t + 30 }).unwrap();
+        let tool = PathBuf::from("/usr/bin/tool");
+        let wait = Duration::from_secs(10);
+        assert_eq!(heard.recv_timeout(wait).unwrap(), (90, tool.clone()));
+        assert_eq!(heard.recv_timeout(wait).unwrap(), (91, tool));
+        assert_eq!(records.blocking_recv().unwrap().exit, RunExit::Exited(0), "still measured");
+    }
+
     #[test]
     fn only_a_run_killed_by_a_signal_signals_its_record() {
         let (tx, rx) = std_mpsc::channel();
