@@ -34,10 +34,18 @@ fn start(f: &Fixture) -> Daemon {
     Daemon::start(&f.mnt, &[&f.bin], &f.state, None)
 }
 
+/// As [`start`], with `hello` served through the mount although it has no variant (by
+/// default it runs natively until it has one), so that its runs are measured.
+fn start_serving_everything(f: &Fixture) -> Daemon {
+    let config = f.mnt.with_file_name("config.toml");
+    std::fs::write(&config, "[policy]\nnative_until_variant = false\n").unwrap();
+    Daemon::start(&f.mnt, &[&f.bin], &f.state, Some(&config))
+}
+
 #[test]
 fn control_file_takes_valid_commands_and_refuses_bad_ones() {
     let f = fixture();
-    let d = start(&f);
+    let d = start_serving_everything(&f);
     let served = d.mnt.join(f.bin.strip_prefix("/").unwrap()).join("hello");
     // Served as a file; the first lookup makes the indexer hash it.
     assert!(std::fs::symlink_metadata(&served).unwrap().is_file());
@@ -85,6 +93,66 @@ fn control_file_takes_valid_commands_and_refuses_bad_ones() {
     assert_eq!(out.code, Some(0), "{out:?}");
     assert!(out.stdout.contains("hello"));
     assert!(d.status_json()["controls"].as_array().unwrap().is_empty());
+}
+
+/// By default a binary with no variant runs natively (a symlink in the mirror, no run
+/// measured); a variant to serve makes it a served file whose runs are measured; a
+/// quarantine, and an exclusion, make it a symlink again.
+#[test]
+fn a_binary_runs_natively_until_it_has_a_variant_to_serve() {
+    let f = fixture();
+    let d = start(&f);
+    let (real, mirrored) = (f.bin.join("hello"), d.mnt.join(f.bin.strip_prefix("/").unwrap()));
+    let entry = mirrored.join("hello");
+    let is_file = || std::fs::symlink_metadata(&entry).unwrap().is_file();
+    assert!(!is_file(), "no variant: passed through");
+    assert_eq!(std::fs::read_link(&entry).unwrap(), real);
+    for i in 0..5 {
+        assert_eq!(
+            run(Command::new(d.bin().join("hello")).arg(i.to_string())).stdout,
+            format!("hello {i}\n")
+        );
+    }
+    let b = common::wait_binary(&d, &real, 20, "indexing", |b| b["sha256"].is_string());
+    assert_eq!(b["served"], "original (link)", "{b:#}");
+    let measured = |d: &Daemon| {
+        d.status_json()["subsystems"]["policy"]["measurement"]["runs_measured"].as_u64().unwrap()
+    };
+
+    // A promoted variant (a copy of the original with one more byte).
+    let copy = f.mnt.with_file_name("hello.variant");
+    let mut bytes = std::fs::read(&real).unwrap();
+    bytes.push(0);
+    std::fs::write(&copy, bytes).unwrap();
+    common::chmod(&copy, 0o755);
+    let sha = b["sha256"].as_str().unwrap();
+    let vid = common::place_variant(&f.state, sha, &copy, "served");
+    let want = format!("variant {vid} for 95% of execs");
+    common::wait_binary(&d, &real, 20, "the variant served", |b| b["served"] == want.as_str());
+    assert!(is_file(), "a variant to serve: a served file");
+    for i in 0..20 {
+        assert_eq!(
+            run(Command::new(d.bin().join("hello")).arg(i.to_string())).stdout,
+            format!("hello {i}\n")
+        );
+    }
+    // Every run through the mount since the variant was measured, none of the five before.
+    d.wait_for(Duration::from_secs(20), "20 runs measured", |d| (measured(d) >= 20).then_some(()));
+    assert_eq!(measured(&d), 20, "only the runs with a variant in play are measured");
+
+    // Excluded: a link; included again: served, it still has its variant.
+    d.control("exclude hello").unwrap();
+    assert!(!is_file(), "excluded: a link");
+    d.control("include hello").unwrap();
+    assert!(is_file(), "included again: served, it has a variant");
+    // Its variant quarantined (e.g. by the fleet): nothing to serve, a link again.
+    let conn = rusqlite::Connection::open(f.state.join("catalog.db")).unwrap();
+    conn.busy_timeout(Duration::from_secs(10)).unwrap();
+    conn.execute("UPDATE variants SET state = 'quarantined' WHERE id = ?1", [vid]).unwrap();
+    d.wait_for(Duration::from_secs(20), "the quarantined variant no longer served", |_| {
+        (!is_file()).then_some(())
+    });
+    assert_eq!(run(Command::new(d.bin().join("hello")).arg("z")).stdout, "hello z\n");
 }
 
 #[test]
@@ -666,7 +734,7 @@ fn runs_that_cannot_be_recorded_are_counted() {
         run(Command::new("mount").args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"]).arg(&f.state));
     assert_eq!(out.code, Some(0), "{out:?}");
     let _tmpfs = Tmpfs(f.state.clone());
-    let d = start(&f);
+    let d = start_serving_everything(&f);
     assert_eq!(run(Command::new(d.bin().join("hello")).arg("x")).stdout, "hello x\n");
     // Fill the state directory's filesystem.
     {

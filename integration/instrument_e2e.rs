@@ -135,18 +135,27 @@ fn instrumentation_mode_collects_a_profile_through_the_mount_and_bolt_uses_it() 
     // The cut-off is applied asynchronously (an exec-open past the budget queues a re-check of
     // the path), so under load an exec or two racing with it may still get the variant.
     assert!(served_instrumented <= 2 * MAX_RUNS + 2, "bounded: {served_instrumented} runs");
-    // Retired: no more execs get it. Proof that the daemon had its chance: these four
-    // runs are recorded (with whatever they were served), and none with the variant.
+    // Retired: no more execs get it. The serving table no longer names it, and four more
+    // runs, each heard by the daemon (measured where a variant is in play, else counted as
+    // run natively), add no run of it.
+    let instr_served = |served: &str| {
+        served == format!("variant {instr_id}")
+            || served.starts_with(&format!("variant {instr_id} "))
+    };
+    d.wait_for(Duration::from_secs(20), "the retired variant out of the serving table", |d| {
+        let b = d.binary(&prog)?;
+        (!instr_served(b["served"].as_str()?)).then_some(())
+    });
     let last_run: i64 =
         c.query_row("SELECT COALESCE(MAX(id), 0) FROM runs", [], |r| r.get(0)).unwrap();
+    let before = d.wait_for(Duration::from_secs(20), "the policy's status", |d| {
+        heard(d, &state, &prog, last_run)
+    });
     for _ in 0..4 {
         run();
     }
-    d.wait_for(Duration::from_secs(20), "the last four runs to be recorded", |_| {
-        let recorded: i64 = c
-            .query_row("SELECT COUNT(*) FROM runs WHERE id > ?1", [last_run], |r| r.get(0))
-            .unwrap();
-        (recorded >= 4).then_some(())
+    d.wait_for(Duration::from_secs(20), "the last four runs to be heard", |d| {
+        (heard(d, &state, &prog, last_run)? >= before + 4).then_some(())
     });
     let after: i64 = c
         .query_row("SELECT COUNT(*) FROM runs WHERE variant_id = ?1", [instr_id], |r| r.get(0))
@@ -229,6 +238,16 @@ fn modes_daemon(dir: &Path, extra: &str) -> (Daemon, PathBuf, PathBuf) {
     (d, prog, state)
 }
 
+/// Runs of `prog` the daemon heard of: recorded after run `last_run` (measured: a variant
+/// was in play) plus those run natively since start (passed through: nothing to serve).
+fn heard(d: &Daemon, state: &Path, prog: &Path, last_run: i64) -> Option<i64> {
+    let recorded: i64 = catalog(state)
+        .query_row("SELECT COUNT(*) FROM runs WHERE id > ?1", [last_run], |r| r.get(0))
+        .unwrap();
+    let native = d.binary(prog)?["details"]["policy"]["native_execs"].as_i64()?;
+    Some(recorded + native)
+}
+
 fn runs_of_variant(state: &Path, variant: i64) -> i64 {
     catalog(state)
         .query_row("SELECT COUNT(*) FROM runs WHERE variant_id = ?1", [variant], |r| r.get(0))
@@ -264,15 +283,16 @@ fn a_crashing_instrumented_run_stops_instrumentation() {
     let last_run: i64 = catalog(&state)
         .query_row("SELECT COALESCE(MAX(id), 0) FROM runs", [], |r| r.get(0))
         .unwrap();
+    let before = d.wait_for(Duration::from_secs(20), "the policy's status", |d| {
+        heard(d, &state, &prog, last_run)
+    });
     for _ in 0..6 {
         output(Command::new(&through_mount).arg("1000"));
     }
-    // Proof that the daemon had its chance: the six runs are recorded.
-    d.wait_for(Duration::from_secs(20), "the six runs to be recorded", |_| {
-        let recorded: i64 = catalog(&state)
-            .query_row("SELECT COUNT(*) FROM runs WHERE id > ?1", [last_run], |r| r.get(0))
-            .unwrap();
-        (recorded >= 6).then_some(())
+    // Proof that the daemon had its chance: the six runs are heard (measured, or run
+    // natively once nothing is left to serve).
+    d.wait_for(Duration::from_secs(20), "the six runs to be heard", |d| {
+        (heard(d, &state, &prog, last_run)? >= before + 6).then_some(())
     });
     assert_eq!(runs_of_variant(&state, instr_id), served, "not served after the crash");
     let kinds: Vec<String> = variants(&state, &prog).into_iter().map(|v| v.0).collect();

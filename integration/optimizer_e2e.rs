@@ -174,7 +174,8 @@ fn mature_profiles_become_variants_and_commands_reach_the_optimizer() {
     assert!(tail.contains("BOLT-ERROR: fake failure for the e2e test"), "{tail}");
     assert!(o["summary"].as_str().unwrap().contains("failed"), "{}", o["summary"]);
     let prog_status = binary(&failure, &fx.prog).unwrap();
-    assert_eq!(prog_status["served"], "original");
+    // No variant to serve: passed through, it runs natively.
+    assert_eq!(prog_status["served"], "original (link)");
     assert!(prog_status["variants"].as_array().unwrap().is_empty());
     assert!(prog_status["candidate"].as_bool().unwrap(), "{prog_status:#}");
     assert_eq!(

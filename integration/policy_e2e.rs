@@ -95,7 +95,8 @@ fn canary_split_quarantine_on_crash_pins_and_exclusion() {
     let b =
         wait_binary(&daemon, &tool, 20, "the binary to be indexed", |b| b["sha256"].is_string());
     let sha256 = b["sha256"].as_str().unwrap().to_string();
-    assert_eq!(b["served"], "original");
+    // No variant yet: passed through, it runs natively.
+    assert_eq!(b["served"], "original (link)");
 
     // The variant enters canary: half of the execs, drawn per exec.
     let vid = place_variant(&daemon.state, &sha256, &variant_file, "ready");
@@ -128,7 +129,8 @@ fn canary_split_quarantine_on_crash_pins_and_exclusion() {
     let pinned = run_tool(&daemon, "hello", 10);
     assert_eq!((pinned.variant, pinned.original), (0, 10));
     let b = daemon.binary(&tool).unwrap();
-    assert_eq!(b["served"], "original");
+    // Pinned to the original: nothing to choose, it runs natively.
+    assert_eq!(b["served"], "original (link)");
     assert_eq!(b["served_reason"], "pinned to the original");
     assert_eq!(b["pin"], "original");
     daemon.control("unpin tool").unwrap();
@@ -147,7 +149,7 @@ fn canary_split_quarantine_on_crash_pins_and_exclusion() {
     }
     assert!(crashed, "40 execs never reached the variant");
     let b = wait_binary(&daemon, &tool, 20, "the quarantine", |b| {
-        b["variants"][0]["state"] == "quarantined" && b["served"] == "original"
+        b["variants"][0]["state"] == "quarantined" && b["served"] == "original (link)"
     });
     let incident = b["details"]["policy"]["last_incident"].as_str().unwrap_or_default();
     assert!(incident.contains("SIGSEGV (11)"), "{b:#}");
@@ -176,7 +178,7 @@ fn canary_split_quarantine_on_crash_pins_and_exclusion() {
     // A pin to bolted never brings back a quarantined variant.
     daemon.control("pin tool bolted").unwrap();
     let b = daemon.binary(&tool).unwrap();
-    assert_eq!(b["served"], "original", "{b:#}");
+    assert_eq!(b["served"], "original (link)", "{b:#}");
     daemon.control("unpin tool").unwrap();
 
     // Excluded: the entry becomes a symlink to the original, which still runs.
@@ -192,8 +194,14 @@ fn canary_split_quarantine_on_crash_pins_and_exclusion() {
         (Some("original (link)"), Some(true))
     );
 
-    // Every exec through the mount was measured (the excluded runs above ran natively).
-    let through_mount = 20 + 10 + 1 + 20;
+    // Every exec with a variant in play was measured: the 20 of the split and at least the
+    // crash. The pinned and the post-quarantine runs had nothing to serve but the original:
+    // they ran natively, counted, not measured; the excluded ones are not counted either.
+    let native = wait_binary(&daemon, &tool, 10, "the native execs counted", |b| {
+        b["details"]["policy"]["native_execs"].as_u64() >= Some(10 + 20)
+    });
+    assert_eq!(native["details"]["policy"]["native_execs"], 10 + 20, "{native:#}");
+    let through_mount = 20 + 1;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let status = daemon.status_json();

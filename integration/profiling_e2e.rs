@@ -123,8 +123,10 @@ fn profiles_grow_mature_and_feed_bolt_through_the_daemon() {
     let elsewhere = outside.join("elsewhere_hot");
     common::cc(HOT_C, &elsewhere, &["-DSEED=3"]);
     let config = root.join("config.toml");
-    std::fs::write(&config, CONFIG).unwrap();
-
+    // Served through the mount from the first run (by default a binary with no variant runs
+    // natively): the test follows processes that run from the mount's paths, up to a crash
+    // of the server while one runs.
+    std::fs::write(&config, format!("{CONFIG}\n[policy]\nnative_until_variant = false\n")).unwrap();
     let mut d = Daemon::start(&mnt, &[&bin], &root.join("state"), Some(&config));
     let view = mnt.join("bin");
 

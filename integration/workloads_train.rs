@@ -225,7 +225,8 @@ fn a_variant_whose_output_differs_on_a_training_command_is_rejected_by_the_polic
     assert!(text.contains("miscompiled"), "the variant's output is shown: {text}");
     let check = check_verdict(&b, wrong_id).expect("the check is in the training status");
     assert_eq!(check["verdict"], "differs", "{check}");
-    assert_eq!(b["served"], "original", "{b:#}");
+    // Nothing else to serve: the original, passed through.
+    assert_eq!(b["served"], "original (link)", "{b:#}");
     // The decision went through the policy's log, with the reason.
     let c = catalog_read_only(&d.state);
     let (action, detail): (String, String) = c

@@ -130,6 +130,9 @@ pub struct PolicyBinary {
     pub counters: Option<CounterChanges>,
     pub gain: Option<Gain>,
     pub last_incident: Option<String>,
+    /// Execs of its first path run natively since the server started (passed through while
+    /// it has no variant to serve: not measured, so not in `runs`).
+    pub native_execs: u64,
     /// The stage of each path holding this content.
     pub paths: Vec<PathStage>,
     pub runs: Vec<RunCount>,

@@ -3,6 +3,7 @@
 
 pub mod actions;
 pub mod indexer;
+pub mod native_execs;
 pub mod optimizing;
 pub mod priority;
 pub mod profiling;

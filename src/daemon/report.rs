@@ -182,7 +182,7 @@ impl StatusSource for Reporter {
 }
 
 /// What the serving table serves for `path` now: `original (link)` (excluded, or passed
-/// through until it has a variant),
+/// through while it has no variant to serve: `served_reason` says which),
 /// `original`, `variant N`, or `variant N for P% of execs` (a canary, or a served variant
 /// that leaves the rest to the original to keep measuring it).
 fn served_label(serving: &ServingTable, path: &Path) -> String {

@@ -92,14 +92,12 @@ pub fn start_server(
     let profiling = Profiling::new(cfg.clone(), &catalog);
     // Keeping hot binaries warm (src/warm): fed every exec, stopped with the server.
     let warmer = crate::daemon::warming::start(&cfg)?;
-    let native = crate::daemon::warming::native_execs(
-        warmer.clone(),
-        table.clone(),
-        cfg.overlay.clone(),
-    );
-    if !serving.set_exec_hook(native) && cfg.policy.native_until_variant {
+    if !serving.hear_native_execs(warmer.clone(), cfg.overlay.clone())
+        && cfg.policy.native_until_variant
+    {
         tracing::info!(
-            "runs are not measured: binaries passed through until they have a variant are not kept warm"
+            "runs are not measured: execs of binaries passed through until they have a variant \
+             are not heard (not kept warm, not counted)"
         );
     }
     let mut subsystems = vec![profiling.status(), optimizing.status(), serving.status()];
@@ -192,8 +190,10 @@ pub fn start_server(
     // and when done: the optimizer re-derives it through the reconciler. None are built
     // while the profiler samples branch stacks.
     let r3 = reconciler.clone();
+    let native = serving.native_execs();
     let instrument = crate::daemon::optimizing::instrumenting::Hooks {
         refresh: Arc::new(move |p| r3.refresh(p)),
+        ran_natively: Arc::new(move |p| native.count(p) > 0),
         branch_stacks: profiling.branch_stacks(),
     };
     if let Some(task) = profiling.spawn(rt.handle(), overlay.clone(), shutdown.clone()) {

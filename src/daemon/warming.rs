@@ -1,9 +1,8 @@
 //! Wiring of the warmer (`crate::warm`) into the daemon: it is started with the server, fed
 //! every exec the overlay reports and the execs of binaries the mount passes through
-//! ([`native_execs`]), shown in status as the `warm` section, and stopped (its thread
+//! (`crate::daemon::native_execs`), shown in status as the `warm` section, and stopped (its thread
 //! joined) with the server.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::config::Config;
@@ -18,24 +17,6 @@ pub fn start(cfg: &Config) -> anyhow::Result<Arc<Warmer>> {
     let warmer = Warmer::start(cfg.warm.clone(), env, Box::new(Kernel::new()))
         .map_err(|e| anyhow::anyhow!("starting the warm thread: {e}"))?;
     Ok(Arc::new(warmer))
-}
-
-/// The measurer's exec hook that tells the warmer of execs of binaries the mount passes
-/// through until they have a variant (`ServingTable::set_native_until_variant`): those make
-/// no `OPEN` through the mount, so the overlay never reports them. Execs of anything else
-/// (served files come through the overlay's events; excluded and foreign binaries were
-/// never warmed) are ignored after a comparison or two.
-pub fn native_execs(
-    warmer: Arc<Warmer>,
-    table: Arc<crate::fs::ServingTable>,
-    overlay_dirs: Vec<PathBuf>,
-) -> crate::measure::ExecHook {
-    Box::new(move |pid, exe| {
-        let in_overlay = exe.parent().is_some_and(|d| overlay_dirs.iter().any(|o| o == d));
-        if in_overlay && !table.is_excluded(exe) && table.passes_through(exe) {
-            warmer.note_exec(exe.to_path_buf(), pid);
-        }
-    })
 }
 
 /// The `warm` section of the status report.

@@ -194,7 +194,8 @@ fn a_binary_with_no_variant_is_passed_through_until_it_has_one() {
     let native = walk(&o, &path);
     assert_eq!(native.attr.kind, NodeType::Symlink);
     assert_eq!(o.readlink(native.attr.ino).unwrap(), real);
-    let seen = rx.try_iter().any(|e| matches!(e, FsEvent::Seen { original, .. } if original == real));
+    let seen =
+        rx.try_iter().any(|e| matches!(e, FsEvent::Seen { original, .. } if original == real));
     assert!(seen, "a passed-through binary is announced");
     let dir = walk(&o, &rel(&f.bin1));
     let listed = o.readdir(dir.attr.ino).unwrap();

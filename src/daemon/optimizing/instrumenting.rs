@@ -60,12 +60,19 @@ pub struct Hooks {
     /// Whether the profiler samples hardware branch stacks: its profiles are then good
     /// enough, and no instrumented variant is built (collection goes on).
     pub branch_stacks: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// Whether the binary at a path has run natively since start (passed through until it
+    /// has a variant, its runs are not measured; see `crate::daemon::native_execs`).
+    pub ran_natively: Arc<dyn Fn(&Path) -> bool + Send + Sync>,
 }
 
 impl Hooks {
     /// Hooks that refresh nothing and see no branch stacks (tests).
     pub fn none() -> Self {
-        Self { refresh: Arc::new(|_: &Path| {}), branch_stacks: Arc::new(|| false) }
+        Self {
+            refresh: Arc::new(|_: &Path| {}),
+            branch_stacks: Arc::new(|| false),
+            ran_natively: Arc::new(|_: &Path| false),
+        }
     }
 }
 
@@ -107,6 +114,7 @@ impl InstrumentSetup {
 pub struct Instrumenter {
     refresh: Refresh,
     branch_stacks: Arc<dyn Fn() -> bool + Send + Sync>,
+    ran_natively: Arc<dyn Fn(&Path) -> bool + Send + Sync>,
     /// Binaries whose instrumented build failed in this server process (not retried
     /// until the daemon restarts: a failure usually repeats).
     failed: HashSet<i64>,
@@ -129,6 +137,7 @@ impl Instrumenter {
         Self {
             refresh: hooks.refresh,
             branch_stacks: hooks.branch_stacks,
+            ran_natively: hooks.ran_natively,
             failed: HashSet::new(),
             cancel,
         }
@@ -153,11 +162,14 @@ impl Instrumenter {
         let failed = self.failed.clone();
         let applicability = shared.applicability.clone();
         let max_runs = setup.budget.max_runs;
+        let ran_natively: HashSet<PathBuf> =
+            current.iter().map(|(p, _)| p).filter(|p| (self.ran_natively)(p)).cloned().collect();
         let due = shared
             .catalog
             .run(move |c| {
                 for (path, key) in current {
-                    if let Some(b) = due_binary(c, &path, &key, &applicability, max_runs)?
+                    let natively = ran_natively.contains(&path);
+                    if let Some(b) = due_binary(c, &path, &key, &applicability, max_runs, natively)?
                         && !failed.contains(&b.id)
                     {
                         return Ok(Some((path, b)));
@@ -368,13 +380,15 @@ impl Instrumenter {
 }
 
 /// The binary at `path` (with `key` now) when it is due an instrumented build: see the
-/// module doc.
+/// module doc. It has run when it has measured runs, profiled runs, or `ran_natively`
+/// (passed through, its runs are neither measured nor, when short, sampled).
 pub fn due_binary(
     c: &Connection,
     path: &Path,
     key: &FileKey,
     applicability: &crate::bolt::ApplicabilityConfig,
     max_runs: u64,
+    ran_natively: bool,
 ) -> anyhow::Result<Option<base::BinaryRow>> {
     let Some(binary) = current_binary(c, path, key)? else { return Ok(None) };
     if base::control_row(c, &path.to_string_lossy())?.is_some_and(|ctl| ctl.excluded) {
@@ -391,7 +405,8 @@ pub fn due_binary(
     if profiles::instrumented_runs(c, binary.id)? >= max_runs {
         return Ok(None);
     }
-    let ran = !runs::runs_of_binary(c, binary.id, 1)?.is_empty()
+    let ran = ran_natively
+        || !runs::runs_of_binary(c, binary.id, 1)?.is_empty()
         || profiles::windows(c, binary.id)?.iter().any(|w| w.runs > 0);
     Ok(ran.then_some(binary))
 }
@@ -537,7 +552,7 @@ mod tests {
             .unwrap()
             .run_blocking(move |c| {
                 let due = |c: &Connection| {
-                    due_binary(c, Path::new(&text), &key, &cfg, 2).map(|b| b.map(|b| b.id))
+                    due_binary(c, Path::new(&text), &key, &cfg, 2, false).map(|b| b.map(|b| b.id))
                 };
                 let plain =
                     base::upsert_binary(c, &ContentId::of_bytes(b"p"), 4, &facts(false), 1)?;

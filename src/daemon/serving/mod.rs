@@ -57,12 +57,14 @@ use crate::catalog::Catalog;
 use crate::clock::SystemClock;
 use crate::config::{Config, PathPatterns};
 use crate::control::SubsystemStatus;
+use crate::daemon::native_execs::{self, NativeExecs};
 use crate::fs::{EventSink, ServingTable};
 use crate::measure::{Measurer, RunRecord};
 use crate::policy::Settings as PolicySettings;
 use crate::policy::load::{NoPipeline, PipelineView};
 use crate::policy::task::{PolicyTaskOptions, run_policy};
 use crate::profile::instrument::InstrumentationBudget;
+use crate::warm::Warmer;
 use instrumented::InstrServing;
 use measurement::{Measurement, MeasuringEvents, count_runs};
 use reconcile::{Inner, TableSink, apply_decisions};
@@ -106,6 +108,9 @@ pub struct Exclusions {
 pub struct Serving {
     inner: Arc<Inner>,
     settings: PolicySettings,
+    /// Execs of binaries passed through until they have a variant (heard only while runs
+    /// are measured: the measurer reads the process events).
+    native: Arc<NativeExecs>,
     /// The measurer's records and its killed-run signal, for the policy task (None without
     /// a measurer).
     records: Option<(mpsc::UnboundedReceiver<RunRecord>, Arc<Notify>)>,
@@ -179,7 +184,7 @@ impl Serving {
             clock: Arc::new(SystemClock),
             instr: Arc::new(InstrServing { budget: parts.instrumentation, ..Default::default() }),
         });
-        Self { inner, settings: parts.settings, records }
+        Self { inner, settings: parts.settings, records, native: Arc::default() }
     }
 
     /// The settings in force.
@@ -192,21 +197,25 @@ impl Serving {
         self.inner.measurement.is_on()
     }
 
-    /// Tells `hook` of every exec on the machine (see [`crate::measure::ExecHook`]); false,
-    /// and nothing is told, when runs are not measured (no process events are read then).
-    pub fn set_exec_hook(&self, hook: crate::measure::ExecHook) -> bool {
-        match &self.inner.measurement.measurer {
-            Some(m) => {
-                m.set_exec_hook(hook);
-                true
-            }
-            None => false,
-        }
+    /// Hears the execs of binaries the mount passes through until they have a variant
+    /// (`crate::daemon::native_execs`): counted for status and instrumentation mode, and
+    /// told to `warmer`. False when runs are not measured: the measurer reads the process
+    /// events, so without it those execs go unheard.
+    pub fn hear_native_execs(&self, warmer: Arc<Warmer>, overlay_dirs: Vec<PathBuf>) -> bool {
+        let Some(m) = &self.inner.measurement.measurer else { return false };
+        let table = self.inner.serving.clone();
+        m.set_exec_hook(native_execs::hook(self.native.clone(), warmer, table, overlay_dirs));
+        true
+    }
+
+    /// The execs of passed-through binaries heard so far (see [`Serving::hear_native_execs`]).
+    pub fn native_execs(&self) -> Arc<NativeExecs> {
+        self.native.clone()
     }
 
     /// The "policy" section of the status report.
     pub fn status(&self) -> Arc<dyn SubsystemStatus> {
-        Arc::new(PolicyStatus { inner: self.inner.clone() })
+        Arc::new(PolicyStatus { inner: self.inner.clone(), native: self.native.clone() })
     }
 
     /// Wraps the overlay's event sink: exec-time opens get their run counters attached

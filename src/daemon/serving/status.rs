@@ -23,6 +23,7 @@ use crate::report::render::counters_brief;
 /// The "policy" status section.
 pub(super) struct PolicyStatus {
     pub(super) inner: Arc<Inner>,
+    pub(super) native: Arc<crate::daemon::native_execs::NativeExecs>,
 }
 
 impl PolicyStatus {
@@ -165,10 +166,15 @@ impl PolicyStatus {
         if let Some(i) = &first.last_incident {
             summary.push_str(&format!("; last incident: {i}"));
         }
+        let native = self.native.count(std::path::Path::new(&first.path));
+        if native > 0 {
+            summary.push_str(&format!("; {native} execs run natively since start (not measured)"));
+        }
         Some(PolicyBinary {
             counters: None,
             gain: first.gain.as_ref().map(Gain::from),
             last_incident: first.last_incident.clone(),
+            native_execs: native,
             paths: statuses
                 .iter()
                 .map(|s| PathStage {

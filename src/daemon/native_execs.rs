@@ -1,0 +1,73 @@
+//! Execs of binaries the mount passes through until they have a variant
+//! (`ServingTable::set_native_until_variant`). They make no request through the mount, so
+//! the measurer's process events are where the daemon hears of them ([`hook`]): each is
+//! counted per path ([`NativeExecs`]: status shows the count, and instrumentation mode
+//! needs a binary to have run at least once) and handed to the warmer, which would
+//! otherwise learn of an exec from the overlay's `OPEN`.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::fs::ServingTable;
+use crate::measure::ExecHook;
+use crate::warm::Warmer;
+
+/// Execs of passed-through binaries since this server process started, by original path
+/// (at most one entry per binary of the overlaid directories).
+#[derive(Debug, Default)]
+pub struct NativeExecs {
+    counts: Mutex<HashMap<PathBuf, u64>>,
+}
+
+impl NativeExecs {
+    pub fn note(&self, original: &Path) {
+        *self.lock().entry(original.to_path_buf()).or_default() += 1;
+    }
+
+    /// Execs of `original` noted so far.
+    pub fn count(&self, original: &Path) -> u64 {
+        self.lock().get(original).copied().unwrap_or(0)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, u64>> {
+        // Plain counter updates: a panic while holding the lock leaves consistent data.
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The measurer's exec hook: an exec whose executable is a binary of an overlaid directory
+/// that the mount passes through is counted and told to the warmer. Execs of anything else
+/// (served files reach the warmer through the overlay's events; excluded and foreign
+/// binaries are not kept warm) are dropped after a comparison or two. Runs on the
+/// measurer's thread: a map update and a channel send.
+pub fn hook(
+    execs: Arc<NativeExecs>,
+    warmer: Arc<Warmer>,
+    table: Arc<ServingTable>,
+    overlay_dirs: Vec<PathBuf>,
+) -> ExecHook {
+    Box::new(move |pid, exe| {
+        let in_overlay = exe.parent().is_some_and(|d| overlay_dirs.iter().any(|o| o == d));
+        if in_overlay && !table.is_excluded(exe) && table.passes_through(exe) {
+            execs.note(exe);
+            warmer.note_exec(exe.to_path_buf(), pid);
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_are_per_path() {
+        let execs = NativeExecs::default();
+        execs.note(Path::new("/usr/bin/a"));
+        execs.note(Path::new("/usr/bin/a"));
+        execs.note(Path::new("/usr/bin/b"));
+        assert_eq!(execs.count(Path::new("/usr/bin/a")), 2);
+        assert_eq!(execs.count(Path::new("/usr/bin/b")), 1);
+        assert_eq!(execs.count(Path::new("/usr/bin/c")), 0);
+    }
+}
