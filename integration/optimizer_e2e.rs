@@ -253,7 +253,7 @@ fn mature_profiles_become_variants_and_commands_reach_the_optimizer() {
     assert!(count("SELECT count(*) FROM variants WHERE binary_id = ?1") >= 1);
     let after = d.status_json();
     let prog_status = binary(&after, &fx.prog).unwrap();
-    assert_eq!(prog_status["served"], "original");
+    assert_eq!(prog_status["served"], "original (link)", "nothing to serve: it runs natively");
     assert!(prog_status["details"]["optimizer"]["job"].is_null());
     let err = d.control("reset nosuchprogram").unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
