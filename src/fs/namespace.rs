@@ -172,12 +172,23 @@ impl Overlay {
         &self,
         name: &OsStr,
         caller: &Caller,
+        purpose: Purpose,
     ) -> FsResult<(Arc<Node>, bool)> {
         let Some((dir, mirrored, per_caller)) = self.first_match_for(name, caller) else {
             return Err(FsError::not_found(format!("bin/{}", name.to_string_lossy())));
         };
         let real = dir.join(name);
-        let target = if mirrored { self.layout.mirror_path(&real) } else { real.clone() };
+        // A binary that runs natively (not optimizable, excluded, or no variant to serve
+        // yet) is reached straight from the PATH view: one symlink fewer per exec, and on
+        // the first exec no lookup and readlink of its mirror entry. Any change of how it
+        // is presented invalidates this name too (`Overlay::invalidate_real`).
+        // A listing only names the entry: nothing is classified for it.
+        let native = |real: &Path| {
+            purpose == Purpose::Lookup
+                && matches!(self.present(real, true), Ok((Presentation::LinkToReal, _)))
+        };
+        let target =
+            if mirrored && !native(&real) { self.layout.mirror_path(&real) } else { real.clone() };
         let md = std::fs::symlink_metadata(&real).ok();
         let attr = self.link_attr(&target, md.as_ref());
         let node = self.nodes.intern(
@@ -223,31 +234,17 @@ impl Overlay {
                 false,
             ));
         }
-        let excluded = self.serving.is_excluded(&real);
-        let classified = self
-            .classifier
-            .classify(&real, excluded, purpose == Purpose::Lookup)
+        let (presentation, md) = self
+            .present(&real, purpose == Purpose::Lookup)
             .map_err(|e| FsError::io(e, format!("{}", real.display())))?;
-        if let Some(key) = classified.newly_seen {
-            self.events.event(FsEvent::Seen { original: real.clone(), key });
-        }
-        let presentation = match classified.presentation {
-            // Optimizable, but no variant to serve yet: it runs natively until it has one
-            // (`ServingTable::set_native_until_variant`). Classified first all the same: the
-            // indexer must see it.
-            Presentation::Served { .. } if self.serving.passes_through(&real) => {
-                Presentation::LinkToReal
-            }
-            p => p,
-        };
         match presentation {
             Presentation::VerbatimLink(target) => {
                 let target = link_target_in_mirror(dir, target);
-                let attr = self.link_attr(&target, Some(&classified.md));
+                let attr = self.link_attr(&target, Some(&md));
                 Ok((self.nodes.intern(NodeKind::Link(target), &mirror_path, attr), false))
             }
             Presentation::LinkToReal => {
-                let attr = self.link_attr(&real, Some(&classified.md));
+                let attr = self.link_attr(&real, Some(&md));
                 Ok((self.nodes.intern(NodeKind::Link(real.clone()), &mirror_path, attr), false))
             }
             Presentation::Served { key, md } if purpose == Purpose::Listing => {
@@ -260,6 +257,26 @@ impl Overlay {
                 Ok((self.intern_file(&real, key, &md, variant), choice.per_exec))
             }
         }
+    }
+
+    /// How the entry `real` of a mirrored directory is presented, and its own metadata
+    /// (lstat): its classification, except that an optimizable file with no variant to
+    /// serve yet runs natively until it has one (`ServingTable::set_native_until_variant`).
+    /// A version classified for the first time with `announce` is announced to the indexer
+    /// (also one passed through: it may get a variant).
+    fn present(&self, real: &Path, announce: bool) -> std::io::Result<(Presentation, Metadata)> {
+        let excluded = self.serving.is_excluded(real);
+        let classified = self.classifier.classify(real, excluded, announce)?;
+        if let Some(key) = classified.newly_seen {
+            self.events.event(FsEvent::Seen { original: real.to_path_buf(), key });
+        }
+        let presentation = match classified.presentation {
+            Presentation::Served { .. } if self.serving.passes_through(real) => {
+                Presentation::LinkToReal
+            }
+            p => p,
+        };
+        Ok((presentation, classified.md))
     }
 
     pub(super) fn intern_file(

@@ -340,7 +340,7 @@ impl Overlay {
     ) -> FsResult<(Arc<Node>, bool)> {
         match &parent.kind {
             NodeKind::Root => Ok((self.lookup_root(name)?, false)),
-            NodeKind::PathView => self.lookup_path_view(name, caller),
+            NodeKind::PathView => self.lookup_path_view(name, caller, purpose),
             NodeKind::Tree(real) => self.lookup_tree(real, name, purpose),
             NodeKind::ControlDir(prefix) => Ok((self.lookup_control(prefix, name)?, false)),
             _ => Err(FsError::new(libc::ENOTDIR, "lookup in a non-directory")),

@@ -94,6 +94,12 @@ fn namespace_classifies_and_points_the_path_view_at_the_first_match() {
     assert_eq!(o.readlink(view.attr.ino).unwrap(), f.mount.join(rel(&f.bin1)).join("prog"));
     let view2 = o.lookup(PATH_VIEW_ID, OsStr::new("only2")).unwrap();
     assert_eq!(o.readlink(view2.attr.ino).unwrap(), f.mount.join(rel(&f.bin2)).join("only2"));
+    // What runs natively is reached straight from the PATH view; a real symlink through
+    // the mirror (its target may be served).
+    let view3 = o.lookup(PATH_VIEW_ID, OsStr::new("script")).unwrap();
+    assert_eq!(o.readlink(view3.attr.ino).unwrap(), f.bin1.join("script"));
+    let view4 = o.lookup(PATH_VIEW_ID, OsStr::new("alias")).unwrap();
+    assert_eq!(o.readlink(view4.attr.ino).unwrap(), f.mount.join(rel(&f.bin1)).join("alias"));
     assert!(o.lookup(PATH_VIEW_ID, OsStr::new("missing")).is_err());
     let names: Vec<_> = o.readdir(PATH_VIEW_ID).unwrap().into_iter().map(|e| e.name).collect();
     assert!(names.contains(&"only2".into()) && names.contains(&"prog".into()));
@@ -103,7 +109,9 @@ fn namespace_classifies_and_points_the_path_view_at_the_first_match() {
     let mount_path = f.mount.join(rel(&f.bin2)).join("prog");
     let mapped = o.original_of(&mount_path, None).unwrap();
     assert_eq!((mapped.original, mapped.variant), (f.bin2.join("prog"), None));
-    assert_eq!(o.seen_binaries().len(), 1);
+    // Announced: what the lookups classified, in the mirror and from the PATH view (the
+    // first prog, only2).
+    assert_eq!(o.seen_binaries().len(), 2);
 
     let status = o.lookup(crate::fs::node::CONTROL_ROOT_ID, OsStr::new("status")).unwrap();
     match o.open(status.attr.ino, libc::O_RDONLY, 1).unwrap() {
@@ -211,11 +219,18 @@ fn a_binary_with_no_variant_is_passed_through_until_it_has_one() {
         size: 7,
         expected_original: FileKey::of(&real).unwrap(),
     };
+    let view_target = || {
+        let view = o.lookup(PATH_VIEW_ID, OsStr::new("prog")).unwrap();
+        o.readlink(view.attr.ino).unwrap()
+    };
+    assert_eq!(view_target(), real, "the PATH view points straight at what runs natively");
     serving.serve_share(&real, variant, 0.5);
     assert!(!serving.passes_through(&real));
     assert_eq!(walk(&o, &path).attr.kind, NodeType::RegularFile);
+    assert_eq!(view_target(), f.mount.join(&path), "and at the mirror for what is served");
     serving.serve(&real, None);
     assert_eq!(walk(&o, &path).attr.kind, NodeType::Symlink);
+    assert_eq!(view_target(), real);
 
     // Binaries that are not optimizable stay what they were (the script: a symlink).
     assert_eq!(walk(&o, &format!("{}/script", rel(&f.bin1))).attr.kind, NodeType::Symlink);

@@ -354,6 +354,17 @@ mod tests {
         }
     }
 
+    /// An exec-time open of `/usr/bin/tool`'s original by `pid`.
+    fn tool_open(pid: i32) -> ExecOpen {
+        ExecOpen {
+            pid,
+            original: PathBuf::from("/usr/bin/tool"),
+            variant_id: None,
+            binary_id: Some(1),
+            key: FileKey { dev: 1, ino: 2, size: 3, mtime_ns: 4, ctime_ns: 5 },
+        }
+    }
+
     struct Procs;
     impl ProcessView for Procs {
         fn cmdline(&self, _pid: i32) -> Option<Vec<u8>> {
@@ -369,13 +380,7 @@ mod tests {
         let (tx, rx) = std_mpsc::channel();
         let (m, mut records) =
             Measurer::with_parts(Arc::new(FixedFactory), ChannelSource(rx), Procs).unwrap();
-        let open = |pid| ExecOpen {
-            pid,
-            original: PathBuf::from("/usr/bin/tool"),
-            variant_id: Some(3),
-            binary_id: Some(1),
-            key: FileKey { dev: 1, ino: 2, size: 3, mtime_ns: 4, ctime_ns: 5 },
-        };
+        let open = |pid| ExecOpen { variant_id: Some(3), ..tool_open(pid) };
         assert!(m.on_exec_open(open(-1)).is_err(), "attach failures are reported");
         m.on_exec_open(open(77)).unwrap();
         let t0 = monotonic_ns();
@@ -420,14 +425,7 @@ mod tests {
             let _ = heard_tx.lock().unwrap().send((pid, exe.to_path_buf()));
         }));
         // pid 90 is not measured (nothing opened it through the mount); pid 91 is.
-        let open = ExecOpen {
-            pid: 91,
-            original: PathBuf::from("/usr/bin/tool"),
-            variant_id: None,
-            binary_id: Some(1),
-            key: FileKey { dev: 1, ino: 2, size: 3, mtime_ns: 4, ctime_ns: 5 },
-        };
-        m.on_exec_open(open).unwrap();
+        m.on_exec_open(tool_open(91)).unwrap();
         let t = monotonic_ns();
         // A thread's exec is reported under its thread group.
         tx.send(ProcEvent::Exec { pid: 95, tgid: 90, ts_ns: t + 10 }).unwrap();
@@ -453,14 +451,7 @@ mod tests {
                 .is_ok()
         };
         let mut run = |pid, status| {
-            let open = ExecOpen {
-                pid,
-                original: PathBuf::from("/usr/bin/tool"),
-                variant_id: None,
-                binary_id: Some(1),
-                key: FileKey { dev: 1, ino: 2, size: 3, mtime_ns: 4, ctime_ns: 5 },
-            };
-            m.on_exec_open(open).unwrap();
+            m.on_exec_open(tool_open(pid)).unwrap();
             // Events stamped after the registration (earlier ones are an older process's).
             let t = monotonic_ns();
             tx.send(ProcEvent::Exec { pid, tgid: pid, ts_ns: t + 10 }).unwrap();
