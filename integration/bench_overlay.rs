@@ -307,6 +307,15 @@ fn bench_overlay() {
         paired(read_rounds, |b| read_round(if b { &copy } else { &native_big }, &mut buf));
     let mount_vs_copy =
         paired(read_rounds, |b| read_round(if b { &mount_big } else { &copy }, &mut buf));
+    // The same split with a cold cache: is a cold difference the files' or the mount's?
+    let cold_copy_vs_original = paired(read_rounds, |b| {
+        evict_all(&native_big, &state);
+        read_round(if b { &copy } else { &native_big }, &mut buf)
+    });
+    let cold_mount_vs_copy = paired(read_rounds, |b| {
+        evict_all(&native_big, &state);
+        read_round(if b { &mount_big } else { &copy }, &mut buf)
+    });
 
     // first exec of binaries never seen before (fresh copies of plain: new names, new
     // inodes, no variant)
@@ -414,6 +423,16 @@ fn bench_overlay() {
         format!("read {big_mb} MB served file (its variant), cold cache, {read_rounds} rounds"),
         &cold,
         ">= 0.97",
+    );
+    read(
+        "cold read, split: the variant's file read natively vs the original".into(),
+        &cold_copy_vs_original,
+        "-",
+    );
+    read(
+        "cold read, split: through the mount vs the variant's file read natively".into(),
+        &cold_mount_vs_copy,
+        "-",
     );
     exec(
         format!("first exec of an unseen binary (no variant: passed through), {fresh} binaries"),
