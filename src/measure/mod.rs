@@ -22,7 +22,8 @@
 //! thread's pid, the overlay under the thread's); a process that exits within about a
 //! millisecond of its exec may be gone before its command line is read (rare with the
 //! reader thread's real-time priority, see `raise_priority`): its command is then
-//! [`cmdline::UNKNOWN_CMD`], one class of its own for the statistics.
+//! [`cmdline::UNKNOWN_CMD`], one class of its own for the statistics. The same race can hide
+//! such a process's executable from the [`ExecHook`] (it is then not told of that exec).
 
 pub mod cmdline;
 pub mod counters;
