@@ -415,6 +415,12 @@ fn choose_overlay_dirs(
 
 /// Removes `.` and `..` and duplicate slashes without touching the filesystem (the
 /// mountpoint may be a dead FUSE mount that cannot be canonicalized).
+/// Whether `path` is an entry of one of the overlaid directories `overlay` (directly in it:
+/// the mirror serves a directory's own entries, not deeper ones).
+pub fn in_overlaid_dir(overlay: &[PathBuf], path: &Path) -> bool {
+    path.parent().is_some_and(|dir| overlay.iter().any(|o| o == dir))
+}
+
 pub fn normalize(path: &Path) -> PathBuf {
     let mut out = PathBuf::from("/");
     for c in path.components() {

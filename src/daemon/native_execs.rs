@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::config::in_overlaid_dir;
 use crate::fs::ServingTable;
 use crate::measure::ExecHook;
 use crate::warm::Warmer;
@@ -48,8 +49,10 @@ pub fn hook(
     overlay_dirs: Vec<PathBuf>,
 ) -> ExecHook {
     Box::new(move |pid, exe| {
-        let in_overlay = exe.parent().is_some_and(|d| overlay_dirs.iter().any(|o| o == d));
-        if in_overlay && !table.is_excluded(exe) && table.passes_through(exe) {
+        if in_overlaid_dir(&overlay_dirs, exe)
+            && !table.is_excluded(exe)
+            && table.passes_through(exe)
+        {
             execs.note(exe);
             warmer.note_exec(exe.to_path_buf(), pid);
         }

@@ -95,7 +95,7 @@ pub async fn current_paths(shared: &Shared) -> anyhow::Result<Vec<(PathBuf, File
         rows.into_iter()
             .filter(|r| r.binary_id.is_some())
             .map(|r| (PathBuf::from(r.path), r.key))
-            .filter(|(p, _)| p.parent().is_some_and(|d| cfg.overlay.iter().any(|o| o == d)))
+            .filter(|(p, _)| crate::config::in_overlaid_dir(&cfg.overlay, p))
             .filter(|(p, _)| cfg.permits(p))
             .filter(|(p, key)| FileKey::of(p).is_ok_and(|now| now == *key))
             .collect()

@@ -51,7 +51,7 @@ impl OverlayResolver {
     }
 
     fn in_overlay_dir(&self, path: &Path) -> bool {
-        path.parent().is_some_and(|dir| self.overlay_dirs.iter().any(|d| d == dir))
+        crate::config::in_overlaid_dir(&self.overlay_dirs, path)
     }
 }
 
