@@ -183,13 +183,17 @@ impl Overlay {
         // the first exec no lookup and readlink of its mirror entry. Any change of how it
         // is presented invalidates this name too (`Overlay::invalidate_real`).
         // A listing only names the entry: nothing is classified for it.
-        let native = |real: &Path| {
-            purpose == Purpose::Lookup
-                && matches!(self.present(real, true), Ok((Presentation::LinkToReal, _)))
-        };
+        let presented = (mirrored && purpose == Purpose::Lookup)
+            .then(|| self.present(&real, true).ok())
+            .flatten();
+        let native = matches!(presented, Some((Presentation::LinkToReal, _)));
         let target =
-            if mirrored && !native(&real) { self.layout.mirror_path(&real) } else { real.clone() };
-        let md = std::fs::symlink_metadata(&real).ok();
+            if mirrored && !native { self.layout.mirror_path(&real) } else { real.clone() };
+        // The classification's lstat, when there was one.
+        let md = match presented {
+            Some((_, md)) => Some(md),
+            None => std::fs::symlink_metadata(&real).ok(),
+        };
         let attr = self.link_attr(&target, md.as_ref());
         let node = self.nodes.intern(
             NodeKind::Link(target),
