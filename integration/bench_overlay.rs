@@ -117,18 +117,14 @@ fn state_file_of_size(state: &Path, size: u64) -> Option<PathBuf> {
     files_under(state).into_iter().find(|p| std::fs::metadata(p).is_ok_and(|m| m.len() == size))
 }
 
-/// Places a variant of `original` (its bytes and one more: the same code, its own content)
-/// in state `served` once the daemon has indexed it; returns the variant's id and size.
-fn place_copy_as_variant(d: &Daemon, original: &Path, work: &Path) -> (i64, u64) {
+/// Places a variant of `original` ([`variant_copy`]) in state `served` once the daemon has
+/// indexed it; returns the variant's id and the copy it was made from.
+fn place_copy_as_variant(d: &Daemon, original: &Path, work: &Path) -> (i64, PathBuf) {
     std::fs::metadata(in_mount(&d.mnt, original)).unwrap(); // a lookup announces it
     let b = wait_binary(d, original, 30, "indexing", |b| b["sha256"].is_string());
     let sha = b["sha256"].as_str().unwrap().to_string();
-    let mut bytes = std::fs::read(original).unwrap();
-    bytes.push(0);
-    let copy = work.join(format!("{}.variant", original.file_name().unwrap().to_string_lossy()));
-    std::fs::write(&copy, &bytes).unwrap();
-    chmod(&copy, 0o755);
-    (place_variant(&d.state, &sha, &copy, "served"), bytes.len() as u64)
+    let copy = variant_copy(original, work);
+    (place_variant(&d.state, &sha, &copy, "served"), copy)
 }
 
 /// The regular files under `dir`, at any depth.
@@ -243,7 +239,8 @@ fn bench_overlay() {
     let (small_variant, _) = place_copy_as_variant(&d, &bin.join("small"), &root);
     label_is("small", &format!("variant {small_variant} for 95% of execs"));
     // big: pinned to its variant, so every read is of the one served file.
-    let (big_variant, big_variant_size) = place_copy_as_variant(&d, &bin.join("big"), &root);
+    let (big_variant, big_variant_file) = place_copy_as_variant(&d, &bin.join("big"), &root);
+    let variant_bytes = std::fs::read(&big_variant_file).unwrap();
     d.control("pin big bolted").unwrap();
     label_is("big", &format!("variant {big_variant}"));
     assert!(is_file("small") && is_file("big"), "binaries with a variant are served as files");
@@ -295,13 +292,12 @@ fn bench_overlay() {
         evict_all(&native_big, &state);
         read_round(if b { &mount_big } else { &native_big }, &mut buf)
     });
-    let mut variant_bytes = std::fs::read(&native_big).unwrap();
-    variant_bytes.push(0);
     assert!(std::fs::read(&mount_big).unwrap() == variant_bytes, "big serves its variant");
     // Passthrough reads the variant's file in the store, not the original: two files whose
     // page cache can differ (how each was written decides the size of its cached folios).
     // These two comparisons split the warm ratio into the files and the FUSE layer.
-    let copy = state_file_of_size(&state, big_variant_size).expect("the variant file of big");
+    let copy =
+        state_file_of_size(&state, variant_bytes.len() as u64).expect("the variant file of big");
     read_round(&copy, &mut buf);
     let copy_vs_original =
         paired(read_rounds, |b| read_round(if b { &copy } else { &native_big }, &mut buf));

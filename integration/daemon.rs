@@ -120,11 +120,7 @@ fn a_binary_runs_natively_until_it_has_a_variant_to_serve() {
     };
 
     // A promoted variant (a copy of the original with one more byte).
-    let copy = f.mnt.with_file_name("hello.variant");
-    let mut bytes = std::fs::read(&real).unwrap();
-    bytes.push(0);
-    std::fs::write(&copy, bytes).unwrap();
-    common::chmod(&copy, 0o755);
+    let copy = common::variant_copy(&real, f.mnt.parent().unwrap());
     let sha = b["sha256"].as_str().unwrap();
     let vid = common::place_variant(&f.state, sha, &copy, "served");
     let want = format!("variant {vid} for 95% of execs");

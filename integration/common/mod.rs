@@ -227,6 +227,18 @@ pub fn place_variant(state_dir: &Path, sha256: &str, file: &Path, state: &str) -
     optbin::catalog::base::insert_variant(&conn, &variant, 1).unwrap()
 }
 
+/// Writes `ORIGINAL.variant` in `dir`: the original's bytes and one more, executable (the
+/// same code, a content of its own: a variant that runs exactly like the original).
+pub fn variant_copy(original: &Path, dir: &Path) -> PathBuf {
+    let mut bytes = std::fs::read(original).expect("reading the original");
+    bytes.push(0);
+    let name = format!("{}.variant", original.file_name().unwrap().to_string_lossy());
+    let copy = dir.join(name);
+    std::fs::write(&copy, bytes).expect("writing the variant copy");
+    chmod(&copy, 0o755);
+    copy
+}
+
 /// Starts the real daemon over `overlay` on `root`'s `mnt` and `state`, with `config`.
 pub fn start_daemon(root: &Path, overlay: &Path, config: &str) -> daemon::Daemon {
     let config_file = root.join("config.toml");
