@@ -267,7 +267,13 @@ fn a_crashing_instrumented_run_stops_instrumentation() {
         output(Command::new(&through_mount).arg("1000"));
         variants(&state, &prog).into_iter().find(|v| v.0 == "instrumented").map(|v| v.2)
     });
-    // The first execs after it exists get it (instrument_first_runs = 5): this one crashes.
+    // The catalog row comes first, the serving table a moment later: until then execs pass
+    // through to the original.
+    let instr = format!("variant {instr_id}");
+    common::wait_binary(&d, &prog, 20, "the instrumented variant served", |b| {
+        b["served"].as_str().is_some_and(|s| s == instr || s.starts_with(&format!("{instr} ")))
+    });
+    // The first execs after it is served get it (instrument_first_runs = 5): this one crashes.
     let out = common::run(Command::new(&through_mount).arg("crash"));
     assert_eq!(out.code, None, "killed by its signal: {out:?}");
     d.wait_for(Duration::from_secs(30), "the instrumented variant rejected", |_| {
