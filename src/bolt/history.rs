@@ -100,7 +100,7 @@ mod tests {
                         id: i + 1,
                         variant_id: (i % 2 == 1).then_some(vid),
                         cmd_hash: "a".into(),
-                        cpu_ns: if i % 2 == 1 { 80 } else { 100 } * (1_000 + i as u64 % 7),
+                        cpu_ns: if i % 2 == 1 { 80_000 } else { 100_000 } * (1_000 + i as u64 % 7),
                         exit: RunExit::Exited(0),
                     })
                     .collect();

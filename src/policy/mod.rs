@@ -18,7 +18,9 @@
 //! runs up to that budget are paired adjacent in exec order whatever their commands and
 //! looked at once, promoting or rejecting. By the union bound the chance that an
 //! equal-speed variant is ever promoted is at most `alpha` (the stated false-promotion
-//! bound), and promotion also needs the estimate to show at least `promote_min_gain`. A
+//! bound), and promotion also needs the estimate to show at least `promote_min_gain` and,
+//! against the original, a saving per run above what serving through the mount adds to an
+//! exec (`serving_cost_us`; below it the binary is faster run natively). A
 //! variant that is significantly slower is rejected at any look; one not shown faster at the
 //! last look is rejected as indistinguishable. In steady state each exploration run of the
 //! original pairs with the variant's run next to it in exec order; each time `2m` more such
@@ -71,6 +73,10 @@ pub const CRASH_SIGNALS: [i32; 5] =
 /// cost is quadratic in them).
 const GAIN_PAIRS: usize = 200;
 
+/// What a served exec costs over a native one on the project's 2-core VM: 1.12-1.17x of a
+/// 0.9-1.0 ms exec+exit of a small program in the overlay benchmark (docs/mount.md).
+pub const DEFAULT_SERVING_COST_US: u64 = 150;
+
 /// The policy's knobs.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -90,6 +96,11 @@ pub struct PolicyConfig {
     pub exploration_share: f64,
     /// Suspicious exit codes that quarantine a variant.
     pub suspicious_exit_strikes: usize,
+    /// What serving a binary through the mount adds to each exec, in microseconds (the
+    /// `OPEN` round trip and the run's counters, see docs/mount.md). A variant is promoted
+    /// over the original only if it saves more CPU time per run than this; below it the
+    /// binary is faster run natively. 0: no such floor.
+    pub serving_cost_us: u64,
 }
 
 impl Default for PolicyConfig {
@@ -102,6 +113,7 @@ impl Default for PolicyConfig {
             promote_min_gain: 0.02,
             exploration_share: 0.05,
             suspicious_exit_strikes: 2,
+            serving_cost_us: DEFAULT_SERVING_COST_US,
         }
     }
 }
@@ -795,7 +807,9 @@ fn look_verdict(
         (c, look + 1 == checkpoints.len(), paired_compare(&pairs[..c], cfg.z_per_look()))
     });
     let verdict = match by_command {
-        Some((_, _, Some(k))) if promotes(&k, cfg) => Some(Verdict::Promote(k)),
+        Some((c, _, Some(k))) if promotes(&k, cfg) => {
+            Some(promote_if_worth_serving(k, &pairs[..c], baseline, cfg))
+        }
         Some((_, _, Some(k))) if k.low > 1.0 => Some(Verdict::Reject(k, k.describe())),
         Some((c, true, Some(k))) => Some(Verdict::Reject(
             k,
@@ -936,6 +950,38 @@ fn promotes(k: &Comparison, cfg: &PolicyConfig) -> bool {
     k.high < 1.0 && k.ratio <= 1.0 - cfg.promote_min_gain && k.variant_runs >= MIN_PAIRS_TO_PROMOTE
 }
 
+/// A variant faster than the original beyond the noise is still not worth serving when it
+/// saves less CPU time per run than serving through the mount adds to each exec
+/// (`serving_cost_us`): the binary is then faster run natively, so it is rejected with both
+/// figures. Against a served variant (`baseline` is Some) both arms pay that cost and only
+/// the ratio counts.
+fn promote_if_worth_serving(
+    k: Comparison,
+    pairs: &[(Timed<'_>, Timed<'_>)],
+    baseline: Option<i64>,
+    cfg: &PolicyConfig,
+) -> Verdict {
+    let saved_ns = saving_per_run_ns(&k, pairs);
+    if baseline.is_some() || saved_ns >= cfg.serving_cost_us as f64 * 1e3 {
+        return Verdict::Promote(k);
+    }
+    let reason = format!(
+        "{}, but that saves {:.0} us per run, less than serving through the mount adds to an \
+         exec ({} us): faster run natively",
+        k.describe(),
+        saved_ns / 1e3,
+        cfg.serving_cost_us
+    );
+    Verdict::Reject(k, reason)
+}
+
+/// The CPU time a variant saves per run: the original arm's median over `pairs` (variant,
+/// original) times the estimated gain.
+fn saving_per_run_ns(k: &Comparison, pairs: &[(Timed<'_>, Timed<'_>)]) -> f64 {
+    let mut original: Vec<f64> = pairs.iter().map(|(_, o)| o.cpu_ns as f64).collect();
+    stats::median(&mut original).unwrap_or(0.0) * (1.0 - k.ratio)
+}
+
 /// The final look of a canary whose commands rarely repeat: once the variant has had
 /// [`canary_run_budget`] runs and the looks by command have not decided, the runs up to
 /// that budget are paired adjacent in exec order whatever their commands, and compared at
@@ -965,7 +1011,7 @@ fn budget_look(
     let pairs = pair_arms(upto(), v.id, baseline, PairBy::Nothing);
     let k = paired_compare(&pairs, cfg.z_per_look())?;
     if promotes(&k, cfg) {
-        return Some(Verdict::Promote(k));
+        return Some(promote_if_worth_serving(k, &pairs, baseline, cfg));
     }
     let reason = format!(
         "commands rarely repeat ({pairs_by_command} runs paired by command in {budget} \

@@ -35,6 +35,9 @@ pub struct Settings {
     pub exploration_share: f64,
     /// Runs exiting with a code the original never gave that quarantine a variant (>= 1).
     pub suspicious_exit_strikes: usize,
+    /// Microseconds serving through the mount adds to an exec; a variant must save more CPU
+    /// time per run than this to be promoted over the original (0: no floor).
+    pub serving_cost_us: u64,
     /// How often every watched binary is checked for new variants and changed controls.
     pub rescan_ms: u64,
     /// Measured runs older than this are deleted.
@@ -57,6 +60,7 @@ impl Default for Settings {
             promote_min_gain: p.promote_min_gain,
             exploration_share: p.exploration_share,
             suspicious_exit_strikes: p.suspicious_exit_strikes,
+            serving_cost_us: p.serving_cost_us,
             rescan_ms: t.rescan_every.as_millis() as u64,
             runs_max_age_days: t.runs_max_age.as_secs() / 86_400,
             runs_max_rows: t.runs_max_rows,
@@ -91,6 +95,11 @@ impl Settings {
             "[policy] suspicious_exit_strikes must be at least 1"
         );
         ensure!(
+            self.serving_cost_us <= 1_000_000,
+            "[policy] serving_cost_us = {} must be at most 1000000 (one second)",
+            self.serving_cost_us
+        );
+        ensure!(
             self.rescan_ms >= 10,
             "[policy] rescan_ms = {} must be at least 10",
             self.rescan_ms
@@ -115,6 +124,7 @@ impl Settings {
             promote_min_gain: self.promote_min_gain,
             exploration_share: self.exploration_share,
             suspicious_exit_strikes: self.suspicious_exit_strikes,
+            serving_cost_us: self.serving_cost_us,
         }
     }
 }

@@ -119,12 +119,17 @@ fn unexpected_exit_codes_are_strikes() {
     assert_eq!(e.states[&4], VariantState::Quarantined);
 }
 
-/// Interleaved runs of two arms with deterministic spread.
+/// Interleaved runs of two arms with deterministic spread, the original's about 100 ms.
 fn arms(n: usize, ratio: f64, variant_id: i64) -> Vec<RunInput> {
+    arms_of(n, ratio, variant_id, 1e8)
+}
+
+/// [`arms`] with the original's runs about `original_ns` each.
+fn arms_of(n: usize, ratio: f64, variant_id: i64, original_ns: f64) -> Vec<RunInput> {
     let mut runs = Vec::new();
     for i in 0..n {
         let noise = 1.0 + 0.1 * (((i * 7919) % 101) as f64 / 100.0 - 0.5);
-        let base = 1e8 * noise;
+        let base = original_ns * noise;
         runs.push(run(2 * i as i64 + 1, None, "a", base as u64, RunExit::Exited(0)));
         runs.push(run(
             2 * i as i64 + 2,
@@ -158,6 +163,28 @@ fn clear_gain_is_promoted_clear_loss_rejected_with_reason() {
     // Before the first look nothing is decided.
     let e = evaluate(&input(vec![variant(4, VariantState::Canary)], arms(19, 0.5, 4)), &cfg);
     assert!(e.transitions.is_empty());
+}
+
+#[test]
+fn a_gain_smaller_than_what_serving_costs_per_exec_is_not_served() {
+    let cfg = PolicyConfig::default();
+    let canary = || vec![variant(4, VariantState::Canary)];
+    // 10% faster on 1 ms runs: 100 us saved per run, less than the 150 us serving adds.
+    let e = evaluate(&input(canary(), arms_of(20, 0.9, 4, 1e6)), &cfg);
+    assert_eq!(e.states[&4], VariantState::Rejected, "{:?}", e.stage);
+    assert_eq!(e.serve, ServeDecision::Original);
+    let text = e.stage.to_string();
+    assert!(text.contains("faster by 10."), "{text}");
+    assert!(text.contains("saves 100 us per run") && text.contains("(150 us)"), "{text}");
+    // The same gain on 2 ms runs saves 200 us: served.
+    let e = evaluate(&input(canary(), arms_of(20, 0.9, 4, 2e6)), &cfg);
+    assert_eq!(e.states[&4], VariantState::Served, "{:?}", e.stage);
+    // A cheaper mount (or no floor) serves the 1 ms one too.
+    for cost in [90, 0] {
+        let cfg = PolicyConfig { serving_cost_us: cost, ..Default::default() };
+        let e = evaluate(&input(canary(), arms_of(20, 0.9, 4, 1e6)), &cfg);
+        assert_eq!(e.states[&4], VariantState::Served, "cost {cost}: {:?}", e.stage);
+    }
 }
 
 #[test]
@@ -563,9 +590,13 @@ fn a_ready_challenger_is_canaried_against_the_served_variant() {
 fn a_clearly_faster_challenger_replaces_the_served_variant() {
     let cfg = PolicyConfig::default();
     let vs = vec![served(3), challenger(4, VariantState::Canary)];
-    let e = evaluate(&input(vs, duel(20, 0.9, 3, 4)), &cfg);
+    let e = evaluate(&input(vs.clone(), duel(20, 0.9, 3, 4)), &cfg);
     assert_eq!(e.states[&4], VariantState::Served, "{}", e.stage);
     assert_eq!(e.states[&3], VariantState::Retired);
+    // Both arms are served through the mount: what serving costs does not count here.
+    let dear = PolicyConfig { serving_cost_us: 1_000_000, ..Default::default() };
+    let e2 = evaluate(&input(vs, duel(20, 0.9, 3, 4)), &dear);
+    assert_eq!(e2.states[&4], VariantState::Served, "{}", e2.stage);
     let promote = e.transitions.iter().find(|t| t.action == Action::Promote).unwrap();
     assert!(promote.detail.contains("over variant 3"), "{}", promote.detail);
     assert!(promote.detail.contains("faster by 10."), "{}", promote.detail);
