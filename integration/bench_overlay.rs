@@ -195,7 +195,7 @@ fn bench_overlay() {
     // Many short interleaved rounds: this machine is shared and noisy, and a median of
     // many paired ratios resists load changes better than a few long rounds.
     let (execs, rounds, big_mb, read_rounds, fresh) =
-        if quick { (300, 15, 20, 7, 7) } else { (3000, 60, 100, 21, 21) };
+        if quick { (300, 15, 20, 7, 7) } else { (3000, 60, 100, 61, 21) };
     let per_round = execs / rounds;
 
     let (_tmp, root, bin) = open_test_root();
