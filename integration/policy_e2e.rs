@@ -290,18 +290,12 @@ fn a_bad_policy_section_stops_the_daemon_before_it_mounts() {
 /// both figures, and the binary runs natively again.
 #[test]
 fn a_gain_smaller_than_what_serving_costs_is_not_served() {
-    let tmp = open_tempdir();
-    let root = tmp.path().canonicalize().unwrap();
-    let (bin, mnt) = (root.join("bin"), root.join("mnt"));
-    std::fs::create_dir_all(&bin).unwrap();
-    std::fs::create_dir(&mnt).unwrap();
+    let (_tmp, root, bin) = open_test_root();
     let tool = bin.join("worktool");
     cc(WORK_C, &tool, &["-DSLOW"]);
     let fast = root.join("fast");
     cc(WORK_C, &fast, &[]);
-    let config = root.join("config.toml");
-    std::fs::write(&config, format!("{CONFIG}serving_cost_us = 50000\n")).unwrap();
-    let d = Daemon::start(&mnt, &[&bin], &root.join("state"), Some(&config));
+    let d = start_daemon(&root, &bin, &format!("{CONFIG}serving_cost_us = 50000\n"));
     let through_mount = d.bin().join("worktool");
     assert_eq!(run(Command::new(&through_mount).arg("10")).code, Some(0));
     let b = wait_binary(&d, &tool, 20, "the binary indexed", |b| b["sha256"].is_string());
