@@ -1,5 +1,6 @@
 //! Execs of binaries the mount passes through until they have a variant
-//! (`ServingTable::set_native_until_variant`). They make no request through the mount, so
+//! (`ServingTable::set_native_until_variant`), and of any overlaid binary started by its
+//! real path. They make no request through the mount, so
 //! the measurer's process events are where the daemon hears of them ([`hook`]): each is
 //! counted per path ([`NativeExecs`]: status shows the count, and instrumentation mode
 //! needs a binary to have run at least once) and handed to the warmer, which would
@@ -14,8 +15,9 @@ use crate::fs::ServingTable;
 use crate::measure::ExecHook;
 use crate::warm::Warmer;
 
-/// Execs of passed-through binaries since this server process started, by original path
-/// (at most one entry per binary of the overlaid directories).
+/// Execs of the real files of overlaid binaries (run natively, not through a served file)
+/// since this server process started, by original path (at most one entry per binary of
+/// the overlaid directories).
 #[derive(Debug, Default)]
 pub struct NativeExecs {
     counts: Mutex<HashMap<PathBuf, u64>>,
@@ -37,11 +39,14 @@ impl NativeExecs {
     }
 }
 
-/// The measurer's exec hook: an exec whose executable is a binary of an overlaid directory
-/// that the mount passes through is counted and told to the warmer. Execs of anything else
-/// (served files reach the warmer through the overlay's events; excluded and foreign
-/// binaries are not kept warm) are dropped after a comparison or two. Runs on the
-/// measurer's thread: a map update and a channel send.
+/// The measurer's exec hook: an exec whose executable is the real file of a binary of an
+/// overlaid directory (not excluded) is counted and told to the warmer. Whatever the
+/// serving table says by the time the event is handled: an exec of a served file through
+/// the mount has the mount's path as its executable (it is measured instead), so an exec of
+/// the real file ran natively, passed through by the mount or started by its real path,
+/// also one that raced with a switch to a served variant. Execs of anything else (excluded
+/// and foreign binaries are not kept warm) are dropped after a comparison or two. Runs on
+/// the measurer's thread: a map update and a channel send.
 pub fn hook(
     execs: Arc<NativeExecs>,
     warmer: Arc<Warmer>,
@@ -49,10 +54,7 @@ pub fn hook(
     overlay_dirs: Vec<PathBuf>,
 ) -> ExecHook {
     Box::new(move |pid, exe| {
-        if in_overlaid_dir(&overlay_dirs, exe)
-            && !table.is_excluded(exe)
-            && table.passes_through(exe)
-        {
+        if in_overlaid_dir(&overlay_dirs, exe) && !table.is_excluded(exe) {
             execs.note(exe);
             warmer.note_exec(exe.to_path_buf(), pid);
         }
