@@ -129,8 +129,9 @@ fn an_upgraded_binary_is_built_at_once_from_its_previous_versions_profile() {
     assert_ne!(expected_v1, expected_v2, "the change shows in the output");
     std::fs::rename(&staged, &prog).unwrap();
     let v2 = sha256(&prog);
-    // One run makes the daemon see (and index) the new version; then nothing runs until
-    // its variant exists: it cannot come from a profile of its own.
+    // The rename tells the daemon of the new version (it looked up the old one); one run
+    // checks what runs. Then nothing runs until its variant exists: it cannot come from a
+    // profile of its own.
     assert_eq!(output(Command::new(&through_mount).arg(ARG)), expected_v2);
     let bridge =
         d.wait_for(Duration::from_secs(90), "version 2's variant from the old profile", |_| {

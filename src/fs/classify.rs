@@ -150,6 +150,13 @@ impl Classifier {
         }
     }
 
+    /// Whether some version of `real` was announced to the indexer (looked up as an x86-64
+    /// ELF) since the overlay started.
+    pub fn was_announced(&self, real: &Path) -> bool {
+        let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        cache.get(real).is_some_and(|c| c.announced)
+    }
+
     /// Every (path, key) looked up (announced) as an x86-64 ELF.
     pub fn seen(&self) -> Vec<(PathBuf, FileKey, Sniffed)> {
         let cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());

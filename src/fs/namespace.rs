@@ -263,6 +263,23 @@ impl Overlay {
         }
     }
 
+    /// A new version of entry `name` of real directory `dir` is complete (renamed into place
+    /// or closed after writing). If an earlier version was looked up through the mount, the
+    /// new one is classified now and announced to the indexer: a binary that runs natively
+    /// reaches its real file without asking the mount, so the next exec would not tell the
+    /// daemon of the upgrade. Entries nobody looked up stay unread (indexing follows use).
+    pub(crate) fn revisit_changed(&self, dir: &Path, name: &OsStr) {
+        let real = dir.join(name);
+        let mirrored = self.layout.tree.get(dir).is_some_and(|t| t.mirror);
+        if !mirrored || !self.classifier.was_announced(&real) {
+            return;
+        }
+        if let Err(e) = self.present(&real, true) {
+            // Gone again, or unreadable: the next lookup classifies whatever is there.
+            tracing::debug!(path = %real.display(), error = %e, "classifying a changed entry");
+        }
+    }
+
     /// How the entry `real` of a mirrored directory is presented, and its own metadata
     /// (lstat): its classification, except that an optimizable file with no variant to
     /// serve yet runs natively until it has one (`ServingTable::set_native_until_variant`).

@@ -2,6 +2,7 @@
 //! "restart" (a second overlay), serving-table switches and upgrades underneath.
 
 use std::ffi::OsStr;
+use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -340,4 +341,41 @@ fn listings_and_rebuilds_never_draw_nor_announce() {
     walk(&o, &format!("{}/prog", rel(&f.bin1)));
     assert_eq!(draws(), 1);
     assert_eq!(rx.try_iter().filter(|e| matches!(e, FsEvent::Seen { .. })).count(), 1);
+}
+
+#[test]
+fn a_changed_binary_that_was_looked_up_is_announced_again_without_a_lookup() {
+    let f = fixture();
+    let serving = ServingTable::new();
+    serving.set_native_until_variant(true);
+    let (o, rx) = overlay(&f, serving);
+    let real = f.bin1.join("prog");
+    let seen = || -> Vec<FileKey> {
+        rx.try_iter()
+            .filter_map(|e| match e {
+                FsEvent::Seen { original, key } if original == real => Some(key),
+                _ => None,
+            })
+            .collect()
+    };
+    walk(&o, &format!("{}/prog", rel(&f.bin1)));
+    let first = seen();
+    assert_eq!(first.len(), 1);
+
+    // An upgrade by rename: it runs natively, so no lookup would tell the daemon of it.
+    let staged = f.bin1.join(".prog.new");
+    std::fs::copy(&real, &staged).unwrap();
+    std::fs::OpenOptions::new().append(true).open(&staged).unwrap().write_all(b"v2").unwrap();
+    std::fs::rename(&staged, &real).unwrap();
+    o.revisit_changed(&f.bin1, OsStr::new("prog"));
+    let again = seen();
+    assert_eq!(again, [FileKey::of(&real).unwrap()]);
+    assert_ne!(again, first);
+    // The same version noticed twice is announced once.
+    o.revisit_changed(&f.bin1, OsStr::new("prog"));
+    assert!(seen().is_empty());
+    // An entry nobody looked up is left unread.
+    std::fs::copy(&real, f.bin2.join("only2")).unwrap();
+    o.revisit_changed(&f.bin2, OsStr::new("only2"));
+    assert!(rx.try_iter().next().is_none(), "an entry nobody looked up was announced");
 }

@@ -92,6 +92,11 @@ fn watch_loop(
             let Some(dir) = by_wd.get(&event.wd) else { continue };
             tracing::debug!(dir = %dir.display(), name = ?event.name, mask = ?event.mask, "changed underneath");
             overlay.invalidate_real(dir, event.name);
+            if let Some(name) = event.name
+                && event.mask.intersects(EventMask::MOVED_TO | EventMask::CLOSE_WRITE)
+            {
+                overlay.revisit_changed(dir, name);
+            }
         }
     }
 }
