@@ -293,11 +293,7 @@ fn ripgrep_bench(cache: &Path) -> Option<Bench> {
 /// The policy's stage of a status.json binary entry: `collecting`, `canary`,
 /// `serving_optimized`, ... (the serde tag of `optbin::policy::Stage`).
 fn stage_key(binary: &Value) -> Option<String> {
-    match &binary["details"]["policy"]["stage"] {
-        Value::String(s) => Some(s.clone()),
-        Value::Object(m) => m.keys().next().cloned(),
-        _ => None,
-    }
+    Some(common::stage_key(binary)).filter(|k| !k.is_empty())
 }
 
 fn stage_text(binary: &Value) -> String {

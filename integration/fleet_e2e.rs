@@ -28,7 +28,6 @@ use std::time::{Duration, Instant};
 
 use common::daemon::{Daemon, catalog_read_only};
 use fleet_support::{Redis, credentials, reader_acl, writer_acl};
-use serde_json::Value;
 
 /// About 0.1 s of CPU per run.
 const ITERATIONS: &str = "10000000";
@@ -122,14 +121,6 @@ fn run_ok(program: &Path, arg: &str) -> String {
     out.stdout
 }
 
-fn stage(binary: &Value) -> String {
-    match &binary["details"]["policy"]["stage"] {
-        Value::String(s) => s.clone(),
-        Value::Object(m) => m.keys().next().cloned().unwrap_or_default(),
-        _ => String::new(),
-    }
-}
-
 fn fleet_summary(d: &Daemon) -> String {
     d.status_json()["subsystems"]["fleet"]["summary"].as_str().unwrap_or_default().to_string()
 }
@@ -176,7 +167,7 @@ fn two_machines_share_profiles_verdicts_and_survive_an_outage() {
     loop {
         assert_eq!(run_ok(&a_served, ITERATIONS), expected);
         runs += 1;
-        let st = a.daemon.binary(&a.prog).map(|b| stage(&b)).unwrap_or_default();
+        let st = a.daemon.binary(&a.prog).map(|b| common::stage_key(&b)).unwrap_or_default();
         if !st.is_empty() && st != "collecting" && st != "seen" {
             break;
         }

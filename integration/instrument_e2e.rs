@@ -141,13 +141,9 @@ fn instrumentation_mode_collects_a_profile_through_the_mount_and_bolt_uses_it() 
     // Retired: no more execs get it. The serving table no longer names it, and four more
     // runs, each heard by the daemon (measured where a variant is in play, else counted as
     // run natively), add no run of it.
-    let instr_served = |served: &str| {
-        served == format!("variant {instr_id}")
-            || served.starts_with(&format!("variant {instr_id} "))
-    };
     d.wait_for(Duration::from_secs(20), "the retired variant out of the serving table", |d| {
         let b = d.binary(&prog)?;
-        (!instr_served(b["served"].as_str()?)).then_some(())
+        (!serves_variant(&b, instr_id)).then_some(())
     });
     let last_run: i64 =
         c.query_row("SELECT COALESCE(MAX(id), 0) FROM runs", [], |r| r.get(0)).unwrap();
@@ -255,6 +251,13 @@ fn heard(d: &Daemon, state: &Path, prog: &Path, last_run: i64) -> Option<i64> {
     Some(recorded + native)
 }
 
+/// Whether the status entry `binary` says variant `id` is served ("variant 3", "variant 3
+/// for 50% of execs"; not "variant 31").
+fn serves_variant(binary: &serde_json::Value, id: i64) -> bool {
+    let name = format!("variant {id}");
+    binary["served"].as_str().is_some_and(|s| s == name || s.starts_with(&format!("{name} ")))
+}
+
 fn runs_of_variant(state: &Path, variant: i64) -> i64 {
     catalog(state)
         .query_row("SELECT COUNT(*) FROM runs WHERE variant_id = ?1", [variant], |r| r.get(0))
@@ -273,9 +276,8 @@ fn a_crashing_instrumented_run_stops_instrumentation() {
     });
     // The catalog row comes first, the serving table a moment later: until then execs pass
     // through to the original.
-    let instr = format!("variant {instr_id}");
     common::wait_binary(&d, &prog, 20, "the instrumented variant served", |b| {
-        b["served"].as_str().is_some_and(|s| s == instr || s.starts_with(&format!("{instr} ")))
+        serves_variant(b, instr_id)
     });
     // The first execs after it is served get it (instrument_first_runs = 5): this one crashes.
     let out = common::run(Command::new(&through_mount).arg("crash"));

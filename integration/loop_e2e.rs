@@ -56,13 +56,8 @@ rescan_ms = 200
 
 /// The policy's stage key (`collecting`, `canary`, `serving_optimized`, ...) and its text.
 fn stage(binary: &Value) -> (String, String) {
-    let policy = &binary["details"]["policy"];
-    let key = match &policy["stage"] {
-        Value::String(s) => s.clone(),
-        Value::Object(m) => m.keys().next().cloned().unwrap_or_default(),
-        _ => String::new(),
-    };
-    (key, policy["stage_text"].as_str().unwrap_or_default().to_string())
+    let text = binary["details"]["policy"]["stage_text"].as_str().unwrap_or_default();
+    (common::stage_key(binary), text.to_string())
 }
 
 fn run(program: &Path) -> String {

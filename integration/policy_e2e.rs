@@ -77,15 +77,6 @@ fn stage(binary: &serde_json::Value) -> String {
     binary["details"]["policy"]["stage_text"].as_str().unwrap_or_default().to_string()
 }
 
-/// The policy's stage key (`canary`, `serving_optimized`, `serving_original`, ...).
-fn stage_key(binary: &serde_json::Value) -> String {
-    match &binary["details"]["policy"]["stage"] {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Object(m) => m.keys().next().cloned().unwrap_or_default(),
-        _ => String::new(),
-    }
-}
-
 #[test]
 fn canary_split_quarantine_on_crash_pins_and_exclusion() {
     let started = Instant::now();

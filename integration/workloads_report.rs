@@ -26,14 +26,6 @@ fn optbin_as_nobody(args: &[&str]) -> Output {
     run(&mut cmd)
 }
 
-fn stage(binary: &Value) -> String {
-    match &binary["details"]["policy"]["stage"] {
-        Value::String(s) => s.clone(),
-        Value::Object(m) => m.keys().next().cloned().unwrap_or_default(),
-        _ => String::new(),
-    }
-}
-
 #[test]
 fn report_lists_what_bolt_did_with_real_runs_decision_counters_and_bench() {
     let tmp = open_tempdir();
@@ -70,9 +62,9 @@ fn report_lists_what_bolt_did_with_real_runs_decision_counters_and_bench() {
         let out = run(as_nobody(&served).arg("2000000"));
         assert_eq!(out.code, Some(0), "{out:?}");
         let b = d.binary(&tool)?;
-        matches!(stage(&b).as_str(), "serving_optimized" | "serving_original").then_some(b)
+        matches!(stage_key(&b).as_str(), "serving_optimized" | "serving_original").then_some(b)
     });
-    assert_eq!(stage(&decided), "serving_optimized", "{decided:#}");
+    assert_eq!(stage_key(&decided), "serving_optimized", "{decided:#}");
     // Status sets the counters of the original and the served variant side by side, next
     // to the gain: page faults and context switches always, the PMU's where present.
     let hardware = optbin::measure::counters::probe(&[

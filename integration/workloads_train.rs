@@ -48,14 +48,6 @@ idle_load = 1000.0
     )
 }
 
-fn stage(binary: &Value) -> String {
-    match &binary["details"]["policy"]["stage"] {
-        Value::String(s) => s.clone(),
-        Value::Object(m) => m.keys().next().cloned().unwrap_or_default(),
-        _ => String::new(),
-    }
-}
-
 #[test]
 fn training_matures_optimizes_and_canaries_a_binary_nobody_ran() {
     let started = Instant::now();
@@ -97,7 +89,7 @@ fn training_matures_optimizes_and_canaries_a_binary_nobody_ran() {
     let mut stages: Vec<String> = Vec::new();
     let last = loop {
         let b = d.binary(&prog);
-        let key = b.as_ref().map(stage).unwrap_or_default();
+        let key = b.as_ref().map(common::stage_key).unwrap_or_default();
         if !key.is_empty() && stages.last() != Some(&key) {
             stages.push(key.clone());
         }
@@ -190,7 +182,7 @@ fn a_variant_whose_output_differs_on_a_training_command_is_rejected_by_the_polic
         // later (the applier), so wait for the table to serve the canary too.
         let canary_served = format!("variant {v} for ");
         common::wait_binary(&d, prog, 30, "canary served", |b| {
-            stage(b) == "canary"
+            common::stage_key(b) == "canary"
                 && b["served"].as_str().is_some_and(|s| s.starts_with(&canary_served))
         });
         variants.push(v);
@@ -217,7 +209,7 @@ fn a_variant_whose_output_differs_on_a_training_command_is_rejected_by_the_polic
     });
     let text = b["details"]["policy"]["stage_text"].as_str().unwrap();
     println!("differs: {text}");
-    assert_eq!(stage(&b), "serving_original", "{b:#}");
+    assert_eq!(common::stage_key(&b), "serving_original", "{b:#}");
     assert!(
         text.contains("output differs from the original's on training command differs.toml"),
         "{text}"
@@ -279,7 +271,7 @@ fn a_variant_whose_output_differs_on_a_training_command_is_rejected_by_the_polic
     });
     assert_eq!(check_verdict(&b, fast_id).unwrap()["verdict"], "same", "{b:#}");
     assert_eq!(variant_state(&b, fast_id), "canary", "{b:#}");
-    assert_eq!(stage(&b), "canary", "{b:#}");
+    assert_eq!(common::stage_key(&b), "canary", "{b:#}");
     let summary = b["details"]["training"]["summary"].as_str().unwrap();
     assert!(summary.contains("same output as the original"), "{summary}");
 }

@@ -246,6 +246,17 @@ pub fn start_daemon(root: &Path, overlay: &Path, config: &str) -> daemon::Daemon
     daemon::Daemon::start(&root.join("mnt"), &[overlay], &root.join("state"), Some(&config_file))
 }
 
+/// The policy's stage key in a binary's status entry (`collecting`, `canary`,
+/// `serving_optimized`, ...: the serde tag of `optbin::policy::Stage`); empty when it has
+/// none.
+pub fn stage_key(binary: &serde_json::Value) -> String {
+    match &binary["details"]["policy"]["stage"] {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Object(m) => m.keys().next().cloned().unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
 /// Polls the status entry of the binary at `path` until `ok` holds; panics after `secs`.
 pub fn wait_binary(
     d: &daemon::Daemon,

@@ -961,8 +961,11 @@ fn promote_if_worth_serving(
     baseline: Option<i64>,
     cfg: &PolicyConfig,
 ) -> Verdict {
+    if baseline.is_some() {
+        return Verdict::Promote(k);
+    }
     let saved_ns = saving_per_run_ns(&k, pairs);
-    if baseline.is_some() || saved_ns >= cfg.serving_cost_us as f64 * 1e3 {
+    if saved_ns >= cfg.serving_cost_us as f64 * 1e3 {
         return Verdict::Promote(k);
     }
     let reason = format!(
