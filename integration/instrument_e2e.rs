@@ -267,15 +267,18 @@ fn runs_of_variant(state: &Path, variant: i64) -> i64 {
 #[test]
 fn a_crashing_instrumented_run_stops_instrumentation() {
     let dir = common::open_tempdir();
-    // No `instrumentation` key: it is on by default.
-    let (d, prog, state) = modes_daemon(dir.path(), "");
+    // No `instrumentation` key: it is on by default. The original is served through the
+    // mount rather than passed through, so every run after the crash is measured: the
+    // proof below that they were heard does not hang on reading a short-lived process's
+    // executable at its exec event.
+    let (d, prog, state) = modes_daemon(dir.path(), "\n[policy]\nnative_until_variant = false\n");
     let through_mount = d.bin().join("prog");
     let instr_id = d.wait_for(Duration::from_secs(60), "an instrumented variant", |_| {
         output(Command::new(&through_mount).arg("1000"));
         variants(&state, &prog).into_iter().find(|v| v.0 == "instrumented").map(|v| v.2)
     });
-    // The catalog row comes first, the serving table a moment later: until then execs pass
-    // through to the original.
+    // The catalog row comes first, the serving table a moment later: until then execs get
+    // the original.
     common::wait_binary(&d, &prog, 20, "the instrumented variant served", |b| {
         serves_variant(b, instr_id)
     });
@@ -285,6 +288,10 @@ fn a_crashing_instrumented_run_stops_instrumentation() {
     d.wait_for(Duration::from_secs(30), "the instrumented variant rejected", |_| {
         let v = variants(&state, &prog);
         v.iter().any(|v| v.2 == instr_id && v.1 == "rejected").then_some(())
+    });
+    // The catalog says rejected a moment before the serving table drops the variant.
+    common::wait_binary(&d, &prog, 20, "the rejected variant no longer served", |b| {
+        !serves_variant(b, instr_id)
     });
     let served = runs_of_variant(&state, instr_id);
     let crashed: i64 = catalog(&state)
@@ -304,9 +311,10 @@ fn a_crashing_instrumented_run_stops_instrumentation() {
     for _ in 0..6 {
         output(Command::new(&through_mount).arg(LONG_ARG));
     }
-    // Proof that the daemon had its chance: the six runs are heard (measured, or run
-    // natively once nothing is left to serve).
-    d.wait_for(Duration::from_secs(20), "the six runs to be heard", |d| {
+    // Proof that the daemon had its chance: the six runs are heard (measured, the original
+    // served through the mount).
+    let what = format!("the six runs to be heard (heard {before} before them)");
+    d.wait_for(Duration::from_secs(20), &what, |d| {
         (heard(d, &state, &prog, last_run)? >= before + 6).then_some(())
     });
     assert_eq!(runs_of_variant(&state, instr_id), served, "not served after the crash");
