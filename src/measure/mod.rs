@@ -35,8 +35,8 @@ pub mod tracker;
 use std::io;
 use std::path::Path;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, mpsc as std_mpsc};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -52,7 +52,7 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::clock::{Clock, SystemClock};
 use crate::identity::FileKey;
-use counters::{CounterFactory, PerfCounterFactory, RunCounts};
+use counters::{CounterFactory, PerfCounterFactory, RunCounters, RunCounts};
 use proc_connector::{ProcConnector, ProcEvent};
 use tracker::{LiveProcesses, ProcessView, RunTracker};
 
@@ -118,8 +118,15 @@ pub type ExecHook = Box<dyn Fn(u32, &Path) + Send + Sync>;
 
 /// Attaches counters on exec-time opens and emits a [`RunRecord`] per finished run.
 /// Dropping it stops its reader thread.
+///
+/// The reader thread alone owns the [`RunTracker`]: an exec-time open reaches it through a
+/// channel, and status reads counts it publishes. No lock is shared with it, because the
+/// reader runs at real-time priority and must not wait for a request or status thread
+/// that was preempted while holding one (on a loaded machine, long enough for a short run
+/// to end before its command line and executable are read).
 pub struct Measurer {
-    tracker: Arc<Mutex<RunTracker>>,
+    registrations: std_mpsc::Sender<Registration>,
+    stats: Arc<TrackerStats>,
     counters: Arc<dyn CounterFactory>,
     stop: Arc<AtomicBool>,
     reader: Option<JoinHandle<()>>,
@@ -150,21 +157,27 @@ impl Measurer {
         mut source: impl ProcEventSource,
         procs: impl ProcessView + Send + 'static,
     ) -> anyhow::Result<(Self, mpsc::UnboundedReceiver<RunRecord>)> {
-        let tracker = Arc::new(Mutex::new(RunTracker::new()));
+        let (registrations, registered) = std_mpsc::channel();
+        let stats = Arc::new(TrackerStats::default());
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::unbounded_channel();
         let killed = Arc::new(Notify::new());
         let exec_hook = Arc::new(OnceLock::new());
         let reader = {
-            let tracker = tracker.clone();
+            let stats = stats.clone();
             let stop = stop.clone();
             let out = Records { tx, killed: killed.clone(), exec_hook: exec_hook.clone() };
             std::thread::Builder::new()
                 .name("optbin-measure".into())
-                .spawn(move || read_loop(&mut source, &procs, &tracker, &stop, &out))
+                .spawn(move || {
+                    let mut tracker = Tracked { tracker: RunTracker::new(), registered, stats };
+                    read_loop(&mut source, &procs, &mut tracker, &stop, &out)
+                })
                 .context("starting the measurement thread")?
         };
-        Ok((Self { tracker, counters, stop, reader: Some(reader), killed, exec_hook }, rx))
+        let measurer =
+            Self { registrations, stats, counters, stop, reader: Some(reader), killed, exec_hook };
+        Ok((measurer, rx))
     }
 
     /// Sets the hook told of every exec on the machine (see [`ExecHook`]); the first one
@@ -190,7 +203,11 @@ impl Measurer {
             .counters
             .attach(event.pid)
             .with_context(|| format!("attaching run counters to pid {}", event.pid))?;
-        lock(&self.tracker).register(event, counters, registered_ns);
+        // The reader takes it before it handles this process's exec event: the send
+        // happens before the reply that lets the exec go on.
+        self.registrations
+            .send(Registration { open: event, counters, registered_ns })
+            .map_err(|_| anyhow::anyhow!("the measurement thread has stopped"))?;
         Ok(())
     }
 
@@ -199,14 +216,20 @@ impl Measurer {
         self.counters.hardware()
     }
 
-    /// Measurements waiting for their process to end.
+    /// Measurements waiting for their process to end, as of the reader thread's last
+    /// batch of events (it wakes at least every [`POLL`]).
     pub fn pending(&self) -> usize {
-        lock(&self.tracker).pending()
+        self.stats.pending.load(Ordering::Relaxed)
     }
 
-    /// Counts of measurements dropped so far, by reason.
+    /// Counts of measurements dropped so far, by reason (as of the last batch).
     pub fn dropped(&self) -> tracker::DropCounts {
-        lock(&self.tracker).dropped()
+        let s = &self.stats;
+        tracker::DropCounts {
+            exec_failed: s.exec_failed.load(Ordering::Relaxed),
+            lost: s.lost.load(Ordering::Relaxed),
+            unreadable: s.unreadable.load(Ordering::Relaxed),
+        }
     }
 }
 
@@ -219,9 +242,46 @@ impl Drop for Measurer {
     }
 }
 
-fn lock(t: &Mutex<RunTracker>) -> std::sync::MutexGuard<'_, RunTracker> {
-    // A panic while holding the lock leaves consistent data (plain map updates).
-    t.lock().unwrap_or_else(|p| p.into_inner())
+/// An exec-time open with its counters attached, on its way to the reader thread.
+struct Registration {
+    open: ExecOpen,
+    counters: Box<dyn RunCounters>,
+    registered_ns: u64,
+}
+
+/// What the reader thread publishes of its tracker after each batch, for status.
+#[derive(Default)]
+struct TrackerStats {
+    pending: AtomicUsize,
+    exec_failed: AtomicU64,
+    lost: AtomicU64,
+    unreadable: AtomicU64,
+}
+
+/// The reader thread's tracker, with the registrations it has yet to take and the counts
+/// it publishes.
+struct Tracked {
+    tracker: RunTracker,
+    registered: std_mpsc::Receiver<Registration>,
+    stats: Arc<TrackerStats>,
+}
+
+impl Tracked {
+    /// Takes the exec-time opens registered so far.
+    fn take_registrations(&mut self) {
+        while let Ok(r) = self.registered.try_recv() {
+            self.tracker.register(r.open, r.counters, r.registered_ns);
+        }
+    }
+
+    fn publish(&self) {
+        let d = self.tracker.dropped();
+        let s = &self.stats;
+        s.pending.store(self.tracker.pending(), Ordering::Relaxed);
+        s.exec_failed.store(d.exec_failed, Ordering::Relaxed);
+        s.lost.store(d.lost, Ordering::Relaxed);
+        s.unreadable.store(d.unreadable, Ordering::Relaxed);
+    }
 }
 
 /// Makes this thread win the CPU when an exec event arrives: the command line of a program
@@ -282,7 +342,7 @@ impl Records {
 fn read_loop(
     source: &mut dyn ProcEventSource,
     procs: &dyn ProcessView,
-    tracker: &Mutex<RunTracker>,
+    tracked: &mut Tracked,
     stop: &AtomicBool,
     out: &Records,
 ) {
@@ -299,7 +359,10 @@ fn read_loop(
                 std::thread::sleep(POLL);
             }
         }
-        let mut t = lock(tracker);
+        // Every open registered before one of these execs was sent before that exec
+        // completed, so before its event was read.
+        tracked.take_registrations();
+        let t = &mut tracked.tracker;
         for ev in events.drain(..) {
             let exec = match ev {
                 ProcEvent::Exec { tgid, .. } => Some(tgid),
@@ -321,12 +384,13 @@ fn read_loop(
                 tracing::debug!(n, "measurements dropped: processes vanished unseen");
             }
         }
+        tracked.publish();
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::mpsc as std_mpsc;
+    use std::sync::Mutex;
 
     use super::counters::{CounterReading, RunCounters};
     use super::*;
@@ -366,6 +430,15 @@ mod tests {
         }
     }
 
+    /// Polls `done` (the reader thread publishes its counts after each batch).
+    fn wait_until(done: impl Fn() -> bool, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting: {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     struct Procs;
     impl ProcessView for Procs {
         fn cmdline(&self, _pid: i32) -> Option<Vec<u8>> {
@@ -396,7 +469,7 @@ mod tests {
         );
         assert_eq!((r.counts.page_faults, r.counts.itlb_misses), (Some(3), None));
         assert_eq!(r.cmd_hash, cmdline::cmd_hash_of_args(&["tool", "--fast"]));
-        assert_eq!(m.pending(), 0);
+        wait_until(|| m.pending() == 0, "no measurement pending once the run is recorded");
         drop(m); // stops and joins the reader thread
         assert!(records.blocking_recv().is_none());
     }

@@ -134,7 +134,10 @@ enum Msg {
 
 /// The handle to the warmer thread.
 pub struct Warmer {
-    tx: Mutex<mpsc::Sender<Msg>>,
+    /// Sent to by the request threads and by the measurer's real-time thread: a plain
+    /// `Sender` (`Sync` since Rust 1.72), so that no sender waits for another one that
+    /// was preempted while holding a mutex around it.
+    tx: mpsc::Sender<Msg>,
     status: Arc<Mutex<WarmStatus>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -171,15 +174,13 @@ impl Warmer {
             }
             state.run(rx);
         })?;
-        Ok(Self { tx: Mutex::new(tx), status, thread: Mutex::new(Some(thread)) })
+        Ok(Self { tx, status, thread: Mutex::new(Some(thread)) })
     }
 
     /// Notes an exec of `file` (the file served: an original or a variant in the store) by
     /// process `pid`. Never blocks.
     pub fn note_exec(&self, file: PathBuf, pid: u32) {
-        if let Ok(tx) = self.tx.lock() {
-            let _ = tx.send(Msg::Exec { file, pid });
-        }
+        let _ = self.tx.send(Msg::Exec { file, pid });
     }
 
     pub fn status(&self) -> WarmStatus {
@@ -188,9 +189,7 @@ impl Warmer {
 
     /// Stops the thread and waits for it (it finishes the check under way, if any).
     pub fn stop(&self) {
-        if let Ok(tx) = self.tx.lock() {
-            let _ = tx.send(Msg::Shutdown);
-        }
+        let _ = self.tx.send(Msg::Shutdown);
         let handle = self.thread.lock().ok().and_then(|mut t| t.take());
         if let Some(h) = handle {
             let _ = h.join();
