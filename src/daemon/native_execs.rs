@@ -8,7 +8,8 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 
 use crate::config::in_overlaid_dir;
 use crate::fs::ServingTable;
@@ -18,25 +19,34 @@ use crate::warm::Warmer;
 /// Execs of the real files of overlaid binaries (run natively, not through a served file)
 /// since this server process started, by original path (at most one entry per binary of
 /// the overlaid directories).
+///
+/// Counted by the measurer's real-time thread, read by status: both take the read lock
+/// (the count is an atomic), so neither waits for the other; only a binary's first exec
+/// takes the write lock, and only that thread writes.
 #[derive(Debug, Default)]
 pub struct NativeExecs {
-    counts: Mutex<HashMap<PathBuf, u64>>,
+    counts: RwLock<HashMap<PathBuf, AtomicU64>>,
 }
 
 impl NativeExecs {
     pub fn note(&self, original: &Path) {
-        *self.lock().entry(original.to_path_buf()).or_default() += 1;
+        if let Some(n) = read(&self.counts).get(original) {
+            n.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let mut counts = self.counts.write().unwrap_or_else(|e| e.into_inner());
+        counts.entry(original.to_path_buf()).or_default().fetch_add(1, Ordering::Relaxed);
     }
 
     /// Execs of `original` noted so far.
     pub fn count(&self, original: &Path) -> u64 {
-        self.lock().get(original).copied().unwrap_or(0)
+        read(&self.counts).get(original).map_or(0, |n| n.load(Ordering::Relaxed))
     }
+}
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, u64>> {
-        // Plain counter updates: a panic while holding the lock leaves consistent data.
-        self.counts.lock().unwrap_or_else(|e| e.into_inner())
-    }
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    // Plain counter updates: a panic while holding the lock leaves consistent data.
+    lock.read().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The measurer's exec hook: an exec whose executable is the real file of a binary of an
