@@ -217,7 +217,7 @@ impl Measurer {
     }
 
     /// Measurements waiting for their process to end, as of the reader thread's last
-    /// batch of events (it wakes at least every [`POLL`]).
+    /// batch of events (it wakes at least every `POLL`).
     pub fn pending(&self) -> usize {
         self.stats.pending.load(Ordering::Relaxed)
     }

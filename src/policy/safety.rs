@@ -1,0 +1,92 @@
+//! Safety checks, first on every evaluation: crashes and exit codes the original never
+//! gave.
+
+use super::*;
+
+/// Signals that mean "the program crashed" (as opposed to being stopped by its user).
+pub const CRASH_SIGNALS: [i32; 5] =
+    [libc::SIGSEGV, libc::SIGILL, libc::SIGBUS, libc::SIGFPE, libc::SIGABRT];
+
+/// Crash and exit-code checks of every variant not yet quarantined.
+pub(super) fn safety_incidents(input: &BinaryInput, cfg: &PolicyConfig) -> Vec<Incident> {
+    #[derive(Default)]
+    struct Seen {
+        signals: HashSet<i32>,
+        codes: HashSet<i32>,
+    }
+    let mut original: HashMap<&str, Seen> = HashMap::new();
+    for r in input.runs.iter().filter(|r| r.variant_id.is_none()) {
+        let e = original.entry(&r.cmd_hash).or_default();
+        match r.exit {
+            RunExit::Exited(c) => e.codes.insert(c),
+            RunExit::Signaled(s) => e.signals.insert(s),
+        };
+    }
+    let mut out = Vec::new();
+    for v in input.variants.iter().filter(|v| v.state != VariantState::Quarantined) {
+        let mut strikes: Vec<&RunInput> = Vec::new();
+        for r in input.runs.iter().filter(|r| r.variant_id == Some(v.id)) {
+            let orig = original.get(r.cmd_hash.as_str());
+            match r.exit {
+                RunExit::Signaled(s)
+                    if CRASH_SIGNALS.contains(&s)
+                        && !orig.is_some_and(|o| o.signals.contains(&s)) =>
+                {
+                    out.push(Incident {
+                        variant_id: v.id,
+                        run_id: r.id,
+                        cmd_hash: r.cmd_hash.clone(),
+                        exit: r.exit,
+                        kind: IncidentKind::Crash,
+                        detail: format!(
+                            "killed by {} on command {}, which the original never was",
+                            signal_name(s),
+                            r.cmd_hash
+                        ),
+                    });
+                    break;
+                }
+                RunExit::Exited(c)
+                    if orig.is_some_and(|o| !o.codes.is_empty() && !o.codes.contains(&c)) =>
+                {
+                    strikes.push(r);
+                    if strikes.len() >= cfg.suspicious_exit_strikes.max(1) {
+                        out.push(Incident {
+                            variant_id: v.id,
+                            run_id: r.id,
+                            cmd_hash: r.cmd_hash.clone(),
+                            exit: r.exit,
+                            kind: IncidentKind::SuspiciousExit,
+                            detail: format!(
+                                "{} runs exited with codes the original never gave \
+                                 (last: {c} on command {})",
+                                strikes.len(),
+                                r.cmd_hash
+                            ),
+                        });
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out
+}
+
+/// "SIGSEGV (11)".
+pub fn signal_name(sig: i32) -> String {
+    let name = match sig {
+        libc::SIGSEGV => "SIGSEGV",
+        libc::SIGILL => "SIGILL",
+        libc::SIGBUS => "SIGBUS",
+        libc::SIGFPE => "SIGFPE",
+        libc::SIGABRT => "SIGABRT",
+        libc::SIGKILL => "SIGKILL",
+        libc::SIGTERM => "SIGTERM",
+        libc::SIGINT => "SIGINT",
+        libc::SIGPIPE => "SIGPIPE",
+        _ => "signal",
+    };
+    format!("{name} ({sig})")
+}
