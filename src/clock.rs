@@ -26,6 +26,18 @@ impl Clock for SystemClock {
     }
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: the clock of the kernel's process-connector timestamps
+/// (an exec's, an exit's), to order them against what this process did.
+pub fn monotonic_ns() -> u64 {
+    use rustix::time::{ClockId, DynamicClockId, clock_gettime_dynamic};
+    // The fallible variant (the same vDSO call): plain clock_gettime panics when the clock
+    // fails; 0 then, as before.
+    let Ok(ts) = clock_gettime_dynamic(DynamicClockId::Known(ClockId::Monotonic)) else {
+        return 0;
+    };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// A clock that only moves when told to; for tests.
 #[derive(Debug, Default)]
 pub struct ManualClock {

@@ -50,21 +50,23 @@ fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 }
 
 /// The measurer's exec hook: an exec whose executable is the real file of a binary of an
-/// overlaid directory (not excluded) is counted and told to the warmer. Whatever the
-/// serving table says by the time the event is handled: an exec of a served file through
-/// the mount has the mount's path as its executable (it is measured instead), so an exec of
-/// the real file ran natively, passed through by the mount or started by its real path,
-/// also one that raced with a switch to a served variant. Execs of anything else (excluded
-/// and foreign binaries are not kept warm) are dropped after a comparison or two. Runs on
-/// the measurer's thread: a map update and a channel send.
+/// overlaid directory (not excluded when the exec completed) is counted and told to the
+/// warmer. Whatever the serving table serves by the time the event is handled: an exec of a
+/// served file through the mount has the mount's path as its executable (it is measured
+/// instead), so an exec of the real file ran natively, passed through by the mount or
+/// started by its real path, also one that raced with a switch to a served variant; and an
+/// exec just before an exclusion counts, by its kernel timestamp, even if its event is
+/// handled after. Execs of anything else (excluded and foreign binaries are not kept warm)
+/// are dropped after a comparison or two. Runs on the measurer's thread: a map update and
+/// a channel send.
 pub fn hook(
     execs: Arc<NativeExecs>,
     warmer: Arc<Warmer>,
     table: Arc<ServingTable>,
     overlay_dirs: Vec<PathBuf>,
 ) -> ExecHook {
-    Box::new(move |pid, exe| {
-        if in_overlaid_dir(&overlay_dirs, exe) && !table.is_excluded(exe) {
+    Box::new(move |pid, exe, at_ns| {
+        if in_overlaid_dir(&overlay_dirs, exe) && !table.was_excluded_at(exe, at_ns) {
             execs.note(exe);
             warmer.note_exec(exe.to_path_buf(), pid);
         }

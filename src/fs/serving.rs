@@ -28,7 +28,7 @@
 //! every three with independent draws (decisions take a third fewer execs); for a small
 //! share the variant never gets both execs of a pair.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -88,7 +88,8 @@ struct Table {
     /// Every variant the table was told about, served now or before: after a restart of the
     /// server process the kernel may still hold their node ids, which must stay resolvable.
     known: HashMap<PathBuf, Vec<ServedVariant>>,
-    excluded: HashSet<PathBuf>,
+    /// Excluded originals, with when each was excluded ([`crate::clock::monotonic_ns`]).
+    excluded: HashMap<PathBuf, u64>,
     /// Originals with no variant configured are passed through (see
     /// [`ServingTable::set_native_until_variant`]).
     native_until_variant: bool,
@@ -212,9 +213,14 @@ impl ServingTable {
         let changed = {
             let mut t = self.write();
             if excluded {
-                t.excluded.insert(original.to_path_buf())
+                let since = crate::clock::monotonic_ns();
+                let newly = !t.excluded.contains_key(original);
+                if newly {
+                    t.excluded.insert(original.to_path_buf(), since);
+                }
+                newly
             } else {
-                t.excluded.remove(original)
+                t.excluded.remove(original).is_some()
             }
         };
         if changed {
@@ -223,7 +229,14 @@ impl ServingTable {
     }
 
     pub fn is_excluded(&self, original: &Path) -> bool {
-        self.read().excluded.contains(original)
+        self.read().excluded.contains_key(original)
+    }
+
+    /// Whether `original` was already excluded at `at_ns` ([`crate::clock::monotonic_ns`]):
+    /// an exec's event is handled a moment after the exec, perhaps after an exclusion that
+    /// came later.
+    pub fn was_excluded_at(&self, original: &Path, at_ns: u64) -> bool {
+        self.read().excluded.get(original).is_some_and(|&since| since <= at_ns)
     }
 
     /// With `on`, an original that has no variant configured is presented as a symlink to
@@ -384,6 +397,24 @@ mod tests {
         table.set_excluded(original, true);
         assert!(table.is_excluded(original));
         assert_eq!(changed.lock().unwrap().len(), 3, "serve, unserve, exclude (once)");
+    }
+
+    #[test]
+    fn an_exec_before_an_exclusion_was_not_excluded_whenever_it_is_asked() {
+        let table = ServingTable::new();
+        let original = Path::new("/usr/bin/x");
+        let before = crate::clock::monotonic_ns();
+        assert!(!table.was_excluded_at(original, before));
+        table.set_excluded(original, true);
+        let after = crate::clock::monotonic_ns();
+        assert!(!table.was_excluded_at(original, before), "excluded later than that exec");
+        assert!(table.was_excluded_at(original, after));
+        // Excluding again keeps the first time; including forgets it.
+        table.set_excluded(original, true);
+        assert!(!table.was_excluded_at(original, before));
+        table.set_excluded(original, false);
+        assert!(!table.was_excluded_at(original, after));
+        assert!(!table.is_excluded(original));
     }
 
     fn variant(id: i64, original: FileKey) -> ServedVariant {

@@ -50,7 +50,7 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
 
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, SystemClock, monotonic_ns};
 use crate::identity::FileKey;
 use counters::{CounterFactory, PerfCounterFactory, RunCounters, RunCounts};
 use proc_connector::{ProcConnector, ProcEvent};
@@ -111,10 +111,12 @@ impl ProcEventSource for ProcConnector {
     }
 }
 
-/// Told of every completed exec on the machine: the process id and its executable's path
+/// Told of every completed exec on the machine: the process id, its executable's path
 /// (`/proc/PID/exe`, read by the reader thread at the exec event, while the process is
-/// surely alive). Runs on the reader thread: it must be quick and must not block.
-pub type ExecHook = Box<dyn Fn(u32, &Path) + Send + Sync>;
+/// surely alive) and when the exec completed (the kernel's CLOCK_MONOTONIC nanoseconds,
+/// [`crate::clock::monotonic_ns`]; the event is handled a moment later). Runs on the reader
+/// thread: it must be quick and must not block.
+pub type ExecHook = Box<dyn Fn(u32, &Path, u64) + Send + Sync>;
 
 /// Attaches counters on exec-time opens and emits a [`RunRecord`] per finished run.
 /// Dropping it stops its reader thread.
@@ -303,17 +305,6 @@ fn raise_priority() {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds: the clock of the proc connector's timestamps.
-fn monotonic_ns() -> u64 {
-    use rustix::time::{ClockId, DynamicClockId, clock_gettime_dynamic};
-    // The fallible variant (the same vDSO call): plain clock_gettime panics when the clock
-    // fails; 0 then, as before.
-    let Ok(ts) = clock_gettime_dynamic(DynamicClockId::Known(ClockId::Monotonic)) else {
-        return 0;
-    };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// Where the reader thread sends finished runs (see [`Measurer::killed_runs`]) and
 /// completed execs ([`ExecHook`]).
 struct Records {
@@ -331,10 +322,10 @@ impl Records {
         }
     }
 
-    fn exec(&self, pid: i32, procs: &dyn ProcessView) {
+    fn exec(&self, pid: i32, at_ns: u64, procs: &dyn ProcessView) {
         let Some(hook) = self.exec_hook.get() else { return };
         if let Some(exe) = procs.exe(pid) {
-            hook(pid as u32, &exe);
+            hook(pid as u32, &exe, at_ns);
         }
     }
 }
@@ -365,7 +356,7 @@ fn read_loop(
         let t = &mut tracked.tracker;
         for ev in events.drain(..) {
             let exec = match ev {
-                ProcEvent::Exec { tgid, .. } => Some(tgid),
+                ProcEvent::Exec { tgid, ts_ns, .. } => Some((tgid, ts_ns)),
                 _ => None,
             };
             if let Some(record) = t.on_event(ev, procs, SystemClock.unix_ms()) {
@@ -373,8 +364,8 @@ fn read_loop(
             }
             // After the tracker: a measured run's command line is read first (a program
             // that exits within a millisecond is gone soon).
-            if let Some(pid) = exec {
-                out.exec(pid, procs);
+            if let Some((pid, at_ns)) = exec {
+                out.exec(pid, at_ns, procs);
             }
         }
         if last_sweep.elapsed() >= Duration::from_secs(1) {
@@ -495,7 +486,7 @@ mod tests {
             Measurer::with_parts(Arc::new(FixedFactory), ChannelSource(rx), ProcsWithExe).unwrap();
         let (heard_tx, heard) = std_mpsc::channel();
         let heard_tx = Mutex::new(heard_tx);
-        m.set_exec_hook(Box::new(move |pid, exe| {
+        m.set_exec_hook(Box::new(move |pid, exe, _at_ns| {
             let _ = heard_tx.lock().unwrap().send((pid, exe.to_path_buf()));
         }));
         // pid 90 is not measured (nothing opened it through the mount); pid 91 is.
