@@ -20,6 +20,7 @@ use common::*;
 const TOOL_C: &str = r#"
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 int main(int argc, char **argv) {
     const char *arg = argc > 1 ? argv[1] : "";
 #ifdef CRASH_ON
@@ -29,6 +30,10 @@ int main(int argc, char **argv) {
     }
 #endif
     printf("%s %s\n", TAG, arg);
+    /* Alive a while after the exec: a native exec is heard only if its executable can
+       still be read from /proc when the daemon handles the exec's event. */
+    fflush(stdout);
+    usleep(10000);
     return 0;
 }
 "#;
@@ -177,7 +182,9 @@ fn canary_split_quarantine_on_crash_pins_and_exclusion() {
 
     // The pinned and the post-quarantine runs had nothing to serve but the original: they
     // ran natively, counted, not measured. (A process that exits within a millisecond of
-    // its exec may be gone before its executable is read: a miss or two is allowed.)
+    // its exec may be gone before its executable is read: 7 and 11 of 30 were missed in two
+    // full runs when the tool exited at once; it stays 10 ms now, and a miss or two is
+    // allowed.)
     wait_binary(&daemon, &tool, 10, "the native execs counted", |b| {
         b["details"]["policy"]["native_execs"].as_u64() >= Some(10 + 20 - 2)
     });
