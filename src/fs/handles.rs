@@ -154,11 +154,14 @@ impl<B> HandleTable<B> {
         id
     }
 
-    /// The name of the writable control file behind `fh` (EBADF for anything else).
-    pub fn control_for_write(&self, fh: u64) -> FsResult<String> {
+    /// The name of the writable control file behind `fh` of node `ino` (EBADF for anything
+    /// else). A handle this process does not know was opened by a previous server process
+    /// (a write in flight across a restart): the node id names the control file.
+    pub fn control_for_write(&self, overlay: &Overlay, fh: u64, ino: u64) -> FsResult<String> {
         match self.lock().open.get(&fh) {
             Some(Handle::Control { name, writable: true, .. }) => Ok(name.clone()),
-            _ => Err(FsError::new(libc::EBADF, "not a handle of a writable control file")),
+            None => overlay.writable_control_name(ino),
+            Some(_) => Err(FsError::new(libc::EBADF, "not a handle of a writable control file")),
         }
     }
 
@@ -284,9 +287,20 @@ mod tests {
             .insert(3, Handle::Control { name: "status".into(), content: vec![], writable: false });
         assert_eq!(a >> 40, 3);
         assert_ne!(a, b);
-        assert_eq!(table.control_for_write(a).unwrap(), "control");
-        assert_eq!(table.control_for_write(b).unwrap_err().errno, libc::EBADF);
-        assert_eq!(table.control_for_write(999).unwrap_err().errno, libc::EBADF);
+        let tmp = tempfile::tempdir().unwrap();
+        let overlay = empty_overlay(tmp.path());
+        let dir = overlay.lookup(crate::fs::node::ROOT_ID, OsStr::new(".optbin")).unwrap();
+        let ino_of = |name: &str| overlay.lookup(dir.attr.ino, OsStr::new(name)).unwrap().attr.ino;
+        let (control, status) = (ino_of("control"), ino_of("status"));
+        assert_eq!(table.control_for_write(&overlay, a, control).unwrap(), "control");
+        assert_eq!(table.control_for_write(&overlay, b, status).unwrap_err().errno, libc::EBADF);
+        // A handle a previous server process opened: the node names the control file.
+        assert_eq!(table.control_for_write(&overlay, 999, control).unwrap(), "control");
+        assert_eq!(
+            table.control_for_write(&overlay, 999, status).unwrap_err().errno,
+            libc::EBADF,
+            "not writable"
+        );
         for ino in 0..(RETAINED_BACKINGS as u64 + 5) {
             table.register_backing(ino, Arc::new(ino as u32));
         }
@@ -305,6 +319,22 @@ mod tests {
         assert!(table.remove(a).is_none());
     }
 
+    /// An overlay of no directories, with a `status` and a writable `control` file.
+    fn empty_overlay(dir: &std::path::Path) -> Arc<Overlay> {
+        crate::fs::Overlay::new(
+            crate::fs::OverlayConfig {
+                mountpoint: dir.join("mnt"),
+                overlay_dirs: vec![],
+                originals: None,
+            },
+            crate::fs::ServingTable::new(),
+            None,
+            Arc::new(crate::fs::StaticControl::new(&[("status", "ok\n")])),
+            Arc::new(crate::fs::NoEvents),
+        )
+        .unwrap()
+    }
+
     #[test]
     fn a_listing_is_read_from_its_snapshot_in_pages() {
         let table: HandleTable<()> = HandleTable::default();
@@ -312,18 +342,7 @@ mod tests {
         let fh = table.insert(0, Handle::Dir { entries: Arc::new(entries) });
         // The overlay is not asked for a handle whose listing is known.
         let tmp = tempfile::tempdir().unwrap();
-        let overlay = crate::fs::Overlay::new(
-            crate::fs::OverlayConfig {
-                mountpoint: tmp.path().join("mnt"),
-                overlay_dirs: vec![],
-                originals: None,
-            },
-            crate::fs::ServingTable::new(),
-            None,
-            Arc::new(crate::fs::StaticControl::default()),
-            Arc::new(crate::fs::NoEvents),
-        )
-        .unwrap();
+        let overlay = empty_overlay(tmp.path());
         let mut page = Collect { room: 2, got: vec![] };
         table.readdir(&overlay, fh, 1, &crate::fs::Caller::ROOT, 0, &mut page).unwrap();
         assert_eq!(page.got, vec![(1, "e0".into()), (2, "e1".into())]);

@@ -507,6 +507,21 @@ impl Overlay {
         }
     }
 
+    /// The name of the writable control file behind a node id (for writes on handles a
+    /// previous server process opened: the open was allowed then, and a control write is
+    /// self-contained); EBADF for any other node.
+    pub fn writable_control_name(&self, ino: u64) -> FsResult<String> {
+        let node = self.node(ino)?;
+        match &node.kind {
+            NodeKind::ControlFile(name)
+                if self.control.files().iter().any(|f| f.name == *name && f.writable) =>
+            {
+                Ok(name.clone())
+            }
+            _ => Err(FsError::new(libc::EBADF, "not a handle of a writable control file")),
+        }
+    }
+
     /// One write(2) to a control file.
     pub fn control_write(&self, name: &str, uid: u32, data: &[u8]) -> FsResult<()> {
         self.control.write(name, uid, data)

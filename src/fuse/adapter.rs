@@ -425,7 +425,7 @@ impl Filesystem for OptbinFs {
     fn write(
         &self,
         req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         _offset: u64,
         data: &[u8],
@@ -435,7 +435,7 @@ impl Filesystem for OptbinFs {
         reply: ReplyWrite,
     ) {
         let written = self.with("write", |o| {
-            let name = self.handles.control_for_write(fh.0)?;
+            let name = self.handles.control_for_write(o, fh.0, ino.0)?;
             o.control_write(&name, req.uid(), data)
         });
         match written {
