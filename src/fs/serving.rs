@@ -29,6 +29,7 @@
 //! share the variant never gets both execs of a pair.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -213,12 +214,13 @@ impl ServingTable {
         let changed = {
             let mut t = self.write();
             if excluded {
-                let since = crate::clock::monotonic_ns();
-                let newly = !t.excluded.contains_key(original);
-                if newly {
-                    t.excluded.insert(original.to_path_buf(), since);
+                match t.excluded.entry(original.to_path_buf()) {
+                    Entry::Occupied(_) => false,
+                    Entry::Vacant(e) => {
+                        e.insert(crate::clock::monotonic_ns());
+                        true
+                    }
                 }
-                newly
             } else {
                 t.excluded.remove(original).is_some()
             }

@@ -1,4 +1,5 @@
-//! Test doubles for the measurer's event source (tests only).
+//! Test doubles for the measurer's event source, and a wait for its published counts
+//! (tests only).
 
 use std::io;
 use std::sync::mpsc;
@@ -15,5 +16,15 @@ impl ProcEventSource for ChannelSource {
             out.push(ev);
         }
         Ok(())
+    }
+}
+
+/// Polls `done` until it holds, or panics after 10 s with `what` (the reader thread
+/// publishes its counts after each batch of events).
+pub fn wait_until(done: impl Fn() -> bool, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(5));
     }
 }

@@ -421,15 +421,6 @@ mod tests {
         }
     }
 
-    /// Polls `done` (the reader thread publishes its counts after each batch).
-    fn wait_until(done: impl Fn() -> bool, what: &str) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !done() {
-            assert!(Instant::now() < deadline, "timed out waiting: {what}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-
     struct Procs;
     impl ProcessView for Procs {
         fn cmdline(&self, _pid: i32) -> Option<Vec<u8>> {
@@ -460,7 +451,10 @@ mod tests {
         );
         assert_eq!((r.counts.page_faults, r.counts.itlb_misses), (Some(3), None));
         assert_eq!(r.cmd_hash, cmdline::cmd_hash_of_args(&["tool", "--fast"]));
-        wait_until(|| m.pending() == 0, "no measurement pending once the run is recorded");
+        crate::measure::fakes::wait_until(
+            || m.pending() == 0,
+            "no measurement pending once the run is recorded",
+        );
         drop(m); // stops and joins the reader thread
         assert!(records.blocking_recv().is_none());
     }

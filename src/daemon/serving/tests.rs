@@ -338,11 +338,7 @@ fn exec_opens_are_measured_before_the_event_is_forwarded() {
     assert_eq!(forwarded.len(), 4, "every event goes on");
     let m = p.inner.measurement.measurer.as_ref().unwrap();
     // The measurer's thread publishes its count after it takes the registration.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while m.pending() != 1 {
-        assert!(std::time::Instant::now() < deadline, "pending {}, not 1", m.pending());
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    crate::measure::fakes::wait_until(|| m.pending() == 1, "the registration taken");
     assert_eq!(m.pending(), 1, "only the exec-time open that could attach is pending");
     let section = section_json(&*p.status());
     assert_eq!(section["measurement"]["dropped"]["not_attached"], 1);
