@@ -441,7 +441,9 @@ fn terminal_probes_do_not_grow_the_log() {
 }
 
 /// `optbin umount --timeout 2` on a mount whose server is stopped (SIGSTOP) finishes by its
-/// timeout with a lazy unmount.
+/// timeout with a lazy unmount that aborts the connection. Without the abort it hung now and
+/// then: a server thread that had not stopped yet took the status request `optbin umount`
+/// made, which then waited for the answer uninterruptibly (1 of 6 runs of this file).
 #[test]
 fn umount_finishes_by_its_timeout_when_the_server_is_stopped() {
     let f = fixture();
@@ -465,17 +467,44 @@ fn umount_finishes_by_its_timeout_when_the_server_is_stopped() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let took = started.elapsed();
+    let stacks = if finished.is_none() { kernel_stacks(child.id()) } else { String::new() };
     if finished.is_none() {
         child.kill().ok();
     }
-    let out = child.wait_with_output().unwrap();
+    // A thread waiting on a request the stopped server had already read can be killed
+    // only once the server answers: continue the server before reaping the child.
     unsafe { libc::kill(server, libc::SIGCONT) };
+    let out = child.wait_with_output().unwrap();
+    if !stacks.is_empty() {
+        println!("where optbin umount was stuck:\n{stacks}");
+    }
     println!("optbin umount --timeout 2 on a stopped server took {took:?}");
     let status = finished.expect("optbin umount --timeout 2 hung on a stopped server");
     assert!(status.success(), "{out:?}");
     assert!(took < Duration::from_secs(5), "took {took:?}");
     assert!(!is_mounted(&f.mnt), "unmounted (lazily)");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("aborted its connection"), "{out:?}");
+    // The server, running again, finds its connection aborted and ends as after an unmount.
+    common::daemon::wait_until(
+        Duration::from_secs(20),
+        "the server to end after its connection was aborted",
+        || !std::path::Path::new(&format!("/proc/{server}")).exists(),
+    );
     drop(d);
+}
+
+/// What each thread of `pid` waits on in the kernel (`/proc/PID/task/*/stack`, root only),
+/// for the message of a test that found a process stuck.
+fn kernel_stacks(pid: u32) -> String {
+    let mut out = String::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
+    for task in tasks.flatten() {
+        let path = task.path();
+        let comm = std::fs::read_to_string(path.join("comm")).unwrap_or_default();
+        let stack = std::fs::read_to_string(path.join("stack")).unwrap_or_default();
+        out += &format!("thread {:?} {}:\n{stack}", task.file_name(), comm.trim());
+    }
+    out
 }
 
 /// A shell loop running `hello` and `script` through PATH until `stop` exists; prints

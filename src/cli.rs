@@ -350,7 +350,8 @@ fn tail(path: &Path, lines: usize) -> String {
 /// Unmounts `mnt`: the server sees its session end, stops its tasks and exits, and the
 /// supervisor follows. A busy mount (programs started from it still run) is detached; those
 /// programs keep running from their backing files. Nothing here waits on the mount's server
-/// beyond `timeout`: a stopped or hung server gets a lazy unmount when the time is up.
+/// beyond `timeout`: a stopped or hung server gets a forced lazy unmount when the time is up
+/// (see [`crate::fuse::unmount_forcibly`]).
 fn umount(mnt: &Path, timeout: Duration) -> anyhow::Result<ExitCode> {
     use crate::fuse::Unmounted;
     let deadline = Instant::now() + timeout;
@@ -375,9 +376,9 @@ fn umount(mnt: &Path, timeout: Duration) -> anyhow::Result<ExitCode> {
     }) {
         Some(how) => how?,
         None => {
-            crate::fuse::unmount_lazily(mnt)?;
+            crate::fuse::unmount_forcibly(mnt)?;
             println!(
-                "detached {} lazily: its daemon did not answer within {}s",
+                "detached {} and aborted its connection: its daemon did not answer within {}s",
                 mnt.display(),
                 timeout.as_secs()
             );

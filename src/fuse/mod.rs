@@ -20,6 +20,7 @@ mod supervisor;
 pub use adapter::{NotifierInvalidator, OptbinFs};
 pub use mount::{
     FS_NAME, MountEntry, MountGuard, MountOptions, MountState, SupervisorSettings, Unmounted,
-    mount_background, mount_entry, mount_state, prepare_mountpoint, unmount, unmount_lazily,
+    mount_background, mount_entry, mount_state, prepare_mountpoint, unmount, unmount_forcibly,
+    unmount_lazily,
 };
 pub use supervisor::{ServeContext, Served, run_supervised};

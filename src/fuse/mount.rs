@@ -220,6 +220,22 @@ pub fn unmount_lazily(mountpoint: &Path) -> anyhow::Result<()> {
     detach(mountpoint).with_context(|| format!("lazy unmount of {}", mountpoint.display()))
 }
 
+/// Detaches the mount at once and aborts its connection (`MNT_FORCE | MNT_DETACH`), for a
+/// server that does not answer. A lazy unmount alone is not enough there: a request the
+/// server had read before it stopped waits for its answer uninterruptibly, so the process
+/// that made it (`optbin umount` itself, if it asked for status) could not even exit. After
+/// the abort every request still waiting on the connection, in any process, fails with
+/// ECONNABORTED, and the server's session ends as after an unmount once it runs again.
+pub fn unmount_forcibly(mountpoint: &Path) -> anyhow::Result<()> {
+    let c = cpath(mountpoint)?;
+    match rustix::mount::unmount(&*c, UnmountFlags::FORCE | UnmountFlags::DETACH) {
+        // Gone meanwhile (a plain unmount that finished late): nothing left to abort.
+        Ok(()) | Err(rustix::io::Errno::INVAL) => Ok(()),
+        Err(e) => Err(std::io::Error::from(e))
+            .with_context(|| format!("forced unmount of {}", mountpoint.display())),
+    }
+}
+
 /// How [`unmount`] went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Unmounted {
