@@ -2,7 +2,8 @@
 //! (interleaved rounds, order alternating; ratios of each pair, their median and a 95%
 //! interval of that median), through `<mount>/bin`: exec+exit of a small binary that has no
 //! variant (what every binary is until optbin has one for it: passed through, it runs
-//! natively), of a small binary with a served variant (drawn per exec, every run measured),
+//! natively), of a small binary with a served variant (drawn per exec, every run followed
+//! to its exit, one in `[policy] served_count_one_in` with counters),
 //! and of one served as a symlink (stripped); reading a ~100 MB served file (pinned to its
 //! variant) with a warm and with a cold page cache; and the first exec of binaries never
 //! seen before.
@@ -389,7 +390,7 @@ fn bench_overlay() {
     );
     exec(
         "exec+exit of a binary with a served variant (95% of execs; the original 5%; every \
-         run measured), same rounds"
+         run followed, one in 8 counted), same rounds"
             .into(),
         &served,
         "<= 1.02",

@@ -320,3 +320,73 @@ fn a_gain_smaller_than_what_serving_costs_is_not_served() {
     // Nothing left to serve: it runs natively again.
     assert_eq!(decided["served"], "original (link)", "{decided:#}");
 }
+
+/// A served (promoted) variant's runs are sampled for counters (`[policy]
+/// served_count_one_in`); the others are followed to their exit only, so a crash in one of
+/// them quarantines the variant at once. Sampled at one in a million here: every run of
+/// this test goes without counters.
+#[test]
+fn a_served_variants_runs_are_sampled_and_a_crash_without_counters_quarantines() {
+    let (_tmp, root, bin) = open_test_root();
+    let tool = bin.join("tool");
+    cc(TOOL_C, &tool, &["-DTAG=\"original\""]);
+    let variant_file = root.join("tool.variant");
+    cc(TOOL_C, &variant_file, &["-DTAG=\"variant\"", "-DCRASH_ON"]);
+    let config = "[policy]\nrescan_ms = 100\nserved_count_one_in = 1000000\n";
+    let daemon = start_daemon(&root, &bin, config);
+    std::fs::metadata(daemon.mnt.join("bin/tool")).unwrap();
+    let b =
+        wait_binary(&daemon, &tool, 20, "the binary to be indexed", |b| b["sha256"].is_string());
+    let sha256 = b["sha256"].as_str().unwrap().to_string();
+    let vid = place_variant(&daemon.state, &sha256, &variant_file, "served");
+    let served = format!("variant {vid} for 95% of execs");
+    wait_binary(&daemon, &tool, 20, "the served variant", |b| b["served"] == served.as_str());
+
+    let measurement = |d: &Daemon| d.status_json()["subsystems"]["policy"]["measurement"].clone();
+    let count = |m: &serde_json::Value, key: &str| m[key].as_u64().unwrap_or(0);
+    let before = measurement(&daemon);
+    let runs = run_tool(&daemon, "hello", 30);
+    assert!(runs.variant > 0, "30 execs never reached the variant");
+    let after = daemon.wait_for(Duration::from_secs(20), "the 30 runs followed", |d| {
+        let m = measurement(d);
+        (count(&m, "runs_measured") >= count(&before, "runs_measured") + 30).then_some(m)
+    });
+    let without = count(&after, "runs_without_counters") - count(&before, "runs_without_counters");
+    assert_eq!(without, 30, "every run went without counters: {after:#}");
+    let text = std::fs::read_to_string(daemon.mnt.join(".optbin/status")).unwrap();
+    assert!(
+        text.contains("without counters (a served variant's runs are counted one in 1000000)"),
+        "{text}"
+    );
+
+    // The variant's first crash, in a run without counters, quarantines it.
+    let mut crashed = false;
+    for _ in 0..40 {
+        let out = Command::new(daemon.mnt.join("bin/tool")).arg("crash").output().unwrap();
+        if out.status.signal() == Some(libc::SIGSEGV) {
+            crashed = true;
+            break;
+        }
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "original crash\n");
+    }
+    assert!(crashed, "40 execs never reached the variant");
+    let b = wait_binary(&daemon, &tool, 20, "the quarantine", |b| {
+        b["variants"][0]["state"] == "quarantined" && b["served"] == "original (link)"
+    });
+    assert!(stage(&b).contains(&format!("variant {vid} crashed")), "{}", stage(&b));
+
+    // In the catalog: the runs without counters, flagged as such, the crash among them.
+    let conn = common::daemon::catalog_read_only(&daemon.state);
+    let count = |sql: &str| -> i64 { conn.query_row(sql, [vid], |r| r.get(0)).unwrap() };
+    assert_eq!(
+        count(
+            "SELECT count(*) FROM runs WHERE variant_id = ?1 AND exit_signal = 11 AND counted = 0"
+        ),
+        1
+    );
+    assert_eq!(count("SELECT count(*) FROM runs WHERE variant_id = ?1 AND counted = 1"), 0);
+    assert_eq!(
+        count("SELECT count(*) FROM runs WHERE variant_id = ?1 AND counted = 0 AND exit_code = 0"),
+        runs.variant as i64
+    );
+}

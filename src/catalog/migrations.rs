@@ -61,6 +61,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "flag_trials: the flag search's outcome per binary and flag set",
         sql: super::flag_trials::SCHEMA,
     },
+    Migration {
+        version: 10,
+        name: "runs.counted: whether a run had counters (a served variant's runs are sampled)",
+        sql: super::runs::SCHEMA_RUN_COUNTED,
+    },
 ];
 
 pub(super) fn migrate(conn: &mut Connection) -> anyhow::Result<()> {

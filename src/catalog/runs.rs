@@ -77,6 +77,12 @@ ALTER TABLE runs ADD COLUMN itlb_misses INTEGER;
 ALTER TABLE runs ADD COLUMN cache_misses INTEGER;
 "#;
 
+/// Whether each run had counters (0: a sampled run of a served variant, followed for its
+/// exit only: its CPU time and counts are not measurements).
+pub const SCHEMA_RUN_COUNTED: &str = r#"
+ALTER TABLE runs ADD COLUMN counted INTEGER NOT NULL DEFAULT 1;
+"#;
+
 /// A stored run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RunRow {
@@ -85,6 +91,9 @@ pub struct RunRow {
     pub path: String,
     pub variant_id: Option<i64>,
     pub cmd_hash: String,
+    /// Whether the run had counters; without them `task_clock_ns` is 0 and the counts are
+    /// `None` (see [`RunRecord::counted`]).
+    pub counted: bool,
     pub task_clock_ns: u64,
     /// The run's other counters; `None` where not counted.
     pub counts: RunCounts,
@@ -133,8 +142,9 @@ pub fn insert_runs(
             "INSERT INTO runs (binary_id, path, variant_id, cmd_hash, task_clock_ns,
                                instructions, cycles, wall_ns, exit_code, exit_signal, at_ms,
                                page_faults, context_switches, branch_misses, l1i_misses,
-                               itlb_misses, cache_misses)
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17
+                               itlb_misses, cache_misses, counted)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                    ?18
              WHERE ?3 IS NULL OR EXISTS (SELECT 1 FROM variants WHERE id = ?3)",
         )?;
         for r in records {
@@ -162,6 +172,7 @@ pub fn insert_runs(
                 c(r.counts.l1i_misses),
                 c(r.counts.itlb_misses),
                 c(r.counts.cache_misses),
+                r.counted,
             ])?;
             out.push((n == 1).then(|| StoredRun { run_id: tx.last_insert_rowid(), binary_id }));
         }
@@ -172,7 +183,7 @@ pub fn insert_runs(
 
 const RUN_COLUMNS: &str = "id, binary_id, path, variant_id, cmd_hash, task_clock_ns, \
      instructions, cycles, wall_ns, exit_code, exit_signal, at_ms, page_faults, \
-     context_switches, branch_misses, l1i_misses, itlb_misses, cache_misses";
+     context_switches, branch_misses, l1i_misses, itlb_misses, cache_misses, counted";
 
 fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
     let code: Option<i32> = r.get(9)?;
@@ -184,6 +195,7 @@ fn run_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
         path: r.get(2)?,
         variant_id: r.get(3)?,
         cmd_hash: r.get(4)?,
+        counted: r.get(18)?,
         task_clock_ns: r.get::<_, i64>(5)? as u64,
         counts: RunCounts {
             instructions: count(6)?,
@@ -481,14 +493,19 @@ pub fn forget_binary(conn: &Connection, binary_id: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Total CPU time of a variant's runs since a run id (for "CPU time saved").
+/// Total CPU time of a variant's runs since a run id (for "CPU time saved"): the counted
+/// runs' total, scaled to all runs when only a sample was counted.
 pub fn variant_cpu_since(conn: &Connection, variant_id: i64, from_run: i64) -> anyhow::Result<u64> {
-    let ns: i64 = conn.query_row(
-        "SELECT COALESCE(SUM(task_clock_ns), 0) FROM runs WHERE variant_id = ?1 AND id >= ?2",
+    let (ns, counted, all): (i64, i64, i64) = conn.query_row(
+        "SELECT COALESCE(SUM(task_clock_ns), 0), COALESCE(SUM(counted), 0), COUNT(*)
+         FROM runs WHERE variant_id = ?1 AND id >= ?2",
         params![variant_id, from_run],
-        |r| r.get(0),
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
-    Ok(ns.max(0) as u64)
+    if counted <= 0 {
+        return Ok(0);
+    }
+    Ok((ns.max(0) as f64 * all as f64 / counted as f64) as u64)
 }
 
 #[cfg(test)]
@@ -509,6 +526,7 @@ mod tests {
             binary_id: None,
             variant_id: variant,
             cmd_hash: "c".into(),
+            counted: true,
             task_clock_ns: 10,
             counts: RunCounts {
                 cycles: Some(5),
@@ -520,6 +538,36 @@ mod tests {
             exit,
             at_ms: at,
         }
+    }
+
+    #[test]
+    fn runs_without_counters_are_stored_as_such_and_scaled_in_the_cpu_saved() {
+        let cat = Catalog::in_memory().unwrap();
+        cat.run_blocking(|c| {
+            let key = FileKey { dev: 1, ino: 2, size: 3, mtime_ns: 4, ctime_ns: 5 };
+            let bid = upsert_binary(c, &ContentId::of_bytes(b"x"), 1, &ElfFacts::default(), 1)?;
+            upsert_path(c, "/bin/x", Some(bid), &key, 1)?;
+            let new =
+                NewVariant { binary_id: bid, kind: VariantKind::Placed, ..Default::default() };
+            let vid = insert_variant(c, &new, 1)?;
+            let counted = record("/bin/x", key, Some(vid), RunExit::Exited(0), 1);
+            let exit_only = RunRecord {
+                counted: false,
+                task_clock_ns: 0,
+                counts: RunCounts::default(),
+                ..counted.clone()
+            };
+            let mut batch = vec![counted];
+            batch.extend(std::iter::repeat_n(exit_only, 3));
+            insert_runs(c, &batch)?;
+            let rows = runs_of_binary(c, bid, 10)?;
+            let flags: Vec<bool> = rows.iter().map(|r| r.counted).collect();
+            assert_eq!(flags, [true, false, false, false]);
+            // One run counted of four, 10 ns: the four took about 40.
+            assert_eq!(variant_cpu_since(c, vid, 0)?, 40);
+            Ok(())
+        })
+        .unwrap();
     }
 
     #[test]

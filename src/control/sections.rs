@@ -157,6 +157,9 @@ pub struct MeasurementStatus {
     pub pending: usize,
     pub runs_killed_by_signal: u64,
     pub runs_measured: u64,
+    /// Of `runs_measured`, runs followed for their exit only: a served variant's runs get
+    /// counters one in `[policy] served_count_one_in`.
+    pub runs_without_counters: u64,
     pub why_off: Option<String>,
 }
 
@@ -242,6 +245,7 @@ mod tests {
                     pending: 6,
                     runs_killed_by_signal: 7,
                     runs_measured: 8,
+                    runs_without_counters: 0,
                     why_off: None,
                 },
                 summary: "s".into(),
@@ -283,6 +287,7 @@ mod tests {
                 "pending",
                 "runs_killed_by_signal",
                 "runs_measured",
+                "runs_without_counters",
                 "why_off"
             ]
         );

@@ -91,6 +91,9 @@ struct Table {
     known: HashMap<PathBuf, Vec<ServedVariant>>,
     /// Excluded originals, with when each was excluded ([`crate::clock::monotonic_ns`]).
     excluded: HashMap<PathBuf, u64>,
+    /// Originals whose exec-time runs get counters only one in so many (absent: every run;
+    /// see [`ServingTable::counts_run`]).
+    count_one_in: HashMap<PathBuf, u32>,
     /// Originals with no variant configured are passed through (see
     /// [`ServingTable::set_native_until_variant`]).
     native_until_variant: bool,
@@ -154,7 +157,11 @@ impl ServingTable {
             None => {
                 // Unchanged serving must not invalidate: every invalidation makes the kernel
                 // look the name up again and renames running programs' exe "(deleted)".
-                if self.write().served.remove(original).is_some() {
+                let mut t = self.write();
+                t.count_one_in.remove(original);
+                let removed = t.served.remove(original).is_some();
+                drop(t);
+                if removed {
                     self.forget_draw(original);
                     self.notify(original);
                 }
@@ -195,6 +202,36 @@ impl ServingTable {
         if changed {
             self.forget_draw(original);
             self.notify(original);
+        }
+    }
+
+    /// Counts one exec-time run of `original` in `one_in` from now on (1: every run). Not
+    /// a change of what is served: nothing is invalidated.
+    pub fn set_count_one_in(&self, original: &Path, one_in: u32) {
+        let now = self.read().count_one_in.get(original).copied().unwrap_or(1);
+        if now == one_in.max(1) {
+            return;
+        }
+        let mut t = self.write();
+        if one_in <= 1 {
+            t.count_one_in.remove(original);
+        } else {
+            t.count_one_in.insert(original.to_path_buf(), one_in);
+        }
+    }
+
+    /// One in how many exec-time runs of `original` get counters.
+    pub fn count_one_in(&self, original: &Path) -> u32 {
+        self.read().count_one_in.get(original).copied().unwrap_or(1)
+    }
+
+    /// Whether this exec-time run of `original` gets counters: always, unless the policy
+    /// samples its runs (a served variant); then with probability `1 / one_in`, drawn
+    /// independently of the arm the exec got.
+    pub fn counts_run(&self, original: &Path) -> bool {
+        match self.count_one_in(original) {
+            0 | 1 => true,
+            n => rand::random_ratio(1, n),
         }
     }
 
@@ -399,6 +436,23 @@ mod tests {
         table.set_excluded(original, true);
         assert!(table.is_excluded(original));
         assert_eq!(changed.lock().unwrap().len(), 3, "serve, unserve, exclude (once)");
+    }
+
+    #[test]
+    fn one_run_in_n_is_counted_while_sampled_and_every_run_after() {
+        let table = ServingTable::new();
+        let prog = Path::new("/usr/bin/prog");
+        assert!((0..100).all(|_| table.counts_run(prog)), "every run by default");
+        table.set_count_one_in(prog, 4);
+        let counted = (0..8000).filter(|_| table.counts_run(prog)).count();
+        // Binomial(8000, 1/4): mean 2000, sd 39.
+        assert!((1800..2200).contains(&counted), "{counted} of 8000 counted at one in 4");
+        assert_eq!(table.count_one_in(Path::new("/usr/bin/other")), 1, "per original");
+        table.set_count_one_in(prog, 1);
+        assert!((0..100).all(|_| table.counts_run(prog)));
+        table.set_count_one_in(prog, 4);
+        table.serve(prog, None);
+        assert_eq!(table.count_one_in(prog), 1, "serving the original ends the sampling");
     }
 
     #[test]

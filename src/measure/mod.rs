@@ -88,6 +88,10 @@ pub struct RunRecord {
     pub variant_id: Option<i64>,
     /// See [`cmdline::cmd_hash`].
     pub cmd_hash: String,
+    /// Whether the run had counters: `false` for a run followed for its exit only (a
+    /// sampled run of a served variant); its CPU time and counts are then 0 and absent,
+    /// and only its command and exit status say anything.
+    pub counted: bool,
     /// CPU time of the process and its children that exited before it (task-clock).
     pub task_clock_ns: u64,
     /// The run's other counters (see [`counters::RunCounts`]).
@@ -205,12 +209,22 @@ impl Measurer {
             .counters
             .attach(event.pid)
             .with_context(|| format!("attaching run counters to pid {}", event.pid))?;
+        self.register(Registration { open: event, counters: Some(counters), registered_ns })
+    }
+
+    /// Follows the run of an exec-time open to its exit without counters: its record has
+    /// the command and the exit status (what crash and exit-code checks need) and
+    /// `counted: false`. A sampled run of a served variant costs the exec no counters.
+    pub fn follow_exec_open(&self, event: ExecOpen) -> anyhow::Result<()> {
+        self.register(Registration { open: event, counters: None, registered_ns: monotonic_ns() })
+    }
+
+    fn register(&self, registration: Registration) -> anyhow::Result<()> {
         // The reader takes it before it handles this process's exec event: the send
         // happens before the reply that lets the exec go on.
         self.registrations
-            .send(Registration { open: event, counters, registered_ns })
-            .map_err(|_| anyhow::anyhow!("the measurement thread has stopped"))?;
-        Ok(())
+            .send(registration)
+            .map_err(|_| anyhow::anyhow!("the measurement thread has stopped"))
     }
 
     /// The hardware counters every run gets (none where there is no PMU).
@@ -247,7 +261,8 @@ impl Drop for Measurer {
 /// An exec-time open with its counters attached, on its way to the reader thread.
 struct Registration {
     open: ExecOpen,
-    counters: Box<dyn RunCounters>,
+    /// `None`: followed for its exit only.
+    counters: Option<Box<dyn RunCounters>>,
     registered_ns: u64,
 }
 
@@ -272,7 +287,10 @@ impl Tracked {
     /// Takes the exec-time opens registered so far.
     fn take_registrations(&mut self) {
         while let Ok(r) = self.registered.try_recv() {
-            self.tracker.register(r.open, r.counters, r.registered_ns);
+            match r.counters {
+                Some(counters) => self.tracker.register(r.open, counters, r.registered_ns),
+                None => self.tracker.register_exit_only(r.open, r.registered_ns),
+            }
         }
     }
 

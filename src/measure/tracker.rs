@@ -60,7 +60,8 @@ struct Pending {
     /// CLOCK_MONOTONIC when registered: events stamped earlier belong to an older process
     /// (they may still sit in the socket queue when the registration happens).
     registered_ns: u64,
-    counters: Box<dyn RunCounters>,
+    /// `None`: followed for its exit only.
+    counters: Option<Box<dyn RunCounters>>,
     exec: Option<(u64, String)>,
     /// When a sweep first found the process gone without its exit having been seen.
     gone_since: Option<Instant>,
@@ -103,6 +104,21 @@ impl RunTracker {
     /// An exec-time open with counters attached to its pid, registered at `registered_ns`
     /// (CLOCK_MONOTONIC, the clock of the kernel's event timestamps).
     pub fn register(&mut self, open: ExecOpen, counters: Box<dyn RunCounters>, registered_ns: u64) {
+        self.insert(open, Some(counters), registered_ns);
+    }
+
+    /// An exec-time open followed to its exit without counters: its record says
+    /// `counted: false`.
+    pub fn register_exit_only(&mut self, open: ExecOpen, registered_ns: u64) {
+        self.insert(open, None, registered_ns);
+    }
+
+    fn insert(
+        &mut self,
+        open: ExecOpen,
+        counters: Option<Box<dyn RunCounters>>,
+        registered_ns: u64,
+    ) {
         let pid = open.pid;
         let p = Pending { open, registered_ns, counters, exec: None, gone_since: None };
         self.pending.insert(pid, p);
@@ -146,20 +162,24 @@ impl RunTracker {
                     self.dropped.exec_failed += 1;
                     return None;
                 };
-                let reading = match p.counters.read() {
-                    Ok(r) => r,
-                    Err(e) => {
+                let reading = match p.counters.as_mut().map(|c| c.read()) {
+                    Some(Ok(r)) => Some(r),
+                    Some(Err(e)) => {
                         tracing::debug!(pid, error = %e, "run counters unreadable");
                         self.dropped.unreadable += 1;
                         return None;
                     }
+                    None => None,
                 };
+                let counted = reading.is_some();
+                let reading = reading.unwrap_or_default();
                 Some(RunRecord {
                     original: p.open.original,
                     key: p.open.key,
                     binary_id: p.open.binary_id,
                     variant_id: p.open.variant_id,
                     cmd_hash,
+                    counted,
                     task_clock_ns: reading.task_clock_ns,
                     counts: reading.counts,
                     wall_ns: ts_ns.saturating_sub(exec_ts),
@@ -256,6 +276,24 @@ mod tests {
         assert_eq!(r.cmd_hash, cmd_hash(b"x\0-v\0"));
         assert_eq!(r.at_ms, 9);
         assert_eq!(t.pending(), 0);
+    }
+
+    #[test]
+    fn a_run_followed_for_its_exit_only_has_its_command_and_exit_but_no_counts() {
+        let mut procs = FakeProcs::default();
+        procs.cmdlines.insert(10, b"x\0-v\0".to_vec());
+        let mut t = RunTracker::new();
+        t.register_exit_only(open(10, Some(7)), 0);
+        assert!(t.on_event(ProcEvent::Exec { pid: 10, tgid: 10, ts_ns: 100 }, &procs, 1).is_none());
+        let r = t
+            .on_event(ProcEvent::Exit { pid: 10, tgid: 10, status: 0x8b, ts_ns: 1_100 }, &procs, 9)
+            .unwrap();
+        assert!(!r.counted);
+        assert_eq!(r.exit, RunExit::Signaled(11), "a crash is seen without counters");
+        assert_eq!((r.task_clock_ns, r.counts), (0, Default::default()));
+        assert_eq!(r.cmd_hash, cmd_hash(b"x\0-v\0"));
+        assert_eq!((r.variant_id, r.wall_ns), (Some(7), 1_000));
+        assert_eq!(t.dropped(), DropCounts::default());
     }
 
     #[test]

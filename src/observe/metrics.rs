@@ -126,6 +126,10 @@ pub fn render(report: &StatusReport, host: Option<&UseSummary>) -> String {
     if let Some(p) = &sections.policy {
         let v = p.measurement.runs_measured as f64;
         f.add("optbin_runs_measured_total", "counter", "Runs of served binaries measured.", &[], v);
+        let v = p.measurement.runs_without_counters as f64;
+        let help = "Of those, runs followed to their exit without counters (a served variant's \
+                    runs not sampled).";
+        f.add("optbin_runs_without_counters_total", "counter", help, &[], v);
     }
     if let Some(o) = &sections.optimizer {
         let o = &o.status;

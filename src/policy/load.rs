@@ -119,21 +119,22 @@ fn load(
     } else {
         runs::runs_of_binary(conn, binary_id, RUNS_PER_BINARY)?
     };
-    let runs = stored
+    let (counted, exit_only): (Vec<_>, Vec<_>) = stored
         .into_iter()
         .filter(|r| r.variant_id.is_none_or(|v| !not_policed.contains(&v)))
-        .map(|r| RunInput {
-            id: r.id,
-            variant_id: r.variant_id,
-            cmd_hash: r.cmd_hash,
-            cpu_ns: r.task_clock_ns,
-            exit: r.exit,
-        })
-        .collect();
+        .partition(|r| r.counted);
+    let input = |r: runs::RunRow| RunInput {
+        id: r.id,
+        variant_id: r.variant_id,
+        cmd_hash: r.cmd_hash,
+        cpu_ns: r.task_clock_ns,
+        exit: r.exit,
+    };
     Ok(BinaryInput {
         binary_id,
         variants,
-        runs,
+        runs: counted.into_iter().map(input).collect(),
+        exit_only_runs: exit_only.into_iter().map(input).collect(),
         pipeline: pipeline.pipeline(conn, binary_id),
         next_run_id: runs::next_run_id(conn)?,
     })

@@ -50,11 +50,26 @@ pub struct BinaryInput {
     pub binary_id: i64,
     /// Ordered by id (oldest first).
     pub variants: Vec<VariantInput>,
-    /// Ordered by id (oldest first).
+    /// The runs with counters, ordered by id (oldest first): what comparisons are made of.
     pub runs: Vec<RunInput>,
+    /// Runs followed for their exit only (a sample of a served variant's runs had counters;
+    /// these did not), ordered by id: their `cpu_ns` is 0 and means nothing. The safety
+    /// checks read them with `runs` ([`BinaryInput::every_run`]).
+    pub exit_only_runs: Vec<RunInput>,
     pub pipeline: Pipeline,
     /// The id the next stored run will get (where a new canary period starts).
     pub next_run_id: i64,
+}
+
+impl BinaryInput {
+    /// Every run, counted or not, in id order: what crash and exit-code checks look at.
+    pub fn every_run(&self) -> Vec<&RunInput> {
+        let mut all: Vec<&RunInput> = self.runs.iter().chain(&self.exit_only_runs).collect();
+        if !self.exit_only_runs.is_empty() {
+            all.sort_by_key(|r| r.id);
+        }
+        all
+    }
 }
 
 /// A user's pin: the catalog's stored word, the control file's target and the policy's

@@ -14,8 +14,9 @@ pub(super) fn safety_incidents(input: &BinaryInput, cfg: &PolicyConfig) -> Vec<I
         signals: HashSet<i32>,
         codes: HashSet<i32>,
     }
+    let every_run = input.every_run();
     let mut original: HashMap<&str, Seen> = HashMap::new();
-    for r in input.runs.iter().filter(|r| r.variant_id.is_none()) {
+    for r in every_run.iter().filter(|r| r.variant_id.is_none()) {
         let e = original.entry(&r.cmd_hash).or_default();
         match r.exit {
             RunExit::Exited(c) => e.codes.insert(c),
@@ -25,7 +26,7 @@ pub(super) fn safety_incidents(input: &BinaryInput, cfg: &PolicyConfig) -> Vec<I
     let mut out = Vec::new();
     for v in input.variants.iter().filter(|v| v.state != VariantState::Quarantined) {
         let mut strikes: Vec<&RunInput> = Vec::new();
-        for r in input.runs.iter().filter(|r| r.variant_id == Some(v.id)) {
+        for r in every_run.iter().filter(|r| r.variant_id == Some(v.id)) {
             let orig = original.get(r.cmd_hash.as_str());
             match r.exit {
                 RunExit::Signaled(s)

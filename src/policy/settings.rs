@@ -38,6 +38,10 @@ pub struct Settings {
     /// Microseconds serving through the mount adds to an exec; a variant must save more CPU
     /// time per run than this to be promoted over the original (0: no floor).
     pub serving_cost_us: u64,
+    /// Once a variant is served (promoted), one run in this many, drawn at random, gets
+    /// counters; the others are followed for their exit status only (crashes and exit codes
+    /// are still caught at once). 1: every run is counted. Canaries always count every run.
+    pub served_count_one_in: u32,
     /// How often every watched binary is checked for new variants and changed controls.
     pub rescan_ms: u64,
     /// Measured runs older than this are deleted.
@@ -61,6 +65,7 @@ impl Default for Settings {
             exploration_share: p.exploration_share,
             suspicious_exit_strikes: p.suspicious_exit_strikes,
             serving_cost_us: p.serving_cost_us,
+            served_count_one_in: p.served_count_one_in,
             rescan_ms: t.rescan_every.as_millis() as u64,
             runs_max_age_days: t.runs_max_age.as_secs() / 86_400,
             runs_max_rows: t.runs_max_rows,
@@ -100,6 +105,11 @@ impl Settings {
             self.serving_cost_us
         );
         ensure!(
+            (1..=1_000_000).contains(&self.served_count_one_in),
+            "[policy] served_count_one_in = {} must be within 1..=1000000",
+            self.served_count_one_in
+        );
+        ensure!(
             self.rescan_ms >= 10,
             "[policy] rescan_ms = {} must be at least 10",
             self.rescan_ms
@@ -125,6 +135,7 @@ impl Settings {
             exploration_share: self.exploration_share,
             suspicious_exit_strikes: self.suspicious_exit_strikes,
             serving_cost_us: self.serving_cost_us,
+            served_count_one_in: self.served_count_one_in,
         }
     }
 }

@@ -316,6 +316,7 @@ mod tests {
             binary_id: Some(binary_id),
             variant_id,
             cmd_hash: "cmd".into(),
+            counted: true,
             task_clock_ns: cpu_ns,
             counts: Default::default(),
             wall_ns: cpu_ns,

@@ -23,7 +23,14 @@ fn run(id: i64, variant_id: Option<i64>, cmd: &str, cpu_ns: u64, exit: RunExit) 
 
 fn input(variants: Vec<VariantInput>, runs: Vec<RunInput>) -> BinaryInput {
     let next_run_id = runs.iter().map(|r| r.id).max().unwrap_or(0) + 1;
-    BinaryInput { binary_id: 1, variants, runs, pipeline: Pipeline::Collecting, next_run_id }
+    BinaryInput {
+        binary_id: 1,
+        variants,
+        runs,
+        exit_only_runs: Vec::new(),
+        pipeline: Pipeline::Collecting,
+        next_run_id,
+    }
 }
 
 #[test]
@@ -37,6 +44,35 @@ fn ready_variant_enters_canary_and_is_split() {
     assert_eq!(e.serve.choose(0.49), Some(4));
     assert_eq!(e.serve.choose(0.5), None);
     assert!(e.stage.to_string().starts_with("canary"));
+}
+
+#[test]
+fn a_crash_in_a_run_without_counters_quarantines_and_such_runs_are_never_paired() {
+    let cfg = PolicyConfig::default();
+    // A served variant whose runs are sampled: counted runs look equal, so no drift; the
+    // one crash is in a run followed for its exit only.
+    let mut counted = Vec::new();
+    for i in 0..40 {
+        counted.push(run(2 * i + 1, None, "a", 100, RunExit::Exited(0)));
+        counted.push(run(2 * i + 2, Some(4), "a", 100, RunExit::Exited(0)));
+    }
+    let mut served = variant(4, VariantState::Served);
+    served.served_from_run = Some(1);
+    let mut quiet = input(vec![served.clone()], counted.clone());
+    quiet.exit_only_runs = vec![run(200, Some(4), "a", 0, RunExit::Exited(0))];
+    let e = evaluate(&quiet, &cfg);
+    assert!(e.incidents.is_empty());
+    assert!(matches!(e.stage, Stage::ServingOptimized { variant_id: 4, .. }), "{}", e.stage);
+    // A zero-CPU run in the pairs would have shown a huge gain.
+    let Stage::ServingOptimized { gain: Some(gain), .. } = e.stage else { panic!("{}", e.stage) };
+    assert!((gain.ratio - 1.0).abs() < 1e-9, "{gain:?}");
+
+    let mut crashed = input(vec![served], counted);
+    crashed.exit_only_runs = vec![run(200, Some(4), "a", 0, RunExit::Signaled(libc::SIGSEGV))];
+    let e = evaluate(&crashed, &cfg);
+    assert_eq!(e.incidents.len(), 1, "{:?}", e.incidents);
+    assert_eq!((e.incidents[0].kind, e.incidents[0].run_id), (IncidentKind::Crash, 200));
+    assert_eq!(e.states[&4], VariantState::Quarantined);
 }
 
 #[test]

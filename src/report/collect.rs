@@ -65,7 +65,9 @@ fn binary(conn: &Connection, id: i64) -> anyhow::Result<Option<BinaryReport>> {
         .and_then(|p| std::path::Path::new(p).file_name())
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let run_rows = runs::runs_of_binary(conn, id, RUNS_LOOKED_AT)?;
+    let mut run_rows = runs::runs_of_binary(conn, id, RUNS_LOOKED_AT)?;
+    // The report shows measurements: runs followed for their exit only have none.
+    run_rows.retain(|r| r.counted);
     let first_run_ms = first_run_ms(conn, id)?;
     // The binary's first run, or when it was first seen if its runs have been rotated away.
     let start_ms = first_run_ms.map_or(row.first_seen * 1000, |r| r.min(row.first_seen * 1000));

@@ -454,7 +454,8 @@ fn crash_of(c: &Connection, binary_id: i64, variant_id: i64) -> anyhow::Result<O
 /// [`crate::profile::instrument::slowdown`]).
 fn slowdown_of(c: &Connection, binary_id: i64, variant_id: i64) -> anyhow::Result<Option<f64>> {
     let runs = runs::runs_of_binary(c, binary_id, crate::policy::load::RUNS_PER_BINARY)?;
-    let normal = |r: &&runs::RunRow| matches!(r.exit, crate::measure::RunExit::Exited(_));
+    let normal =
+        |r: &&runs::RunRow| r.counted && matches!(r.exit, crate::measure::RunExit::Exited(_));
     let of = |v: Option<i64>| -> Vec<(&str, u64)> {
         runs.iter()
             .filter(|r| r.variant_id == v)

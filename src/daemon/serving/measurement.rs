@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio::sync::{Notify, mpsc, watch};
 
 use super::instrumented::InstrServing;
-use crate::fs::{EventSink, FsEvent};
+use crate::fs::{EventSink, FsEvent, ServingTable};
 use crate::measure::{ExecOpen, Measurer, RunExit, RunRecord};
 
 /// How long measured runs that ended normally are held to reach the policy as one batch.
@@ -27,6 +27,9 @@ pub(super) struct Measurement {
     pub(super) measured: AtomicU64,
     /// Of those, runs killed by a signal.
     pub(super) killed: AtomicU64,
+    /// Of those, runs followed for their exit only (a served variant's runs not sampled
+    /// for counters).
+    pub(super) exit_only: AtomicU64,
 }
 
 impl Measurement {
@@ -37,6 +40,7 @@ impl Measurement {
             not_attached: AtomicU64::new(0),
             measured: AtomicU64::new(0),
             killed: AtomicU64::new(0),
+            exit_only: AtomicU64::new(0),
         }
     }
 
@@ -48,11 +52,13 @@ impl Measurement {
         self.measurer.is_some()
     }
 
-    /// Attaches counters to an exec'ing process; never fails the exec.
-    fn on_exec_open(&self, open: ExecOpen) {
+    /// Attaches counters to an exec'ing process (or, for a run the serving table does not
+    /// sample, follows it to its exit only); never fails the exec.
+    fn on_exec_open(&self, open: ExecOpen, counted: bool) {
         let Some(m) = &self.measurer else { return };
         let pid = open.pid;
-        if let Err(e) = m.on_exec_open(open) {
+        let registered = if counted { m.on_exec_open(open) } else { m.follow_exec_open(open) };
+        if let Err(e) = registered {
             // A process killed while blocked in execve, or out of file descriptors: that
             // run goes unmeasured, the exec goes on.
             let n = self.not_attached.fetch_add(1, Ordering::Relaxed);
@@ -68,6 +74,8 @@ impl Measurement {
 /// The overlay's event sink with measurement in front (see the module doc).
 pub(super) struct MeasuringEvents {
     pub(super) measurement: Arc<Measurement>,
+    /// Which runs get counters ([`ServingTable::counts_run`]).
+    pub(super) serving: Arc<ServingTable>,
     pub(super) instr: Arc<InstrServing>,
     pub(super) next: Arc<dyn EventSink>,
 }
@@ -75,14 +83,16 @@ pub(super) struct MeasuringEvents {
 impl EventSink for MeasuringEvents {
     fn event(&self, event: FsEvent) {
         if let FsEvent::Opened { original, key, variant_id, pid, exec: true, .. } = &event {
-            self.measurement.on_exec_open(ExecOpen {
+            let counted = self.serving.counts_run(original);
+            let open = ExecOpen {
                 pid: *pid as i32,
                 original: original.clone(),
                 variant_id: *variant_id,
                 // The catalog attributes the run by the variant or the path's key.
                 binary_id: None,
                 key: *key,
-            });
+            };
+            self.measurement.on_exec_open(open, counted);
             if let Some(v) = variant_id {
                 self.instr.on_exec(original, *v);
             }
@@ -118,6 +128,9 @@ pub(super) async fn count_runs(
             match records.try_recv() {
                 Ok(record) => {
                     measurement.measured.fetch_add(1, Ordering::Relaxed);
+                    if !record.counted {
+                        measurement.exit_only.fetch_add(1, Ordering::Relaxed);
+                    }
                     if matches!(record.exit, RunExit::Signaled(_)) {
                         measurement.killed.fetch_add(1, Ordering::Relaxed);
                     }

@@ -223,6 +223,7 @@ impl Serving {
     pub fn event_sink(&self, next: Arc<dyn EventSink>) -> Arc<dyn EventSink> {
         Arc::new(MeasuringEvents {
             measurement: self.inner.measurement.clone(),
+            serving: self.inner.serving.clone(),
             instr: self.inner.instr.clone(),
             next,
         })

@@ -15,7 +15,7 @@ use super::Exclusions;
 use super::instrumented::InstrServing;
 use super::lock;
 use super::measurement::Measurement;
-use super::translate::{Target, check_store_file, translate};
+use super::translate::{Target, check_store_file, sample_served_runs, translate};
 use crate::catalog::Catalog;
 use crate::catalog::base::{self, VariantRow, VariantState};
 use crate::catalog::profiles::instrumented_runs;
@@ -170,7 +170,11 @@ impl Inner {
                 .map_or(ServeDecision::Original, |(_, d, _)| d);
             // The states after the evaluation's own transitions.
             let variants = base::variants_of(c, binary_id)?;
-            let target = translate(decision, &variants, key, measuring);
+            let target = sample_served_runs(
+                translate(decision, &variants, key, measuring),
+                &variants,
+                cfg.served_count_one_in,
+            );
             // Instrumentation mode's variant, when one is ready: whether it gets execs,
             // and how many, the policy decides (`policy::instrumented`).
             let ready = variants
@@ -233,6 +237,7 @@ impl Inner {
             },
             share,
             second: None,
+            count_one_in: 1,
         }
     }
 
@@ -253,7 +258,9 @@ impl Inner {
                 self.serving.serve(path, None);
             }
             Target::Original => {}
-            Target::Variant { variant, share, second } => {
+            Target::Variant { variant, share, second, count_one_in } => {
+                // First: a canary that starts again (drift) counts every run from its first.
+                self.serving.set_count_one_in(path, count_one_in);
                 if now.as_ref() != Some(&(variant.clone(), share))
                     || self.serving.second_share(path) != second
                 {

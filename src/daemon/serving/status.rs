@@ -44,6 +44,16 @@ impl PolicyStatus {
         let m = &self.inner.measurement;
         let measured = m.measured.load(Ordering::Relaxed);
         let killed = m.killed.load(Ordering::Relaxed);
+        let exit_only = m.exit_only.load(Ordering::Relaxed);
+        let sampled = if exit_only > 0 {
+            format!(
+                ", of which {exit_only} without counters (a served variant's runs are counted \
+                 one in {})",
+                self.inner.config.served_count_one_in
+            )
+        } else {
+            String::new()
+        };
         let not_attached = m.not_attached.load(Ordering::Relaxed);
         let not_recorded = crate::measure::RUNS_NOT_RECORDED.load(Ordering::Relaxed);
         let (pending, dropped) = match &m.measurer {
@@ -55,12 +65,15 @@ impl PolicyStatus {
         let lost = not_attached + dropped.lost + dropped.unreadable + not_recorded;
         let text = match &m.off {
             None if not_recorded > 0 => format!(
-                "measuring runs ({measured} measured since start, {lost} lost, of which \
+                "measuring runs ({measured} measured since start{sampled}, {lost} lost, of which \
                  {not_recorded} measured but not recorded: the catalog could not store them, \
                  is the state directory full?)"
             ),
             None => {
-                format!("measuring runs ({measured} measured since start, {lost} lost); {counters}")
+                format!(
+                    "measuring runs ({measured} measured since start{sampled}, {lost} lost); \
+                     {counters}"
+                )
             }
             Some(why) => format!("measurement off, no canaries ({why})"),
         };
@@ -78,6 +91,7 @@ impl PolicyStatus {
             pending,
             runs_killed_by_signal: killed,
             runs_measured: measured,
+            runs_without_counters: exit_only,
             why_off: m.off.clone(),
         };
         (status, text)

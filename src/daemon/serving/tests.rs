@@ -75,6 +75,28 @@ fn decisions_translate_to_entries_for_the_content_they_are_about() {
     );
 }
 
+#[test]
+fn only_a_served_variant_alone_with_the_original_has_its_runs_sampled() {
+    let rows = [row(3, VariantState::Canary), row(4, VariantState::Served)];
+    let split = |v, s| ServeDecision::Split { variant_id: v, variant_share: s };
+    let one_in =
+        |decision| match sample_served_runs(translate(decision, &rows, key(), true), &rows, 8) {
+            Target::Variant { count_one_in, .. } => Some(count_one_in),
+            Target::Original => None,
+        };
+    assert_eq!(one_in(split(4, 0.95)), Some(8), "the served variant and the exploration runs");
+    assert_eq!(one_in(ServeDecision::Variant(4)), Some(8));
+    assert_eq!(one_in(split(3, 0.5)), Some(1), "a canary counts every run");
+    assert_eq!(one_in(ServeDecision::Original), None);
+    let challenge = ServeDecision::Challenge {
+        served: 4,
+        challenger: 3,
+        challenger_share: 0.3,
+        original_share: 0.05,
+    };
+    assert_eq!(one_in(challenge), Some(1), "a challenger's canary counts every run");
+}
+
 /// A catalog with one binary at a real file, and a real variant file in a store dir.
 struct World {
     _dir: tempfile::TempDir,

@@ -21,6 +21,9 @@ pub enum Target {
         /// A second variant and its share (a challenger's canary: `variant` is the
         /// challenger, this the served variant); the original gets what both leave.
         second: Option<(ServedVariant, f64)>,
+        /// One exec-time run in this many gets counters (1: every run); see
+        /// [`sample_served_runs`].
+        count_one_in: u32,
     },
 }
 
@@ -61,7 +64,12 @@ pub fn translate(
     if share.is_nan() || share <= 0.0 {
         return Target::Original;
     }
-    Target::Variant { variant: served_variant(row, key), share: share.min(1.0), second: None }
+    Target::Variant {
+        variant: served_variant(row, key),
+        share: share.min(1.0),
+        second: None,
+        count_one_in: 1,
+    }
 }
 
 fn served_variant(row: &VariantRow, key: FileKey) -> ServedVariant {
@@ -89,6 +97,7 @@ fn translate_challenge(
         variant: served_variant(served_row, key),
         share,
         second: None,
+        count_one_in: 1,
     };
     if !measuring {
         return served_alone(1.0);
@@ -98,8 +107,26 @@ fn translate_challenge(
             variant: served_variant(c, key),
             share: challenger_share,
             second: Some((served_variant(served_row, key), served_share)),
+            count_one_in: 1,
         },
         None => served_alone(served_share + challenger_share),
+    }
+}
+
+/// Counts one run in `one_in` of a variant the policy serves (promoted, alone with the
+/// original's exploration share): its drift check and shown gain need only a sample, and
+/// counters are most of what serving adds to an exec (docs/mount.md). Canaries, challengers
+/// and instrumented variants keep counting every run: their decisions are made from them.
+pub fn sample_served_runs(target: Target, variants: &[VariantRow], one_in: u32) -> Target {
+    match target {
+        Target::Variant { variant, share, second: None, .. }
+            if variants
+                .iter()
+                .any(|r| r.id == variant.variant_id && r.state == VariantState::Served) =>
+        {
+            Target::Variant { variant, share, second: None, count_one_in: one_in.max(1) }
+        }
+        other => other,
     }
 }
 
