@@ -82,6 +82,25 @@ fn stage(binary: &serde_json::Value) -> String {
     binary["details"]["policy"]["stage_text"].as_str().unwrap_or_default().to_string()
 }
 
+/// Runs `tool crash` through the mount until an exec gets the variant (which segfaults on
+/// it; the original prints) and waits for the quarantine that follows; returns the
+/// binary's status then.
+fn crash_the_variant(daemon: &Daemon, tool: &std::path::Path) -> serde_json::Value {
+    let mut crashed = false;
+    for _ in 0..40 {
+        let out = Command::new(daemon.mnt.join("bin/tool")).arg("crash").output().unwrap();
+        if out.status.signal() == Some(libc::SIGSEGV) {
+            crashed = true;
+            break;
+        }
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "original crash\n");
+    }
+    assert!(crashed, "40 execs never reached the variant");
+    wait_binary(daemon, tool, 20, "the quarantine", |b| {
+        b["variants"][0]["state"] == "quarantined" && b["served"] == "original (link)"
+    })
+}
+
 #[test]
 fn canary_split_quarantine_on_crash_pins_and_exclusion() {
     let started = Instant::now();
@@ -143,19 +162,7 @@ fn canary_split_quarantine_on_crash_pins_and_exclusion() {
     assert_eq!(b["served"], format!("variant {vid} for 50% of execs"), "{b:#}");
 
     // The variant's first crash quarantines it: no strikes, no minimum number of runs.
-    let mut crashed = false;
-    for _ in 0..40 {
-        let out = Command::new(daemon.mnt.join("bin/tool")).arg("crash").output().unwrap();
-        if out.status.signal() == Some(libc::SIGSEGV) {
-            crashed = true;
-            break;
-        }
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "original crash\n");
-    }
-    assert!(crashed, "40 execs never reached the variant");
-    let b = wait_binary(&daemon, &tool, 20, "the quarantine", |b| {
-        b["variants"][0]["state"] == "quarantined" && b["served"] == "original (link)"
-    });
+    let b = crash_the_variant(&daemon, &tool);
     let incident = b["details"]["policy"]["last_incident"].as_str().unwrap_or_default();
     assert!(incident.contains("SIGSEGV (11)"), "{b:#}");
     assert!(stage(&b).contains(&format!("variant {vid} crashed")), "{}", stage(&b));
@@ -360,19 +367,7 @@ fn a_served_variants_runs_are_sampled_and_a_crash_without_counters_quarantines()
     );
 
     // The variant's first crash, in a run without counters, quarantines it.
-    let mut crashed = false;
-    for _ in 0..40 {
-        let out = Command::new(daemon.mnt.join("bin/tool")).arg("crash").output().unwrap();
-        if out.status.signal() == Some(libc::SIGSEGV) {
-            crashed = true;
-            break;
-        }
-        assert_eq!(String::from_utf8_lossy(&out.stdout), "original crash\n");
-    }
-    assert!(crashed, "40 execs never reached the variant");
-    let b = wait_binary(&daemon, &tool, 20, "the quarantine", |b| {
-        b["variants"][0]["state"] == "quarantined" && b["served"] == "original (link)"
-    });
+    let b = crash_the_variant(&daemon, &tool);
     assert!(stage(&b).contains(&format!("variant {vid} crashed")), "{}", stage(&b));
 
     // In the catalog: the runs without counters, flagged as such, the crash among them.
