@@ -81,6 +81,17 @@ struct ServedShare {
     share: f64,
     /// A second variant and its probability (within 0..=1-share).
     second: Option<(ServedVariant, f64)>,
+    /// One exec-time run in this many gets counters (1: every run; see
+    /// [`ServingTable::counts_run`]). Not part of what is served: a change of it alone
+    /// invalidates nothing.
+    count_one_in: u32,
+}
+
+impl ServedShare {
+    /// What the kernel's cached entries depend on: everything but `count_one_in`.
+    fn arms(&self) -> (&ServedVariant, f64, Option<&(ServedVariant, f64)>) {
+        (&self.variant, self.share, self.second.as_ref())
+    }
 }
 
 #[derive(Default)]
@@ -91,9 +102,6 @@ struct Table {
     known: HashMap<PathBuf, Vec<ServedVariant>>,
     /// Excluded originals, with when each was excluded ([`crate::clock::monotonic_ns`]).
     excluded: HashMap<PathBuf, u64>,
-    /// Originals whose exec-time runs get counters only one in so many (absent: every run;
-    /// see [`ServingTable::counts_run`]).
-    count_one_in: HashMap<PathBuf, u32>,
     /// Originals with no variant configured are passed through (see
     /// [`ServingTable::set_native_until_variant`]).
     native_until_variant: bool,
@@ -157,11 +165,7 @@ impl ServingTable {
             None => {
                 // Unchanged serving must not invalidate: every invalidation makes the kernel
                 // look the name up again and renames running programs' exe "(deleted)".
-                let mut t = self.write();
-                t.count_one_in.remove(original);
-                let removed = t.served.remove(original).is_some();
-                drop(t);
-                if removed {
+                if self.write().served.remove(original).is_some() {
                     self.forget_draw(original);
                     self.notify(original);
                 }
@@ -173,18 +177,22 @@ impl ServingTable {
     /// as 0), the original to the rest, each exec drawn at random. A share of 1.0 is
     /// [`ServingTable::serve`].
     pub fn serve_share(&self, original: &Path, variant: ServedVariant, share: f64) {
-        self.serve_arms(original, variant, share, None);
+        self.serve_arms(original, variant, share, None, 1);
     }
 
     /// As [`ServingTable::serve_share`], with a `second` variant for its share of execs
-    /// (clamped to what the first leaves); the original gets the rest.
+    /// (clamped to what the first leaves), the original getting the rest, and counters on
+    /// one exec-time run in `count_one_in` (1: every run). Returns whether what is served
+    /// changed (then the kernel's entries were invalidated); the sampling rate changes in
+    /// the same write, so a canary that starts again counts every run from its first.
     pub fn serve_arms(
         &self,
         original: &Path,
         variant: ServedVariant,
         share: f64,
         second: Option<(ServedVariant, f64)>,
-    ) {
+        count_one_in: u32,
+    ) -> bool {
         let clamp = |s: f64, max: f64| if s.is_nan() { 0.0 } else { s.clamp(0.0, max) };
         let share = clamp(share, 1.0);
         let second = second.map(|(v, s)| (v, clamp(s, 1.0 - share))).filter(|(_, s)| *s > 0.0);
@@ -196,33 +204,21 @@ impl ServingTable {
                     known.push(v.clone());
                 }
             }
-            let entry = ServedShare { variant, share, second };
-            t.served.insert(original.to_path_buf(), entry.clone()) != Some(entry)
+            let entry = ServedShare { variant, share, second, count_one_in: count_one_in.max(1) };
+            let old = t.served.insert(original.to_path_buf(), entry.clone());
+            old.as_ref().map(ServedShare::arms) != Some(entry.arms())
         };
         if changed {
             self.forget_draw(original);
             self.notify(original);
         }
+        changed
     }
 
-    /// Counts one exec-time run of `original` in `one_in` from now on (1: every run). Not
-    /// a change of what is served: nothing is invalidated.
-    pub fn set_count_one_in(&self, original: &Path, one_in: u32) {
-        let now = self.read().count_one_in.get(original).copied().unwrap_or(1);
-        if now == one_in.max(1) {
-            return;
-        }
-        let mut t = self.write();
-        if one_in <= 1 {
-            t.count_one_in.remove(original);
-        } else {
-            t.count_one_in.insert(original.to_path_buf(), one_in);
-        }
-    }
-
-    /// One in how many exec-time runs of `original` get counters.
+    /// One in how many exec-time runs of `original` get counters (1 when nothing is
+    /// served for it).
     pub fn count_one_in(&self, original: &Path) -> u32 {
-        self.read().count_one_in.get(original).copied().unwrap_or(1)
+        self.read().served.get(original).map_or(1, |s| s.count_one_in)
     }
 
     /// Whether this exec-time run of `original` gets counters: always, unless the policy
@@ -309,6 +305,7 @@ impl ServingTable {
     }
 
     /// The second variant configured for `original` with its share, if any.
+    #[cfg(test)]
     pub fn second_share(&self, original: &Path) -> Option<(ServedVariant, f64)> {
         self.read().served.get(original).and_then(|s| s.second.clone())
     }
@@ -443,14 +440,16 @@ mod tests {
         let table = ServingTable::new();
         let prog = Path::new("/usr/bin/prog");
         assert!((0..100).all(|_| table.counts_run(prog)), "every run by default");
-        table.set_count_one_in(prog, 4);
+        let served = variant(1, key(1));
+        let sample = |n| table.serve_arms(prog, served.clone(), 0.95, None, n);
+        assert!(sample(4), "a new entry");
         let counted = (0..8000).filter(|_| table.counts_run(prog)).count();
         // Binomial(8000, 1/4): mean 2000, sd 39.
         assert!((1800..2200).contains(&counted), "{counted} of 8000 counted at one in 4");
         assert_eq!(table.count_one_in(Path::new("/usr/bin/other")), 1, "per original");
-        table.set_count_one_in(prog, 1);
+        assert!(!sample(1), "the rate alone is not a change of what is served");
         assert!((0..100).all(|_| table.counts_run(prog)));
-        table.set_count_one_in(prog, 4);
+        sample(4);
         table.serve(prog, None);
         assert_eq!(table.count_one_in(prog), 1, "serving the original ends the sampling");
     }
@@ -619,7 +618,7 @@ mod tests {
         let table = ServingTable::new();
         let original = Path::new("/usr/bin/x");
         let (a, b) = (variant(7, key(1)), variant(8, key(1)));
-        table.serve_arms(original, a.clone(), 0.45, Some((b.clone(), 0.5)));
+        table.serve_arms(original, a.clone(), 0.45, Some((b.clone(), 0.5)), 1);
         assert_eq!(table.second_share(original).map(|s| s.1), Some(0.5));
         assert_eq!(table.known_variants(original).len(), 2);
         let t0 = Instant::now();
@@ -633,7 +632,7 @@ mod tests {
         assert_eq!(at(2, 0.97), None);
         assert_eq!(at(3, 0.5), Some(7), "1 - 0.97 = 0.03");
         // The second's share is clamped to what the first leaves.
-        table.serve_arms(original, a, 0.8, Some((b, 0.5)));
+        table.serve_arms(original, a, 0.8, Some((b, 0.5)), 1);
         assert!((table.second_share(original).unwrap().1 - 0.2).abs() < 1e-9);
     }
 }

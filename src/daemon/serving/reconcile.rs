@@ -259,14 +259,10 @@ impl Inner {
             }
             Target::Original => {}
             Target::Variant { variant, share, second, count_one_in } => {
-                // First: a canary that starts again (drift) counts every run from its first.
-                self.serving.set_count_one_in(path, count_one_in);
-                if now.as_ref() != Some(&(variant.clone(), share))
-                    || self.serving.second_share(path) != second
-                {
-                    let second_id = second.as_ref().map(|(v, _)| v.variant_id);
-                    tracing::info!(path = %path.display(), variant = variant.variant_id, share, ?second_id, "serving a variant");
-                    self.serving.serve_arms(path, variant, share, second);
+                let (id, second_id) =
+                    (variant.variant_id, second.as_ref().map(|(v, _)| v.variant_id));
+                if self.serving.serve_arms(path, variant, share, second, count_one_in) {
+                    tracing::info!(path = %path.display(), variant = id, share, ?second_id, count_one_in, "serving a variant");
                 }
             }
         }
