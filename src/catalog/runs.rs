@@ -493,19 +493,21 @@ pub fn forget_binary(conn: &Connection, binary_id: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Total CPU time of a variant's runs since a run id (for "CPU time saved"): the counted
-/// runs' total, scaled to all runs when only a sample was counted.
+/// Total CPU time of a variant's runs since a run id (for "CPU time saved"): every run
+/// since then (counted or followed for its exit only) at the mean CPU time of the counted
+/// ones among them, or, when none of them was counted (a served variant's runs are
+/// sampled), of all the variant's counted runs.
 pub fn variant_cpu_since(conn: &Connection, variant_id: i64, from_run: i64) -> anyhow::Result<u64> {
-    let (ns, counted, all): (i64, i64, i64) = conn.query_row(
-        "SELECT COALESCE(SUM(task_clock_ns), 0), COALESCE(SUM(counted), 0), COUNT(*)
-         FROM runs WHERE variant_id = ?1 AND id >= ?2",
+    let (runs, mean_since, mean_ever): (i64, Option<f64>, Option<f64>) = conn.query_row(
+        "SELECT (SELECT COUNT(*) FROM runs WHERE variant_id = ?1 AND id >= ?2),
+                (SELECT AVG(task_clock_ns) FROM runs
+                 WHERE variant_id = ?1 AND id >= ?2 AND counted = 1),
+                (SELECT AVG(task_clock_ns) FROM runs WHERE variant_id = ?1 AND counted = 1)",
         params![variant_id, from_run],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
-    if counted <= 0 {
-        return Ok(0);
-    }
-    Ok((ns.max(0) as f64 * all as f64 / counted as f64) as u64)
+    let mean = mean_since.or(mean_ever).unwrap_or(0.0);
+    Ok((mean.max(0.0) * runs.max(0) as f64) as u64)
 }
 
 #[cfg(test)]
@@ -565,6 +567,9 @@ mod tests {
             assert_eq!(flags, [true, false, false, false]);
             // One run counted of four, 10 ns: the four took about 40.
             assert_eq!(variant_cpu_since(c, vid, 0)?, 40);
+            // Since the second run none was counted: the variant's counted runs say 10 each.
+            let second = rows[1].id;
+            assert_eq!(variant_cpu_since(c, vid, second)?, 30);
             Ok(())
         })
         .unwrap();
