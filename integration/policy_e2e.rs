@@ -10,6 +10,7 @@
 mod common;
 
 use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -29,6 +30,13 @@ int main(int argc, char **argv) {
         *nowhere = 1;
     }
 #endif
+    if (strcmp(arg, "exe") == 0) {
+        char exe[4096];
+        ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+        exe[n > 0 ? n : 0] = 0;
+        printf("%s %s\n", TAG, exe);
+        return 0;
+    }
     printf("%s %s\n", TAG, arg);
     /* Alive a while after the exec: a native exec is heard only if its executable can
        still be read from /proc when the daemon handles the exec's event. */
@@ -339,7 +347,8 @@ fn a_served_variants_runs_are_sampled_and_a_crash_without_counters_quarantines()
     cc(TOOL_C, &tool, &["-DTAG=\"original\""]);
     let variant_file = root.join("tool.variant");
     cc(TOOL_C, &variant_file, &["-DTAG=\"variant\"", "-DCRASH_ON"]);
-    let config = "[policy]\nrescan_ms = 100\nserved_count_one_in = 1000000\n";
+    // Through the mount, not bound (bound runs: the next test).
+    let config = "[policy]\nrescan_ms = 100\nserved_count_one_in = 1000000\nbind_served = false\n";
     let daemon = start_daemon(&root, &bin, config);
     std::fs::metadata(daemon.mnt.join("bin/tool")).unwrap();
     let b =
@@ -384,4 +393,163 @@ fn a_served_variants_runs_are_sampled_and_a_crash_without_counters_quarantines()
         count("SELECT count(*) FROM runs WHERE variant_id = ?1 AND counted = 0 AND exit_code = 0"),
         runs.variant as i64
     );
+}
+
+/// Whether something is mounted at `path` (a bind mount over a mirror entry).
+fn mounted_at(path: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(path.to_str().unwrap()))
+}
+
+/// Mounts at or below `dir`.
+fn mounts_under(dir: &Path) -> usize {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .filter(|l| l.split(' ').nth(4).is_some_and(|p| Path::new(p).starts_with(dir)))
+        .count()
+}
+
+fn store_path(state: &Path, vid: i64) -> PathBuf {
+    let conn = common::daemon::catalog_read_only(state);
+    let p: String = conn
+        .query_row("SELECT store_path FROM variants WHERE id = ?1", [vid], |r| r.get(0))
+        .unwrap();
+    PathBuf::from(p)
+}
+
+/// A served tool whose variant the daemon has bind-mounted over its mirror entry.
+fn bound_tool(
+    root: &Path,
+    bin: &Path,
+    config: &str,
+    label: &str,
+) -> (Daemon, PathBuf, PathBuf, i64) {
+    let tool = bin.join("tool");
+    cc(TOOL_C, &tool, &["-DTAG=\"original\""]);
+    let variant_file = root.join("tool.variant");
+    cc(TOOL_C, &variant_file, &["-DTAG=\"variant\"", "-DCRASH_ON"]);
+    let daemon = start_daemon(root, bin, config);
+    std::fs::metadata(daemon.mnt.join("bin/tool")).unwrap();
+    let b =
+        wait_binary(&daemon, &tool, 20, "the binary to be indexed", |b| b["sha256"].is_string());
+    let vid = place_variant(&daemon.state, b["sha256"].as_str().unwrap(), &variant_file, "served");
+    let served = format!("variant {vid} for {label} of execs");
+    wait_binary(&daemon, &tool, 20, "the served variant", |b| b["served"] == served.as_str());
+    let mirror = common::in_mount(&daemon.mnt, &tool);
+    daemon.wait_for(Duration::from_secs(20), "the variant bind-mounted", |_| {
+        mounted_at(&mirror).then_some(())
+    });
+    (daemon, tool, mirror, vid)
+}
+
+#[test]
+fn a_promoted_variant_is_bind_mounted_its_runs_followed_and_a_crash_unbinds_it() {
+    use std::os::unix::fs::MetadataExt;
+    let (_tmp, root, bin) = open_test_root();
+    // An even exploration share: a window through the mount after every bound exec (at
+    // most one per 100 ms), so that 40 runs see a few.
+    let config = "[policy]\nrescan_ms = 100\nexploration_share = 0.5\n";
+    let (daemon, tool, mirror, vid) = bound_tool(&root, &bin, config, "50%");
+
+    // The entry is the store file itself, read-only, and a bound run's executable is still
+    // named by its path in the mount.
+    let store = store_path(&daemon.state, vid);
+    let (m, s) = (std::fs::metadata(&mirror).unwrap(), std::fs::metadata(&store).unwrap());
+    assert_eq!(
+        (m.dev(), m.ino()),
+        (s.dev(), s.ino()),
+        "{} is not the store file",
+        mirror.display()
+    );
+    let write = std::fs::OpenOptions::new().write(true).open(&mirror).unwrap_err();
+    assert_eq!(write.raw_os_error(), Some(libc::EROFS), "{write}");
+    let exe = (0..20)
+        .map(|_| run(Command::new(daemon.mnt.join("bin/tool")).arg("exe")).stdout)
+        .find(|out| out.starts_with("variant "))
+        .expect("20 execs never reached the variant");
+    assert_eq!(exe, format!("variant {}\n", mirror.display()));
+
+    // Every run is followed to its exit: bound ones heard through the mount's mark, those
+    // of the windows through the mount.
+    let measurement = |d: &Daemon| d.status_json()["subsystems"]["policy"]["measurement"].clone();
+    let count = |m: &serde_json::Value, key: &str| m[key].as_u64().unwrap_or(0);
+    let before = measurement(&daemon);
+    let runs = run_tool(&daemon, "hello", 40);
+    let after = daemon.wait_for(Duration::from_secs(20), "the 40 runs followed", |d| {
+        let m = measurement(d);
+        (count(&m, "runs_measured") >= count(&before, "runs_measured") + 40).then_some(m)
+    });
+    let bound = count(&after["bound"], "execs") - count(&before["bound"], "execs");
+    let windows = count(&after["bound"], "windows") - count(&before["bound"], "windows");
+    println!(
+        "40 runs: {} of the variant, {} of the original; {bound} bound, {windows} windows",
+        runs.variant, runs.original
+    );
+    assert!(bound >= 20, "{bound} of 40 runs were bound: {after:#}");
+    assert!(windows >= 1 && runs.original >= 1, "no window in 40 runs: {after:#}");
+    let conn = common::daemon::catalog_read_only(&daemon.state);
+    let n = |sql: &str| -> i64 { conn.query_row(sql, [vid], |r| r.get(0)).unwrap() };
+    assert!(n("SELECT count(*) FROM runs WHERE variant_id = ?1 AND counted = 0") >= 20);
+    let original_counted: i64 = conn
+        .query_row("SELECT count(*) FROM runs WHERE variant_id IS NULL AND counted = 1", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert!(original_counted >= 1, "the windows' original runs are counted");
+    drop(conn);
+
+    // The variant's first crash quarantines it, and the bind mount goes with it.
+    crash_the_variant(&daemon, &tool);
+    daemon.wait_for(Duration::from_secs(10), "the bind mount removed", |_| {
+        (!mounted_at(&mirror)).then_some(())
+    });
+    assert_eq!(run(Command::new(daemon.mnt.join("bin/tool")).arg("x")).stdout, "original x\n");
+}
+
+#[test]
+fn a_bound_variant_survives_a_server_crash_and_goes_with_an_upgrade_and_the_stop() {
+    let (_tmp, root, bin) = open_test_root();
+    let (mut daemon, tool, mirror, _) =
+        bound_tool(&root, &bin, "[policy]\nrescan_ms = 100\n", "95%");
+
+    // A new server clears the mounts of the dead one (their marks died with it) and binds
+    // again: one mount, and its runs heard.
+    let server = daemon.server_pid();
+    unsafe { libc::kill(server as i32, libc::SIGKILL) };
+    daemon.wait_for(Duration::from_secs(30), "a new server with the variant bound", |d| {
+        let bound = d.try_server_pid().is_some_and(|p| p != server)
+            && d.status_json()["subsystems"]["policy"]["measurement"]["bound"]["bound_now"] == 1;
+        bound.then_some(())
+    });
+    assert_eq!(mounts_under(&mirror), 1, "one bind mount, not one per server");
+    let measured = |d: &Daemon| {
+        d.status_json()["subsystems"]["policy"]["measurement"]["bound"]["execs"].as_u64().unwrap()
+    };
+    run_tool(&daemon, "hello", 5);
+    daemon.wait_for(Duration::from_secs(10), "bound runs heard by the new server", |d| {
+        (measured(d) >= 1).then_some(())
+    });
+
+    // An upgrade underneath: the bind goes and the new version runs.
+    let new = root.join("tool.new");
+    cc(TOOL_C, &new, &["-DTAG=\"upgraded\""]);
+    let upgraded_at = Instant::now();
+    std::fs::rename(&new, &tool).unwrap();
+    let mut stale = 0;
+    daemon.wait_for(Duration::from_secs(10), "the upgrade served", |d| {
+        let out = run(Command::new(d.mnt.join("bin/tool")).arg("x")).stdout;
+        stale += usize::from(out != "upgraded x\n");
+        (out == "upgraded x\n").then_some(())
+    });
+    println!(
+        "upgrade: the new version ran {} ms after the rename, after {stale} runs of the old",
+        upgraded_at.elapsed().as_millis()
+    );
+    daemon.wait_for(Duration::from_secs(10), "the bind mount removed", |_| {
+        (!mounted_at(&mirror)).then_some(())
+    });
+
+    // A clean stop leaves no mount behind.
+    daemon.stop();
+    assert_eq!(mounts_under(&daemon.mnt), 0);
 }

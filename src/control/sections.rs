@@ -149,6 +149,8 @@ pub struct PolicyFigures {
 /// Whether runs are measured, and what became of them since start.
 #[derive(Debug, Clone, Serialize)]
 pub struct MeasurementStatus {
+    /// Promoted variants bind-mounted over their entries: their execs make no request.
+    pub bound: BoundStatus,
     /// The counters read per run, as a line.
     pub counters: String,
     pub dropped: DroppedRuns,
@@ -160,6 +162,25 @@ pub struct MeasurementStatus {
     /// Of `runs_measured`, runs followed for their exit only: a served variant's runs get
     /// counters one in `[policy] served_count_one_in`.
     pub runs_without_counters: u64,
+    pub why_off: Option<String>,
+}
+
+/// Execs of variants bind-mounted over their entries since start (`[policy] bind_served`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct BoundStatus {
+    /// Variants bind-mounted now.
+    pub bound_now: usize,
+    /// Runs heard through the bind mounts' fanotify marks (all of them in `runs_measured`,
+    /// as runs without counters, once they ended).
+    pub execs: u64,
+    /// Times a bind mount was removed for a window of execs through the mount (the
+    /// original's exploration runs and counted pairs).
+    pub windows: u64,
+    /// Binds that failed (the variant was then served through the mount).
+    pub failed: u64,
+    /// Times the kernel's queue of bound execs overflowed (runs then not followed).
+    pub overflows: u64,
+    /// Why nothing is bound, when so.
     pub why_off: Option<String>,
 }
 
@@ -232,6 +253,7 @@ mod tests {
                 config: PolicyConfig::default(),
                 machine: OrError::Read(PolicyFigures { binaries_optimized: 1, cpu_saved_ns: 2 }),
                 measurement: MeasurementStatus {
+                    bound: BoundStatus::default(),
                     counters: "cycles".into(),
                     dropped: DroppedRuns {
                         exec_failed: 1,
@@ -280,6 +302,7 @@ mod tests {
         assert_eq!(
             keys(&policy["measurement"]),
             [
+                "bound",
                 "counters",
                 "dropped",
                 "hardware_counters",

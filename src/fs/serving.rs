@@ -21,6 +21,12 @@
 //! served variant and the original each get a share): a draw below the first share picks
 //! the first variant, below the sum of both shares the second, else the original.
 //!
+//! A served entry may be bound (see [`Bind`]): its variant is bind-mounted over the mirror
+//! entry and every exec reaches it with no request; the chooser then answers a lookup with
+//! the variant, cached, and the mount does the rest. In a window between binds the entry
+//! draws per exec again, with both arms even (a 0.5 share), so that the few runs made
+//! through the mount give the policy its pairs.
+//!
 //! Draws come in antithetic pairs: a fresh uniform `u` for one exec, `1 - u` for the next.
 //! Each exec still gets the variant with probability exactly p, but for a 0.5 canary the
 //! two execs of a pair always get one arm each, in random order: consecutive runs of the
@@ -40,6 +46,10 @@ use crate::identity::FileKey;
 /// than the kernel takes between the two lookups of one exec (tens of microseconds), shorter
 /// than one exec of the smallest program through the mount (about a millisecond).
 pub const DRAW_REUSE: Duration = Duration::from_micros(500);
+
+/// The variant's share of execs in a window between binds ([`Bind::Window`]): even arms, so
+/// that the window's two execs are one run of each, in random order (antithetic draws).
+pub const WINDOW_SHARE: f64 = 0.5;
 
 /// One variant of an original binary, ready to be served in its place.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -73,6 +83,21 @@ pub trait VariantChooser: Send + Sync {
 /// Called with the original path whose serving changed.
 type Subscriber = Box<dyn Fn(&Path) + Send + Sync>;
 
+/// How a served entry reaches execs (see the module doc). Set by the binder
+/// (`crate::daemon::serving::binding`); any change of what is served resets it to
+/// [`Bind::Fuse`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Bind {
+    /// Through the mount: every exec looked up, drawn and opened as configured.
+    #[default]
+    Fuse,
+    /// The variant is bind-mounted over the entry: a lookup gets the variant, cached, so
+    /// the kernel crosses into the bind mount without asking.
+    Bound,
+    /// Between two binds: through the mount, each exec drawn with even arms and counted.
+    Window,
+}
+
 /// A variant configured for an original, with the share of execs it gets.
 #[derive(Debug, Clone, PartialEq)]
 struct ServedShare {
@@ -85,6 +110,8 @@ struct ServedShare {
     /// [`ServingTable::counts_run`]). Not part of what is served: a change of it alone
     /// invalidates nothing.
     count_one_in: u32,
+    /// How execs reach it; not part of what is served.
+    bind: Bind,
 }
 
 impl ServedShare {
@@ -204,9 +231,56 @@ impl ServingTable {
                     known.push(v.clone());
                 }
             }
-            let entry = ServedShare { variant, share, second, count_one_in: count_one_in.max(1) };
-            let old = t.served.insert(original.to_path_buf(), entry.clone());
-            old.as_ref().map(ServedShare::arms) != Some(entry.arms())
+            let mut entry = ServedShare {
+                variant,
+                share,
+                second,
+                count_one_in: count_one_in.max(1),
+                bind: Bind::Fuse,
+            };
+            let old = t.served.get(original).cloned();
+            let changed = old.as_ref().map(ServedShare::arms) != Some(entry.arms());
+            if !changed && let Some(old) = &old {
+                entry.bind = old.bind;
+            }
+            t.served.insert(original.to_path_buf(), entry);
+            changed
+        };
+        if changed {
+            self.forget_draw(original);
+            self.notify(original);
+        }
+        changed
+    }
+
+    /// What the binder may bind for `original`: the variant and its share, when a promoted
+    /// variant is served alone with its runs sampled (a canary, a challenger and an
+    /// instrumented variant count every run through the mount).
+    pub fn bindable(&self, original: &Path) -> Option<(ServedVariant, f64)> {
+        let t = self.read();
+        let s = t.served.get(original)?;
+        (s.second.is_none() && s.count_one_in > 1 && s.share > 0.0)
+            .then(|| (s.variant.clone(), s.share))
+    }
+
+    /// How execs reach `original`'s served entry ([`Bind::Fuse`] when none).
+    pub fn bind_of(&self, original: &Path) -> Bind {
+        self.read().served.get(original).map_or(Bind::Fuse, |s| s.bind)
+    }
+
+    /// Sets how execs reach `original`'s served entry; returns whether it changed (then the
+    /// kernel's entries were invalidated, which also detaches a bind mount on them). An
+    /// original with nothing served is left alone.
+    pub fn set_bind(&self, original: &Path, bind: Bind) -> bool {
+        let changed = {
+            let mut t = self.write();
+            match t.served.get_mut(original) {
+                Some(s) if s.bind != bind => {
+                    s.bind = bind;
+                    true
+                }
+                _ => false,
+            }
         };
         if changed {
             self.forget_draw(original);
@@ -224,10 +298,13 @@ impl ServingTable {
     /// Whether this exec-time run of `original` gets counters: always, unless the policy
     /// samples its runs (a served variant); then with probability `1 / one_in`, drawn
     /// independently of the arm the exec got.
+    /// A run in a window between binds is always counted: those runs are the pairs.
     pub fn counts_run(&self, original: &Path) -> bool {
-        match self.count_one_in(original) {
-            0 | 1 => true,
-            n => rand::random_ratio(1, n),
+        let (one_in, bind) =
+            self.read().served.get(original).map_or((1, Bind::Fuse), |s| (s.count_one_in, s.bind));
+        match (one_in, bind) {
+            (_, Bind::Window) | (0 | 1, _) => true,
+            (n, _) => rand::random_ratio(1, n),
         }
     }
 
@@ -324,10 +401,14 @@ impl ServingTable {
         let Some(s) = t.served.get(original).filter(|s| s.variant.expected_original == *key) else {
             return Choice::default();
         };
-        let second_share = s.second.as_ref().map_or(0.0, |(_, p)| *p);
-        if s.share >= 1.0 {
+        let (share, second_share) = match s.bind {
+            Bind::Bound => return Choice { variant: Some(s.variant.clone()), per_exec: false },
+            Bind::Window => (WINDOW_SHARE, 0.0),
+            Bind::Fuse => (s.share, s.second.as_ref().map_or(0.0, |(_, p)| *p)),
+        };
+        if share >= 1.0 {
             Choice { variant: Some(s.variant.clone()), per_exec: false }
-        } else if s.share <= 0.0 && second_share <= 0.0 {
+        } else if share <= 0.0 && second_share <= 0.0 {
             Choice::default()
         } else {
             let mut draws = self.draws.lock().unwrap_or_else(|e| e.into_inner());
@@ -339,9 +420,9 @@ impl ServingTable {
                         Some(u) => (u, None),
                         None => (draw, Some(1.0 - draw)),
                     };
-                    let chose = if u < s.share {
+                    let chose = if u < share {
                         Arm::First
-                    } else if u < s.share + second_share {
+                    } else if u < share + second_share {
                         Arm::Second
                     } else {
                         Arm::Original

@@ -6,10 +6,12 @@
 //! - [`run_supervised`]: the daemon's way to mount (forks; call before any thread exists);
 //! - [`mount_background`]: an in-process mount for tests and tools, unmounted on drop;
 //! - [`unmount`]: `optbin umount` (lazy if busy);
+//! - [`bind`]: read-only bind mounts of variant files over mirror entries;
 //! - [`holder::run`]: `optbin hold`, the keeper of the connection outside systemd;
 //! - [`mount_state`] / [`prepare_mountpoint`]: what is at a mountpoint, stale-mount cleanup.
 
 mod adapter;
+pub mod bind;
 pub mod connection;
 pub mod fdstore;
 pub mod holder;

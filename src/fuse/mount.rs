@@ -157,7 +157,7 @@ pub fn mount_state(mountpoint: &Path) -> anyhow::Result<MountState> {
     }
 }
 
-fn unescape(s: &str) -> String {
+pub(super) fn unescape(s: &str) -> String {
     // mountinfo escapes space, tab, newline and backslash as \ooo.
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -254,6 +254,8 @@ pub enum Unmounted {
 /// mount closes its files. SIGTERM to the supervisor is the prompt, clean way to stop.
 pub fn unmount(mountpoint: &Path) -> anyhow::Result<Unmounted> {
     let mountpoint = crate::fs::absolute_mountpoint(mountpoint)?;
+    // Variants bind-mounted over entries (`super::bind`) would make the mount busy.
+    super::bind::detach_submounts(&mountpoint);
     let c = cpath(&mountpoint)?;
     let Err(err) = rustix::mount::unmount(&*c, UnmountFlags::empty()) else {
         return Ok(Unmounted::Clean);

@@ -41,6 +41,18 @@ mod unix_secs {
 
 /// The overlay of the safe server: every file its original.
 pub fn overlay(config: OverlayConfig, info: SafeModeInfo) -> anyhow::Result<Arc<Overlay>> {
+    // Variants a full server bind-mounted over entries would still be served: remove them
+    // (a path walk through the mount, so on a thread of its own until the session answers).
+    let mountpoint = config.mountpoint.clone();
+    let unbind = std::thread::Builder::new().name("optbin-unbind".into()).spawn(move || {
+        let n = super::bind::detach_submounts(&mountpoint);
+        if n > 0 {
+            tracing::info!(n, "safe mode: removed the bind mounts of served variants");
+        }
+    });
+    if let Err(e) = unbind {
+        tracing::warn!(error = %e, "safe mode: could not start removing bind mounts");
+    }
     Overlay::new(
         config.clone(),
         ServingTable::new(),

@@ -27,6 +27,7 @@
 
 pub mod cmdline;
 pub mod counters;
+pub mod exec_marks;
 #[cfg(test)]
 pub(crate) mod fakes;
 pub mod proc_connector;
@@ -122,6 +123,16 @@ impl ProcEventSource for ProcConnector {
 /// thread: it must be quick and must not block.
 pub type ExecHook = Box<dyn Fn(u32, &Path, u64) + Send + Sync>;
 
+/// Execs that made no FUSE request (variants bind-mounted over their entries, see
+/// `crate::daemon::serving::binding`), heard after the fact. Drained by the reader thread
+/// after each read of process events and before it handles them: an exec's open is heard
+/// before its process's exit can be. Runs on the reader thread: it must be quick and must
+/// not block.
+pub trait BoundExecs: Send + Sync {
+    /// Appends the exec-time opens heard since the last call.
+    fn drain(&self, out: &mut Vec<ExecOpen>);
+}
+
 /// Attaches counters on exec-time opens and emits a [`RunRecord`] per finished run.
 /// Dropping it stops its reader thread.
 ///
@@ -138,6 +149,7 @@ pub struct Measurer {
     reader: Option<JoinHandle<()>>,
     killed: Arc<Notify>,
     exec_hook: Arc<OnceLock<ExecHook>>,
+    bound: Arc<OnceLock<Box<dyn BoundExecs>>>,
 }
 
 impl std::fmt::Debug for Measurer {
@@ -169,20 +181,31 @@ impl Measurer {
         let (tx, rx) = mpsc::unbounded_channel();
         let killed = Arc::new(Notify::new());
         let exec_hook = Arc::new(OnceLock::new());
+        let bound: Arc<OnceLock<Box<dyn BoundExecs>>> = Arc::new(OnceLock::new());
         let reader = {
             let stats = stats.clone();
             let stop = stop.clone();
             let out = Records { tx, killed: killed.clone(), exec_hook: exec_hook.clone() };
+            let bound = bound.clone();
             std::thread::Builder::new()
                 .name("optbin-measure".into())
                 .spawn(move || {
-                    let mut tracker = Tracked { tracker: RunTracker::new(), registered, stats };
+                    let mut tracker =
+                        Tracked { tracker: RunTracker::new(), registered, stats, bound };
                     read_loop(&mut source, &procs, &mut tracker, &stop, &out)
                 })
                 .context("starting the measurement thread")?
         };
-        let measurer =
-            Self { registrations, stats, counters, stop, reader: Some(reader), killed, exec_hook };
+        let measurer = Self {
+            registrations,
+            stats,
+            counters,
+            stop,
+            reader: Some(reader),
+            killed,
+            exec_hook,
+            bound,
+        };
         Ok((measurer, rx))
     }
 
@@ -190,6 +213,12 @@ impl Measurer {
     /// set stays. Without a hook no executable path is read.
     pub fn set_exec_hook(&self, hook: ExecHook) {
         let _ = self.exec_hook.set(hook);
+    }
+
+    /// Sets where execs that made no FUSE request are heard (see [`BoundExecs`]); the
+    /// first one set stays.
+    pub fn set_bound_execs(&self, bound: Box<dyn BoundExecs>) {
+        let _ = self.bound.set(bound);
     }
 
     /// Notified after a record of a run killed by a signal was sent. A consumer that must
@@ -281,11 +310,21 @@ struct Tracked {
     tracker: RunTracker,
     registered: std_mpsc::Receiver<Registration>,
     stats: Arc<TrackerStats>,
+    bound: Arc<OnceLock<Box<dyn BoundExecs>>>,
 }
 
 impl Tracked {
-    /// Takes the exec-time opens registered so far.
+    /// Takes the exec-time opens registered so far, and the bound execs heard so far.
     fn take_registrations(&mut self) {
+        if let Some(bound) = self.bound.get() {
+            let mut opens = Vec::new();
+            bound.drain(&mut opens);
+            for open in opens {
+                // Heard after the fact, but before any event of its process is handled
+                // (see `BoundExecs`): no earlier event can be mistaken for it.
+                self.tracker.register_exit_only(open, 0);
+            }
+        }
         while let Ok(r) = self.registered.try_recv() {
             match r.counters {
                 Some(counters) => self.tracker.register(r.open, counters, r.registered_ns),

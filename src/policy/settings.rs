@@ -42,6 +42,11 @@ pub struct Settings {
     /// counters; the others are followed for their exit status only (crashes and exit codes
     /// are still caught at once). 1: every run is counted. Canaries always count every run.
     pub served_count_one_in: u32,
+    /// A promoted variant (served alone, its runs sampled) is bind-mounted over its entry in
+    /// the mount, so that its execs make no FUSE request; the original's exploration runs
+    /// and the counted runs are made in short windows through the mount (docs/mount.md).
+    /// Off: every exec of it goes through the mount.
+    pub bind_served: bool,
     /// How often every watched binary is checked for new variants and changed controls.
     pub rescan_ms: u64,
     /// Measured runs older than this are deleted.
@@ -66,6 +71,7 @@ impl Default for Settings {
             suspicious_exit_strikes: p.suspicious_exit_strikes,
             serving_cost_us: p.serving_cost_us,
             served_count_one_in: p.served_count_one_in,
+            bind_served: true,
             rescan_ms: t.rescan_every.as_millis() as u64,
             runs_max_age_days: t.runs_max_age.as_secs() / 86_400,
             runs_max_rows: t.runs_max_rows,

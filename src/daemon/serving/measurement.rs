@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc, watch};
 
+use super::binding::Binder;
 use super::instrumented::InstrServing;
-use crate::fs::{EventSink, FsEvent, ServingTable};
+use crate::fs::{Bind, EventSink, FsEvent, ServingTable};
 use crate::measure::{ExecOpen, Measurer, RunExit, RunRecord};
 
 /// How long measured runs that ended normally are held to reach the policy as one batch.
@@ -77,6 +78,8 @@ pub(super) struct MeasuringEvents {
     /// Which runs get counters ([`ServingTable::counts_run`]).
     pub(super) serving: Arc<ServingTable>,
     pub(super) instr: Arc<InstrServing>,
+    /// Told of execs through the mount in a window between binds.
+    pub(super) binder: Option<Arc<Binder>>,
     pub(super) next: Arc<dyn EventSink>,
 }
 
@@ -93,6 +96,11 @@ impl EventSink for MeasuringEvents {
                 key: *key,
             };
             self.measurement.on_exec_open(open, counted);
+            if let Some(b) = &self.binder
+                && self.serving.bind_of(original) == Bind::Window
+            {
+                b.window_exec(original);
+            }
             if let Some(v) = variant_id {
                 self.instr.on_exec(original, *v);
             }

@@ -39,6 +39,7 @@
 //! detection. Promoted variants and pins are still served; status says why measurement is
 //! off.
 
+pub mod binding;
 mod instrumented;
 mod measurement;
 mod reconcile;
@@ -65,6 +66,7 @@ use crate::policy::load::{NoPipeline, PipelineView};
 use crate::policy::task::{PolicyTaskOptions, run_policy};
 use crate::profile::instrument::InstrumentationBudget;
 use crate::warm::Warmer;
+use binding::{Binder, BinderSetup};
 use instrumented::InstrServing;
 use measurement::{Measurement, MeasuringEvents, count_runs};
 use reconcile::{Inner, TableSink, apply_decisions};
@@ -82,6 +84,9 @@ pub struct Parts {
     pub instrumentation: Option<InstrumentationBudget>,
     /// Paths the config leaves alone.
     pub exclusions: Exclusions,
+    /// The mount's path, where promoted variants are bind-mounted (`binding`); None: none
+    /// is (tests without a mount).
+    pub mountpoint: Option<PathBuf>,
 }
 
 impl Default for Parts {
@@ -91,6 +96,7 @@ impl Default for Parts {
             pipeline: Arc::new(NoPipeline),
             instrumentation: None,
             exclusions: Exclusions::default(),
+            mountpoint: None,
         }
     }
 }
@@ -153,6 +159,7 @@ impl Serving {
             pipeline,
             instrumentation: cfg.profile.instrumentation_budget(),
             exclusions: Exclusions { patterns: cfg.patterns.clone(), overlay: cfg.overlay.clone() },
+            mountpoint: Some(cfg.mountpoint.clone()),
         };
         Self::with_measurer(parts, catalog, table, measured)
     }
@@ -164,6 +171,19 @@ impl Serving {
         table: Arc<ServingTable>,
         measured: Result<(Measurer, mpsc::UnboundedReceiver<RunRecord>), String>,
     ) -> Self {
+        let binder = parts.mountpoint.map(|mountpoint| {
+            Binder::start(BinderSetup {
+                table: table.clone(),
+                mountpoint,
+                enabled: parts.settings.bind_served,
+                measuring: measured.is_ok(),
+            })
+        });
+        if let (Some(b), Ok((m, _))) = (&binder, &measured)
+            && let Some(bound) = b.bound_execs()
+        {
+            m.set_bound_execs(bound);
+        }
         let (measurement, records) = match measured {
             Ok((m, rx)) => {
                 let killed = m.killed_runs();
@@ -183,6 +203,7 @@ impl Serving {
             diverged: Mutex::new(HashSet::new()),
             clock: Arc::new(SystemClock),
             instr: Arc::new(InstrServing { budget: parts.instrumentation, ..Default::default() }),
+            binder,
         });
         Self { inner, settings: parts.settings, records, native: Arc::default() }
     }
@@ -204,6 +225,9 @@ impl Serving {
     pub fn hear_native_execs(&self, warmer: Arc<Warmer>, overlay_dirs: Vec<PathBuf>) -> bool {
         let Some(m) = &self.inner.measurement.measurer else { return false };
         let table = self.inner.serving.clone();
+        if let Some(b) = &self.inner.binder {
+            b.set_warmer(warmer.clone());
+        }
         m.set_exec_hook(native_execs::hook(self.native.clone(), warmer, table, overlay_dirs));
         true
     }
@@ -225,6 +249,7 @@ impl Serving {
             measurement: self.inner.measurement.clone(),
             serving: self.inner.serving.clone(),
             instr: self.inner.instr.clone(),
+            binder: self.inner.binder.clone(),
             next,
         })
     }
@@ -252,6 +277,15 @@ impl Serving {
                 runs_tx,
                 shutdown.clone(),
             )));
+        }
+        if let Some(binder) = self.inner.binder.clone() {
+            // The bind mounts go when the server stops (a path walk per mount: not on the
+            // runtime's threads).
+            let mut stop = shutdown.clone();
+            tasks.push(rt.spawn(async move {
+                let _ = stop.changed().await;
+                let _ = tokio::task::spawn_blocking(move || binder.stop()).await;
+            }));
         }
         // Without a measurer the run channel is closed at once: the task only rescans.
         let (paths_tx, paths_rx) = mpsc::unbounded_channel();

@@ -37,6 +37,8 @@ pub(super) struct Inner {
     pub(super) serving: Arc<ServingTable>,
     pub(super) config: PolicyConfig,
     pub(super) measurement: Arc<Measurement>,
+    /// The owner of the bind mounts of promoted variants (None without a mount).
+    pub(super) binder: Option<Arc<super::binding::Binder>>,
     /// Where the optimizing pipeline is per binary (for stage texts).
     pub(super) pipeline: Arc<dyn PipelineView>,
     /// The config's deny/allow lists and the overlaid directories.

@@ -54,6 +54,16 @@ impl PolicyStatus {
         } else {
             String::new()
         };
+        let bound = self.inner.binder.as_ref().map(|b| b.status()).unwrap_or_default();
+        let sampled = if bound.execs > 0 {
+            format!(
+                "{sampled}; {} runs of variants bind-mounted over their entry (no request; {} \
+                 windows through the mount)",
+                bound.execs, bound.windows
+            )
+        } else {
+            sampled
+        };
         let not_attached = m.not_attached.load(Ordering::Relaxed);
         let not_recorded = crate::measure::RUNS_NOT_RECORDED.load(Ordering::Relaxed);
         let (pending, dropped) = match &m.measurer {
@@ -78,6 +88,7 @@ impl PolicyStatus {
             Some(why) => format!("measurement off, no canaries ({why})"),
         };
         let status = MeasurementStatus {
+            bound,
             counters,
             dropped: DroppedRuns {
                 exec_failed: dropped.exec_failed,
