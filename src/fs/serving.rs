@@ -536,6 +536,48 @@ mod tests {
     }
 
     #[test]
+    fn a_bound_entry_is_cached_and_a_window_draws_even_arms_and_counts_every_run() {
+        let table = ServingTable::new();
+        let notified = Arc::new(Mutex::new(0));
+        let n = notified.clone();
+        table.subscribe(move |_| *n.lock().unwrap() += 1);
+        let prog = Path::new("/usr/bin/prog");
+        let v = variant(1, key(1));
+        assert_eq!(table.bindable(prog), None, "nothing served");
+        table.serve_arms(prog, v.clone(), 0.95, None, 1);
+        assert_eq!(table.bindable(prog), None, "every run counted: through the mount");
+        table.serve_arms(prog, v.clone(), 0.5, Some((variant(2, key(1)), 0.3)), 8);
+        assert_eq!(table.bindable(prog), None, "a challenger's canary: through the mount");
+        table.serve_arms(prog, v.clone(), 0.95, None, 8);
+        assert_eq!(table.bindable(prog), Some((v.clone(), 0.95)));
+
+        let before = *notified.lock().unwrap();
+        assert!(table.set_bind(prog, Bind::Bound));
+        assert!(!table.set_bind(prog, Bind::Bound), "unchanged");
+        assert_eq!(*notified.lock().unwrap(), before + 1, "a change of bind invalidates");
+        let t0 = Instant::now();
+        for i in 1..=10 {
+            let c = table.choice(prog, &key(1), 0.99, t0 + DRAW_REUSE * 2 * i);
+            assert_eq!(c, Choice { variant: Some(v.clone()), per_exec: false }, "cached");
+        }
+        assert_eq!(table.choice(prog, &key(2), 0.0, t0).variant, None, "stale after an upgrade");
+
+        table.set_bind(prog, Bind::Window);
+        let arms: Vec<bool> = (1..=2)
+            .map(|i| table.choice(prog, &key(1), 0.3, t0 + DRAW_REUSE * 2 * i).variant.is_some())
+            .collect();
+        assert_eq!(arms, [true, false], "even arms, antithetic: one of each");
+        assert!((0..100).all(|_| table.counts_run(prog)), "a window counts every run");
+
+        table.serve_arms(prog, v.clone(), 0.95, None, 8);
+        assert_eq!(table.bind_of(prog), Bind::Window, "the same arms keep the bind");
+        table.serve_arms(prog, variant(3, key(1)), 0.95, None, 8);
+        assert_eq!(table.bind_of(prog), Bind::Fuse, "new arms reset it");
+        table.serve(prog, None);
+        assert!(!table.set_bind(prog, Bind::Bound), "nothing served: nothing to bind");
+    }
+
+    #[test]
     fn an_exec_before_an_exclusion_was_not_excluded_whenever_it_is_asked() {
         let table = ServingTable::new();
         let original = Path::new("/usr/bin/x");
