@@ -109,8 +109,11 @@ pub fn resolve_binary(conn: &Connection, r: &RunRecord) -> anyhow::Result<Option
         return Ok(Some(id));
     }
     if let Some(v) = r.variant_id {
+        // Cached: a batch resolves every run (a statement parsed per run cost the catalog
+        // thread more than the insert).
         let id: Option<i64> = conn
-            .query_row("SELECT binary_id FROM variants WHERE id = ?1", [v], |row| row.get(0))
+            .prepare_cached("SELECT binary_id FROM variants WHERE id = ?1")?
+            .query_row([v], |row| row.get(0))
             .optional()?;
         if id.is_some() {
             return Ok(id);
@@ -138,7 +141,7 @@ pub fn insert_runs(
     let tx = conn.transaction()?;
     let mut out = Vec::with_capacity(records.len());
     {
-        let mut stmt = tx.prepare(
+        let mut stmt = tx.prepare_cached(
             "INSERT INTO runs (binary_id, path, variant_id, cmd_hash, task_clock_ns,
                                instructions, cycles, wall_ns, exit_code, exit_signal, at_ms,
                                page_faults, context_switches, branch_misses, l1i_misses,

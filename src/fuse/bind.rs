@@ -85,10 +85,6 @@ pub fn attach_read_only(
 }
 
 impl BoundFile {
-    pub fn target(&self) -> &Path {
-        &self.target
-    }
-
     /// Whether the mount is still where it was put: the kernel detaches it when the entry
     /// under it is invalidated. Stats the target (the mount when attached, else the entry
     /// of the mount under it).

@@ -14,7 +14,6 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A fanotify group for exec-time opens through marked mounts.
@@ -24,12 +23,12 @@ pub struct ExecMarks {
     overflows: AtomicU64,
 }
 
-/// One exec through a marked mount: who, and the path it opened (the bind mount's target,
-/// a path inside the FUSE mount).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One exec through a marked mount: who, and the file it opened (device and inode: an
+/// `fstat` of the event's descriptor, cheaper than naming it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MarkedExec {
     pub pid: i32,
-    pub path: PathBuf,
+    pub file: (u64, u64),
 }
 
 impl ExecMarks {
@@ -98,9 +97,8 @@ impl ExecMarks {
                 }
                 // SAFETY: the kernel opened this descriptor for us; we own it now.
                 let file = unsafe { OwnedFd::from_raw_fd(meta.fd) };
-                if let Ok(path) = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
-                {
-                    out.push(MarkedExec { pid: meta.pid, path });
+                if let Ok(st) = rustix::fs::fstat(&file) {
+                    out.push(MarkedExec { pid: meta.pid, file: (st.st_dev, st.st_ino) });
                 }
             }
         }

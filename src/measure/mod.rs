@@ -116,7 +116,8 @@ impl ProcEventSource for ProcConnector {
     }
 }
 
-/// Told of every completed exec on the machine: the process id, its executable's path
+/// Told of every completed exec on the machine but those of runs the measurer follows (they
+/// ran a file of the mount, which is not a native exec): the process id, its executable's path
 /// (`/proc/PID/exe`, read by the reader thread at the exec event, while the process is
 /// surely alive) and when the exec completed (the kernel's CLOCK_MONOTONIC nanoseconds,
 /// [`crate::clock::monotonic_ns`]; the event is handled a moment later). Runs on the reader
@@ -412,8 +413,10 @@ fn read_loop(
         tracked.take_registrations();
         let t = &mut tracked.tracker;
         for ev in events.drain(..) {
+            // A run followed from the mount ran the mount's file: not a native exec for the
+            // hook, whose executable need not be read (a path walk per run).
             let exec = match ev {
-                ProcEvent::Exec { tgid, ts_ns, .. } => Some((tgid, ts_ns)),
+                ProcEvent::Exec { tgid, ts_ns, .. } if !t.follows(tgid) => Some((tgid, ts_ns)),
                 _ => None,
             };
             if let Some(record) = t.on_event(ev, procs, SystemClock.unix_ms()) {
@@ -531,7 +534,7 @@ mod tests {
     }
 
     #[test]
-    fn the_exec_hook_hears_every_exec_measured_or_not() {
+    fn the_exec_hook_hears_every_exec_but_the_measured_ones() {
         let (tx, rx) = std_mpsc::channel();
         let (m, mut records) =
             Measurer::with_parts(Arc::new(FixedFactory), ChannelSource(rx), ProcsWithExe).unwrap();
@@ -549,9 +552,11 @@ mod tests {
         tx.send(ProcEvent::Exit { pid: 91, tgid: 91, status: 0, ts_ns: t + 30 }).unwrap();
         let tool = PathBuf::from("/usr/bin/tool");
         let wait = Duration::from_secs(10);
-        assert_eq!(heard.recv_timeout(wait).unwrap(), (90, tool.clone()));
-        assert_eq!(heard.recv_timeout(wait).unwrap(), (91, tool));
-        assert_eq!(records.blocking_recv().unwrap().exit, RunExit::Exited(0), "still measured");
+        assert_eq!(heard.recv_timeout(wait).unwrap(), (90, tool));
+        assert_eq!(records.blocking_recv().unwrap().exit, RunExit::Exited(0), "measured");
+        // A measured run executes the mount's file: the hook (native execs) is not told, and
+        // its executable is not read.
+        assert!(heard.try_recv().is_err(), "the measured exec reached the hook");
     }
 
     #[test]

@@ -93,6 +93,11 @@ impl RunTracker {
         Self::default()
     }
 
+    /// Whether a run of `pid` is being followed (registered, not ended).
+    pub fn follows(&self, pid: i32) -> bool {
+        self.pending.contains_key(&pid)
+    }
+
     pub fn pending(&self) -> usize {
         self.pending.len()
     }

@@ -130,6 +130,13 @@ pub fn render(report: &StatusReport, host: Option<&UseSummary>) -> String {
         let help = "Of those, runs followed to their exit without counters (a served variant's \
                     runs not sampled).";
         f.add("optbin_runs_without_counters_total", "counter", help, &[], v);
+        let b = &p.measurement.bound;
+        let help = "Runs of variants bind-mounted over their entry (no request through the mount).";
+        f.add("optbin_bound_runs_total", "counter", help, &[], b.execs as f64);
+        let help = "Windows in which a bind mount was removed for execs through the mount.";
+        f.add("optbin_bound_windows_total", "counter", help, &[], b.windows as f64);
+        let help = "Variants bind-mounted over their entry now.";
+        f.add("optbin_bound_variants", "gauge", help, &[], b.bound_now as f64);
     }
     if let Some(o) = &sections.optimizer {
         let o = &o.status;

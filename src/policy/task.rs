@@ -8,10 +8,10 @@
 //! `decision.choose(random draw)`. Controls call [`reevaluate_binary`] after a change (a
 //! rescan also notices it within `rescan_every`).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rusqlite::Connection;
 use tokio::sync::{mpsc, watch};
@@ -20,7 +20,7 @@ use super::load::{Applied, PipelineView, apply, controls_of, load_for_decision};
 use super::{PolicyConfig, ServeDecision, Stage, decide, evaluate};
 use crate::catalog::{Catalog, base, runs};
 use crate::clock::Clock;
-use crate::measure::RunRecord;
+use crate::measure::{RunExit, RunRecord};
 
 /// Where the policy's decisions go (the overlay's serving table). Called from the policy
 /// task; it must not block.
@@ -66,6 +66,19 @@ impl Default for PolicyTaskOptions {
 
 /// The most runs stored in one transaction.
 const BATCH: usize = 256;
+
+/// How often a binary whose new runs all exited normally is re-evaluated: its runs are
+/// stored as they come, and looks, drift blocks and the shown gain wait for this. An
+/// evaluation reads up to [`super::load::RUNS_PER_BINARY`] runs of the binary and
+/// computes its pair statistics: once per batch (every 100 ms under a stream of execs) it
+/// cost the catalog thread more CPU per run than the run's own storing (docs/mount.md).
+pub const EVALUATE_EVERY: Duration = Duration::from_secs(1);
+
+/// Whether a run makes its binary's evaluation urgent: killed by a signal or exiting
+/// nonzero, it may quarantine a variant, which must happen before the next exec.
+pub fn urgent(run: &RunRecord) -> bool {
+    run.exit != RunExit::Exited(0)
+}
 
 /// Evaluates one binary, records what changed, and returns each of its paths with what to
 /// serve and the stage. The control module calls this after a pin or exclusion changes.
@@ -119,6 +132,11 @@ pub async fn run_policy(
     let mut rotate = tokio::time::interval(opts.rotate_every);
     rotate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut records_open = true;
+    // Binaries whose evaluation waits for the next tick, and when each was last evaluated.
+    let mut deferred: BTreeSet<i64> = BTreeSet::new();
+    let mut evaluated: HashMap<i64, Instant> = HashMap::new();
+    let mut evaluate = tokio::time::interval(EVALUATE_EVERY);
+    evaluate.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         if *shutdown.borrow() {
             break;
@@ -142,7 +160,26 @@ pub async fn run_policy(
                         Err(_) => break,
                     }
                 }
-                ingest(&catalog, batch, &opts).await
+                match ingest(&catalog, batch, &opts, &evaluated).await {
+                    Ok((decisions, now, later)) => {
+                        let at = Instant::now();
+                        for id in now {
+                            deferred.remove(&id);
+                            evaluated.insert(id, at);
+                        }
+                        deferred.extend(later);
+                        Ok(decisions)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            _ = evaluate.tick(), if !deferred.is_empty() => {
+                let ids = std::mem::take(&mut deferred);
+                let at = Instant::now();
+                for id in &ids {
+                    evaluated.insert(*id, at);
+                }
+                evaluate_binaries(&catalog, &opts, ids).await
             }
             _ = rescan.tick() => {
                 let serving: Vec<(String, Option<i64>)> = sent
@@ -185,22 +222,62 @@ fn tagged(binary_id: i64, list: Vec<(String, ServeDecision, Stage)>) -> Decision
     list.into_iter().map(|(p, d, _)| (p, Some(binary_id), d)).collect()
 }
 
+/// Stores a batch of runs and evaluates the binaries it touched that are due: one with an
+/// [`urgent`] run, or not evaluated within [`EVALUATE_EVERY`] (per `evaluated`). Returns
+/// the decisions, the binaries evaluated and those left for the next tick.
 async fn ingest(
     catalog: &Catalog,
     batch: Vec<RunRecord>,
     opts: &PolicyTaskOptions,
-) -> anyhow::Result<Decisions> {
+    evaluated: &HashMap<i64, Instant>,
+) -> anyhow::Result<(Decisions, Vec<i64>, Vec<i64>)> {
     let (cfg, pipeline, now) = (opts.config.clone(), opts.pipeline.clone(), opts.clock.unix_ms());
+    let recent: HashMap<i64, Instant> = evaluated
+        .iter()
+        .filter(|(_, at)| at.elapsed() < EVALUATE_EVERY)
+        .map(|(id, at)| (*id, *at))
+        .collect();
     catalog
         .run(move |conn| {
             let stored = runs::insert_runs(conn, &batch).inspect_err(|_| {
                 crate::measure::RUNS_NOT_RECORDED
                     .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
             })?;
-            let touched: BTreeSet<i64> =
-                stored.iter().flatten().filter_map(|s| s.binary_id).collect();
+            // Per binary touched: whether one of its runs is urgent.
+            let mut touched: BTreeMap<i64, bool> = BTreeMap::new();
+            for (record, s) in batch.iter().zip(&stored) {
+                if let Some(id) = s.as_ref().and_then(|s| s.binary_id) {
+                    *touched.entry(id).or_default() |= urgent(record);
+                }
+            }
+            let (mut out, mut now_ids, mut later) = (Vec::new(), Vec::new(), Vec::new());
+            for (binary_id, urgent) in touched {
+                if !urgent && recent.contains_key(&binary_id) {
+                    later.push(binary_id);
+                    continue;
+                }
+                out.extend(tagged(
+                    binary_id,
+                    reevaluate_binary(conn, binary_id, &cfg, &*pipeline, now)?,
+                ));
+                now_ids.push(binary_id);
+            }
+            Ok((out, now_ids, later))
+        })
+        .await
+}
+
+/// Evaluates binaries whose evaluation was deferred.
+async fn evaluate_binaries(
+    catalog: &Catalog,
+    opts: &PolicyTaskOptions,
+    ids: BTreeSet<i64>,
+) -> anyhow::Result<Decisions> {
+    let (cfg, pipeline, now) = (opts.config.clone(), opts.pipeline.clone(), opts.clock.unix_ms());
+    catalog
+        .run(move |conn| {
             let mut out = Vec::new();
-            for binary_id in touched {
+            for binary_id in ids {
                 out.extend(tagged(
                     binary_id,
                     reevaluate_binary(conn, binary_id, &cfg, &*pipeline, now)?,
@@ -323,6 +400,14 @@ mod tests {
             exit: RunExit::Exited(0),
             at_ms: 1,
         }
+    }
+
+    #[test]
+    fn only_a_run_that_may_quarantine_is_urgent() {
+        let run = |exit| RunRecord { exit, ..record(1, Some(2), 10) };
+        assert!(!urgent(&run(RunExit::Exited(0))));
+        assert!(urgent(&run(RunExit::Exited(3))), "an exit code the original may never give");
+        assert!(urgent(&run(RunExit::Signaled(libc::SIGSEGV))));
     }
 
     #[tokio::test]

@@ -72,7 +72,7 @@ pub fn window_due(share: f64, since_last_window: Duration, draw: f64) -> bool {
     draw < 1.0 / bound_execs_per_window
 }
 
-/// What a bound exec is, by the path of its bind mount.
+/// What a bound exec is, by the device and inode of its store file.
 #[derive(Debug)]
 struct BoundRun {
     original: PathBuf,
@@ -101,7 +101,8 @@ struct BindCounts {
 
 /// Shared by the binder thread and the measurer's thread (which drains bound execs).
 struct Shared {
-    runs: RwLock<HashMap<PathBuf, Arc<BoundRun>>>,
+    /// By the store file's (device, inode): a store file is bound for one original at most.
+    runs: RwLock<HashMap<(u64, u64), Arc<BoundRun>>>,
     marks: Option<ExecMarks>,
     warmer: OnceLock<Arc<Warmer>>,
     tx: Mutex<mpsc::Sender<Msg>>,
@@ -229,7 +230,7 @@ impl BoundExecs for BoundExecsOf {
         }
         let runs = self.0.runs.read().unwrap_or_else(|e| e.into_inner());
         for exec in heard {
-            let Some(run) = runs.get(&exec.path) else { continue };
+            let Some(run) = runs.get(&exec.file) else { continue };
             self.0.counts.bound_execs.fetch_add(1, Ordering::Relaxed);
             out.push(ExecOpen {
                 pid: exec.pid,
@@ -256,12 +257,15 @@ enum State {
     Bound {
         file: BoundFile,
         variant_id: i64,
+        /// The store file's (device, inode), its key in [`Shared::runs`].
+        store: (u64, u64),
     },
     Window {
         variant_id: i64,
         execs: u32,
     },
-    /// Not bound: why, and since when (retried after [`RETRY_AFTER`]).
+    /// Not bound (the reason was logged), since when: retried after [`RETRY_AFTER`] or when
+    /// the entry changes.
     Failed {
         variant_id: i64,
         at: Instant,
@@ -284,13 +288,19 @@ impl Worker {
         if cleared > 0 {
             tracing::info!(cleared, "removed bind mounts a previous server left");
         }
+        let mut checked = Instant::now();
         loop {
-            match rx.recv_timeout(CHECK_EVERY) {
+            match rx.recv_timeout(CHECK_EVERY.saturating_sub(checked.elapsed())) {
                 Ok(Msg::Changed(p)) => self.evaluate(&p),
                 Ok(Msg::WindowDue(p)) => self.open_window(&p),
                 Ok(Msg::WindowExec(p)) => self.window_exec(&p),
-                Err(RecvTimeoutError::Timeout) => self.check(),
+                Err(RecvTimeoutError::Timeout) => {}
                 Ok(Msg::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+            }
+            // Also under a steady stream of messages.
+            if checked.elapsed() >= CHECK_EVERY {
+                self.check();
+                checked = Instant::now();
             }
         }
         for (original, state) in self.states.drain() {
@@ -315,7 +325,7 @@ impl Worker {
         };
         let bind_now = self.table.bind_of(original);
         let settled = match self.states.get(original) {
-            Some(State::Bound { file, variant_id }) => {
+            Some(State::Bound { file, variant_id, .. }) => {
                 *variant_id == variant.variant_id && bind_now == Bind::Bound && file.is_attached()
             }
             Some(State::Window { variant_id, .. }) => {
@@ -332,8 +342,8 @@ impl Worker {
     }
 
     fn unbind(&self, original: &Path, state: State) {
-        if let State::Bound { file, .. } = state {
-            self.shared.runs.write().unwrap_or_else(|e| e.into_inner()).remove(file.target());
+        if let State::Bound { file, store, .. } = state {
+            self.shared.runs.write().unwrap_or_else(|e| e.into_inner()).remove(&store);
             if let Err(e) = file.detach() {
                 tracing::warn!(original = %original.display(), error = %e, "could not remove a bind mount");
             }
@@ -345,7 +355,14 @@ impl Worker {
             self.unbind(original, old);
         }
         let target = self.mountpoint.join(original.strip_prefix("/").unwrap_or(original));
+        let store = std::fs::metadata(&variant.path_in_store).map(|m| (m.dev(), m.ino()));
         let attached = bindable_files(original, &variant).and_then(|()| {
+            let store = store.as_ref().map_err(|e| format!("{e}"))?;
+            let runs = self.shared.runs.read().unwrap_or_else(|e| e.into_inner());
+            if runs.contains_key(store) {
+                return Err("its store file is bound for another path already".into());
+            }
+            drop(runs);
             // The lookup the attach makes must get the cached variant entry.
             self.table.set_bind(original, Bind::Bound);
             let marks = self.shared.marks.as_ref();
@@ -355,8 +372,8 @@ impl Worker {
             .map_err(|e| format!("bind-mounting {}: {e}", variant.path_in_store.display()))
         });
         let variant_id = variant.variant_id;
-        match attached {
-            Ok(file) => {
+        match attached.and_then(|f| store.map(|s| (f, s)).map_err(|e| e.to_string())) {
+            Ok((file, store)) => {
                 tracing::debug!(original = %original.display(), variant_id, "variant bound");
                 let run = BoundRun {
                     original: original.to_path_buf(),
@@ -365,9 +382,10 @@ impl Worker {
                     last_window: Mutex::new(Instant::now()),
                 };
                 let mut runs = self.shared.runs.write().unwrap_or_else(|e| e.into_inner());
-                runs.insert(target, Arc::new(run));
+                runs.insert(store, Arc::new(run));
                 drop(runs);
-                self.states.insert(original.to_path_buf(), State::Bound { file, variant_id });
+                self.states
+                    .insert(original.to_path_buf(), State::Bound { file, variant_id, store });
             }
             Err(why) => {
                 self.table.set_bind(original, Bind::Fuse);
