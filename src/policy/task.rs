@@ -67,7 +67,8 @@ impl Default for PolicyTaskOptions {
 /// The most runs stored in one transaction.
 const BATCH: usize = 256;
 
-/// How often a binary whose new runs all exited normally is re-evaluated: its runs are
+/// How often a binary whose new runs all exited normally, and that has no variant on trial
+/// (see [`settled`]), is re-evaluated: its runs are
 /// stored as they come, and looks, drift blocks and the shown gain wait for this. An
 /// evaluation reads up to [`super::load::RUNS_PER_BINARY`] runs of the binary and
 /// computes its pair statistics: once per batch (every 100 ms under a stream of execs) it
@@ -252,7 +253,7 @@ async fn ingest(
             }
             let (mut out, mut now_ids, mut later) = (Vec::new(), Vec::new(), Vec::new());
             for (binary_id, urgent) in touched {
-                if !urgent && recent.contains_key(&binary_id) {
+                if !urgent && recent.contains_key(&binary_id) && settled(conn, binary_id)? {
                     later.push(binary_id);
                     continue;
                 }
@@ -265,6 +266,16 @@ async fn ingest(
             Ok((out, now_ids, later))
         })
         .await
+}
+
+/// Whether no decision about `binary_id` is pending: none of its variants is on trial
+/// (a canary, or ready to become one). Only such a binary's evaluation may wait for the
+/// tick: a canary's look decides what is served, and status, which evaluates on the fly,
+/// would show a decision before the task made it.
+fn settled(conn: &Connection, binary_id: i64) -> anyhow::Result<bool> {
+    Ok(base::variants_of(conn, binary_id)?
+        .iter()
+        .all(|v| !matches!(v.state, base::VariantState::Canary | base::VariantState::Ready)))
 }
 
 /// Evaluates binaries whose evaluation was deferred.
