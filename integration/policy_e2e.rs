@@ -343,20 +343,9 @@ fn a_gain_smaller_than_what_serving_costs_is_not_served() {
 #[test]
 fn a_served_variants_runs_are_sampled_and_a_crash_without_counters_quarantines() {
     let (_tmp, root, bin) = open_test_root();
-    let tool = bin.join("tool");
-    cc(TOOL_C, &tool, &["-DTAG=\"original\""]);
-    let variant_file = root.join("tool.variant");
-    cc(TOOL_C, &variant_file, &["-DTAG=\"variant\"", "-DCRASH_ON"]);
     // Through the mount, not bound (bound runs: the next test).
     let config = "[policy]\nrescan_ms = 100\nserved_count_one_in = 1000000\nbind_served = false\n";
-    let daemon = start_daemon(&root, &bin, config);
-    std::fs::metadata(daemon.mnt.join("bin/tool")).unwrap();
-    let b =
-        wait_binary(&daemon, &tool, 20, "the binary to be indexed", |b| b["sha256"].is_string());
-    let sha256 = b["sha256"].as_str().unwrap().to_string();
-    let vid = place_variant(&daemon.state, &sha256, &variant_file, "served");
-    let served = format!("variant {vid} for 95% of execs");
-    wait_binary(&daemon, &tool, 20, "the served variant", |b| b["served"] == served.as_str());
+    let (daemon, tool, vid) = served_tool(&root, &bin, config, "95%");
 
     let measurement = |d: &Daemon| d.status_json()["subsystems"]["policy"]["measurement"].clone();
     let count = |m: &serde_json::Value, key: &str| m[key].as_u64().unwrap_or(0);
@@ -395,12 +384,6 @@ fn a_served_variants_runs_are_sampled_and_a_crash_without_counters_quarantines()
     );
 }
 
-/// Whether something is mounted at `path` (a bind mount over a mirror entry).
-fn mounted_at(path: &Path) -> bool {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-    info.lines().any(|l| l.split(' ').nth(4) == Some(path.to_str().unwrap()))
-}
-
 /// Mounts at or below `dir`.
 fn mounts_under(dir: &Path) -> usize {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
@@ -417,13 +400,9 @@ fn store_path(state: &Path, vid: i64) -> PathBuf {
     PathBuf::from(p)
 }
 
-/// A served tool whose variant the daemon has bind-mounted over its mirror entry.
-fn bound_tool(
-    root: &Path,
-    bin: &Path,
-    config: &str,
-    label: &str,
-) -> (Daemon, PathBuf, PathBuf, i64) {
+/// `tool` (the original) with a variant that crashes on `crash`, placed as served; waits
+/// until status serves it to `label` ("95%") of execs.
+fn served_tool(root: &Path, bin: &Path, config: &str, label: &str) -> (Daemon, PathBuf, i64) {
     let tool = bin.join("tool");
     cc(TOOL_C, &tool, &["-DTAG=\"original\""]);
     let variant_file = root.join("tool.variant");
@@ -435,9 +414,20 @@ fn bound_tool(
     let vid = place_variant(&daemon.state, b["sha256"].as_str().unwrap(), &variant_file, "served");
     let served = format!("variant {vid} for {label} of execs");
     wait_binary(&daemon, &tool, 20, "the served variant", |b| b["served"] == served.as_str());
+    (daemon, tool, vid)
+}
+
+/// A served tool whose variant the daemon has bind-mounted over its mirror entry.
+fn bound_tool(
+    root: &Path,
+    bin: &Path,
+    config: &str,
+    label: &str,
+) -> (Daemon, PathBuf, PathBuf, i64) {
+    let (daemon, tool, vid) = served_tool(root, bin, config, label);
     let mirror = common::in_mount(&daemon.mnt, &tool);
     daemon.wait_for(Duration::from_secs(20), "the variant bind-mounted", |_| {
-        mounted_at(&mirror).then_some(())
+        is_mounted(&mirror).then_some(())
     });
     (daemon, tool, mirror, vid)
 }
@@ -501,7 +491,7 @@ fn a_promoted_variant_is_bind_mounted_its_runs_followed_and_a_crash_unbinds_it()
     // The variant's first crash quarantines it, and the bind mount goes with it.
     crash_the_variant(&daemon, &tool);
     daemon.wait_for(Duration::from_secs(10), "the bind mount removed", |_| {
-        (!mounted_at(&mirror)).then_some(())
+        (!is_mounted(&mirror)).then_some(())
     });
     assert_eq!(run(Command::new(daemon.mnt.join("bin/tool")).arg("x")).stdout, "original x\n");
 }
@@ -546,7 +536,7 @@ fn a_bound_variant_survives_a_server_crash_and_goes_with_an_upgrade_and_the_stop
         upgraded_at.elapsed().as_millis()
     );
     daemon.wait_for(Duration::from_secs(10), "the bind mount removed", |_| {
-        (!mounted_at(&mirror)).then_some(())
+        (!is_mounted(&mirror)).then_some(())
     });
 
     // A clean stop leaves no mount behind.

@@ -75,7 +75,9 @@ pub use node::{Attr, FileNode, NodeType};
 pub use overlay::{
     DirEntry, Entry, FMODE_EXEC, Invalidator, LONG_TTL, MappedOriginal, Opened, Overlay, SeenBinary,
 };
-pub use serving::{Bind, Choice, ServedVariant, ServingTable, TableChooser, VariantChooser};
+pub use serving::{
+    Bind, Choice, ExecRun, ServedVariant, ServingTable, TableChooser, VariantChooser,
+};
 pub use snapshot::Snapshots;
 
 #[cfg(test)]

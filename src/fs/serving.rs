@@ -98,6 +98,17 @@ pub enum Bind {
     Window,
 }
 
+/// What one exec-time run gets ([`ServingTable::exec_run`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecRun {
+    /// Counters: always, unless the policy samples the runs (a served variant); then with
+    /// probability `1 / count_one_in`, drawn independently of the arm the exec got. A run
+    /// in a window between binds is always counted: those runs are the pairs.
+    pub counted: bool,
+    /// The exec is one of a window between binds ([`Bind::Window`]): the binder counts them.
+    pub in_window: bool,
+}
+
 /// A variant configured for an original, with the share of execs it gets.
 #[derive(Debug, Clone, PartialEq)]
 struct ServedShare {
@@ -115,7 +126,8 @@ struct ServedShare {
 }
 
 impl ServedShare {
-    /// What the kernel's cached entries depend on: everything but `count_one_in`.
+    /// What the kernel's cached entries depend on: everything but `count_one_in` and
+    /// `bind`.
     fn arms(&self) -> (&ServedVariant, f64, Option<&(ServedVariant, f64)>) {
         (&self.variant, self.share, self.second.as_ref())
     }
@@ -291,21 +303,26 @@ impl ServingTable {
 
     /// One in how many exec-time runs of `original` get counters (1 when nothing is
     /// served for it).
+    #[cfg(test)]
     pub fn count_one_in(&self, original: &Path) -> u32 {
         self.read().served.get(original).map_or(1, |s| s.count_one_in)
     }
 
-    /// Whether this exec-time run of `original` gets counters: always, unless the policy
-    /// samples its runs (a served variant); then with probability `1 / one_in`, drawn
-    /// independently of the arm the exec got.
-    /// A run in a window between binds is always counted: those runs are the pairs.
+    /// Whether this exec-time run of `original` gets counters (see [`ExecRun`]).
     pub fn counts_run(&self, original: &Path) -> bool {
+        self.exec_run(original).counted
+    }
+
+    /// What an exec-time run of `original` gets, from one read of the table (it is asked
+    /// on every exec-time `OPEN`).
+    pub fn exec_run(&self, original: &Path) -> ExecRun {
         let (one_in, bind) =
             self.read().served.get(original).map_or((1, Bind::Fuse), |s| (s.count_one_in, s.bind));
-        match (one_in, bind) {
+        let counted = match (one_in, bind) {
             (_, Bind::Window) | (0 | 1, _) => true,
             (n, _) => rand::random_ratio(1, n),
-        }
+        };
+        ExecRun { counted, in_window: bind == Bind::Window }
     }
 
     /// Records a variant that exists (served before, e.g. by a previous server process) so

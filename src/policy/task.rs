@@ -8,7 +8,7 @@
 //! `decision.choose(random draw)`. Controls call [`reevaluate_binary`] after a change (a
 //! rescan also notices it within `rescan_every`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -161,7 +161,9 @@ pub async fn run_policy(
                         Err(_) => break,
                     }
                 }
-                match ingest(&catalog, batch, &opts, &evaluated).await {
+                evaluated.retain(|_, at| at.elapsed() < EVALUATE_EVERY);
+                let recent = evaluated.keys().copied().collect();
+                match ingest(&catalog, batch, &opts, recent).await {
                     Ok((decisions, now, later)) => {
                         let at = Instant::now();
                         for id in now {
@@ -219,25 +221,29 @@ pub async fn run_policy(
 /// (path, the binary decided for, what to serve).
 type Decisions = Vec<(String, Option<i64>, ServeDecision)>;
 
-fn tagged(binary_id: i64, list: Vec<(String, ServeDecision, Stage)>) -> Decisions {
-    list.into_iter().map(|(p, d, _)| (p, Some(binary_id), d)).collect()
+/// [`reevaluate_binary`], each path's decision tagged with the binary it is for.
+fn reevaluate_tagged(
+    conn: &mut Connection,
+    binary_id: i64,
+    cfg: &PolicyConfig,
+    pipeline: &dyn PipelineView,
+    now: i64,
+) -> anyhow::Result<Decisions> {
+    let list = reevaluate_binary(conn, binary_id, cfg, pipeline, now)?;
+    Ok(list.into_iter().map(|(p, d, _)| (p, Some(binary_id), d)).collect())
 }
 
 /// Stores a batch of runs and evaluates the binaries it touched that are due: one with an
-/// [`urgent`] run, or not evaluated within [`EVALUATE_EVERY`] (per `evaluated`). Returns
-/// the decisions, the binaries evaluated and those left for the next tick.
+/// [`urgent`] run or a variant on trial, or not in `recent` (evaluated within
+/// [`EVALUATE_EVERY`]). Returns the decisions, the binaries evaluated and those left for
+/// the next tick.
 async fn ingest(
     catalog: &Catalog,
     batch: Vec<RunRecord>,
     opts: &PolicyTaskOptions,
-    evaluated: &HashMap<i64, Instant>,
+    recent: HashSet<i64>,
 ) -> anyhow::Result<(Decisions, Vec<i64>, Vec<i64>)> {
     let (cfg, pipeline, now) = (opts.config.clone(), opts.pipeline.clone(), opts.clock.unix_ms());
-    let recent: HashMap<i64, Instant> = evaluated
-        .iter()
-        .filter(|(_, at)| at.elapsed() < EVALUATE_EVERY)
-        .map(|(id, at)| (*id, *at))
-        .collect();
     catalog
         .run(move |conn| {
             let stored = runs::insert_runs(conn, &batch).inspect_err(|_| {
@@ -253,14 +259,11 @@ async fn ingest(
             }
             let (mut out, mut now_ids, mut later) = (Vec::new(), Vec::new(), Vec::new());
             for (binary_id, urgent) in touched {
-                if !urgent && recent.contains_key(&binary_id) && settled(conn, binary_id)? {
+                if !urgent && recent.contains(&binary_id) && settled(conn, binary_id)? {
                     later.push(binary_id);
                     continue;
                 }
-                out.extend(tagged(
-                    binary_id,
-                    reevaluate_binary(conn, binary_id, &cfg, &*pipeline, now)?,
-                ));
+                out.extend(reevaluate_tagged(conn, binary_id, &cfg, &*pipeline, now)?);
                 now_ids.push(binary_id);
             }
             Ok((out, now_ids, later))
@@ -289,10 +292,7 @@ async fn evaluate_binaries(
         .run(move |conn| {
             let mut out = Vec::new();
             for binary_id in ids {
-                out.extend(tagged(
-                    binary_id,
-                    reevaluate_binary(conn, binary_id, &cfg, &*pipeline, now)?,
-                ));
+                out.extend(reevaluate_tagged(conn, binary_id, &cfg, &*pipeline, now)?);
             }
             Ok(out)
         })
@@ -316,10 +316,7 @@ async fn rescan_changed(
             let mut out = Vec::new();
             for (binary_id, fp) in runs::watch_fingerprints(conn)? {
                 if known.get(&binary_id) != Some(&fp) {
-                    out.extend(tagged(
-                        binary_id,
-                        reevaluate_binary(conn, binary_id, &cfg, &*pipeline, now)?,
-                    ));
+                    out.extend(reevaluate_tagged(conn, binary_id, &cfg, &*pipeline, now)?);
                 }
             }
             // Re-read: the evaluations themselves may have changed states.

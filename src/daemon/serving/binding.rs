@@ -105,14 +105,14 @@ struct Shared {
     runs: RwLock<HashMap<(u64, u64), Arc<BoundRun>>>,
     marks: Option<ExecMarks>,
     warmer: OnceLock<Arc<Warmer>>,
-    tx: Mutex<mpsc::Sender<Msg>>,
+    /// To the binder thread (a `Sender` is shared by reference across threads).
+    tx: mpsc::Sender<Msg>,
     counts: BindCounts,
 }
 
 /// The owner of the bind mounts (see the module doc).
 pub struct Binder {
     shared: Arc<Shared>,
-    tx: mpsc::Sender<Msg>,
     thread: Mutex<Option<JoinHandle<()>>>,
     /// Why variants are not bound, when they are not.
     off: Option<String>,
@@ -157,7 +157,7 @@ impl Binder {
             runs: RwLock::default(),
             marks,
             warmer: OnceLock::new(),
-            tx: Mutex::new(tx.clone()),
+            tx: tx.clone(),
             counts: BindCounts::default(),
         });
         let mut worker = Worker {
@@ -176,7 +176,7 @@ impl Binder {
         setup.table.subscribe(move |p| {
             let _ = sub.send(Msg::Changed(p.to_path_buf()));
         });
-        Arc::new(Self { shared, tx, thread: Mutex::new(thread), off })
+        Arc::new(Self { shared, thread: Mutex::new(thread), off })
     }
 
     /// Where the measurer hears bound runs (None when nothing can be bound while measured).
@@ -192,7 +192,7 @@ impl Binder {
 
     /// An exec through the mount of `original` while its entry is in a window.
     pub fn window_exec(&self, original: &Path) {
-        let _ = self.tx.send(Msg::WindowExec(original.to_path_buf()));
+        let _ = self.shared.tx.send(Msg::WindowExec(original.to_path_buf()));
     }
 
     /// What status shows of the binds.
@@ -210,7 +210,7 @@ impl Binder {
 
     /// Removes every bind mount and stops the thread.
     pub fn stop(&self) {
-        let _ = self.tx.send(Msg::Stop);
+        let _ = self.shared.tx.send(Msg::Stop);
         if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
             let _ = t.join();
         }
@@ -245,8 +245,7 @@ impl BoundExecs for BoundExecsOf {
             let mut last = run.last_window.lock().unwrap_or_else(|e| e.into_inner());
             if window_due(run.share, last.elapsed(), rand::random::<f64>()) {
                 *last = Instant::now();
-                let tx = self.0.tx.lock().unwrap_or_else(|e| e.into_inner());
-                let _ = tx.send(Msg::WindowDue(run.original.clone()));
+                let _ = self.0.tx.send(Msg::WindowDue(run.original.clone()));
             }
         }
     }
@@ -355,11 +354,9 @@ impl Worker {
             self.unbind(original, old);
         }
         let target = self.mountpoint.join(original.strip_prefix("/").unwrap_or(original));
-        let store = std::fs::metadata(&variant.path_in_store).map(|m| (m.dev(), m.ino()));
-        let attached = bindable_files(original, &variant).and_then(|()| {
-            let store = store.as_ref().map_err(|e| format!("{e}"))?;
+        let attached = bindable_files(original, &variant).and_then(|store| {
             let runs = self.shared.runs.read().unwrap_or_else(|e| e.into_inner());
-            if runs.contains_key(store) {
+            if runs.contains_key(&store) {
                 return Err("its store file is bound for another path already".into());
             }
             drop(runs);
@@ -369,10 +366,11 @@ impl Worker {
             attach_read_only(&variant.path_in_store, &target, |fd| {
                 marks.map_or(Ok(()), |m| m.mark_mount(fd))
             })
+            .map(|file| (file, store))
             .map_err(|e| format!("bind-mounting {}: {e}", variant.path_in_store.display()))
         });
         let variant_id = variant.variant_id;
-        match attached.and_then(|f| store.map(|s| (f, s)).map_err(|e| e.to_string())) {
+        match attached {
             Ok((file, store)) => {
                 tracing::debug!(original = %original.display(), variant_id, "variant bound");
                 let run = BoundRun {
@@ -439,13 +437,13 @@ impl Worker {
 }
 
 /// A bind mount shows the store file's owner, group and mode: bind only when they are the
-/// original's (and the original is still the file the variant was built from).
-fn bindable_files(original: &Path, variant: &ServedVariant) -> Result<(), String> {
-    let now = FileKey::of(original).map_err(|e| format!("{}: {e}", original.display()))?;
-    if now != variant.expected_original {
+/// original's (and the original is still the file the variant was built from). Returns the
+/// store file's (device, inode), its key in [`Shared::runs`].
+fn bindable_files(original: &Path, variant: &ServedVariant) -> Result<(u64, u64), String> {
+    let o = std::fs::metadata(original).map_err(|e| format!("{}: {e}", original.display()))?;
+    if FileKey::from_metadata(&o) != variant.expected_original {
         return Err("the original changed since the variant was built".into());
     }
-    let o = std::fs::metadata(original).map_err(|e| format!("{}: {e}", original.display()))?;
     let s = std::fs::metadata(&variant.path_in_store)
         .map_err(|e| format!("{}: {e}", variant.path_in_store.display()))?;
     if (o.uid(), o.gid(), o.mode() & 0o7777) != (s.uid(), s.gid(), s.mode() & 0o7777) {
@@ -459,7 +457,7 @@ fn bindable_files(original: &Path, variant: &ServedVariant) -> Result<(), String
             s.mode() & 0o7777
         ));
     }
-    Ok(())
+    Ok((s.dev(), s.ino()))
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use super::binding::Binder;
 use super::instrumented::InstrServing;
-use crate::fs::{Bind, EventSink, FsEvent, ServingTable};
+use crate::fs::{EventSink, FsEvent, ServingTable};
 use crate::measure::{ExecOpen, Measurer, RunExit, RunRecord};
 
 /// How long measured runs that ended normally are held to reach the policy as one batch.
@@ -75,7 +75,7 @@ impl Measurement {
 /// The overlay's event sink with measurement in front (see the module doc).
 pub(super) struct MeasuringEvents {
     pub(super) measurement: Arc<Measurement>,
-    /// Which runs get counters ([`ServingTable::counts_run`]).
+    /// Which runs get counters, and which are in a window ([`ServingTable::exec_run`]).
     pub(super) serving: Arc<ServingTable>,
     pub(super) instr: Arc<InstrServing>,
     /// Told of execs through the mount in a window between binds.
@@ -86,7 +86,7 @@ pub(super) struct MeasuringEvents {
 impl EventSink for MeasuringEvents {
     fn event(&self, event: FsEvent) {
         if let FsEvent::Opened { original, key, variant_id, pid, exec: true, .. } = &event {
-            let counted = self.serving.counts_run(original);
+            let run = self.serving.exec_run(original);
             let open = ExecOpen {
                 pid: *pid as i32,
                 original: original.clone(),
@@ -95,9 +95,9 @@ impl EventSink for MeasuringEvents {
                 binary_id: None,
                 key: *key,
             };
-            self.measurement.on_exec_open(open, counted);
+            self.measurement.on_exec_open(open, run.counted);
             if let Some(b) = &self.binder
-                && self.serving.bind_of(original) == Bind::Window
+                && run.in_window
             {
                 b.window_exec(original);
             }
