@@ -239,7 +239,7 @@ fn bench_overlay() {
     }
     assert!(!is_file("stripped"), "stripped is served as a symlink");
     // small: a promoted variant, drawn per exec (the original keeps its exploration share).
-    let (small_variant, _) = place_copy_as_variant(&d, &bin.join("small"), &root);
+    let (small_variant, small_copy) = place_copy_as_variant(&d, &bin.join("small"), &root);
     label_is("small", &format!("variant {small_variant} for 95% of execs"));
     // big: pinned to its variant, so every read is of the one served file.
     let (big_variant, big_variant_file) = place_copy_as_variant(&d, &bin.join("big"), &root);
@@ -278,10 +278,31 @@ fn bench_overlay() {
     }
     // How the served variant's runs reached it (absent from builds before bind mounts).
     let bound = d.status_json()["subsystems"]["policy"]["measurement"]["bound"].clone();
+    // Bound runs are read for their command line one in `served_count_one_in`.
+    let unread: i64 = common::daemon::catalog_read_only(&state)
+        .query_row("SELECT count(*) FROM runs WHERE cmd_hash = 'unread'", [], |r| r.get(0))
+        .unwrap_or(0);
     let bound = match (bound["execs"].as_u64(), bound["windows"].as_u64()) {
-        (Some(execs), Some(windows)) => format!("{execs} bound runs, {windows} windows"),
+        (Some(execs), Some(windows)) => {
+            format!("{execs} bound runs, {unread} not read for their command; {windows} windows")
+        }
         _ => "no bind mounts in this build".to_string(),
     };
+    // Where a served exec's time goes: the variant's file itself, the bind mount over the
+    // mirror entry, the PATH view's symlink to that entry.
+    let small_bytes = std::fs::read(&small_copy).unwrap();
+    let store_small = files_under(&state)
+        .into_iter()
+        .find(|p| std::fs::read(p).is_ok_and(|b| b == small_bytes))
+        .expect("the variant file of small");
+    let mirror_small = mirror("small");
+    exec_once(&store_small);
+    let served_file =
+        paired(rounds, |b| exec_round(if b { &store_small } else { &native_small }, per_round));
+    let served_bind =
+        paired(rounds, |b| exec_round(if b { &mirror_small } else { &store_small }, per_round));
+    let served_view =
+        paired(rounds, |b| exec_round(if b { &mount_small } else { &mirror_small }, per_round));
     let (native_stripped, mount_stripped) = (bin.join("stripped"), view.join("stripped"));
     exec_once(&mount_stripped);
     let symlinked = paired(rounds, |b| {
@@ -403,6 +424,23 @@ fn bench_overlay() {
         ),
         &served,
         "<= 1.02",
+    );
+    exec(
+        "served, split: the variant's file run natively vs the original".into(),
+        &served_file,
+        "-",
+    );
+    exec(
+        "served, split: its mirror entry (the bind mount, followed) vs the variant's file run \
+         natively"
+            .into(),
+        &served_bind,
+        "-",
+    );
+    exec(
+        "served, split: the PATH view (a symlink to the mirror entry) vs the mirror entry".into(),
+        &served_view,
+        "-",
     );
     exec(
         "exec+exit of a binary served as a symlink (stripped), same rounds".into(),

@@ -486,6 +486,29 @@ fn a_promoted_variant_is_bind_mounted_its_runs_followed_and_a_crash_unbinds_it()
         })
         .unwrap();
     assert!(original_counted >= 1, "the windows' original runs are counted");
+    // One bound run in `served_count_one_in` (8) is read for its command line, the others
+    // are stored as `unread` (the read slows the new process down): of 20 or more bound
+    // runs, all read is a chance of 8^-20. A read one names a command that was run.
+    let in_mount = daemon.mnt.join("bin/tool");
+    let hash = |arg: &str| {
+        use std::os::unix::ffi::OsStrExt;
+        optbin::measure::cmdline::cmd_hash_of_args(&[
+            in_mount.as_os_str().as_bytes(),
+            arg.as_bytes(),
+        ])
+    };
+    let commands: Vec<(String, i64)> = {
+        let sql = "SELECT cmd_hash, count(*) FROM runs WHERE variant_id = ?1 AND counted = 0 \
+                   GROUP BY 1";
+        let mut stmt = conn.prepare(sql).unwrap();
+        stmt.query_map([vid], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect()
+    };
+    println!("uncounted runs of the variant by command: {commands:?}");
+    let unread = optbin::measure::cmdline::UNREAD_CMD;
+    assert!(commands.iter().any(|(c, _)| c == unread), "no bound run left unread: {commands:?}");
+    for (c, _) in &commands {
+        assert!([unread.to_string(), hash("exe"), hash("hello")].contains(c), "{c}: {commands:?}");
+    }
     drop(conn);
 
     // The variant's first crash quarantines it, and the bind mount goes with it.

@@ -76,7 +76,7 @@ pub use overlay::{
     DirEntry, Entry, FMODE_EXEC, Invalidator, LONG_TTL, MappedOriginal, Opened, Overlay, SeenBinary,
 };
 pub use serving::{
-    Bind, Choice, ExecRun, ServedVariant, ServingTable, TableChooser, VariantChooser,
+    Bind, Bindable, Choice, ExecRun, ServedVariant, ServingTable, TableChooser, VariantChooser,
 };
 pub use snapshot::Snapshots;
 

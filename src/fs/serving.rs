@@ -74,6 +74,17 @@ pub struct Choice {
     pub per_exec: bool,
 }
 
+/// A served variant the binder may bind over its entry ([`ServingTable::bindable`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bindable {
+    pub variant: ServedVariant,
+    /// Its share of execs (the original keeps the rest, through windows).
+    pub share: f64,
+    /// One run in this many is sampled: counted through the mount; when bound, read for
+    /// its command line.
+    pub sample_one_in: u32,
+}
+
 /// Picks the variant served for one lookup of an original. Called on the exec path: it must
 /// be cheap and must not block (no I/O, no database).
 pub trait VariantChooser: Send + Sync {
@@ -265,14 +276,17 @@ impl ServingTable {
         changed
     }
 
-    /// What the binder may bind for `original`: the variant and its share, when a promoted
-    /// variant is served alone with its runs sampled (a canary, a challenger and an
-    /// instrumented variant count every run through the mount).
-    pub fn bindable(&self, original: &Path) -> Option<(ServedVariant, f64)> {
+    /// What the binder may bind for `original`: a promoted variant served alone with its
+    /// runs sampled (a canary, a challenger and an instrumented variant count every run
+    /// through the mount).
+    pub fn bindable(&self, original: &Path) -> Option<Bindable> {
         let t = self.read();
         let s = t.served.get(original)?;
-        (s.second.is_none() && s.count_one_in > 1 && s.share > 0.0)
-            .then(|| (s.variant.clone(), s.share))
+        (s.second.is_none() && s.count_one_in > 1 && s.share > 0.0).then(|| Bindable {
+            variant: s.variant.clone(),
+            share: s.share,
+            sample_one_in: s.count_one_in,
+        })
     }
 
     /// How execs reach `original`'s served entry ([`Bind::Fuse`] when none).
@@ -566,7 +580,8 @@ mod tests {
         table.serve_arms(prog, v.clone(), 0.5, Some((variant(2, key(1)), 0.3)), 8);
         assert_eq!(table.bindable(prog), None, "a challenger's canary: through the mount");
         table.serve_arms(prog, v.clone(), 0.95, None, 8);
-        assert_eq!(table.bindable(prog), Some((v.clone(), 0.95)));
+        let want = Bindable { variant: v.clone(), share: 0.95, sample_one_in: 8 };
+        assert_eq!(table.bindable(prog), Some(want));
 
         let before = *notified.lock().unwrap();
         assert!(table.set_bind(prog, Bind::Bound));

@@ -130,8 +130,17 @@ pub type ExecHook = Box<dyn Fn(u32, &Path, u64) + Send + Sync>;
 /// before its process's exit can be. Runs on the reader thread: it must be quick and must
 /// not block.
 pub trait BoundExecs: Send + Sync {
-    /// Appends the exec-time opens heard since the last call.
-    fn drain(&self, out: &mut Vec<ExecOpen>);
+    /// Appends the execs heard since the last call.
+    fn drain(&self, out: &mut Vec<BoundExec>);
+}
+
+/// An exec of a bind-mounted variant, followed to its exit without counters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BoundExec {
+    pub open: ExecOpen,
+    /// Whether its command line is read (a sample of the bound runs; the others get
+    /// [`cmdline::UNREAD_CMD`]): the read slows the new process down (see there).
+    pub read_command: bool,
 }
 
 /// Attaches counters on exec-time opens and emits a [`RunRecord`] per finished run.
@@ -318,18 +327,18 @@ impl Tracked {
     /// Takes the exec-time opens registered so far, and the bound execs heard so far.
     fn take_registrations(&mut self) {
         if let Some(bound) = self.bound.get() {
-            let mut opens = Vec::new();
-            bound.drain(&mut opens);
-            for open in opens {
+            let mut execs = Vec::new();
+            bound.drain(&mut execs);
+            for exec in execs {
                 // Heard after the fact, but before any event of its process is handled
                 // (see `BoundExecs`): no earlier event can be mistaken for it.
-                self.tracker.register_exit_only(open, 0);
+                self.tracker.register_exit_only(exec.open, exec.read_command, 0);
             }
         }
         while let Ok(r) = self.registered.try_recv() {
             match r.counters {
                 Some(counters) => self.tracker.register(r.open, counters, r.registered_ns),
-                None => self.tracker.register_exit_only(r.open, r.registered_ns),
+                None => self.tracker.register_exit_only(r.open, true, r.registered_ns),
             }
         }
     }

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use super::cmdline::{UNKNOWN_CMD, cmd_hash};
+use super::cmdline::{UNKNOWN_CMD, UNREAD_CMD, cmd_hash};
 use super::counters::RunCounters;
 use super::proc_connector::{ProcEvent, decode_wait_status};
 use super::{ExecOpen, RunRecord};
@@ -62,6 +62,8 @@ struct Pending {
     registered_ns: u64,
     /// `None`: followed for its exit only.
     counters: Option<Box<dyn RunCounters>>,
+    /// Whether its command line is read at its exec (else its command is [`UNREAD_CMD`]).
+    read_command: bool,
     exec: Option<(u64, String)>,
     /// When a sweep first found the process gone without its exit having been seen.
     gone_since: Option<Instant>,
@@ -109,23 +111,26 @@ impl RunTracker {
     /// An exec-time open with counters attached to its pid, registered at `registered_ns`
     /// (CLOCK_MONOTONIC, the clock of the kernel's event timestamps).
     pub fn register(&mut self, open: ExecOpen, counters: Box<dyn RunCounters>, registered_ns: u64) {
-        self.insert(open, Some(counters), registered_ns);
+        self.insert(open, Some(counters), true, registered_ns);
     }
 
     /// An exec-time open followed to its exit without counters: its record says
-    /// `counted: false`.
-    pub fn register_exit_only(&mut self, open: ExecOpen, registered_ns: u64) {
-        self.insert(open, None, registered_ns);
+    /// `counted: false`. Without `read_command` its command is [`UNREAD_CMD`] (a bound run
+    /// outside the sample, see [`crate::measure::BoundExec`]).
+    pub fn register_exit_only(&mut self, open: ExecOpen, read_command: bool, registered_ns: u64) {
+        self.insert(open, None, read_command, registered_ns);
     }
 
     fn insert(
         &mut self,
         open: ExecOpen,
         counters: Option<Box<dyn RunCounters>>,
+        read_command: bool,
         registered_ns: u64,
     ) {
         let pid = open.pid;
-        let p = Pending { open, registered_ns, counters, exec: None, gone_since: None };
+        let exec = None;
+        let p = Pending { open, registered_ns, counters, read_command, exec, gone_since: None };
         self.pending.insert(pid, p);
     }
 
@@ -149,8 +154,11 @@ impl RunTracker {
             ProcEvent::Exec { tgid, ts_ns, .. } => {
                 let p = self.pending.get_mut(&tgid)?;
                 if p.exec.is_none() && ts_ns >= p.registered_ns {
-                    let hash =
-                        procs.cmdline(tgid).map_or_else(|| UNKNOWN_CMD.into(), |c| cmd_hash(&c));
+                    let hash = if p.read_command {
+                        procs.cmdline(tgid).map_or_else(|| UNKNOWN_CMD.into(), |c| cmd_hash(&c))
+                    } else {
+                        UNREAD_CMD.into()
+                    };
                     p.exec = Some((ts_ns, hash));
                 }
                 None
@@ -288,7 +296,7 @@ mod tests {
         let mut procs = FakeProcs::default();
         procs.cmdlines.insert(10, b"x\0-v\0".to_vec());
         let mut t = RunTracker::new();
-        t.register_exit_only(open(10, Some(7)), 0);
+        t.register_exit_only(open(10, Some(7)), true, 0);
         assert!(t.on_event(ProcEvent::Exec { pid: 10, tgid: 10, ts_ns: 100 }, &procs, 1).is_none());
         let r = t
             .on_event(ProcEvent::Exit { pid: 10, tgid: 10, status: 0x8b, ts_ns: 1_100 }, &procs, 9)
@@ -299,6 +307,31 @@ mod tests {
         assert_eq!(r.cmd_hash, cmd_hash(b"x\0-v\0"));
         assert_eq!((r.variant_id, r.wall_ns), (Some(7), 1_000));
         assert_eq!(t.dropped(), DropCounts::default());
+    }
+
+    #[test]
+    fn a_run_outside_the_command_sample_is_unread_and_its_command_line_untouched() {
+        /// A process whose command line must not be read.
+        struct Untouchable;
+        impl ProcessView for Untouchable {
+            fn cmdline(&self, pid: i32) -> Option<Vec<u8>> {
+                panic!("the command line of {pid} was read");
+            }
+            fn is_alive(&self, _pid: i32) -> bool {
+                true
+            }
+        }
+        let mut t = RunTracker::new();
+        t.register_exit_only(open(10, Some(7)), false, 0);
+        assert!(
+            t.on_event(ProcEvent::Exec { pid: 10, tgid: 10, ts_ns: 100 }, &Untouchable, 1)
+                .is_none()
+        );
+        let exit = ProcEvent::Exit { pid: 10, tgid: 10, status: 0x8b, ts_ns: 1_100 };
+        let r = t.on_event(exit, &Untouchable, 9).unwrap();
+        assert_eq!(r.cmd_hash, UNREAD_CMD);
+        assert_eq!(r.exit, RunExit::Signaled(11), "its exit is followed all the same");
+        assert!(!r.counted);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! gave.
 
 use super::*;
+use crate::measure::cmdline::UNREAD_CMD;
 
 /// Signals that mean "the program crashed" (as opposed to being stopped by its user).
 pub const CRASH_SIGNALS: [i32; 5] =
@@ -15,19 +16,27 @@ pub(super) fn safety_incidents(input: &BinaryInput, cfg: &PolicyConfig) -> Vec<I
         codes: HashSet<i32>,
     }
     let every_run = input.every_run();
+    // Per command, and over every command: what a run whose command was not read
+    // (`UNREAD_CMD`, a bound run outside the sample) is compared with.
     let mut original: HashMap<&str, Seen> = HashMap::new();
+    let mut any_command = Seen::default();
     for r in every_run.iter().filter(|r| r.variant_id.is_none()) {
         let e = original.entry(&r.cmd_hash).or_default();
         match r.exit {
-            RunExit::Exited(c) => e.codes.insert(c),
-            RunExit::Signaled(s) => e.signals.insert(s),
+            RunExit::Exited(c) => (e.codes.insert(c), any_command.codes.insert(c)),
+            RunExit::Signaled(s) => (e.signals.insert(s), any_command.signals.insert(s)),
         };
     }
+    let has_runs = |s: &Seen| !s.codes.is_empty() || !s.signals.is_empty();
     let mut out = Vec::new();
     for v in input.variants.iter().filter(|v| v.state != VariantState::Quarantined) {
         let mut strikes: Vec<&RunInput> = Vec::new();
         for r in every_run.iter().filter(|r| r.variant_id == Some(v.id)) {
-            let orig = original.get(r.cmd_hash.as_str());
+            let orig = if r.cmd_hash == UNREAD_CMD {
+                Some(&any_command).filter(|s| has_runs(s))
+            } else {
+                original.get(r.cmd_hash.as_str())
+            };
             match r.exit {
                 RunExit::Signaled(s)
                     if CRASH_SIGNALS.contains(&s)

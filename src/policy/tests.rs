@@ -155,6 +155,52 @@ fn unexpected_exit_codes_are_strikes() {
     assert_eq!(e.states[&4], VariantState::Quarantined);
 }
 
+#[test]
+fn a_run_whose_command_was_not_read_is_held_against_every_command_of_the_original() {
+    use crate::measure::cmdline::UNREAD_CMD;
+    let cfg = PolicyConfig::default();
+    let original = [
+        run(1, None, "a", 100, RunExit::Exited(0)),
+        run(2, None, "b", 100, RunExit::Exited(1)),
+        run(3, None, "c", 100, RunExit::Signaled(libc::SIGABRT)),
+    ];
+    let with = |extra: Vec<RunInput>| {
+        let runs = original.iter().cloned().chain(extra).collect();
+        evaluate(&input(vec![variant(4, VariantState::Canary)], runs), &cfg)
+    };
+    // What the original did on some command: no incident.
+    let e = with(vec![
+        run(4, Some(4), UNREAD_CMD, 100, RunExit::Signaled(libc::SIGABRT)),
+        run(5, Some(4), UNREAD_CMD, 100, RunExit::Exited(1)),
+        run(6, Some(4), UNREAD_CMD, 100, RunExit::Exited(0)),
+    ]);
+    assert!(e.incidents.is_empty(), "{:?}", e.incidents);
+    // A crash the original never had on any command quarantines at once.
+    let e = with(vec![run(4, Some(4), UNREAD_CMD, 100, RunExit::Signaled(libc::SIGSEGV))]);
+    assert_eq!(e.incidents.len(), 1, "{:?}", e.incidents);
+    assert_eq!(
+        (e.incidents[0].kind, e.incidents[0].cmd_hash.as_str()),
+        (IncidentKind::Crash, UNREAD_CMD)
+    );
+    // Exit codes the original never gave on any command are strikes.
+    let e = with(vec![
+        run(4, Some(4), UNREAD_CMD, 100, RunExit::Exited(3)),
+        run(5, Some(4), UNREAD_CMD, 100, RunExit::Exited(3)),
+    ]);
+    assert_eq!(e.incidents.len(), 1, "{:?}", e.incidents);
+    assert_eq!(e.incidents[0].kind, IncidentKind::SuspiciousExit);
+    // No run of the original at all: no reference for exit codes, a crash still counts.
+    let runs = vec![
+        run(4, Some(4), UNREAD_CMD, 100, RunExit::Exited(3)),
+        run(5, Some(4), UNREAD_CMD, 100, RunExit::Exited(3)),
+    ];
+    let e = evaluate(&input(vec![variant(4, VariantState::Canary)], runs), &cfg);
+    assert!(e.incidents.is_empty(), "{:?}", e.incidents);
+    let runs = vec![run(4, Some(4), UNREAD_CMD, 100, RunExit::Signaled(libc::SIGSEGV))];
+    let e = evaluate(&input(vec![variant(4, VariantState::Canary)], runs), &cfg);
+    assert_eq!(e.incidents.len(), 1, "{:?}", e.incidents);
+}
+
 /// Interleaved runs of two arms with deterministic spread, the original's about 100 ms.
 fn arms(n: usize, ratio: f64, variant_id: i64) -> Vec<RunInput> {
     arms_of(n, ratio, variant_id, 1e8)

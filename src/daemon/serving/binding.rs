@@ -39,11 +39,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::control::sections::BoundStatus;
-use crate::fs::{Bind, ServedVariant, ServingTable};
+use crate::fs::{Bind, Bindable, ServedVariant, ServingTable};
 use crate::fuse::bind::{BoundFile, attach_read_only, detach_submounts};
 use crate::identity::FileKey;
 use crate::measure::exec_marks::{ExecMarks, MarkedExec};
-use crate::measure::{BoundExecs, ExecOpen};
+use crate::measure::{BoundExec, BoundExecs, ExecOpen};
 use crate::warm::Warmer;
 
 /// Execs through the mount in a window before the variant is bound again: one pair.
@@ -78,6 +78,8 @@ struct BoundRun {
     original: PathBuf,
     variant: ServedVariant,
     share: f64,
+    /// One run in this many is read for its command line.
+    command_one_in: u32,
     last_window: Mutex<Instant>,
 }
 
@@ -221,7 +223,7 @@ impl Binder {
 struct BoundExecsOf(Arc<Shared>);
 
 impl BoundExecs for BoundExecsOf {
-    fn drain(&self, out: &mut Vec<ExecOpen>) {
+    fn drain(&self, out: &mut Vec<BoundExec>) {
         let Some(marks) = &self.0.marks else { return };
         let mut heard: Vec<MarkedExec> = Vec::new();
         marks.drain(&mut heard);
@@ -232,13 +234,15 @@ impl BoundExecs for BoundExecsOf {
         for exec in heard {
             let Some(run) = runs.get(&exec.file) else { continue };
             self.0.counts.bound_execs.fetch_add(1, Ordering::Relaxed);
-            out.push(ExecOpen {
+            let open = ExecOpen {
                 pid: exec.pid,
                 original: run.original.clone(),
                 variant_id: Some(run.variant.variant_id),
                 binary_id: None,
                 key: run.variant.expected_original,
-            });
+            };
+            let read_command = rand::random_ratio(1, run.command_one_in.max(1));
+            out.push(BoundExec { open, read_command });
             if let Some(w) = self.0.warmer.get() {
                 w.note_exec(run.variant.path_in_store.clone(), exec.pid as u32);
             }
@@ -315,7 +319,7 @@ impl Worker {
     /// Brings `original` in line with the table: bound when it may be, not otherwise.
     fn evaluate(&mut self, original: &Path) {
         let want = if self.enabled { self.table.bindable(original) } else { None };
-        let Some((variant, share)) = want else {
+        let Some(want) = want else {
             if let Some(state) = self.states.remove(original) {
                 self.unbind(original, state);
                 self.table.set_bind(original, Bind::Fuse);
@@ -325,18 +329,20 @@ impl Worker {
         let bind_now = self.table.bind_of(original);
         let settled = match self.states.get(original) {
             Some(State::Bound { file, variant_id, .. }) => {
-                *variant_id == variant.variant_id && bind_now == Bind::Bound && file.is_attached()
+                *variant_id == want.variant.variant_id
+                    && bind_now == Bind::Bound
+                    && file.is_attached()
             }
             Some(State::Window { variant_id, .. }) => {
-                *variant_id == variant.variant_id && bind_now == Bind::Window
+                *variant_id == want.variant.variant_id && bind_now == Bind::Window
             }
             Some(State::Failed { variant_id, at }) => {
-                *variant_id == variant.variant_id && at.elapsed() < RETRY_AFTER
+                *variant_id == want.variant.variant_id && at.elapsed() < RETRY_AFTER
             }
             None => false,
         };
         if !settled {
-            self.bind(original, variant, share);
+            self.bind(original, want);
         }
     }
 
@@ -349,7 +355,8 @@ impl Worker {
         }
     }
 
-    fn bind(&mut self, original: &Path, variant: ServedVariant, share: f64) {
+    fn bind(&mut self, original: &Path, want: Bindable) {
+        let Bindable { variant, share, sample_one_in } = want;
         if let Some(old) = self.states.remove(original) {
             self.unbind(original, old);
         }
@@ -377,6 +384,7 @@ impl Worker {
                     original: original.to_path_buf(),
                     variant,
                     share,
+                    command_one_in: sample_one_in,
                     last_window: Mutex::new(Instant::now()),
                 };
                 let mut runs = self.shared.runs.write().unwrap_or_else(|e| e.into_inner());
