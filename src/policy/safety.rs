@@ -49,9 +49,9 @@ pub(super) fn safety_incidents(input: &BinaryInput, cfg: &PolicyConfig) -> Vec<I
                         exit: r.exit,
                         kind: IncidentKind::Crash,
                         detail: format!(
-                            "killed by {} on command {}, which the original never was",
+                            "killed by {} on {}, which the original never was",
                             signal_name(s),
-                            r.cmd_hash
+                            command_of(&r.cmd_hash)
                         ),
                     });
                     break;
@@ -69,9 +69,9 @@ pub(super) fn safety_incidents(input: &BinaryInput, cfg: &PolicyConfig) -> Vec<I
                             kind: IncidentKind::SuspiciousExit,
                             detail: format!(
                                 "{} runs exited with codes the original never gave \
-                                 (last: {c} on command {})",
+                                 (last: {c} on {})",
                                 strikes.len(),
-                                r.cmd_hash
+                                command_of(&r.cmd_hash)
                             ),
                         });
                         break;
@@ -82,6 +82,16 @@ pub(super) fn safety_incidents(input: &BinaryInput, cfg: &PolicyConfig) -> Vec<I
         }
     }
     out
+}
+
+/// How an incident names its run's command: the command's hash, or that it was not read
+/// (then the original's runs of every command were the reference, see [`UNREAD_CMD`]).
+fn command_of(cmd_hash: &str) -> String {
+    if cmd_hash == UNREAD_CMD {
+        "a command not read (compared with the original's runs of every command)".into()
+    } else {
+        format!("command {cmd_hash}")
+    }
 }
 
 /// "SIGSEGV (11)".

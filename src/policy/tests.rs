@@ -182,6 +182,12 @@ fn a_run_whose_command_was_not_read_is_held_against_every_command_of_the_origina
         (e.incidents[0].kind, e.incidents[0].cmd_hash.as_str()),
         (IncidentKind::Crash, UNREAD_CMD)
     );
+    let detail = &e.incidents[0].detail;
+    assert!(
+        detail
+            .contains("on a command not read (compared with the original's runs of every command)"),
+        "{detail}"
+    );
     // Exit codes the original never gave on any command are strikes.
     let e = with(vec![
         run(4, Some(4), UNREAD_CMD, 100, RunExit::Exited(3)),
