@@ -12,7 +12,10 @@
 //! ([`ExecMarks`]): the measurer registers each in its own thread before handling its
 //! process's events and follows it to its exit, without counters, as it does a sampled run
 //! through the mount. So a crash or an unexpected exit code is caught at its first
-//! occurrence, as before.
+//! occurrence, as before. Its command line is read for one bound run in the sampling rate
+//! ([`BoundExec::read_command`]); the others are stored as `unread` and compared with the
+//! original's runs of every command, because the read makes the new process's loader wait
+//! for its memory-map lock (2-3% of a small program's exec+exit, docs/mount.md).
 //!
 //! The original's exploration share and the counted runs come from **windows**: after a
 //! bound exec, with a probability that keeps the original's share of execs at
