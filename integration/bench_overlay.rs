@@ -253,13 +253,15 @@ fn bench_overlay() {
     exec_once(&native_plain);
     exec_once(&mount_plain);
     let measured_before = runs_measured(&d);
-    let unvaried =
-        paired(rounds, |b| exec_round(if b { &mount_plain } else { &native_plain }, per_round));
+    // Paired rounds of execs of `a` and `b`, order alternating.
+    let compare = |a: &Path, b: &Path| {
+        paired(rounds, |second| exec_round(if second { b } else { a }, per_round))
+    };
+    let unvaried = compare(&native_plain, &mount_plain);
     exec_once(&bin.join("small"));
     exec_once(&view.join("small"));
     let (native_small, mount_small) = (bin.join("small"), view.join("small"));
-    let served =
-        paired(rounds, |b| exec_round(if b { &mount_small } else { &native_small }, per_round));
+    let served = compare(&native_small, &mount_small);
     // Per-exec measurement is on: the runs of small through the mount were measured, those
     // of plain were not (the records come in exec order: once small's are in, plain's
     // would be).
@@ -291,25 +293,19 @@ fn bench_overlay() {
     // Where a served exec's time goes: the variant's file itself, the bind mount over the
     // mirror entry, the PATH view's symlink to that entry.
     let small_bytes = std::fs::read(&small_copy).unwrap();
-    let store_small = files_under(&state)
-        .into_iter()
-        .find(|p| std::fs::read(p).is_ok_and(|b| b == small_bytes))
-        .expect("the variant file of small");
+    let store_small =
+        state_file_of_size(&state, small_bytes.len() as u64).expect("the variant file of small");
+    assert!(std::fs::read(&store_small).unwrap() == small_bytes, "{}", store_small.display());
     let mirror_small = mirror("small");
     exec_once(&store_small);
-    let served_file =
-        paired(rounds, |b| exec_round(if b { &store_small } else { &native_small }, per_round));
-    let served_bind =
-        paired(rounds, |b| exec_round(if b { &mirror_small } else { &store_small }, per_round));
-    let served_view =
-        paired(rounds, |b| exec_round(if b { &mount_small } else { &mirror_small }, per_round));
+    let served_file = compare(&native_small, &store_small);
+    let served_bind = compare(&store_small, &mirror_small);
+    let served_view = compare(&mirror_small, &mount_small);
     let (native_stripped, mount_stripped) = (bin.join("stripped"), view.join("stripped"));
     exec_once(&mount_stripped);
-    let symlinked = paired(rounds, |b| {
-        exec_round(if b { &mount_stripped } else { &native_stripped }, per_round)
-    });
+    let symlinked = compare(&native_stripped, &mount_stripped);
     // A/A control: the same comparison of the original with itself shows the noise floor.
-    let control = paired(rounds, |_| exec_round(&native_small, per_round));
+    let control = compare(&native_small, &native_small);
 
     // reading a big served file, page cache warm for both, then cold for both
     let mut buf = Vec::with_capacity((big_mb + 1) << 20);

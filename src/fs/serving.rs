@@ -129,7 +129,7 @@ struct ServedShare {
     /// A second variant and its probability (within 0..=1-share).
     second: Option<(ServedVariant, f64)>,
     /// One exec-time run in this many gets counters (1: every run; see
-    /// [`ServingTable::counts_run`]). Not part of what is served: a change of it alone
+    /// [`ServingTable::exec_run`]). Not part of what is served: a change of it alone
     /// invalidates nothing.
     count_one_in: u32,
     /// How execs reach it; not part of what is served.
@@ -323,6 +323,7 @@ impl ServingTable {
     }
 
     /// Whether this exec-time run of `original` gets counters (see [`ExecRun`]).
+    #[cfg(test)]
     pub fn counts_run(&self, original: &Path) -> bool {
         self.exec_run(original).counted
     }

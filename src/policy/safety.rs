@@ -27,13 +27,12 @@ pub(super) fn safety_incidents(input: &BinaryInput, cfg: &PolicyConfig) -> Vec<I
             RunExit::Signaled(s) => (e.signals.insert(s), any_command.signals.insert(s)),
         };
     }
-    let has_runs = |s: &Seen| !s.codes.is_empty() || !s.signals.is_empty();
     let mut out = Vec::new();
     for v in input.variants.iter().filter(|v| v.state != VariantState::Quarantined) {
         let mut strikes: Vec<&RunInput> = Vec::new();
         for r in every_run.iter().filter(|r| r.variant_id == Some(v.id)) {
             let orig = if r.cmd_hash == UNREAD_CMD {
-                Some(&any_command).filter(|s| has_runs(s))
+                (!original.is_empty()).then_some(&any_command)
             } else {
                 original.get(r.cmd_hash.as_str())
             };
